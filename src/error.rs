@@ -1,0 +1,57 @@
+//! The crate's error type.
+
+use thiserror::Error;
+
+/// Why a configuration or an input was rejected.
+///
+/// Every message names the argument, the value that was given and what was expected, so a
+/// failing training run says exactly which knob or tensor to fix.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum DistillError {
+    /// A configuration value or an input tensor does not meet its contract.
+    #[error("invalid {argument}: got {value}, expected {expected}")]
+    InvalidArgument {
+        /// The argument at fault, e.g. `temperature` or `targets`.
+        argument: String,
+        /// The value (or shape) that was given.
+        value: String,
+        /// What the argument must be.
+        expected: String,
+    },
+    /// A target class index lies outside `[0, V)` and is not the ignore index.
+    #[error(
+        "invalid targets: targets[{row}] = {value} is out of range, expected a class index in \
+         [0, {classes}){}",
+        ignore_index.map(|i| format!(" or the ignore_index {i}")).unwrap_or_default()
+    )]
+    TargetOutOfRange {
+        /// The (flattened) row of the first offending target.
+        row: usize,
+        /// The offending target value.
+        value: i64,
+        /// The vocabulary size `V`.
+        classes: usize,
+        /// The configured ignore index, if any.
+        ignore_index: Option<i64>,
+    },
+}
+
+impl DistillError {
+    /// Shorthand for [`DistillError::InvalidArgument`].
+    pub(crate) fn invalid(
+        argument: impl Into<String>,
+        value: impl ToString,
+        expected: impl Into<String>,
+    ) -> Self {
+        Self::InvalidArgument {
+            argument: argument.into(),
+            value: value.to_string(),
+            expected: expected.into(),
+        }
+    }
+}
+
+/// Unwraps a result, panicking with the error's message (burn's convention for bad input).
+pub(crate) fn or_panic<T>(result: Result<T, DistillError>) -> T {
+    result.unwrap_or_else(|e| panic!("burn-distill: {e}"))
+}

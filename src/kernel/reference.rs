@@ -1,0 +1,162 @@
+//! The reference implementation: composed burn tensor ops.
+//!
+//! Backend-generic and differentiable through burn's autodiff. It materialises several
+//! `[N, V]` intermediates, so it is slow and memory hungry on large vocabularies; it exists as
+//! the oracle that the fused kernels are tested against, and as the fallback on backends
+//! without a fused kernel.
+
+use burn::tensor::{Bool, Int, Tensor, backend::Backend};
+
+use crate::{DistillParams, Divergence, temperature_log_softmax};
+
+/// Per-row losses, as tensors (see [`DistillRows`](crate::DistillRows) for the contract).
+#[derive(Debug, Clone)]
+pub struct RowTensors<B: Backend> {
+    /// `[N]` row losses `α·soft + (1 − α)·hard` (or `soft` without targets), differentiable
+    /// with respect to the student logits.
+    pub loss: Tensor<B, 1>,
+    /// `[N]` soft term per row (T²-scaled if configured), detached.
+    pub soft: Tensor<B, 1>,
+    /// `[N]` hard term per row, detached; `None` without targets.
+    pub hard: Option<Tensor<B, 1>>,
+}
+
+/// Row losses of a batch, computed with burn tensor ops.
+///
+/// `student` and `teacher` are `[N, V]` logits, `targets` `[N]` class indices. Ignored rows
+/// are `0`; rows whose target is out of `[0, V)` (and not ignored) are NaN, so that an
+/// unchecked bad target can never produce a plausible-looking loss.
+pub fn distill_rows<B: Backend>(
+    student: Tensor<B, 2>,
+    teacher: Tensor<B, 2>,
+    targets: Option<Tensor<B, 1, Int>>,
+    params: &DistillParams,
+) -> RowTensors<B> {
+    let t = params.temperature;
+    let log_q = temperature_log_softmax(student.clone(), t, 1);
+    let log_p = temperature_log_softmax(teacher.detach(), t, 1);
+    let mut soft = divergence_rows(params.divergence, log_p, log_q);
+    if params.scale_by_t2 && t != 1.0 {
+        soft = soft.mul_scalar(t * t);
+    }
+    let Some(targets) = targets else {
+        return RowTensors {
+            soft: soft.clone().detach(),
+            loss: soft,
+            hard: None,
+        };
+    };
+
+    let classes = student.dims()[1] as i64;
+    let out_of_range = targets
+        .clone()
+        .lower_elem(0)
+        .bool_or(targets.clone().greater_equal_elem(classes));
+    let ignored: Option<Tensor<B, 1, Bool>> =
+        params.ignore_index.map(|i| targets.clone().equal_elem(i));
+    let (skipped, bad) = match ignored.clone() {
+        Some(ignored) => (
+            ignored.clone().bool_or(out_of_range.clone()),
+            out_of_range.bool_and(ignored.bool_not()),
+        ),
+        None => (out_of_range.clone(), out_of_range),
+    };
+    let hard = hard_rows(
+        student,
+        targets.mask_fill(skipped, 0),
+        params.label_smoothing,
+    );
+    let alpha = params.alpha;
+    // Skip a term whose weight is exactly 0, so that an infinite term cannot turn into NaN.
+    let loss = if alpha == 1.0 {
+        soft.clone()
+    } else if alpha == 0.0 {
+        hard.clone()
+    } else {
+        soft.clone().mul_scalar(alpha) + hard.clone().mul_scalar(1.0 - alpha)
+    };
+    let mask = |rows: Tensor<B, 1>| {
+        let rows = match ignored.clone() {
+            Some(ignored) => rows.mask_fill(ignored, 0.0),
+            None => rows,
+        };
+        rows.mask_fill(bad.clone(), f64::NAN)
+    };
+    RowTensors {
+        loss: mask(loss),
+        soft: mask(soft.detach()),
+        hard: Some(mask(hard.detach())),
+    }
+}
+
+/// `[N]` divergence per row between the teacher (`log_p`) and the student (`log_q`), both
+/// `[N, V]` log-probabilities. See [`Divergence`] for the formulas.
+pub fn divergence_rows<B: Backend>(
+    divergence: Divergence,
+    log_p: Tensor<B, 2>,
+    log_q: Tensor<B, 2>,
+) -> Tensor<B, 1> {
+    let p = log_p.clone().exp();
+    let q = log_q.clone().exp();
+    let rows = match divergence {
+        Divergence::ForwardKl => weighted_log_ratio(p, log_p, log_q),
+        Divergence::ReverseKl => weighted_log_ratio(q, log_q, log_p),
+        Divergence::Jsd { beta } => {
+            let log_m = safe_log(p.clone().mul_scalar(beta) + q.clone().mul_scalar(1.0 - beta));
+            weighted_log_ratio(p, log_p, log_m.clone()).mul_scalar(beta)
+                + weighted_log_ratio(q, log_q, log_m).mul_scalar(1.0 - beta)
+        }
+        Divergence::SkewKl { lambda } => {
+            let log_m =
+                safe_log(p.clone().mul_scalar(lambda) + q.mul_scalar(1.0 - lambda));
+            weighted_log_ratio(p, log_p, log_m)
+        }
+        Divergence::SkewReverseKl { lambda } => {
+            let log_m =
+                safe_log(p.mul_scalar(1.0 - lambda) + q.clone().mul_scalar(lambda));
+            weighted_log_ratio(q, log_q, log_m)
+        }
+        Divergence::Tvd => (p - q).abs().sum_dim(1).mul_scalar(0.5),
+    };
+    rows.squeeze_dim(1)
+}
+
+/// `[N]` hard cross-entropy at temperature 1 with PyTorch's label smoothing `ε`:
+/// `−(1 − ε) log softmax(z)[y] − ε · mean_j log softmax(z)[j]`, the mean taken over the
+/// columns that are not `−inf` padding.
+pub fn hard_rows<B: Backend>(
+    student: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    label_smoothing: f64,
+) -> Tensor<B, 1> {
+    let log_q = temperature_log_softmax(student, 1.0, 1);
+    let nll = log_q.clone().gather(1, targets.unsqueeze_dim(1)).neg();
+    let rows = if label_smoothing == 0.0 {
+        nll
+    } else {
+        let finite = log_q.clone().is_finite();
+        let count = finite.clone().float().sum_dim(1);
+        let mean = log_q.mask_fill(finite.bool_not(), 0.0).sum_dim(1) / count;
+        nll.mul_scalar(1.0 - label_smoothing) - mean.mul_scalar(label_smoothing)
+    };
+    rows.squeeze_dim(1)
+}
+
+/// `[N, 1]` rows of `Σ_j w_j (log_a_j − log_b_j)` with `0 · (anything) = 0`: columns where
+/// the weight is zero are masked before the product, so that `−inf − (−inf)` never produces a
+/// NaN, in the value or in the gradient.
+fn weighted_log_ratio<B: Backend>(
+    weight: Tensor<B, 2>,
+    log_a: Tensor<B, 2>,
+    log_b: Tensor<B, 2>,
+) -> Tensor<B, 2> {
+    let zero = weight.clone().lower_equal_elem(0.0);
+    (weight * (log_a - log_b).mask_fill(zero, 0.0)).sum_dim(1)
+}
+
+/// `log m` where `m > 0`, `0` where `m = 0` (such columns always carry zero weight); the mask
+/// comes before the log so that its gradient stays finite.
+fn safe_log<B: Backend>(m: Tensor<B, 2>) -> Tensor<B, 2> {
+    let zero = m.clone().lower_equal_elem(0.0);
+    m.mask_fill(zero, 1.0).log()
+}

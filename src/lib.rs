@@ -1,0 +1,51 @@
+//! # burn-distill
+//!
+//! Knowledge distillation for the [burn](https://burn.dev) deep-learning framework: train a
+//! small *student* to match a large *teacher*'s output distribution.
+//!
+//! - [`DistillLossConfig`] / [`DistillLoss`]: the soft loss (teacher and student at
+//!   temperature `T`, scaled by `T²`) in every common [`Divergence`] (forward/reverse KL,
+//!   JSD(β), skew KL, skew reverse KL, TVD), the hard cross-entropy with label smoothing, their
+//!   `α`-mix, `ignore_index` masking for sequences, and [`Reduction`]s;
+//! - [`temperature_softmax`] and [`temperature_log_softmax`];
+//! - [`DistillBackend`]: the backend extension trait the loss dispatches through, implemented
+//!   for NdArray, Flex, wgpu, CUDA (with burn's fusion wrapper) and `Autodiff<B>`.
+//!
+//! ```
+//! use burn::backend::{Autodiff, NdArray};
+//! use burn::tensor::{Int, Tensor};
+//! use burn_distill::{DistillLossConfig, Divergence, Reduction};
+//!
+//! type B = Autodiff<NdArray>;
+//! let device = Default::default();
+//! let student = Tensor::<B, 2>::from_floats([[2.0, 0.5, -1.0]], &device).require_grad();
+//! let teacher = Tensor::<B, 2>::from_floats([[3.0, 1.0, -2.0]], &device);
+//! let targets = Tensor::<B, 1, Int>::from_ints([0], &device);
+//!
+//! let loss = DistillLossConfig::new()
+//!     .with_temperature(4.0)
+//!     .with_alpha(0.9)
+//!     .with_divergence(Divergence::ForwardKl)
+//!     .with_reduction(Reduction::Mean)
+//!     .init();
+//! let value = loss.forward(student.clone(), teacher, targets);
+//! let grads = value.backward();
+//! let grad = student.grad(&grads).unwrap();
+//! # assert_eq!(grad.dims(), [1, 3]);
+//! ```
+#![warn(missing_docs)]
+
+mod backend;
+mod divergence;
+mod error;
+pub mod kernel;
+mod loss;
+mod reduction;
+mod softmax;
+
+pub use backend::{DistillBackend, DistillParams, DistillRows};
+pub use divergence::Divergence;
+pub use error::DistillError;
+pub use loss::{DistillLoss, DistillLossConfig, DistillOutput};
+pub use reduction::Reduction;
+pub use softmax::{temperature_log_softmax, temperature_softmax};

@@ -1,0 +1,381 @@
+//! The distillation loss: configuration, validation, dispatch and reduction.
+
+use burn::{
+    config::Config,
+    tensor::{Int, Tensor, TensorPrimitive, backend::Backend, cast::ToElement},
+};
+
+use crate::{
+    DistillBackend, DistillError, DistillParams, Divergence, Reduction, error::or_panic,
+    softmax::check_temperature,
+};
+
+/// Configuration of a [`DistillLoss`].
+///
+/// ```
+/// use burn_distill::{DistillLossConfig, Divergence, Reduction};
+///
+/// let loss = DistillLossConfig::new()
+///     .with_temperature(4.0)
+///     .with_alpha(0.9)
+///     .with_divergence(Divergence::Jsd { beta: 0.5 })
+///     .with_reduction(Reduction::Mean)
+///     .init();
+/// assert_eq!(loss.params().temperature, 4.0);
+/// ```
+#[derive(Config, Debug)]
+pub struct DistillLossConfig {
+    /// Temperature `T` of the teacher and student distributions in the soft term; finite, `> 0`.
+    #[config(default = 1.0)]
+    pub temperature: f64,
+    /// Weight `α ∈ [0, 1]` of the soft term; the hard term gets `1 − α`.
+    #[config(default = 0.5)]
+    pub alpha: f64,
+    /// The divergence of the soft term.
+    #[config(default = "Divergence::ForwardKl")]
+    pub divergence: Divergence,
+    /// Multiply the soft term by `T²` (Hinton et al.), so that its gradient keeps the same
+    /// magnitude as the temperature changes.
+    #[config(default = true)]
+    pub scale_by_t2: bool,
+    /// Rows (tokens) whose target equals this value are left out of both terms and of the mean.
+    #[config(default = "Some(-100)")]
+    pub ignore_index: Option<i64>,
+    /// Label smoothing `ε ∈ [0, 1)` of the hard term (PyTorch's convention).
+    #[config(default = 0.0)]
+    pub label_smoothing: f64,
+    /// How row losses are reduced.
+    #[config(default = "Reduction::Mean")]
+    pub reduction: Reduction,
+    /// Check at every `forward` that each target lies in `[0, V)` or equals the ignore index,
+    /// and fail with the offending row and value if not.
+    ///
+    /// The check reads one integer back from the device, a synchronisation point that costs
+    /// little on the CPU but stalls a GPU pipeline; turn it off in hot GPU loops once the data
+    /// is known to be good. Unchecked, an out-of-range target makes its row (and so a `Mean` or
+    /// `Sum` loss) NaN: never a silently wrong value.
+    #[config(default = true)]
+    pub check_targets: bool,
+}
+
+impl DistillLossConfig {
+    /// Validates the configuration and builds the loss.
+    ///
+    /// # Panics
+    /// With the message of [`DistillLossConfig::try_init`]'s error.
+    pub fn init(&self) -> DistillLoss {
+        or_panic(self.try_init())
+    }
+
+    /// Validates the configuration and builds the loss, or says which value is wrong.
+    pub fn try_init(&self) -> Result<DistillLoss, DistillError> {
+        check_temperature(self.temperature)?;
+        if !(0.0..=1.0).contains(&self.alpha) {
+            return Err(DistillError::invalid(
+                "alpha",
+                self.alpha,
+                "a number in [0, 1]",
+            ));
+        }
+        self.divergence.validate()?;
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return Err(DistillError::invalid(
+                "label_smoothing",
+                self.label_smoothing,
+                "a number in [0, 1)",
+            ));
+        }
+        Ok(DistillLoss {
+            params: DistillParams {
+                temperature: self.temperature,
+                alpha: self.alpha,
+                divergence: self.divergence,
+                scale_by_t2: self.scale_by_t2,
+                ignore_index: self.ignore_index,
+                label_smoothing: self.label_smoothing,
+            },
+            reduction: self.reduction,
+            check_targets: self.check_targets,
+        })
+    }
+}
+
+/// The knowledge-distillation loss.
+///
+/// For each row `i` (a sample, or a token of a sequence) with student logits `z_s`, teacher
+/// logits `z_t` and target `y_i`:
+///
+/// ```text
+/// p = softmax(z_t / T),  q = softmax(z_s / T)
+/// soft_i = D(p, q) · T²          (T² only if scale_by_t2; D: see Divergence)
+/// hard_i = −(1 − ε) log softmax(z_s)[y_i] − ε · mean_j log softmax(z_s)[j]
+/// row_i  = α · soft_i + (1 − α) · hard_i      (soft_i alone without targets)
+/// ```
+///
+/// Rows whose target is the ignore index are `0` and excluded from the mean. The teacher never
+/// receives a gradient.
+///
+/// ```
+/// use burn::backend::{Autodiff, NdArray};
+/// use burn::tensor::{Int, Tensor};
+/// use burn_distill::DistillLossConfig;
+///
+/// type B = Autodiff<NdArray>;
+/// let device = Default::default();
+/// let student = Tensor::<B, 2>::from_floats([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]], &device)
+///     .require_grad();
+/// let teacher = Tensor::<B, 2>::from_floats([[0.5, 3.0, 0.0], [0.2, -2.0, 4.0]], &device);
+/// let targets = Tensor::<B, 1, Int>::from_ints([1, 2], &device);
+///
+/// let loss = DistillLossConfig::new().with_temperature(2.0).with_alpha(0.9).init();
+/// let value = loss.forward(student.clone(), teacher, targets);
+/// let grads = value.backward();
+/// assert!(value.into_scalar() > 0.0);
+/// assert_eq!(student.grad(&grads).unwrap().dims(), [2, 3]);
+/// ```
+#[derive(Clone, Debug)]
+pub struct DistillLoss {
+    params: DistillParams,
+    reduction: Reduction,
+    check_targets: bool,
+}
+
+/// The loss together with its soft and hard parts, for logging.
+///
+/// All three are reduced the same way. `loss` carries the gradient; `soft` and `hard` are
+/// detached copies of the two terms (before the `α` weighting) computed in the same pass.
+#[derive(Clone, Debug)]
+pub struct DistillOutput<B: Backend> {
+    /// The loss, `α · soft + (1 − α) · hard` (or `soft` without targets).
+    pub loss: Tensor<B, 1>,
+    /// The soft term (T²-scaled if configured), detached.
+    pub soft: Tensor<B, 1>,
+    /// The hard cross-entropy term, detached; `None` without targets.
+    pub hard: Option<Tensor<B, 1>>,
+}
+
+impl DistillLoss {
+    /// The validated parameters of this loss.
+    pub fn params(&self) -> &DistillParams {
+        &self.params
+    }
+
+    /// The reduction of this loss.
+    pub fn reduction(&self) -> Reduction {
+        self.reduction
+    }
+
+    /// Full loss (soft and hard terms) of `[N, V]` logits against `[N]` targets.
+    ///
+    /// Returns `[1]` for `Mean` and `Sum`, `[N]` for `None`.
+    ///
+    /// # Panics
+    /// On bad shapes or out-of-range targets, with the message of [`DistillLoss::try_forward`].
+    pub fn forward<B: DistillBackend>(
+        &self,
+        student_logits: Tensor<B, 2>,
+        teacher_logits: Tensor<B, 2>,
+        targets: Tensor<B, 1, Int>,
+    ) -> Tensor<B, 1> {
+        or_panic(self.try_forward(student_logits, teacher_logits, targets))
+    }
+
+    /// [`DistillLoss::forward`] that returns an error instead of panicking.
+    pub fn try_forward<B: DistillBackend>(
+        &self,
+        student_logits: Tensor<B, 2>,
+        teacher_logits: Tensor<B, 2>,
+        targets: Tensor<B, 1, Int>,
+    ) -> Result<Tensor<B, 1>, DistillError> {
+        self.try_forward_parts(student_logits, teacher_logits, Some(targets))
+            .map(|out| out.loss)
+    }
+
+    /// Soft term only (no labels) of `[N, V]` logits: every row counts.
+    ///
+    /// # Panics
+    /// If the shapes differ or are empty.
+    pub fn forward_soft<B: DistillBackend>(
+        &self,
+        student_logits: Tensor<B, 2>,
+        teacher_logits: Tensor<B, 2>,
+    ) -> Tensor<B, 1> {
+        or_panic(self.try_forward_parts(student_logits, teacher_logits, None)).loss
+    }
+
+    /// The loss and its soft and hard parts, from one computation.
+    ///
+    /// # Panics
+    /// As [`DistillLoss::forward`].
+    pub fn forward_parts<B: DistillBackend>(
+        &self,
+        student_logits: Tensor<B, 2>,
+        teacher_logits: Tensor<B, 2>,
+        targets: Option<Tensor<B, 1, Int>>,
+    ) -> DistillOutput<B> {
+        or_panic(self.try_forward_parts(student_logits, teacher_logits, targets))
+    }
+
+    /// Sequence form: `[B, T, V]` logits against `[B, T]` targets (prompt or padding tokens
+    /// set to the ignore index). `Mean` averages over the non-ignored tokens of the whole
+    /// batch; `None` returns the `B·T` token losses flattened row-major (reshape to `[B, T]`).
+    ///
+    /// # Panics
+    /// As [`DistillLoss::forward`].
+    pub fn forward_seq<B: DistillBackend>(
+        &self,
+        student_logits: Tensor<B, 3>,
+        teacher_logits: Tensor<B, 3>,
+        targets: Tensor<B, 2, Int>,
+    ) -> Tensor<B, 1> {
+        or_panic(self.try_forward_seq_parts(student_logits, teacher_logits, Some(targets))).loss
+    }
+
+    /// Sequence form of [`DistillLoss::forward_soft`]: `[B, T, V]` logits, every token counts.
+    ///
+    /// # Panics
+    /// If the shapes differ or are empty.
+    pub fn forward_seq_soft<B: DistillBackend>(
+        &self,
+        student_logits: Tensor<B, 3>,
+        teacher_logits: Tensor<B, 3>,
+    ) -> Tensor<B, 1> {
+        or_panic(self.try_forward_seq_parts(student_logits, teacher_logits, None)).loss
+    }
+
+    /// Sequence form of [`DistillLoss::try_forward_parts`].
+    pub fn try_forward_seq_parts<B: DistillBackend>(
+        &self,
+        student_logits: Tensor<B, 3>,
+        teacher_logits: Tensor<B, 3>,
+        targets: Option<Tensor<B, 2, Int>>,
+    ) -> Result<DistillOutput<B>, DistillError> {
+        let [b, t, v] = student_logits.dims();
+        if teacher_logits.dims() != [b, t, v] {
+            return Err(DistillError::invalid(
+                "teacher_logits",
+                format!("shape {:?}", teacher_logits.dims()),
+                format!("the student_logits shape [{b}, {t}, {v}]"),
+            ));
+        }
+        if let Some(targets) = &targets
+            && targets.dims() != [b, t]
+        {
+            return Err(DistillError::invalid(
+                "targets",
+                format!("shape {:?}", targets.dims()),
+                format!("shape [{b}, {t}] (batch, sequence of the logits)"),
+            ));
+        }
+        self.try_forward_parts(
+            student_logits.reshape([b * t, v]),
+            teacher_logits.reshape([b * t, v]),
+            targets.map(|targets| targets.reshape([b * t])),
+        )
+    }
+
+    /// The loss and its parts, or an error naming the bad argument.
+    pub fn try_forward_parts<B: DistillBackend>(
+        &self,
+        student_logits: Tensor<B, 2>,
+        teacher_logits: Tensor<B, 2>,
+        targets: Option<Tensor<B, 1, Int>>,
+    ) -> Result<DistillOutput<B>, DistillError> {
+        let [n, v] = student_logits.dims();
+        if n == 0 || v == 0 {
+            return Err(DistillError::invalid(
+                "student_logits",
+                format!("shape [{n}, {v}]"),
+                "a non-empty [N, V] tensor (N rows, V >= 1 classes)",
+            ));
+        }
+        if teacher_logits.dims() != [n, v] {
+            return Err(DistillError::invalid(
+                "teacher_logits",
+                format!("shape {:?}", teacher_logits.dims()),
+                format!("the student_logits shape [{n}, {v}]"),
+            ));
+        }
+        if let Some(targets) = &targets {
+            if targets.dims() != [n] {
+                return Err(DistillError::invalid(
+                    "targets",
+                    format!("shape {:?}", targets.dims()),
+                    format!("shape [{n}] (one class index per row of the logits)"),
+                ));
+            }
+            if self.check_targets {
+                check_targets(targets, v, self.params.ignore_index)?;
+            }
+        }
+
+        let kept = targets.as_ref().map(|targets| self.kept_rows(targets));
+        let rows = B::distill_rows(
+            student_logits.into_primitive().tensor(),
+            teacher_logits.into_primitive().tensor(),
+            targets.map(Tensor::into_primitive),
+            &self.params,
+        );
+        let float = |t| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
+        let reduce = |rows: Tensor<B, 1>| self.reduce(rows, kept.clone());
+        Ok(DistillOutput {
+            loss: reduce(float(rows.loss)),
+            soft: reduce(float(rows.soft)),
+            hard: rows.hard.map(|hard| reduce(float(hard))),
+        })
+    }
+
+    /// `[1]` number of rows that are not ignored, as a float.
+    fn kept_rows<B: Backend>(&self, targets: &Tensor<B, 1, Int>) -> Tensor<B, 1> {
+        match self.params.ignore_index {
+            Some(ignore) => targets.clone().not_equal_elem(ignore).float().sum(),
+            None => Tensor::full([1], targets.dims()[0] as f64, &targets.device()),
+        }
+    }
+
+    fn reduce<B: Backend>(&self, rows: Tensor<B, 1>, kept: Option<Tensor<B, 1>>) -> Tensor<B, 1> {
+        match self.reduction {
+            Reduction::None => rows,
+            Reduction::Sum => rows.sum(),
+            Reduction::Mean => match kept {
+                // max(count, 1): an all-ignored batch gives 0 / 1 = 0 with zero gradient.
+                Some(kept) => rows.sum() / kept.clamp_min(1.0),
+                None => {
+                    let n = rows.dims()[0] as f64;
+                    rows.sum().div_scalar(n)
+                }
+            },
+        }
+    }
+}
+
+/// Fails with the first target outside `[0, classes)` that is not the ignore index.
+/// Costs one device read-back (and, only when a target is bad, a copy of the targets).
+fn check_targets<B: Backend>(
+    targets: &Tensor<B, 1, Int>,
+    classes: usize,
+    ignore_index: Option<i64>,
+) -> Result<(), DistillError> {
+    let mut bad = targets
+        .clone()
+        .lower_elem(0)
+        .bool_or(targets.clone().greater_equal_elem(classes as i64));
+    if let Some(ignore) = ignore_index {
+        bad = bad.bool_and(targets.clone().not_equal_elem(ignore));
+    }
+    if bad.int().sum().into_scalar().to_i64() == 0 {
+        return Ok(());
+    }
+    let data = targets.to_data();
+    let (row, value) = data
+        .iter::<i64>()
+        .enumerate()
+        .find(|&(_, t)| (t < 0 || t >= classes as i64) && Some(t) != ignore_index)
+        .expect("the device reported an out-of-range target");
+    Err(DistillError::TargetOutOfRange {
+        row,
+        value,
+        classes,
+        ignore_index,
+    })
+}

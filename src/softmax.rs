@@ -1,0 +1,80 @@
+//! Softmax and log-softmax at a temperature.
+
+use burn::tensor::{Tensor, activation, backend::Backend};
+
+use crate::{DistillError, error::or_panic};
+
+/// Checks that a temperature is finite and strictly positive.
+pub(crate) fn check_temperature(temperature: f64) -> Result<(), DistillError> {
+    if temperature.is_finite() && temperature > 0.0 {
+        Ok(())
+    } else {
+        Err(DistillError::invalid(
+            "temperature",
+            temperature,
+            "a finite number > 0",
+        ))
+    }
+}
+
+/// `softmax(logits / T)` along `dim`.
+///
+/// A higher temperature `T` flattens the distribution and exposes the teacher's "dark
+/// knowledge" (the relative probabilities of the wrong classes); `T = 1` is the plain softmax.
+///
+/// # Panics
+/// If `temperature` is not a finite number `> 0`.
+///
+/// # Example
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::Tensor;
+/// use burn_distill::temperature_softmax;
+///
+/// let logits = Tensor::<NdArray, 2>::from_floats([[2.0, 0.0, -2.0]], &Default::default());
+/// let sharp = temperature_softmax(logits.clone(), 1.0, 1).into_data().to_vec::<f32>().unwrap();
+/// let soft = temperature_softmax(logits, 4.0, 1).into_data().to_vec::<f32>().unwrap();
+/// assert!(soft[0] < sharp[0] && soft[2] > sharp[2]); // flatter at T = 4
+/// ```
+pub fn temperature_softmax<B: Backend, const D: usize>(
+    logits: Tensor<B, D>,
+    temperature: f64,
+    dim: usize,
+) -> Tensor<B, D> {
+    or_panic(check_temperature(temperature));
+    activation::softmax(scale(logits, temperature), dim)
+}
+
+/// `log_softmax(logits / T)` along `dim`, computed stably (max-shifted log-sum-exp).
+///
+/// `−inf` logits (vocabulary padding) give `−inf` log-probabilities, not NaN.
+///
+/// # Panics
+/// If `temperature` is not a finite number `> 0`.
+///
+/// # Example
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::Tensor;
+/// use burn_distill::temperature_log_softmax;
+///
+/// let logits = Tensor::<NdArray, 2>::from_floats([[1.0, 1.0]], &Default::default());
+/// let lp = temperature_log_softmax(logits, 2.0, 1).into_data().to_vec::<f32>().unwrap();
+/// assert!((lp[0] - (0.5f32).ln()).abs() < 1e-6);
+/// ```
+pub fn temperature_log_softmax<B: Backend, const D: usize>(
+    logits: Tensor<B, D>,
+    temperature: f64,
+    dim: usize,
+) -> Tensor<B, D> {
+    or_panic(check_temperature(temperature));
+    activation::log_softmax(scale(logits, temperature), dim)
+}
+
+fn scale<B: Backend, const D: usize>(logits: Tensor<B, D>, temperature: f64) -> Tensor<B, D> {
+    if temperature == 1.0 {
+        logits
+    } else {
+        logits.div_scalar(temperature)
+    }
+}

@@ -1,0 +1,32 @@
+//! Every case of the golden file (float64 PyTorch references), forward and gradient, on each
+//! enabled backend.
+
+mod common;
+
+#[test]
+fn golden_file_is_found_and_complete() {
+    let cases = common::golden_cases();
+    assert_eq!(cases.len(), 38);
+    assert!(cases.iter().any(|c| c.student.iter().any(|x| *x == f64::NEG_INFINITY)));
+}
+
+#[cfg(feature = "ndarray")]
+#[test]
+fn golden_ndarray() {
+    use burn::backend::{Autodiff, NdArray};
+    common::assert_golden::<Autodiff<NdArray>>(&Default::default());
+}
+
+#[cfg(feature = "flex")]
+#[test]
+fn golden_flex() {
+    use burn::backend::{Autodiff, Flex};
+    common::assert_golden::<Autodiff<Flex>>(&Default::default());
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn golden_wgpu() {
+    use burn::backend::{Autodiff, Wgpu};
+    common::assert_golden::<Autodiff<Wgpu>>(&Default::default());
+}

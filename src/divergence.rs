@@ -9,10 +9,11 @@ use crate::DistillError;
 /// Notation, per row: `p = softmax(z_t / T)` is the teacher, `q = softmax(z_s / T)` the
 /// student, `j` runs over the vocabulary, and `0 · log(0 / x) = 0`. Columns where both
 /// distributions are zero (`−inf` vocabulary padding) contribute nothing.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub enum Divergence {
     /// Forward KL, Hinton's distillation loss (mean-seeking):
     /// `KL(p‖q) = Σ_j p_j (log p_j − log q_j)`.
+    #[default]
     ForwardKl,
     /// Reverse KL (mode-seeking, used by MiniLLM and GKD):
     /// `KL(q‖p) = Σ_j q_j (log q_j − log p_j)`.
@@ -36,12 +37,6 @@ pub enum Divergence {
     },
     /// Total variation distance: `TVD(p, q) = ½ Σ_j |p_j − q_j|`, in `[0, 1]`.
     Tvd,
-}
-
-impl Default for Divergence {
-    fn default() -> Self {
-        Self::ForwardKl
-    }
 }
 
 impl Divergence {

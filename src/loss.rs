@@ -309,7 +309,10 @@ impl DistillLoss {
             }
         }
 
-        let kept = targets.as_ref().map(|targets| self.kept_rows(targets));
+        let ignored = match (&targets, self.params.ignore_index) {
+            (Some(targets), Some(ignore)) => Some(targets.clone().equal_elem(ignore)),
+            _ => None,
+        };
         let rows = B::distill_rows(
             student_logits.into_primitive().tensor(),
             teacher_logits.into_primitive().tensor(),
@@ -317,20 +320,15 @@ impl DistillLoss {
             &self.params,
         );
         let float = |t| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
+        let loss = float(rows.loss);
+        // Number of kept rows, in the dtype of the loss (`ones_like`, not `Bool::float()`).
+        let kept = ignored.map(|ignored| loss.ones_like().mask_fill(ignored, 0.0).sum());
         let reduce = |rows: Tensor<B, 1>| self.reduce(rows, kept.clone());
         Ok(DistillOutput {
-            loss: reduce(float(rows.loss)),
+            loss: reduce(loss),
             soft: reduce(float(rows.soft)),
             hard: rows.hard.map(|hard| reduce(float(hard))),
         })
-    }
-
-    /// `[1]` number of rows that are not ignored, as a float.
-    fn kept_rows<B: Backend>(&self, targets: &Tensor<B, 1, Int>) -> Tensor<B, 1> {
-        match self.params.ignore_index {
-            Some(ignore) => targets.clone().not_equal_elem(ignore).float().sum(),
-            None => Tensor::full([1], targets.dims()[0] as f64, &targets.device()),
-        }
     }
 
     fn reduce<B: Backend>(&self, rows: Tensor<B, 1>, kept: Option<Tensor<B, 1>>) -> Tensor<B, 1> {
@@ -342,7 +340,7 @@ impl DistillLoss {
                 Some(kept) => rows.sum() / kept.clamp_min(1.0),
                 None => {
                     let n = rows.dims()[0] as f64;
-                    rows.sum().div_scalar(n)
+                    rows.sum().mul_scalar(n.recip())
                 }
             },
         }

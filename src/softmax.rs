@@ -71,10 +71,12 @@ pub fn temperature_log_softmax<B: Backend, const D: usize>(
     activation::log_softmax(scale(logits, temperature), dim)
 }
 
+/// `logits / T`, as a product: burn 0.21's autodiff differentiates `div_scalar` with an f32
+/// reciprocal, which would cap f64 gradients at f32 accuracy.
 fn scale<B: Backend, const D: usize>(logits: Tensor<B, D>, temperature: f64) -> Tensor<B, D> {
     if temperature == 1.0 {
         logits
     } else {
-        logits.div_scalar(temperature)
+        logits.mul_scalar(temperature.recip())
     }
 }

@@ -7,7 +7,7 @@ mod common;
 fn golden_file_is_found_and_complete() {
     let cases = common::golden_cases();
     assert_eq!(cases.len(), 38);
-    assert!(cases.iter().any(|c| c.student.iter().any(|x| *x == f64::NEG_INFINITY)));
+    assert!(cases.iter().any(|c| c.student.contains(&f64::NEG_INFINITY)));
 }
 
 #[cfg(feature = "ndarray")]

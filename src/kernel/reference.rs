@@ -107,13 +107,11 @@ pub fn divergence_rows<B: Backend>(
                 + weighted_log_ratio(q, log_q, log_m).mul_scalar(1.0 - beta)
         }
         Divergence::SkewKl { lambda } => {
-            let log_m =
-                safe_log(p.clone().mul_scalar(lambda) + q.mul_scalar(1.0 - lambda));
+            let log_m = safe_log(p.clone().mul_scalar(lambda) + q.mul_scalar(1.0 - lambda));
             weighted_log_ratio(p, log_p, log_m)
         }
         Divergence::SkewReverseKl { lambda } => {
-            let log_m =
-                safe_log(p.mul_scalar(1.0 - lambda) + q.clone().mul_scalar(lambda));
+            let log_m = safe_log(p.mul_scalar(1.0 - lambda) + q.clone().mul_scalar(lambda));
             weighted_log_ratio(q, log_q, log_m)
         }
         Divergence::Tvd => (p - q).abs().sum_dim(1).mul_scalar(0.5),
@@ -134,9 +132,10 @@ pub fn hard_rows<B: Backend>(
     let rows = if label_smoothing == 0.0 {
         nll
     } else {
-        let finite = log_q.clone().is_finite();
-        let count = finite.clone().float().sum_dim(1);
-        let mean = log_q.mask_fill(finite.bool_not(), 0.0).sum_dim(1) / count;
+        let padding = log_q.clone().is_finite().bool_not();
+        // `ones_like` rather than `Bool::float()`, which would not keep the logits' dtype.
+        let count = log_q.ones_like().mask_fill(padding.clone(), 0.0).sum_dim(1);
+        let mean = log_q.mask_fill(padding, 0.0).sum_dim(1) / count;
         nll.mul_scalar(1.0 - label_smoothing) - mean.mul_scalar(label_smoothing)
     };
     rows.squeeze_dim(1)

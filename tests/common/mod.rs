@@ -171,7 +171,11 @@ pub fn close(actual: f64, expected: f64, abs: f64, rel: f64) -> bool {
 /// Failures of `actual` against `expected` at the given tolerance, as readable lines.
 pub fn mismatches(what: &str, actual: &[f64], expected: &[f64], abs: f64, rel: f64) -> Vec<String> {
     if actual.len() != expected.len() {
-        return vec![format!("{what}: {} values, expected {}", actual.len(), expected.len())];
+        return vec![format!(
+            "{what}: {} values, expected {}",
+            actual.len(),
+            expected.len()
+        )];
     }
     actual
         .iter()
@@ -203,10 +207,16 @@ where
         failures.extend(
             mismatches("loss", &value, &case.loss, LOSS_TOL.0, LOSS_TOL.1)
                 .into_iter()
-                .chain(mismatches("grad", &grad, &case.grad, GRAD_TOL.0, GRAD_TOL.1))
+                .chain(mismatches(
+                    "grad", &grad, &case.grad, GRAD_TOL.0, GRAD_TOL.1,
+                ))
                 .map(|m| format!("{}: {m}", case.name)),
         );
-        assert!(grad.iter().all(|g| g.is_finite()), "{}: non-finite gradient", case.name);
+        assert!(
+            grad.iter().all(|g| g.is_finite()),
+            "{}: non-finite gradient",
+            case.name
+        );
 
         // Forward only, on the inner backend (no autodiff).
         let inner_device = device.clone();
@@ -217,10 +227,20 @@ where
             None => loss.forward_soft(student, teacher),
         };
         failures.extend(
-            mismatches("inner loss", &values(value), &case.loss, LOSS_TOL.0, LOSS_TOL.1)
-                .into_iter()
-                .map(|m| format!("{}: {m}", case.name)),
+            mismatches(
+                "inner loss",
+                &values(value),
+                &case.loss,
+                LOSS_TOL.0,
+                LOSS_TOL.1,
+            )
+            .into_iter()
+            .map(|m| format!("{}: {m}", case.name)),
         );
     }
-    assert!(failures.is_empty(), "golden mismatches:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "golden mismatches:\n{}",
+        failures.join("\n")
+    );
 }

@@ -1,0 +1,219 @@
+//! Bad input gets a clear error naming the argument, its value and what was expected.
+#![cfg(feature = "ndarray")]
+
+mod common;
+
+use burn::backend::NdArray;
+use burn::tensor::Tensor;
+use burn_distill::{DistillError, DistillLossConfig, Divergence, temperature_softmax};
+use common::{ints, tensor2};
+
+type B = NdArray;
+
+fn init_error(config: DistillLossConfig) -> String {
+    config
+        .try_init()
+        .expect_err("config must be rejected")
+        .to_string()
+}
+
+fn assert_mentions(message: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(
+            message.contains(part),
+            "{message:?} should mention {part:?}"
+        );
+    }
+}
+
+#[test]
+fn temperature_zero_is_rejected() {
+    let msg = init_error(DistillLossConfig::new().with_temperature(0.0));
+    assert_mentions(&msg, &["temperature", "got 0", "> 0"]);
+}
+
+#[test]
+fn temperature_negative_is_rejected() {
+    let msg = init_error(DistillLossConfig::new().with_temperature(-2.0));
+    assert_mentions(&msg, &["temperature", "-2", "> 0"]);
+}
+
+#[test]
+fn temperature_not_finite_is_rejected() {
+    for t in [f64::NAN, f64::INFINITY] {
+        let msg = init_error(DistillLossConfig::new().with_temperature(t));
+        assert_mentions(&msg, &["temperature", &t.to_string(), "finite"]);
+    }
+}
+
+#[test]
+#[should_panic(expected = "invalid temperature: got 0, expected a finite number > 0")]
+fn init_panics_with_the_message() {
+    DistillLossConfig::new().with_temperature(0.0).init();
+}
+
+#[test]
+fn alpha_outside_unit_interval_is_rejected() {
+    for a in [-0.1, 1.5, f64::NAN] {
+        let msg = init_error(DistillLossConfig::new().with_alpha(a));
+        assert_mentions(&msg, &["alpha", &a.to_string(), "[0, 1]"]);
+    }
+}
+
+#[test]
+fn mixture_weights_outside_open_interval_are_rejected() {
+    for (d, name, v) in [
+        (Divergence::Jsd { beta: 0.0 }, "Jsd { beta }", "0"),
+        (Divergence::Jsd { beta: 1.0 }, "Jsd { beta }", "1"),
+        (
+            Divergence::SkewKl { lambda: 1.2 },
+            "SkewKl { lambda }",
+            "1.2",
+        ),
+        (
+            Divergence::SkewReverseKl { lambda: -0.5 },
+            "SkewReverseKl { lambda }",
+            "-0.5",
+        ),
+    ] {
+        let msg = init_error(DistillLossConfig::new().with_divergence(d));
+        assert_mentions(&msg, &[name, &format!("got {v}"), "(0, 1)"]);
+    }
+}
+
+#[test]
+fn label_smoothing_outside_half_open_interval_is_rejected() {
+    for e in [1.0, -0.01] {
+        let msg = init_error(DistillLossConfig::new().with_label_smoothing(e));
+        assert_mentions(&msg, &["label_smoothing", &e.to_string(), "[0, 1)"]);
+    }
+}
+
+#[test]
+fn valid_edges_are_accepted() {
+    DistillLossConfig::new().with_alpha(0.0).init();
+    DistillLossConfig::new().with_alpha(1.0).init();
+    DistillLossConfig::new().with_label_smoothing(0.0).init();
+    DistillLossConfig::new().with_temperature(1e-3).init();
+}
+
+fn logits(n: usize, v: usize) -> Tensor<B, 2> {
+    let values: Vec<f64> = (0..n * v).map(|i| (i as f64 * 0.37).sin()).collect();
+    tensor2::<B>(&values, [n, v], &Default::default())
+}
+
+#[test]
+fn teacher_shape_mismatch_is_rejected() {
+    let loss = DistillLossConfig::new().init();
+    let err = loss
+        .try_forward(
+            logits(4, 10),
+            logits(4, 12),
+            ints::<B>(&[0, 1, 2, 3], &Default::default()),
+        )
+        .unwrap_err();
+    assert_mentions(&err.to_string(), &["teacher_logits", "[4, 12]", "[4, 10]"]);
+}
+
+#[test]
+fn targets_length_mismatch_is_rejected() {
+    let loss = DistillLossConfig::new().init();
+    let err = loss
+        .try_forward(
+            logits(4, 10),
+            logits(4, 10),
+            ints::<B>(&[0, 1, 2], &Default::default()),
+        )
+        .unwrap_err();
+    assert_mentions(&err.to_string(), &["targets", "[3]", "[4]"]);
+}
+
+#[test]
+fn empty_logits_are_rejected() {
+    let loss = DistillLossConfig::new().init();
+    let err = loss
+        .try_forward_parts(logits(3, 0), logits(3, 0), None)
+        .unwrap_err();
+    assert_mentions(&err.to_string(), &["student_logits", "[3, 0]", "non-empty"]);
+}
+
+#[test]
+#[should_panic(expected = "invalid teacher_logits")]
+fn forward_soft_panics_on_shape_mismatch() {
+    DistillLossConfig::new()
+        .init()
+        .forward_soft(logits(2, 5), logits(3, 5));
+}
+
+#[test]
+fn target_out_of_range_is_rejected_with_row_and_value() {
+    let loss = DistillLossConfig::new().init();
+    let err = loss
+        .try_forward(
+            logits(4, 10),
+            logits(4, 10),
+            ints::<B>(&[0, -100, 10, 3], &Default::default()),
+        )
+        .unwrap_err();
+    assert_eq!(
+        err,
+        DistillError::TargetOutOfRange {
+            row: 2,
+            value: 10,
+            classes: 10,
+            ignore_index: Some(-100)
+        }
+    );
+    assert_mentions(
+        &err.to_string(),
+        &["targets[2] = 10", "[0, 10)", "ignore_index -100"],
+    );
+}
+
+#[test]
+fn negative_target_that_is_not_the_ignore_index_is_rejected() {
+    let loss = DistillLossConfig::new().with_ignore_index(None).init();
+    let err = loss
+        .try_forward(
+            logits(2, 10),
+            logits(2, 10),
+            ints::<B>(&[1, -100], &Default::default()),
+        )
+        .unwrap_err();
+    assert_mentions(&err.to_string(), &["targets[1] = -100", "[0, 10)"]);
+}
+
+#[test]
+fn unchecked_out_of_range_target_gives_nan_not_a_wrong_loss() {
+    let loss = DistillLossConfig::new().with_check_targets(false).init();
+    let value = loss.forward(
+        logits(3, 10),
+        logits(3, 10),
+        ints::<B>(&[1, 12, 2], &Default::default()),
+    );
+    assert!(value.into_scalar().is_nan());
+}
+
+#[test]
+fn seq_shape_mismatches_are_rejected() {
+    let loss = DistillLossConfig::new().init();
+    let device = Default::default();
+    let s = Tensor::<B, 3>::zeros([2, 3, 5], &device);
+    let err = loss
+        .try_forward_seq_parts(s.clone(), Tensor::zeros([2, 4, 5], &device), None)
+        .unwrap_err();
+    assert_mentions(
+        &err.to_string(),
+        &["teacher_logits", "[2, 4, 5]", "[2, 3, 5]"],
+    );
+    let err = loss
+        .try_forward_seq_parts(s.clone(), s, Some(Tensor::zeros([3, 2], &device)))
+        .unwrap_err();
+    assert_mentions(&err.to_string(), &["targets", "[3, 2]", "[2, 3]"]);
+}
+
+#[test]
+#[should_panic(expected = "invalid temperature: got -1")]
+fn temperature_softmax_rejects_bad_temperature() {
+    temperature_softmax(logits(1, 3), -1.0, 1);
+}

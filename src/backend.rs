@@ -43,7 +43,7 @@ pub struct DistillRows<B: Backend> {
 ///
 /// This is the extension point of the crate (in the style of `burn-vision`'s `VisionBackend`):
 /// [`DistillLoss`](crate::DistillLoss) calls [`DistillBackend::distill_rows`] and reduces the
-/// result. Every method has a default body, the [reference implementation](reference) built
+/// result. Every method has a default body, the [reference implementation](mod@crate::kernel::reference) built
 /// from burn tensor ops, so any backend can opt in with an empty `impl`. It is implemented for
 /// NdArray, Flex, the CubeCL backends (wgpu, CUDA), burn's `Fusion` wrapper and `Autodiff<B>`.
 pub trait DistillBackend: Backend {

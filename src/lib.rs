@@ -43,9 +43,10 @@ mod loss;
 mod reduction;
 mod softmax;
 
-pub use backend::{DistillBackend, DistillParams, DistillRows};
+pub use backend::{DistillBackend, DistillParams, DistillRows, FusedRows, reference_rows};
 pub use divergence::Divergence;
 pub use error::DistillError;
+pub use kernel::Kernel;
 pub use loss::{DistillLoss, DistillLossConfig, DistillOutput};
 pub use reduction::Reduction;
 pub use softmax::{temperature_log_softmax, temperature_softmax};

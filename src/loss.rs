@@ -2,11 +2,11 @@
 
 use burn::{
     config::Config,
-    tensor::{Int, Tensor, TensorPrimitive, backend::Backend, cast::ToElement},
+    tensor::{Int, Tensor, TensorMetadata, TensorPrimitive, backend::Backend, cast::ToElement},
 };
 
 use crate::{
-    DistillBackend, DistillError, DistillParams, Divergence, Reduction, error::or_panic,
+    DistillBackend, DistillError, DistillParams, Divergence, Kernel, Reduction, error::or_panic,
     softmax::check_temperature,
 };
 
@@ -56,6 +56,10 @@ pub struct DistillLossConfig {
     /// `Sum` loss) NaN: never a silently wrong value.
     #[config(default = true)]
     pub check_targets: bool,
+    /// Which implementation computes the loss: [`Kernel::Auto`] (the fused kernel where the
+    /// backend has one, else the reference), [`Kernel::Reference`] or [`Kernel::Fused`].
+    #[config(default = "Kernel::Auto")]
+    pub kernel: Kernel,
 }
 
 impl DistillLossConfig {
@@ -96,6 +100,7 @@ impl DistillLossConfig {
             },
             reduction: self.reduction,
             check_targets: self.check_targets,
+            kernel: self.kernel,
         })
     }
 }
@@ -138,6 +143,7 @@ pub struct DistillLoss {
     params: DistillParams,
     reduction: Reduction,
     check_targets: bool,
+    kernel: Kernel,
 }
 
 /// The loss together with its soft and hard parts, for logging.
@@ -313,11 +319,28 @@ impl DistillLoss {
             (Some(targets), Some(ignore)) => Some(targets.clone().equal_elem(ignore)),
             _ => None,
         };
-        let rows = B::distill_rows(
+        let (student, teacher) = (
             student_logits.into_primitive().tensor(),
             teacher_logits.into_primitive().tensor(),
+        );
+        if self.kernel == Kernel::Fused && !B::has_fused_kernel(&student, &teacher) {
+            return Err(DistillError::invalid(
+                "kernel",
+                "Kernel::Fused",
+                format!(
+                    "Kernel::Auto or Kernel::Reference: backend {} has no fused distillation \
+                     kernel for {:?} logits",
+                    B::name(&B::float_device(&student)),
+                    student.dtype()
+                ),
+            ));
+        }
+        let rows = B::distill_rows(
+            student,
+            teacher,
             targets.map(Tensor::into_primitive),
             &self.params,
+            self.kernel,
         );
         let float = |t| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
         let loss = float(rows.loss);

@@ -217,3 +217,32 @@ fn seq_shape_mismatches_are_rejected() {
 fn temperature_softmax_rejects_bad_temperature() {
     temperature_softmax(logits(1, 3), -1.0, 1);
 }
+
+#[cfg(feature = "flex")]
+#[test]
+fn fused_kernel_where_none_exists_is_a_clear_error() {
+    use burn::backend::Flex;
+    use burn::tensor::DType;
+    use burn_distill::Kernel;
+    let device = Default::default();
+    let half = |t: Tensor<Flex, 2>| t.cast(DType::F16);
+    let logits = Tensor::<Flex, 2>::zeros([2, 4], &device);
+    let loss = DistillLossConfig::new().with_kernel(Kernel::Fused).init();
+    let err = loss
+        .try_forward_parts(half(logits.clone()), half(logits.clone()), None)
+        .unwrap_err();
+    assert_mentions(
+        &err.to_string(),
+        &[
+            "invalid kernel",
+            "Kernel::Fused",
+            "no fused distillation kernel",
+            "F16",
+        ],
+    );
+    // Auto falls back to the reference on the same input.
+    let value = DistillLossConfig::new()
+        .init()
+        .forward_soft(half(logits.clone()), half(logits));
+    assert_eq!(value.into_data().iter::<f32>().next(), Some(0.0));
+}

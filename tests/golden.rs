@@ -3,6 +3,8 @@
 
 mod common;
 
+use burn_distill::Kernel;
+
 #[test]
 fn golden_file_is_found_and_complete() {
     let cases = common::golden_cases();
@@ -14,19 +16,33 @@ fn golden_file_is_found_and_complete() {
 #[test]
 fn golden_ndarray() {
     use burn::backend::{Autodiff, NdArray};
-    common::assert_golden::<Autodiff<NdArray>>(&Default::default());
+    common::assert_golden::<Autodiff<NdArray>>(&Default::default(), Kernel::Reference);
+}
+
+#[cfg(feature = "ndarray")]
+#[test]
+fn golden_ndarray_fused() {
+    use burn::backend::{Autodiff, NdArray};
+    common::assert_golden::<Autodiff<NdArray>>(&Default::default(), Kernel::Fused);
 }
 
 #[cfg(feature = "flex")]
 #[test]
 fn golden_flex() {
     use burn::backend::{Autodiff, Flex};
-    common::assert_golden::<Autodiff<Flex>>(&Default::default());
+    common::assert_golden::<Autodiff<Flex>>(&Default::default(), Kernel::Reference);
+}
+
+#[cfg(feature = "flex")]
+#[test]
+fn golden_flex_fused() {
+    use burn::backend::{Autodiff, Flex};
+    common::assert_golden::<Autodiff<Flex>>(&Default::default(), Kernel::Fused);
 }
 
 #[cfg(feature = "wgpu")]
 #[test]
 fn golden_wgpu() {
     use burn::backend::{Autodiff, Wgpu};
-    common::assert_golden::<Autodiff<Wgpu>>(&Default::default());
+    common::assert_golden::<Autodiff<Wgpu>>(&Default::default(), Kernel::Auto);
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use burn::backend::{Autodiff, NdArray};
-use burn_distill::{DistillLossConfig, Divergence, Reduction};
+use burn_distill::{DistillLossConfig, Divergence, Kernel, Reduction};
 use common::{ints, tensor2, values};
 
 type B = Autodiff<NdArray<f64>>;
@@ -17,6 +17,12 @@ fn logits(n: usize, v: usize, seed: f64) -> Vec<f64> {
 
 /// Compares autodiff's student gradient with central differences of the scalar loss.
 fn check(config: DistillLossConfig, targets: Option<&[i64]>) {
+    for kernel in [Kernel::Reference, Kernel::Fused] {
+        check_kernel(config.clone().with_kernel(kernel), targets);
+    }
+}
+
+fn check_kernel(config: DistillLossConfig, targets: Option<&[i64]>) {
     let (n, v) = (3, 7);
     let device = Default::default();
     let s = logits(n, v, 0.91);

@@ -4,16 +4,37 @@
 mod common;
 
 use burn::backend::NdArray;
-use burn_distill::{DistillLossConfig, Divergence, Reduction};
+use burn_distill::{DistillLossConfig, Divergence, Kernel, Reduction};
 use common::{tensor2, values};
 use proptest::prelude::*;
 
 type B = NdArray<f64>;
 
 /// Per-row divergence (no T² factor) of teacher `t` against student `s`, at temperature `temp`.
+/// Both kernels are run and must agree to 1e-12; the reference's values are returned.
 fn rows(divergence: Divergence, s: &[f64], t: &[f64], shape: [usize; 2], temp: f64) -> Vec<f64> {
+    let reference = rows_with(Kernel::Reference, divergence, s, t, shape, temp);
+    let fused = rows_with(Kernel::Fused, divergence, s, t, shape, temp);
+    for (r, f) in reference.iter().zip(&fused) {
+        assert!(
+            (r - f).abs() <= 1e-12 + 1e-9 * r.abs(),
+            "{divergence:?}: reference {r} vs fused {f}"
+        );
+    }
+    reference
+}
+
+fn rows_with(
+    kernel: Kernel,
+    divergence: Divergence,
+    s: &[f64],
+    t: &[f64],
+    shape: [usize; 2],
+    temp: f64,
+) -> Vec<f64> {
     let device = Default::default();
     let loss = DistillLossConfig::new()
+        .with_kernel(kernel)
         .with_divergence(divergence)
         .with_temperature(temp)
         .with_scale_by_t2(false)

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use burn::tensor::{Int, Tensor, TensorData, backend::AutodiffBackend, backend::Backend};
-use burn_distill::{DistillBackend, DistillLoss, DistillLossConfig, Divergence, Reduction};
+use burn_distill::{DistillBackend, DistillLoss, DistillLossConfig, Divergence, Kernel, Reduction};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -192,8 +192,9 @@ pub const LOSS_TOL: (f64, f64) = (1e-5, 2e-4);
 /// Gradient tolerance of the golden README (f32).
 pub const GRAD_TOL: (f64, f64) = (1e-5, 2e-3);
 
-/// Every golden case, forward and gradient, on backend `B` (and forward on its inner backend).
-pub fn assert_golden<B>(device: &B::Device)
+/// Every golden case, forward and gradient, on backend `B` (and forward on its inner backend),
+/// with the given kernel.
+pub fn assert_golden<B>(device: &B::Device, kernel: Kernel)
 where
     B: AutodiffBackend + DistillBackend,
     B::InnerBackend: DistillBackend,
@@ -202,7 +203,7 @@ where
     assert!(cases.len() >= 38, "expected the full golden set");
     let mut failures = Vec::new();
     for case in &cases {
-        let loss = case.config.init();
+        let loss = case.config.clone().with_kernel(kernel).init();
         let (value, grad) = run_case::<B>(&loss, case, device);
         failures.extend(
             mismatches("loss", &value, &case.loss, LOSS_TOL.0, LOSS_TOL.1)

@@ -1,0 +1,132 @@
+//! The benchmark workloads, shared by `benches/distill.rs` (criterion) and
+//! `examples/bench_table.rs` (the markdown table).
+#![allow(dead_code)]
+
+use burn::nn::loss::{CrossEntropyLossConfig, KLDivLossConfig, Reduction as NnReduction};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Distribution, Int, Tensor, activation};
+use burn_distill::{DistillBackend, DistillLoss, DistillLossConfig, Kernel};
+
+/// The benchmarked loss: Hinton's full loss, T = 4, α = 0.9, forward KL, mean.
+pub fn loss(kernel: Kernel) -> DistillLoss {
+    DistillLossConfig::new()
+        .with_temperature(4.0)
+        .with_alpha(0.9)
+        .with_kernel(kernel)
+        .init()
+}
+
+/// Inputs of one shape: f32 student and teacher logits and targets.
+pub struct Inputs<B: Backend> {
+    pub student: Tensor<B, 2>,
+    pub teacher: Tensor<B, 2>,
+    pub targets: Tensor<B, 1, Int>,
+}
+
+impl<B: Backend> Inputs<B> {
+    pub fn new([n, v]: [usize; 2], device: &B::Device) -> Self {
+        B::seed(device, 7);
+        Self {
+            student: Tensor::random([n, v], Distribution::Normal(0.0, 3.0), device),
+            teacher: Tensor::random([n, v], Distribution::Normal(0.0, 3.0), device),
+            targets: Tensor::random([n], Distribution::Uniform(0.0, v as f64), device),
+        }
+    }
+
+    /// Bytes of the two logit inputs.
+    pub fn input_bytes(&self) -> usize {
+        2 * self.student.shape().num_elements() * 4
+    }
+}
+
+/// What is measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// `DistillLoss` with `Kernel::Fused`.
+    Fused,
+    /// `DistillLoss` with `Kernel::Reference`.
+    Reference,
+    /// burn-nn's `KLDivLoss` (on log_softmax / softmax) · T² and `CrossEntropyLoss`.
+    BurnNn,
+}
+
+impl Variant {
+    pub const ALL: [Variant; 3] = [Variant::Fused, Variant::Reference, Variant::BurnNn];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Fused => "fused",
+            Variant::Reference => "reference",
+            Variant::BurnNn => "burn-nn KLDivLoss",
+        }
+    }
+}
+
+/// burn-nn's composition of the same loss.
+pub fn burn_nn_loss<B: Backend>(inputs: &Inputs<B>) -> Tensor<B, 1> {
+    let t = 4.0;
+    let log_q = activation::log_softmax(inputs.student.clone().mul_scalar(1.0 / t), 1);
+    let p = activation::softmax(inputs.teacher.clone().mul_scalar(1.0 / t), 1);
+    let soft = KLDivLossConfig::new()
+        .init()
+        .forward(log_q, p, NnReduction::BatchMean)
+        .mul_scalar(t * t);
+    let hard = CrossEntropyLossConfig::new()
+        .init(&inputs.student.device())
+        .forward(inputs.student.clone(), inputs.targets.clone());
+    soft.mul_scalar(0.9) + hard.mul_scalar(0.1)
+}
+
+/// Forward only, on a backend without autodiff; waits for the result.
+pub fn forward<B: DistillBackend>(variant: Variant, inputs: &Inputs<B>) {
+    let value = match variant {
+        Variant::Fused => loss(Kernel::Fused).forward(
+            inputs.student.clone(),
+            inputs.teacher.clone(),
+            inputs.targets.clone(),
+        ),
+        Variant::Reference => loss(Kernel::Reference).forward(
+            inputs.student.clone(),
+            inputs.teacher.clone(),
+            inputs.targets.clone(),
+        ),
+        Variant::BurnNn => burn_nn_loss(inputs),
+    };
+    let _ = value.into_scalar();
+}
+
+/// Forward and backward; waits for the student gradient.
+pub fn forward_backward<B: AutodiffBackend + DistillBackend>(variant: Variant, inputs: &Inputs<B>) {
+    let student = inputs.student.clone().require_grad();
+    let tracked = Inputs {
+        student: student.clone(),
+        teacher: inputs.teacher.clone(),
+        targets: inputs.targets.clone(),
+    };
+    let value = match variant {
+        Variant::Fused | Variant::Reference => forward_value(variant, &tracked),
+        Variant::BurnNn => burn_nn_loss(&tracked),
+    };
+    let grads = value.backward();
+    let grad = student.grad(&grads).expect("gradient");
+    B::sync(&grad.device()).expect("sync");
+    drop(grad);
+}
+
+fn forward_value<B: DistillBackend>(variant: Variant, inputs: &Inputs<B>) -> Tensor<B, 1> {
+    let kernel = if variant == Variant::Fused { Kernel::Fused } else { Kernel::Reference };
+    loss(kernel).forward(inputs.student.clone(), inputs.teacher.clone(), inputs.targets.clone())
+}
+
+/// The streaming bound on the CPU: read both inputs once, write one `[N, V]` output
+/// (`out = s − t`), with rayon over rows, on raw slices.
+pub fn cpu_stream(student: &[f32], teacher: &[f32], out: &mut [f32], v: usize) {
+    use rayon::prelude::*;
+    out.par_chunks_mut(v)
+        .zip(student.par_chunks(v).zip(teacher.par_chunks(v)))
+        .for_each(|(o, (s, t))| {
+            for ((o, s), t) in o.iter_mut().zip(s).zip(t) {
+                *o = s - t;
+            }
+        });
+}

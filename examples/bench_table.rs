@@ -1,0 +1,185 @@
+//! Prints a markdown table of the distillation loss per backend: fused vs reference vs burn-nn's
+//! `KLDivLoss` composition, forward and forward+backward, beside a streaming pass over the same
+//! bytes, measured in the same run; with effective bandwidth and (on CPU backends) peak memory.
+//!
+//! ```sh
+//! cargo run --release --example bench_table --features flex -- --backend flex
+//! cargo run --release --example bench_table -- --backend ndarray --shapes 2048x32768 --reps 5
+//! ```
+//! Options: `--backend ndarray|flex|wgpu|cuda`, `--shapes NxV,...`, `--reps K` (median of K),
+//! `--fused-only` (skip the slow composed paths).
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn_distill::DistillBackend;
+
+#[path = "../benches/workload.rs"]
+mod workload;
+use workload::{Inputs, Variant};
+
+/// Counts live heap bytes and their peak, to report memory beyond the inputs (CPU backends).
+struct Counting;
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+        PEAK.fetch_max(live, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+        PEAK.fetch_max(live, Ordering::Relaxed);
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        let live = LIVE.fetch_add(new_size, Ordering::Relaxed) + new_size;
+        PEAK.fetch_max(live, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Median time of `reps` runs (after one warm-up) and the peak heap growth over them.
+fn measure(reps: usize, mut f: impl FnMut()) -> (Duration, usize) {
+    f();
+    let base = LIVE.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    let mut times: Vec<Duration> = (0..reps)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed()
+        })
+        .collect();
+    times.sort();
+    (times[reps / 2], PEAK.load(Ordering::Relaxed) - base)
+}
+
+struct Args {
+    backend: String,
+    shapes: Vec<[usize; 2]>,
+    reps: usize,
+    fused_only: bool,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        backend: "ndarray".into(),
+        shapes: vec![[512, 32000], [2048, 32768], [4096, 50257]],
+        reps: 5,
+        fused_only: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        match flag.as_str() {
+            "--backend" => a.backend = it.next().expect("--backend NAME"),
+            "--reps" => a.reps = it.next().and_then(|r| r.parse().ok()).expect("--reps K"),
+            "--fused-only" => a.fused_only = true,
+            "--shapes" => {
+                a.shapes = it
+                    .next()
+                    .expect("--shapes NxV,...")
+                    .split(',')
+                    .map(|s| {
+                        let (n, v) = s.split_once('x').expect("shape NxV");
+                        [n.parse().unwrap(), v.parse().unwrap()]
+                    })
+                    .collect()
+            }
+            other => panic!("unknown option {other}"),
+        }
+    }
+    a
+}
+
+fn gbps(bytes: usize, t: Duration) -> f64 {
+    bytes as f64 / t.as_secs_f64() / 1e9
+}
+
+fn run<B>(name: &str, args: &Args, device: B::Device, cpu: bool)
+where
+    B: AutodiffBackend + DistillBackend,
+    B::InnerBackend: DistillBackend,
+{
+    println!("\n### {name}\n");
+    println!(
+        "| shape | variant | forward | fwd+bwd | fwd+bwd GB/s | fwd+bwd ÷ stream | peak extra memory |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    for &[n, v] in &args.shapes {
+        let inner = Inputs::<B::InnerBackend>::new([n, v], &device);
+        let tracked = Inputs::<B> {
+            student: burn::tensor::Tensor::from_inner(inner.student.clone()),
+            teacher: burn::tensor::Tensor::from_inner(inner.teacher.clone()),
+            targets: burn::tensor::Tensor::from_inner(inner.targets.clone()),
+        };
+        let bytes = inner.input_bytes();
+        let (stream, _) = if cpu {
+            let s: Vec<f32> = inner.student.to_data().to_vec().unwrap();
+            let t: Vec<f32> = inner.teacher.to_data().to_vec().unwrap();
+            measure(args.reps, || {
+                let mut out = vec![0.0f32; n * v];
+                workload::cpu_stream(&s, &t, &mut out, v);
+                std::hint::black_box(&out);
+            })
+        } else {
+            measure(args.reps, || {
+                let out = inner.student.clone() - inner.teacher.clone();
+                B::InnerBackend::sync(&out.device()).unwrap();
+            })
+        };
+        let io = bytes * 3 / 2;
+        println!(
+            "| {n}×{v} | stream (read 2, write 1) | | {:.1} ms | {:.1} | 1.0 | |",
+            stream.as_secs_f64() * 1e3,
+            gbps(io, stream)
+        );
+        for variant in Variant::ALL {
+            if args.fused_only && variant != Variant::Fused {
+                continue;
+            }
+            let (fwd, _) = measure(args.reps, || workload::forward(variant, &inner));
+            let (both, peak) = measure(args.reps, || workload::forward_backward(variant, &tracked));
+            let memory = if cpu {
+                format!("{:.2} GB ({:.2}× inputs)", peak as f64 / 1e9, peak as f64 / bytes as f64)
+            } else {
+                "n/a".into()
+            };
+            println!(
+                "| {n}×{v} | {} | {:.1} ms | {:.1} ms | {:.1} | {:.2} | {memory} |",
+                variant.name(),
+                fwd.as_secs_f64() * 1e3,
+                both.as_secs_f64() * 1e3,
+                gbps(io, both),
+                both.as_secs_f64() / stream.as_secs_f64(),
+            );
+        }
+    }
+}
+
+fn main() {
+    use burn::backend::Autodiff;
+    let args = args();
+    match args.backend.as_str() {
+        #[cfg(feature = "ndarray")]
+        "ndarray" => run::<Autodiff<burn::backend::NdArray>>("NdArray (CPU)", &args, Default::default(), true),
+        #[cfg(feature = "flex")]
+        "flex" => run::<Autodiff<burn::backend::Flex>>("Flex (CPU)", &args, Default::default(), true),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => run::<Autodiff<burn::backend::Wgpu>>("wgpu", &args, Default::default(), false),
+        #[cfg(feature = "cuda")]
+        "cuda" => run::<Autodiff<burn::backend::Cuda>>("CUDA", &args, Default::default(), false),
+        other => panic!("backend {other} is not enabled (build with --features {other})"),
+    }
+}

@@ -114,8 +114,16 @@ pub fn forward_backward<B: AutodiffBackend + DistillBackend>(variant: Variant, i
 }
 
 fn forward_value<B: DistillBackend>(variant: Variant, inputs: &Inputs<B>) -> Tensor<B, 1> {
-    let kernel = if variant == Variant::Fused { Kernel::Fused } else { Kernel::Reference };
-    loss(kernel).forward(inputs.student.clone(), inputs.teacher.clone(), inputs.targets.clone())
+    let kernel = if variant == Variant::Fused {
+        Kernel::Fused
+    } else {
+        Kernel::Reference
+    };
+    loss(kernel).forward(
+        inputs.student.clone(),
+        inputs.teacher.clone(),
+        inputs.targets.clone(),
+    )
 }
 
 /// The streaming bound on the CPU: read both inputs once, write one `[N, V]` output

@@ -152,7 +152,11 @@ where
             let (fwd, _) = measure(args.reps, || workload::forward(variant, &inner));
             let (both, peak) = measure(args.reps, || workload::forward_backward(variant, &tracked));
             let memory = if cpu {
-                format!("{:.2} GB ({:.2}× inputs)", peak as f64 / 1e9, peak as f64 / bytes as f64)
+                format!(
+                    "{:.2} GB ({:.2}× inputs)",
+                    peak as f64 / 1e9,
+                    peak as f64 / bytes as f64
+                )
             } else {
                 "n/a".into()
             };
@@ -173,9 +177,16 @@ fn main() {
     let args = args();
     match args.backend.as_str() {
         #[cfg(feature = "ndarray")]
-        "ndarray" => run::<Autodiff<burn::backend::NdArray>>("NdArray (CPU)", &args, Default::default(), true),
+        "ndarray" => run::<Autodiff<burn::backend::NdArray>>(
+            "NdArray (CPU)",
+            &args,
+            Default::default(),
+            true,
+        ),
         #[cfg(feature = "flex")]
-        "flex" => run::<Autodiff<burn::backend::Flex>>("Flex (CPU)", &args, Default::default(), true),
+        "flex" => {
+            run::<Autodiff<burn::backend::Flex>>("Flex (CPU)", &args, Default::default(), true)
+        }
         #[cfg(feature = "wgpu")]
         "wgpu" => run::<Autodiff<burn::backend::Wgpu>>("wgpu", &args, Default::default(), false),
         #[cfg(feature = "cuda")]

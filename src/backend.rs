@@ -12,9 +12,13 @@ use burn::tensor::{
     ops::{FloatTensor, IntTensor},
 };
 
-use crate::{Divergence, Kernel, kernel::reference};
+use crate::{
+    Divergence, Kernel, Reduction,
+    kernel::reference,
+    reduction::{ignored_rows, reduce_rows},
+};
 
-/// Everything a row-loss implementation needs to know, resolved from a validated
+/// Everything a loss implementation needs to know, resolved from a validated
 /// [`DistillLossConfig`](crate::DistillLossConfig).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DistillParams {
@@ -30,48 +34,51 @@ pub struct DistillParams {
     pub ignore_index: Option<i64>,
     /// Label smoothing `ε ∈ [0, 1)` of the hard term.
     pub label_smoothing: f64,
+    /// How row losses are reduced.
+    pub reduction: Reduction,
 }
 
-/// Per-row losses of a batch, as backend primitives.
+/// The reduced loss and its parts, as backend primitives: `[1]` for `Mean` and `Sum`, `[N]`
+/// for `None` (row values: `0` for ignored rows, NaN for rows whose target is out of range).
 #[derive(Debug, Clone)]
-pub struct DistillRows<B: Backend> {
-    /// `[N]` row losses `α·soft_i + (1 − α)·hard_i` (`soft_i` without targets); `0` for
-    /// ignored rows, NaN for rows whose target is out of range. Differentiable with respect to
-    /// the student logits only.
+pub struct DistillParts<B: Backend> {
+    /// `α·soft + (1 − α)·hard` (`soft` without targets), differentiable with respect to the
+    /// student logits only.
     pub loss: FloatTensor<B>,
-    /// `[N]` soft term per row (T²-scaled if configured), detached, masked like `loss`.
+    /// The soft term (T²-scaled if configured), detached.
     pub soft: FloatTensor<B>,
-    /// `[N]` hard term per row, detached, masked like `loss`; `None` without targets.
+    /// The hard term, detached; `None` without targets.
     pub hard: Option<FloatTensor<B>>,
 }
 
-/// Output of a fused kernel: the row losses and, if asked, their gradient.
+/// Output of a fused kernel: the reduced loss and parts and, if asked, the gradient.
 #[derive(Debug, Clone)]
-pub struct FusedRows<B: Backend> {
-    /// The row losses, as in [`DistillRows`].
-    pub rows: DistillRows<B>,
-    /// `[N, V]`: row `i` holds `∂ loss_i / ∂ student_i` (zero for ignored and bad rows).
+pub struct FusedOutput<B: Backend> {
+    /// The loss and its parts, as in [`DistillParts`].
+    pub parts: DistillParts<B>,
+    /// `[N, V]` gradient of `loss` with respect to the student logits (for `Reduction::None`,
+    /// row `i` holds the gradient of row loss `i`); zero on ignored and bad rows.
     pub grad: Option<FloatTensor<B>>,
 }
 
 /// A backend that can compute distillation losses.
 ///
 /// This is the extension point of the crate (in the style of `burn-vision`'s `VisionBackend`):
-/// [`DistillLoss`](crate::DistillLoss) calls [`DistillBackend::distill_rows`] and reduces the
-/// result. Every method has a default body, so any backend can opt in with an empty `impl`
-/// and gets the [reference implementation](mod@crate::kernel::reference) built from burn tensor
-/// ops. Backends with a fused kernel override [`DistillBackend::has_fused_kernel`] and
-/// [`DistillBackend::distill_fused`]; `Autodiff<B>` then wraps the fused kernel of `B` in a
-/// custom backward node. Implemented for NdArray, Flex, the CubeCL backends (wgpu, CUDA),
-/// burn's `Fusion` wrapper and `Autodiff<B>`.
+/// [`DistillLoss`](crate::DistillLoss) validates its inputs and calls
+/// [`DistillBackend::distill_loss`]. Every method has a default body, so any backend can opt
+/// in with an empty `impl` and gets the [reference implementation](mod@crate::kernel::reference)
+/// built from burn tensor ops. Backends with a fused kernel override
+/// [`DistillBackend::has_fused_kernel`] and [`DistillBackend::distill_fused`]; `Autodiff<B>`
+/// then wraps the fused kernel of `B` in a custom backward node. Implemented for NdArray, Flex,
+/// the CubeCL backends (wgpu, CUDA), burn's `Fusion` wrapper and `Autodiff<B>`.
 pub trait DistillBackend: Backend {
     /// Does this backend have a fused kernel for these `[N, V]` logits (dtype, layout)?
     fn has_fused_kernel(_student: &FloatTensor<Self>, _teacher: &FloatTensor<Self>) -> bool {
         false
     }
 
-    /// The fused kernel: row losses of `[N, V]` logits and, when `with_grad`, the `[N, V]`
-    /// gradient of each row loss with respect to its student row.
+    /// The fused kernel: the reduced loss of `[N, V]` logits and, when `with_grad`, its
+    /// `[N, V]` gradient with respect to the student logits.
     ///
     /// Only called when [`DistillBackend::has_fused_kernel`] is true.
     fn distill_fused(
@@ -80,61 +87,70 @@ pub trait DistillBackend: Backend {
         _targets: Option<IntTensor<Self>>,
         _params: &DistillParams,
         _with_grad: bool,
-    ) -> FusedRows<Self> {
+    ) -> FusedOutput<Self> {
         unreachable!("distill_fused called on a backend without a fused kernel")
     }
 
-    /// `grad[i, :] · scale[i]` for `[N, V]` `grad` and `[N]` `scale`: the backward step of the
-    /// fused kernel (`scale` is the upstream gradient of the row losses).
-    fn distill_scale_rows(grad: FloatTensor<Self>, scale: FloatTensor<Self>) -> FloatTensor<Self> {
-        let n = scale.shape()[0];
-        Self::float_mul(grad, Self::float_reshape(scale, [n, 1].into()))
+    /// The backward step of the fused kernel: `grad · upstream`, where `upstream` is the
+    /// gradient of the loss output (`[1]` for `Mean` and `Sum`, `[N]` per row for `None`).
+    fn distill_scale_grad(
+        grad: FloatTensor<Self>,
+        upstream: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let n = upstream.shape()[0];
+        Self::float_mul(grad, Self::float_reshape(upstream, [n, 1].into()))
     }
 
-    /// Row losses of `[N, V]` student and teacher logits against optional `[N]` targets.
-    ///
-    /// Shapes and parameters have already been validated by the caller.
-    fn distill_rows(
+    /// The reduced loss and its parts of `[N, V]` student and teacher logits against optional
+    /// `[N]` targets. Shapes and parameters have already been validated by the caller.
+    fn distill_loss(
         student: FloatTensor<Self>,
         teacher: FloatTensor<Self>,
         targets: Option<IntTensor<Self>>,
         params: &DistillParams,
         kernel: Kernel,
-    ) -> DistillRows<Self> {
+    ) -> DistillParts<Self> {
         if kernel != Kernel::Reference && Self::has_fused_kernel(&student, &teacher) {
-            Self::distill_fused(student, teacher, targets, params, false).rows
+            Self::distill_fused(student, teacher, targets, params, false).parts
         } else {
-            reference_rows::<Self>(student, teacher, targets, params)
+            reference_loss::<Self>(student, teacher, targets, params)
         }
     }
 }
 
-/// [`DistillBackend::distill_rows`] by the reference implementation.
-pub fn reference_rows<B: Backend>(
+/// [`DistillBackend::distill_loss`] by the reference implementation.
+pub fn reference_loss<B: Backend>(
     student: FloatTensor<B>,
     teacher: FloatTensor<B>,
     targets: Option<IntTensor<B>>,
     params: &DistillParams,
-) -> DistillRows<B> {
+) -> DistillParts<B> {
+    let targets = targets.map(Tensor::<B, 1, Int>::from_primitive);
+    let ignored = ignored_rows(targets.as_ref(), params.ignore_index);
     let rows = reference::distill_rows::<B>(
         Tensor::from_primitive(TensorPrimitive::Float(student)),
         Tensor::from_primitive(TensorPrimitive::Float(teacher)),
-        targets.map(Tensor::<B, 1, Int>::from_primitive),
+        targets,
         params,
     );
-    DistillRows {
-        loss: rows.loss.into_primitive().tensor(),
-        soft: rows.soft.into_primitive().tensor(),
-        hard: rows.hard.map(|h| h.into_primitive().tensor()),
+    let reduce = |t: Tensor<B, 1>| {
+        reduce_rows(t, ignored.clone(), params.reduction)
+            .into_primitive()
+            .tensor()
+    };
+    DistillParts {
+        loss: reduce(rows.loss),
+        soft: reduce(rows.soft),
+        hard: rows.hard.map(reduce),
     }
 }
 
-/// Backward of the fused loss: `d student = grad_rows[:, None] · ∂loss_i/∂student_i`.
+/// Backward of the fused loss: the gradient computed by the forward kernel, times the upstream.
 #[derive(Debug)]
 struct FusedBackward;
 
 impl<B: DistillBackend> Backward<B, 1> for FusedBackward {
-    /// `∂ loss_i / ∂ student_i`, `[N, V]`, computed by the forward kernel.
+    /// `∂ loss / ∂ student`, `[N, V]`, computed by the forward kernel.
     type State = FloatTensor<B>;
 
     fn backward(
@@ -144,9 +160,9 @@ impl<B: DistillBackend> Backward<B, 1> for FusedBackward {
         _checkpointer: &mut Checkpointer,
     ) {
         let [student] = ops.parents;
-        let grad_rows = grads.consume::<B>(&ops.node);
+        let upstream = grads.consume::<B>(&ops.node);
         if let Some(student) = student {
-            grads.register::<B>(student.id, B::distill_scale_rows(ops.state, grad_rows));
+            grads.register::<B>(student.id, B::distill_scale_grad(ops.state, upstream));
         }
     }
 }
@@ -156,19 +172,19 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
         B::has_fused_kernel(&student.primitive, &teacher.primitive)
     }
 
-    fn distill_rows(
+    fn distill_loss(
         student: FloatTensor<Self>,
         teacher: FloatTensor<Self>,
         targets: Option<IntTensor<Self>>,
         params: &DistillParams,
         kernel: Kernel,
-    ) -> DistillRows<Self> {
+    ) -> DistillParts<Self> {
         if kernel == Kernel::Reference || !Self::has_fused_kernel(&student, &teacher) {
-            return reference_rows::<Self>(student, teacher, targets, params);
+            return reference_loss::<Self>(student, teacher, targets, params);
         }
         // The teacher is used as a constant: its graph (if any) is not extended.
         let teacher = teacher.primitive;
-        let (loss, fused) = match FusedBackward
+        let (loss, parts) = match FusedBackward
             .prepare::<C>([student.node.clone()])
             .compute_bound()
             .stateful()
@@ -177,19 +193,18 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
                 let fused = B::distill_fused(student.primitive, teacher, targets, params, true);
                 let grad = fused
                     .grad
-                    .clone()
-                    .expect("the fused kernel returns a gradient");
-                (prep.finish(grad, fused.rows.loss.clone()), fused)
+                    .expect("the fused kernel returns the asked gradient");
+                (prep.finish(grad, fused.parts.loss.clone()), fused.parts)
             }
             OpsKind::UnTracked(prep) => {
                 let fused = B::distill_fused(student.primitive, teacher, targets, params, false);
-                (prep.finish(fused.rows.loss.clone()), fused)
+                (prep.finish(fused.parts.loss.clone()), fused.parts)
             }
         };
-        DistillRows {
+        DistillParts {
             loss,
-            soft: Self::from_inner(fused.rows.soft),
-            hard: fused.rows.hard.map(Self::from_inner),
+            soft: Self::from_inner(parts.soft),
+            hard: parts.hard.map(Self::from_inner),
         }
     }
 }

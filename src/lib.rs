@@ -43,7 +43,7 @@ mod loss;
 mod reduction;
 mod softmax;
 
-pub use backend::{DistillBackend, DistillParams, DistillRows, FusedRows, reference_rows};
+pub use backend::{DistillBackend, DistillParams, DistillParts, FusedOutput, reference_loss};
 pub use divergence::Divergence;
 pub use error::DistillError;
 pub use kernel::Kernel;

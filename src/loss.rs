@@ -97,8 +97,8 @@ impl DistillLossConfig {
                 scale_by_t2: self.scale_by_t2,
                 ignore_index: self.ignore_index,
                 label_smoothing: self.label_smoothing,
+                reduction: self.reduction,
             },
-            reduction: self.reduction,
             check_targets: self.check_targets,
             kernel: self.kernel,
         })
@@ -141,7 +141,6 @@ impl DistillLossConfig {
 #[derive(Clone, Debug)]
 pub struct DistillLoss {
     params: DistillParams,
-    reduction: Reduction,
     check_targets: bool,
     kernel: Kernel,
 }
@@ -164,11 +163,6 @@ impl DistillLoss {
     /// The validated parameters of this loss.
     pub fn params(&self) -> &DistillParams {
         &self.params
-    }
-
-    /// The reduction of this loss.
-    pub fn reduction(&self) -> Reduction {
-        self.reduction
     }
 
     /// Full loss (soft and hard terms) of `[N, V]` logits against `[N]` targets.
@@ -315,10 +309,6 @@ impl DistillLoss {
             }
         }
 
-        let ignored = match (&targets, self.params.ignore_index) {
-            (Some(targets), Some(ignore)) => Some(targets.clone().equal_elem(ignore)),
-            _ => None,
-        };
         let (student, teacher) = (
             student_logits.into_primitive().tensor(),
             teacher_logits.into_primitive().tensor(),
@@ -335,7 +325,7 @@ impl DistillLoss {
                 ),
             ));
         }
-        let rows = B::distill_rows(
+        let parts = B::distill_loss(
             student,
             teacher,
             targets.map(Tensor::into_primitive),
@@ -343,30 +333,11 @@ impl DistillLoss {
             self.kernel,
         );
         let float = |t| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
-        let loss = float(rows.loss);
-        // Number of kept rows, in the dtype of the loss (`ones_like`, not `Bool::float()`).
-        let kept = ignored.map(|ignored| loss.ones_like().mask_fill(ignored, 0.0).sum());
-        let reduce = |rows: Tensor<B, 1>| self.reduce(rows, kept.clone());
         Ok(DistillOutput {
-            loss: reduce(loss),
-            soft: reduce(float(rows.soft)),
-            hard: rows.hard.map(|hard| reduce(float(hard))),
+            loss: float(parts.loss),
+            soft: float(parts.soft),
+            hard: parts.hard.map(float),
         })
-    }
-
-    fn reduce<B: Backend>(&self, rows: Tensor<B, 1>, kept: Option<Tensor<B, 1>>) -> Tensor<B, 1> {
-        match self.reduction {
-            Reduction::None => rows,
-            Reduction::Sum => rows.sum(),
-            Reduction::Mean => match kept {
-                // max(count, 1): an all-ignored batch gives 0 / 1 = 0 with zero gradient.
-                Some(kept) => rows.sum() / kept.clamp_min(1.0),
-                None => {
-                    let n = rows.dims()[0] as f64;
-                    rows.sum().mul_scalar(n.recip())
-                }
-            },
-        }
     }
 }
 

@@ -99,3 +99,16 @@ fn hard_term_alone() {
         Some(&[0, 3, 6]),
     );
 }
+
+#[test]
+fn non_integer_temperature_with_labels() {
+    for d in ALL {
+        check(
+            DistillLossConfig::new()
+                .with_divergence(d)
+                .with_temperature(2.5)
+                .with_alpha(0.3),
+            Some(&[1, 4, 0]),
+        );
+    }
+}

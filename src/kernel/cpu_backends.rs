@@ -2,15 +2,16 @@
 //! outputs handed back without copies.
 
 use burn::tensor::{
-    DType, Int, Tensor, TensorData,
+    DType, Int, Tensor, TensorData, TensorPrimitive,
     backend::Backend,
     ops::{FloatTensor, IntTensor},
 };
 
 use super::{cpu, real::Real};
-use crate::{DistillParams, DistillRows, FusedRows};
+use crate::{DistillParams, DistillParts, FusedOutput, Reduction};
 
-/// Runs the CPU kernel on row-major slices and wraps the outputs as tensors of `B`.
+/// Runs the CPU kernel on row-major slices, reduces on the host and wraps the outputs as
+/// tensors of `B`.
 pub(crate) fn fused_on_slices<B: Backend, R: Real>(
     student: &[R],
     teacher: &[R],
@@ -19,7 +20,7 @@ pub(crate) fn fused_on_slices<B: Backend, R: Real>(
     params: &DistillParams,
     with_grad: bool,
     device: &B::Device,
-) -> FusedRows<B> {
+) -> FusedOutput<B> {
     let targets: Option<Vec<i64>> = targets.map(|t| {
         Tensor::<B, 1, Int>::from_primitive(t)
             .into_data()
@@ -27,13 +28,32 @@ pub(crate) fn fused_on_slices<B: Backend, R: Real>(
             .collect()
     });
     let has_targets = targets.is_some();
-    let out = cpu::distill_rows(student, teacher, v, targets.as_deref(), params, with_grad);
+    let out = cpu::distill_rows(
+        student,
+        teacher,
+        v,
+        targets.as_deref(),
+        params,
+        params.reduction,
+        with_grad,
+    );
     let column = |f: fn(&cpu::RowOut<R>) -> R| {
-        let values: Vec<R> = out.rows.iter().map(f).collect();
-        B::float_from_data(TensorData::new(values, [n]), device)
+        let data = match params.reduction {
+            Reduction::None => TensorData::new(out.rows.iter().map(f).collect::<Vec<R>>(), [n]),
+            reduction => {
+                // Sum in f64: N row values, exact enough for any N.
+                let sum: f64 = out.rows.iter().map(|r| f(r).to_f64()).sum();
+                let value = match reduction {
+                    Reduction::Mean => sum / out.kept.max(1) as f64,
+                    _ => sum,
+                };
+                TensorData::new(vec![R::of(value)], [1])
+            }
+        };
+        B::float_from_data(data, device)
     };
-    FusedRows {
-        rows: DistillRows {
+    FusedOutput {
+        parts: DistillParts {
             loss: column(|r| r.loss),
             soft: column(|r| r.soft),
             hard: has_targets.then(|| column(|r| r.hard)),
@@ -42,6 +62,37 @@ pub(crate) fn fused_on_slices<B: Backend, R: Real>(
             .grad
             .map(|g| B::float_from_data(TensorData::new(g, [n, v]), device)),
     }
+}
+
+/// Upstream gradient values, as f64 (a handful: `[1]` or `[N]`).
+fn upstream_values<B: Backend>(upstream: FloatTensor<B>) -> Vec<f64> {
+    Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(upstream))
+        .into_data()
+        .iter::<f64>()
+        .collect()
+}
+
+/// `grad[i, :] *= scale[i]` (or `*= scale[0]`) in place, rows in parallel; skipped when every
+/// factor is 1 (the usual `loss.backward()`).
+fn scale_in_place<R: Real>(grad: &mut [R], v: usize, scale: &[f64]) {
+    use rayon::prelude::*;
+    if scale.iter().all(|&s| s == 1.0) {
+        return;
+    }
+    grad.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
+        let f = R::of(if scale.len() == 1 { scale[0] } else { scale[i] });
+        for x in row {
+            *x = *x * f;
+        }
+    });
+}
+
+/// Out-of-place fallback of [`scale_in_place`] (shared or non-contiguous gradients).
+fn scale_by_mul<B: Backend>(grad: FloatTensor<B>, scale: Vec<f64>) -> FloatTensor<B> {
+    let n = scale.len();
+    let device = B::float_device(&grad);
+    let scale = B::float_from_data(TensorData::new(scale, [n]), &device);
+    B::float_mul(grad, B::float_reshape(scale, [n, 1].into()))
 }
 
 fn cpu_dtype(dtype: DType) -> bool {
@@ -74,7 +125,7 @@ mod ndarray {
             targets: Option<IntTensor<Self>>,
             params: &DistillParams,
             with_grad: bool,
-        ) -> FusedRows<Self> {
+        ) -> FusedOutput<Self> {
             let shape = student.shape();
             let shape = [shape[0], shape[1]];
             let device = Self::float_device(&student);
@@ -98,6 +149,27 @@ mod ndarray {
                 (NdArrayTensor::F64(s), NdArrayTensor::F64(t)) => run!(s, t),
                 _ => unreachable!("has_fused_kernel checked the dtypes"),
             }
+        }
+
+        fn distill_scale_grad(
+            grad: FloatTensor<Self>,
+            upstream: FloatTensor<Self>,
+        ) -> FloatTensor<Self> {
+            let scale = upstream_values::<Self>(upstream);
+            let v = grad.shape()[1];
+            let mut grad = grad;
+            match &mut grad {
+                NdArrayTensor::F32(storage) if storage.is_unique() => {
+                    let array = storage.ensure_owned();
+                    scale_in_place(array.as_slice_mut().expect("standard layout"), v, &scale);
+                }
+                NdArrayTensor::F64(storage) if storage.is_unique() => {
+                    let array = storage.ensure_owned();
+                    scale_in_place(array.as_slice_mut().expect("standard layout"), v, &scale);
+                }
+                _ => return scale_by_mul::<Self>(grad, scale),
+            }
+            grad
         }
     }
 }
@@ -130,7 +202,7 @@ mod flex {
             targets: Option<IntTensor<Self>>,
             params: &DistillParams,
             with_grad: bool,
-        ) -> FusedRows<Self> {
+        ) -> FusedOutput<Self> {
             let dims = student.shape();
             let shape = [dims[0], dims[1]];
             let device = Default::default();
@@ -152,6 +224,34 @@ mod flex {
                 DType::F32 => run!(f32),
                 DType::F64 => run!(f64),
                 _ => unreachable!("has_fused_kernel checked the dtype"),
+            }
+        }
+
+        fn distill_scale_grad(
+            grad: FloatTensor<Self>,
+            upstream: FloatTensor<Self>,
+        ) -> FloatTensor<Self> {
+            let scale = upstream_values::<Self>(upstream);
+            let [n, v] = [grad.shape()[0], grad.shape()[1]];
+            let mut grad = grad;
+            let done = grad.is_contiguous()
+                && match grad.dtype() {
+                    DType::F32 => grad
+                        .try_storage_mut::<f32>()
+                        .filter(|g| g.len() == n * v)
+                        .map(|g| scale_in_place(g, v, &scale))
+                        .is_some(),
+                    DType::F64 => grad
+                        .try_storage_mut::<f64>()
+                        .filter(|g| g.len() == n * v)
+                        .map(|g| scale_in_place(g, v, &scale))
+                        .is_some(),
+                    _ => false,
+                };
+            if done {
+                grad
+            } else {
+                scale_by_mul::<Self>(grad, scale)
             }
         }
     }

@@ -1,0 +1,167 @@
+//! The fused kernels against the reference implementation: odd vocabularies, one row and many,
+//! `−inf` padding, huge logits, ignored rows, every divergence and reduction (f32).
+#![cfg(feature = "ndarray")]
+
+mod common;
+
+use burn::backend::Autodiff;
+use burn::tensor::backend::AutodiffBackend;
+use burn_distill::{DistillBackend, DistillLossConfig, Divergence, Kernel, Reduction};
+use common::{ints, mismatches, tensor2, values};
+
+/// A deterministic pseudo-random stream (SplitMix64) in [-1, 1).
+struct Stream(u64);
+
+impl Stream {
+    fn next(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+    }
+}
+
+struct Problem {
+    shape: [usize; 2],
+    student: Vec<f64>,
+    teacher: Vec<f64>,
+    targets: Vec<i64>,
+}
+
+fn problem(n: usize, v: usize, scale: f64, pad: usize, seed: u64) -> Problem {
+    let mut r = Stream(seed);
+    let mut logit = |j: usize| {
+        if j >= v - pad {
+            f64::NEG_INFINITY
+        } else {
+            (scale * r.next() as f32 as f64) as f32 as f64
+        }
+    };
+    let student = (0..n * v).map(|i| logit(i % v)).collect();
+    let teacher = (0..n * v).map(|i| logit(i % v)).collect();
+    let targets = (0..n)
+        .map(|i| {
+            if i % 5 == 3 {
+                -100
+            } else {
+                ((i * 7919) % (v - pad)) as i64
+            }
+        })
+        .collect();
+    Problem {
+        shape: [n, v],
+        student,
+        teacher,
+        targets,
+    }
+}
+
+const DIVERGENCES: [Divergence; 6] = [
+    Divergence::ForwardKl,
+    Divergence::ReverseKl,
+    Divergence::Jsd { beta: 0.5 },
+    Divergence::SkewKl { lambda: 0.1 },
+    Divergence::SkewReverseKl { lambda: 0.1 },
+    Divergence::Tvd,
+];
+
+fn run<B: AutodiffBackend + DistillBackend>(
+    config: &DistillLossConfig,
+    p: &Problem,
+    labels: bool,
+) -> (Vec<f64>, Vec<f64>) {
+    let device = Default::default();
+    let loss = config.init();
+    let student = tensor2::<B>(&p.student, p.shape, &device).require_grad();
+    let teacher = tensor2::<B>(&p.teacher, p.shape, &device);
+    let value = if labels {
+        loss.forward(student.clone(), teacher, ints(&p.targets, &device))
+    } else {
+        loss.forward_soft(student.clone(), teacher)
+    };
+    let grad = student.grad(&value.clone().sum().backward()).unwrap();
+    (values(value), values(grad))
+}
+
+/// Fused == reference for loss and gradient, on backend `B`.
+fn assert_parity<B: AutodiffBackend + DistillBackend>(
+    p: &Problem,
+    config: DistillLossConfig,
+    labels: bool,
+) {
+    let (rl, rg) = run::<B>(&config.clone().with_kernel(Kernel::Reference), p, labels);
+    let (fl, fg) = run::<B>(&config.clone().with_kernel(Kernel::Fused), p, labels);
+    let mut failures = mismatches("loss", &fl, &rl, 1e-5, 2e-4);
+    failures.extend(mismatches("grad", &fg, &rg, 1e-6, 2e-3));
+    assert!(
+        fg.iter().all(|g| g.is_finite()),
+        "non-finite fused gradient"
+    );
+    assert!(
+        failures.is_empty(),
+        "{:?} {config:?} labels={labels}:\n{}",
+        p.shape,
+        failures.join("\n")
+    );
+}
+
+fn sweep<B: AutodiffBackend + DistillBackend>(vocabularies: &[usize]) {
+    for &v in vocabularies {
+        for n in [1, 7] {
+            let pad = if v >= 8 { 3 } else { 0 };
+            let p = problem(n, v, 6.0, pad, (n * 1000 + v) as u64);
+            for (k, d) in DIVERGENCES.into_iter().enumerate() {
+                let reduction = [Reduction::Mean, Reduction::Sum, Reduction::None][k % 3];
+                let temperature = [1.0, 2.0, 4.0, 2.5][k % 4];
+                let config = DistillLossConfig::new()
+                    .with_divergence(d)
+                    .with_temperature(temperature)
+                    .with_alpha(0.7)
+                    .with_label_smoothing(if k % 2 == 0 { 0.1 } else { 0.0 })
+                    .with_reduction(reduction);
+                assert_parity::<B>(&p, config.clone(), true);
+                assert_parity::<B>(&p, config, false);
+            }
+        }
+    }
+}
+
+const VOCABULARIES: [usize; 7] = [1, 2, 3, 17, 1031, 4099, 32001];
+
+#[test]
+fn ndarray_fused_matches_reference() {
+    sweep::<Autodiff<burn::backend::NdArray>>(&VOCABULARIES);
+}
+
+#[cfg(feature = "flex")]
+#[test]
+fn flex_fused_matches_reference() {
+    sweep::<Autodiff<burn::backend::Flex>>(&VOCABULARIES);
+}
+
+#[test]
+fn huge_logits_and_large_vocabularies() {
+    type B = Autodiff<burn::backend::NdArray>;
+    for (n, v) in [(2, 50257), (1, 131072)] {
+        let p = problem(n, v, 1e4, 0, 99);
+        assert_parity::<B>(
+            &p,
+            DistillLossConfig::new()
+                .with_temperature(3.0)
+                .with_alpha(0.5),
+            true,
+        );
+    }
+}
+
+#[test]
+fn all_rows_ignored_fused() {
+    type B = Autodiff<burn::backend::NdArray>;
+    let mut p = problem(3, 11, 2.0, 0, 5);
+    p.targets = vec![-100; 3];
+    let config = DistillLossConfig::new().with_kernel(Kernel::Fused);
+    let (loss, grad) = run::<B>(&config, &p, true);
+    assert_eq!(loss, vec![0.0]);
+    assert!(grad.iter().all(|g| *g == 0.0));
+}

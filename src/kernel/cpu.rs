@@ -78,6 +78,8 @@ struct Scratch<R> {
     et: Vec<R>,
     e1: Vec<R>,
     g: Vec<R>,
+    d1: Vec<R>,
+    d2: Vec<R>,
 }
 
 impl<R: Real> Scratch<R> {
@@ -87,6 +89,8 @@ impl<R: Real> Scratch<R> {
             et: vec![R::ZERO; v],
             e1: vec![R::ZERO; v],
             g: vec![R::ZERO; v],
+            d1: vec![R::ZERO; v],
+            d2: vec![R::ZERO; v],
         }
     }
 }
@@ -112,7 +116,7 @@ pub fn distill_rows<R: Real>(
     };
     let inputs = |i: usize| (&student[i * v..(i + 1) * v], &teacher[i * v..(i + 1) * v]);
     if with_grad {
-        let mut grad = vec![R::ZERO; n * v];
+        let mut grad = zeroed_grad::<R>(n * v);
         let rows = grad
             .par_chunks_mut(v)
             .enumerate()
@@ -146,6 +150,32 @@ pub fn distill_rows<R: Real>(
             grad: None,
         }
     }
+}
+
+/// A zeroed `[N·V]` gradient buffer. It comes from `calloc` (pages untouched), and on Linux it
+/// asks for transparent huge pages, so that the first write faults in 2 MiB at a time instead
+/// of 4 KiB (a large share of the cost of writing a fresh gradient).
+fn zeroed_grad<R: Real>(len: usize) -> Vec<R> {
+    let buffer = vec![R::ZERO; len];
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = buffer.as_ptr() as usize;
+        let end = start + std::mem::size_of_val(buffer.as_slice());
+        let aligned = start.next_multiple_of(HUGE);
+        if end >= aligned + HUGE {
+            // SAFETY: the range lies inside `buffer`'s allocation, which we own; the advice only
+            // changes how the kernel backs those pages, never their contents.
+            unsafe {
+                libc::madvise(
+                    aligned as *mut libc::c_void,
+                    (end - aligned) / HUGE * HUGE,
+                    libc::MADV_HUGEPAGE,
+                );
+            }
+        }
+    }
+    buffer
 }
 
 /// One row, on the widest instruction set this CPU has.
@@ -201,46 +231,25 @@ fn row_avx2<R: Real>(
     row_body(s, t, target, params, grad_scale, scratch, grad)
 }
 
-/// One pass over a row with `LANES` independent lanes: `f` maps the `K` inputs at a column to
-/// `M` outputs (written) and `S` summands (accumulated per lane, so that the sums vectorize).
-/// All slices have the row's length.
+/// `Σ f(x_j)` with `LANES` independent accumulators (so that the sum vectorizes; keep `f`
+/// simple).
 #[inline(always)]
-fn lanes<R: Real, const K: usize, const M: usize, const S: usize>(
-    ins: [&[R]; K],
-    mut outs: [&mut [R]; M],
-    mut f: impl FnMut([R; K]) -> ([R; M], [R; S]),
-) -> [R; S] {
-    let v = outs.first().map_or_else(|| ins[0].len(), |o| o.len());
-    let full = v / LANES;
-    let mut acc = [[R::ZERO; LANES]; S];
-    for c in 0..full {
-        let range = c * LANES..(c + 1) * LANES;
-        let chunk: [&[R; LANES]; K] =
-            core::array::from_fn(|k| ins[k][range.clone()].try_into().unwrap());
-        let out: [&mut [R; LANES]; M] = outs
-            .each_mut()
-            .map(|o| (&mut o[range.clone()]).try_into().unwrap());
-        for l in 0..LANES {
-            let (o, x) = f(core::array::from_fn(|k| chunk[k][l]));
-            for m in 0..M {
-                out[m][l] = o[m];
-            }
-            for q in 0..S {
-                acc[q][l] = acc[q][l] + x[q];
-            }
+fn lane_sum_map<R: Real>(x: &[R], f: impl Fn(R) -> R) -> R {
+    let mut acc = [R::ZERO; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a = *a + f(v);
         }
     }
-    let mut tail = [R::ZERO; S];
-    for j in full * LANES..v {
-        let (o, x) = f(core::array::from_fn(|k| ins[k][j]));
-        for m in 0..M {
-            outs[m][j] = o[m];
-        }
-        for q in 0..S {
-            tail[q] = tail[q] + x[q];
-        }
-    }
-    core::array::from_fn(|q| acc[q].iter().fold(tail[q], |a, b| a + *b))
+    let tail = chunks.remainder().iter().fold(R::ZERO, |m, &v| m + f(v));
+    acc.iter().fold(tail, |m, &v| m + v)
+}
+
+/// `Σ x_j` with `LANES` independent accumulators.
+#[inline(always)]
+fn lane_sum<R: Real>(x: &[R]) -> R {
+    lane_sum_map(x, |v| v)
 }
 
 /// Maximum of a row with `LANES` independent accumulators.
@@ -265,14 +274,30 @@ fn select<R: Real>(cond: bool, a: R, b: R) -> R {
     if cond { a } else { b }
 }
 
-/// `x^k` by repeated multiplication (`k ≥ 1`).
+/// `out_j = x_j^k` for `k` in `2..=8`, by multiplication, with `k` a constant in each loop so
+/// that the loop vectorizes.
 #[inline(always)]
-fn powi<R: Real>(x: R, k: u32) -> R {
-    let mut y = x;
-    for _ in 1..k {
-        y = y * x;
+fn fill_pow<R: Real>(x: &[R], out: &mut [R], k: u32) {
+    #[inline(always)]
+    fn fill<R: Real, const K: u32>(x: &[R], out: &mut [R]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            let mut y = v;
+            for _ in 1..K {
+                y = y * v;
+            }
+            *o = y;
+        }
     }
-    y
+    match k {
+        2 => fill::<R, 2>(x, out),
+        3 => fill::<R, 3>(x, out),
+        4 => fill::<R, 4>(x, out),
+        5 => fill::<R, 5>(x, out),
+        6 => fill::<R, 6>(x, out),
+        7 => fill::<R, 7>(x, out),
+        8 => fill::<R, 8>(x, out),
+        _ => unreachable!("Unit::Power holds 2..=8"),
+    }
 }
 
 /// How the temperature-1 exponentials of the hard term are obtained from `e_s`.
@@ -280,12 +305,14 @@ fn powi<R: Real>(x: R, k: u32) -> R {
 enum Unit {
     /// `T = 1`: they are `e_s` itself.
     Same,
-    /// `T` is a small integer `k`: `exp(s − max) = e_s^k`, by multiplication.
+    /// `T` is a small integer `k`: `exp(s − max) = e_s^k`, by multiplication into scratch.
     Power(u32),
     /// Any other `T`: computed with `exp` into scratch.
     Exp,
 }
 
+// The loops below index slices that all have the row's length `v`, with no cross-element
+// dependency, so that LLVM vectorizes them; sums go through scratch rows and `lane_sum`.
 #[inline(always)]
 fn row_body<R: Real>(
     s: &[R],
@@ -313,11 +340,21 @@ fn row_body<R: Real>(
         RowTarget::Class(c) => Some(c),
     };
     let t = &t[..v];
-    let (es, et, e1, g) = (
-        &mut scratch.es[..v],
-        &mut scratch.et[..v],
-        &mut scratch.e1[..v],
-        &mut scratch.g[..v],
+    let Scratch {
+        es,
+        et,
+        e1,
+        g,
+        d1,
+        d2,
+    } = scratch;
+    let (es, et, e1, g, d1, d2) = (
+        &mut es[..v],
+        &mut et[..v],
+        &mut e1[..v],
+        &mut g[..v],
+        &mut d1[..v],
+        &mut d2[..v],
     );
     let temperature = params.temperature;
     let inv_t = R::of(temperature.recip());
@@ -331,108 +368,104 @@ fn row_body<R: Real>(
 
     // Passes 1–2: maxima, tempered exponentials and their sums (and the T = 1 sum).
     let (ms, mt) = (lane_max(s), lane_max(t));
-    let [sum_s, sum_t, sum_1] = match unit {
-        Unit::Power(k) => lanes([s, t], [es, et], |[x, y]| {
-            let (a, b) = (((x - ms) * inv_t).exp(), ((y - mt) * inv_t).exp());
-            ([a, b], [a, b, powi(a, k)])
-        }),
-        _ => {
-            let [a, b] = lanes([s, t], [es, et], |[x, y]| {
-                let (a, b) = (((x - ms) * inv_t).exp(), ((y - mt) * inv_t).exp());
-                ([a, b], [a, b])
-            });
-            let one = match unit {
-                Unit::Exp => lanes([s], [&mut *e1], |[x]| {
-                    let e = (x - ms).exp();
-                    ([e], [e])
-                })[0],
-                _ => a,
-            };
-            [a, b, one]
+    for j in 0..v {
+        es[j] = ((s[j] - ms) * inv_t).exp();
+        et[j] = ((t[j] - mt) * inv_t).exp();
+    }
+    let (sum_s, sum_t) = (lane_sum(es), lane_sum(et));
+    let sum_1 = match unit {
+        Unit::Same => sum_s,
+        Unit::Power(k) => {
+            fill_pow(es, e1, k);
+            lane_sum(e1)
+        }
+        Unit::Exp => {
+            for j in 0..v {
+                e1[j] = (s[j] - ms).exp();
+            }
+            lane_sum(e1)
         }
     };
-    let (es, et) = (&*es, &*et);
+    let (es, et, e1) = (&*es, &*et, &*e1);
     let (lse_s, lse_t) = (sum_s.ln(), sum_t.ln());
     let (inv_ss, inv_st) = (R::ONE / sum_s, R::ONE / sum_t);
-    // log q_j = (s_j − m_s)/T − lse_s = s_j/T − c_s, likewise for p.
+    // log q_j = s_j/T − cs and log p_j = t_j/T − ct.
     let (cs, ct) = (ms * inv_t + lse_s, mt * inv_t + lse_t);
 
-    // Pass 3: the divergence D, and Σ_j q_j g_j for the gradient (g_j = ∂D/∂q_j, in scratch).
+    // Pass 3: the divergence D (terms in d1), and Σ_j q_j g_j (terms in d2) where g_j is
+    // ∂D/∂q_j (in g), as needed by the gradient. Forward KL needs neither g nor Σ q g.
+    let fkl_term = |j: usize| {
+        let p = et[j] * inv_st;
+        select(p > R::ZERO, p * ((t[j] - s[j]) * inv_t - ct + cs), R::ZERO)
+    };
     let (div, sum_qg) = match params.divergence {
+        // With a gradient, forward KL's terms are computed in the gradient pass (one pass less).
+        Divergence::ForwardKl if grad.is_some() => (R::NAN, R::ZERO),
         Divergence::ForwardKl => {
-            let [d] = lanes([s, t, et], [], |[x, y, b]| {
-                let p = b * inv_st;
-                (
-                    [],
-                    [select(
-                        p > R::ZERO,
-                        p * ((y - x) * inv_t - ct + cs),
-                        R::ZERO,
-                    )],
-                )
-            });
-            (d, R::ZERO)
+            for j in 0..v {
+                d1[j] = fkl_term(j);
+            }
+            (lane_sum(d1), R::ZERO)
         }
         Divergence::ReverseKl => {
-            let [d] = lanes([s, t, es], [], |[x, y, a]| {
-                let q = a * inv_ss;
-                (
-                    [],
-                    [select(
-                        q > R::ZERO,
-                        q * ((x - y) * inv_t - cs + ct),
-                        R::ZERO,
-                    )],
-                )
-            });
+            for j in 0..v {
+                let q = es[j] * inv_ss;
+                d1[j] = select(q > R::ZERO, q * ((s[j] - t[j]) * inv_t - cs + ct), R::ZERO);
+            }
+            let d = lane_sum(d1);
             (d, d)
         }
         Divergence::Jsd { beta } => {
             let (b, b1) = (R::of(beta), R::of(1.0 - beta));
-            let [dp, dq] = lanes([s, t, es, et], [&mut *g], |[x, y, ea, eb]| {
-                let (q, p) = (ea * inv_ss, eb * inv_st);
+            for j in 0..v {
+                let (q, p) = (es[j] * inv_ss, et[j] * inv_st);
                 let m = b * p + b1 * q;
                 let lm = select(m > R::ZERO, m, R::ONE).ln();
-                let dp = select(p > R::ZERO, p * (y * inv_t - ct - lm), R::ZERO);
-                let gq = select(q > R::ZERO, x * inv_t - cs - lm, R::ZERO);
-                ([b1 * gq], [dp, q * gq])
-            });
+                let gq = select(q > R::ZERO, s[j] * inv_t - cs - lm, R::ZERO);
+                d1[j] = select(p > R::ZERO, p * (t[j] * inv_t - ct - lm), R::ZERO);
+                d2[j] = q * gq;
+                g[j] = b1 * gq;
+            }
+            let (dp, dq) = (lane_sum(d1), lane_sum(d2));
             (b * dp + b1 * dq, b1 * dq)
         }
         Divergence::SkewKl { lambda } => {
             let (l, l1) = (R::of(lambda), R::of(1.0 - lambda));
-            let [d, sqg] = lanes([t, es, et], [&mut *g], |[y, ea, eb]| {
-                let (q, p) = (ea * inv_ss, eb * inv_st);
+            for j in 0..v {
+                let (q, p) = (es[j] * inv_ss, et[j] * inv_st);
                 let m = l * p + l1 * q;
                 let safe_m = select(m > R::ZERO, m, R::ONE);
-                let d = select(p > R::ZERO, p * (y * inv_t - ct - safe_m.ln()), R::ZERO);
                 let gq = select(m > R::ZERO, -(l1 * p / safe_m), R::ZERO);
-                ([gq], [d, q * gq])
-            });
-            (d, sqg)
+                d1[j] = select(p > R::ZERO, p * (t[j] * inv_t - ct - safe_m.ln()), R::ZERO);
+                d2[j] = q * gq;
+                g[j] = gq;
+            }
+            (lane_sum(d1), lane_sum(d2))
         }
         Divergence::SkewReverseKl { lambda } => {
             let (l, l1) = (R::of(lambda), R::of(1.0 - lambda));
-            let [d, sqg] = lanes([s, es, et], [&mut *g], |[x, ea, eb]| {
-                let (q, p) = (ea * inv_ss, eb * inv_st);
+            for j in 0..v {
+                let (q, p) = (es[j] * inv_ss, et[j] * inv_st);
                 let m = select(q > R::ZERO, l1 * p + l * q, R::ONE);
-                let ratio = select(q > R::ZERO, x * inv_t - cs - m.ln(), R::ZERO);
+                let ratio = select(q > R::ZERO, s[j] * inv_t - cs - m.ln(), R::ZERO);
                 let gq = select(q > R::ZERO, ratio + R::ONE - l * q / m, R::ZERO);
-                ([gq], [q * ratio, q * gq])
-            });
-            (d, sqg)
+                d1[j] = q * ratio;
+                d2[j] = q * gq;
+                g[j] = gq;
+            }
+            (lane_sum(d1), lane_sum(d2))
         }
         Divergence::Tvd => {
             let half = R::of(0.5);
-            let [d, sqg] = lanes([es, et], [&mut *g], |[ea, eb]| {
-                let diff = ea * inv_ss - eb * inv_st;
+            for j in 0..v {
+                let q = es[j] * inv_ss;
+                let diff = q - et[j] * inv_st;
                 let gq = select(diff > R::ZERO, half, select(diff < R::ZERO, -half, R::ZERO));
-                (
-                    [gq],
-                    [select(diff > R::ZERO, diff, -diff), ea * inv_ss * gq],
-                )
-            });
-            (half * d, sqg)
+                d1[j] = select(diff > R::ZERO, diff, -diff);
+                d2[j] = q * gq;
+                g[j] = gq;
+            }
+            (half * lane_sum(d1), lane_sum(d2))
         }
     };
     let g = &*g;
@@ -441,7 +474,6 @@ fn row_body<R: Real>(
     } else {
         R::ONE
     };
-    let soft = t2 * div;
 
     // The hard term at T = 1: log softmax(s)[y], and the mean log-prob over finite columns.
     let smoothing = params.label_smoothing;
@@ -453,10 +485,8 @@ fn row_body<R: Real>(
             if smoothing == 0.0 {
                 (nll, R::ONE)
             } else {
-                let [count, total] = lanes([s], [], |[x]| {
-                    let f = x.is_finite();
-                    ([], [select(f, R::ONE, R::ZERO), select(f, x - ms, R::ZERO)])
-                });
+                let count = lane_sum_map(s, |x| select(x.is_finite(), R::ONE, R::ZERO));
+                let total = lane_sum_map(s, |x| select(x.is_finite(), x - ms, R::ZERO));
                 let eps = R::of(smoothing);
                 let mean_log_prob = total / count - lse_1;
                 ((R::ONE - eps) * nll - eps * mean_log_prob, count)
@@ -464,87 +494,93 @@ fn row_body<R: Real>(
         }
     };
     let alpha = if class.is_some() { params.alpha } else { 1.0 };
-    let loss = if alpha == 1.0 {
-        soft
-    } else if alpha == 0.0 {
-        hard
-    } else {
-        R::of(alpha) * soft + R::of(1.0 - alpha) * hard
+    let out = |div: R| {
+        let soft = t2 * div;
+        let loss = if alpha == 1.0 {
+            soft
+        } else if alpha == 0.0 {
+            hard
+        } else {
+            R::of(alpha) * soft + R::of(1.0 - alpha) * hard
+        };
+        RowOut { loss, soft, hard }
     };
-    let out = RowOut { loss, soft, hard };
 
     // Pass 4: d loss / d s_j = a · ∂soft/∂s_j + b · ∂hard/∂s_j, scaled by the reduction.
-    let Some(grad) = grad else { return out };
+    let Some(grad) = grad else { return out(div) };
     let grad = &mut grad[..v];
     let a = R::of(alpha * grad_scale) * t2 * inv_t;
     let b = R::of((1.0 - alpha) * grad_scale);
     let inv_1 = R::ONE / sum_1;
     let eps_f = R::of(smoothing) / finite;
+    let with_hard = alpha != 1.0;
+    // ∂hard/∂s_j without the one-hot part: softmax_j − ε/F on finite columns.
     let hard_grad = |x: R, e: R| {
         let s1 = e * inv_1;
         select(x.is_finite(), s1 - eps_f, s1)
     };
-    let with_hard = alpha != 1.0;
-    // The soft gradient of column j, from q_j, p_j, the log-ratio inputs and g_j.
     match (params.divergence, unit, with_hard) {
         (Divergence::ForwardKl, _, false) => {
-            lanes([es, et], [grad], |[ea, eb]| {
-                ([a * (ea * inv_ss - eb * inv_st)], [])
-            });
+            for j in 0..v {
+                grad[j] = a * (es[j] * inv_ss - et[j] * inv_st);
+                d1[j] = fkl_term(j);
+            }
         }
         (Divergence::ForwardKl, Unit::Same, true) => {
-            lanes([s, es, et], [grad], |[x, ea, eb]| {
-                let q = ea * inv_ss;
-                ([a * (q - eb * inv_st) + b * hard_grad(x, ea)], [])
-            });
+            for j in 0..v {
+                let soft = es[j] * inv_ss - et[j] * inv_st;
+                grad[j] = a * soft + b * hard_grad(s[j], es[j]);
+                d1[j] = fkl_term(j);
+            }
         }
-        (Divergence::ForwardKl, Unit::Power(k), true) => {
-            lanes([s, es, et], [grad], |[x, ea, eb]| {
-                let q = ea * inv_ss;
-                ([a * (q - eb * inv_st) + b * hard_grad(x, powi(ea, k))], [])
-            });
+        (Divergence::ForwardKl, _, true) => {
+            for j in 0..v {
+                let soft = es[j] * inv_ss - et[j] * inv_st;
+                grad[j] = a * soft + b * hard_grad(s[j], e1[j]);
+                d1[j] = fkl_term(j);
+            }
         }
         (Divergence::ReverseKl, _, _) => {
-            let e1: &[R] = if matches!(unit, Unit::Exp) { e1 } else { es };
-            lanes([s, t, es, e1], [grad], |[x, y, ea, e]| {
-                let q = ea * inv_ss;
-                let soft = select(q > R::ZERO, q * ((x - y) * inv_t - cs + ct - div), R::ZERO);
-                let hard = if with_hard {
-                    hard_grad(x, unit_exp(unit, ea, e))
-                } else {
-                    R::ZERO
-                };
-                ([a * soft + b * hard], [])
-            });
+            for j in 0..v {
+                let q = es[j] * inv_ss;
+                let soft = select(
+                    q > R::ZERO,
+                    q * ((s[j] - t[j]) * inv_t - cs + ct - div),
+                    R::ZERO,
+                );
+                let hard = hard_grad(s[j], unit_exp(unit, es[j], e1[j]));
+                grad[j] = a * soft + select(with_hard, b * hard, R::ZERO);
+            }
         }
         _ => {
-            let e1: &[R] = if matches!(unit, Unit::Exp) { e1 } else { es };
-            lanes([s, es, et, g, e1], [grad], |[x, ea, eb, gj, e]| {
+            for j in 0..v {
+                let q = es[j] * inv_ss;
                 let soft = match params.divergence {
-                    Divergence::ForwardKl => ea * inv_ss - eb * inv_st,
-                    _ => ea * inv_ss * (gj - sum_qg),
+                    Divergence::ForwardKl => {
+                        d1[j] = fkl_term(j);
+                        q - et[j] * inv_st
+                    }
+                    _ => q * (g[j] - sum_qg),
                 };
-                let hard = if with_hard {
-                    hard_grad(x, unit_exp(unit, ea, e))
-                } else {
-                    R::ZERO
-                };
-                ([a * soft + b * hard], [])
-            });
+                let hard = hard_grad(s[j], unit_exp(unit, es[j], e1[j]));
+                grad[j] = a * soft + select(with_hard, b * hard, R::ZERO);
+            }
         }
     }
     if let Some(y) = class {
         grad[y] = grad[y] - b * (R::ONE - R::of(smoothing));
     }
-    out
+    match params.divergence {
+        Divergence::ForwardKl => out(lane_sum(d1)),
+        _ => out(div),
+    }
 }
 
-/// `exp(s_j − max s)` from `e_s` (and the scratch row of `Unit::Exp`).
+/// `exp(s_j − max s)` from `e_s` (`T = 1`) or the scratch row `e1` (filled otherwise).
 #[inline(always)]
 fn unit_exp<R: Real>(unit: Unit, es: R, e1: R) -> R {
     match unit {
         Unit::Same => es,
-        Unit::Power(k) => powi(es, k),
-        Unit::Exp => e1,
+        Unit::Power(_) | Unit::Exp => e1,
     }
 }

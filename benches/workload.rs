@@ -126,10 +126,12 @@ fn forward_value<B: DistillBackend>(variant: Variant, inputs: &Inputs<B>) -> Ten
     )
 }
 
-/// The streaming bound on the CPU: read both inputs once, write one `[N, V]` output
-/// (`out = s − t`), with rayon over rows, on raw slices.
-pub fn cpu_stream(student: &[f32], teacher: &[f32], out: &mut [f32], v: usize) {
+/// The streaming bound on the CPU: read both inputs once, write one fresh `[N, V]` output
+/// (`out = s − t`), with rayon over rows, on raw slices. The output is allocated like the fused
+/// kernel's gradient (zeroed, huge pages advised), so that both pay the same page faults.
+pub fn cpu_stream(student: &[f32], teacher: &[f32], v: usize) -> Vec<f32> {
     use rayon::prelude::*;
+    let mut out = burn_distill::kernel::cpu::zeroed_grad::<f32>(student.len());
     out.par_chunks_mut(v)
         .zip(student.par_chunks(v).zip(teacher.par_chunks(v)))
         .for_each(|(o, (s, t))| {
@@ -137,4 +139,5 @@ pub fn cpu_stream(student: &[f32], teacher: &[f32], out: &mut [f32], v: usize) {
                 *o = s - t;
             }
         });
+    out
 }

@@ -165,3 +165,27 @@ fn all_rows_ignored_fused() {
     assert_eq!(loss, vec![0.0]);
     assert!(grad.iter().all(|g| *g == 0.0));
 }
+
+/// Every instruction set the CPU kernel is compiled for gives the reference's values.
+#[test]
+fn every_cpu_instruction_set_matches_reference() {
+    use burn_distill::kernel::cpu::{Isa, force_isa};
+    type B = Autodiff<burn::backend::NdArray>;
+    let isas = Isa::available();
+    assert!(isas.contains(&Isa::Baseline));
+    for isa in isas {
+        force_isa(Some(isa));
+        for v in [5, 1031] {
+            let p = problem(4, v, 6.0, 2, v as u64);
+            for d in DIVERGENCES {
+                let config = DistillLossConfig::new()
+                    .with_divergence(d)
+                    .with_temperature(4.0)
+                    .with_alpha(0.8)
+                    .with_label_smoothing(0.05);
+                assert_parity::<B>(&p, config, true);
+            }
+        }
+    }
+    force_isa(None);
+}

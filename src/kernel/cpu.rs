@@ -16,6 +16,8 @@
 //! that they vectorize; the row function is compiled for AVX-512, AVX2+FMA and baseline x86-64
 //! and picked at run time.
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use rayon::prelude::*;
 
 use super::real::Real;
@@ -106,10 +108,11 @@ pub fn distill_rows<R: Real>(
     with_grad: bool,
 ) -> CpuRows<R> {
     assert_eq!(student.len(), teacher.len());
-    assert!(v > 0 && student.len() % v == 0);
+    assert!(v > 0 && student.len().is_multiple_of(v));
     let n = student.len() / v;
     let target = |i: usize| RowTarget::of(targets.map(|t| t[i]), v, params.ignore_index);
     let kept = (0..n).filter(|&i| target(i) != RowTarget::Ignored).count();
+    let isa = selected_isa();
     let grad_scale = match reduction {
         Reduction::Mean => 1.0 / kept.max(1) as f64,
         Reduction::Sum | Reduction::None => 1.0,
@@ -124,7 +127,7 @@ pub fn distill_rows<R: Real>(
                 || Scratch::new(v),
                 |scratch, (i, g)| {
                     let (s, t) = inputs(i);
-                    row(s, t, target(i), params, grad_scale, scratch, Some(g))
+                    row(isa, s, t, target(i), params, grad_scale, scratch, Some(g))
                 },
             )
             .collect();
@@ -140,7 +143,7 @@ pub fn distill_rows<R: Real>(
                 || Scratch::new(v),
                 |scratch, i| {
                     let (s, t) = inputs(i);
-                    row(s, t, target(i), params, grad_scale, scratch, None)
+                    row(isa, s, t, target(i), params, grad_scale, scratch, None)
                 },
             )
             .collect();
@@ -155,7 +158,7 @@ pub fn distill_rows<R: Real>(
 /// A zeroed `[N·V]` gradient buffer. It comes from `calloc` (pages untouched), and on Linux it
 /// asks for transparent huge pages, so that the first write faults in 2 MiB at a time instead
 /// of 4 KiB (a large share of the cost of writing a fresh gradient).
-fn zeroed_grad<R: Real>(len: usize) -> Vec<R> {
+pub fn zeroed_grad<R: Real>(len: usize) -> Vec<R> {
     let buffer = vec![R::ZERO; len];
     #[cfg(target_os = "linux")]
     {
@@ -178,8 +181,69 @@ fn zeroed_grad<R: Real>(len: usize) -> Vec<R> {
     buffer
 }
 
-/// One row, on the widest instruction set this CPU has.
+/// An instruction set the CPU row kernel is compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512 (F, VL, DQ) with AVX2 and FMA.
+    Avx512,
+    /// AVX2 with FMA.
+    Avx2,
+    /// The target's baseline (SSE2 on x86-64).
+    Baseline,
+}
+
+impl Isa {
+    /// The instruction sets this CPU can run, widest first.
+    pub fn available() -> Vec<Isa> {
+        let mut isas = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512dq")
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                isas.push(Isa::Avx512);
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                isas.push(Isa::Avx2);
+            }
+        }
+        isas.push(Isa::Baseline);
+        isas
+    }
+}
+
+/// 0: automatic; otherwise `1 + Isa as u8`.
+static FORCED_ISA: AtomicU8 = AtomicU8::new(0);
+
+/// Forces the CPU kernel onto one instruction set (`None`: the widest available, the
+/// default). For tests and benchmarks of the dispatch paths; forcing an instruction set the CPU
+/// lacks falls back to the widest available one.
+pub fn force_isa(isa: Option<Isa>) {
+    FORCED_ISA.store(isa.map_or(0, |i| i as u8 + 1), Ordering::Relaxed);
+}
+
+fn selected_isa() -> Isa {
+    let available = Isa::available();
+    let forced = match FORCED_ISA.load(Ordering::Relaxed) {
+        1 => Some(Isa::Avx512),
+        2 => Some(Isa::Avx2),
+        3 => Some(Isa::Baseline),
+        _ => None,
+    };
+    forced
+        .filter(|i| available.contains(i))
+        .unwrap_or(available[0])
+}
+
+/// One row, on the given instruction set (one [`selected_isa`] of this CPU).
+#[allow(clippy::too_many_arguments)]
 fn row<R: Real>(
+    isa: Isa,
     s: &[R],
     t: &[R],
     target: RowTarget,
@@ -188,19 +252,15 @@ fn row<R: Real>(
     scratch: &mut Scratch<R>,
     grad: Option<&mut [R]>,
 ) -> RowOut<R> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F, checked just above.
-            return unsafe { row_avx512(s, t, target, params, grad_scale, scratch, grad) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-            return unsafe { row_avx2(s, t, target, params, grad_scale, scratch, grad) };
-        }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `selected_isa` only returns instruction sets the CPU supports.
+        Isa::Avx512 => unsafe { row_avx512(s, t, target, params, grad_scale, scratch, grad) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { row_avx2(s, t, target, params, grad_scale, scratch, grad) },
+        _ => row_body(s, t, target, params, grad_scale, scratch, grad),
     }
-    row_body(s, t, target, params, grad_scale, scratch, grad)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -313,6 +373,7 @@ enum Unit {
 
 // The loops below index slices that all have the row's length `v`, with no cross-element
 // dependency, so that LLVM vectorizes them; sums go through scratch rows and `lane_sum`.
+#[allow(clippy::needless_range_loop)]
 #[inline(always)]
 fn row_body<R: Real>(
     s: &[R],

@@ -117,7 +117,7 @@ pub fn exp_f32(x: f32) -> f32 {
         * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let y = poly * r2 + r + 1.0;
     let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
     if x < MIN { 0.0 } else { y * scale }

@@ -1,0 +1,97 @@
+//! Criterion benchmarks of the distillation loss on one backend (chosen by cargo feature):
+//! fused vs reference vs burn-nn's `KLDivLoss` composition, forward and forward+backward, and a
+//! streaming pass over the same bytes, with throughput in bytes.
+//!
+//! ```sh
+//! cargo bench --bench distill                      # NdArray
+//! cargo bench --bench distill --features flex      # Flex
+//! cargo bench --bench distill --features wgpu      # wgpu
+//! ```
+//! `BURN_DISTILL_SHAPES=2048x32768,...` overrides the shapes; composed paths (reference, burn-nn)
+//! are skipped above 2²⁸ elements unless `BURN_DISTILL_ALL=1`.
+use std::time::Duration;
+
+use burn::backend::Autodiff;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn_distill::DistillBackend;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+
+mod workload;
+use workload::{Inputs, Variant};
+
+fn shapes(gpu: bool) -> Vec<[usize; 2]> {
+    match std::env::var("BURN_DISTILL_SHAPES") {
+        Ok(list) => list
+            .split(',')
+            .map(|s| {
+                let (n, v) = s.split_once('x').expect("shape NxV");
+                [n.parse().unwrap(), v.parse().unwrap()]
+            })
+            .collect(),
+        Err(_) if gpu => vec![[8192, 128256], [16384, 131072]],
+        Err(_) => vec![[512, 32000], [2048, 32768], [4096, 50257]],
+    }
+}
+
+fn bench_backend<B>(c: &mut Criterion, name: &str, gpu: bool)
+where
+    B: AutodiffBackend + DistillBackend,
+    B::InnerBackend: DistillBackend,
+{
+    let device = Default::default();
+    let all = std::env::var("BURN_DISTILL_ALL").is_ok();
+    for [n, v] in shapes(gpu) {
+        let inner = Inputs::<B::InnerBackend>::new([n, v], &device);
+        let tracked = Inputs::<B> {
+            student: burn::tensor::Tensor::from_inner(inner.student.clone()),
+            teacher: burn::tensor::Tensor::from_inner(inner.teacher.clone()),
+            targets: burn::tensor::Tensor::from_inner(inner.targets.clone()),
+        };
+        let mut group = c.benchmark_group(format!("{name}/{n}x{v}"));
+        group
+            .sample_size(10)
+            .warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(5));
+        // Bytes that must move: two inputs (forward) plus the gradient (backward).
+        let read = inner.input_bytes() as u64;
+        group.throughput(Throughput::Bytes(read * 3 / 2));
+        if gpu {
+            group.bench_function("stream", |b| {
+                b.iter(|| {
+                    let out = inner.student.clone() - inner.teacher.clone();
+                    <B::InnerBackend as Backend>::sync(&out.device()).unwrap();
+                })
+            });
+        } else {
+            let s: Vec<f32> = inner.student.to_data().to_vec().unwrap();
+            let t: Vec<f32> = inner.teacher.to_data().to_vec().unwrap();
+            group.bench_function("stream", |b| b.iter(|| workload::cpu_stream(&s, &t, v)));
+        }
+        for variant in Variant::ALL {
+            if variant != Variant::Fused && n * v > 1 << 28 && !all {
+                continue;
+            }
+            group.bench_function(BenchmarkId::new("forward+backward", variant.name()), |b| {
+                b.iter(|| workload::forward_backward(variant, &tracked))
+            });
+            group.bench_function(BenchmarkId::new("forward", variant.name()), |b| {
+                b.iter(|| workload::forward(variant, &inner))
+            });
+        }
+        group.finish();
+    }
+}
+
+fn benches(c: &mut Criterion) {
+    #[cfg(feature = "wgpu")]
+    bench_backend::<Autodiff<burn::backend::Wgpu>>(c, "wgpu", true);
+    #[cfg(feature = "cuda")]
+    bench_backend::<Autodiff<burn::backend::Cuda>>(c, "cuda", true);
+    #[cfg(feature = "flex")]
+    bench_backend::<Autodiff<burn::backend::Flex>>(c, "flex", false);
+    #[cfg(all(feature = "ndarray", not(feature = "flex")))]
+    bench_backend::<Autodiff<burn::backend::NdArray>>(c, "ndarray", false);
+}
+
+criterion_group!(distill, benches);
+criterion_main!(distill);

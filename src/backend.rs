@@ -210,18 +210,8 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
 }
 
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
-mod cube {
-    use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+mod fusion {
     use burn_fusion::{Fusion, FusionBackend};
-
-    impl<R, F, I, BT> super::DistillBackend for CubeBackend<R, F, I, BT>
-    where
-        R: CubeRuntime,
-        F: FloatElement,
-        I: IntElement,
-        BT: BoolElement,
-    {
-    }
 
     impl<B: FusionBackend + super::DistillBackend> super::DistillBackend for Fusion<B> {}
 }

@@ -46,3 +46,14 @@ fn golden_wgpu() {
     use burn::backend::{Autodiff, Wgpu};
     common::assert_golden::<Autodiff<Wgpu>>(&Default::default(), Kernel::Auto);
 }
+
+/// burn's CubeCL backend on wgpu without the fusion wrapper: the fused CubeCL kernel.
+#[cfg(feature = "wgpu")]
+type WgpuCube = burn::backend::wgpu::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn golden_wgpu_cube_fused() {
+    use burn::backend::Autodiff;
+    common::assert_golden::<Autodiff<WgpuCube>>(&Default::default(), Kernel::Fused);
+}

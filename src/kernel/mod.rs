@@ -4,6 +4,8 @@
 //!   through burn's autodiff. It is the oracle every other path is tested against.
 //! - [`cpu`]: the fused CPU row kernel (rayon across rows, runtime-dispatched SIMD), used by
 //!   NdArray and Flex for f32 and f64 logits.
+//! - `cube`: the fused CubeCL kernel (one cube per row, shared-memory reductions), used by the
+//!   wgpu and CUDA backends for f32, f16 and bf16 logits (accumulating in f32).
 
 use serde::{Deserialize, Serialize};
 
@@ -11,6 +13,8 @@ use serde::{Deserialize, Serialize};
 pub mod cpu;
 #[cfg(any(feature = "ndarray", feature = "flex"))]
 mod cpu_backends;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod cube;
 #[cfg(any(feature = "ndarray", feature = "flex"))]
 pub mod real;
 pub mod reference;

@@ -7,7 +7,7 @@ use burn::backend::autodiff::{
     ops::{Backward, Ops, OpsKind},
 };
 use burn::tensor::{
-    Int, Tensor, TensorMetadata, TensorPrimitive,
+    DType, Int, Tensor, TensorMetadata, TensorPrimitive,
     backend::{AutodiffBackend, Backend},
     ops::{FloatTensor, IntTensor},
 };
@@ -72,9 +72,15 @@ pub struct FusedOutput<B: Backend> {
 /// then wraps the fused kernel of `B` in a custom backward node. Implemented for NdArray, Flex,
 /// the CubeCL backends (wgpu, CUDA), burn's `Fusion` wrapper and `Autodiff<B>`.
 pub trait DistillBackend: Backend {
-    /// Does this backend have a fused kernel for these `[N, V]` logits (dtype, layout)?
-    fn has_fused_kernel(_student: &FloatTensor<Self>, _teacher: &FloatTensor<Self>) -> bool {
-        false
+    /// The logit dtypes this backend's fused kernel accepts (none by default).
+    fn fused_kernel_dtypes() -> &'static [DType] {
+        &[]
+    }
+
+    /// Does this backend have a fused kernel for these `[N, V]` logits? (Both of one dtype
+    /// among [`DistillBackend::fused_kernel_dtypes`].)
+    fn has_fused_kernel(student: &FloatTensor<Self>, teacher: &FloatTensor<Self>) -> bool {
+        student.dtype() == teacher.dtype() && Self::fused_kernel_dtypes().contains(&student.dtype())
     }
 
     /// The fused kernel: the reduced loss of `[N, V]` logits and, when `with_grad`, its
@@ -168,8 +174,8 @@ impl<B: DistillBackend> Backward<B, 1> for FusedBackward {
 }
 
 impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C> {
-    fn has_fused_kernel(student: &FloatTensor<Self>, teacher: &FloatTensor<Self>) -> bool {
-        B::has_fused_kernel(&student.primitive, &teacher.primitive)
+    fn fused_kernel_dtypes() -> &'static [DType] {
+        B::fused_kernel_dtypes()
     }
 
     fn distill_loss(
@@ -210,8 +216,4 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
 }
 
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
-mod fusion {
-    use burn_fusion::{Fusion, FusionBackend};
-
-    impl<B: FusionBackend + super::DistillBackend> super::DistillBackend for Fusion<B> {}
-}
+mod fusion;

@@ -40,11 +40,20 @@ fn golden_flex_fused() {
     common::assert_golden::<Autodiff<Flex>>(&Default::default(), Kernel::Fused);
 }
 
+/// burn's default `Wgpu` (the fusion wrapper): `Auto` runs the fused CubeCL kernel as a custom
+/// fusion operation.
 #[cfg(feature = "wgpu")]
 #[test]
-fn golden_wgpu() {
+fn golden_wgpu_fused() {
     use burn::backend::{Autodiff, Wgpu};
     common::assert_golden::<Autodiff<Wgpu>>(&Default::default(), Kernel::Auto);
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn golden_wgpu_reference() {
+    use burn::backend::{Autodiff, Wgpu};
+    common::assert_golden::<Autodiff<Wgpu>>(&Default::default(), Kernel::Reference);
 }
 
 /// burn's CubeCL backend on wgpu without the fusion wrapper: the fused CubeCL kernel.

@@ -140,6 +140,12 @@ fn flex_fused_matches_reference() {
     sweep::<Autodiff<burn::backend::Flex>>(&VOCABULARIES);
 }
 
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_fused_matches_reference() {
+    sweep::<Autodiff<burn::backend::Wgpu>>(&[1, 2, 3, 17, 300, 1031]);
+}
+
 #[test]
 fn huge_logits_and_large_vocabularies() {
     type B = Autodiff<burn::backend::NdArray>;

@@ -95,9 +95,8 @@ fn scale_by_mul<B: Backend>(grad: FloatTensor<B>, scale: Vec<f64>) -> FloatTenso
     B::float_mul(grad, B::float_reshape(scale, [n, 1].into()))
 }
 
-fn cpu_dtype(dtype: DType) -> bool {
-    matches!(dtype, DType::F32 | DType::F64)
-}
+/// The dtypes of the CPU kernel.
+const CPU_DTYPES: &[DType] = &[DType::F32, DType::F64];
 
 #[cfg(feature = "ndarray")]
 mod ndarray {
@@ -105,6 +104,8 @@ mod ndarray {
         FloatNdArrayElement, IntNdArrayElement, NdArray, NdArrayTensor, QuantElement, SharedArray,
     };
     use burn::tensor::{TensorMetadata, ops::FloatTensorOps};
+
+    use super::CPU_DTYPES;
 
     use super::*;
     use crate::DistillBackend;
@@ -115,8 +116,8 @@ mod ndarray {
         NdArrayTensor: From<SharedArray<E>>,
         NdArrayTensor: From<SharedArray<I>>,
     {
-        fn has_fused_kernel(student: &FloatTensor<Self>, teacher: &FloatTensor<Self>) -> bool {
-            student.dtype() == teacher.dtype() && cpu_dtype(student.dtype())
+        fn fused_kernel_dtypes() -> &'static [DType] {
+            CPU_DTYPES
         }
 
         fn distill_fused(
@@ -192,8 +193,8 @@ mod flex {
     }
 
     impl DistillBackend for Flex {
-        fn has_fused_kernel(student: &FloatTensor<Self>, teacher: &FloatTensor<Self>) -> bool {
-            student.dtype() == teacher.dtype() && cpu_dtype(student.dtype())
+        fn fused_kernel_dtypes() -> &'static [DType] {
+            CPU_DTYPES
         }
 
         fn distill_fused(

@@ -440,10 +440,6 @@ pub(crate) fn launch<R: CubeRuntime>(
     }
 }
 
-fn cube_dtype(dtype: DType) -> bool {
-    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
-}
-
 impl<R, F, I, BT> DistillBackend for CubeBackend<R, F, I, BT>
 where
     R: CubeRuntime,
@@ -451,8 +447,8 @@ where
     I: IntElement,
     BT: BoolElement,
 {
-    fn has_fused_kernel(student: &FloatTensor<Self>, teacher: &FloatTensor<Self>) -> bool {
-        student.dtype == teacher.dtype && cube_dtype(student.dtype)
+    fn fused_kernel_dtypes() -> &'static [DType] {
+        &[DType::F32, DType::F16, DType::BF16]
     }
 
     fn distill_fused(

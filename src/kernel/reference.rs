@@ -9,7 +9,7 @@ use burn::tensor::{Bool, Int, Tensor, backend::Backend};
 
 use crate::{DistillParams, Divergence, temperature_log_softmax};
 
-/// Per-row losses, as tensors (see [`DistillRows`](crate::DistillRows) for the contract).
+/// Per-row losses, as tensors (reduced into [`DistillParts`](crate::DistillParts)).
 #[derive(Debug, Clone)]
 pub struct RowTensors<B: Backend> {
     /// `[N]` row losses `α·soft + (1 − α)·hard` (or `soft` without targets), differentiable

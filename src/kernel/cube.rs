@@ -150,6 +150,8 @@ fn column_grad(q: f32, p: f32, lq: f32, _lp: f32, kind: u32, mix: f32) -> f32 {
 }
 
 /// One cube per row: row loss, soft and hard terms, and optionally the gradient.
+// `x - x` and `0 / 0` below build 0 and NaN from runtime values (WGSL has no NaN literal).
+#[allow(clippy::eq_op)]
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn distill_kernel<F: Float, I: Numeric>(

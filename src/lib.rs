@@ -9,7 +9,10 @@
 //!   `α`-mix, `ignore_index` masking for sequences, and [`Reduction`]s;
 //! - [`temperature_softmax`] and [`temperature_log_softmax`];
 //! - [`DistillBackend`]: the backend extension trait the loss dispatches through, implemented
-//!   for NdArray, Flex, wgpu, CUDA (with burn's fusion wrapper) and `Autodiff<B>`.
+//!   for NdArray, Flex, wgpu, CUDA (with burn's fusion wrapper) and `Autodiff<B>`;
+//! - fused kernels ([`kernel`]): a CPU row kernel for NdArray and Flex and a CubeCL kernel for
+//!   wgpu and CUDA, wrapped in a custom autodiff node; [`Kernel`] selects them
+//!   (`Auto`, `Reference`, `Fused`).
 //!
 //! ```
 //! use burn::backend::{Autodiff, NdArray};

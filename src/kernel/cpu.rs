@@ -334,30 +334,75 @@ fn select<R: Real>(cond: bool, a: R, b: R) -> R {
     if cond { a } else { b }
 }
 
-/// `out_j = x_j^k` for `k` in `2..=8`, by multiplication, with `k` a constant in each loop so
-/// that the loop vectorizes.
+/// `x^K` by multiplication (`K` a constant, so loops over it vectorize).
 #[inline(always)]
-fn fill_pow<R: Real>(x: &[R], out: &mut [R], k: u32) {
-    #[inline(always)]
-    fn fill<R: Real, const K: u32>(x: &[R], out: &mut [R]) {
-        for (o, &v) in out.iter_mut().zip(x) {
-            let mut y = v;
-            for _ in 1..K {
-                y = y * v;
+fn pow_const<R: Real, const K: u32>(x: R) -> R {
+    let mut y = x;
+    for _ in 1..K {
+        y = y * x;
+    }
+    y
+}
+
+/// Calls `$body` with `$K` bound to the constant `k ∈ 2..=8` (loops that use `pow_const::<K>`
+/// are then compiled once per power and vectorize).
+macro_rules! with_power {
+    ($k:expr, $K:ident => $body:expr) => {
+        match $k {
+            2 => {
+                const $K: u32 = 2;
+                $body
             }
-            *o = y;
+            3 => {
+                const $K: u32 = 3;
+                $body
+            }
+            4 => {
+                const $K: u32 = 4;
+                $body
+            }
+            5 => {
+                const $K: u32 = 5;
+                $body
+            }
+            6 => {
+                const $K: u32 = 6;
+                $body
+            }
+            7 => {
+                const $K: u32 = 7;
+                $body
+            }
+            8 => {
+                const $K: u32 = 8;
+                $body
+            }
+            _ => unreachable!("Unit::Power holds 2..=8"),
+        }
+    };
+}
+
+/// `Σ f(a_j, b_j, c_j)` with `LANES` independent accumulators (keep `f` simple).
+#[inline(always)]
+fn lane_sum_zip3<R: Real>(a: &[R], b: &[R], c: &[R], f: impl Fn(R, R, R) -> R) -> R {
+    let mut acc = [R::ZERO; LANES];
+    let (mut ca, mut cb, mut cc) = (
+        a.chunks_exact(LANES),
+        b.chunks_exact(LANES),
+        c.chunks_exact(LANES),
+    );
+    for ((x, y), z) in (&mut ca).zip(&mut cb).zip(&mut cc) {
+        for l in 0..LANES {
+            acc[l] = acc[l] + f(x[l], y[l], z[l]);
         }
     }
-    match k {
-        2 => fill::<R, 2>(x, out),
-        3 => fill::<R, 3>(x, out),
-        4 => fill::<R, 4>(x, out),
-        5 => fill::<R, 5>(x, out),
-        6 => fill::<R, 6>(x, out),
-        7 => fill::<R, 7>(x, out),
-        8 => fill::<R, 8>(x, out),
-        _ => unreachable!("Unit::Power holds 2..=8"),
-    }
+    let tail = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .zip(cc.remainder())
+        .fold(R::ZERO, |m, ((&x, &y), &z)| m + f(x, y, z));
+    acc.iter().fold(tail, |m, &v| m + v)
 }
 
 /// How the temperature-1 exponentials of the hard term are obtained from `e_s`.
@@ -365,7 +410,7 @@ fn fill_pow<R: Real>(x: &[R], out: &mut [R], k: u32) {
 enum Unit {
     /// `T = 1`: they are `e_s` itself.
     Same,
-    /// `T` is a small integer `k`: `exp(s − max) = e_s^k`, by multiplication into scratch.
+    /// `T` is a small integer `k`: `exp(s − max) = e_s^k`, by multiplication.
     Power(u32),
     /// Any other `T`: computed with `exp` into scratch.
     Exp,
@@ -436,10 +481,17 @@ fn row_body<R: Real>(
     let (sum_s, sum_t) = (lane_sum(es), lane_sum(et));
     let sum_1 = match unit {
         Unit::Same => sum_s,
-        Unit::Power(k) => {
-            fill_pow(es, e1, k);
-            lane_sum(e1)
+        // Forward KL computes e_s^k on the fly in its gradient loop; the other divergences
+        // read it from scratch.
+        Unit::Power(k) if params.divergence == Divergence::ForwardKl => {
+            with_power!(k, K => lane_sum_map(es, pow_const::<R, K>))
         }
+        Unit::Power(k) => with_power!(k, K => {
+            for (o, &e) in e1.iter_mut().zip(es.iter()) {
+                *o = pow_const::<R, K>(e);
+            }
+            lane_sum(e1)
+        }),
         Unit::Exp => {
             for j in 0..v {
                 e1[j] = (s[j] - ms).exp();
@@ -455,18 +507,14 @@ fn row_body<R: Real>(
 
     // Pass 3: the divergence D (terms in d1), and Σ_j q_j g_j (terms in d2) where g_j is
     // ∂D/∂q_j (in g), as needed by the gradient. Forward KL needs neither g nor Σ q g.
-    let fkl_term = |j: usize| {
-        let p = et[j] * inv_st;
-        select(p > R::ZERO, p * ((t[j] - s[j]) * inv_t - ct + cs), R::ZERO)
-    };
     let (div, sum_qg) = match params.divergence {
-        // With a gradient, forward KL's terms are computed in the gradient pass (one pass less).
-        Divergence::ForwardKl if grad.is_some() => (R::NAN, R::ZERO),
+        // Σ_j p_j (log p_j − log q_j) = (1/T) Σ_j p_j (t_j − s_j) − ct + cs, as Σ_j p_j = 1:
+        // one sum over the row, nothing stored.
         Divergence::ForwardKl => {
-            for j in 0..v {
-                d1[j] = fkl_term(j);
-            }
-            (lane_sum(d1), R::ZERO)
+            let weighted = lane_sum_zip3(et, t, s, |e, y, x| {
+                select(e > R::ZERO, e * (y - x), R::ZERO)
+            });
+            (weighted * inv_st * inv_t - ct + cs, R::ZERO)
         }
         Divergence::ReverseKl => {
             for j in 0..v {
@@ -584,21 +632,24 @@ fn row_body<R: Real>(
         (Divergence::ForwardKl, _, false) => {
             for j in 0..v {
                 grad[j] = a * (es[j] * inv_ss - et[j] * inv_st);
-                d1[j] = fkl_term(j);
             }
         }
         (Divergence::ForwardKl, Unit::Same, true) => {
             for j in 0..v {
                 let soft = es[j] * inv_ss - et[j] * inv_st;
                 grad[j] = a * soft + b * hard_grad(s[j], es[j]);
-                d1[j] = fkl_term(j);
             }
         }
-        (Divergence::ForwardKl, _, true) => {
+        (Divergence::ForwardKl, Unit::Power(k), true) => with_power!(k, K => {
+            for j in 0..v {
+                let soft = es[j] * inv_ss - et[j] * inv_st;
+                grad[j] = a * soft + b * hard_grad(s[j], pow_const::<R, K>(es[j]));
+            }
+        }),
+        (Divergence::ForwardKl, Unit::Exp, true) => {
             for j in 0..v {
                 let soft = es[j] * inv_ss - et[j] * inv_st;
                 grad[j] = a * soft + b * hard_grad(s[j], e1[j]);
-                d1[j] = fkl_term(j);
             }
         }
         (Divergence::ReverseKl, _, _) => {
@@ -616,13 +667,7 @@ fn row_body<R: Real>(
         _ => {
             for j in 0..v {
                 let q = es[j] * inv_ss;
-                let soft = match params.divergence {
-                    Divergence::ForwardKl => {
-                        d1[j] = fkl_term(j);
-                        q - et[j] * inv_st
-                    }
-                    _ => q * (g[j] - sum_qg),
-                };
+                let soft = q * (g[j] - sum_qg);
                 let hard = hard_grad(s[j], unit_exp(unit, es[j], e1[j]));
                 grad[j] = a * soft + select(with_hard, b * hard, R::ZERO);
             }
@@ -631,13 +676,11 @@ fn row_body<R: Real>(
     if let Some(y) = class {
         grad[y] = grad[y] - b * (R::ONE - R::of(smoothing));
     }
-    match params.divergence {
-        Divergence::ForwardKl => out(lane_sum(d1)),
-        _ => out(div),
-    }
+    out(div)
 }
 
-/// `exp(s_j − max s)` from `e_s` (`T = 1`) or the scratch row `e1` (filled otherwise).
+/// `exp(s_j − max s)` from `e_s` (`T = 1`) or the scratch row `e1` (filled otherwise, except
+/// for forward KL with an integer `T`, which never calls this).
 #[inline(always)]
 fn unit_exp<R: Real>(unit: Unit, es: R, e1: R) -> R {
     match unit {

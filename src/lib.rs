@@ -45,6 +45,7 @@ pub mod kernel;
 mod loss;
 mod reduction;
 mod softmax;
+mod vocab;
 
 pub use backend::{DistillBackend, DistillParams, DistillParts, FusedOutput, reference_loss};
 pub use divergence::Divergence;
@@ -53,3 +54,4 @@ pub use kernel::Kernel;
 pub use loss::{DistillLoss, DistillLossConfig, DistillOutput};
 pub use reduction::Reduction;
 pub use softmax::{temperature_log_softmax, temperature_softmax};
+pub use vocab::VocabMismatch;

@@ -6,8 +6,8 @@ use burn::{
 };
 
 use crate::{
-    DistillBackend, DistillError, DistillParams, Divergence, Kernel, Reduction, error::or_panic,
-    softmax::check_temperature,
+    DistillBackend, DistillError, DistillParams, Divergence, Kernel, Reduction, VocabMismatch,
+    error::or_panic, softmax::check_temperature,
 };
 
 /// Configuration of a [`DistillLoss`].
@@ -60,6 +60,10 @@ pub struct DistillLossConfig {
     /// backend has one, else the reference), [`Kernel::Reference`] or [`Kernel::Fused`].
     #[config(default = "Kernel::Auto")]
     pub kernel: Kernel,
+    /// What to do when student and teacher vocabularies differ: [`VocabMismatch::Error`]
+    /// (default), `Truncate` or `PadNegInf`.
+    #[config(default = "VocabMismatch::Error")]
+    pub vocab_mismatch: VocabMismatch,
 }
 
 impl DistillLossConfig {
@@ -101,6 +105,7 @@ impl DistillLossConfig {
             },
             check_targets: self.check_targets,
             kernel: self.kernel,
+            vocab_mismatch: self.vocab_mismatch,
         })
     }
 }
@@ -143,6 +148,7 @@ pub struct DistillLoss {
     params: DistillParams,
     check_targets: bool,
     kernel: Kernel,
+    vocab_mismatch: VocabMismatch,
 }
 
 /// The loss together with its soft and hard parts, for logging.
@@ -250,6 +256,8 @@ impl DistillLoss {
         teacher_logits: Tensor<B, 3>,
         targets: Option<Tensor<B, 2, Int>>,
     ) -> Result<DistillOutput<B>, DistillError> {
+        let (student_logits, teacher_logits) =
+            self.vocab_mismatch.align(student_logits, teacher_logits)?;
         let [b, t, v] = student_logits.dims();
         if teacher_logits.dims() != [b, t, v] {
             return Err(DistillError::invalid(
@@ -281,6 +289,8 @@ impl DistillLoss {
         teacher_logits: Tensor<B, 2>,
         targets: Option<Tensor<B, 1, Int>>,
     ) -> Result<DistillOutput<B>, DistillError> {
+        let (student_logits, teacher_logits) =
+            self.vocab_mismatch.align(student_logits, teacher_logits)?;
         let [n, v] = student_logits.dims();
         if n == 0 || v == 0 {
             return Err(DistillError::invalid(

@@ -1,0 +1,108 @@
+//! Student and teacher vocabularies of different sizes.
+#![cfg(feature = "ndarray")]
+
+mod common;
+
+use burn::backend::{Autodiff, NdArray};
+use burn_distill::{DistillLossConfig, Divergence, Kernel, VocabMismatch};
+use common::{close, ints, tensor2, values};
+
+type B = Autodiff<NdArray<f64>>;
+
+fn logits(n: usize, v: usize, seed: f64) -> Vec<f64> {
+    (0..n * v)
+        .map(|i| 3.0 * ((i as f64 + 1.0) * seed).sin())
+        .collect()
+}
+
+fn cut(x: &[f64], v: usize, keep: usize) -> Vec<f64> {
+    x.chunks(v).flat_map(|r| r[..keep].to_vec()).collect()
+}
+
+#[test]
+fn mismatch_is_an_error_by_default_naming_both_sizes() {
+    let device = Default::default();
+    let err = DistillLossConfig::new()
+        .init()
+        .try_forward_parts(
+            tensor2::<B>(&logits(2, 6, 0.3), [2, 6], &device),
+            tensor2::<B>(&logits(2, 8, 0.7), [2, 8], &device),
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+    for part in [
+        "teacher_logits",
+        "vocabulary 8",
+        "vocabulary 6",
+        "Truncate",
+        "PadNegInf",
+    ] {
+        assert!(err.contains(part), "{err:?} should mention {part:?}");
+    }
+}
+
+#[test]
+fn truncate_keeps_the_common_prefix() {
+    let device = Default::default();
+    let (s, t) = (logits(3, 6, 0.3), logits(3, 8, 0.7));
+    for kernel in [Kernel::Reference, Kernel::Fused] {
+        let config = DistillLossConfig::new()
+            .with_temperature(2.0)
+            .with_kernel(kernel);
+        let student = tensor2::<B>(&s, [3, 6], &device).require_grad();
+        let truncated = config
+            .clone()
+            .with_vocab_mismatch(VocabMismatch::Truncate)
+            .init()
+            .forward(
+                student.clone(),
+                tensor2(&t, [3, 8], &device),
+                ints(&[0, 5, 2], &device),
+            );
+        let grad = values(student.grad(&truncated.backward()).unwrap());
+        assert_eq!(grad.len(), 18, "the gradient keeps the student's shape");
+        let manual = config.init().forward(
+            tensor2::<B>(&s, [3, 6], &device),
+            tensor2(&cut(&t, 8, 6), [3, 6], &device),
+            ints(&[0, 5, 2], &device),
+        );
+        assert!(close(values(truncated)[0], values(manual)[0], 1e-12, 1e-12));
+    }
+}
+
+#[test]
+fn pad_neg_inf_adds_no_probability_mass() {
+    let device = Default::default();
+    // The teacher has the smaller vocabulary: padding it with −inf gives it zero mass there.
+    let (s, t) = (logits(2, 8, 0.3), logits(2, 6, 0.7));
+    let loss = DistillLossConfig::new()
+        .with_divergence(Divergence::ReverseKl)
+        .with_vocab_mismatch(VocabMismatch::PadNegInf);
+    for kernel in [Kernel::Reference, Kernel::Fused] {
+        let value = loss.clone().with_kernel(kernel).init().forward_soft(
+            tensor2::<B>(&s, [2, 8], &device),
+            tensor2(&t, [2, 6], &device),
+        );
+        let mut padded = Vec::new();
+        for row in t.chunks(6) {
+            padded.extend(row);
+            padded.extend([f64::NEG_INFINITY; 2]);
+        }
+        let manual = loss.clone().with_kernel(kernel).init().forward_soft(
+            tensor2::<B>(&s, [2, 8], &device),
+            tensor2(&padded, [2, 8], &device),
+        );
+        // Reverse KL puts student mass where the teacher has none: infinite, like the math.
+        assert_eq!(values(value), values(manual));
+    }
+    // Student smaller: forward KL where the teacher has mass the student cannot have is +∞.
+    let kl = DistillLossConfig::new()
+        .with_vocab_mismatch(VocabMismatch::PadNegInf)
+        .init()
+        .forward_soft(
+            tensor2::<B>(&logits(1, 4, 0.3), [1, 4], &device),
+            tensor2(&logits(1, 6, 0.7), [1, 6], &device),
+        );
+    assert_eq!(values(kl)[0], f64::INFINITY);
+}

@@ -41,6 +41,7 @@
 mod backend;
 mod divergence;
 mod error;
+mod hidden;
 pub mod kernel;
 mod loss;
 mod reduction;
@@ -50,6 +51,7 @@ mod vocab;
 pub use backend::{DistillBackend, DistillParams, DistillParts, FusedOutput, reference_loss};
 pub use divergence::Divergence;
 pub use error::DistillError;
+pub use hidden::{HiddenLossKind, HiddenStateLoss, HiddenStateLossConfig};
 pub use kernel::Kernel;
 pub use loss::{DistillLoss, DistillLossConfig, DistillOutput};
 pub use reduction::Reduction;

@@ -46,6 +46,7 @@ pub mod kernel;
 mod loss;
 mod reduction;
 mod softmax;
+mod sparse;
 mod vocab;
 
 pub use backend::{DistillBackend, DistillParams, DistillParts, FusedOutput, reference_loss};
@@ -56,4 +57,7 @@ pub use kernel::Kernel;
 pub use loss::{DistillLoss, DistillLossConfig, DistillOutput};
 pub use reduction::Reduction;
 pub use softmax::{temperature_log_softmax, temperature_softmax};
+pub use sparse::{
+    SparseDistillLoss, SparseDistillLossConfig, SparseTeacher, StudentSupport, TailPolicy,
+};
 pub use vocab::VocabMismatch;

@@ -77,7 +77,7 @@ impl DistillLossConfig {
 
     /// Validates the configuration and builds the loss, or says which value is wrong.
     pub fn try_init(&self) -> Result<DistillLoss, DistillError> {
-        check_temperature(self.temperature)?;
+        check_temperature("temperature", self.temperature)?;
         if !(0.0..=1.0).contains(&self.alpha) {
             return Err(DistillError::invalid(
                 "alpha",
@@ -266,14 +266,8 @@ impl DistillLoss {
                 format!("the student_logits shape [{b}, {t}, {v}]"),
             ));
         }
-        if let Some(targets) = &targets
-            && targets.dims() != [b, t]
-        {
-            return Err(DistillError::invalid(
-                "targets",
-                format!("shape {:?}", targets.dims()),
-                format!("shape [{b}, {t}] (batch, sequence of the logits)"),
-            ));
+        if let Some(targets) = &targets {
+            check_seq_targets(targets, b, t)?;
         }
         self.try_forward_parts(
             student_logits.reshape([b * t, v]),
@@ -307,16 +301,12 @@ impl DistillLoss {
             ));
         }
         if let Some(targets) = &targets {
-            if targets.dims() != [n] {
-                return Err(DistillError::invalid(
-                    "targets",
-                    format!("shape {:?}", targets.dims()),
-                    format!("shape [{n}] (one class index per row of the logits)"),
-                ));
-            }
-            if self.check_targets {
-                check_targets(targets, v, self.params.ignore_index)?;
-            }
+            check_row_targets(
+                targets,
+                [n, v],
+                self.check_targets,
+                self.params.ignore_index,
+            )?;
         }
 
         let (student, teacher) = (
@@ -349,6 +339,42 @@ impl DistillLoss {
             hard: parts.hard.map(float),
         })
     }
+}
+
+/// `[B, T]` targets must match `[B, T, V]` logits.
+pub(crate) fn check_seq_targets<B: Backend>(
+    targets: &Tensor<B, 2, Int>,
+    batch: usize,
+    seq: usize,
+) -> Result<(), DistillError> {
+    if targets.dims() == [batch, seq] {
+        return Ok(());
+    }
+    Err(DistillError::invalid(
+        "targets",
+        format!("shape {:?}", targets.dims()),
+        format!("shape [{batch}, {seq}] (batch, sequence of the logits)"),
+    ))
+}
+
+/// `[N]` targets of `[N, V]` logits; with `check`, every value in `[0, V)` or the ignore index.
+pub(crate) fn check_row_targets<B: Backend>(
+    targets: &Tensor<B, 1, Int>,
+    [rows, classes]: [usize; 2],
+    check: bool,
+    ignore_index: Option<i64>,
+) -> Result<(), DistillError> {
+    if targets.dims() != [rows] {
+        return Err(DistillError::invalid(
+            "targets",
+            format!("shape {:?}", targets.dims()),
+            format!("shape [{rows}] (one class index per row of the logits)"),
+        ));
+    }
+    if check {
+        check_targets(targets, classes, ignore_index)?;
+    }
+    Ok(())
 }
 
 /// Fails with the first target outside `[0, classes)` that is not the ignore index.

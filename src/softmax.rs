@@ -5,12 +5,12 @@ use burn::tensor::{Tensor, activation, backend::Backend};
 use crate::{DistillError, error::or_panic};
 
 /// Checks that a temperature is finite and strictly positive.
-pub(crate) fn check_temperature(temperature: f64) -> Result<(), DistillError> {
+pub(crate) fn check_temperature(argument: &str, temperature: f64) -> Result<(), DistillError> {
     if temperature.is_finite() && temperature > 0.0 {
         Ok(())
     } else {
         Err(DistillError::invalid(
-            "temperature",
+            argument,
             temperature,
             "a finite number > 0",
         ))
@@ -41,7 +41,7 @@ pub fn temperature_softmax<B: Backend, const D: usize>(
     temperature: f64,
     dim: usize,
 ) -> Tensor<B, D> {
-    or_panic(check_temperature(temperature));
+    or_panic(check_temperature("temperature", temperature));
     activation::softmax(scale(logits, temperature), dim)
 }
 
@@ -67,7 +67,7 @@ pub fn temperature_log_softmax<B: Backend, const D: usize>(
     temperature: f64,
     dim: usize,
 ) -> Tensor<B, D> {
-    or_panic(check_temperature(temperature));
+    or_panic(check_temperature("temperature", temperature));
     activation::log_softmax(scale(logits, temperature), dim)
 }
 

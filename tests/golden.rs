@@ -12,6 +12,36 @@ fn golden_file_is_found_and_complete() {
     assert!(cases.iter().any(|c| c.student.contains(&f64::NEG_INFINITY)));
 }
 
+/// The sparse-teacher (top-k) golden cases at f32 tolerances on each backend (float64 runs
+/// are in tests/sparse.rs).
+#[cfg(feature = "ndarray")]
+#[test]
+fn sparse_golden_ndarray() {
+    use burn::backend::{Autodiff, NdArray};
+    use common::{GRAD_TOL, LOSS_TOL};
+    common::sparse::assert_sparse_golden::<Autodiff<NdArray>>(
+        &Default::default(),
+        LOSS_TOL,
+        GRAD_TOL,
+    );
+}
+
+#[cfg(feature = "flex")]
+#[test]
+fn sparse_golden_flex() {
+    use burn::backend::{Autodiff, Flex};
+    use common::{GRAD_TOL, LOSS_TOL};
+    common::sparse::assert_sparse_golden::<Autodiff<Flex>>(&Default::default(), LOSS_TOL, GRAD_TOL);
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn sparse_golden_wgpu() {
+    use burn::backend::{Autodiff, Wgpu};
+    use common::{GRAD_TOL, LOSS_TOL};
+    common::sparse::assert_sparse_golden::<Autodiff<Wgpu>>(&Default::default(), LOSS_TOL, GRAD_TOL);
+}
+
 #[cfg(feature = "ndarray")]
 #[test]
 fn golden_ndarray() {

@@ -35,10 +35,29 @@ pub fn distill_rows<B: Backend>(
     let t = params.temperature;
     let log_q = temperature_log_softmax(student.clone(), t, 1);
     let log_p = temperature_log_softmax(teacher.detach(), t, 1);
-    let mut soft = divergence_rows(params.divergence, log_p, log_q);
+    let soft = scale_soft(divergence_rows(params.divergence, log_p, log_q), params);
+    mix_rows(soft, student, targets, params)
+}
+
+/// `soft · T²` if the parameters ask for it.
+pub fn scale_soft<B: Backend>(soft: Tensor<B, 1>, params: &DistillParams) -> Tensor<B, 1> {
+    let t = params.temperature;
     if params.scale_by_t2 && t != 1.0 {
-        soft = soft.mul_scalar(t * t);
+        soft.mul_scalar(t * t)
+    } else {
+        soft
     }
+}
+
+/// Mixes `[N]` soft rows (differentiable) with the hard cross-entropy of the `[N, V]` student
+/// logits against `targets`: `α · soft + (1 − α) · hard`, ignored rows `0`, rows with an
+/// out-of-range target NaN. Without targets the soft rows are the loss.
+pub fn mix_rows<B: Backend>(
+    soft: Tensor<B, 1>,
+    student: Tensor<B, 2>,
+    targets: Option<Tensor<B, 1, Int>>,
+    params: &DistillParams,
+) -> RowTensors<B> {
     let Some(targets) = targets else {
         return RowTensors {
             soft: soft.clone().detach(),

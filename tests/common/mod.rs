@@ -8,15 +8,31 @@ use burn_distill::{DistillBackend, DistillLoss, DistillLossConfig, Divergence, K
 use serde::Deserialize;
 use serde_json::Value;
 
+pub mod sparse;
+
 /// Where the golden file lives (a copy of `../shared/golden/losses.json`).
 pub fn golden_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/losses.json")
 }
 
 #[derive(Deserialize)]
-struct GoldenFile {
+struct GoldenFile<C> {
     format: u32,
-    cases: Vec<RawCase>,
+    cases: Vec<C>,
+}
+
+/// The raw cases of a golden file under `tests/golden/`. Fails, naming the path, if the file
+/// is missing.
+pub fn load_cases<C: serde::de::DeserializeOwned>(name: &str) -> Vec<C> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read golden file {}: {e}", path.display()));
+    let file: GoldenFile<C> = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("golden file {} is not valid: {e}", path.display()));
+    assert_eq!(file.format, 1, "format of {}", path.display());
+    file.cases
 }
 
 #[derive(Deserialize)]
@@ -30,23 +46,39 @@ struct RawCase {
     expected: RawExpected,
 }
 
+/// The dense loss settings of a golden case.
 #[derive(Deserialize)]
-struct RawConfig {
-    temperature: f64,
-    alpha: f64,
-    divergence: String,
-    beta: Option<f64>,
-    lambda: Option<f64>,
-    scale_by_t2: bool,
-    ignore_index: Option<i64>,
-    label_smoothing: f64,
-    reduction: String,
+pub struct RawConfig {
+    pub temperature: f64,
+    pub alpha: f64,
+    pub divergence: String,
+    pub beta: Option<f64>,
+    pub lambda: Option<f64>,
+    pub scale_by_t2: bool,
+    pub ignore_index: Option<i64>,
+    pub label_smoothing: f64,
+    pub reduction: String,
 }
 
+/// The expected loss and student gradient of a golden case.
 #[derive(Deserialize)]
-struct RawExpected {
-    loss: Vec<Value>,
-    grad_student: Vec<Value>,
+pub struct RawExpected {
+    pub loss: Vec<Value>,
+    pub grad_student: Vec<Value>,
+}
+
+impl RawConfig {
+    /// The dense loss configuration these settings describe.
+    pub fn dense(&self) -> DistillLossConfig {
+        DistillLossConfig::new()
+            .with_temperature(self.temperature)
+            .with_alpha(self.alpha)
+            .with_divergence(parse_divergence(&self.divergence, self.beta, self.lambda))
+            .with_scale_by_t2(self.scale_by_t2)
+            .with_ignore_index(self.ignore_index)
+            .with_label_smoothing(self.label_smoothing)
+            .with_reduction(parse_reduction(&self.reduction))
+    }
 }
 
 /// One golden case, decoded.
@@ -62,7 +94,7 @@ pub struct Case {
     pub grad: Vec<f64>,
 }
 
-fn number(v: &Value) -> f64 {
+pub fn number(v: &Value) -> f64 {
     match v {
         Value::Number(n) => n.as_f64().unwrap(),
         Value::String(s) if s == "-inf" => f64::NEG_INFINITY,
@@ -71,49 +103,45 @@ fn number(v: &Value) -> f64 {
     }
 }
 
-fn numbers(v: &[Value]) -> Vec<f64> {
+pub fn numbers(v: &[Value]) -> Vec<f64> {
     v.iter().map(number).collect()
+}
+
+/// A divergence from its golden-file name and parameters.
+pub fn parse_divergence(name: &str, beta: Option<f64>, lambda: Option<f64>) -> Divergence {
+    match name {
+        "forward_kl" => Divergence::ForwardKl,
+        "reverse_kl" => Divergence::ReverseKl,
+        "jsd" => Divergence::Jsd {
+            beta: beta.unwrap(),
+        },
+        "skew_kl" => Divergence::SkewKl {
+            lambda: lambda.unwrap(),
+        },
+        "skew_reverse_kl" => Divergence::SkewReverseKl {
+            lambda: lambda.unwrap(),
+        },
+        "tvd" => Divergence::Tvd,
+        other => panic!("unknown divergence {other}"),
+    }
+}
+
+/// A reduction from its golden-file name.
+pub fn parse_reduction(name: &str) -> Reduction {
+    match name {
+        "mean" => Reduction::Mean,
+        "sum" => Reduction::Sum,
+        "none" => Reduction::None,
+        other => panic!("unknown reduction {other}"),
+    }
 }
 
 /// All golden cases. Fails, naming the path, if the file is missing.
 pub fn golden_cases() -> Vec<Case> {
-    let path = golden_path();
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read golden file {}: {e}", path.display()));
-    let file: GoldenFile = serde_json::from_str(&text).expect("golden file is valid JSON");
-    assert_eq!(file.format, 1, "golden file format");
-    file.cases
+    load_cases::<RawCase>("losses.json")
         .into_iter()
         .map(|c| {
-            let divergence = match c.config.divergence.as_str() {
-                "forward_kl" => Divergence::ForwardKl,
-                "reverse_kl" => Divergence::ReverseKl,
-                "jsd" => Divergence::Jsd {
-                    beta: c.config.beta.unwrap(),
-                },
-                "skew_kl" => Divergence::SkewKl {
-                    lambda: c.config.lambda.unwrap(),
-                },
-                "skew_reverse_kl" => Divergence::SkewReverseKl {
-                    lambda: c.config.lambda.unwrap(),
-                },
-                "tvd" => Divergence::Tvd,
-                other => panic!("unknown divergence {other}"),
-            };
-            let reduction = match c.config.reduction.as_str() {
-                "mean" => Reduction::Mean,
-                "sum" => Reduction::Sum,
-                "none" => Reduction::None,
-                other => panic!("unknown reduction {other}"),
-            };
-            let config = DistillLossConfig::new()
-                .with_temperature(c.config.temperature)
-                .with_alpha(c.config.alpha)
-                .with_divergence(divergence)
-                .with_scale_by_t2(c.config.scale_by_t2)
-                .with_ignore_index(c.config.ignore_index)
-                .with_label_smoothing(c.config.label_smoothing)
-                .with_reduction(reduction);
+            let config = c.config.dense();
             Case {
                 name: c.name,
                 shape: c.shape,
@@ -187,6 +215,24 @@ pub fn mismatches(what: &str, actual: &[f64], expected: &[f64], abs: f64, rel: f
         .collect()
 }
 
+/// Mismatches of a case's `[(loss, expected), (gradient, expected)]` at `[loss, gradient]`
+/// tolerances, as readable lines; asserts that the gradient is finite.
+pub fn compare(
+    name: &str,
+    [loss, grad]: [(&[f64], &[f64]); 2],
+    tol: [(f64, f64); 2],
+) -> Vec<String> {
+    assert!(
+        grad.0.iter().all(|g| g.is_finite()),
+        "{name}: non-finite gradient"
+    );
+    mismatches("loss", loss.0, loss.1, tol[0].0, tol[0].1)
+        .into_iter()
+        .chain(mismatches("grad", grad.0, grad.1, tol[1].0, tol[1].1))
+        .map(|m| format!("{name}: {m}"))
+        .collect()
+}
+
 /// Loss tolerance of the golden README (f32).
 pub const LOSS_TOL: (f64, f64) = (1e-5, 2e-4);
 /// Gradient tolerance of the golden README (f32).
@@ -205,19 +251,11 @@ where
     for case in &cases {
         let loss = case.config.clone().with_kernel(kernel).init();
         let (value, grad) = run_case::<B>(&loss, case, device);
-        failures.extend(
-            mismatches("loss", &value, &case.loss, LOSS_TOL.0, LOSS_TOL.1)
-                .into_iter()
-                .chain(mismatches(
-                    "grad", &grad, &case.grad, GRAD_TOL.0, GRAD_TOL.1,
-                ))
-                .map(|m| format!("{}: {m}", case.name)),
-        );
-        assert!(
-            grad.iter().all(|g| g.is_finite()),
-            "{}: non-finite gradient",
-            case.name
-        );
+        failures.extend(compare(
+            &case.name,
+            [(&value, &case.loss), (&grad, &case.grad)],
+            [LOSS_TOL, GRAD_TOL],
+        ));
 
         // Forward only, on the inner backend (no autodiff).
         let inner_device = device.clone();

@@ -1,0 +1,538 @@
+//! Distillation from a sparse teacher: the top-k log-probabilities that an API returns, or
+//! that were stored offline instead of full logits.
+
+use burn::{
+    config::Config,
+    tensor::{Bool, IndexingUpdateOp, Int, Tensor, TensorData, activation, backend::Backend},
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    DistillError, DistillLossConfig, DistillOutput, DistillParams, Divergence, Kernel,
+    error::or_panic,
+    kernel::reference::{divergence_rows, mix_rows, scale_soft},
+    loss::{check_row_targets, check_seq_targets},
+    reduction::{ignored_rows, reduce_rows},
+    softmax::check_temperature,
+};
+
+/// How far above 0 a teacher log-probability may lie (f32 rounding of a dominant token), and
+/// how far above 1 the top-k mass may lie with [`TailPolicy::TailBucket`].
+const ROUNDING: f64 = 1e-3;
+
+/// Which student distribution a renormalised sparse teacher is compared with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StudentSupport {
+    /// The student's full-vocabulary log-probabilities `log softmax(z_s / T)[j]` at the
+    /// teacher's top-k indices (DistillKit's convention). They sum to less than one over the
+    /// k tokens, so only [`Divergence::ForwardKl`] is defined; the loss still pulls the
+    /// student's mass outside the top-k towards zero.
+    FullVocab,
+    /// The student renormalised over the same k tokens, `softmax_K(z_s / T)` (Megatron-LM's
+    /// convention): a proper distribution on K, so every [`Divergence`] applies; the student's
+    /// mass outside K gets no gradient.
+    TopK,
+}
+
+/// What to do with the probability mass the teacher's top-k leaves out.
+///
+/// `ℓ_j` are the teacher's log-probabilities on its valid top-k set `K` (at the generation
+/// temperature `T_gen`), `z` the student's logits, `r = T_gen / T`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TailPolicy {
+    /// Drop the tail and renormalise the teacher over its top-k:
+    /// `p_j = exp(r·ℓ_j) / Σ_{i∈K} exp(r·ℓ_i)` for `j ∈ K`, against the student on the
+    /// [`StudentSupport`] given.
+    Renormalize {
+        /// Full-vocabulary student log-probabilities (DistillKit) or the student renormalised
+        /// over K (Megatron-LM).
+        student: StudentSupport,
+    },
+    /// Keep the tail as a `(k+1)`-th bucket: the teacher's missing mass
+    /// `m = 1 − Σ_{j∈K} exp(ℓ_j)` against the student's mass outside K,
+    /// `q_tail = Σ_{v∉K} softmax(z / T)_v`. At `T ≠ T_gen` the bucket is tempered like one
+    /// token (`p_tail ∝ m^r`), which is exact only at `T = T_gen`: the teacher's tail tokens
+    /// are unknown. A row whose top-k covers the whole vocabulary has no bucket. Every
+    /// [`Divergence`] applies.
+    TailBucket,
+}
+
+/// A sparse teacher: for each of `N` rows, `k` token indices and their log-probabilities.
+///
+/// Rows may have fewer than `k` valid entries: mark the missing ones with a `−inf`
+/// log-probability or a `false` in the optional mask (their index is then not read).
+/// Log-probabilities are those of the teacher's full distribution at the generation
+/// temperature, `log_softmax(z_t / T_gen)` (what an API's `logprobs` returns), not logits.
+#[derive(Clone, Debug)]
+pub struct SparseTeacher<B: Backend> {
+    indices: Tensor<B, 2, Int>,
+    log_probs: Tensor<B, 2>,
+    mask: Option<Tensor<B, 2, Bool>>,
+}
+
+impl<B: Backend> SparseTeacher<B> {
+    /// A teacher from `[N, k]` token indices and `[N, k]` log-probabilities.
+    pub fn new(indices: Tensor<B, 2, Int>, log_probs: Tensor<B, 2>) -> Self {
+        Self {
+            indices,
+            log_probs,
+            mask: None,
+        }
+    }
+
+    /// A teacher from `[B, T, k]` sequences, flattened to `B·T` rows (row-major, as
+    /// [`SparseDistillLoss::forward_seq`] flattens the student).
+    pub fn from_seq(indices: Tensor<B, 3, Int>, log_probs: Tensor<B, 3>) -> Self {
+        let [b, t, k] = indices.dims();
+        let [lb, lt, lk] = log_probs.dims();
+        Self::new(
+            indices.reshape([b * t, k]),
+            log_probs.reshape([lb * lt, lk]),
+        )
+    }
+
+    /// Keeps only the entries where `mask` (`[N, k]`) is `true`.
+    pub fn with_mask(mut self, mask: Tensor<B, 2, Bool>) -> Self {
+        self.mask = Some(mask);
+        self
+    }
+
+    /// The top-`k` of a dense teacher at generation temperature `T_gen`:
+    /// `topk(log_softmax(z_t / T_gen))`, as an API would return them. For tests, for
+    /// offline storage, and to compare sparse with dense distillation.
+    ///
+    /// # Panics
+    /// If `k` is 0 or larger than the vocabulary, or `T_gen` is not a finite number `> 0`.
+    pub fn from_logits(
+        teacher_logits: Tensor<B, 2>,
+        k: usize,
+        generation_temperature: f64,
+    ) -> Self {
+        or_panic(check_temperature(
+            "generation_temperature",
+            generation_temperature,
+        ));
+        let v = teacher_logits.dims()[1];
+        if k == 0 || k > v {
+            or_panic::<()>(Err(DistillError::invalid(
+                "k",
+                k,
+                format!("a number of tokens in [1, {v}] (the teacher's vocabulary)"),
+            )));
+        }
+        let log_p = activation::log_softmax(
+            teacher_logits
+                .detach()
+                .mul_scalar(generation_temperature.recip()),
+            1,
+        );
+        let (log_probs, indices) = log_p.topk_with_indices(k, 1);
+        Self::new(indices, log_probs)
+    }
+
+    /// `[N, k]`: rows and entries per row.
+    pub fn dims(&self) -> [usize; 2] {
+        self.indices.dims()
+    }
+}
+
+/// Configuration of a [`SparseDistillLoss`].
+///
+/// The dense loss's settings (temperature `T`, `α`, divergence, `T²` scaling, ignore index,
+/// label smoothing, reduction, input checks) come from a [`DistillLossConfig`].
+///
+/// ```
+/// use burn_distill::{DistillLossConfig, SparseDistillLossConfig, StudentSupport, TailPolicy};
+///
+/// let loss = SparseDistillLossConfig::new(DistillLossConfig::new().with_temperature(2.0))
+///     .with_tail(TailPolicy::Renormalize { student: StudentSupport::TopK })
+///     .with_generation_temperature(1.0)
+///     .init();
+/// assert_eq!(loss.params().temperature, 2.0);
+/// ```
+#[derive(Config, Debug)]
+pub struct SparseDistillLossConfig {
+    /// The settings shared with the dense loss. `kernel` must be `Auto` or `Reference` (the
+    /// sparse loss runs as composed burn ops); `vocab_mismatch` does not apply.
+    pub loss: DistillLossConfig,
+    /// What to do with the teacher's missing mass.
+    #[config(default = "TailPolicy::TailBucket")]
+    pub tail: TailPolicy,
+    /// The temperature `T_gen` at which the teacher's log-probabilities were produced; they
+    /// are re-tempered to the distillation temperature `T` as `p ∝ exp(ℓ · T_gen / T)`.
+    #[config(default = 1.0)]
+    pub generation_temperature: f64,
+}
+
+impl SparseDistillLossConfig {
+    /// Validates the configuration and builds the loss.
+    ///
+    /// # Panics
+    /// With the message of [`SparseDistillLossConfig::try_init`]'s error.
+    pub fn init(&self) -> SparseDistillLoss {
+        or_panic(self.try_init())
+    }
+
+    /// Validates the configuration and builds the loss, or says which value is wrong.
+    pub fn try_init(&self) -> Result<SparseDistillLoss, DistillError> {
+        let dense = self.loss.try_init()?;
+        check_temperature("generation_temperature", self.generation_temperature)?;
+        if self.loss.kernel == Kernel::Fused {
+            return Err(DistillError::invalid(
+                "kernel",
+                "Kernel::Fused",
+                "Kernel::Auto or Kernel::Reference: the sparse-teacher loss has no fused kernel",
+            ));
+        }
+        let divergence = self.loss.divergence;
+        if self.tail
+            == (TailPolicy::Renormalize {
+                student: StudentSupport::FullVocab,
+            })
+            && divergence != Divergence::ForwardKl
+        {
+            return Err(DistillError::invalid(
+                "divergence",
+                format!("{divergence:?} with TailPolicy::Renormalize {{ student: FullVocab }}"),
+                "Divergence::ForwardKl (the student's full-vocabulary probabilities do not sum \
+                 to one over the top-k), or StudentSupport::TopK / TailPolicy::TailBucket",
+            ));
+        }
+        Ok(SparseDistillLoss {
+            params: *dense.params(),
+            check_inputs: self.loss.check_targets,
+            tail: self.tail,
+            generation_temperature: self.generation_temperature,
+        })
+    }
+}
+
+/// The distillation loss against a [`SparseTeacher`] (top-k log-probabilities).
+///
+/// For each row `i` with student logits `z`, valid teacher entries `K` (indices and
+/// log-probabilities `ℓ_j` at `T_gen`), `r = T_gen / T` and target `y_i`:
+///
+/// ```text
+/// Renormalize { FullVocab }:  p_j = softmax_K(r·ℓ)_j,  log q_j = log softmax_V(z / T)_j    (j ∈ K)
+/// Renormalize { TopK }:       p_j = softmax_K(r·ℓ)_j,  q_j = softmax_K(z / T)_j            (j ∈ K)
+/// TailBucket:                 p = softmax(r·ℓ_1, …, r·ℓ_k, r·log(1 − Σ_K exp ℓ))
+///                             q = (softmax_V(z / T)_j for j ∈ K,  Σ_{v∉K} softmax_V(z / T)_v)
+/// soft_i = D(p, q) · T²       (T² only if scale_by_t2; D: see Divergence)
+/// row_i  = α · soft_i + (1 − α) · hard_i      (hard_i as in DistillLoss)
+/// ```
+///
+/// The gradient reaches all `V` student logits (through `log softmax_V` and the tail mass).
+/// Rows whose target is the ignore index are `0` and leave the mean, as in
+/// [`DistillLoss`](crate::DistillLoss).
+///
+/// ```
+/// use burn::backend::{Autodiff, NdArray};
+/// use burn::tensor::{Int, Tensor};
+/// use burn_distill::{DistillLossConfig, SparseDistillLossConfig, SparseTeacher};
+///
+/// type B = Autodiff<NdArray>;
+/// let device = Default::default();
+/// let student = Tensor::<B, 2>::from_floats([[1.0, 2.0, 0.5, -1.0]], &device).require_grad();
+/// // The API's top-2: tokens 1 and 0 with their log-probabilities.
+/// let teacher = SparseTeacher::new(
+///     Tensor::<B, 2, Int>::from_ints([[1, 0]], &device),
+///     Tensor::<B, 2>::from_floats([[-0.2, -2.0]], &device),
+/// );
+/// let targets = Tensor::<B, 1, Int>::from_ints([1], &device);
+///
+/// let loss = SparseDistillLossConfig::new(DistillLossConfig::new().with_alpha(0.9)).init();
+/// let value = loss.forward(student.clone(), teacher, targets);
+/// let grads = value.backward();
+/// assert!(value.into_scalar() > 0.0);
+/// assert_eq!(student.grad(&grads).unwrap().dims(), [1, 4]);
+/// ```
+#[derive(Clone, Debug)]
+pub struct SparseDistillLoss {
+    params: DistillParams,
+    check_inputs: bool,
+    tail: TailPolicy,
+    generation_temperature: f64,
+}
+
+impl SparseDistillLoss {
+    /// The validated parameters shared with the dense loss.
+    pub fn params(&self) -> &DistillParams {
+        &self.params
+    }
+
+    /// The tail policy.
+    pub fn tail(&self) -> TailPolicy {
+        self.tail
+    }
+
+    /// Full loss of `[N, V]` student logits against a sparse teacher with `N` rows and `[N]`
+    /// targets. Returns `[1]` for `Mean` and `Sum`, `[N]` for `None`.
+    ///
+    /// # Panics
+    /// On bad input, with the message of [`SparseDistillLoss::try_forward_parts`].
+    pub fn forward<B: Backend>(
+        &self,
+        student_logits: Tensor<B, 2>,
+        teacher: SparseTeacher<B>,
+        targets: Tensor<B, 1, Int>,
+    ) -> Tensor<B, 1> {
+        or_panic(self.try_forward_parts(student_logits, teacher, Some(targets))).loss
+    }
+
+    /// Soft term only: every row counts.
+    ///
+    /// # Panics
+    /// As [`SparseDistillLoss::forward`].
+    pub fn forward_soft<B: Backend>(
+        &self,
+        student_logits: Tensor<B, 2>,
+        teacher: SparseTeacher<B>,
+    ) -> Tensor<B, 1> {
+        or_panic(self.try_forward_parts(student_logits, teacher, None)).loss
+    }
+
+    /// Sequence form: `[B, T, V]` student logits, a teacher of `B·T` rows (see
+    /// [`SparseTeacher::from_seq`]) and `[B, T]` targets (prompt and padding tokens set to the
+    /// ignore index).
+    ///
+    /// # Panics
+    /// As [`SparseDistillLoss::forward`].
+    pub fn forward_seq<B: Backend>(
+        &self,
+        student_logits: Tensor<B, 3>,
+        teacher: SparseTeacher<B>,
+        targets: Tensor<B, 2, Int>,
+    ) -> Tensor<B, 1> {
+        let [b, t, v] = student_logits.dims();
+        or_panic(check_seq_targets(&targets, b, t));
+        self.forward(
+            student_logits.reshape([b * t, v]),
+            teacher,
+            targets.reshape([b * t]),
+        )
+    }
+
+    /// The loss with its soft and hard parts, or an error naming the bad argument.
+    pub fn try_forward_parts<B: Backend>(
+        &self,
+        student_logits: Tensor<B, 2>,
+        teacher: SparseTeacher<B>,
+        targets: Option<Tensor<B, 1, Int>>,
+    ) -> Result<DistillOutput<B>, DistillError> {
+        let [n, v] = student_logits.dims();
+        if n == 0 || v == 0 {
+            return Err(DistillError::invalid(
+                "student_logits",
+                format!("shape [{n}, {v}]"),
+                "a non-empty [N, V] tensor",
+            ));
+        }
+        check_shapes(&teacher, n)?;
+        if let Some(targets) = &targets {
+            check_row_targets(targets, [n, v], self.check_inputs, self.params.ignore_index)?;
+        }
+        let ignored = ignored_rows(targets.as_ref(), self.params.ignore_index);
+        if self.check_inputs {
+            self.check_teacher(&teacher, ignored.clone(), v)?;
+        }
+
+        let soft = self.soft_rows(student_logits.clone(), teacher);
+        let rows = mix_rows(soft, student_logits, targets, &self.params);
+        let reduce = |t| reduce_rows(t, ignored.clone(), self.params.reduction);
+        Ok(DistillOutput {
+            loss: reduce(rows.loss),
+            soft: reduce(rows.soft),
+            hard: rows.hard.map(reduce),
+        })
+    }
+
+    /// The `[N]` soft rows, `T²`-scaled; NaN for a row without any valid teacher entry.
+    fn soft_rows<B: Backend>(
+        &self,
+        student: Tensor<B, 2>,
+        teacher: SparseTeacher<B>,
+    ) -> Tensor<B, 1> {
+        let neg_inf = f64::NEG_INFINITY;
+        let t = self.params.temperature;
+        let [n, k] = teacher.dims();
+        let v = student.dims()[1];
+        let log_probs = teacher.log_probs.detach();
+        let mut valid = log_probs.clone().equal_elem(neg_inf).bool_not();
+        if let Some(mask) = teacher.mask {
+            valid = valid.bool_and(mask);
+        }
+        // A row without any valid entry gets a dummy certain token 0 (so that nothing below
+        // is NaN, in the value or the gradient) and a NaN soft term at the end.
+        let empty = valid.clone().int().sum_dim(1).equal_elem(0);
+        let first = Tensor::<B, 1, Int>::arange(0..k as i64, &log_probs.device())
+            .equal_elem(0)
+            .unsqueeze_dim::<2>(0)
+            .expand([n, k]);
+        let dummy = first.bool_and(empty.clone().expand([n, k]));
+        let valid = valid.bool_or(dummy.clone());
+        let invalid = valid.bool_not();
+        let log_probs = log_probs
+            .mask_fill(dummy, 0.0)
+            .mask_fill(invalid.clone(), neg_inf);
+        let indices = teacher.indices.mask_fill(invalid.clone(), 0);
+
+        let r = self.generation_temperature / t;
+        let tempered = if r == 1.0 {
+            log_probs.clone()
+        } else {
+            log_probs.clone().mul_scalar(r)
+        };
+        let scaled = student.mul_scalar(t.recip());
+        let lse = log_sum_exp(scaled.clone());
+        let at_k = scaled
+            .clone()
+            .gather(1, indices.clone())
+            .mask_fill(invalid.clone(), neg_inf);
+
+        let (log_p, log_q) = match self.tail {
+            TailPolicy::Renormalize { student } => {
+                let log_q = match student {
+                    StudentSupport::FullVocab => at_k - lse,
+                    StudentSupport::TopK => at_k.clone() - log_sum_exp(at_k),
+                };
+                (normalize(tempered), log_q)
+            }
+            TailPolicy::TailBucket => {
+                let ones = at_k.clone().detach().ones_like().mask_fill(invalid, 0.0);
+                let in_top_k = scaled
+                    .clone()
+                    .detach()
+                    .zeros_like()
+                    .scatter(1, indices, ones, IndexingUpdateOp::Add)
+                    .greater_elem(0.5);
+                // A top-k that covers the whole vocabulary leaves no tail: the teacher's
+                // rounding leftover `1 − Σ p` must not meet an empty student bucket (+∞).
+                let no_tail = in_top_k.clone().int().sum_dim(1).equal_elem(v as i64);
+                let mass = log_probs.exp().sum_dim(1).clamp_max(1.0);
+                let tail = mass.neg().log1p().mask_fill(no_tail, neg_inf);
+                let tail = if r == 1.0 { tail } else { tail.mul_scalar(r) };
+                let log_p = normalize(Tensor::cat(vec![tempered, tail], 1));
+                let outside = log_sum_exp(scaled.mask_fill(in_top_k, neg_inf));
+                (log_p, Tensor::cat(vec![at_k, outside], 1) - lse)
+            }
+        };
+        let soft = divergence_rows(self.params.divergence, log_p, log_q);
+        scale_soft(soft, &self.params).mask_fill(empty.squeeze_dim(1), f64::NAN)
+    }
+
+    /// Reads the teacher back and checks every entry of the rows that are not ignored.
+    fn check_teacher<B: Backend>(
+        &self,
+        teacher: &SparseTeacher<B>,
+        ignored: Option<Tensor<B, 1, Bool>>,
+        classes: usize,
+    ) -> Result<(), DistillError> {
+        let [n, k] = teacher.dims();
+        let indices = teacher.indices.to_data().convert::<i64>();
+        let log_probs = teacher.log_probs.to_data().convert::<f64>();
+        let mask = teacher.mask.as_ref().map(Tensor::to_data);
+        let ignored = ignored.map(|t| t.to_data());
+        let flags =
+            |data: &Option<TensorData>| data.as_ref().map(|d| d.iter::<bool>().collect::<Vec<_>>());
+        let (mask, ignored) = (flags(&mask), flags(&ignored));
+        let indices = indices.as_slice::<i64>().expect("i64 indices");
+        let log_probs = log_probs.as_slice::<f64>().expect("f64 log-probabilities");
+        for row in 0..n {
+            if ignored.as_ref().is_some_and(|ignored| ignored[row]) {
+                continue;
+            }
+            let mut seen: Vec<(usize, i64)> = Vec::with_capacity(k);
+            let mut mass = 0.0;
+            for col in 0..k {
+                let at = row * k + col;
+                let lp = log_probs[at];
+                if mask.as_ref().is_some_and(|mask| !mask[at]) || lp == f64::NEG_INFINITY {
+                    continue;
+                }
+                if lp.is_nan() || lp > ROUNDING {
+                    return Err(DistillError::invalid(
+                        "teacher log_probs",
+                        format!("log_probs[{row}, {col}] = {lp}"),
+                        "a log-probability <= 0 (or -inf / a false mask entry for a missing \
+                         token); pass log_softmax(logits / T_gen), not logits",
+                    ));
+                }
+                let index = indices[at];
+                if index < 0 || index >= classes as i64 {
+                    return Err(DistillError::invalid(
+                        "teacher indices",
+                        format!("indices[{row}, {col}] = {index}"),
+                        format!("a token index in [0, {classes}) (the student's vocabulary)"),
+                    ));
+                }
+                if let Some(&(first, _)) = seen.iter().find(|&&(_, i)| i == index) {
+                    return Err(DistillError::invalid(
+                        "teacher indices",
+                        format!("indices[{row}, {col}] = {index}, already at [{row}, {first}]"),
+                        "distinct token indices within a row",
+                    ));
+                }
+                seen.push((col, index));
+                mass += lp.exp();
+            }
+            if seen.is_empty() {
+                return Err(DistillError::invalid(
+                    "teacher log_probs",
+                    format!("row {row} with no valid entry"),
+                    "at least one finite log-probability in every row whose target is not the \
+                     ignore index",
+                ));
+            }
+            if self.tail == TailPolicy::TailBucket && mass > 1.0 + ROUNDING {
+                return Err(DistillError::invalid(
+                    "teacher log_probs",
+                    format!("row {row} with total probability {mass}"),
+                    "at most 1 with TailPolicy::TailBucket (log-probabilities of the teacher's \
+                     full distribution)",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The teacher's tensors must be `[N, k]` with `k ≥ 1`, all three of the same shape.
+fn check_shapes<B: Backend>(teacher: &SparseTeacher<B>, rows: usize) -> Result<(), DistillError> {
+    let dims = teacher.dims();
+    if dims[0] != rows || dims[1] == 0 {
+        return Err(DistillError::invalid(
+            "teacher indices",
+            format!("shape {dims:?}"),
+            format!("shape [{rows}, k] with k >= 1 (one row per row of the student logits)"),
+        ));
+    }
+    let others = [
+        ("teacher log_probs", Some(teacher.log_probs.dims())),
+        ("teacher mask", teacher.mask.as_ref().map(Tensor::dims)),
+    ];
+    for (argument, shape) in others {
+        if let Some(shape) = shape
+            && shape != dims
+        {
+            return Err(DistillError::invalid(
+                argument,
+                format!("shape {shape:?}"),
+                format!("the shape of the teacher indices {dims:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `[N, 1]` rows of `log Σ_j exp(x_j)`, stable; `−inf` for a row of `−inf`, whose gradient is
+/// then blocked by the mask that produced it.
+fn log_sum_exp<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let max = x.clone().detach().max_dim(1);
+    let max = max.clone().mask_fill(max.is_inf(), 0.0);
+    (x - max.clone()).exp().sum_dim(1).log() + max
+}
+
+/// Log-probabilities of the distribution `∝ exp(x)` over each row.
+fn normalize<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+    x.clone() - log_sum_exp(x)
+}

@@ -1,0 +1,145 @@
+//! The golden cases of the sparse-teacher losses (`tests/golden/topk.json`, written by
+//! `scripts/topk_golden.py` in float64 with PyTorch) and their runner.
+
+use burn::tensor::{Bool, Int, Tensor, TensorData, backend::AutodiffBackend, backend::Backend};
+use burn_distill::{
+    SparseDistillLoss, SparseDistillLossConfig, SparseTeacher, StudentSupport, TailPolicy,
+};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{compare, ints, numbers, tensor2, values};
+
+#[derive(Deserialize)]
+struct RawCase {
+    name: String,
+    shape: [usize; 2],
+    k: usize,
+    student: Vec<Value>,
+    indices: Vec<i64>,
+    log_probs: Vec<Value>,
+    mask: Option<Vec<bool>>,
+    targets: Option<Vec<i64>>,
+    config: RawConfig,
+    expected: super::RawExpected,
+}
+
+/// The sparse settings: the dense ones plus the tail policy and `T_gen`.
+#[derive(Deserialize)]
+struct RawConfig {
+    #[serde(flatten)]
+    dense: super::RawConfig,
+    generation_temperature: f64,
+    tail: String,
+}
+
+/// One sparse golden case, decoded.
+#[derive(Clone, Debug)]
+pub struct SparseCase {
+    pub name: String,
+    pub shape: [usize; 2],
+    pub k: usize,
+    pub student: Vec<f64>,
+    pub indices: Vec<i64>,
+    pub log_probs: Vec<f64>,
+    pub mask: Option<Vec<bool>>,
+    pub targets: Option<Vec<i64>>,
+    pub config: SparseDistillLossConfig,
+    pub loss: Vec<f64>,
+    pub grad: Vec<f64>,
+}
+
+impl SparseCase {
+    /// The case's teacher on `device`.
+    pub fn teacher<B: Backend>(&self, device: &B::Device) -> SparseTeacher<B> {
+        let [n, k] = [self.shape[0], self.k];
+        let indices =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(self.indices.clone(), [n, k]), device);
+        let teacher = SparseTeacher::new(indices, tensor2::<B>(&self.log_probs, [n, k], device));
+        match &self.mask {
+            Some(mask) => teacher.with_mask(Tensor::<B, 2, Bool>::from_data(
+                TensorData::new(mask.clone(), [n, k]),
+                device,
+            )),
+            None => teacher,
+        }
+    }
+
+    /// Runs the case with `loss` on `B`; returns (loss values, student gradient).
+    pub fn run<B: AutodiffBackend>(
+        &self,
+        loss: &SparseDistillLoss,
+        device: &B::Device,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let student = tensor2::<B>(&self.student, self.shape, device).require_grad();
+        let teacher = self.teacher::<B>(device);
+        let value = match &self.targets {
+            Some(t) => loss.forward(student.clone(), teacher, ints::<B>(t, device)),
+            None => loss.forward_soft(student.clone(), teacher),
+        };
+        let grads = value.clone().sum().backward();
+        let grad = student.grad(&grads).expect("student has a gradient");
+        (values(value), values(grad))
+    }
+}
+
+/// All sparse golden cases. Fails, naming the path, if the file is missing.
+pub fn sparse_cases() -> Vec<SparseCase> {
+    super::load_cases::<RawCase>("topk.json")
+        .into_iter()
+        .map(|c| {
+            let tail = match c.config.tail.as_str() {
+                "renormalize_full_vocab" => TailPolicy::Renormalize {
+                    student: StudentSupport::FullVocab,
+                },
+                "renormalize_top_k" => TailPolicy::Renormalize {
+                    student: StudentSupport::TopK,
+                },
+                "tail_bucket" => TailPolicy::TailBucket,
+                other => panic!("unknown tail policy {other}"),
+            };
+            let dense = c.config.dense.dense();
+            SparseCase {
+                name: c.name,
+                shape: c.shape,
+                k: c.k,
+                student: numbers(&c.student),
+                indices: c.indices,
+                log_probs: numbers(&c.log_probs),
+                mask: c.mask,
+                targets: c.targets,
+                config: SparseDistillLossConfig::new(dense)
+                    .with_tail(tail)
+                    .with_generation_temperature(c.config.generation_temperature),
+                loss: numbers(&c.expected.loss),
+                grad: numbers(&c.expected.grad_student),
+            }
+        })
+        .collect()
+}
+
+/// Every sparse golden case, loss and gradient, on `B` at tolerances `(abs, rel)` for the
+/// loss and the gradient.
+pub fn assert_sparse_golden<B: AutodiffBackend>(
+    device: &B::Device,
+    loss_tol: (f64, f64),
+    grad_tol: (f64, f64),
+) {
+    let cases = sparse_cases();
+    assert!(cases.len() >= 21, "expected the full sparse golden set");
+    let mut failures = Vec::new();
+    for case in &cases {
+        let loss = case.config.init();
+        let (value, grad) = case.run::<B>(&loss, device);
+        failures.extend(compare(
+            &case.name,
+            [(&value, &case.loss), (&grad, &case.grad)],
+            [loss_tol, grad_tol],
+        ));
+    }
+    assert!(
+        failures.is_empty(),
+        "sparse golden mismatches:\n{}",
+        failures.join("\n")
+    );
+}

@@ -96,3 +96,27 @@ fn golden_wgpu_cube_fused() {
     use burn::backend::Autodiff;
     common::assert_golden::<Autodiff<WgpuCube>>(&Default::default(), Kernel::Fused);
 }
+
+/// CUDA (needs an NVIDIA GPU; CI only compiles these): the fused CubeCL kernel through the
+/// fusion wrapper, the reference, and the sparse-teacher losses.
+#[cfg(feature = "cuda")]
+#[test]
+fn golden_cuda_fused() {
+    use burn::backend::{Autodiff, Cuda};
+    common::assert_golden::<Autodiff<Cuda>>(&Default::default(), Kernel::Auto);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn golden_cuda_reference() {
+    use burn::backend::{Autodiff, Cuda};
+    common::assert_golden::<Autodiff<Cuda>>(&Default::default(), Kernel::Reference);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn sparse_golden_cuda() {
+    use burn::backend::{Autodiff, Cuda};
+    use common::{GRAD_TOL, LOSS_TOL};
+    common::sparse::assert_sparse_golden::<Autodiff<Cuda>>(&Default::default(), LOSS_TOL, GRAD_TOL);
+}

@@ -3,12 +3,12 @@
 //!
 //! The task: `a + b` for `D`-digit numbers, the answer written most-significant digit first, so
 //! that its first digit already depends on every carry. A worked trace spells the computation
-//! out from the least-significant digit: per position the sum digit and the carry out, then the
-//! answer:
+//! out from the least-significant digit: per position the two operand digits, the sum digit
+//! and the carry out, then the answer:
 //!
 //! ```text
-//! prompt           trace (per digit: sum, carry)    answer
-//! 0 4 7 5 + 0 6 8 9 =  4 1  6 1  6 1  0 1  >  0 1 1 6 4 <eos>     (475 + 689 = 1164)
+//! prompt              trace (per digit: a, b, sum, carry)      answer
+//! 0 4 7 5 + 0 6 8 9 =  5 9 4 1  7 8 6 1  4 6 1 1  0 0 1 0  >  0 1 1 6 4 <eos>   (475 + 689)
 //! ```
 //!
 //! 1. A teacher transformer is trained on ground-truth traces.
@@ -63,13 +63,13 @@ pub struct Settings {
     #[arg(long, default_value_t = 4)]
     pub digits: usize,
     /// Teacher training steps (fresh ground-truth traces every batch).
-    #[arg(long, default_value_t = 2500)]
+    #[arg(long, default_value_t = 1000)]
     pub teacher_steps: usize,
     /// Training steps of each student.
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = 1000)]
     pub student_steps: usize,
     /// Problems the students learn from (the teacher writes a trace for each).
-    #[arg(long, default_value_t = 4000)]
+    #[arg(long, default_value_t = 3000)]
     pub train_problems: usize,
     /// Held-out problems the students are scored on.
     #[arg(long, default_value_t = 1000)]
@@ -78,7 +78,7 @@ pub struct Settings {
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
     /// Teacher width and depth.
-    #[arg(long, default_value_t = 96)]
+    #[arg(long, default_value_t = 64)]
     pub teacher_width: usize,
     #[arg(long, default_value_t = 3)]
     pub teacher_layers: usize,
@@ -117,7 +117,7 @@ impl Rng {
     pub fn new(seed: u64) -> Self {
         Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5851_F42D_4C95_7F2D)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -125,7 +125,7 @@ impl Rng {
         z ^ (z >> 31)
     }
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.next_u64() % n
     }
 }
 
@@ -195,17 +195,17 @@ pub fn answer(p: Problem, d: usize) -> Vec<i64> {
     t
 }
 
-/// The worked trace: per digit from the least significant, the sum digit and the carry out;
-/// then `>` and the answer.
+/// The worked trace: per digit from the least significant, the two operand digits, the sum
+/// digit and the carry out (each token one simple step: a copy or a one-digit addition); then
+/// `>` and the answer.
 pub fn trace(p: Problem, d: usize) -> Vec<i64> {
     let (a, b) = (digits_of(p.a, d), digits_of(p.b, d));
     let mut carry = 0;
-    let mut t = Vec::with_capacity(3 * d + 3);
+    let mut t = Vec::with_capacity(5 * d + 3);
     for i in (0..d).rev() {
         let s = a[i] + b[i] + carry;
         carry = s / 10;
-        t.push(s % 10);
-        t.push(carry);
+        t.extend([a[i], b[i], s % 10, carry]);
     }
     t.push(THEN);
     t.extend(answer(p, d));
@@ -371,8 +371,13 @@ pub fn train<B: AutodiffBackend + DistillBackend>(
     (steps, settings): (usize, &Settings),
     mut next_rows: impl FnMut(usize) -> Vec<usize>,
     label: &str,
-) -> Seq<B> {
+) -> (Seq<B>, LossCurve) {
     let device = model.devices()[0].clone();
+    let mut curve = LossCurve {
+        label: label.to_string(),
+        every: 50,
+        values: Vec::new(),
+    };
     let mut optim = AdamConfig::new().init::<B, Seq<B>>();
     let bar = bar(settings.quiet, steps as u64, label);
     let ce = CrossEntropyLossConfig::new().init::<B>(&device);
@@ -409,20 +414,30 @@ pub fn train<B: AutodiffBackend + DistillBackend>(
                 )
             }
         };
-        if step % 50 == 0 {
-            bar.set_prefix(format!("{:.4}", loss.clone().into_scalar().elem::<f64>()));
+        if step % curve.every == 0 || step + 1 == steps {
+            let value = loss.clone().into_scalar().elem::<f64>();
+            curve.values.push(value);
+            bar.set_prefix(format!("{value:.4}"));
         }
         let grads = GradientsParams::from_grads(loss.backward(), &model);
         model = optim.step(settings.lr, model, grads);
         bar.inc(1);
     }
     bar.finish();
-    model
+    (model, curve)
+}
+
+/// Training losses, logged every `every` steps and at the last step.
+#[derive(Debug, Clone, Serialize)]
+pub struct LossCurve {
+    pub label: String,
+    pub every: usize,
+    pub values: Vec<f64>,
 }
 
 /// Exact-match answer accuracy of `model` on `problems`.
 pub fn accuracy<B: Backend>(model: &Seq<B>, problems: &[Problem], d: usize, traced: bool) -> f64 {
-    let steps = if traced { 3 * d + 3 } else { d + 2 };
+    let steps = if traced { 5 * d + 3 } else { d + 2 };
     let mut correct = 0;
     for chunk in problems.chunks(500) {
         let prompts: Vec<Vec<i64>> = chunk.iter().map(|&p| prompt(p, d)).collect();
@@ -447,6 +462,8 @@ pub struct Results {
     pub answers_only: f64,
     pub traces_distilled: f64,
     pub traces_hard: f64,
+    /// Training losses of the teacher and the three students.
+    pub losses: Vec<LossCurve>,
     pub seconds: f64,
 }
 
@@ -458,7 +475,7 @@ pub fn run<B: AutodiffBackend + DistillBackend>(
     let start = Instant::now();
     let d = settings.digits;
     let prompt_len = 2 * d + 2;
-    let max_len = prompt_len + 3 * d + 3;
+    let max_len = prompt_len + 5 * d + 3;
     let mut rng = Rng::new(settings.seed);
     let test = problems(settings.test_problems, d, &mut rng, &[], true);
     let train_set = problems(settings.train_problems, d, &mut rng, &test, true);
@@ -475,7 +492,7 @@ pub fn run<B: AutodiffBackend + DistillBackend>(
             .collect::<Vec<_>>(),
         prompt_len,
     );
-    let teacher = train(
+    let (teacher, teacher_curve) = train(
         Seq::<B>::new(
             settings.teacher_width,
             settings.teacher_layers,
@@ -495,7 +512,7 @@ pub fn run<B: AutodiffBackend + DistillBackend>(
     let prompts: Vec<Vec<i64>> = train_set.iter().map(|&p| prompt(p, d)).collect();
     let written: Vec<Vec<i64>> = prompts
         .chunks(500)
-        .flat_map(|c| generate(&teacher, c, 3 * d + 3))
+        .flat_map(|c| generate(&teacher, c, 5 * d + 3))
         .collect();
     let trace_correct = train_set
         .iter()
@@ -545,10 +562,9 @@ pub fn run<B: AutodiffBackend + DistillBackend>(
             order(settings.seed + 7),
             label,
         )
-        .valid()
     };
-    let a = student(&answers, Objective::Hard, "(a) answers only");
-    let b = student(
+    let (a, a_curve) = student(&answers, Objective::Hard, "(a) answers only");
+    let (b, b_curve) = student(
         &traces,
         Objective::Distill {
             teacher: &teacher,
@@ -557,15 +573,16 @@ pub fn run<B: AutodiffBackend + DistillBackend>(
         },
         "(b) teacher traces, distilled",
     );
-    let c = student(&traces, Objective::Hard, "(c) teacher traces, hard labels");
+    let (c, c_curve) = student(&traces, Objective::Hard, "(c) teacher traces, hard labels");
 
     Results {
         settings: settings.clone(),
         teacher: teacher_accuracy,
         teacher_trace_accuracy: trace_correct,
-        answers_only: accuracy(&a, &test, d, false),
-        traces_distilled: accuracy(&b, &test, d, true),
-        traces_hard: accuracy(&c, &test, d, true),
+        answers_only: accuracy(&a.valid(), &test, d, false),
+        traces_distilled: accuracy(&b.valid(), &test, d, true),
+        traces_hard: accuracy(&c.valid(), &test, d, true),
+        losses: vec![teacher_curve, a_curve, b_curve, c_curve],
         seconds: start.elapsed().as_secs_f64(),
     }
 }

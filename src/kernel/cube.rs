@@ -1,11 +1,11 @@
 //! The fused CubeCL kernel (wgpu, CUDA): one cube per row, f32 accumulation.
 //!
-//! Per row, the threads of a cube stride over the vocabulary in four passes: the maxima of the
-//! student and teacher rows; the sums of the tempered exponentials (and of the temperature-1
-//! ones, and the finite-column count for label smoothing); the divergence and `Σ q·∂D/∂q`; and,
-//! if asked, the gradient of the reduced loss, written once. Each pass re-reads the row, which
-//! a GPU serves from L2, so device memory sees about one read of each input and one write of
-//! the gradient. Reductions across the cube go through shared memory (a tree), which every
+//! Per row, the threads of a cube stride over the vocabulary: one online-softmax pass gives the
+//! maxima and the sums of the tempered exponentials (and of the temperature-1 ones, and the
+//! finite-column count for label smoothing) and, for forward KL, the divergence in closed form;
+//! the other divergences take a second pass for the divergence and `Σ q·∂D/∂q`; a last pass, if
+//! asked, writes the gradient of the reduced loss. Forward KL thus reads each row twice with the
+//! gradient (once without) and writes the gradient once. Reductions across the cube go through shared memory (a tree), which every
 //! device has; no plane (subgroup) operations are required. `−inf` logits (vocabulary padding)
 //! contribute nothing; no `−inf` literal is needed (WGSL has none): the running maxima start at
 //! `−3.0e38`.
@@ -215,69 +215,84 @@ fn distill_kernel<F: Float, I: Numeric>(
         terminate!();
     }
 
-    // Pass 1: maxima.
+    // Pass 1 (online softmax): running maxima and sums of exponentials, rescaled when a
+    // maximum grows; for forward KL also `w = Σ e^{(t−mt)/T}·(t − s)`, from which the
+    // divergence follows without another pass over the row.
+    let fkl = kind == 0;
     let mut ms = f32::new(-3.0e38);
     let mut mt = f32::new(-3.0e38);
-    let mut j = unit;
-    while j < v {
-        let s = f32::cast_from(student[row * ss + j * sc]);
-        let t = f32::cast_from(teacher[row * ts + j * tc]);
-        if s > ms {
-            ms = s;
-        }
-        if t > mt {
-            mt = t;
-        }
-        j += step;
-    }
-    let ms = block_max(&mut smem, ms);
-    let mt = block_max(&mut smem, mt);
-
-    // Pass 2: sums of exponentials; finite count and sum for label smoothing.
     let mut sum_s = f32::new(0.0);
-    let mut sum_t = f32::new(0.0);
     let mut sum_1 = f32::new(0.0);
+    let mut sum_t = f32::new(0.0);
+    let mut w = f32::new(0.0);
     let mut finite = f32::new(0.0);
     let mut total = f32::new(0.0);
     let mut j = unit;
     while j < v {
         let s = f32::cast_from(student[row * ss + j * sc]);
         let t = f32::cast_from(teacher[row * ts + j * tc]);
+        if s > ms {
+            sum_s *= ((ms - s) * inv_t).exp();
+            sum_1 *= (ms - s).exp();
+            ms = s;
+        }
         sum_s += ((s - ms) * inv_t).exp();
-        sum_t += ((t - mt) * inv_t).exp();
         sum_1 += (s - ms).exp();
+        if t > mt {
+            let r = ((mt - t) * inv_t).exp();
+            sum_t *= r;
+            w *= r;
+            mt = t;
+        }
+        let et = ((t - mt) * inv_t).exp();
+        sum_t += et;
+        if fkl && et > 0.0 {
+            w += et * (t - s);
+        }
         if s > -3.0e38f32 {
             finite += 1.0;
-            total += s - ms;
+            total += s;
         }
         j += step;
     }
-    let sum_s = block_sum(&mut smem, sum_s);
-    let sum_t = block_sum(&mut smem, sum_t);
-    let sum_1 = block_sum(&mut smem, sum_1);
+    // Across the cube: the row maxima, then each unit's sums rescaled to them.
+    let row_ms = block_max(&mut smem, ms);
+    let row_mt = block_max(&mut smem, mt);
+    let rt = ((mt - row_mt) * inv_t).exp();
+    let sum_s = block_sum(&mut smem, sum_s * ((ms - row_ms) * inv_t).exp());
+    let sum_1 = block_sum(&mut smem, sum_1 * (ms - row_ms).exp());
+    let sum_t = block_sum(&mut smem, sum_t * rt);
     let finite = block_sum(&mut smem, finite);
-    let total = block_sum(&mut smem, total);
+    let total = block_sum(&mut smem, total) - finite * row_ms;
+    let ms = row_ms;
+    let mt = row_mt;
     let lse_s = sum_s.ln();
     let lse_t = sum_t.ln();
     let lse_1 = sum_1.ln();
 
-    // Pass 3: the divergence and Σ q g.
+    // The divergence and Σ q g: closed form for forward KL (Σ p = 1),
+    // KL = E_p[t − s]/T − (mt − ms)/T − lse_t + lse_s; a second pass for the others.
     let mut div = f32::new(0.0);
     let mut sqg = f32::new(0.0);
-    let mut j = unit;
-    while j < v {
-        let s = f32::cast_from(student[row * ss + j * sc]);
-        let t = f32::cast_from(teacher[row * ts + j * tc]);
-        let lq = (s - ms) * inv_t - lse_s;
-        let lp = (t - mt) * inv_t - lse_t;
-        let q = lq.exp();
-        let p = lp.exp();
-        div += column_term(q, p, lq, lp, kind, mix);
-        sqg += q * column_grad(q, p, lq, lp, kind, mix);
-        j += step;
+    if fkl {
+        let w = block_sum(&mut smem, w * rt);
+        div = w / sum_t * inv_t - (mt - ms) * inv_t - lse_t + lse_s;
+    } else {
+        let mut j = unit;
+        while j < v {
+            let s = f32::cast_from(student[row * ss + j * sc]);
+            let t = f32::cast_from(teacher[row * ts + j * tc]);
+            let lq = (s - ms) * inv_t - lse_s;
+            let lp = (t - mt) * inv_t - lse_t;
+            let q = lq.exp();
+            let p = lp.exp();
+            div += column_term(q, p, lq, lp, kind, mix);
+            sqg += q * column_grad(q, p, lq, lp, kind, mix);
+            j += step;
+        }
+        div = block_sum(&mut smem, div);
+        sqg = block_sum(&mut smem, sqg);
     }
-    let div = block_sum(&mut smem, div);
-    let sqg = block_sum(&mut smem, sqg);
 
     let soft_value = t2 * div;
     let mut hard_value = f32::new(0.0);

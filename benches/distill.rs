@@ -1,14 +1,14 @@
 //! Criterion benchmarks of the distillation loss on one backend (chosen by cargo feature):
-//! fused vs reference vs burn-nn's `KLDivLoss` composition, forward and forward+backward, and a
-//! streaming pass over the same bytes, with throughput in bytes.
+//! fused vs reference vs burn-nn's `KLDivLoss` composition vs the sparse (top-20) loss, forward
+//! and forward+backward, and a streaming pass over the same bytes, with throughput in bytes.
 //!
 //! ```sh
 //! cargo bench --bench distill                      # NdArray
 //! cargo bench --bench distill --features flex      # Flex
 //! cargo bench --bench distill --features wgpu      # wgpu
 //! ```
-//! `BURN_DISTILL_SHAPES=2048x32768,...` overrides the shapes; composed paths (reference, burn-nn)
-//! are skipped above 2²⁸ elements unless `BURN_DISTILL_ALL=1`.
+//! `BURN_DISTILL_SHAPES=2048x32768,...` overrides the shapes; composed paths (reference, burn-nn,
+//! sparse) are skipped above 2²⁸ elements unless `BURN_DISTILL_ALL=1`.
 use std::time::Duration;
 
 use burn::backend::Autodiff;
@@ -42,11 +42,7 @@ where
     let all = std::env::var("BURN_DISTILL_ALL").is_ok();
     for [n, v] in shapes(gpu) {
         let inner = Inputs::<B::InnerBackend>::new([n, v], &device);
-        let tracked = Inputs::<B> {
-            student: burn::tensor::Tensor::from_inner(inner.student.clone()),
-            teacher: burn::tensor::Tensor::from_inner(inner.teacher.clone()),
-            targets: burn::tensor::Tensor::from_inner(inner.targets.clone()),
-        };
+        let tracked: Inputs<B> = inner.lift();
         let mut group = c.benchmark_group(format!("{name}/{n}x{v}"));
         group
             .sample_size(10)

@@ -5,7 +5,13 @@
 use burn::nn::loss::{CrossEntropyLossConfig, KLDivLossConfig, Reduction as NnReduction};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Distribution, Int, Tensor, activation};
-use burn_distill::{DistillBackend, DistillLoss, DistillLossConfig, Kernel};
+use burn_distill::{
+    DistillBackend, DistillLoss, DistillLossConfig, Kernel, SparseDistillLoss,
+    SparseDistillLossConfig, SparseTeacher, TailPolicy,
+};
+
+/// Entries per row of the sparse (top-k) teacher, as an API returns them.
+pub const TOP_K: usize = 20;
 
 /// The benchmarked loss: Hinton's full loss, T = 4, α = 0.9, forward KL, mean.
 pub fn loss(kernel: Kernel) -> DistillLoss {
@@ -16,21 +22,56 @@ pub fn loss(kernel: Kernel) -> DistillLoss {
         .init()
 }
 
-/// Inputs of one shape: f32 student and teacher logits and targets.
+/// The sparse-teacher loss on the same settings: top-20 log-probabilities, tail bucket.
+pub fn sparse_loss() -> SparseDistillLoss {
+    SparseDistillLossConfig::new(
+        DistillLossConfig::new()
+            .with_temperature(4.0)
+            .with_alpha(0.9),
+    )
+    .with_tail(TailPolicy::TailBucket)
+    .init()
+}
+
+/// Inputs of one shape: f32 student and teacher logits and targets, and the teacher's top-k
+/// (indices and log-probabilities at T = 1) for the sparse loss.
 pub struct Inputs<B: Backend> {
     pub student: Tensor<B, 2>,
     pub teacher: Tensor<B, 2>,
     pub targets: Tensor<B, 1, Int>,
+    pub top_indices: Tensor<B, 2, Int>,
+    pub top_log_probs: Tensor<B, 2>,
 }
 
 impl<B: Backend> Inputs<B> {
     pub fn new([n, v]: [usize; 2], device: &B::Device) -> Self {
         B::seed(device, 7);
+        let teacher = Tensor::random([n, v], Distribution::Normal(0.0, 3.0), device);
+        let (top_log_probs, top_indices) =
+            activation::log_softmax(teacher.clone(), 1).topk_with_indices(TOP_K.min(v), 1);
         Self {
             student: Tensor::random([n, v], Distribution::Normal(0.0, 3.0), device),
-            teacher: Tensor::random([n, v], Distribution::Normal(0.0, 3.0), device),
+            teacher,
             targets: Tensor::random([n], Distribution::Uniform(0.0, v as f64), device),
+            top_indices,
+            top_log_probs,
         }
+    }
+
+    /// The same inputs on the autodiff backend `A` over `B`.
+    pub fn lift<A: AutodiffBackend<InnerBackend = B>>(&self) -> Inputs<A> {
+        Inputs {
+            student: Tensor::from_inner(self.student.clone()),
+            teacher: Tensor::from_inner(self.teacher.clone()),
+            targets: Tensor::from_inner(self.targets.clone()),
+            top_indices: Tensor::from_inner(self.top_indices.clone()),
+            top_log_probs: Tensor::from_inner(self.top_log_probs.clone()),
+        }
+    }
+
+    /// The sparse teacher.
+    pub fn sparse_teacher(&self) -> SparseTeacher<B> {
+        SparseTeacher::new(self.top_indices.clone(), self.top_log_probs.clone())
     }
 
     /// Bytes of the two logit inputs.
@@ -48,16 +89,24 @@ pub enum Variant {
     Reference,
     /// burn-nn's `KLDivLoss` (on log_softmax / softmax) · T² and `CrossEntropyLoss`.
     BurnNn,
+    /// `SparseDistillLoss` against the teacher's top-20 (tail bucket), composed burn ops.
+    Sparse,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 3] = [Variant::Fused, Variant::Reference, Variant::BurnNn];
+    pub const ALL: [Variant; 4] = [
+        Variant::Fused,
+        Variant::Reference,
+        Variant::BurnNn,
+        Variant::Sparse,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Variant::Fused => "fused",
             Variant::Reference => "reference",
             Variant::BurnNn => "burn-nn KLDivLoss",
+            Variant::Sparse => "sparse top-20 (tail bucket)",
         }
     }
 }
@@ -91,6 +140,11 @@ pub fn forward<B: DistillBackend>(variant: Variant, inputs: &Inputs<B>) {
             inputs.targets.clone(),
         ),
         Variant::BurnNn => burn_nn_loss(inputs),
+        Variant::Sparse => sparse_loss().forward(
+            inputs.student.clone(),
+            inputs.sparse_teacher(),
+            inputs.targets.clone(),
+        ),
     };
     let _ = value.into_scalar();
 }
@@ -102,10 +156,17 @@ pub fn forward_backward<B: AutodiffBackend + DistillBackend>(variant: Variant, i
         student: student.clone(),
         teacher: inputs.teacher.clone(),
         targets: inputs.targets.clone(),
+        top_indices: inputs.top_indices.clone(),
+        top_log_probs: inputs.top_log_probs.clone(),
     };
     let value = match variant {
         Variant::Fused | Variant::Reference => forward_value(variant, &tracked),
         Variant::BurnNn => burn_nn_loss(&tracked),
+        Variant::Sparse => sparse_loss().forward(
+            student.clone(),
+            tracked.sparse_teacher(),
+            tracked.targets.clone(),
+        ),
     };
     let grads = value.backward();
     let grad = student.grad(&grads).expect("gradient");

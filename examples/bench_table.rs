@@ -1,5 +1,5 @@
 //! Prints a markdown table of the distillation loss per backend: fused vs reference vs burn-nn's
-//! `KLDivLoss` composition, forward and forward+backward, beside a streaming pass over the same
+//! `KLDivLoss` composition vs the sparse (top-20) loss, forward and forward+backward, beside a streaming pass over the same
 //! bytes, measured in the same run; with effective bandwidth and (on CPU backends) peak memory.
 //!
 //! ```sh
@@ -119,11 +119,7 @@ where
     println!("|---|---|---:|---:|---:|---:|---:|");
     for &[n, v] in &args.shapes {
         let inner = Inputs::<B::InnerBackend>::new([n, v], &device);
-        let tracked = Inputs::<B> {
-            student: burn::tensor::Tensor::from_inner(inner.student.clone()),
-            teacher: burn::tensor::Tensor::from_inner(inner.teacher.clone()),
-            targets: burn::tensor::Tensor::from_inner(inner.targets.clone()),
-        };
+        let tracked: Inputs<B> = inner.lift();
         let bytes = inner.input_bytes();
         let (stream, _) = if cpu {
             let s: Vec<f32> = inner.student.to_data().to_vec().unwrap();

@@ -13,6 +13,9 @@
 //! - fused kernels ([`kernel`]): a CPU row kernel for NdArray and Flex and a CubeCL kernel for
 //!   wgpu and CUDA, wrapped in a custom autodiff node; [`Kernel`] selects them
 //!   (`Auto`, `Reference`, `Fused`).
+//! - for language models: [`SparseDistillLoss`] against a [`SparseTeacher`] (top-k
+//!   log-probabilities from an API, with the [`TailPolicy`] conventions of DistillKit and
+//!   Megatron-LM or a tail bucket), [`VocabMismatch`] policies, and [`HiddenStateLoss`].
 //!
 //! ```
 //! use burn::backend::{Autodiff, NdArray};

@@ -363,7 +363,8 @@ impl SparseDistillLoss {
         }
         // A row without any valid entry gets a dummy certain token 0 (so that nothing below
         // is NaN, in the value or the gradient) and a NaN soft term at the end.
-        let empty = valid.clone().int().sum_dim(1).equal_elem(0);
+        let count = valid.clone().int().sum_dim(1);
+        let empty = count.clone().equal_elem(0);
         let first = Tensor::<B, 1, Int>::arange(0..k as i64, &log_probs.device())
             .equal_elem(0)
             .unsqueeze_dim::<2>(0)
@@ -405,9 +406,10 @@ impl SparseDistillLoss {
                     .zeros_like()
                     .scatter(1, indices, ones, IndexingUpdateOp::Add)
                     .greater_elem(0.5);
-                // A top-k that covers the whole vocabulary leaves no tail: the teacher's
-                // rounding leftover `1 − Σ p` must not meet an empty student bucket (+∞).
-                let no_tail = in_top_k.clone().int().sum_dim(1).equal_elem(v as i64);
+                // A top-k that covers the whole vocabulary (k distinct valid tokens = V) leaves
+                // no tail: the teacher's rounding leftover `1 − Σ p` must not meet an empty
+                // student bucket (+∞).
+                let no_tail = count.equal_elem(v as i64);
                 let mass = log_probs.exp().sum_dim(1).clamp_max(1.0);
                 let tail = mass.neg().log1p().mask_fill(no_tail, neg_inf);
                 let tail = if r == 1.0 { tail } else { tail.mul_scalar(r) };

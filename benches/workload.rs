@@ -192,7 +192,7 @@ fn forward_value<B: DistillBackend>(variant: Variant, inputs: &Inputs<B>) -> Ten
 /// kernel's gradient (zeroed, huge pages advised), so that both pay the same page faults.
 pub fn cpu_stream(student: &[f32], teacher: &[f32], v: usize) -> Vec<f32> {
     use rayon::prelude::*;
-    let mut out = burn_distill::kernel::cpu::zeroed_grad::<f32>(student.len());
+    let mut out = burn_distill::internals::zeroed_grad::<f32>(student.len());
     out.par_chunks_mut(v)
         .zip(student.par_chunks(v).zip(teacher.par_chunks(v)))
         .for_each(|(o, (s, t))| {

@@ -10,9 +10,9 @@
 //! - [`temperature_softmax`] and [`temperature_log_softmax`];
 //! - [`DistillBackend`]: the backend extension trait the loss dispatches through, implemented
 //!   for NdArray, Flex, wgpu, CUDA (with burn's fusion wrapper) and `Autodiff<B>`;
-//! - fused kernels ([`kernel`]): a CPU row kernel for NdArray and Flex and a CubeCL kernel for
-//!   wgpu and CUDA, wrapped in a custom autodiff node; [`Kernel`] selects them
-//!   (`Auto`, `Reference`, `Fused`).
+//! - fused kernels: a CPU row kernel for NdArray and Flex and a CubeCL kernel for wgpu and
+//!   CUDA, wrapped in a custom autodiff node; [`Kernel`] selects them (`Auto`, `Reference`,
+//!   `Fused`).
 //! - for language models: [`SparseDistillLoss`] against a [`SparseTeacher`] (top-k
 //!   log-probabilities from an API, with the [`TailPolicy`] conventions of DistillKit and
 //!   Megatron-LM or a tail bucket), [`VocabMismatch`] policies, and [`HiddenStateLoss`].
@@ -45,7 +45,7 @@ mod backend;
 mod divergence;
 mod error;
 mod hidden;
-pub mod kernel;
+mod kernel;
 mod loss;
 mod reduction;
 mod softmax;
@@ -57,6 +57,9 @@ pub use divergence::Divergence;
 pub use error::DistillError;
 pub use hidden::{HiddenLossKind, HiddenStateLoss, HiddenStateLossConfig};
 pub use kernel::Kernel;
+#[doc(hidden)]
+#[cfg(any(feature = "ndarray", feature = "flex"))]
+pub use kernel::internals;
 pub use loss::{DistillLoss, DistillLossConfig, DistillOutput};
 pub use reduction::Reduction;
 pub use softmax::{temperature_log_softmax, temperature_softmax};

@@ -1,21 +1,88 @@
-//! How per-row losses are reduced to the value that is returned.
+//! How per-row losses are reduced to the value that is returned: the one place that says what
+//! each reduction divides by.
 
-use burn::tensor::{Bool, Int, Tensor, backend::Backend};
+use burn::tensor::{Bool, DType, Int, Tensor, backend::Backend};
 use serde::{Deserialize, Serialize};
 
+use crate::DistillError;
+
 /// Reduction over the rows (tokens) of a batch.
+///
+/// Conventions of other tools: PyTorch's `KLDivLoss(reduction="batchmean")` is [`Mean`] (for
+/// `[N, V]` rows), its `reduction="mean"` divides by `N·V` and has no equivalent here (it is
+/// not a divergence per row); TRL's `generalized_jsd_loss(reduction="batchmean")` with labels
+/// is [`Mean`] over the kept tokens, and transformers' `num_items_in_batch` is
+/// [`Normalized`]. See the README's "Coming from PyTorch, Liger, TRL, torchtune".
+///
+/// [`Mean`]: Reduction::Mean
+/// [`Normalized`]: Reduction::Normalized
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum Reduction {
     /// Sum of the row losses divided by the number of rows that are not ignored
-    /// (`0`, with zero gradient, when every row is ignored).
+    /// (`0`, with zero gradient, when every row is ignored): PyTorch's `batchmean` over rows.
     #[default]
     Mean,
-    /// Sum of the row losses. Use it for gradient accumulation over micro-batches: divide the
-    /// sum of each micro-batch by the global count of non-ignored rows and the accumulated
-    /// gradient equals the full-batch [`Reduction::Mean`] gradient.
+    /// Sum of the row losses.
     Sum,
+    /// Sum of the row losses divided by a count given by the caller, `items ≥ 1`: for gradient
+    /// accumulation, pass the number of non-ignored tokens of the whole accumulated batch
+    /// (transformers' and TRL's `num_items_in_batch`) and the summed gradients of the
+    /// micro-batches equal the gradient of one [`Reduction::Mean`] over the whole batch.
+    Normalized {
+        /// The divisor: the number of kept rows (tokens) across every micro-batch of the step.
+        items: u64,
+    },
     /// The `N` row losses, `0` for ignored rows.
-    None,
+    #[serde(alias = "None")]
+    PerRow,
+}
+
+impl Reduction {
+    /// Checks the divisor of [`Reduction::Normalized`].
+    pub fn validate(&self) -> Result<(), DistillError> {
+        match *self {
+            Self::Normalized { items: 0 } => Err(DistillError::invalid(
+                "reduction Normalized { items }",
+                0,
+                "a count >= 1 (the number of kept tokens across the accumulated batch)",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The factor that multiplies the sum of the row losses, given the number of kept rows;
+    /// `None` for [`Reduction::PerRow`].
+    pub(crate) fn factor(self, kept: usize) -> Option<f64> {
+        match self {
+            Self::Mean => Some(1.0 / kept.max(1) as f64),
+            Self::Sum => Some(1.0),
+            Self::Normalized { items } => Some(1.0 / items as f64),
+            Self::PerRow => None,
+        }
+    }
+
+    /// [`Reduction::factor`] as a `[1]` tensor of `dtype`, computed on the device from the
+    /// ignored-row mask (no host read-back); `None` for [`Reduction::PerRow`].
+    pub(crate) fn factor_tensor<B: Backend>(
+        self,
+        ignored: Option<Tensor<B, 1, Bool>>,
+        rows: usize,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Option<Tensor<B, 1>> {
+        match (self, ignored) {
+            (Self::Mean, Some(ignored)) => {
+                // Counted in i64, then cast: exact for any N (a count in f16 is not).
+                let kept = ignored.bool_not().int().sum().float().cast(dtype);
+                Some(kept.clamp_min(1.0).recip())
+            }
+            (Self::Mean, None) => Some(Tensor::full([1], 1.0 / rows as f64, (device, dtype))),
+            (reduction, _) => reduction
+                .factor(rows)
+                .map(|f| Tensor::full([1], f, (device, dtype))),
+        }
+    }
 }
 
 /// Rows whose target is the ignore index, if there are targets and an ignore index.
@@ -32,20 +99,13 @@ pub(crate) fn reduce_rows<B: Backend>(
     ignored: Option<Tensor<B, 1, Bool>>,
     reduction: Reduction,
 ) -> Tensor<B, 1> {
+    let n = rows.dims()[0];
     match reduction {
-        Reduction::None => rows,
+        Reduction::PerRow => rows,
         Reduction::Sum => rows.sum(),
-        Reduction::Mean => match ignored {
-            // Count in the dtype of the loss (`ones_like`, not `Bool::float()`); max(count, 1):
-            // an all-ignored batch gives 0 / 1 = 0 with zero gradient.
-            Some(ignored) => {
-                let kept = rows.ones_like().mask_fill(ignored, 0.0).sum();
-                rows.sum() / kept.clamp_min(1.0)
-            }
-            None => {
-                let n = rows.dims()[0] as f64;
-                rows.sum().mul_scalar(n.recip())
-            }
-        },
+        _ => {
+            let factor = reduction.factor_tensor::<B>(ignored, n, &rows.device(), rows.dtype());
+            rows.sum() * factor.expect("a reduction to one value has a factor")
+        }
     }
 }

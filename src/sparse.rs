@@ -148,7 +148,7 @@ impl<B: Backend> SparseTeacher<B> {
 ///     .with_tail(TailPolicy::Renormalize { student: StudentSupport::TopK })
 ///     .with_generation_temperature(1.0)
 ///     .init();
-/// assert_eq!(loss.params().temperature, 2.0);
+/// assert_eq!(loss.params().temperature(), 2.0);
 /// ```
 #[derive(Config, Debug)]
 pub struct SparseDistillLossConfig {

@@ -61,24 +61,60 @@ fn alpha_outside_unit_interval_is_rejected() {
 }
 
 #[test]
-fn mixture_weights_outside_open_interval_are_rejected() {
-    for (d, name, v) in [
-        (Divergence::Jsd { beta: 0.0 }, "Jsd { beta }", "0"),
-        (Divergence::Jsd { beta: 1.0 }, "Jsd { beta }", "1"),
+fn mixture_weights_outside_their_interval_are_rejected() {
+    for (d, name, v, expected) in [
+        (
+            Divergence::Jsd { beta: -0.1 },
+            "Jsd { beta }",
+            "-0.1",
+            "[0, 1]",
+        ),
+        (
+            Divergence::Jsd { beta: 1.5 },
+            "Jsd { beta }",
+            "1.5",
+            "[0, 1]",
+        ),
+        (
+            Divergence::SkewKl { lambda: 0.0 },
+            "SkewKl { lambda }",
+            "0",
+            "(0, 1)",
+        ),
         (
             Divergence::SkewKl { lambda: 1.2 },
             "SkewKl { lambda }",
             "1.2",
+            "(0, 1)",
         ),
         (
             Divergence::SkewReverseKl { lambda: -0.5 },
             "SkewReverseKl { lambda }",
             "-0.5",
+            "(0, 1)",
         ),
     ] {
         let msg = init_error(DistillLossConfig::new().with_divergence(d));
-        assert_mentions(&msg, &[name, &format!("got {v}"), "(0, 1)"]);
+        assert_mentions(&msg, &[name, &format!("got {v}"), expected]);
     }
+}
+
+#[test]
+fn jsd_endpoints_are_trl_forward_and_reverse_kl() {
+    for (beta, same) in [(0.0, Divergence::ForwardKl), (1.0, Divergence::ReverseKl)] {
+        let loss = DistillLossConfig::new()
+            .with_divergence(Divergence::Jsd { beta })
+            .init();
+        assert_eq!(loss.params().divergence(), same, "beta = {beta}");
+    }
+}
+
+#[test]
+fn normalized_by_zero_items_is_rejected() {
+    let msg = init_error(
+        DistillLossConfig::new().with_reduction(burn_distill::Reduction::Normalized { items: 0 }),
+    );
+    assert_mentions(&msg, &["Normalized { items }", "got 0", ">= 1"]);
 }
 
 #[test]

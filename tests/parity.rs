@@ -112,7 +112,7 @@ fn sweep<B: AutodiffBackend + DistillBackend>(vocabularies: &[usize]) {
             let pad = if v >= 8 { 3 } else { 0 };
             let p = problem(n, v, 6.0, pad, (n * 1000 + v) as u64);
             for (k, d) in DIVERGENCES.into_iter().enumerate() {
-                let reduction = [Reduction::Mean, Reduction::Sum, Reduction::None][k % 3];
+                let reduction = [Reduction::Mean, Reduction::Sum, Reduction::PerRow][k % 3];
                 let temperature = [1.0, 2.0, 4.0, 2.5][k % 4];
                 let config = DistillLossConfig::new()
                     .with_divergence(d)
@@ -175,7 +175,7 @@ fn all_rows_ignored_fused() {
 /// Every instruction set the CPU kernel is compiled for gives the reference's values.
 #[test]
 fn every_cpu_instruction_set_matches_reference() {
-    use burn_distill::kernel::cpu::{Isa, force_isa};
+    use burn_distill::internals::{Isa, force_isa};
     type B = Autodiff<burn::backend::NdArray>;
     let isas = Isa::available();
     assert!(isas.contains(&Isa::Baseline));

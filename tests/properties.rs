@@ -38,7 +38,7 @@ fn rows_with(
         .with_divergence(divergence)
         .with_temperature(temp)
         .with_scale_by_t2(false)
-        .with_reduction(Reduction::None)
+        .with_reduction(Reduction::PerRow)
         .init();
     values(loss.forward_soft(
         tensor2::<B>(s, shape, &device),

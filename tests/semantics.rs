@@ -78,7 +78,7 @@ fn none_reduction_rows_average_to_mean() {
     let (n, v) = (5, 6);
     let (s, t) = (random(n, v, 3.0), random(n, v, 4.0));
     let targets = [1, -100, 5, 0, 2];
-    let rows = config().with_reduction(Reduction::None).init().forward(
+    let rows = config().with_reduction(Reduction::PerRow).init().forward(
         tensor2::<B>(&s, [n, v], &device),
         tensor2(&t, [n, v], &device),
         ints(&targets, &device),

@@ -286,7 +286,7 @@ fn forward_seq_equals_flattened_rows() {
     let rows = SparseDistillLossConfig::new(
         DistillLossConfig::new()
             .with_alpha(0.7)
-            .with_reduction(Reduction::None),
+            .with_reduction(Reduction::PerRow),
     )
     .with_tail(TailPolicy::TailBucket)
     .init()

@@ -38,13 +38,21 @@ impl<B: FusionBackend + DistillBackend> Operation<B::FusionRuntime> for FusedDis
             .has_targets
             .then(|| handles.get_int_tensor::<B>(targets));
         let device = B::float_device(&student_t);
+        // `Fusion::distill_fused` registers this operation only after `B::has_fused_kernel`
+        // accepted the same inputs (it depends on their dtypes alone).
         let out = B::distill_fused(
             student_t,
             teacher_t,
             targets_t,
             &self.params,
             self.with_grad,
-        );
+        )
+        .unwrap_or_else(|| {
+            panic!(
+                "burn-distill: the fused kernel of {} refused its inputs",
+                core::any::type_name::<B>()
+            )
+        });
         let placeholder =
             |ir: &TensorIr| B::float_zeros(ir.shape.clone(), &device, ir.dtype.into());
         handles.register_float_tensor::<B>(&loss.id, out.parts.loss);
@@ -67,7 +75,10 @@ impl<B: FusionBackend + DistillBackend> DistillBackend for Fusion<B> {
         targets: Option<IntTensor<Self>>,
         params: &DistillParams,
         with_grad: bool,
-    ) -> FusedOutput<Self> {
+    ) -> Option<FusedOutput<Self>> {
+        if !Self::has_fused_kernel(&student, &teacher) {
+            return None;
+        }
         let client = student.client.clone();
         let dims = student.shape();
         let (n, v) = (dims[0], dims[1]);
@@ -78,8 +89,8 @@ impl<B: FusionBackend + DistillBackend> DistillBackend for Fusion<B> {
             Tensor::<Self, 1, Int>::zeros([n], &device).into_primitive()
         });
         let rows: Shape = match params.reduction {
-            Reduction::None => [n].into(),
-            Reduction::Mean | Reduction::Sum => [1].into(),
+            Reduction::PerRow => [n].into(),
+            _ => [1].into(),
         };
         let grad_shape: Shape = if with_grad {
             [n, v].into()
@@ -110,13 +121,13 @@ impl<B: FusionBackend + DistillBackend> DistillBackend for Fusion<B> {
             .register(streams, OperationIr::Custom(desc), op)
             .try_into()
             .expect("four outputs");
-        FusedOutput {
+        Some(FusedOutput {
             parts: DistillParts {
                 loss,
                 soft,
                 hard: has_targets.then_some(hard),
             },
             grad: with_grad.then_some(grad),
-        }
+        })
     }
 }

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use rayon::prelude::*;
 
 use super::real::Real;
-use crate::{DistillParams, Divergence, Reduction};
+use crate::{DistillParams, Divergence};
 
 /// Lanes of the accumulator arrays (independent partial sums, so sums vectorize).
 const LANES: usize = 16;
@@ -70,7 +70,7 @@ pub struct CpuRows<R> {
     /// Number of rows that are not ignored.
     pub kept: usize,
     /// `[N·V]` gradient of the reduced loss with respect to the student logits, if asked
-    /// (for `Reduction::None`, row `i` holds the gradient of row loss `i`).
+    /// (for `Reduction::PerRow`, row `i` holds the gradient of row loss `i`).
     pub grad: Option<Vec<R>>,
 }
 
@@ -104,19 +104,20 @@ pub fn distill_rows<R: Real>(
     v: usize,
     targets: Option<&[i64]>,
     params: &DistillParams,
-    reduction: Reduction,
     with_grad: bool,
 ) -> CpuRows<R> {
-    assert_eq!(student.len(), teacher.len());
-    assert!(v > 0 && student.len().is_multiple_of(v));
+    assert_eq!(student.len(), teacher.len(), "student and teacher lengths");
+    assert!(v > 0 && student.len().is_multiple_of(v), "[N, V] logits");
     let n = student.len() / v;
+    if let Some(targets) = targets {
+        assert_eq!(targets.len(), n, "one target per row");
+    }
     let target = |i: usize| RowTarget::of(targets.map(|t| t[i]), v, params.ignore_index);
     let kept = (0..n).filter(|&i| target(i) != RowTarget::Ignored).count();
     let isa = selected_isa();
-    let grad_scale = match reduction {
-        Reduction::Mean => 1.0 / kept.max(1) as f64,
-        Reduction::Sum | Reduction::None => 1.0,
-    };
+    // The gradient of the reduced loss: each row's gradient times the reduction's factor
+    // (1 per row for `PerRow`).
+    let grad_scale = params.reduction.factor(kept).unwrap_or(1.0);
     let inputs = |i: usize| (&student[i * v..(i + 1) * v], &teacher[i * v..(i + 1) * v]);
     if with_grad {
         let mut grad = zeroed_grad::<R>(n * v);
@@ -184,7 +185,7 @@ pub fn zeroed_grad<R: Real>(len: usize) -> Vec<R> {
 /// An instruction set the CPU row kernel is compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
-    /// AVX-512 (F, VL, DQ) with AVX2 and FMA.
+    /// AVX-512 (F, VL, DQ) with AVX2, FMA and BMI2.
     Avx512,
     /// AVX2 with FMA.
     Avx2,
@@ -203,6 +204,7 @@ impl Isa {
                 && std::arch::is_x86_feature_detected!("avx512dq")
                 && std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("bmi2")
             {
                 isas.push(Isa::Avx512);
             }
@@ -254,7 +256,8 @@ fn row<R: Real>(
 ) -> RowOut<R> {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `selected_isa` only returns instruction sets the CPU supports.
+        // SAFETY: `selected_isa` only returns instruction sets whose every enabled feature
+        // `Isa::available` detected on this CPU.
         Isa::Avx512 => unsafe { row_avx512(s, t, target, params, grad_scale, scratch, grad) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
@@ -263,9 +266,11 @@ fn row<R: Real>(
     }
 }
 
+/// # Safety
+/// The CPU must support every feature enabled here (as [`Isa::available`] checks).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2,fma,bmi2")]
-fn row_avx512<R: Real>(
+unsafe fn row_avx512<R: Real>(
     s: &[R],
     t: &[R],
     target: RowTarget,
@@ -277,9 +282,11 @@ fn row_avx512<R: Real>(
     row_body(s, t, target, params, grad_scale, scratch, grad)
 }
 
+/// # Safety
+/// The CPU must support AVX2 and FMA (as [`Isa::available`] checks).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn row_avx2<R: Real>(
+unsafe fn row_avx2<R: Real>(
     s: &[R],
     t: &[R],
     target: RowTarget,

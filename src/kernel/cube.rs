@@ -1,4 +1,5 @@
-//! The fused CubeCL kernel (wgpu, CUDA): one cube per row, f32 accumulation.
+//! The fused CubeCL kernel (wgpu, CUDA): one cube per row, f32 accumulation. The launch and
+//! the backend glue live in `crate::backend::cube`.
 //!
 //! Per row, the threads of a cube stride over the vocabulary: one online-softmax pass gives the
 //! maxima and the sums of the tempered exponentials (and of the temperature-1 ones, and the
@@ -10,19 +11,38 @@
 //! contribute nothing; no `−inf` literal is needed (WGSL has none): the running maxima start at
 //! `−3.0e38`.
 
-use burn::tensor::{
-    DType, Int, Shape, Tensor as BurnTensor, TensorPrimitive, ops::FloatTensor, ops::IntTensor,
-};
-use burn_cubecl::{
-    BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement, kernel::into_contiguous,
-    ops::numeric::empty_device_dtype, tensor::CubeTensor,
-};
 use cubecl::prelude::*;
 
-use crate::{DistillBackend, DistillParams, DistillParts, Divergence, FusedOutput, Reduction};
+use crate::Divergence;
 
 /// Threads per cube (one cube per row).
-const BLOCK: u32 = 256;
+pub(crate) const BLOCK: u32 = 256;
+
+/// The divergence a kernel is specialised for (a compile-time parameter: one kernel per
+/// divergence, no branch on it in the inner loops). The mixture weight stays a runtime value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum DivKind {
+    ForwardKl,
+    ReverseKl,
+    Jsd,
+    SkewKl,
+    SkewReverseKl,
+    Tvd,
+}
+
+impl DivKind {
+    /// The kernel's divergence and mixture weight (`β` or `λ`; `0` where there is none).
+    pub(crate) fn of(divergence: Divergence) -> (Self, f32) {
+        match divergence {
+            Divergence::ForwardKl => (Self::ForwardKl, 0.0),
+            Divergence::ReverseKl => (Self::ReverseKl, 0.0),
+            Divergence::Jsd { beta } => (Self::Jsd, beta as f32),
+            Divergence::SkewKl { lambda } => (Self::SkewKl, lambda as f32),
+            Divergence::SkewReverseKl { lambda } => (Self::SkewReverseKl, lambda as f32),
+            Divergence::Tvd => (Self::Tvd, 0.0),
+        }
+    }
+}
 
 /// Sum of `value` over the cube (shared-memory tree; every unit gets the result).
 #[cube]
@@ -67,94 +87,108 @@ fn block_max(smem: &mut SharedMemory<f32>, value: f32) -> f32 {
     total
 }
 
-/// The divergence term of column `j`; `kind` and `mix` encode the divergence (see
-/// `divergence_code`).
+/// The divergence term of column `j`, for divergence `kind` with mixture weight `mix`.
 #[cube]
-fn column_term(q: f32, p: f32, lq: f32, lp: f32, kind: u32, mix: f32) -> f32 {
+fn column_term(q: f32, p: f32, lq: f32, lp: f32, mix: f32, #[comptime] kind: DivKind) -> f32 {
     let mut d = f32::new(0.0);
-    if kind == 0 {
-        // forward KL
-        if p > 0.0 {
-            d = p * (lp - lq);
-        }
-    } else if kind == 1 {
-        // reverse KL
-        if q > 0.0 {
-            d = q * (lq - lp);
-        }
-    } else if kind == 2 {
-        // JSD(β), mix = β
-        let m = mix * p + (1.0 - mix) * q;
-        if m > 0.0 {
-            let lm = m.ln();
+    match kind {
+        DivKind::ForwardKl => {
             if p > 0.0 {
-                d = mix * p * (lp - lm);
+                d = p * (lp - lq);
             }
+        }
+        DivKind::ReverseKl => {
             if q > 0.0 {
-                d += (1.0 - mix) * q * (lq - lm);
+                d = q * (lq - lp);
             }
         }
-    } else if kind == 3 {
-        // skew KL, mix = λ: KL(p ‖ λp + (1−λ)q)
-        let m = mix * p + (1.0 - mix) * q;
-        if p > 0.0 {
-            d = p * (lp - m.ln());
+        DivKind::Jsd => {
+            // mix = β
+            let m = mix * p + (1.0 - mix) * q;
+            if m > 0.0 {
+                let lm = m.ln();
+                if p > 0.0 {
+                    d = mix * p * (lp - lm);
+                }
+                if q > 0.0 {
+                    d += (1.0 - mix) * q * (lq - lm);
+                }
+            }
         }
-    } else if kind == 4 {
-        // skew reverse KL, mix = λ: KL(q ‖ (1−λ)p + λq)
-        if q > 0.0 {
-            let m = (1.0 - mix) * p + mix * q;
-            d = q * (lq - m.ln());
+        DivKind::SkewKl => {
+            // mix = λ: KL(p ‖ λp + (1−λ)q)
+            let m = mix * p + (1.0 - mix) * q;
+            if p > 0.0 {
+                d = p * (lp - m.ln());
+            }
         }
-    } else {
-        // TVD
-        let diff = q - p;
-        if diff > 0.0 {
-            d = diff * 0.5;
-        } else {
-            d = -diff * 0.5;
+        DivKind::SkewReverseKl => {
+            // mix = λ: KL(q ‖ (1−λ)p + λq)
+            if q > 0.0 {
+                let m = (1.0 - mix) * p + mix * q;
+                d = q * (lq - m.ln());
+            }
+        }
+        DivKind::Tvd => {
+            let diff = q - p;
+            if diff > 0.0 {
+                d = diff * 0.5;
+            } else {
+                d = -diff * 0.5;
+            }
         }
     }
     d
 }
 
 /// `g_j = ∂D/∂q_j` of column `j` for JSD, skew KL, skew reverse KL and TVD (forward and
-/// reverse KL have closed forms in the gradient pass).
+/// reverse KL have closed forms in the gradient pass and never call this).
 #[cube]
-fn column_grad(q: f32, p: f32, lq: f32, _lp: f32, kind: u32, mix: f32) -> f32 {
+fn column_grad(q: f32, p: f32, lq: f32, mix: f32, #[comptime] kind: DivKind) -> f32 {
     let mut g = f32::new(0.0);
-    if kind == 2 {
-        let m = mix * p + (1.0 - mix) * q;
-        if q > 0.0 {
-            g = (1.0 - mix) * (lq - m.ln());
+    match kind {
+        DivKind::Jsd => {
+            let m = mix * p + (1.0 - mix) * q;
+            if q > 0.0 {
+                g = (1.0 - mix) * (lq - m.ln());
+            }
         }
-    } else if kind == 3 {
-        let m = mix * p + (1.0 - mix) * q;
-        if m > 0.0 {
-            g = -((1.0 - mix) * p / m);
+        DivKind::SkewKl => {
+            let m = mix * p + (1.0 - mix) * q;
+            if m > 0.0 {
+                g = -((1.0 - mix) * p / m);
+            }
         }
-    } else if kind == 4 {
-        if q > 0.0 {
-            let m = (1.0 - mix) * p + mix * q;
-            g = lq - m.ln() + 1.0 - mix * q / m;
+        DivKind::SkewReverseKl => {
+            if q > 0.0 {
+                let m = (1.0 - mix) * p + mix * q;
+                g = lq - m.ln() + 1.0 - mix * q / m;
+            }
         }
-    } else if kind == 5 {
-        let diff = q - p;
-        if diff > 0.0 {
-            g = 0.5;
-        } else if diff < 0.0 {
-            g = -0.5;
+        DivKind::Tvd => {
+            let diff = q - p;
+            if diff > 0.0 {
+                g = 0.5;
+            } else if diff < 0.0 {
+                g = -0.5;
+            }
         }
+        DivKind::ForwardKl | DivKind::ReverseKl => {}
     }
     g
 }
 
 /// One cube per row: row loss, soft and hard terms, and optionally the gradient.
+///
+/// Rows are the linear cube position (`CUBE_POS`), so the launch may spread them over a 2-D or
+/// 3-D cube count (wgpu caps one dimension at 65,535 workgroups); cubes past the last row exit.
+/// Specialised at compile time for the divergence, the presence of targets and of an ignore
+/// index, and the gradient.
 // `x - x` and `0 / 0` below build 0 and NaN from runtime values (WGSL has no NaN literal).
 #[allow(clippy::eq_op)]
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-fn distill_kernel<F: Float, I: Numeric>(
+pub(crate) fn distill_kernel<F: Float, I: Numeric>(
     student: &Tensor<F>,
     teacher: &Tensor<F>,
     targets: &Tensor<I>,
@@ -168,14 +202,18 @@ fn distill_kernel<F: Float, I: Numeric>(
     alpha: f32,
     eps: f32,
     mix: f32,
-    kind: u32,
     ignore: i32,
-    flags: u32,
+    #[comptime] kind: DivKind,
+    #[comptime] with_targets: bool,
+    #[comptime] with_ignore: bool,
+    #[comptime] with_grad: bool,
     #[comptime] block: u32,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
-    // flags: bit 0 targets present, bit 1 ignore index set, bit 2 write the gradient.
-    let row = CUBE_POS_X as usize;
+    let row = CUBE_POS;
+    if row >= loss.shape(0) {
+        terminate!();
+    }
     let unit = UNIT_POS_X as usize;
     let step = block as usize;
     let v = student.shape(1);
@@ -185,14 +223,18 @@ fn distill_kernel<F: Float, I: Numeric>(
     let sc = student.stride(1);
     let tc = teacher.stride(1);
     let gc = grad.stride(1);
-    let with_targets = (flags & 1) == 1;
-    let with_grad = (flags & 4) == 4;
     let mut smem = SharedMemory::<f32>::new(block as usize);
 
     // Without labels `targets` is a dummy `[N]` tensor of zeros.
     let class = i32::cast_from(targets[row * targets.stride(0)]);
-    let skip = with_targets && (flags & 2) == 2 && class == ignore;
-    let bad = with_targets && !skip && (class < 0 || class >= v as i32);
+    let mut skip = false;
+    let mut bad = false;
+    if with_targets {
+        if with_ignore {
+            skip = class == ignore;
+        }
+        bad = !skip && (class < 0 || class >= v as i32);
+    }
     if skip || bad {
         if unit == 0 {
             // NaN from runtime values for out-of-range targets (WGSL has no NaN literal).
@@ -218,7 +260,7 @@ fn distill_kernel<F: Float, I: Numeric>(
     // Pass 1 (online softmax): running maxima and sums of exponentials, rescaled when a
     // maximum grows; for forward KL also `w = Σ e^{(t−mt)/T}·(t − s)`, from which the
     // divergence follows without another pass over the row.
-    let fkl = kind == 0;
+    let fkl = comptime!(kind == DivKind::ForwardKl);
     let mut ms = f32::new(-3.0e38);
     let mut mt = f32::new(-3.0e38);
     let mut sum_s = f32::new(0.0);
@@ -246,8 +288,10 @@ fn distill_kernel<F: Float, I: Numeric>(
         }
         let et = ((t - mt) * inv_t).exp();
         sum_t += et;
-        if fkl && et > 0.0 {
-            w += et * (t - s);
+        if fkl {
+            if et > 0.0 {
+                w += et * (t - s);
+            }
         }
         if s > -3.0e38f32 {
             finite += 1.0;
@@ -286,8 +330,8 @@ fn distill_kernel<F: Float, I: Numeric>(
             let lp = (t - mt) * inv_t - lse_t;
             let q = lq.exp();
             let p = lp.exp();
-            div += column_term(q, p, lq, lp, kind, mix);
-            sqg += q * column_grad(q, p, lq, lp, kind, mix);
+            div += column_term(q, p, lq, lp, mix, kind);
+            sqg += q * column_grad(q, p, lq, mix, kind);
             j += step;
         }
         div = block_sum(&mut smem, div);
@@ -296,16 +340,16 @@ fn distill_kernel<F: Float, I: Numeric>(
 
     let soft_value = t2 * div;
     let mut hard_value = f32::new(0.0);
-    let mut a = alpha;
-    let mut b = 1.0 - alpha;
+    let mut a = f32::new(1.0);
+    let mut b = f32::new(0.0);
     if with_targets {
+        a = alpha;
+        b = 1.0 - alpha;
         let s_y = f32::cast_from(student[row * ss + class as usize * sc]);
         let nll = lse_1 - (s_y - ms);
         hard_value = (1.0 - eps) * nll - eps * (total / finite - lse_1);
-    } else {
-        a = 1.0;
-        b = 0.0;
     }
+    // A term whose weight is exactly 0 is left out, so that an infinite term cannot give NaN.
     let mut row_loss = a * soft_value + b * hard_value;
     if a == 1.0 {
         row_loss = soft_value;
@@ -318,7 +362,7 @@ fn distill_kernel<F: Float, I: Numeric>(
         hard[row] = F::cast_from(hard_value);
     }
 
-    // Pass 4: the gradient of the reduced loss.
+    // Last pass: the gradient of the reduced loss.
     if with_grad {
         let factor = f32::cast_from(scale[0]);
         let ca = a * t2 * inv_t * factor;
@@ -332,14 +376,19 @@ fn distill_kernel<F: Float, I: Numeric>(
             let lp = (t - mt) * inv_t - lse_t;
             let q = lq.exp();
             let p = lp.exp();
-            let mut soft_grad = q - p;
-            if kind == 1 {
-                soft_grad = 0.0;
-                if q > 0.0 {
-                    soft_grad = q * (lq - lp - div);
+            let mut soft_grad = f32::new(0.0);
+            match kind {
+                DivKind::ForwardKl => {
+                    soft_grad = q - p;
                 }
-            } else if kind > 1 {
-                soft_grad = q * (column_grad(q, p, lq, lp, kind, mix) - sqg);
+                DivKind::ReverseKl => {
+                    if q > 0.0 {
+                        soft_grad = q * (lq - lp - div);
+                    }
+                }
+                _ => {
+                    soft_grad = q * (column_grad(q, p, lq, mix, kind) - sqg);
+                }
             }
             let mut value = ca * soft_grad;
             if cb != 0.0 {
@@ -354,168 +403,6 @@ fn distill_kernel<F: Float, I: Numeric>(
             }
             grad[row * gs + j * gc] = F::cast_from(value);
             j += step;
-        }
-    }
-}
-
-/// `(kind, mix)` of a divergence, as the kernel encodes it.
-fn divergence_code(d: Divergence) -> (u32, f32) {
-    match d {
-        Divergence::ForwardKl => (0, 0.0),
-        Divergence::ReverseKl => (1, 0.0),
-        Divergence::Jsd { beta } => (2, beta as f32),
-        Divergence::SkewKl { lambda } => (3, lambda as f32),
-        Divergence::SkewReverseKl { lambda } => (4, lambda as f32),
-        Divergence::Tvd => (5, 0.0),
-    }
-}
-
-/// Row outputs of the kernel: `[N]` loss, soft, hard, and `[N, V]` gradient if asked.
-pub(crate) struct CubeRows<R: CubeRuntime> {
-    pub loss: CubeTensor<R>,
-    pub soft: CubeTensor<R>,
-    pub hard: CubeTensor<R>,
-    pub grad: Option<CubeTensor<R>>,
-}
-
-/// Launches the kernel. `targets` must hold `[N]` class indices (or be `None`); `scale` is the
-/// `[1]` factor of the reduction that the gradient is multiplied by.
-pub(crate) fn launch<R: CubeRuntime>(
-    student: CubeTensor<R>,
-    teacher: CubeTensor<R>,
-    targets: Option<CubeTensor<R>>,
-    scale: CubeTensor<R>,
-    params: &DistillParams,
-    with_grad: bool,
-) -> CubeRows<R> {
-    let student = into_contiguous(student);
-    let teacher = into_contiguous(teacher);
-    let [n, v] = student.meta.shape().dims::<2>();
-    let client = student.client.clone();
-    let device = student.device.clone();
-    let dtype = student.dtype;
-    let rows = || empty_device_dtype::<R>(client.clone(), device.clone(), Shape::new([n]), dtype);
-    let (loss, soft, hard) = (rows(), rows(), rows());
-    let grad = if with_grad {
-        empty_device_dtype::<R>(client.clone(), device.clone(), Shape::new([n, v]), dtype)
-    } else {
-        empty_device_dtype::<R>(client.clone(), device.clone(), Shape::new([1, 1]), dtype)
-    };
-    let has_targets = targets.is_some();
-    // Without labels the kernel reads (and ignores) a dummy `[N]` tensor of zeros.
-    let targets = match targets {
-        Some(t) => into_contiguous(t),
-        None => burn_cubecl::ops::numeric::zeros_client::<R>(
-            client.clone(),
-            device.clone(),
-            Shape::new([n]),
-            DType::I32,
-        ),
-    };
-    let (kind, mix) = divergence_code(params.divergence);
-    let t2 = if params.scale_by_t2 {
-        params.temperature * params.temperature
-    } else {
-        1.0
-    };
-    let ignore = params
-        .ignore_index
-        .unwrap_or(0)
-        .clamp(i32::MIN as i64, i32::MAX as i64) as i32;
-    let flags = has_targets as u32
-        | ((params.ignore_index.is_some() as u32) << 1)
-        | ((with_grad as u32) << 2);
-    let i_dtype = targets.dtype;
-    distill_kernel::launch::<R>(
-        &client,
-        CubeCount::Static(n as u32, 1, 1),
-        CubeDim::new_1d(BLOCK),
-        student.into_tensor_arg(),
-        teacher.into_tensor_arg(),
-        targets.into_tensor_arg(),
-        scale.into_tensor_arg(),
-        loss.clone().into_tensor_arg(),
-        soft.clone().into_tensor_arg(),
-        hard.clone().into_tensor_arg(),
-        grad.clone().into_tensor_arg(),
-        (1.0 / params.temperature) as f32,
-        t2 as f32,
-        params.alpha as f32,
-        params.label_smoothing as f32,
-        mix,
-        kind,
-        ignore,
-        flags,
-        BLOCK,
-        [dtype.into(), i_dtype.into()],
-    );
-    CubeRows {
-        loss,
-        soft,
-        hard,
-        grad: with_grad.then_some(grad),
-    }
-}
-
-impl<R, F, I, BT> DistillBackend for CubeBackend<R, F, I, BT>
-where
-    R: CubeRuntime,
-    F: FloatElement,
-    I: IntElement,
-    BT: BoolElement,
-{
-    fn fused_kernel_dtypes() -> &'static [DType] {
-        &[DType::F32, DType::F16, DType::BF16]
-    }
-
-    fn distill_fused(
-        student: FloatTensor<Self>,
-        teacher: FloatTensor<Self>,
-        targets: Option<IntTensor<Self>>,
-        params: &DistillParams,
-        with_grad: bool,
-    ) -> FusedOutput<Self> {
-        type T<B, const D: usize> = BurnTensor<B, D>;
-        let [n, _v] = student.meta.shape().dims::<2>();
-        let dtype = student.dtype;
-        let device = student.device.clone();
-        let float = |t: CubeTensor<R>| T::<Self, 1>::from_primitive(TensorPrimitive::Float(t));
-        // The reduction's factor, on the device (no synchronisation): 1/kept rows for Mean.
-        let scale: T<Self, 1> = match (params.reduction, &targets, params.ignore_index) {
-            (Reduction::Mean, Some(t), Some(ignore)) => {
-                let t = BurnTensor::<Self, 1, Int>::from_primitive(t.clone());
-                let kept = t.not_equal_elem(ignore).int().sum().float().cast(dtype);
-                kept.clamp_min(1.0).recip()
-            }
-            (Reduction::Mean, _, _) => T::full([1], 1.0 / n as f64, (&device, dtype)),
-            _ => T::full([1], 1.0, (&device, dtype)),
-        };
-        let has_targets = targets.is_some();
-        let rows = launch::<R>(
-            student,
-            teacher,
-            targets,
-            scale.clone().into_primitive().tensor(),
-            params,
-            with_grad,
-        );
-        let reduce = |t: CubeTensor<R>| -> FloatTensor<Self> {
-            let rows = float(t);
-            match params.reduction {
-                Reduction::None => rows,
-                Reduction::Sum => rows.sum(),
-                Reduction::Mean => rows.sum() * scale.clone(),
-            }
-            .into_primitive()
-            .tensor()
-        };
-        FusedOutput {
-            parts: DistillParts {
-                loss: reduce(rows.loss),
-                soft: reduce(rows.soft),
-                hard: has_targets.then(|| reduce(rows.hard)),
-            },
-            grad: rows.grad,
         }
     }
 }

@@ -1,8 +1,9 @@
-//! Implementations of the row losses behind [`DistillBackend`](crate::DistillBackend).
+//! The math of the row losses, one module per kernel language; the backend glue that feeds
+//! them tensors lives in `crate::backend`.
 //!
-//! - [`reference`](mod@reference): composed burn tensor ops, backend-generic, differentiable
-//!   through burn's autodiff. It is the oracle every other path is tested against.
-//! - [`cpu`]: the fused CPU row kernel (rayon across rows, runtime-dispatched SIMD), used by
+//! - `reference`: composed burn tensor ops, backend-generic, differentiable through burn's
+//!   autodiff. It is the oracle every other path is tested against.
+//! - `cpu`: the fused CPU row kernel (rayon across rows, runtime-dispatched SIMD), used by
 //!   NdArray and Flex for f32 and f64 logits.
 //! - `cube`: the fused CubeCL kernel (one cube per row, shared-memory reductions), used by the
 //!   wgpu and CUDA backends for f32, f16 and bf16 logits (accumulating in f32).
@@ -10,17 +11,16 @@
 use serde::{Deserialize, Serialize};
 
 #[cfg(any(feature = "ndarray", feature = "flex"))]
-pub mod cpu;
-#[cfg(any(feature = "ndarray", feature = "flex"))]
-mod cpu_backends;
+pub(crate) mod cpu;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
-mod cube;
+pub(crate) mod cube;
 #[cfg(any(feature = "ndarray", feature = "flex"))]
-pub mod real;
-pub mod reference;
+pub(crate) mod real;
+pub(crate) mod reference;
 
 /// Which implementation computes the loss.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum Kernel {
     /// The fused kernel where the backend has one for these inputs, else the reference.
     #[default]
@@ -29,4 +29,11 @@ pub enum Kernel {
     Reference,
     /// Always the fused kernel; a clear error where the backend has none.
     Fused,
+}
+
+/// Hooks for this crate's own tests and benchmarks; not part of the API (no semver promise).
+#[doc(hidden)]
+#[cfg(any(feature = "ndarray", feature = "flex"))]
+pub mod internals {
+    pub use super::cpu::{Isa, force_isa, zeroed_grad};
 }

@@ -99,9 +99,11 @@ impl Real for f32 {
 /// `e^x` in f32 (Cephes' `expf` reduction and polynomial, ≈1 ulp), written without branches
 /// or calls so that LLVM vectorizes the loops that use it.
 ///
-/// `x < −87.34` (including `−∞`) gives exactly 0; NaN propagates.
+/// `x < −87.34` (including `−∞`) gives exactly 0; `x > 88.38` (past the range of the
+/// reduction) gives `+∞`, a slight early overflow (f32 itself overflows past 88.72), never a
+/// finite value far from `e^x`; NaN propagates. The kernel only calls it with `x ≤ 0`.
 #[inline(always)]
-pub fn exp_f32(x: f32) -> f32 {
+pub(crate) fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -120,7 +122,13 @@ pub fn exp_f32(x: f32) -> f32 {
         + 0.5;
     let y = poly * r2 + r + 1.0;
     let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
-    if x < MIN { 0.0 } else { y * scale }
+    if x < MIN {
+        0.0
+    } else if x > MAX {
+        f32::INFINITY
+    } else {
+        y * scale
+    }
 }
 
 #[cfg(test)]
@@ -140,6 +148,8 @@ mod tests {
         assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp_f32(-100.0), 0.0);
         assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(100.0), f32::INFINITY);
+        assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
         assert!(exp_f32(f32::NAN).is_nan());
     }
 }

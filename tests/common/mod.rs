@@ -131,7 +131,7 @@ pub fn parse_reduction(name: &str) -> Reduction {
     match name {
         "mean" => Reduction::Mean,
         "sum" => Reduction::Sum,
-        "none" => Reduction::None,
+        "none" => Reduction::PerRow,
         other => panic!("unknown reduction {other}"),
     }
 }

@@ -1,14 +1,18 @@
-//! The backend extension trait that the loss dispatches through.
+//! The backend extension trait that the loss dispatches through, and one home per backend
+//! family for its implementation (in the style of `burn-vision`):
+//!
+//! - [`autodiff`](self): `Autodiff<B>` (the fused kernel of `B` wrapped in one generic backward
+//!   node, [`autodiff::fused_with_grad`]);
+//! - `fusion`: burn's `Fusion<B>` wrapper (one custom operation of the fusion stream);
+//! - `ndarray`, `flex`: the CPU kernel of [`crate::kernel`] on host slices (shared glue in
+//!   `cpu`);
+//! - `cube`: the CubeCL kernel on wgpu and CUDA.
+//!
+//! The math lives in [`crate::kernel`]; this module only moves tensors in and out.
 
-use burn::backend::autodiff::{
-    Autodiff,
-    checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
-    grads::Gradients,
-    ops::{Backward, Ops, OpsKind},
-};
 use burn::tensor::{
     DType, Int, Tensor, TensorMetadata, TensorPrimitive,
-    backend::{AutodiffBackend, Backend},
+    backend::Backend,
     ops::{FloatTensor, IntTensor},
 };
 
@@ -19,27 +23,66 @@ use crate::{
 };
 
 /// Everything a loss implementation needs to know, resolved from a validated
-/// [`DistillLossConfig`](crate::DistillLossConfig).
+/// [`DistillLossConfig`](crate::DistillLossConfig) (the only way to build one, so a kernel never
+/// sees an unchecked value). Read it through its accessors.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DistillParams {
-    /// Temperature `T > 0` of both distributions in the soft term.
-    pub temperature: f64,
-    /// Weight `α ∈ [0, 1]` of the soft term (`1 − α` for the hard term).
-    pub alpha: f64,
-    /// The divergence of the soft term.
-    pub divergence: Divergence,
-    /// Multiply the soft term by `T²`.
-    pub scale_by_t2: bool,
-    /// Rows whose target equals this value are left out of both terms.
-    pub ignore_index: Option<i64>,
-    /// Label smoothing `ε ∈ [0, 1)` of the hard term.
-    pub label_smoothing: f64,
-    /// How row losses are reduced.
-    pub reduction: Reduction,
+    pub(crate) temperature: f64,
+    pub(crate) alpha: f64,
+    pub(crate) divergence: Divergence,
+    pub(crate) scale_by_t2: bool,
+    pub(crate) ignore_index: Option<i64>,
+    pub(crate) label_smoothing: f64,
+    pub(crate) reduction: Reduction,
 }
 
-/// The reduced loss and its parts, as backend primitives: `[1]` for `Mean` and `Sum`, `[N]`
-/// for `None` (row values: `0` for ignored rows, NaN for rows whose target is out of range).
+impl DistillParams {
+    /// Temperature `T > 0` (finite) of both distributions in the soft term.
+    pub fn temperature(&self) -> f64 {
+        self.temperature
+    }
+    /// Weight `α ∈ [0, 1]` of the soft term (`1 − α` for the hard term).
+    pub fn alpha(&self) -> f64 {
+        self.alpha
+    }
+    /// The divergence of the soft term (validated; `Jsd` with `β ∈ {0, 1}` already resolved to
+    /// forward or reverse KL).
+    pub fn divergence(&self) -> Divergence {
+        self.divergence
+    }
+    /// Is the soft term multiplied by `T²`?
+    pub fn scale_by_t2(&self) -> bool {
+        self.scale_by_t2
+    }
+    /// The factor of the soft term: `T²` or `1`.
+    pub fn soft_factor(&self) -> f64 {
+        if self.scale_by_t2 {
+            self.temperature * self.temperature
+        } else {
+            1.0
+        }
+    }
+    /// Rows whose target equals this value are left out of both terms.
+    pub fn ignore_index(&self) -> Option<i64> {
+        self.ignore_index
+    }
+    /// Label smoothing `ε ∈ [0, 1)` of the hard term.
+    pub fn label_smoothing(&self) -> f64 {
+        self.label_smoothing
+    }
+    /// How row losses are reduced.
+    pub fn reduction(&self) -> Reduction {
+        self.reduction
+    }
+    /// The same parameters with another reduction (validated like the configuration's).
+    pub(crate) fn with_reduction(mut self, reduction: Reduction) -> Self {
+        self.reduction = reduction;
+        self
+    }
+}
+
+/// The reduced loss and its parts, as backend primitives: `[1]` for `Mean`, `Sum` and
+/// `Normalized`, `[N]` for `PerRow` (row values: `0` for ignored rows, NaN for rows whose target is out of range).
 #[derive(Debug, Clone)]
 pub struct DistillParts<B: Backend> {
     /// `α·soft + (1 − α)·hard` (`soft` without targets), differentiable with respect to the
@@ -56,7 +99,7 @@ pub struct DistillParts<B: Backend> {
 pub struct FusedOutput<B: Backend> {
     /// The loss and its parts, as in [`DistillParts`].
     pub parts: DistillParts<B>,
-    /// `[N, V]` gradient of `loss` with respect to the student logits (for `Reduction::None`,
+    /// `[N, V]` gradient of `loss` with respect to the student logits (for `Reduction::PerRow`,
     /// row `i` holds the gradient of row loss `i`); zero on ignored and bad rows.
     pub grad: Option<FloatTensor<B>>,
 }
@@ -84,21 +127,20 @@ pub trait DistillBackend: Backend {
     }
 
     /// The fused kernel: the reduced loss of `[N, V]` logits and, when `with_grad`, its
-    /// `[N, V]` gradient with respect to the student logits.
-    ///
-    /// Only called when [`DistillBackend::has_fused_kernel`] is true.
+    /// `[N, V]` gradient with respect to the student logits; `None` where this backend has no
+    /// fused kernel for these inputs (the default).
     fn distill_fused(
         _student: FloatTensor<Self>,
         _teacher: FloatTensor<Self>,
         _targets: Option<IntTensor<Self>>,
         _params: &DistillParams,
         _with_grad: bool,
-    ) -> FusedOutput<Self> {
-        unreachable!("distill_fused called on a backend without a fused kernel")
+    ) -> Option<FusedOutput<Self>> {
+        None
     }
 
     /// The backward step of the fused kernel: `grad · upstream`, where `upstream` is the
-    /// gradient of the loss output (`[1]` for `Mean` and `Sum`, `[N]` per row for `None`).
+    /// gradient of the loss output (`[1]` for the reductions to one value, `[N]` for `PerRow`).
     fn distill_scale_grad(
         grad: FloatTensor<Self>,
         upstream: FloatTensor<Self>,
@@ -116,11 +158,19 @@ pub trait DistillBackend: Backend {
         params: &DistillParams,
         kernel: Kernel,
     ) -> DistillParts<Self> {
-        if kernel != Kernel::Reference && Self::has_fused_kernel(&student, &teacher) {
-            Self::distill_fused(student, teacher, targets, params, false).parts
-        } else {
-            reference_loss::<Self>(student, teacher, targets, params)
+        if kernel != Kernel::Reference
+            && Self::has_fused_kernel(&student, &teacher)
+            && let Some(out) = Self::distill_fused(
+                student.clone(),
+                teacher.clone(),
+                targets.clone(),
+                params,
+                false,
+            )
+        {
+            return out.parts;
         }
+        reference_loss::<Self>(student, teacher, targets, params)
     }
 }
 
@@ -151,69 +201,14 @@ pub fn reference_loss<B: Backend>(
     }
 }
 
-/// Backward of the fused loss: the gradient computed by the forward kernel, times the upstream.
-#[derive(Debug)]
-struct FusedBackward;
-
-impl<B: DistillBackend> Backward<B, 1> for FusedBackward {
-    /// `∂ loss / ∂ student`, `[N, V]`, computed by the forward kernel.
-    type State = FloatTensor<B>;
-
-    fn backward(
-        self,
-        ops: Ops<Self::State, 1>,
-        grads: &mut Gradients,
-        _checkpointer: &mut Checkpointer,
-    ) {
-        let [student] = ops.parents;
-        let upstream = grads.consume::<B>(&ops.node);
-        if let Some(student) = student {
-            grads.register::<B>(student.id, B::distill_scale_grad(ops.state, upstream));
-        }
-    }
-}
-
-impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C> {
-    fn fused_kernel_dtypes() -> &'static [DType] {
-        B::fused_kernel_dtypes()
-    }
-
-    fn distill_loss(
-        student: FloatTensor<Self>,
-        teacher: FloatTensor<Self>,
-        targets: Option<IntTensor<Self>>,
-        params: &DistillParams,
-        kernel: Kernel,
-    ) -> DistillParts<Self> {
-        if kernel == Kernel::Reference || !Self::has_fused_kernel(&student, &teacher) {
-            return reference_loss::<Self>(student, teacher, targets, params);
-        }
-        // The teacher is used as a constant: its graph (if any) is not extended.
-        let teacher = teacher.primitive;
-        let (loss, parts) = match FusedBackward
-            .prepare::<C>([student.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let fused = B::distill_fused(student.primitive, teacher, targets, params, true);
-                let grad = fused
-                    .grad
-                    .expect("the fused kernel returns the asked gradient");
-                (prep.finish(grad, fused.parts.loss.clone()), fused.parts)
-            }
-            OpsKind::UnTracked(prep) => {
-                let fused = B::distill_fused(student.primitive, teacher, targets, params, false);
-                (prep.finish(fused.parts.loss.clone()), fused.parts)
-            }
-        };
-        DistillParts {
-            loss,
-            soft: Self::from_inner(parts.soft),
-            hard: parts.hard.map(Self::from_inner),
-        }
-    }
-}
-
+mod autodiff;
+#[cfg(any(feature = "ndarray", feature = "flex"))]
+mod cpu;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+mod cube;
+#[cfg(feature = "flex")]
+mod flex;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 mod fusion;
+#[cfg(feature = "ndarray")]
+mod ndarray;

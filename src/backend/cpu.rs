@@ -1,0 +1,87 @@
+//! Glue shared by the CPU backends (NdArray, Flex): the CPU kernel of [`crate::kernel::cpu`]
+//! run on row-major host slices, its outputs wrapped as tensors without copies.
+
+use burn::tensor::{
+    DType, Int, Tensor, TensorData, TensorPrimitive,
+    backend::Backend,
+    ops::{FloatTensor, IntTensor},
+};
+
+use super::{DistillParams, DistillParts, FusedOutput};
+use crate::kernel::{cpu, real::Real};
+
+/// Runs the CPU kernel on row-major slices, reduces on the host and wraps the outputs as
+/// tensors of `B`.
+pub(super) fn fused_on_slices<B: Backend, R: Real>(
+    student: &[R],
+    teacher: &[R],
+    [n, v]: [usize; 2],
+    targets: Option<IntTensor<B>>,
+    params: &DistillParams,
+    with_grad: bool,
+    device: &B::Device,
+) -> FusedOutput<B> {
+    let targets: Option<Vec<i64>> = targets.map(|t| {
+        Tensor::<B, 1, Int>::from_primitive(t)
+            .into_data()
+            .iter::<i64>()
+            .collect()
+    });
+    let has_targets = targets.is_some();
+    let out = cpu::distill_rows(student, teacher, v, targets.as_deref(), params, with_grad);
+    let column = |f: fn(&cpu::RowOut<R>) -> R| {
+        let data = match params.reduction.factor(out.kept) {
+            None => TensorData::new(out.rows.iter().map(f).collect::<Vec<R>>(), [n]),
+            Some(factor) => {
+                // Sum in f64: N row values, exact enough for any N.
+                let sum: f64 = out.rows.iter().map(|r| f(r).to_f64()).sum();
+                TensorData::new(vec![R::of(sum * factor)], [1])
+            }
+        };
+        B::float_from_data(data, device)
+    };
+    FusedOutput {
+        parts: DistillParts {
+            loss: column(|r| r.loss),
+            soft: column(|r| r.soft),
+            hard: has_targets.then(|| column(|r| r.hard)),
+        },
+        grad: out
+            .grad
+            .map(|g| B::float_from_data(TensorData::new(g, [n, v]), device)),
+    }
+}
+
+/// Upstream gradient values, as f64 (a handful: `[1]` or `[N]`).
+pub(super) fn upstream_values<B: Backend>(upstream: FloatTensor<B>) -> Vec<f64> {
+    Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(upstream))
+        .into_data()
+        .iter::<f64>()
+        .collect()
+}
+
+/// `grad[i, :] *= scale[i]` (or `*= scale[0]`) in place, rows in parallel; skipped when every
+/// factor is 1 (the usual `loss.backward()`).
+pub(super) fn scale_in_place<R: Real>(grad: &mut [R], v: usize, scale: &[f64]) {
+    use rayon::prelude::*;
+    if scale.iter().all(|&s| s == 1.0) {
+        return;
+    }
+    grad.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
+        let f = R::of(if scale.len() == 1 { scale[0] } else { scale[i] });
+        for x in row {
+            *x = *x * f;
+        }
+    });
+}
+
+/// Out-of-place fallback of [`scale_in_place`] (shared or non-contiguous gradients).
+pub(super) fn scale_by_mul<B: Backend>(grad: FloatTensor<B>, scale: Vec<f64>) -> FloatTensor<B> {
+    let n = scale.len();
+    let device = B::float_device(&grad);
+    let scale = B::float_from_data(TensorData::new(scale, [n]), &device);
+    B::float_mul(grad, B::float_reshape(scale, [n, 1].into()))
+}
+
+/// The dtypes of the CPU kernel.
+pub(super) const CPU_DTYPES: &[DType] = &[DType::F32, DType::F64];

@@ -1,0 +1,170 @@
+//! The CubeCL backends (wgpu, CUDA): launch of the kernel of [`crate::kernel::cube`] and the
+//! reduction of its row outputs, on the device.
+
+use burn::tensor::{
+    DType, Int, Shape, Tensor as BurnTensor, TensorPrimitive, ops::FloatTensor, ops::IntTensor,
+};
+use burn_cubecl::{
+    BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement, kernel::into_contiguous,
+    ops::numeric::empty_device_dtype, tensor::CubeTensor,
+};
+use cubecl::{calculate_cube_count_elemwise, prelude::*};
+
+use super::{DistillBackend, DistillParams, DistillParts, FusedOutput};
+use crate::kernel::cube::{BLOCK, DivKind, distill_kernel};
+use crate::reduction::ignored_rows;
+
+/// Row outputs of the kernel: `[N]` loss, soft, hard, and `[N, V]` gradient if asked.
+pub(crate) struct CubeRows<R: CubeRuntime> {
+    pub loss: CubeTensor<R>,
+    pub soft: CubeTensor<R>,
+    pub hard: CubeTensor<R>,
+    pub grad: Option<CubeTensor<R>>,
+}
+
+/// Launches the kernel. `targets` must hold `[N]` class indices (or be `None`); `scale` is the
+/// `[1]` factor of the reduction that the gradient is multiplied by.
+pub(crate) fn launch<R: CubeRuntime>(
+    student: CubeTensor<R>,
+    teacher: CubeTensor<R>,
+    targets: Option<CubeTensor<R>>,
+    scale: CubeTensor<R>,
+    params: &DistillParams,
+    with_grad: bool,
+) -> CubeRows<R> {
+    let student = into_contiguous(student);
+    let teacher = into_contiguous(teacher);
+    let [n, v] = student.meta.shape().dims::<2>();
+    let client = student.client.clone();
+    let device = student.device.clone();
+    let dtype = student.dtype;
+    let rows = || empty_device_dtype::<R>(client.clone(), device.clone(), Shape::new([n]), dtype);
+    let (loss, soft, hard) = (rows(), rows(), rows());
+    let grad = if with_grad {
+        empty_device_dtype::<R>(client.clone(), device.clone(), Shape::new([n, v]), dtype)
+    } else {
+        empty_device_dtype::<R>(client.clone(), device.clone(), Shape::new([1, 1]), dtype)
+    };
+    let has_targets = targets.is_some();
+    // Without labels the kernel reads (and ignores) a dummy `[N]` tensor of zeros.
+    let targets = match targets {
+        Some(t) => into_contiguous(t),
+        None => burn_cubecl::ops::numeric::zeros_client::<R>(
+            client.clone(),
+            device.clone(),
+            Shape::new([n]),
+            DType::I32,
+        ),
+    };
+    let (kind, mix) = DivKind::of(params.divergence);
+    let t2 = params.soft_factor();
+    let ignore = params
+        .ignore_index
+        .unwrap_or(0)
+        .clamp(i32::MIN as i64, i32::MAX as i64) as i32;
+    let i_dtype = targets.dtype;
+    // One cube per row, spread over as many dimensions as the device needs (wgpu allows
+    // 65,535 workgroups per dimension); the kernel indexes rows by the linear cube position.
+    let cube_dim = CubeDim::new_1d(BLOCK);
+    let cube_count = calculate_cube_count_elemwise(&client, n * BLOCK as usize, cube_dim);
+    distill_kernel::launch::<R>(
+        &client,
+        cube_count,
+        cube_dim,
+        student.into_tensor_arg(),
+        teacher.into_tensor_arg(),
+        targets.into_tensor_arg(),
+        scale.into_tensor_arg(),
+        loss.clone().into_tensor_arg(),
+        soft.clone().into_tensor_arg(),
+        hard.clone().into_tensor_arg(),
+        grad.clone().into_tensor_arg(),
+        (1.0 / params.temperature) as f32,
+        t2 as f32,
+        params.alpha as f32,
+        params.label_smoothing as f32,
+        mix,
+        ignore,
+        kind,
+        has_targets,
+        params.ignore_index.is_some(),
+        with_grad,
+        BLOCK,
+        [dtype.into(), i_dtype.into()],
+    );
+    CubeRows {
+        loss,
+        soft,
+        hard,
+        grad: with_grad.then_some(grad),
+    }
+}
+
+impl<R, F, I, BT> DistillBackend for CubeBackend<R, F, I, BT>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    fn fused_kernel_dtypes() -> &'static [DType] {
+        &[DType::F32, DType::F16, DType::BF16]
+    }
+
+    fn distill_fused(
+        student: FloatTensor<Self>,
+        teacher: FloatTensor<Self>,
+        targets: Option<IntTensor<Self>>,
+        params: &DistillParams,
+        with_grad: bool,
+    ) -> Option<FusedOutput<Self>> {
+        if !Self::has_fused_kernel(&student, &teacher) {
+            return None;
+        }
+        type T<B, const D: usize> = BurnTensor<B, D>;
+        let [n, _v] = student.meta.shape().dims::<2>();
+        let dtype = student.dtype;
+        let device = student.device.clone();
+        let float = |t: CubeTensor<R>| T::<Self, 1>::from_primitive(TensorPrimitive::Float(t));
+        // The reduction's factor, on the device (no synchronisation); 1 per row for PerRow.
+        let ignored = ignored_rows(
+            targets
+                .clone()
+                .map(BurnTensor::<Self, 1, Int>::from_primitive)
+                .as_ref(),
+            params.ignore_index,
+        );
+        let factor = params
+            .reduction
+            .factor_tensor::<Self>(ignored, n, &device, dtype);
+        let scale = factor
+            .clone()
+            .unwrap_or_else(|| T::full([1], 1.0, (&device, dtype)));
+        let has_targets = targets.is_some();
+        let rows = launch::<R>(
+            student,
+            teacher,
+            targets,
+            scale.clone().into_primitive().tensor(),
+            params,
+            with_grad,
+        );
+        let reduce = |t: CubeTensor<R>| -> FloatTensor<Self> {
+            let rows = float(t);
+            match &factor {
+                None => rows,
+                Some(factor) => rows.sum() * factor.clone(),
+            }
+            .into_primitive()
+            .tensor()
+        };
+        Some(FusedOutput {
+            parts: DistillParts {
+                loss: reduce(rows.loss),
+                soft: reduce(rows.soft),
+                hard: has_targets.then(|| reduce(rows.hard)),
+            },
+            grad: rows.grad,
+        })
+    }
+}

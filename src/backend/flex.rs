@@ -1,0 +1,87 @@
+//! Flex: the CPU kernel of [`crate::kernel::cpu`] on the tensors' memory, zero-copy.
+
+use burn::backend::Flex;
+use burn::backend::flex::FlexTensor;
+use burn::tensor::{
+    DType, TensorMetadata,
+    ops::{FloatTensor, IntTensor},
+};
+
+use super::cpu::{CPU_DTYPES, fused_on_slices, scale_by_mul, scale_in_place, upstream_values};
+use crate::{DistillBackend, DistillParams, FusedOutput};
+
+fn contiguous(t: &FlexTensor) -> std::borrow::Cow<'_, FlexTensor> {
+    if t.is_contiguous() {
+        std::borrow::Cow::Borrowed(t)
+    } else {
+        std::borrow::Cow::Owned(t.to_contiguous())
+    }
+}
+
+impl DistillBackend for Flex {
+    fn fused_kernel_dtypes() -> &'static [DType] {
+        CPU_DTYPES
+    }
+
+    fn distill_fused(
+        student: FloatTensor<Self>,
+        teacher: FloatTensor<Self>,
+        targets: Option<IntTensor<Self>>,
+        params: &DistillParams,
+        with_grad: bool,
+    ) -> Option<FusedOutput<Self>> {
+        let dims = student.shape();
+        let shape = [dims[0], dims[1]];
+        let device = Default::default();
+        let (s, t) = (contiguous(&student), contiguous(&teacher));
+        macro_rules! run {
+            ($ty:ty) => {
+                fused_on_slices::<Self, $ty>(
+                    s.as_slice().expect("contiguous"),
+                    t.as_slice().expect("contiguous"),
+                    shape,
+                    targets,
+                    params,
+                    with_grad,
+                    &device,
+                )
+            };
+        }
+        if student.dtype() != teacher.dtype() {
+            return None;
+        }
+        match student.dtype() {
+            DType::F32 => Some(run!(f32)),
+            DType::F64 => Some(run!(f64)),
+            _ => None,
+        }
+    }
+
+    fn distill_scale_grad(
+        grad: FloatTensor<Self>,
+        upstream: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let scale = upstream_values::<Self>(upstream);
+        let [n, v] = [grad.shape()[0], grad.shape()[1]];
+        let mut grad = grad;
+        let done = grad.is_contiguous()
+            && match grad.dtype() {
+                DType::F32 => grad
+                    .try_storage_mut::<f32>()
+                    .filter(|g| g.len() == n * v)
+                    .map(|g| scale_in_place(g, v, &scale))
+                    .is_some(),
+                DType::F64 => grad
+                    .try_storage_mut::<f64>()
+                    .filter(|g| g.len() == n * v)
+                    .map(|g| scale_in_place(g, v, &scale))
+                    .is_some(),
+                _ => false,
+            };
+        if done {
+            grad
+        } else {
+            scale_by_mul::<Self>(grad, scale)
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! NdArray: the CPU kernel of [`crate::kernel::cpu`] on the arrays' memory, zero-copy.
+
+use burn::backend::ndarray::{
+    FloatNdArrayElement, IntNdArrayElement, NdArray, NdArrayTensor, QuantElement, SharedArray,
+};
+use burn::tensor::{
+    DType, TensorMetadata,
+    ops::{FloatTensor, FloatTensorOps, IntTensor},
+};
+
+use super::cpu::{CPU_DTYPES, fused_on_slices, scale_by_mul, scale_in_place, upstream_values};
+use crate::{DistillBackend, DistillParams, FusedOutput};
+
+impl<E: FloatNdArrayElement, I: IntNdArrayElement, Q: QuantElement> DistillBackend
+    for NdArray<E, I, Q>
+where
+    NdArrayTensor: From<SharedArray<E>>,
+    NdArrayTensor: From<SharedArray<I>>,
+{
+    fn fused_kernel_dtypes() -> &'static [DType] {
+        CPU_DTYPES
+    }
+
+    fn distill_fused(
+        student: FloatTensor<Self>,
+        teacher: FloatTensor<Self>,
+        targets: Option<IntTensor<Self>>,
+        params: &DistillParams,
+        with_grad: bool,
+    ) -> Option<FusedOutput<Self>> {
+        let shape = student.shape();
+        let shape = [shape[0], shape[1]];
+        let device = Self::float_device(&student);
+        macro_rules! run {
+            ($s:expr, $t:expr) => {{
+                let (s, t) = ($s.view(), $t.view());
+                let (s, t) = (s.as_standard_layout(), t.as_standard_layout());
+                fused_on_slices::<Self, _>(
+                    s.as_slice().expect("standard layout"),
+                    t.as_slice().expect("standard layout"),
+                    shape,
+                    targets,
+                    params,
+                    with_grad,
+                    &device,
+                )
+            }};
+        }
+        match (&student, &teacher) {
+            (NdArrayTensor::F32(s), NdArrayTensor::F32(t)) => Some(run!(s, t)),
+            (NdArrayTensor::F64(s), NdArrayTensor::F64(t)) => Some(run!(s, t)),
+            _ => None,
+        }
+    }
+
+    fn distill_scale_grad(
+        grad: FloatTensor<Self>,
+        upstream: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let scale = upstream_values::<Self>(upstream);
+        let v = grad.shape()[1];
+        let mut grad = grad;
+        match &mut grad {
+            NdArrayTensor::F32(storage) if storage.is_unique() => {
+                let array = storage.ensure_owned();
+                scale_in_place(array.as_slice_mut().expect("standard layout"), v, &scale);
+            }
+            NdArrayTensor::F64(storage) if storage.is_unique() => {
+                let array = storage.ensure_owned();
+                scale_in_place(array.as_slice_mut().expect("standard layout"), v, &scale);
+            }
+            _ => return scale_by_mul::<Self>(grad, scale),
+        }
+        grad
+    }
+}

@@ -7,6 +7,7 @@ use thiserror::Error;
 /// Every message names the argument, the value that was given and what was expected, so a
 /// failing training run says exactly which knob or tensor to fix.
 #[derive(Debug, Clone, PartialEq, Error)]
+#[non_exhaustive]
 pub enum DistillError {
     /// A configuration value or an input tensor does not meet its contract.
     #[error("invalid {argument}: got {value}, expected {expected}")]

@@ -12,6 +12,7 @@ use crate::{DistillError, error::or_panic};
 
 /// The distance between a student's and a teacher's hidden state, per row.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum HiddenLossKind {
     /// Mean squared error over the hidden dimension: `mean_j (h_s′ − h_t)_j²` (FitNets).
     #[default]
@@ -59,24 +60,32 @@ impl HiddenStateLossConfig {
     /// Builds the loss (with its projection, a trainable `Linear`, when needed).
     ///
     /// # Panics
-    /// If a width is 0.
+    /// If a width is 0, with the message of [`HiddenStateLossConfig::try_init`].
     pub fn init<B: Backend>(&self, device: &B::Device) -> HiddenStateLoss<B> {
+        or_panic(self.try_init(device))
+    }
+
+    /// [`HiddenStateLossConfig::init`] that returns an error instead of panicking.
+    pub fn try_init<B: Backend>(
+        &self,
+        device: &B::Device,
+    ) -> Result<HiddenStateLoss<B>, DistillError> {
         for (name, dim) in [
             ("student_dim", self.student_dim),
             ("teacher_dim", self.teacher_dim),
         ] {
             if dim == 0 {
-                or_panic::<()>(Err(DistillError::invalid(name, dim, "a width >= 1")));
+                return Err(DistillError::invalid(name, dim, "a width >= 1"));
             }
         }
         let projection = (self.force_projection || self.student_dim != self.teacher_dim)
             .then(|| LinearConfig::new(self.student_dim, self.teacher_dim).init(device));
-        HiddenStateLoss {
+        Ok(HiddenStateLoss {
             projection,
             kind: self.kind,
             student_dim: self.student_dim,
             teacher_dim: self.teacher_dim,
-        }
+        })
     }
 }
 

@@ -62,7 +62,10 @@ pub use kernel::Kernel;
 pub use kernel::internals;
 pub use loss::{DistillLoss, DistillLossConfig, DistillOutput};
 pub use reduction::Reduction;
-pub use softmax::{temperature_log_softmax, temperature_softmax};
+pub use softmax::{
+    temperature_log_softmax, temperature_softmax, try_temperature_log_softmax,
+    try_temperature_softmax,
+};
 pub use sparse::{
     SparseDistillLoss, SparseDistillLossConfig, SparseTeacher, StudentSupport, TailPolicy,
 };

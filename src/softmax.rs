@@ -23,7 +23,7 @@ pub(crate) fn check_temperature(argument: &str, temperature: f64) -> Result<(), 
 /// knowledge" (the relative probabilities of the wrong classes); `T = 1` is the plain softmax.
 ///
 /// # Panics
-/// If `temperature` is not a finite number `> 0`.
+/// If `temperature` is not a finite number `> 0` or `dim` is not an axis of the logits.
 ///
 /// # Example
 /// ```
@@ -41,8 +41,19 @@ pub fn temperature_softmax<B: Backend, const D: usize>(
     temperature: f64,
     dim: usize,
 ) -> Tensor<B, D> {
-    or_panic(check_temperature("temperature", temperature));
-    activation::softmax(scale(logits, temperature), dim)
+    or_panic(try_temperature_softmax(logits, temperature, dim))
+}
+
+/// [`temperature_softmax`] that returns an error (for a bad temperature or `dim`) instead of
+/// panicking.
+pub fn try_temperature_softmax<B: Backend, const D: usize>(
+    logits: Tensor<B, D>,
+    temperature: f64,
+    dim: usize,
+) -> Result<Tensor<B, D>, DistillError> {
+    check_temperature("temperature", temperature)?;
+    check_dim(dim, D)?;
+    Ok(activation::softmax(scale(logits, temperature), dim))
 }
 
 /// `log_softmax(logits / T)` along `dim`, computed stably (max-shifted log-sum-exp).
@@ -50,7 +61,7 @@ pub fn temperature_softmax<B: Backend, const D: usize>(
 /// `−inf` logits (vocabulary padding) give `−inf` log-probabilities, not NaN.
 ///
 /// # Panics
-/// If `temperature` is not a finite number `> 0`.
+/// If `temperature` is not a finite number `> 0` or `dim` is not an axis of the logits.
 ///
 /// # Example
 /// ```
@@ -67,8 +78,32 @@ pub fn temperature_log_softmax<B: Backend, const D: usize>(
     temperature: f64,
     dim: usize,
 ) -> Tensor<B, D> {
-    or_panic(check_temperature("temperature", temperature));
-    activation::log_softmax(scale(logits, temperature), dim)
+    or_panic(try_temperature_log_softmax(logits, temperature, dim))
+}
+
+/// [`temperature_log_softmax`] that returns an error (for a bad temperature or `dim`) instead
+/// of panicking.
+pub fn try_temperature_log_softmax<B: Backend, const D: usize>(
+    logits: Tensor<B, D>,
+    temperature: f64,
+    dim: usize,
+) -> Result<Tensor<B, D>, DistillError> {
+    check_temperature("temperature", temperature)?;
+    check_dim(dim, D)?;
+    Ok(activation::log_softmax(scale(logits, temperature), dim))
+}
+
+/// `dim` must be an axis of a rank-`rank` tensor.
+fn check_dim(dim: usize, rank: usize) -> Result<(), DistillError> {
+    if dim < rank {
+        Ok(())
+    } else {
+        Err(DistillError::invalid(
+            "dim",
+            dim,
+            format!("an axis of the rank-{rank} logits, in [0, {rank})"),
+        ))
+    }
 }
 
 /// `logits / T`, as a product: burn 0.21's autodiff differentiates `div_scalar` with an f32

@@ -3,6 +3,7 @@
 
 use burn::{
     config::Config,
+    module::Module,
     tensor::{Bool, IndexingUpdateOp, Int, Tensor, TensorData, activation, backend::Backend},
 };
 use serde::{Deserialize, Serialize};
@@ -22,6 +23,7 @@ const ROUNDING: f64 = 1e-3;
 
 /// Which student distribution a renormalised sparse teacher is compared with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum StudentSupport {
     /// The student's full-vocabulary log-probabilities `log softmax(z_s / T)[j]` at the
     /// teacher's top-k indices (DistillKit's convention). They sum to less than one over the
@@ -39,6 +41,7 @@ pub enum StudentSupport {
 /// `ℓ_j` are the teacher's log-probabilities on its valid top-k set `K` (at the generation
 /// temperature `T_gen`), `z` the student's logits, `r = T_gen / T`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum TailPolicy {
     /// Drop the tail and renormalise the teacher over its top-k:
     /// `p_j = exp(r·ℓ_j) / Σ_{i∈K} exp(r·ℓ_i)` for `j ∈ K`, against the student on the
@@ -82,13 +85,30 @@ impl<B: Backend> SparseTeacher<B> {
 
     /// A teacher from `[B, T, k]` sequences, flattened to `B·T` rows (row-major, as
     /// [`SparseDistillLoss::forward_seq`] flattens the student).
+    ///
+    /// # Panics
+    /// If the two shapes differ, with the message of [`SparseTeacher::try_from_seq`].
     pub fn from_seq(indices: Tensor<B, 3, Int>, log_probs: Tensor<B, 3>) -> Self {
+        or_panic(Self::try_from_seq(indices, log_probs))
+    }
+
+    /// [`SparseTeacher::from_seq`] that returns an error instead of panicking.
+    pub fn try_from_seq(
+        indices: Tensor<B, 3, Int>,
+        log_probs: Tensor<B, 3>,
+    ) -> Result<Self, DistillError> {
         let [b, t, k] = indices.dims();
-        let [lb, lt, lk] = log_probs.dims();
-        Self::new(
+        if log_probs.dims() != [b, t, k] {
+            return Err(DistillError::invalid(
+                "log_probs",
+                format!("shape {:?}", log_probs.dims()),
+                format!("the indices shape [{b}, {t}, {k}] (batch, sequence, top-k)"),
+            ));
+        }
+        Ok(Self::new(
             indices.reshape([b * t, k]),
-            log_probs.reshape([lb * lt, lk]),
-        )
+            log_probs.reshape([b * t, k]),
+        ))
     }
 
     /// Keeps only the entries where `mask` (`[N, k]`) is `true`.
@@ -108,17 +128,27 @@ impl<B: Backend> SparseTeacher<B> {
         k: usize,
         generation_temperature: f64,
     ) -> Self {
-        or_panic(check_temperature(
-            "generation_temperature",
+        or_panic(Self::try_from_logits(
+            teacher_logits,
+            k,
             generation_temperature,
-        ));
+        ))
+    }
+
+    /// [`SparseTeacher::from_logits`] that returns an error instead of panicking.
+    pub fn try_from_logits(
+        teacher_logits: Tensor<B, 2>,
+        k: usize,
+        generation_temperature: f64,
+    ) -> Result<Self, DistillError> {
+        check_temperature("generation_temperature", generation_temperature)?;
         let v = teacher_logits.dims()[1];
         if k == 0 || k > v {
-            or_panic::<()>(Err(DistillError::invalid(
+            return Err(DistillError::invalid(
                 "k",
                 k,
                 format!("a number of tokens in [1, {v}] (the teacher's vocabulary)"),
-            )));
+            ));
         }
         let log_p = activation::log_softmax(
             teacher_logits
@@ -127,7 +157,7 @@ impl<B: Backend> SparseTeacher<B> {
             1,
         );
         let (log_probs, indices) = log_p.topk_with_indices(k, 1);
-        Self::new(indices, log_probs)
+        Ok(Self::new(indices, log_probs))
     }
 
     /// `[N, k]`: rows and entries per row.
@@ -246,11 +276,17 @@ impl SparseDistillLossConfig {
 /// assert!(value.into_scalar() > 0.0);
 /// assert_eq!(student.grad(&grads).unwrap().dims(), [1, 4]);
 /// ```
-#[derive(Clone, Debug)]
+///
+/// It is a (parameter-free) burn [`Module`](burn::module::Module), like [`DistillLoss`](crate::DistillLoss).
+#[derive(Module, Clone, Debug)]
 pub struct SparseDistillLoss {
+    #[module(skip)]
     params: DistillParams,
+    #[module(skip)]
     check_inputs: bool,
+    #[module(skip)]
     tail: TailPolicy,
+    #[module(skip)]
     generation_temperature: f64,
 }
 
@@ -266,7 +302,7 @@ impl SparseDistillLoss {
     }
 
     /// Full loss of `[N, V]` student logits against a sparse teacher with `N` rows and `[N]`
-    /// targets. Returns `[1]` for `Mean` and `Sum`, `[N]` for `None`.
+    /// targets. Returns `[1]` (`Mean`, `Sum`, `Normalized`) or `[N]` (`PerRow`).
     ///
     /// # Panics
     /// On bad input, with the message of [`SparseDistillLoss::try_forward_parts`].
@@ -303,12 +339,25 @@ impl SparseDistillLoss {
         teacher: SparseTeacher<B>,
         targets: Tensor<B, 2, Int>,
     ) -> Tensor<B, 1> {
+        or_panic(self.try_forward_seq_parts(student_logits, teacher, Some(targets))).loss
+    }
+
+    /// Sequence form of [`SparseDistillLoss::try_forward_parts`]: `[B, T, V]` student logits,
+    /// a teacher of `B·T` rows and optional `[B, T]` targets.
+    pub fn try_forward_seq_parts<B: Backend>(
+        &self,
+        student_logits: Tensor<B, 3>,
+        teacher: SparseTeacher<B>,
+        targets: Option<Tensor<B, 2, Int>>,
+    ) -> Result<DistillOutput<B>, DistillError> {
         let [b, t, v] = student_logits.dims();
-        or_panic(check_seq_targets(&targets, b, t));
-        self.forward(
+        if let Some(targets) = &targets {
+            check_seq_targets(targets, b, t)?;
+        }
+        self.try_forward_parts(
             student_logits.reshape([b * t, v]),
             teacher,
-            targets.reshape([b * t]),
+            targets.map(|targets| targets.reshape([b * t])),
         )
     }
 

@@ -8,6 +8,7 @@ use crate::DistillError;
 /// Policy for student and teacher logits whose last dimension (the vocabulary) differs, as
 /// with padded embedding tables (e.g. 151,936 vs 152,064 columns).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub enum VocabMismatch {
     /// A clear error naming both sizes (the default: a mismatch is usually a bug).
     #[default]

@@ -57,14 +57,7 @@ fn problem(n: usize, v: usize, scale: f64, pad: usize, seed: u64) -> Problem {
     }
 }
 
-const DIVERGENCES: [Divergence; 6] = [
-    Divergence::ForwardKl,
-    Divergence::ReverseKl,
-    Divergence::Jsd { beta: 0.5 },
-    Divergence::SkewKl { lambda: 0.1 },
-    Divergence::SkewReverseKl { lambda: 0.1 },
-    Divergence::Tvd,
-];
+const DIVERGENCES: [Divergence; Divergence::ALL.len()] = Divergence::ALL;
 
 fn run<B: AutodiffBackend + DistillBackend>(
     config: &DistillLossConfig,

@@ -5,7 +5,7 @@ mod common;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::Tensor;
-use burn_distill::{DistillLossConfig, Divergence, Reduction};
+use burn_distill::{DistillLossConfig, Divergence, Kernel, Reduction};
 use common::{close, ints, tensor2, values};
 
 type B = Autodiff<NdArray<f64>>;
@@ -24,10 +24,19 @@ fn config() -> DistillLossConfig {
         .with_label_smoothing(0.1)
 }
 
-/// Summing micro-batch `Sum` losses divided by the global count of kept rows gives the
-/// full-batch `Mean`, in value and in gradient.
+/// Gradient accumulation: micro-batch losses `Normalized` by the global count of kept rows
+/// (`num_items_in_batch`), or `Sum` divided by it, add up to the full-batch `Mean`, in value
+/// and in gradient, on the fused kernel and on the reference.
 #[test]
-fn sum_over_micro_batches_equals_full_batch_mean() {
+fn normalized_micro_batches_equal_full_batch_mean() {
+    for kernel in [Kernel::Fused, Kernel::Reference] {
+        for normalized in [true, false] {
+            micro_batches_equal_full_batch_mean(kernel, normalized);
+        }
+    }
+}
+
+fn micro_batches_equal_full_batch_mean(kernel: Kernel, normalized: bool) {
     let device = Default::default();
     let (n, v) = (8, 13);
     let s = random(n, v, 1.0);
@@ -35,7 +44,10 @@ fn sum_over_micro_batches_equals_full_batch_mean() {
     let targets = [3, -100, 0, 12, -100, 7, 7, 1];
     let kept = targets.iter().filter(|&&t| t != -100).count() as f64;
 
-    let mean_loss = config().with_reduction(Reduction::Mean).init();
+    let mean_loss = config()
+        .with_reduction(Reduction::Mean)
+        .with_kernel(kernel)
+        .init();
     let student = tensor2::<B>(&s, [n, v], &device).require_grad();
     let full = mean_loss.forward(
         student.clone(),
@@ -45,30 +57,41 @@ fn sum_over_micro_batches_equals_full_batch_mean() {
     let full_grad = values(student.grad(&full.backward()).unwrap());
     let full = values(full)[0];
 
-    let sum_loss = config().with_reduction(Reduction::Sum).init();
+    let (reduction, factor) = if normalized {
+        let items = kept as u64;
+        (Reduction::Normalized { items }, 1.0)
+    } else {
+        (Reduction::Sum, kept.recip())
+    };
+    let part_loss = mean_loss.with_reduction(reduction);
     let mut accumulated = 0.0;
     let mut grad = Vec::new();
-    for half in 0..2 {
-        let rows = half * 4..half * 4 + 4;
+    // Uneven micro-batches: 3 rows (one ignored) and 5 rows (one ignored).
+    for rows in [0..3, 3..8] {
+        let len = rows.len();
         let s_part = &s[rows.start * v..rows.end * v];
         let t_part = &t[rows.start * v..rows.end * v];
-        let student = tensor2::<B>(s_part, [4, v], &device).require_grad();
-        let part = sum_loss
+        let student = tensor2::<B>(s_part, [len, v], &device).require_grad();
+        let part = part_loss
             .forward(
                 student.clone(),
-                tensor2(t_part, [4, v], &device),
+                tensor2(t_part, [len, v], &device),
                 ints(&targets[rows], &device),
             )
-            .mul_scalar(kept.recip());
+            .mul_scalar(factor);
         grad.extend(values(student.grad(&part.backward()).unwrap()));
         accumulated += values(part)[0];
     }
     assert!(
         close(accumulated, full, 1e-12, 1e-10),
-        "{accumulated} vs {full}"
+        "{kernel:?}, normalized {normalized}: {accumulated} vs {full}"
     );
+    assert_eq!(grad.len(), full_grad.len());
     for (a, e) in grad.iter().zip(&full_grad) {
-        assert!(close(*a, *e, 1e-12, 1e-10), "{a} vs {e}");
+        assert!(
+            close(*a, *e, 1e-14, 1e-10),
+            "{kernel:?}, normalized {normalized}: {a} vs {e}"
+        );
     }
 }
 
@@ -176,17 +199,72 @@ fn ignore_index_none_keeps_every_row() {
     let device = Default::default();
     let (n, v) = (3, 4);
     let (s, t) = (random(n, v, 11.0), random(n, v, 12.0));
-    let with_none = values(config().with_ignore_index(None).init().forward(
-        tensor2::<B>(&s, [n, v], &device),
-        tensor2(&t, [n, v], &device),
-        ints(&[0, 1, 2], &device),
-    ));
-    let with_default = values(config().init().forward(
-        tensor2::<B>(&s, [n, v], &device),
-        tensor2(&t, [n, v], &device),
-        ints(&[0, 1, 2], &device),
-    ));
-    assert_eq!(with_none, with_default);
+    // Class 3 is a real class without an ignore index, an ignored row with `Some(3)`.
+    let targets = [0, 3, 2];
+    let forward = |config: DistillLossConfig| {
+        values(config.init().forward(
+            tensor2::<B>(&s, [n, v], &device),
+            tensor2(&t, [n, v], &device),
+            ints(&targets, &device),
+        ))
+    };
+    let rows = forward(
+        config()
+            .with_ignore_index(None)
+            .with_reduction(Reduction::PerRow),
+    );
+    assert!(rows.iter().all(|r| *r > 0.0), "every row counts: {rows:?}");
+    let with_none = forward(config().with_ignore_index(None))[0];
+    let mean_of_all = rows.iter().sum::<f64>() / 3.0;
+    assert!(
+        close(with_none, mean_of_all, 1e-14, 1e-12),
+        "{with_none} vs {mean_of_all}"
+    );
+    let with_three = forward(config().with_ignore_index(Some(3)))[0];
+    let mean_of_kept = (rows[0] + rows[2]) / 2.0;
+    assert!(
+        close(with_three, mean_of_kept, 1e-14, 1e-12),
+        "{with_three} vs {mean_of_kept}"
+    );
+    assert!(
+        (with_none - with_three).abs() > 1e-3,
+        "the two settings must differ"
+    );
+}
+
+/// `DistillLoss` (and the sparse and hidden-state losses) sit in a burn `Module` as plain
+/// fields, like burn-nn's losses.
+#[test]
+fn losses_are_module_fields() {
+    use burn::module::Module;
+    use burn_distill::{
+        DistillLoss, HiddenStateLoss, HiddenStateLossConfig, SparseDistillLoss,
+        SparseDistillLossConfig,
+    };
+
+    #[derive(Module, Debug)]
+    struct Student<B: burn::tensor::backend::Backend> {
+        head: burn::nn::Linear<B>,
+        distill: DistillLoss,
+        sparse: SparseDistillLoss,
+        hidden: HiddenStateLoss<B>,
+    }
+
+    let device = Default::default();
+    let model = Student::<B> {
+        head: burn::nn::LinearConfig::new(4, 3).init(&device),
+        distill: config().init(),
+        sparse: SparseDistillLossConfig::new(config()).init(),
+        hidden: HiddenStateLossConfig::new(4, 6).init(&device),
+    };
+    assert_eq!(model.num_params(), 4 * 3 + 3 + 4 * 6 + 6);
+    let (s, t) = (random(2, 3, 1.0), random(2, 3, 2.0));
+    let value = model.distill.forward(
+        tensor2::<B>(&s, [2, 3], &device),
+        tensor2(&t, [2, 3], &device),
+        ints(&[0, 2], &device),
+    );
+    assert!(values(value)[0] > 0.0);
 }
 
 #[test]
@@ -200,14 +278,7 @@ fn padding_with_label_smoothing_stays_finite() {
             t[row * 6 + col] = f64::NEG_INFINITY;
         }
     }
-    for divergence in [
-        Divergence::ForwardKl,
-        Divergence::ReverseKl,
-        Divergence::Jsd { beta: 0.5 },
-        Divergence::SkewKl { lambda: 0.1 },
-        Divergence::SkewReverseKl { lambda: 0.1 },
-        Divergence::Tvd,
-    ] {
+    for divergence in Divergence::ALL {
         let student = tensor2::<B>(&s, [2, 6], &device).require_grad();
         let loss = config().with_divergence(divergence).init().forward(
             student.clone(),

@@ -50,6 +50,7 @@ mod loss;
 mod reduction;
 mod softmax;
 mod sparse;
+pub mod testing;
 mod vocab;
 
 pub use backend::{DistillBackend, DistillParams, DistillParts, FusedOutput, reference_loss};

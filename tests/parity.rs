@@ -5,138 +5,30 @@
 mod common;
 
 use burn::backend::Autodiff;
-use burn::tensor::backend::AutodiffBackend;
-use burn_distill::{DistillBackend, DistillLossConfig, Divergence, Kernel, Reduction};
+use burn_distill::testing::parity::{assert_parity, problem, sweep};
+use burn_distill::{DistillBackend, DistillLossConfig, Divergence, Kernel};
 use common::{ints, mismatches, tensor2, values};
-
-/// A deterministic pseudo-random stream (SplitMix64) in [-1, 1).
-struct Stream(u64);
-
-impl Stream {
-    fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 52) as f64 - 1.0
-    }
-}
-
-struct Problem {
-    shape: [usize; 2],
-    student: Vec<f64>,
-    teacher: Vec<f64>,
-    targets: Vec<i64>,
-}
-
-fn problem(n: usize, v: usize, scale: f64, pad: usize, seed: u64) -> Problem {
-    let mut r = Stream(seed);
-    let mut logit = |j: usize| {
-        if j >= v - pad {
-            f64::NEG_INFINITY
-        } else {
-            (scale * r.next() as f32 as f64) as f32 as f64
-        }
-    };
-    let student = (0..n * v).map(|i| logit(i % v)).collect();
-    let teacher = (0..n * v).map(|i| logit(i % v)).collect();
-    let targets = (0..n)
-        .map(|i| {
-            if i % 5 == 3 {
-                -100
-            } else {
-                ((i * 7919) % (v - pad)) as i64
-            }
-        })
-        .collect();
-    Problem {
-        shape: [n, v],
-        student,
-        teacher,
-        targets,
-    }
-}
-
-const DIVERGENCES: [Divergence; Divergence::ALL.len()] = Divergence::ALL;
-
-fn run<B: AutodiffBackend + DistillBackend>(
-    config: &DistillLossConfig,
-    p: &Problem,
-    labels: bool,
-) -> (Vec<f64>, Vec<f64>) {
-    let device = Default::default();
-    let loss = config.init();
-    let student = tensor2::<B>(&p.student, p.shape, &device).require_grad();
-    let teacher = tensor2::<B>(&p.teacher, p.shape, &device);
-    let value = if labels {
-        loss.forward(student.clone(), teacher, ints(&p.targets, &device))
-    } else {
-        loss.forward_soft(student.clone(), teacher)
-    };
-    let grad = student.grad(&value.clone().sum().backward()).unwrap();
-    (values(value), values(grad))
-}
-
-/// Fused == reference for loss and gradient, on backend `B`.
-fn assert_parity<B: AutodiffBackend + DistillBackend>(
-    p: &Problem,
-    config: DistillLossConfig,
-    labels: bool,
-) {
-    let (rl, rg) = run::<B>(&config.clone().with_kernel(Kernel::Reference), p, labels);
-    let (fl, fg) = run::<B>(&config.clone().with_kernel(Kernel::Fused), p, labels);
-    let mut failures = mismatches("loss", &fl, &rl, 1e-5, 2e-4);
-    failures.extend(mismatches("grad", &fg, &rg, 1e-6, 2e-3));
-    assert!(
-        fg.iter().all(|g| g.is_finite()),
-        "non-finite fused gradient"
-    );
-    assert!(
-        failures.is_empty(),
-        "{:?} {config:?} labels={labels}:\n{}",
-        p.shape,
-        failures.join("\n")
-    );
-}
-
-fn sweep<B: AutodiffBackend + DistillBackend>(vocabularies: &[usize]) {
-    for &v in vocabularies {
-        for n in [1, 7] {
-            let pad = if v >= 8 { 3 } else { 0 };
-            let p = problem(n, v, 6.0, pad, (n * 1000 + v) as u64);
-            for (k, d) in DIVERGENCES.into_iter().enumerate() {
-                let reduction = [Reduction::Mean, Reduction::Sum, Reduction::PerRow][k % 3];
-                let temperature = [1.0, 2.0, 4.0, 2.5][k % 4];
-                let config = DistillLossConfig::new()
-                    .with_divergence(d)
-                    .with_temperature(temperature)
-                    .with_alpha(0.7)
-                    .with_label_smoothing(if k % 2 == 0 { 0.1 } else { 0.0 })
-                    .with_reduction(reduction);
-                assert_parity::<B>(&p, config.clone(), true);
-                assert_parity::<B>(&p, config, false);
-            }
-        }
-    }
-}
 
 const VOCABULARIES: [usize; 7] = [1, 2, 3, 17, 1031, 4099, 32001];
 
 #[test]
 fn ndarray_fused_matches_reference() {
-    sweep::<Autodiff<burn::backend::NdArray>>(&VOCABULARIES);
+    sweep::<Autodiff<burn::backend::NdArray>>(&Default::default(), &VOCABULARIES);
 }
 
 #[cfg(feature = "flex")]
 #[test]
 fn flex_fused_matches_reference() {
-    sweep::<Autodiff<burn::backend::Flex>>(&VOCABULARIES);
+    sweep::<Autodiff<burn::backend::Flex>>(&Default::default(), &VOCABULARIES);
 }
 
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_fused_matches_reference() {
-    sweep::<Autodiff<burn::backend::Wgpu>>(&[1, 2, 3, 17, 300, 1031]);
+    sweep::<Autodiff<burn::backend::Wgpu>>(
+        &burn_distill::testing::wgpu_device(),
+        &[1, 2, 3, 17, 300, 1031, 4099],
+    );
 }
 
 #[test]
@@ -150,6 +42,7 @@ fn huge_logits_and_large_vocabularies() {
                 .with_temperature(3.0)
                 .with_alpha(0.5),
             true,
+            &Default::default(),
         );
     }
 }
@@ -160,7 +53,8 @@ fn all_rows_ignored_fused() {
     let mut p = problem(3, 11, 2.0, 0, 5);
     p.targets = vec![-100; 3];
     let config = DistillLossConfig::new().with_kernel(Kernel::Fused);
-    let (loss, grad) = run::<B>(&config, &p, true);
+    let (loss, grad) =
+        burn_distill::testing::parity::run::<B>(&config, &p, true, &Default::default());
     assert_eq!(loss, vec![0.0]);
     assert!(grad.iter().all(|g| *g == 0.0));
 }
@@ -176,13 +70,13 @@ fn every_cpu_instruction_set_matches_reference() {
         force_isa(Some(isa));
         for v in [5, 1031] {
             let p = problem(4, v, 6.0, 2, v as u64);
-            for d in DIVERGENCES {
+            for d in Divergence::ALL {
                 let config = DistillLossConfig::new()
                     .with_divergence(d)
                     .with_temperature(4.0)
                     .with_alpha(0.8)
                     .with_label_smoothing(0.05);
-                assert_parity::<B>(&p, config, true);
+                assert_parity::<B>(&p, config, true, &Default::default());
             }
         }
     }
@@ -226,6 +120,7 @@ fn half_precision_logits<W: DistillBackend>(dtypes: &[burn::tensor::DType]) {
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_half_precision_logits() {
+    let _adapter = burn_distill::testing::wgpu_device();
     half_precision_logits::<burn::backend::Wgpu>(&[burn::tensor::DType::F16]);
 }
 
@@ -234,7 +129,7 @@ fn wgpu_half_precision_logits() {
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_fused_matches_reference() {
-    sweep::<Autodiff<burn::backend::Cuda>>(&VOCABULARIES);
+    sweep::<Autodiff<burn::backend::Cuda>>(&Default::default(), &VOCABULARIES);
 }
 
 #[cfg(feature = "cuda")]
@@ -242,4 +137,127 @@ fn cuda_fused_matches_reference() {
 fn cuda_half_precision_logits() {
     use burn::tensor::DType;
     half_precision_logits::<burn::backend::Cuda>(&[DType::F16, DType::BF16]);
+}
+
+/// More rows than one dispatch dimension holds (wgpu: 65,535 workgroups): the fused CubeCL
+/// kernel on `[65_537, 5]` logits (loss and gradient), and the sequence form with
+/// `B·T = 2 × 32_769`, against the reference on NdArray.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_more_rows_than_one_dispatch_dimension() {
+    use burn::tensor::{Int, Tensor, TensorData};
+    use burn_distill::Reduction;
+    use burn_distill::testing::{GRAD_TOL, LOSS_TOL, parity::run};
+    type W = Autodiff<burn::backend::Wgpu>;
+    type C = Autodiff<burn::backend::NdArray>;
+    let device = burn_distill::testing::wgpu_device();
+    let p = problem(65_537, 5, 4.0, 0, 7);
+    let config = DistillLossConfig::new()
+        .with_temperature(2.0)
+        .with_alpha(0.6)
+        .with_divergence(Divergence::Jsd { beta: 0.3 });
+    let fused = config.clone().with_kernel(Kernel::Fused);
+    let reference = config.clone().with_kernel(Kernel::Reference);
+    let (wl, wg) = run::<W>(&fused, &p, true, &device);
+    let (cl, cg) = run::<C>(&reference, &p, true, &Default::default());
+    let mut failures = mismatches("loss", &wl, &cl, LOSS_TOL.0, LOSS_TOL.1);
+    failures.extend(mismatches("grad", &wg, &cg, 1e-9, GRAD_TOL.1));
+    assert!(wg.iter().any(|g| *g != 0.0), "the gradient is not zero");
+    assert!(failures.is_empty(), "N = 65,537:\n{}", failures.join("\n"));
+
+    // Sequence form, per-token losses: [2, 32_769, 5].
+    let per_row = config.with_reduction(Reduction::PerRow);
+    let p = problem(2 * 32_769, 5, 4.0, 0, 8);
+    let seq = |kernel: Kernel, on_wgpu: bool| -> Vec<f64> {
+        let loss = per_row.clone().with_kernel(kernel).init();
+        macro_rules! go {
+            ($b:ty, $device:expr) => {{
+                let shape = [2, 32_769, 5];
+                let s =
+                    Tensor::<$b, 3>::from_data(TensorData::new(p.student.clone(), shape), $device);
+                let t =
+                    Tensor::<$b, 3>::from_data(TensorData::new(p.teacher.clone(), shape), $device);
+                let y = Tensor::<$b, 2, Int>::from_data(
+                    TensorData::new(p.targets[..2 * 32_769].to_vec(), [2, 32_769]),
+                    $device,
+                );
+                values(loss.forward_seq(s, t, y))
+            }};
+        }
+        if on_wgpu {
+            go!(W, &device)
+        } else {
+            go!(C, &Default::default())
+        }
+    };
+    let (w, c) = (seq(Kernel::Fused, true), seq(Kernel::Reference, false));
+    assert_eq!(w.len(), 65_538);
+    let failures = mismatches("row", &w, &c, LOSS_TOL.0, LOSS_TOL.1);
+    assert!(
+        failures.is_empty(),
+        "B·T = 65,538:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// f16 logits at LLM batch sizes: 65,537 rows whose summed loss (≈ 1e5) and kept count
+/// overflow f16 (65,504). The fused kernel reduces in f32 and returns an f32 loss; the
+/// gradient (f16) matches the f32 reference and is not zero.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_f16_reduction_past_the_f16_range() {
+    use burn::tensor::{DType, Tensor};
+    use burn_distill::Reduction;
+    type W = burn::backend::Wgpu;
+    let device = burn_distill::testing::wgpu_device();
+    let p = problem(65_537, 5, 4.0, 0, 11);
+    for reduction in [Reduction::Mean, Reduction::Sum] {
+        let config = DistillLossConfig::new()
+            .with_temperature(1.0)
+            .with_alpha(0.5)
+            .with_reduction(reduction);
+        // Both runs see the same f16-rounded logits (the reference in f32).
+        let run_on = |dtype: DType, kernel: Kernel| {
+            let rounded = |x: &[f64]| {
+                tensor2::<Autodiff<W>>(x, p.shape, &device)
+                    .cast(DType::F16)
+                    .cast(dtype)
+            };
+            let student = rounded(&p.student).require_grad();
+            let teacher = rounded(&p.teacher);
+            let loss = config.clone().with_kernel(kernel).init().forward(
+                student.clone(),
+                teacher,
+                ints(&p.targets, &device),
+            );
+            let grad: Tensor<W, 2> = student.grad(&loss.backward()).unwrap();
+            (
+                loss.dtype(),
+                values(loss.cast(DType::F32))[0],
+                values(grad.cast(DType::F32)),
+            )
+        };
+        let (dtype, f, fg) = run_on(DType::F16, Kernel::Fused);
+        let (_, r, rg) = run_on(DType::F32, Kernel::Reference);
+        assert_eq!(dtype, DType::F32, "the fused loss of f16 logits is f32");
+        assert!(
+            f.is_finite() && (f - r).abs() <= 2e-3 * r.abs(),
+            "{reduction:?}: {f} vs {r}"
+        );
+        // f16 output rounding (half an ulp: 2^-11 relative; subnormals below 6.1e-5 are 6e-8
+        // apart; Mean's entries are all subnormal at 1/65,537) and, for Sum, f32 cancellation
+        // in `q − p` (≈ 1e-7 absolute for entries near 0.1).
+        let abs = if reduction == Reduction::Mean {
+            6e-8
+        } else {
+            2e-7
+        };
+        let failures = mismatches("grad", &fg, &rg, abs, 1e-3);
+        assert!(
+            failures.is_empty(),
+            "{reduction:?}:\n{}",
+            failures.join("\n")
+        );
+        assert!(fg.iter().any(|g| *g != 0.0), "{reduction:?}: zero gradient");
+    }
 }

@@ -88,6 +88,10 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
         B::fused_kernel_dtypes()
     }
 
+    fn fused_loss_dtype(logits: DType) -> DType {
+        B::fused_loss_dtype(logits)
+    }
+
     /// The fused kernel of `B` as a tracked op of the student (see [`fused_with_grad`]); the
     /// default [`DistillBackend::distill_loss`] then differentiates through it.
     fn distill_fused(

@@ -23,7 +23,8 @@ pub(crate) struct CubeRows<R: CubeRuntime> {
 }
 
 /// Launches the kernel. `targets` must hold `[N]` class indices (or be `None`); `scale` is the
-/// `[1]` factor of the reduction that the gradient is multiplied by.
+/// `[1]` f32 factor of the reduction that the gradient is multiplied by. Row outputs are f32,
+/// the gradient has the logits' dtype.
 pub(crate) fn launch<R: CubeRuntime>(
     student: CubeTensor<R>,
     teacher: CubeTensor<R>,
@@ -38,7 +39,9 @@ pub(crate) fn launch<R: CubeRuntime>(
     let client = student.client.clone();
     let device = student.device.clone();
     let dtype = student.dtype;
-    let rows = || empty_device_dtype::<R>(client.clone(), device.clone(), Shape::new([n]), dtype);
+    // Row values in f32 for every logit dtype: an f16 sum of row losses overflows at 65,504.
+    let rows =
+        || empty_device_dtype::<R>(client.clone(), device.clone(), Shape::new([n]), DType::F32);
     let (loss, soft, hard) = (rows(), rows(), rows());
     let grad = if with_grad {
         empty_device_dtype::<R>(client.clone(), device.clone(), Shape::new([n, v]), dtype)
@@ -111,6 +114,12 @@ where
         &[DType::F32, DType::F16, DType::BF16]
     }
 
+    /// Losses are accumulated, reduced and returned in f32 for every logit dtype (as PyTorch's
+    /// autocast does for its losses); the gradient keeps the logits' dtype.
+    fn fused_loss_dtype(_logits: DType) -> DType {
+        DType::F32
+    }
+
     fn distill_fused(
         student: FloatTensor<Self>,
         teacher: FloatTensor<Self>,
@@ -123,10 +132,10 @@ where
         }
         type T<B, const D: usize> = BurnTensor<B, D>;
         let [n, _v] = student.meta.shape().dims::<2>();
-        let dtype = student.dtype;
         let device = student.device.clone();
         let float = |t: CubeTensor<R>| T::<Self, 1>::from_primitive(TensorPrimitive::Float(t));
-        // The reduction's factor, on the device (no synchronisation); 1 per row for PerRow.
+        // The reduction's factor, on the device (no synchronisation), in f32 (an f16 count
+        // overflows at 65,504, a bf16 1/count is off by up to 0.4%); 1 per row for PerRow.
         let ignored = ignored_rows(
             targets
                 .clone()
@@ -136,10 +145,10 @@ where
         );
         let factor = params
             .reduction
-            .factor_tensor::<Self>(ignored, n, &device, dtype);
+            .factor_tensor::<Self>(ignored, n, &device, DType::F32);
         let scale = factor
             .clone()
-            .unwrap_or_else(|| T::full([1], 1.0, (&device, dtype)));
+            .unwrap_or_else(|| T::full([1], 1.0, (&device, DType::F32)));
         let has_targets = targets.is_some();
         let rows = launch::<R>(
             student,

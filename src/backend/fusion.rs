@@ -69,6 +69,10 @@ impl<B: FusionBackend + DistillBackend> DistillBackend for Fusion<B> {
         B::fused_kernel_dtypes()
     }
 
+    fn fused_loss_dtype(logits: DType) -> DType {
+        B::fused_loss_dtype(logits)
+    }
+
     fn distill_fused(
         student: FloatTensor<Self>,
         teacher: FloatTensor<Self>,
@@ -97,12 +101,14 @@ impl<B: FusionBackend + DistillBackend> DistillBackend for Fusion<B> {
         } else {
             [1, 1].into()
         };
-        let out = |shape: Shape| TensorIr::uninit(client.create_empty_handle(), shape, dtype);
+        let out =
+            |shape: Shape, dtype| TensorIr::uninit(client.create_empty_handle(), shape, dtype);
+        let loss_dtype = B::fused_loss_dtype(dtype);
         let outputs = [
-            out(rows.clone()),
-            out(rows.clone()),
-            out(rows),
-            out(grad_shape),
+            out(rows.clone(), loss_dtype),
+            out(rows.clone(), loss_dtype),
+            out(rows, loss_dtype),
+            out(grad_shape, dtype),
         ];
         let streams = OperationStreams::with_inputs([&student, &teacher, &targets]);
         let desc = CustomOpIr::new(

@@ -126,6 +126,13 @@ pub trait DistillBackend: Backend {
         student.dtype() == teacher.dtype() && Self::fused_kernel_dtypes().contains(&student.dtype())
     }
 
+    /// The dtype of the losses the fused kernel returns for logits of dtype `logits` (the
+    /// logits' own by default; f32 on the CubeCL backends). The gradient always has the
+    /// logits' dtype.
+    fn fused_loss_dtype(logits: DType) -> DType {
+        logits
+    }
+
     /// The fused kernel: the reduced loss of `[N, V]` logits and, when `with_grad`, its
     /// `[N, V]` gradient with respect to the student logits; `None` where this backend has no
     /// fused kernel for these inputs (the default).
@@ -146,7 +153,10 @@ pub trait DistillBackend: Backend {
         upstream: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         let n = upstream.shape()[0];
-        Self::float_mul(grad, Self::float_reshape(upstream, [n, 1].into()))
+        let upstream = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(upstream))
+            .cast(grad.dtype())
+            .reshape([n, 1]);
+        Self::float_mul(grad, upstream.into_primitive().tensor())
     }
 
     /// The reduced loss and its parts of `[N, V]` student and teacher logits against optional

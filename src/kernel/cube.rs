@@ -178,7 +178,8 @@ fn column_grad(q: f32, p: f32, lq: f32, mix: f32, #[comptime] kind: DivKind) -> 
     g
 }
 
-/// One cube per row: row loss, soft and hard terms, and optionally the gradient.
+/// One cube per row: row loss, soft and hard terms (in f32 whatever the logits' dtype), and
+/// optionally the gradient (in the logits' dtype). `scale` is the f32 factor of the reduction.
 ///
 /// Rows are the linear cube position (`CUBE_POS`), so the launch may spread them over a 2-D or
 /// 3-D cube count (wgpu caps one dimension at 65,535 workgroups); cubes past the last row exit.
@@ -192,10 +193,10 @@ pub(crate) fn distill_kernel<F: Float, I: Numeric>(
     student: &Tensor<F>,
     teacher: &Tensor<F>,
     targets: &Tensor<I>,
-    scale: &Tensor<F>,
-    loss: &mut Tensor<F>,
-    soft: &mut Tensor<F>,
-    hard: &mut Tensor<F>,
+    scale: &Tensor<f32>,
+    loss: &mut Tensor<f32>,
+    soft: &mut Tensor<f32>,
+    hard: &mut Tensor<f32>,
     grad: &mut Tensor<F>,
     inv_t: f32,
     t2: f32,
@@ -243,9 +244,9 @@ pub(crate) fn distill_kernel<F: Float, I: Numeric>(
             if bad {
                 value = zero / zero;
             }
-            loss[row] = F::cast_from(value);
-            soft[row] = F::cast_from(value);
-            hard[row] = F::cast_from(value);
+            loss[row] = value;
+            soft[row] = value;
+            hard[row] = value;
         }
         if with_grad {
             let mut j = unit;
@@ -357,14 +358,14 @@ pub(crate) fn distill_kernel<F: Float, I: Numeric>(
         row_loss = hard_value;
     }
     if unit == 0 {
-        loss[row] = F::cast_from(row_loss);
-        soft[row] = F::cast_from(soft_value);
-        hard[row] = F::cast_from(hard_value);
+        loss[row] = row_loss;
+        soft[row] = soft_value;
+        hard[row] = hard_value;
     }
 
     // Last pass: the gradient of the reduced loss.
     if with_grad {
-        let factor = f32::cast_from(scale[0]);
+        let factor = scale[0];
         let ca = a * t2 * inv_t * factor;
         let cb = b * factor;
         let eps_f = eps / finite;

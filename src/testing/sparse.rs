@@ -2,13 +2,13 @@
 //! `scripts/topk_golden.py` in float64 with PyTorch) and their runner.
 
 use burn::tensor::{Bool, Int, Tensor, TensorData, backend::AutodiffBackend, backend::Backend};
-use burn_distill::{
-    SparseDistillLoss, SparseDistillLossConfig, SparseTeacher, StudentSupport, TailPolicy,
-};
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::{compare, ints, numbers, tensor2, values};
+use crate::{
+    SparseDistillLoss, SparseDistillLossConfig, SparseTeacher, StudentSupport, TailPolicy,
+};
 
 #[derive(Deserialize)]
 struct RawCase {
@@ -35,6 +35,7 @@ struct RawConfig {
 
 /// One sparse golden case, decoded.
 #[derive(Clone, Debug)]
+#[allow(missing_docs)]
 pub struct SparseCase {
     pub name: String,
     pub shape: [usize; 2],
@@ -83,7 +84,7 @@ impl SparseCase {
     }
 }
 
-/// All sparse golden cases. Fails, naming the path, if the file is missing.
+/// All sparse golden cases (`tests/golden/topk.json`).
 pub fn sparse_cases() -> Vec<SparseCase> {
     super::load_cases::<RawCase>("topk.json")
         .into_iter()
@@ -126,7 +127,7 @@ pub fn assert_sparse_golden<B: AutodiffBackend>(
     grad_tol: (f64, f64),
 ) {
     let cases = sparse_cases();
-    assert!(cases.len() >= 21, "expected the full sparse golden set");
+    assert_eq!(cases.len(), 21, "the full sparse golden set");
     let mut failures = Vec::new();
     for case in &cases {
         let loss = case.config.init();

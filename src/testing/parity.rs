@@ -1,0 +1,136 @@
+//! The fused kernel against the reference implementation on random problems: odd
+//! vocabularies, one row and several, `−inf` padding, ignored rows, every divergence and
+//! reduction, with and without labels (f32 tolerances, per entry).
+
+use burn::tensor::backend::AutodiffBackend;
+
+use super::{ints, mismatches, tensor2, values};
+use crate::{DistillBackend, DistillLossConfig, Divergence, Kernel, Reduction};
+
+/// A deterministic pseudo-random stream (SplitMix64) in [-1, 1).
+struct Stream(u64);
+
+impl Stream {
+    fn next(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+    }
+}
+
+/// `[N, V]` student and teacher logits (f32-representable) and `[N]` targets.
+#[derive(Clone, Debug)]
+#[allow(missing_docs)]
+pub struct Problem {
+    pub shape: [usize; 2],
+    pub student: Vec<f64>,
+    pub teacher: Vec<f64>,
+    pub targets: Vec<i64>,
+}
+
+/// A random problem: logits uniform in `[−scale, scale)`, the last `pad` columns `−inf`,
+/// every fifth row (from the fourth) ignored (`−100`).
+pub fn problem(n: usize, v: usize, scale: f64, pad: usize, seed: u64) -> Problem {
+    let mut r = Stream(seed);
+    let mut logit = |j: usize| {
+        if j >= v - pad {
+            f64::NEG_INFINITY
+        } else {
+            (scale * r.next() as f32 as f64) as f32 as f64
+        }
+    };
+    let student = (0..n * v).map(|i| logit(i % v)).collect();
+    let teacher = (0..n * v).map(|i| logit(i % v)).collect();
+    let targets = (0..n)
+        .map(|i| {
+            if i % 5 == 3 {
+                -100
+            } else {
+                ((i * 7919) % (v - pad)) as i64
+            }
+        })
+        .collect();
+    Problem {
+        shape: [n, v],
+        student,
+        teacher,
+        targets,
+    }
+}
+
+/// The loss values and the student gradient of `problem` (gradient of the sum of the loss).
+pub fn run<B: AutodiffBackend + DistillBackend>(
+    config: &DistillLossConfig,
+    p: &Problem,
+    labels: bool,
+    device: &B::Device,
+) -> (Vec<f64>, Vec<f64>) {
+    let loss = config.init();
+    let student = tensor2::<B>(&p.student, p.shape, device).require_grad();
+    let teacher = tensor2::<B>(&p.teacher, p.shape, device);
+    let value = if labels {
+        loss.forward(student.clone(), teacher, ints(&p.targets, device))
+    } else {
+        loss.forward_soft(student.clone(), teacher)
+    };
+    let grad = student
+        .grad(&value.clone().sum().backward())
+        .expect("student gradient");
+    (values(value), values(grad))
+}
+
+/// `Kernel::Auto` (the fused kernel where `B` has one) == `Kernel::Reference`, loss and
+/// gradient, on backend `B`.
+pub fn assert_parity<B: AutodiffBackend + DistillBackend>(
+    p: &Problem,
+    config: DistillLossConfig,
+    labels: bool,
+    device: &B::Device,
+) {
+    let reference = config.clone().with_kernel(Kernel::Reference);
+    let (rl, rg) = run::<B>(&reference, p, labels, device);
+    let (fl, fg) = run::<B>(&config.clone().with_kernel(Kernel::Auto), p, labels, device);
+    let mut failures = mismatches("loss", &fl, &rl, 1e-5, 2e-4);
+    failures.extend(mismatches("grad", &fg, &rg, 1e-6, 2e-3));
+    assert!(
+        fg.iter().all(|g| g.is_finite()),
+        "non-finite fused gradient"
+    );
+    assert!(
+        failures.is_empty(),
+        "{:?} {config:?} labels={labels}:\n{}",
+        p.shape,
+        failures.join("\n")
+    );
+}
+
+/// [`assert_parity`] over `vocabularies` (with 3 padding columns from `V = 8`), 1 and 7 rows,
+/// every divergence of [`Divergence::ALL`], rotating reductions, temperatures and label
+/// smoothing, with and without labels.
+pub fn sweep<B: AutodiffBackend + DistillBackend>(device: &B::Device, vocabularies: &[usize]) {
+    for &v in vocabularies {
+        for n in [1, 7] {
+            let pad = if v >= 8 { 3 } else { 0 };
+            let p = problem(n, v, 6.0, pad, (n * 1000 + v) as u64);
+            for (k, d) in Divergence::ALL.into_iter().enumerate() {
+                let reduction = [
+                    Reduction::Mean,
+                    Reduction::Sum,
+                    Reduction::PerRow,
+                    Reduction::Normalized { items: 5 },
+                ][k % 4];
+                let temperature = [1.0, 2.0, 4.0, 2.5][k % 4];
+                let config = DistillLossConfig::new()
+                    .with_divergence(d)
+                    .with_temperature(temperature)
+                    .with_alpha(0.7)
+                    .with_label_smoothing(if k % 2 == 0 { 0.1 } else { 0.0 })
+                    .with_reduction(reduction);
+                assert_parity::<B>(&p, config.clone(), true, device);
+                assert_parity::<B>(&p, config, false, device);
+            }
+        }
+    }
+}

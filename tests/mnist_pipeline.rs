@@ -1,5 +1,5 @@
 //! The MNIST experiment end to end on a tiny configuration: loading (bundled digits and the
-//! full-MNIST file layout), teacher, both students, results and JSON. No accuracy asserted.
+//! full-MNIST file layout), teacher, both students, results and JSON. Accuracy asserted only against chance.
 #![cfg(feature = "ndarray")]
 
 #[path = "../examples/mnist/experiment.rs"]
@@ -75,9 +75,9 @@ fn tiny_experiment_runs_end_to_end() {
         temperature: 4.0,
         sweep: vec![2.0, 4.0],
         teacher_hidden: vec![32],
-        teacher_epochs: 1,
-        student_hidden: vec![8],
-        student_epochs: 1,
+        teacher_epochs: 5,
+        student_hidden: vec![16],
+        student_epochs: 5,
         batch_size: 64,
         progress: false,
         ..Settings::default()
@@ -89,11 +89,19 @@ fn tiny_experiment_runs_end_to_end() {
     assert_eq!(r.student_kd_test_errors.len(), 2);
     assert_eq!(r.sweep.len(), 2, "main temperature plus one more");
     assert_eq!(r.sweep[0].student_kd_test_errors, r.student_kd_test_errors);
+    // Even this tiny training (5 epochs of 300 images) beats chance (90 errors in 100 for 10
+    // classes) by a wide margin: every model makes fewer than 75 errors (35–60 when written).
     let all = r
         .teacher_test_errors
         .iter()
         .chain(&r.student_hard_test_errors);
-    assert!(all.chain(&r.student_kd_test_errors).all(|&e| e <= 100));
+    assert!(
+        all.chain(&r.student_kd_test_errors).all(|&e| e < 75),
+        "{:?} {:?} {:?}",
+        r.teacher_test_errors,
+        r.student_hard_test_errors,
+        r.student_kd_test_errors
+    );
 
     let json: serde_json::Value = serde_json::to_value(&r).unwrap();
     for key in [

@@ -1,0 +1,94 @@
+//! The divergences' mathematical properties in f32, as training runs them, on NdArray and
+//! Flex, fused and reference (the f64 versions with tight tolerances are in properties.rs,
+//! a separate binary: burn 0.21 computes `NdArray<f64>` in f32 once f32 tests ran).
+#![cfg(feature = "ndarray")]
+
+mod common;
+
+use burn::tensor::backend::Backend;
+use burn_distill::{DistillBackend, DistillLossConfig, Divergence, Kernel, Reduction};
+use common::{close, tensor2, values};
+use proptest::prelude::*;
+
+/// Per-row divergence (no T²) on backend `B`; fused and reference must agree to f32 accuracy.
+fn rows_on<B: Backend + DistillBackend>(
+    divergence: Divergence,
+    s: &[f64],
+    t: &[f64],
+    shape: [usize; 2],
+    temp: f64,
+) -> Vec<f64> {
+    let device = Default::default();
+    let run = |kernel| {
+        let loss = DistillLossConfig::new()
+            .with_kernel(kernel)
+            .with_divergence(divergence)
+            .with_temperature(temp)
+            .with_scale_by_t2(false)
+            .with_reduction(Reduction::PerRow)
+            .init();
+        values(loss.forward_soft(
+            tensor2::<B>(s, shape, &device),
+            tensor2::<B>(t, shape, &device),
+        ))
+    };
+    let (reference, fused) = (run(Kernel::Reference), run(Kernel::Fused));
+    for (r, f) in reference.iter().zip(&fused) {
+        assert!(
+            close(*f, *r, 2e-6, 1e-4),
+            "{divergence:?}: reference {r} vs fused {f}"
+        );
+    }
+    fused
+}
+
+/// The f32 rows on every enabled CPU backend (NdArray, and Flex when enabled).
+fn rows(divergence: Divergence, s: &[f64], t: &[f64], shape: [usize; 2], temp: f64) -> Vec<Vec<f64>> {
+    #[allow(unused_mut)]
+    let mut out = vec![rows_on::<burn::backend::NdArray>(divergence, s, t, shape, temp)];
+    #[cfg(feature = "flex")]
+    out.push(rows_on::<burn::backend::Flex>(divergence, s, t, shape, temp));
+    out
+}
+
+/// f32-representable logits of `[n, v]` rows.
+fn logit_pair() -> impl Strategy<Value = (usize, usize, Vec<f64>, Vec<f64>)> {
+    (1usize..4, 2usize..40).prop_flat_map(|(n, v)| {
+        let f32s = proptest::collection::vec((-8.0f32..8.0).prop_map(f64::from), n * v);
+        (Just(n), Just(v), f32s.clone(), f32s)
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn nonnegative_zero_for_equal_and_bounded((n, v, s, t) in logit_pair(), temp in 0.5f64..5.0) {
+        for d in Divergence::ALL {
+            for backend in rows(d, &s, &t, [n, v], temp) {
+                for r in backend {
+                    // f32 rounding of Σ p (log p − log q) can dip a few ulps below 0.
+                    prop_assert!(r >= -1e-6, "{d:?}: {r}");
+                }
+            }
+            // Same distribution: the teacher is the student shifted by a constant.
+            let shifted: Vec<f64> = s.iter().map(|x| x + 3.0).collect();
+            for backend in rows(d, &s, &shifted, [n, v], temp) {
+                for r in backend {
+                    prop_assert!(r.abs() < 2e-6, "{d:?} of equal distributions: {r}");
+                }
+            }
+        }
+        for backend in rows(Divergence::Jsd { beta: 0.5 }, &s, &t, [n, v], 0.1) {
+            for r in backend {
+                // A sum of V f32 terms: a few ulps each near disjoint one-hots.
+                prop_assert!(r <= std::f64::consts::LN_2 + 5e-6, "JSD {r} > ln 2");
+            }
+        }
+        for backend in rows(Divergence::Tvd, &s, &t, [n, v], 0.1) {
+            for r in backend {
+                prop_assert!(r <= 1.0 + 1e-6, "TVD {r} > 1");
+            }
+        }
+    }
+}

@@ -68,8 +68,8 @@ impl Divergence {
     /// `Jsd { beta: 1 }` as [`Divergence::ReverseKl`] (TRL's and Liger's convention).
     pub fn resolved(&self) -> Result<Divergence, DistillError> {
         let (name, value, closed) = match *self {
-            Self::Jsd { beta } if beta == 0.0 => return Ok(Self::ForwardKl),
-            Self::Jsd { beta } if beta == 1.0 => return Ok(Self::ReverseKl),
+            Self::Jsd { beta: 0.0 } => return Ok(Self::ForwardKl),
+            Self::Jsd { beta: 1.0 } => return Ok(Self::ReverseKl),
             Self::Jsd { beta } => ("divergence Jsd { beta }", beta, true),
             Self::SkewKl { lambda } => ("divergence SkewKl { lambda }", lambda, false),
             Self::SkewReverseKl { lambda } => {

@@ -43,11 +43,21 @@ fn rows_on<B: Backend + DistillBackend>(
 }
 
 /// The f32 rows on every enabled CPU backend (NdArray, and Flex when enabled).
-fn rows(divergence: Divergence, s: &[f64], t: &[f64], shape: [usize; 2], temp: f64) -> Vec<Vec<f64>> {
+fn rows(
+    divergence: Divergence,
+    s: &[f64],
+    t: &[f64],
+    shape: [usize; 2],
+    temp: f64,
+) -> Vec<Vec<f64>> {
     #[allow(unused_mut)]
-    let mut out = vec![rows_on::<burn::backend::NdArray>(divergence, s, t, shape, temp)];
+    let mut out = vec![rows_on::<burn::backend::NdArray>(
+        divergence, s, t, shape, temp,
+    )];
     #[cfg(feature = "flex")]
-    out.push(rows_on::<burn::backend::Flex>(divergence, s, t, shape, temp));
+    out.push(rows_on::<burn::backend::Flex>(
+        divergence, s, t, shape, temp,
+    ));
     out
 }
 

@@ -92,7 +92,7 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
         B::fused_loss_dtype(logits)
     }
 
-    /// The fused kernel of `B` as a tracked op of the student (see [`fused_with_grad`]); the
+    /// The fused kernel of `B` as a tracked op of the student (see `fused_with_grad`); the
     /// default [`DistillBackend::distill_loss`] then differentiates through it.
     fn distill_fused(
         student: FloatTensor<Self>,

@@ -109,7 +109,7 @@ pub struct FusedOutput<B: Backend> {
 /// This is the extension point of the crate (in the style of `burn-vision`'s `VisionBackend`):
 /// [`DistillLoss`](crate::DistillLoss) validates its inputs and calls
 /// [`DistillBackend::distill_loss`]. Every method has a default body, so any backend can opt
-/// in with an empty `impl` and gets the [reference implementation](mod@crate::kernel::reference)
+/// in with an empty `impl` and gets the reference implementation
 /// built from burn tensor ops. Backends with a fused kernel override
 /// [`DistillBackend::has_fused_kernel`] and [`DistillBackend::distill_fused`]; `Autodiff<B>`
 /// then wraps the fused kernel of `B` in a custom backward node. Implemented for NdArray, Flex,

@@ -185,8 +185,9 @@ fn column_grad(q: f32, p: f32, lq: f32, mix: f32, #[comptime] kind: DivKind) -> 
 /// 3-D cube count (wgpu caps one dimension at 65,535 workgroups); cubes past the last row exit.
 /// Specialised at compile time for the divergence, the presence of targets and of an ignore
 /// index, and the gradient.
-// `x - x` and `0 / 0` below build 0 and NaN from runtime values (WGSL has no NaN literal).
-#[allow(clippy::eq_op)]
+// `x - x` and `0 / 0` below build 0 and NaN from runtime values (WGSL has no NaN literal);
+// `if comptime { if runtime {} }` stays nested so that the outer test is resolved at compile time.
+#[allow(clippy::eq_op, clippy::collapsible_if)]
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn distill_kernel<F: Float, I: Numeric>(

@@ -6,8 +6,10 @@ mod common;
 
 use burn::backend::Autodiff;
 use burn_distill::testing::parity::{assert_parity, problem, sweep};
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(unused_imports))]
 use burn_distill::{DistillBackend, DistillLossConfig, Divergence, Kernel};
-use common::{ints, mismatches, tensor2, values};
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(unused_imports))]
+use common::{ints, tensor2, values};
 
 const VOCABULARIES: [usize; 7] = [1, 2, 3, 17, 1031, 4099, 32001];
 
@@ -147,7 +149,7 @@ fn cuda_half_precision_logits() {
 fn wgpu_more_rows_than_one_dispatch_dimension() {
     use burn::tensor::{Int, Tensor, TensorData};
     use burn_distill::Reduction;
-    use burn_distill::testing::{GRAD_TOL, LOSS_TOL, parity::run};
+    use burn_distill::testing::{GRAD_TOL, LOSS_TOL, mismatches, parity::run};
     type W = Autodiff<burn::backend::Wgpu>;
     type C = Autodiff<burn::backend::NdArray>;
     let device = burn_distill::testing::wgpu_device();
@@ -208,6 +210,7 @@ fn wgpu_more_rows_than_one_dispatch_dimension() {
 fn wgpu_f16_reduction_past_the_f16_range() {
     use burn::tensor::{DType, Tensor};
     use burn_distill::Reduction;
+    use common::mismatches;
     type W = burn::backend::Wgpu;
     let device = burn_distill::testing::wgpu_device();
     let p = problem(65_537, 5, 4.0, 0, 11);

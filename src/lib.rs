@@ -46,6 +46,7 @@ mod divergence;
 mod error;
 mod hidden;
 mod kernel;
+mod linear;
 mod loss;
 mod reduction;
 mod softmax;
@@ -58,6 +59,7 @@ pub use divergence::Divergence;
 pub use error::DistillError;
 pub use hidden::{HiddenLossKind, HiddenStateLoss, HiddenStateLossConfig};
 pub use kernel::Kernel;
+pub use linear::{LinearSetup, LinearSide};
 #[doc(hidden)]
 #[cfg(any(feature = "ndarray", feature = "flex"))]
 pub use kernel::internals;

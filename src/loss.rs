@@ -65,6 +65,16 @@ pub struct DistillLossConfig {
     /// (default), `Truncate` or `PadNegInf`.
     #[config(default = "VocabMismatch::Error")]
     pub vocab_mismatch: VocabMismatch,
+    /// Rows of logits computed at a time by the fused-linear losses
+    /// ([`DistillLoss::forward_linear`]); `None` (the default) derives it from
+    /// `linear_chunk_bytes`.
+    #[config(default = "None")]
+    pub linear_chunk_rows: Option<usize>,
+    /// Memory budget of the fused-linear losses' chunks when `linear_chunk_rows` is `None`:
+    /// rows such that three f32 `[rows, V]` buffers (student and teacher logits, gradient) fit,
+    /// at least one. Default 64 MiB.
+    #[config(default = 67108864)]
+    pub linear_chunk_bytes: usize,
 }
 
 impl DistillLossConfig {
@@ -88,6 +98,13 @@ impl DistillLossConfig {
         }
         let divergence = self.divergence.resolved()?;
         self.reduction.validate()?;
+        if self.linear_chunk_rows == Some(0) {
+            return Err(DistillError::invalid(
+                "linear_chunk_rows",
+                "Some(0)",
+                "None (automatic) or Some(rows >= 1)",
+            ));
+        }
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return Err(DistillError::invalid(
                 "label_smoothing",
@@ -108,6 +125,8 @@ impl DistillLossConfig {
             check_targets: self.check_targets,
             kernel: self.kernel,
             vocab_mismatch: self.vocab_mismatch,
+            linear_chunk_rows: self.linear_chunk_rows,
+            linear_chunk_bytes: self.linear_chunk_bytes,
         })
     }
 }
@@ -156,13 +175,17 @@ impl DistillLossConfig {
 #[derive(Module, Clone, Debug)]
 pub struct DistillLoss {
     #[module(skip)]
-    params: DistillParams,
+    pub(crate) params: DistillParams,
     #[module(skip)]
-    check_targets: bool,
+    pub(crate) check_targets: bool,
     #[module(skip)]
-    kernel: Kernel,
+    pub(crate) kernel: Kernel,
     #[module(skip)]
-    vocab_mismatch: VocabMismatch,
+    pub(crate) vocab_mismatch: VocabMismatch,
+    #[module(skip)]
+    linear_chunk_rows: Option<usize>,
+    #[module(skip)]
+    linear_chunk_bytes: usize,
 }
 
 /// The loss together with its soft and hard parts, for logging.
@@ -183,6 +206,13 @@ impl DistillLoss {
     /// The validated parameters of this loss.
     pub fn params(&self) -> &DistillParams {
         &self.params
+    }
+
+    /// Rows per chunk of the fused-linear losses for a vocabulary of `v` columns.
+    pub fn linear_chunk_rows(&self, v: usize) -> usize {
+        self.linear_chunk_rows
+            .unwrap_or_else(|| self.linear_chunk_bytes / (3 * 4 * v.max(1)))
+            .max(1)
     }
 
     /// The same loss with another reduction, e.g. [`Reduction::Normalized`] with this step's

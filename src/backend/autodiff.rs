@@ -1,10 +1,10 @@
-//! `Autodiff<B>`: a fused loss of `B` wrapped in one generic backward node.
+//! `Autodiff<B>`: fused losses of `B` wrapped in one generic backward node.
 //!
-//! Every fused loss of the crate computes its gradient in the forward pass (the row is in
-//! cache then; a second pass would read it again). [`fused_with_grad`] is the one autodiff op
-//! they all use: it runs a forward closure on the inner backend, asking for the gradient only
-//! when the student is tracked, and registers a backward step that scales that gradient by
-//! the upstream gradient.
+//! Every fused loss of the crate computes its gradients in the forward pass (the row is in
+//! cache then; a second pass would read it again). [`FusedBackward`] is the one autodiff op they
+//! all use, for any number of differentiable inputs (the dense loss: the student logits; the
+//! fused-linear loss: the student's hidden states, head weight and bias): the forward stores
+//! `∂loss/∂input` for each, and the backward scales them by the upstream gradient.
 
 use burn::backend::autodiff::{
     Autodiff,
@@ -13,67 +13,72 @@ use burn::backend::autodiff::{
     ops::{Backward, Ops, OpsKind},
 };
 use burn::tensor::{
-    DType,
+    DType, TensorMetadata,
     backend::AutodiffBackend,
     ops::{FloatTensor, IntTensor},
 };
 
 use super::{DistillBackend, DistillParams, DistillParts, FusedOutput};
+use crate::linear::{self, LinearSetup, LinearSide};
 
-/// Backward of a fused loss: the gradient computed by the forward kernel, times the upstream.
+/// Backward of a fused loss with `N` differentiable inputs: the gradients computed by the
+/// forward pass (one per input, in order), times the upstream gradient.
 #[derive(Debug)]
-struct FusedBackward;
+struct FusedBackward<const N: usize>;
 
-impl<B: DistillBackend> Backward<B, 1> for FusedBackward {
-    /// `∂ loss / ∂ student`, computed by the forward kernel.
-    type State = FloatTensor<B>;
+impl<B: DistillBackend, const N: usize> Backward<B, N> for FusedBackward<N> {
+    /// `∂ loss / ∂ input_k`, computed by the forward pass.
+    type State = Vec<FloatTensor<B>>;
 
     fn backward(
         self,
-        ops: Ops<Self::State, 1>,
+        ops: Ops<Self::State, N>,
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
-        let [student] = ops.parents;
         let upstream = grads.consume::<B>(&ops.node);
-        if let Some(student) = student {
-            grads.register::<B>(student.id, B::distill_scale_grad(ops.state, upstream));
+        for (parent, grad) in ops.parents.into_iter().zip(ops.state) {
+            let Some(parent) = parent else { continue };
+            let grad = if grad.shape().num_dims() == 2 {
+                B::distill_scale_grad(grad, upstream.clone())
+            } else {
+                let upstream = B::float_cast(upstream.clone(), grad.dtype().into());
+                B::float_mul(grad, upstream)
+            };
+            grads.register::<B>(parent.id, grad);
         }
     }
 }
 
-/// A fused loss with its gradient computed in the forward, as an autodiff op of `student`.
+/// A fused loss as an autodiff op of `N` inputs.
 ///
-/// `forward(student, with_grad)` runs on the inner backend and returns the loss parts and, when
-/// `with_grad`, the gradient of `parts.loss` with respect to `student` (same shape), or `None`
-/// where the inner backend has no fused kernel for these inputs. The teacher and every other
-/// input are constants of the closure: they get no gradient and their graphs are not extended.
-pub(crate) fn fused_with_grad<B, C, F>(
-    student: FloatTensor<Autodiff<B, C>>,
-    forward: F,
+/// `forward(tracked)` runs on the inner backend and returns the loss parts and, when
+/// `tracked`, the gradients of `parts.loss` with respect to the `N` inputs (in order); `None`
+/// where it cannot (no fused kernel for these inputs). Everything else the closure uses is a
+/// constant: it gets no gradient and its graph is not extended.
+fn fused_op<B, C, const N: usize>(
+    inputs: [&FloatTensor<Autodiff<B, C>>; N],
+    forward: impl FnOnce(bool) -> Option<(DistillParts<B>, Vec<FloatTensor<B>>)>,
 ) -> Option<DistillParts<Autodiff<B, C>>>
 where
     B: DistillBackend,
     C: CheckpointStrategy,
-    F: FnOnce(FloatTensor<B>, bool) -> Option<FusedOutput<B>>,
 {
-    let (loss, parts) = match FusedBackward
-        .prepare::<C>([student.node.clone()])
+    let (loss, parts) = match FusedBackward::<N>
+        .prepare::<C>(inputs.map(|t| t.node.clone()))
         .compute_bound()
         .stateful()
     {
         OpsKind::Tracked(prep) => {
-            let fused = forward(student.primitive, true)?;
-            // A kernel that was asked for the gradient and returned none is a bug of that
-            // kernel; fail loudly rather than train without a gradient.
-            let grad = fused
-                .grad
-                .unwrap_or_else(|| panic!("burn-distill: a fused kernel omitted its gradient"));
-            (prep.finish(grad, fused.parts.loss.clone()), fused.parts)
+            let (parts, grads) = forward(true)?;
+            // A kernel asked for its gradients that returned fewer is a bug of that kernel;
+            // fail loudly rather than train without them.
+            assert_eq!(grads.len(), N, "burn-distill: a fused kernel omitted a gradient");
+            (prep.finish(grads, parts.loss.clone()), parts)
         }
         OpsKind::UnTracked(prep) => {
-            let fused = forward(student.primitive, false)?;
-            (prep.finish(fused.parts.loss.clone()), fused.parts)
+            let (parts, _) = forward(false)?;
+            (prep.finish(parts.loss.clone()), parts)
         }
     };
     Some(DistillParts {
@@ -92,8 +97,8 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
         B::fused_loss_dtype(logits)
     }
 
-    /// The fused kernel of `B` as a tracked op of the student (see `fused_with_grad`); the
-    /// default [`DistillBackend::distill_loss`] then differentiates through it.
+    /// The fused kernel of `B` as a tracked op of the student (see `fused_op`); the default
+    /// [`DistillBackend::distill_loss`] then differentiates through it.
     fn distill_fused(
         student: FloatTensor<Self>,
         teacher: FloatTensor<Self>,
@@ -102,9 +107,9 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
         with_grad: bool,
     ) -> Option<FusedOutput<Self>> {
         let mut grad = None;
-        let parts = fused_with_grad::<B, C, _>(student, |student, tracked| {
+        let parts = fused_op::<B, C, 1>([&student], |tracked| {
             let out = B::distill_fused(
-                student,
+                student.primitive.clone(),
                 teacher.primitive,
                 targets,
                 params,
@@ -113,11 +118,42 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
             if with_grad {
                 grad = out.grad.clone();
             }
-            Some(out)
+            let grads = if tracked { out.grad.into_iter().collect() } else { Vec::new() };
+            Some((out.parts, grads))
         })?;
         Some(FusedOutput {
             parts,
             grad: grad.map(Self::from_inner),
         })
+    }
+
+    /// Chunk by chunk on `B` with the student's gradients produced in the forward (one op with
+    /// the hidden states, the weight and the bias as inputs); the logits materialised through
+    /// autodiff where `B` has no fused kernel for them, or for `Reduction::PerRow`.
+    fn distill_linear(
+        student: LinearSide<Self>,
+        teacher: LinearSide<Self>,
+        targets: Option<IntTensor<Self>>,
+        setup: &LinearSetup,
+    ) -> DistillParts<Self> {
+        let inner = |side: &LinearSide<Self>| LinearSide::<B> {
+            hidden: side.hidden.primitive.clone(),
+            weight: side.weight.primitive.clone(),
+            bias: side.bias.as_ref().map(|b| b.primitive.clone()),
+        };
+        let (s, t) = (inner(&student), inner(&teacher));
+        let run = |tracked: bool| {
+            let (parts, grads) = linear::chunked::<B>(s, t, targets.clone(), setup, tracked)?;
+            let grads = grads
+                .map(|g| [Some(g.hidden), Some(g.weight), g.bias].into_iter().flatten().collect())
+                .unwrap_or_default();
+            Some((parts, grads))
+        };
+        let (h, w) = (&student.hidden, &student.weight);
+        let fused = match &student.bias {
+            Some(bias) => fused_op::<B, C, 3>([h, w, bias], run),
+            None => fused_op::<B, C, 2>([h, w], run),
+        };
+        fused.unwrap_or_else(|| linear::materialised::<Self>(student, teacher, targets, setup))
     }
 }

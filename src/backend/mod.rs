@@ -17,7 +17,8 @@ use burn::tensor::{
 };
 
 use crate::{
-    Divergence, Kernel, Reduction,
+    Divergence, Kernel, LinearSetup, LinearSide, Reduction,
+    linear,
     kernel::reference,
     reduction::{ignored_rows, reduce_rows},
 };
@@ -157,6 +158,22 @@ pub trait DistillBackend: Backend {
             .cast(grad.dtype())
             .reshape([n, 1]);
         Self::float_mul(grad, upstream.into_primitive().tensor())
+    }
+
+    /// The fused-linear loss (see [`DistillLoss::forward_linear`](crate::DistillLoss::forward_linear)):
+    /// the loss of `student.hidden · W_s + b_s` against `teacher.hidden · W_t + b_t`, computed
+    /// `setup.chunk_rows()` rows at a time. The default runs the chunks on this backend (with
+    /// its fused kernel where it has one); `Autodiff<B>` adds the student's gradients.
+    fn distill_linear(
+        student: LinearSide<Self>,
+        teacher: LinearSide<Self>,
+        targets: Option<IntTensor<Self>>,
+        setup: &LinearSetup,
+    ) -> DistillParts<Self> {
+        match linear::chunked::<Self>(student.clone(), teacher.clone(), targets.clone(), setup, false) {
+            Some((parts, _)) => parts,
+            None => linear::materialised::<Self>(student, teacher, targets, setup),
+        }
     }
 
     /// The reduced loss and its parts of `[N, V]` student and teacher logits against optional

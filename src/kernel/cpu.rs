@@ -585,11 +585,7 @@ fn row_body<R: Real>(
         }
     };
     let g = &*g;
-    let t2 = if params.scale_by_t2 {
-        R::of(temperature * temperature)
-    } else {
-        R::ONE
-    };
+    let t2 = R::of(params.soft_factor());
 
     // The hard term at T = 1: log softmax(s)[y], and the mean log-prob over finite columns.
     let smoothing = params.label_smoothing;

@@ -41,11 +41,9 @@ pub fn distill_rows<B: Backend>(
 
 /// `soft · T²` if the parameters ask for it.
 pub fn scale_soft<B: Backend>(soft: Tensor<B, 1>, params: &DistillParams) -> Tensor<B, 1> {
-    let t = params.temperature;
-    if params.scale_by_t2 && t != 1.0 {
-        soft.mul_scalar(t * t)
-    } else {
-        soft
+    match params.soft_factor() {
+        1.0 => soft,
+        factor => soft.mul_scalar(factor),
     }
 }
 

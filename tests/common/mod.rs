@@ -7,6 +7,8 @@ pub use burn_distill::testing::{
     mismatches, number, numbers, parse_divergence, parse_reduction, run_case, tensor2, values,
 };
 
+pub mod linear;
+
 pub mod sparse {
     pub use burn_distill::testing::sparse::*;
 }

@@ -1,0 +1,168 @@
+//! Fused-linear distillation against the materialised path, side by side in one run: the
+//! student's and the teacher's LM heads and the loss, forward and backward of the student
+//! (hidden states, head weight and bias), median time and peak extra memory.
+//!
+//! ```sh
+//! cargo run --release --example bench_linear -- --backend ndarray
+//! cargo run --release --example bench_linear -- --n 2048 --hs 512 --ht 1024 --v 32768 --reps 3
+//! ```
+//! Options: `--backend ndarray|flex|wgpu|cuda`, `--n`, `--hs`, `--ht`, `--v`, `--reps`,
+//! `--chunk-rows` (default: from the 64 MiB budget). Memory is counted on CPU backends only.
+use burn::module::Param;
+use burn::nn::Linear;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Int, Tensor, TensorData};
+use burn_distill::{DistillBackend, DistillLossConfig};
+
+#[path = "../benches/measure.rs"]
+mod measure;
+use measure::measure;
+
+struct Args {
+    backend: String,
+    n: usize,
+    hs: usize,
+    ht: usize,
+    v: usize,
+    reps: usize,
+    chunk_rows: Option<usize>,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        backend: "ndarray".into(),
+        n: 2048,
+        hs: 512,
+        ht: 1024,
+        v: 32768,
+        reps: 3,
+        chunk_rows: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--backend" => a.backend = value(),
+            "--n" => a.n = value().parse().expect("--n"),
+            "--hs" => a.hs = value().parse().expect("--hs"),
+            "--ht" => a.ht = value().parse().expect("--ht"),
+            "--v" => a.v = value().parse().expect("--v"),
+            "--reps" => a.reps = value().parse().expect("--reps"),
+            "--chunk-rows" => a.chunk_rows = Some(value().parse().expect("--chunk-rows")),
+            "--bench" => {}
+            other => panic!("unknown option {other}"),
+        }
+    }
+    a
+}
+
+/// A deterministic `[rows, cols]` tensor with entries in about `[-scale, scale]`.
+fn filled<B: burn::tensor::backend::Backend>(
+    rows: usize,
+    cols: usize,
+    scale: f32,
+    seed: u32,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let values: Vec<f32> = (0..rows * cols)
+        .map(|i| {
+            let x = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed);
+            (x >> 8) as f32 / (1u32 << 24) as f32 * 2.0 * scale - scale
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(values, [rows, cols]), device)
+}
+
+fn head<B: AutodiffBackend>(h: usize, v: usize, seed: u32, device: &B::Device) -> Linear<B> {
+    let scale = 1.0 / (h as f32).sqrt();
+    Linear {
+        weight: Param::from_tensor(filled::<B>(h, v, scale, seed, device)),
+        bias: Some(Param::from_tensor(
+            filled::<B>(1, v, scale, seed + 1, device).reshape([v]),
+        )),
+    }
+}
+
+fn run<B: AutodiffBackend + DistillBackend>(name: &str, a: &Args, device: B::Device) {
+    let (sh, th) = (head::<B>(a.hs, a.v, 1, &device), head::<B>(a.ht, a.v, 7, &device));
+    let hs = filled::<B>(a.n, a.hs, 1.0, 3, &device).require_grad();
+    let ht = filled::<B>(a.n, a.ht, 1.0, 5, &device);
+    // One token in ten is ignored (prompt or padding).
+    let targets: Vec<i64> = (0..a.n)
+        .map(|i| if i % 10 == 9 { -100 } else { ((i * 7919) % a.v) as i64 })
+        .collect();
+    let y = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [a.n]), &device);
+    let loss = DistillLossConfig::new()
+        .with_temperature(2.0)
+        .with_alpha(0.5)
+        .with_linear_chunk_rows(a.chunk_rows)
+        .init();
+    let sync = || B::sync(&device).expect("sync");
+
+    let materialised = || {
+        let zs = sh.forward(hs.clone());
+        let zt = th.forward(ht.clone()).detach();
+        let grads = loss.forward(zs, zt, y.clone()).backward();
+        drop(grads);
+        sync();
+    };
+    let fused = || {
+        let value = loss.forward_linear(hs.clone(), &sh, ht.clone(), &th, y.clone());
+        let grads = value.backward();
+        drop(grads);
+        sync();
+    };
+    let (tm, pm) = measure(a.reps, materialised);
+    let (tf, pf) = measure(a.reps, fused);
+    // Both values agree (a check that the benchmark measures the same loss).
+    let value = |v: Tensor<B, 1>| v.into_data().iter::<f64>().next().unwrap();
+    let vm = value(loss.forward(
+        sh.forward(hs.clone()),
+        th.forward(ht.clone()).detach(),
+        y.clone(),
+    ));
+    let vf = value(loss.forward_linear(hs.clone(), &sh, ht.clone(), &th, y.clone()));
+    assert!((vm - vf).abs() <= 1e-4 * vm.abs(), "losses differ: {vm} vs {vf}");
+
+    let gb = |b: usize| b as f64 / 1e9;
+    println!(
+        "{name}, f32, N = {}, H_s = {}, H_t = {}, V = {}, chunk = {} rows, fwd+bwd of the student \
+         (median of {}):\n",
+        a.n,
+        a.hs,
+        a.ht,
+        a.v,
+        loss.linear_chunk_rows(a.v),
+        a.reps
+    );
+    println!("| path | fwd+bwd | ÷ materialised | peak extra memory | ÷ materialised |");
+    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| materialised logits + fused loss | {:.1} ms | 1.00 | {:.3} GB | 1.00 |",
+        tm.as_secs_f64() * 1e3,
+        gb(pm)
+    );
+    println!(
+        "| fused-linear | {:.1} ms | {:.2} | {:.3} GB | {:.3} |",
+        tf.as_secs_f64() * 1e3,
+        tf.as_secs_f64() / tm.as_secs_f64(),
+        gb(pf),
+        pf as f64 / pm.max(1) as f64
+    );
+}
+
+fn main() {
+    type A<B> = burn::backend::Autodiff<B>;
+    let a = args();
+    match a.backend.as_str() {
+        #[cfg(feature = "ndarray")]
+        "ndarray" => run::<A<burn::backend::NdArray>>("NdArray", &a, Default::default()),
+        #[cfg(feature = "flex")]
+        "flex" => run::<A<burn::backend::Flex>>("Flex", &a, Default::default()),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => run::<A<burn::backend::Wgpu>>("wgpu", &a, Default::default()),
+        #[cfg(feature = "cuda")]
+        "cuda" => run::<A<burn::backend::Cuda>>("CUDA", &a, Default::default()),
+        other => panic!("backend {other} is not enabled (features: ndarray, flex, wgpu, cuda)"),
+    }
+}

@@ -1,0 +1,493 @@
+//! Fused-linear distillation: the loss straight from hidden states and LM heads, chunk by chunk
+//! of rows, so that the `[N, V]` logits of the student and the teacher never exist at once.
+//!
+//! Per chunk of `c` kept rows: `z_s = h_s W_s + b_s` and `z_t = h_t W_t + b_t` (`[c, V]`), the
+//! fused loss kernel of the backend on them, which also returns `g = ∂loss/∂z_s`; then, when
+//! the student is trained, `∂h_s = g W_sᵀ`, `∂W_s += h_sᵀ g`, `∂b_s += Σ_rows g`, all in the
+//! forward pass. The backward pass only scales the stored gradients by the upstream gradient
+//! (as Liger-Kernel's fused-linear losses do). Extra memory: three `[c, V]` chunks plus the
+//! gradients of the student's parameters, which training needs anyway.
+
+use burn::nn::Linear;
+use burn::tensor::{
+    IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive, backend::Backend, ops::FloatTensor,
+    ops::IntTensor,
+};
+
+use crate::{
+    DistillBackend, DistillError, DistillLoss, DistillOutput, DistillParams, DistillParts, Kernel,
+    Reduction, VocabMismatch, error::or_panic, loss::check_row_targets,
+};
+
+/// One side of a fused-linear loss (student or teacher), as backend primitives: `[N, H]`
+/// hidden states and an `[H, V]` head (burn's `Linear` layout) with an optional `[V]` bias.
+#[derive(Clone, Debug)]
+pub struct LinearSide<B: Backend> {
+    /// `[N, H]` hidden states.
+    pub hidden: FloatTensor<B>,
+    /// `[H, V]` weight.
+    pub weight: FloatTensor<B>,
+    /// `[V]` bias.
+    pub bias: Option<FloatTensor<B>>,
+}
+
+/// How a fused-linear loss runs: the loss parameters, the kernel choice, the vocabulary policy
+/// and the number of rows per chunk (all validated by [`DistillLoss`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LinearSetup {
+    pub(crate) params: DistillParams,
+    pub(crate) kernel: Kernel,
+    pub(crate) vocab_mismatch: VocabMismatch,
+    pub(crate) chunk_rows: usize,
+}
+
+impl LinearSetup {
+    /// The loss parameters.
+    pub fn params(&self) -> &DistillParams {
+        &self.params
+    }
+    /// Rows of logits computed at a time.
+    pub fn chunk_rows(&self) -> usize {
+        self.chunk_rows
+    }
+}
+
+/// The student's gradients computed by [`chunked`]: hidden states, weight, bias.
+pub(crate) struct LinearGrads<B: Backend> {
+    pub hidden: FloatTensor<B>,
+    pub weight: FloatTensor<B>,
+    pub bias: Option<FloatTensor<B>>,
+}
+
+type T<B, const D: usize> = Tensor<B, D>;
+
+fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// `h W + b` for `[c, H]` hidden rows.
+fn logits<B: Backend>(hidden: T<B, 2>, weight: &T<B, 2>, bias: &Option<T<B, 1>>) -> T<B, 2> {
+    let z = hidden.matmul(weight.clone());
+    match bias {
+        Some(b) => z + b.clone().unsqueeze_dim(0),
+        None => z,
+    }
+}
+
+/// The loss (and, with `with_grad`, the student's gradients) chunk by chunk on backend `B`.
+///
+/// Ignored rows are dropped before the matmuls (one read of the targets to the host). Returns
+/// `None` when a gradient is asked and `B` has no fused kernel for the logits, or for
+/// `Reduction::PerRow` with a gradient (each row's upstream weight is only known in the
+/// backward pass); the caller then materialises the logits.
+pub(crate) fn chunked<B: DistillBackend>(
+    student: LinearSide<B>,
+    teacher: LinearSide<B>,
+    targets: Option<IntTensor<B>>,
+    setup: &LinearSetup,
+    with_grad: bool,
+) -> Option<(DistillParts<B>, Option<LinearGrads<B>>)> {
+    let params = setup.params;
+    if with_grad && params.reduction == Reduction::PerRow {
+        return None;
+    }
+    let (hs, ws) = (float::<B, 2>(student.hidden), float::<B, 2>(student.weight));
+    let bs = student.bias.map(float::<B, 1>);
+    let (ht, wt) = (float::<B, 2>(teacher.hidden), float::<B, 2>(teacher.weight));
+    let bt = teacher.bias.map(float::<B, 1>);
+    let [n, h] = hs.dims();
+    let vs = ws.dims()[1];
+    let device = hs.device();
+    let targets = targets.map(Tensor::<B, 1, Int>::from_primitive);
+
+    // Kept rows, on the host: ignored rows never reach a matmul.
+    let kept: Option<Vec<i64>> = match (&targets, params.ignore_index) {
+        (Some(t), Some(ignore)) => {
+            let values: Vec<i64> = t.to_data().iter::<i64>().collect();
+            let kept: Vec<i64> = (0..n as i64)
+                .filter(|&i| values[i as usize] != ignore)
+                .collect();
+            (kept.len() < n).then_some(kept)
+        }
+        _ => None,
+    };
+    let index = kept
+        .as_ref()
+        .map(|k| Tensor::<B, 1, Int>::from_data(TensorData::new(k.clone(), [k.len()]), &device));
+    let select2 = |t: T<B, 2>| match &index {
+        Some(i) => t.select(0, i.clone()),
+        None => t,
+    };
+    let (hs_k, ht_k) = (select2(hs.clone()), select2(ht));
+    let targets_k = targets.clone().map(|t| match &index {
+        Some(i) => t.select(0, i.clone()),
+        None => t,
+    });
+    let m = hs_k.dims()[0];
+
+    // The reduction's factor folded into every chunk (exact: `kept` is known on the host).
+    let chunk_params = match params.reduction {
+        Reduction::Mean if m > 0 => params.with_reduction(Reduction::Normalized { items: m as u64 }),
+        Reduction::Mean => params.with_reduction(Reduction::Sum),
+        _ => params,
+    };
+    let per_row = params.reduction == Reduction::PerRow;
+
+    let mut sums: Option<(T<B, 1>, T<B, 1>, Option<T<B, 1>>)> = None;
+    let mut rows: Vec<(T<B, 1>, T<B, 1>, Option<T<B, 1>>)> = Vec::new();
+    let mut grad_h: Vec<T<B, 2>> = Vec::new();
+    let mut grad_w: Option<T<B, 2>> = None;
+    let mut grad_b: Option<T<B, 1>> = None;
+    let chunk = setup.chunk_rows.max(1);
+    let mut r0 = 0;
+    while r0 < m {
+        let r1 = (r0 + chunk).min(m);
+        let hs_c = hs_k.clone().slice([r0..r1]);
+        let zs = logits(hs_c.clone(), &ws, &bs);
+        let zt = logits(ht_k.clone().slice([r0..r1]), &wt, &bt);
+        let (zs, zt) = setup
+            .vocab_mismatch
+            .align(zs, zt)
+            .unwrap_or_else(|e| panic!("burn-distill: {e} (checked before the chunks)"));
+        let y = targets_k.clone().map(|t| t.slice([r0..r1]).into_primitive());
+        let (zs, zt) = (zs.into_primitive().tensor(), zt.into_primitive().tensor());
+        let out = if setup.kernel != Kernel::Reference && B::has_fused_kernel(&zs, &zt) {
+            B::distill_fused(zs, zt, y, &chunk_params, with_grad)?
+        } else if with_grad {
+            return None;
+        } else {
+            crate::FusedOutput {
+                parts: B::distill_loss(zs, zt, y, &chunk_params, Kernel::Reference),
+                grad: None,
+            }
+        };
+        let parts = (
+            float::<B, 1>(out.parts.loss),
+            float::<B, 1>(out.parts.soft),
+            out.parts.hard.map(float::<B, 1>),
+        );
+        if per_row {
+            rows.push(parts);
+        } else {
+            sums = Some(match sums {
+                None => parts,
+                Some((l, s, hd)) => (
+                    l + parts.0,
+                    s + parts.1,
+                    hd.zip(parts.2).map(|(a, b)| a + b),
+                ),
+            });
+        }
+        if let Some(g) = out.grad {
+            // `∂loss/∂z_s` on the aligned vocabulary, back to the student's `V_s` columns.
+            let g = float::<B, 2>(g);
+            let va = g.dims()[1];
+            let g = if va > vs {
+                g.narrow(1, 0, vs)
+            } else if va < vs {
+                Tensor::cat(vec![g.clone(), g.zeros_like().narrow(1, 0, 1).repeat_dim(1, vs - va)], 1)
+            } else {
+                g
+            };
+            grad_h.push(g.clone().matmul(ws.clone().transpose()));
+            let gw = hs_c.transpose().matmul(g.clone());
+            grad_w = Some(match grad_w {
+                None => gw,
+                Some(acc) => acc + gw,
+            });
+            if bs.is_some() {
+                let gb = g.sum_dim(0).squeeze_dim(0);
+                grad_b = Some(match grad_b {
+                    None => gb,
+                    Some(acc) => acc + gb,
+                });
+            }
+        }
+        r0 = r1;
+    }
+
+    let loss_dtype = B::fused_loss_dtype(hs.dtype());
+    let zero = || Tensor::<B, 1>::zeros([1], (&device, loss_dtype));
+    let has_hard = targets.is_some();
+    let parts = if per_row {
+        let cat = |f: &dyn Fn(&(T<B, 1>, T<B, 1>, Option<T<B, 1>>)) -> T<B, 1>| -> T<B, 1> {
+            let kept_rows = if rows.is_empty() {
+                Tensor::<B, 1>::zeros([0], (&device, loss_dtype))
+            } else {
+                Tensor::cat(rows.iter().map(f).collect(), 0)
+            };
+            match &index {
+                Some(i) => Tensor::<B, 1>::zeros([n], (&device, kept_rows.dtype())).select_assign(
+                    0,
+                    i.clone(),
+                    kept_rows,
+                    IndexingUpdateOp::Add,
+                ),
+                None => kept_rows,
+            }
+        };
+        DistillParts {
+            loss: cat(&|r| r.0.clone()).into_primitive().tensor(),
+            soft: cat(&|r| r.1.clone()).into_primitive().tensor(),
+            hard: has_hard.then(|| {
+                cat(&|r| r.2.clone().expect("hard rows with targets"))
+                    .into_primitive()
+                    .tensor()
+            }),
+        }
+    } else {
+        let (l, s, hd) = sums.unwrap_or_else(|| (zero(), zero(), has_hard.then(zero)));
+        DistillParts {
+            loss: l.into_primitive().tensor(),
+            soft: s.into_primitive().tensor(),
+            hard: hd.map(|t| t.into_primitive().tensor()),
+        }
+    };
+
+    let grads = with_grad.then(|| {
+        let gh = if grad_h.is_empty() {
+            hs.zeros_like()
+        } else {
+            let kept_grad = Tensor::cat(grad_h, 0);
+            match &index {
+                Some(i) => hs.zeros_like().select_assign(0, i.clone(), kept_grad, IndexingUpdateOp::Add),
+                None => kept_grad,
+            }
+        };
+        LinearGrads {
+            hidden: gh.into_primitive().tensor(),
+            weight: grad_w
+                .unwrap_or_else(|| Tensor::zeros([h, vs], (&device, ws.dtype())))
+                .into_primitive()
+                .tensor(),
+            bias: bs.as_ref().map(|b| {
+                grad_b
+                    .unwrap_or_else(|| b.zeros_like())
+                    .into_primitive()
+                    .tensor()
+            }),
+        }
+    });
+    Some((parts, grads))
+}
+
+/// The same loss with the logits materialised (`[N, V]`), through the backend's own ops (and so
+/// through autodiff): the fallback where no fused kernel applies, and the oracle of the tests.
+pub(crate) fn materialised<B: DistillBackend>(
+    student: LinearSide<B>,
+    teacher: LinearSide<B>,
+    targets: Option<IntTensor<B>>,
+    setup: &LinearSetup,
+) -> DistillParts<B> {
+    let zs = logits(
+        float::<B, 2>(student.hidden),
+        &float::<B, 2>(student.weight),
+        &student.bias.map(float::<B, 1>),
+    );
+    let zt = logits(
+        float::<B, 2>(teacher.hidden),
+        &float::<B, 2>(teacher.weight),
+        &teacher.bias.map(float::<B, 1>),
+    );
+    let (zs, zt) = setup
+        .vocab_mismatch
+        .align(zs, zt)
+        .unwrap_or_else(|e| panic!("burn-distill: {e} (checked before)"));
+    B::distill_loss(
+        zs.into_primitive().tensor(),
+        zt.detach().into_primitive().tensor(),
+        targets,
+        &setup.params,
+        setup.kernel,
+    )
+}
+
+impl DistillLoss {
+    /// The loss from hidden states and LM heads, without ever holding the `[N, V]` logits:
+    /// `forward(student_hidden · W_s + b_s, teacher_hidden · W_t + b_t, targets)`, computed
+    /// chunk by chunk of rows (see [`DistillLossConfig::linear_chunk_rows`]). Ignored rows are
+    /// dropped before the matmuls. Gradients reach `student_hidden` and the student head's
+    /// weight and bias; the teacher and its head get none.
+    ///
+    /// # Shapes
+    /// - `student_hidden`: `[N, H_s]`, `student_head`: `Linear` `H_s → V_s`
+    /// - `teacher_hidden`: `[N, H_t]`, `teacher_head`: `Linear` `H_t → V_t` (`V_t ≠ V_s` only
+    ///   with a [`VocabMismatch`] policy)
+    /// - `targets`: `[N]`; output as [`DistillLoss::forward`]
+    ///
+    /// # Panics
+    /// On bad shapes or targets, with the message of [`DistillLoss::try_forward_linear_parts`].
+    ///
+    /// [`DistillLossConfig::linear_chunk_rows`]: crate::DistillLossConfig::linear_chunk_rows
+    pub fn forward_linear<B: DistillBackend>(
+        &self,
+        student_hidden: Tensor<B, 2>,
+        student_head: &Linear<B>,
+        teacher_hidden: Tensor<B, 2>,
+        teacher_head: &Linear<B>,
+        targets: Tensor<B, 1, Int>,
+    ) -> Tensor<B, 1> {
+        or_panic(self.try_forward_linear_parts(
+            student_hidden,
+            student_head,
+            teacher_hidden,
+            teacher_head,
+            Some(targets),
+        ))
+        .loss
+    }
+
+    /// [`DistillLoss::forward_linear`] without labels (soft term only; every row counts).
+    ///
+    /// # Panics
+    /// As [`DistillLoss::forward_linear`].
+    pub fn forward_linear_soft<B: DistillBackend>(
+        &self,
+        student_hidden: Tensor<B, 2>,
+        student_head: &Linear<B>,
+        teacher_hidden: Tensor<B, 2>,
+        teacher_head: &Linear<B>,
+    ) -> Tensor<B, 1> {
+        or_panic(self.try_forward_linear_parts(
+            student_hidden,
+            student_head,
+            teacher_hidden,
+            teacher_head,
+            None,
+        ))
+        .loss
+    }
+
+    /// Sequence form of [`DistillLoss::forward_linear`]: `[B, T, H]` hidden states and
+    /// `[B, T]` targets.
+    ///
+    /// # Panics
+    /// As [`DistillLoss::forward_linear`].
+    pub fn forward_linear_seq<B: DistillBackend>(
+        &self,
+        student_hidden: Tensor<B, 3>,
+        student_head: &Linear<B>,
+        teacher_hidden: Tensor<B, 3>,
+        teacher_head: &Linear<B>,
+        targets: Tensor<B, 2, Int>,
+    ) -> Tensor<B, 1> {
+        or_panic(self.try_forward_linear_seq_parts(
+            student_hidden,
+            student_head,
+            teacher_hidden,
+            teacher_head,
+            Some(targets),
+        ))
+        .loss
+    }
+
+    /// Sequence form of [`DistillLoss::try_forward_linear_parts`].
+    pub fn try_forward_linear_seq_parts<B: DistillBackend>(
+        &self,
+        student_hidden: Tensor<B, 3>,
+        student_head: &Linear<B>,
+        teacher_hidden: Tensor<B, 3>,
+        teacher_head: &Linear<B>,
+        targets: Option<Tensor<B, 2, Int>>,
+    ) -> Result<DistillOutput<B>, DistillError> {
+        let [b, t, hs] = student_hidden.dims();
+        let [tb, tt, ht] = teacher_hidden.dims();
+        if [tb, tt] != [b, t] {
+            return Err(DistillError::invalid(
+                "teacher_hidden",
+                format!("shape {:?}", teacher_hidden.dims()),
+                format!("[{b}, {t}, H_t] (the student's batch and sequence)"),
+            ));
+        }
+        if let Some(targets) = &targets {
+            crate::loss::check_seq_targets(targets, b, t)?;
+        }
+        self.try_forward_linear_parts(
+            student_hidden.reshape([b * t, hs]),
+            student_head,
+            teacher_hidden.reshape([b * t, ht]),
+            teacher_head,
+            targets.map(|y| y.reshape([b * t])),
+        )
+    }
+
+    /// The fused-linear loss and its parts, or an error naming the bad argument.
+    pub fn try_forward_linear_parts<B: DistillBackend>(
+        &self,
+        student_hidden: Tensor<B, 2>,
+        student_head: &Linear<B>,
+        teacher_hidden: Tensor<B, 2>,
+        teacher_head: &Linear<B>,
+        targets: Option<Tensor<B, 1, Int>>,
+    ) -> Result<DistillOutput<B>, DistillError> {
+        let side = |hidden: Tensor<B, 2>, head: &Linear<B>, name: &str| {
+            let weight = head.weight.val();
+            let [n, h] = hidden.dims();
+            let [wh, v] = weight.dims();
+            if n == 0 || h != wh || v == 0 {
+                return Err(DistillError::invalid(
+                    format!("{name}_hidden"),
+                    format!("shape [{n}, {h}] with a head of weight [{wh}, {v}]"),
+                    format!("[N >= 1, {wh}] rows for the {name} head ({wh} → {v})"),
+                ));
+            }
+            Ok(LinearSide {
+                hidden: hidden.into_primitive().tensor(),
+                weight: weight.into_primitive().tensor(),
+                bias: head.bias.as_ref().map(|b| b.val().into_primitive().tensor()),
+            })
+        };
+        let [n, _] = student_hidden.dims();
+        let [nt, _] = teacher_hidden.dims();
+        if nt != n {
+            return Err(DistillError::invalid(
+                "teacher_hidden",
+                format!("shape {:?}", teacher_hidden.dims()),
+                format!("{n} rows, as student_hidden"),
+            ));
+        }
+        let vs = student_head.weight.dims()[1];
+        let vt = teacher_head.weight.dims()[1];
+        // The vocabulary policy on a zero-row stand-in: its error, and the aligned width.
+        let device = student_hidden.device();
+        let probe = |v: usize| Tensor::<B, 2>::zeros([1, v], &device);
+        let (aligned, _) = self.vocab_mismatch.align(probe(vs), probe(vt)).map_err(|e| match e {
+            DistillError::InvalidArgument { value, expected, .. } => DistillError::InvalidArgument {
+                argument: "teacher_head".into(),
+                value,
+                expected,
+            },
+            other => other,
+        })?;
+        let classes = aligned.dims()[1].min(vs);
+        if let Some(targets) = &targets {
+            check_row_targets(
+                targets,
+                [n, classes],
+                self.check_targets,
+                self.params.ignore_index,
+            )?;
+        }
+        let student = side(student_hidden, student_head, "student")?;
+        let teacher = side(teacher_hidden.detach(), teacher_head, "teacher")?;
+        let teacher = LinearSide {
+            weight: float::<B, 2>(teacher.weight).detach().into_primitive().tensor(),
+            bias: teacher
+                .bias
+                .map(|b| float::<B, 1>(b).detach().into_primitive().tensor()),
+            ..teacher
+        };
+        let setup = LinearSetup {
+            params: self.params,
+            kernel: self.kernel,
+            vocab_mismatch: self.vocab_mismatch,
+            chunk_rows: self.linear_chunk_rows(vs.max(vt)),
+        };
+        let parts = B::distill_linear(student, teacher, targets.map(Tensor::into_primitive), &setup);
+        Ok(DistillOutput {
+            loss: float(parts.loss),
+            soft: float(parts.soft),
+            hard: parts.hard.map(float),
+        })
+    }
+}

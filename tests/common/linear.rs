@@ -1,0 +1,176 @@
+//! The fused-linear loss against `forward` on materialised logits (`hidden · W + b`): loss and
+//! the gradients of the student's hidden states, head weight and bias.
+
+use burn::module::Param;
+use burn::nn::Linear;
+use burn::tensor::{Int, Tensor, TensorData, backend::AutodiffBackend};
+use burn_distill::testing::{mismatches, values};
+use burn_distill::{DistillBackend, DistillLossConfig, Reduction};
+
+/// Deterministic values in about [-1, 1].
+pub fn wave(len: usize, seed: f64) -> Vec<f64> {
+    (0..len)
+        .map(|i| ((i as f64 + 1.0) * seed).sin() * 0.9 + ((i as f64) * 0.37 + seed).cos() * 0.1)
+        .map(|x| x as f32 as f64)
+        .collect()
+}
+
+/// A linear head `h → v` with the given weight and optional bias values.
+pub fn head<B: AutodiffBackend>(h: usize, v: usize, seed: f64, bias: bool, device: &B::Device) -> Linear<B> {
+    let weight = Tensor::<B, 2>::from_data(TensorData::new(wave(h * v, seed), [h, v]), device);
+    let bias = bias.then(|| {
+        Param::from_tensor(Tensor::<B, 1>::from_data(
+            TensorData::new(wave(v, seed + 0.5), [v]),
+            device,
+        ))
+    });
+    Linear {
+        weight: Param::from_tensor(weight),
+        bias,
+    }
+}
+
+/// One fused-linear problem.
+#[derive(Clone, Debug)]
+pub struct LinearCase {
+    pub n: usize,
+    pub hs: usize,
+    pub ht: usize,
+    pub vs: usize,
+    pub vt: usize,
+    pub bias: bool,
+    /// `None`: `forward_linear_soft`.
+    pub targets: Option<Vec<i64>>,
+    /// Scale of the hidden states (sets how peaked the logits are).
+    pub scale: f64,
+}
+
+impl LinearCase {
+    pub fn new(n: usize, hs: usize, ht: usize, v: usize) -> Self {
+        let targets = (0..n)
+            .map(|i| if i % 4 == 2 { -100 } else { ((i * 7) % v) as i64 })
+            .collect();
+        Self {
+            n,
+            hs,
+            ht,
+            vs: v,
+            vt: v,
+            bias: true,
+            targets: Some(targets),
+            scale: 2.0,
+        }
+    }
+}
+
+/// Loss values and gradients (hidden, weight, bias) of the fused-linear path and of the
+/// materialised path; asserts they agree to `(abs, rel)` per entry.
+pub fn check_linear<B: AutodiffBackend + DistillBackend>(
+    config: &DistillLossConfig,
+    case: &LinearCase,
+    (abs, rel): (f64, f64),
+    device: &B::Device,
+) {
+    let loss = config.init();
+    let sh = head::<B>(case.hs, case.vs, 0.71, case.bias, device);
+    let th = head::<B>(case.ht, case.vt, 1.37, case.bias, device);
+    let hidden = |h: usize, seed: f64| {
+        let v: Vec<f64> = wave(case.n * h, seed).iter().map(|x| x * case.scale).collect();
+        Tensor::<B, 2>::from_data(TensorData::new(v, [case.n, h]), device)
+    };
+    let hs = hidden(case.hs, 0.53).require_grad();
+    let ht = hidden(case.ht, 0.29);
+    let targets = case
+        .targets
+        .as_ref()
+        .map(|t| Tensor::<B, 1, Int>::from_data(TensorData::new(t.clone(), [t.len()]), device));
+
+    let fused = match &targets {
+        Some(y) => loss.forward_linear(hs.clone(), &sh, ht.clone(), &th, y.clone()),
+        None => loss.forward_linear_soft(hs.clone(), &sh, ht.clone(), &th),
+    };
+    let (zs, zt) = (sh.forward(hs.clone()), th.forward(ht.clone()).detach());
+    let dense = match &targets {
+        Some(y) => loss.forward(zs, zt, y.clone()),
+        None => loss.forward_soft(zs, zt),
+    };
+    let grads_of = |value: Tensor<B, 1>| {
+        let grads = value.sum().backward();
+        let g_h = values(hs.grad(&grads).expect("hidden gradient"));
+        let g_w = values(sh.weight.val().grad(&grads).expect("weight gradient"));
+        let g_b = sh
+            .bias
+            .as_ref()
+            .map(|b| values(b.val().grad(&grads).expect("bias gradient")))
+            .unwrap_or_default();
+        (g_h, g_w, g_b)
+    };
+    let (fv, dv) = (values(fused.clone()), values(dense.clone()));
+    let (fh, fw, fb) = grads_of(fused);
+    let (dh, dw, db) = grads_of(dense);
+    let mut failures = mismatches("loss", &fv, &dv, abs, rel);
+    failures.extend(mismatches("grad hidden", &fh, &dh, abs, rel));
+    failures.extend(mismatches("grad weight", &fw, &dw, abs, rel));
+    failures.extend(mismatches("grad bias", &fb, &db, abs, rel));
+    assert!(
+        failures.is_empty(),
+        "{case:?} {config:?}:\n{}",
+        failures.join("\n")
+    );
+    // The comparison must see a real gradient (unless every row is ignored).
+    let kept = case
+        .targets
+        .as_ref()
+        .is_none_or(|t| t.iter().any(|&y| y != -100));
+    assert_eq!(fw.iter().any(|g| *g != 0.0), kept, "{case:?}: weight gradient");
+}
+
+/// The sweep every backend runs: every divergence and reduction, chunks of 1, 3 and more rows
+/// than `N` (V not a multiple of anything), no bias, no labels, all rows ignored, vocabulary
+/// mismatch both ways.
+pub fn sweep<B: AutodiffBackend + DistillBackend>(tol: (f64, f64), device: &B::Device) {
+    use burn_distill::{Divergence, VocabMismatch};
+    let base = LinearCase::new(9, 6, 10, 37);
+    for (k, d) in Divergence::ALL.into_iter().enumerate() {
+        let reduction = [
+            Reduction::Mean,
+            Reduction::Sum,
+            Reduction::Normalized { items: 4 },
+            Reduction::PerRow,
+        ][k % 4];
+        for chunk in [1, 3, 64] {
+            let config = DistillLossConfig::new()
+                .with_divergence(d)
+                .with_temperature(2.0)
+                .with_alpha(0.7)
+                .with_label_smoothing(0.1)
+                .with_reduction(reduction)
+                .with_linear_chunk_rows(Some(chunk));
+            check_linear::<B>(&config, &base, tol, device);
+        }
+    }
+    let config = DistillLossConfig::new()
+        .with_temperature(3.0)
+        .with_alpha(0.5)
+        .with_linear_chunk_rows(Some(4));
+    let mut no_bias = base.clone();
+    no_bias.bias = false;
+    check_linear::<B>(&config, &no_bias, tol, device);
+    let mut soft = base.clone();
+    soft.targets = None;
+    check_linear::<B>(&config, &soft, tol, device);
+    let mut ignored = base.clone();
+    ignored.targets = Some(vec![-100; base.n]);
+    check_linear::<B>(&config, &ignored, tol, device);
+    for (policy, vt) in [(VocabMismatch::Truncate, 41), (VocabMismatch::PadNegInf, 33)] {
+        let mut mismatch = base.clone();
+        mismatch.vt = vt;
+        let config = config.clone().with_vocab_mismatch(policy);
+        check_linear::<B>(&config, &mismatch, tol, device);
+    }
+    let mut wide = base.clone();
+    wide.vt = 33;
+    wide.targets = Some((0..base.n as i64).map(|i| i % 30).collect());
+    let config = config.with_vocab_mismatch(VocabMismatch::Truncate);
+    check_linear::<B>(&config, &wide, tol, device);
+}

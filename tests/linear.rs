@@ -1,0 +1,92 @@
+//! The fused-linear loss (`forward_linear*`) equals `forward` on materialised logits, in f64 on
+//! NdArray (fused and reference kernels): loss and the gradients of the student's hidden
+//! states, head weight and bias; sequence form; bad input. f32 backends: tests/linear_f32.rs.
+#![cfg(feature = "ndarray")]
+
+mod common;
+
+use burn::backend::{Autodiff, NdArray};
+use burn::tensor::{Int, Tensor, TensorData};
+use burn_distill::{DistillLossConfig, Kernel};
+use common::linear::{LinearCase, check_linear, head, sweep, wave};
+use common::values;
+
+type B = Autodiff<NdArray<f64>>;
+const TOL: (f64, f64) = (1e-12, 1e-9);
+
+#[test]
+fn equals_the_materialised_loss_in_f64() {
+    sweep::<B>(TOL, &Default::default());
+}
+
+#[test]
+fn reference_kernel_chunks_equal_the_materialised_loss() {
+    let config = DistillLossConfig::new()
+        .with_temperature(2.0)
+        .with_alpha(0.6)
+        .with_kernel(Kernel::Reference)
+        .with_linear_chunk_rows(Some(2));
+    check_linear::<B>(&config, &LinearCase::new(7, 5, 8, 13), TOL, &Default::default());
+}
+
+#[test]
+fn automatic_chunk_rows_come_from_the_memory_budget() {
+    let config = DistillLossConfig::new();
+    let loss = config.init();
+    // Three f32 [c, V] chunks within 64 MiB by default.
+    assert_eq!(loss.linear_chunk_rows(128_256), (64 << 20) / (3 * 4 * 128_256));
+    assert_eq!(loss.linear_chunk_rows(1 << 30), 1);
+    let fixed = config.with_linear_chunk_rows(Some(7)).init();
+    assert_eq!(fixed.linear_chunk_rows(128_256), 7);
+    // A tiny budget still computes (one row at a time).
+    let tiny = DistillLossConfig::new().with_linear_chunk_bytes(1).with_linear_chunk_rows(None);
+    check_linear::<B>(&tiny, &LinearCase::new(5, 4, 6, 11), TOL, &Default::default());
+}
+
+#[test]
+fn sequence_form_equals_flattened_rows() {
+    let device = Default::default();
+    let (b, t, hs, ht, v) = (2, 3, 4, 6, 9);
+    let loss = DistillLossConfig::new()
+        .with_temperature(2.0)
+        .with_linear_chunk_rows(Some(2))
+        .init();
+    let (sh, th) = (head::<B>(hs, v, 0.3, true, &device), head::<B>(ht, v, 0.7, true, &device));
+    let hid = |h: usize, seed: f64| wave(b * t * h, seed);
+    let (s, te) = (hid(hs, 0.11), hid(ht, 0.23));
+    let y = vec![1, -100, 3, 8, 0, -100];
+    let seq = loss.forward_linear_seq(
+        Tensor::<B, 3>::from_data(TensorData::new(s.clone(), [b, t, hs]), &device),
+        &sh,
+        Tensor::<B, 3>::from_data(TensorData::new(te.clone(), [b, t, ht]), &device),
+        &th,
+        Tensor::<B, 2, Int>::from_data(TensorData::new(y.clone(), [b, t]), &device),
+    );
+    let flat = loss.forward_linear(
+        Tensor::<B, 2>::from_data(TensorData::new(s, [b * t, hs]), &device),
+        &sh,
+        Tensor::<B, 2>::from_data(TensorData::new(te, [b * t, ht]), &device),
+        &th,
+        Tensor::<B, 1, Int>::from_data(TensorData::new(y, [b * t]), &device),
+    );
+    assert_eq!(values(seq), values(flat));
+}
+
+#[test]
+fn bad_shapes_and_targets_are_named() {
+    let device = Default::default();
+    let loss = DistillLossConfig::new().init();
+    let (sh, th) = (head::<B>(4, 9, 0.3, true, &device), head::<B>(6, 9, 0.7, true, &device));
+    let hidden = |n: usize, h: usize| Tensor::<B, 2>::zeros([n, h], &device);
+    let y = |v: Vec<i64>| Tensor::<B, 1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), &device);
+    let err = |r: Result<_, burn_distill::DistillError>| r.map(|_: burn_distill::DistillOutput<B>| ()).unwrap_err().to_string();
+    let e = err(loss.try_forward_linear_parts(hidden(3, 5), &sh, hidden(3, 6), &th, Some(y(vec![0, 1, 2]))));
+    assert!(e.contains("student_hidden") && e.contains("[3, 5]"), "{e}");
+    let e = err(loss.try_forward_linear_parts(hidden(3, 4), &sh, hidden(2, 6), &th, Some(y(vec![0, 1, 2]))));
+    assert!(e.contains("teacher_hidden") && e.contains("3 rows"), "{e}");
+    let e = err(loss.try_forward_linear_parts(hidden(3, 4), &sh, hidden(3, 6), &th, Some(y(vec![0, 9, 2]))));
+    assert!(e.contains("targets[1] = 9"), "{e}");
+    let other = head::<B>(6, 11, 0.7, true, &device);
+    let e = err(loss.try_forward_linear_parts(hidden(3, 4), &sh, hidden(3, 6), &other, Some(y(vec![0, 1, 2]))));
+    assert!(e.contains("teacher_head") && e.contains("11"), "{e}");
+}

@@ -52,4 +52,3 @@ pub fn measure(reps: usize, mut f: impl FnMut()) -> (Duration, usize) {
     times.sort();
     (times[reps / 2], PEAK.load(Ordering::Relaxed) - base)
 }
-

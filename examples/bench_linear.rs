@@ -84,12 +84,21 @@ fn head<B: AutodiffBackend>(h: usize, v: usize, seed: u32, device: &B::Device) -
 }
 
 fn run<B: AutodiffBackend + DistillBackend>(name: &str, a: &Args, device: B::Device) {
-    let (sh, th) = (head::<B>(a.hs, a.v, 1, &device), head::<B>(a.ht, a.v, 7, &device));
+    let (sh, th) = (
+        head::<B>(a.hs, a.v, 1, &device),
+        head::<B>(a.ht, a.v, 7, &device),
+    );
     let hs = filled::<B>(a.n, a.hs, 1.0, 3, &device).require_grad();
     let ht = filled::<B>(a.n, a.ht, 1.0, 5, &device);
     // One token in ten is ignored (prompt or padding).
     let targets: Vec<i64> = (0..a.n)
-        .map(|i| if i % 10 == 9 { -100 } else { ((i * 7919) % a.v) as i64 })
+        .map(|i| {
+            if i % 10 == 9 {
+                -100
+            } else {
+                ((i * 7919) % a.v) as i64
+            }
+        })
         .collect();
     let y = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [a.n]), &device);
     let loss = DistillLossConfig::new()
@@ -122,7 +131,10 @@ fn run<B: AutodiffBackend + DistillBackend>(name: &str, a: &Args, device: B::Dev
         y.clone(),
     ));
     let vf = value(loss.forward_linear(hs.clone(), &sh, ht.clone(), &th, y.clone()));
-    assert!((vm - vf).abs() <= 1e-4 * vm.abs(), "losses differ: {vm} vs {vf}");
+    assert!(
+        (vm - vf).abs() <= 1e-4 * vm.abs(),
+        "losses differ: {vm} vs {vf}"
+    );
 
     let gb = |b: usize| b as f64 / 1e9;
     println!(

@@ -59,10 +59,10 @@ pub use divergence::Divergence;
 pub use error::DistillError;
 pub use hidden::{HiddenLossKind, HiddenStateLoss, HiddenStateLossConfig};
 pub use kernel::Kernel;
-pub use linear::{LinearSetup, LinearSide};
 #[doc(hidden)]
 #[cfg(any(feature = "ndarray", feature = "flex"))]
 pub use kernel::internals;
+pub use linear::{LinearSetup, LinearSide};
 pub use loss::{DistillLoss, DistillLossConfig, DistillOutput};
 pub use reduction::Reduction;
 pub use softmax::{

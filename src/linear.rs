@@ -60,6 +60,8 @@ pub(crate) struct LinearGrads<B: Backend> {
 }
 
 type T<B, const D: usize> = Tensor<B, D>;
+/// `(loss, soft, hard)` of a chunk, reduced or per row.
+type Parts<B> = (T<B, 1>, T<B, 1>, Option<T<B, 1>>);
 
 fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
@@ -127,14 +129,16 @@ pub(crate) fn chunked<B: DistillBackend>(
 
     // The reduction's factor folded into every chunk (exact: `kept` is known on the host).
     let chunk_params = match params.reduction {
-        Reduction::Mean if m > 0 => params.with_reduction(Reduction::Normalized { items: m as u64 }),
+        Reduction::Mean if m > 0 => {
+            params.with_reduction(Reduction::Normalized { items: m as u64 })
+        }
         Reduction::Mean => params.with_reduction(Reduction::Sum),
         _ => params,
     };
     let per_row = params.reduction == Reduction::PerRow;
 
-    let mut sums: Option<(T<B, 1>, T<B, 1>, Option<T<B, 1>>)> = None;
-    let mut rows: Vec<(T<B, 1>, T<B, 1>, Option<T<B, 1>>)> = Vec::new();
+    let mut sums: Option<Parts<B>> = None;
+    let mut rows: Vec<Parts<B>> = Vec::new();
     let mut grad_h: Vec<T<B, 2>> = Vec::new();
     let mut grad_w: Option<T<B, 2>> = None;
     let mut grad_b: Option<T<B, 1>> = None;
@@ -142,14 +146,14 @@ pub(crate) fn chunked<B: DistillBackend>(
     let mut r0 = 0;
     while r0 < m {
         let r1 = (r0 + chunk).min(m);
-        let hs_c = hs_k.clone().slice([r0..r1]);
+        let hs_c = hs_k.clone().slice(r0..r1);
         let zs = logits(hs_c.clone(), &ws, &bs);
-        let zt = logits(ht_k.clone().slice([r0..r1]), &wt, &bt);
+        let zt = logits(ht_k.clone().slice(r0..r1), &wt, &bt);
         let (zs, zt) = setup
             .vocab_mismatch
             .align(zs, zt)
             .unwrap_or_else(|e| panic!("burn-distill: {e} (checked before the chunks)"));
-        let y = targets_k.clone().map(|t| t.slice([r0..r1]).into_primitive());
+        let y = targets_k.clone().map(|t| t.slice(r0..r1).into_primitive());
         let (zs, zt) = (zs.into_primitive().tensor(), zt.into_primitive().tensor());
         let out = if setup.kernel != Kernel::Reference && B::has_fused_kernel(&zs, &zt) {
             B::distill_fused(zs, zt, y, &chunk_params, with_grad)?
@@ -185,7 +189,13 @@ pub(crate) fn chunked<B: DistillBackend>(
             let g = if va > vs {
                 g.narrow(1, 0, vs)
             } else if va < vs {
-                Tensor::cat(vec![g.clone(), g.zeros_like().narrow(1, 0, 1).repeat_dim(1, vs - va)], 1)
+                Tensor::cat(
+                    vec![
+                        g.clone(),
+                        g.zeros_like().narrow(1, 0, 1).repeat_dim(1, vs - va),
+                    ],
+                    1,
+                )
             } else {
                 g
             };
@@ -210,22 +220,19 @@ pub(crate) fn chunked<B: DistillBackend>(
     let zero = || Tensor::<B, 1>::zeros([1], (&device, loss_dtype));
     let has_hard = targets.is_some();
     let parts = if per_row {
-        let cat = |f: &dyn Fn(&(T<B, 1>, T<B, 1>, Option<T<B, 1>>)) -> T<B, 1>| -> T<B, 1> {
-            let kept_rows = if rows.is_empty() {
-                Tensor::<B, 1>::zeros([0], (&device, loss_dtype))
-            } else {
-                Tensor::cat(rows.iter().map(f).collect(), 0)
+        let cat =
+            |f: &dyn Fn(&Parts<B>) -> T<B, 1>| -> T<B, 1> {
+                let kept_rows = if rows.is_empty() {
+                    Tensor::<B, 1>::zeros([0], (&device, loss_dtype))
+                } else {
+                    Tensor::cat(rows.iter().map(f).collect(), 0)
+                };
+                match &index {
+                    Some(i) => Tensor::<B, 1>::zeros([n], (&device, kept_rows.dtype()))
+                        .select_assign(0, i.clone(), kept_rows, IndexingUpdateOp::Add),
+                    None => kept_rows,
+                }
             };
-            match &index {
-                Some(i) => Tensor::<B, 1>::zeros([n], (&device, kept_rows.dtype())).select_assign(
-                    0,
-                    i.clone(),
-                    kept_rows,
-                    IndexingUpdateOp::Add,
-                ),
-                None => kept_rows,
-            }
-        };
         DistillParts {
             loss: cat(&|r| r.0.clone()).into_primitive().tensor(),
             soft: cat(&|r| r.1.clone()).into_primitive().tensor(),
@@ -250,7 +257,10 @@ pub(crate) fn chunked<B: DistillBackend>(
         } else {
             let kept_grad = Tensor::cat(grad_h, 0);
             match &index {
-                Some(i) => hs.zeros_like().select_assign(0, i.clone(), kept_grad, IndexingUpdateOp::Add),
+                Some(i) => {
+                    hs.zeros_like()
+                        .select_assign(0, i.clone(), kept_grad, IndexingUpdateOp::Add)
+                }
                 None => kept_grad,
             }
         };
@@ -434,7 +444,10 @@ impl DistillLoss {
             Ok(LinearSide {
                 hidden: hidden.into_primitive().tensor(),
                 weight: weight.into_primitive().tensor(),
-                bias: head.bias.as_ref().map(|b| b.val().into_primitive().tensor()),
+                bias: head
+                    .bias
+                    .as_ref()
+                    .map(|b| b.val().into_primitive().tensor()),
             })
         };
         let [n, _] = student_hidden.dims();
@@ -451,14 +464,19 @@ impl DistillLoss {
         // The vocabulary policy on a zero-row stand-in: its error, and the aligned width.
         let device = student_hidden.device();
         let probe = |v: usize| Tensor::<B, 2>::zeros([1, v], &device);
-        let (aligned, _) = self.vocab_mismatch.align(probe(vs), probe(vt)).map_err(|e| match e {
-            DistillError::InvalidArgument { value, expected, .. } => DistillError::InvalidArgument {
-                argument: "teacher_head".into(),
-                value,
-                expected,
-            },
-            other => other,
-        })?;
+        let (aligned, _) =
+            self.vocab_mismatch
+                .align(probe(vs), probe(vt))
+                .map_err(|e| match e {
+                    DistillError::InvalidArgument {
+                        value, expected, ..
+                    } => DistillError::InvalidArgument {
+                        argument: "teacher_head".into(),
+                        value,
+                        expected,
+                    },
+                    other => other,
+                })?;
         let classes = aligned.dims()[1].min(vs);
         if let Some(targets) = &targets {
             check_row_targets(
@@ -471,7 +489,10 @@ impl DistillLoss {
         let student = side(student_hidden, student_head, "student")?;
         let teacher = side(teacher_hidden.detach(), teacher_head, "teacher")?;
         let teacher = LinearSide {
-            weight: float::<B, 2>(teacher.weight).detach().into_primitive().tensor(),
+            weight: float::<B, 2>(teacher.weight)
+                .detach()
+                .into_primitive()
+                .tensor(),
             bias: teacher
                 .bias
                 .map(|b| float::<B, 1>(b).detach().into_primitive().tensor()),
@@ -483,7 +504,12 @@ impl DistillLoss {
             vocab_mismatch: self.vocab_mismatch,
             chunk_rows: self.linear_chunk_rows(vs.max(vt)),
         };
-        let parts = B::distill_linear(student, teacher, targets.map(Tensor::into_primitive), &setup);
+        let parts = B::distill_linear(
+            student,
+            teacher,
+            targets.map(Tensor::into_primitive),
+            &setup,
+        );
         Ok(DistillOutput {
             loss: float(parts.loss),
             soft: float(parts.soft),

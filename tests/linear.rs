@@ -26,7 +26,12 @@ fn reference_kernel_chunks_equal_the_materialised_loss() {
         .with_alpha(0.6)
         .with_kernel(Kernel::Reference)
         .with_linear_chunk_rows(Some(2));
-    check_linear::<B>(&config, &LinearCase::new(7, 5, 8, 13), TOL, &Default::default());
+    check_linear::<B>(
+        &config,
+        &LinearCase::new(7, 5, 8, 13),
+        TOL,
+        &Default::default(),
+    );
 }
 
 #[test]
@@ -34,13 +39,23 @@ fn automatic_chunk_rows_come_from_the_memory_budget() {
     let config = DistillLossConfig::new();
     let loss = config.init();
     // Three f32 [c, V] chunks within 64 MiB by default.
-    assert_eq!(loss.linear_chunk_rows(128_256), (64 << 20) / (3 * 4 * 128_256));
+    assert_eq!(
+        loss.linear_chunk_rows(128_256),
+        (64 << 20) / (3 * 4 * 128_256)
+    );
     assert_eq!(loss.linear_chunk_rows(1 << 30), 1);
     let fixed = config.with_linear_chunk_rows(Some(7)).init();
     assert_eq!(fixed.linear_chunk_rows(128_256), 7);
     // A tiny budget still computes (one row at a time).
-    let tiny = DistillLossConfig::new().with_linear_chunk_bytes(1).with_linear_chunk_rows(None);
-    check_linear::<B>(&tiny, &LinearCase::new(5, 4, 6, 11), TOL, &Default::default());
+    let tiny = DistillLossConfig::new()
+        .with_linear_chunk_bytes(1)
+        .with_linear_chunk_rows(None);
+    check_linear::<B>(
+        &tiny,
+        &LinearCase::new(5, 4, 6, 11),
+        TOL,
+        &Default::default(),
+    );
 }
 
 #[test]
@@ -51,7 +66,10 @@ fn sequence_form_equals_flattened_rows() {
         .with_temperature(2.0)
         .with_linear_chunk_rows(Some(2))
         .init();
-    let (sh, th) = (head::<B>(hs, v, 0.3, true, &device), head::<B>(ht, v, 0.7, true, &device));
+    let (sh, th) = (
+        head::<B>(hs, v, 0.3, true, &device),
+        head::<B>(ht, v, 0.7, true, &device),
+    );
     let hid = |h: usize, seed: f64| wave(b * t * h, seed);
     let (s, te) = (hid(hs, 0.11), hid(ht, 0.23));
     let y = vec![1, -100, 3, 8, 0, -100];
@@ -76,17 +94,50 @@ fn sequence_form_equals_flattened_rows() {
 fn bad_shapes_and_targets_are_named() {
     let device = Default::default();
     let loss = DistillLossConfig::new().init();
-    let (sh, th) = (head::<B>(4, 9, 0.3, true, &device), head::<B>(6, 9, 0.7, true, &device));
+    let (sh, th) = (
+        head::<B>(4, 9, 0.3, true, &device),
+        head::<B>(6, 9, 0.7, true, &device),
+    );
     let hidden = |n: usize, h: usize| Tensor::<B, 2>::zeros([n, h], &device);
-    let y = |v: Vec<i64>| Tensor::<B, 1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), &device);
-    let err = |r: Result<_, burn_distill::DistillError>| r.map(|_: burn_distill::DistillOutput<B>| ()).unwrap_err().to_string();
-    let e = err(loss.try_forward_linear_parts(hidden(3, 5), &sh, hidden(3, 6), &th, Some(y(vec![0, 1, 2]))));
+    let y = |v: Vec<i64>| {
+        Tensor::<B, 1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), &device)
+    };
+    let err = |r: Result<_, burn_distill::DistillError>| {
+        r.map(|_: burn_distill::DistillOutput<B>| ())
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err(loss.try_forward_linear_parts(
+        hidden(3, 5),
+        &sh,
+        hidden(3, 6),
+        &th,
+        Some(y(vec![0, 1, 2])),
+    ));
     assert!(e.contains("student_hidden") && e.contains("[3, 5]"), "{e}");
-    let e = err(loss.try_forward_linear_parts(hidden(3, 4), &sh, hidden(2, 6), &th, Some(y(vec![0, 1, 2]))));
+    let e = err(loss.try_forward_linear_parts(
+        hidden(3, 4),
+        &sh,
+        hidden(2, 6),
+        &th,
+        Some(y(vec![0, 1, 2])),
+    ));
     assert!(e.contains("teacher_hidden") && e.contains("3 rows"), "{e}");
-    let e = err(loss.try_forward_linear_parts(hidden(3, 4), &sh, hidden(3, 6), &th, Some(y(vec![0, 9, 2]))));
+    let e = err(loss.try_forward_linear_parts(
+        hidden(3, 4),
+        &sh,
+        hidden(3, 6),
+        &th,
+        Some(y(vec![0, 9, 2])),
+    ));
     assert!(e.contains("targets[1] = 9"), "{e}");
     let other = head::<B>(6, 11, 0.7, true, &device);
-    let e = err(loss.try_forward_linear_parts(hidden(3, 4), &sh, hidden(3, 6), &other, Some(y(vec![0, 1, 2]))));
+    let e = err(loss.try_forward_linear_parts(
+        hidden(3, 4),
+        &sh,
+        hidden(3, 6),
+        &other,
+        Some(y(vec![0, 1, 2])),
+    ));
     assert!(e.contains("teacher_head") && e.contains("11"), "{e}");
 }

@@ -73,7 +73,11 @@ where
             let (parts, grads) = forward(true)?;
             // A kernel asked for its gradients that returned fewer is a bug of that kernel;
             // fail loudly rather than train without them.
-            assert_eq!(grads.len(), N, "burn-distill: a fused kernel omitted a gradient");
+            assert_eq!(
+                grads.len(),
+                N,
+                "burn-distill: a fused kernel omitted a gradient"
+            );
             (prep.finish(grads, parts.loss.clone()), parts)
         }
         OpsKind::UnTracked(prep) => {
@@ -118,7 +122,11 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
             if with_grad {
                 grad = out.grad.clone();
             }
-            let grads = if tracked { out.grad.into_iter().collect() } else { Vec::new() };
+            let grads = if tracked {
+                out.grad.into_iter().collect()
+            } else {
+                Vec::new()
+            };
             Some((out.parts, grads))
         })?;
         Some(FusedOutput {
@@ -145,7 +153,12 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
         let run = |tracked: bool| {
             let (parts, grads) = linear::chunked::<B>(s, t, targets.clone(), setup, tracked)?;
             let grads = grads
-                .map(|g| [Some(g.hidden), Some(g.weight), g.bias].into_iter().flatten().collect())
+                .map(|g| {
+                    [Some(g.hidden), Some(g.weight), g.bias]
+                        .into_iter()
+                        .flatten()
+                        .collect()
+                })
                 .unwrap_or_default();
             Some((parts, grads))
         };

@@ -18,8 +18,8 @@ use burn::tensor::{
 
 use crate::{
     Divergence, Kernel, LinearSetup, LinearSide, Reduction,
-    linear,
     kernel::reference,
+    linear,
     reduction::{ignored_rows, reduce_rows},
 };
 
@@ -170,7 +170,13 @@ pub trait DistillBackend: Backend {
         targets: Option<IntTensor<Self>>,
         setup: &LinearSetup,
     ) -> DistillParts<Self> {
-        match linear::chunked::<Self>(student.clone(), teacher.clone(), targets.clone(), setup, false) {
+        match linear::chunked::<Self>(
+            student.clone(),
+            teacher.clone(),
+            targets.clone(),
+            setup,
+            false,
+        ) {
             Some((parts, _)) => parts,
             None => linear::materialised::<Self>(student, teacher, targets, setup),
         }

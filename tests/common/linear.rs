@@ -16,7 +16,13 @@ pub fn wave(len: usize, seed: f64) -> Vec<f64> {
 }
 
 /// A linear head `h → v` with the given weight and optional bias values.
-pub fn head<B: AutodiffBackend>(h: usize, v: usize, seed: f64, bias: bool, device: &B::Device) -> Linear<B> {
+pub fn head<B: AutodiffBackend>(
+    h: usize,
+    v: usize,
+    seed: f64,
+    bias: bool,
+    device: &B::Device,
+) -> Linear<B> {
     let weight = Tensor::<B, 2>::from_data(TensorData::new(wave(h * v, seed), [h, v]), device);
     let bias = bias.then(|| {
         Param::from_tensor(Tensor::<B, 1>::from_data(
@@ -48,7 +54,13 @@ pub struct LinearCase {
 impl LinearCase {
     pub fn new(n: usize, hs: usize, ht: usize, v: usize) -> Self {
         let targets = (0..n)
-            .map(|i| if i % 4 == 2 { -100 } else { ((i * 7) % v) as i64 })
+            .map(|i| {
+                if i % 4 == 2 {
+                    -100
+                } else {
+                    ((i * 7) % v) as i64
+                }
+            })
             .collect();
         Self {
             n,
@@ -75,7 +87,10 @@ pub fn check_linear<B: AutodiffBackend + DistillBackend>(
     let sh = head::<B>(case.hs, case.vs, 0.71, case.bias, device);
     let th = head::<B>(case.ht, case.vt, 1.37, case.bias, device);
     let hidden = |h: usize, seed: f64| {
-        let v: Vec<f64> = wave(case.n * h, seed).iter().map(|x| x * case.scale).collect();
+        let v: Vec<f64> = wave(case.n * h, seed)
+            .iter()
+            .map(|x| x * case.scale)
+            .collect();
         Tensor::<B, 2>::from_data(TensorData::new(v, [case.n, h]), device)
     };
     let hs = hidden(case.hs, 0.53).require_grad();
@@ -122,7 +137,11 @@ pub fn check_linear<B: AutodiffBackend + DistillBackend>(
         .targets
         .as_ref()
         .is_none_or(|t| t.iter().any(|&y| y != -100));
-    assert_eq!(fw.iter().any(|g| *g != 0.0), kept, "{case:?}: weight gradient");
+    assert_eq!(
+        fw.iter().any(|g| *g != 0.0),
+        kept,
+        "{case:?}: weight gradient"
+    );
 }
 
 /// The sweep every backend runs: every divergence and reduction, chunks of 1, 3 and more rows
@@ -162,7 +181,10 @@ pub fn sweep<B: AutodiffBackend + DistillBackend>(tol: (f64, f64), device: &B::D
     let mut ignored = base.clone();
     ignored.targets = Some(vec![-100; base.n]);
     check_linear::<B>(&config, &ignored, tol, device);
-    for (policy, vt) in [(VocabMismatch::Truncate, 41), (VocabMismatch::PadNegInf, 33)] {
+    for (policy, vt) in [
+        (VocabMismatch::Truncate, 41),
+        (VocabMismatch::PadNegInf, 33),
+    ] {
         let mut mismatch = base.clone();
         mismatch.vt = vt;
         let config = config.clone().with_vocab_mismatch(policy);

@@ -189,13 +189,9 @@ pub(crate) fn chunked<B: DistillBackend>(
             let g = if va > vs {
                 g.narrow(1, 0, vs)
             } else if va < vs {
-                Tensor::cat(
-                    vec![
-                        g.clone(),
-                        g.zeros_like().narrow(1, 0, 1).repeat_dim(1, vs - va),
-                    ],
-                    1,
-                )
+                let [c, _] = g.dims();
+                let zeros = Tensor::zeros([c, vs - va], (&device, g.dtype()));
+                Tensor::cat(vec![g, zeros], 1)
             } else {
                 g
             };
@@ -461,23 +457,20 @@ impl DistillLoss {
         }
         let vs = student_head.weight.dims()[1];
         let vt = teacher_head.weight.dims()[1];
-        // The vocabulary policy on a zero-row stand-in: its error, and the aligned width.
-        let device = student_hidden.device();
-        let probe = |v: usize| Tensor::<B, 2>::zeros([1, v], &device);
-        let (aligned, _) =
-            self.vocab_mismatch
-                .align(probe(vs), probe(vt))
-                .map_err(|e| match e {
-                    DistillError::InvalidArgument {
-                        value, expected, ..
-                    } => DistillError::InvalidArgument {
-                        argument: "teacher_head".into(),
-                        value,
-                        expected,
-                    },
-                    other => other,
-                })?;
-        let classes = aligned.dims()[1].min(vs);
+        // Targets index the aligned vocabulary, as in `forward` on the logits.
+        let classes = self.vocab_mismatch.aligned_width(vs, vt)?;
+        let dtype = student_hidden.dtype();
+        if self.kernel == Kernel::Fused && !B::fused_kernel_dtypes().contains(&dtype) {
+            return Err(DistillError::invalid(
+                "kernel",
+                "Kernel::Fused",
+                format!(
+                    "Kernel::Auto or Kernel::Reference: backend {} has no fused distillation \
+                     kernel for {dtype:?} logits",
+                    B::name(&student_hidden.device()),
+                ),
+            ));
+        }
         if let Some(targets) = &targets {
             check_row_targets(
                 targets,

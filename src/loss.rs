@@ -235,7 +235,7 @@ impl DistillLoss {
 
     /// Full loss (soft and hard terms) of `[N, V]` logits against `[N]` targets.
     ///
-    /// Returns `[1]` for `Mean` and `Sum`, `[N]` for `None`.
+    /// Returns `[1]` for `Mean`, `Sum` and `Normalized`, `[N]` for `PerRow`.
     ///
     /// # Panics
     /// On bad shapes or out-of-range targets, with the message of [`DistillLoss::try_forward`].
@@ -286,7 +286,7 @@ impl DistillLoss {
 
     /// Sequence form: `[B, T, V]` logits against `[B, T]` targets (prompt or padding tokens
     /// set to the ignore index). `Mean` averages over the non-ignored tokens of the whole
-    /// batch; `None` returns the `B·T` token losses flattened row-major (reshape to `[B, T]`).
+    /// batch; `PerRow` returns the `B·T` token losses flattened row-major (reshape to `[B, T]`).
     ///
     /// # Panics
     /// As [`DistillLoss::forward`].

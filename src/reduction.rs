@@ -73,8 +73,13 @@ impl Reduction {
     ) -> Option<Tensor<B, 1>> {
         match (self, ignored) {
             (Self::Mean, Some(ignored)) => {
-                // Counted in i64, then cast: exact for any N (a count in f16 is not).
-                let kept = ignored.bool_not().int().sum().float().cast(dtype);
+                // Counted in the int dtype, then cast once to `dtype` (never through the
+                // backend's default float, which may be f16): exact in f32 up to 2^24 rows.
+                let kept: Tensor<B, 1> = ignored
+                    .bool_not()
+                    .int()
+                    .sum()
+                    .cast(burn::tensor::FloatDType::from(dtype));
                 Some(kept.clamp_min(1.0).recip())
             }
             (Self::Mean, None) => Some(Tensor::full([1], 1.0 / rows as f64, (device, dtype))),

@@ -214,7 +214,7 @@ impl SparseDistillLossConfig {
                 "Kernel::Auto or Kernel::Reference: the sparse-teacher loss has no fused kernel",
             ));
         }
-        let divergence = self.loss.divergence;
+        let divergence = dense.params().divergence();
         if self.tail
             == (TailPolicy::Renormalize {
                 student: StudentSupport::FullVocab,

@@ -23,6 +23,24 @@ pub enum VocabMismatch {
 }
 
 impl VocabMismatch {
+    /// The common vocabulary width of `V_s` and `V_t` columns under this policy, or the error
+    /// [`VocabMismatch::align`] gives.
+    pub(crate) fn aligned_width(self, vs: usize, vt: usize) -> Result<usize, DistillError> {
+        match self {
+            _ if vs == vt => Ok(vs),
+            VocabMismatch::Error => Err(DistillError::invalid(
+                "teacher_head",
+                format!("vocabulary {vt}"),
+                format!(
+                    "the student's vocabulary {vs}; set with_vocab_mismatch(VocabMismatch::\
+                     Truncate or PadNegInf) if the difference is padding"
+                ),
+            )),
+            VocabMismatch::Truncate => Ok(vs.min(vt)),
+            VocabMismatch::PadNegInf => Ok(vs.max(vt)),
+        }
+    }
+
     /// Brings `[N, V_s]` and `[N, V_t]` logits to one vocabulary, or says why not.
     pub(crate) fn align<B: Backend, const D: usize>(
         self,

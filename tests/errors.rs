@@ -107,6 +107,16 @@ fn jsd_endpoints_are_trl_forward_and_reverse_kl() {
             .init();
         assert_eq!(loss.params().divergence(), same, "beta = {beta}");
     }
+    // The sparse loss sees the resolved divergence: DistillKit's full-vocabulary convention
+    // (forward KL only) accepts `Jsd { beta: 0 }`.
+    use burn_distill::{SparseDistillLossConfig, StudentSupport, TailPolicy};
+    let sparse = SparseDistillLossConfig::new(
+        DistillLossConfig::new().with_divergence(Divergence::Jsd { beta: 0.0 }),
+    )
+    .with_tail(TailPolicy::Renormalize {
+        student: StudentSupport::FullVocab,
+    });
+    assert!(sparse.try_init().is_ok());
 }
 
 #[test]

@@ -19,6 +19,8 @@ fn equals_the_materialised_loss_in_f64() {
     sweep::<B>(TOL, &Default::default());
 }
 
+/// `Kernel::Reference`: the chunks run the reference loss forward-only (the inner-backend
+/// check of `check_linear`), and with gradients the logits are materialised.
 #[test]
 fn reference_kernel_chunks_equal_the_materialised_loss() {
     let config = DistillLossConfig::new()

@@ -2,7 +2,7 @@
 //! family for its implementation (in the style of `burn-vision`):
 //!
 //! - [`autodiff`](self): `Autodiff<B>` (the fused kernel of `B` wrapped in one generic backward
-//!   node, [`autodiff::fused_with_grad`]);
+//!   node, `FusedBackward`, for any number of differentiable inputs);
 //! - `fusion`: burn's `Fusion<B>` wrapper (one custom operation of the fusion stream);
 //! - `ndarray`, `flex`: the CPU kernel of [`crate::kernel`] on host slices (shared glue in
 //!   `cpu`);
@@ -87,7 +87,7 @@ impl DistillParams {
 #[derive(Debug, Clone)]
 pub struct DistillParts<B: Backend> {
     /// `α·soft + (1 − α)·hard` (`soft` without targets), differentiable with respect to the
-    /// student logits only.
+    /// student's inputs only (its logits; for the fused-linear loss its hidden states and head).
     pub loss: FloatTensor<B>,
     /// The soft term (T²-scaled if configured), detached.
     pub soft: FloatTensor<B>,

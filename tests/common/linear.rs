@@ -1,7 +1,7 @@
 //! The fused-linear loss against `forward` on materialised logits (`hidden · W + b`): loss and
 //! the gradients of the student's hidden states, head weight and bias.
 
-use burn::module::Param;
+use burn::module::{AutodiffModule, Param};
 use burn::nn::Linear;
 use burn::tensor::{Int, Tensor, TensorData, backend::AutodiffBackend};
 use burn_distill::testing::{mismatches, values};
@@ -77,12 +77,15 @@ impl LinearCase {
 
 /// Loss values and gradients (hidden, weight, bias) of the fused-linear path and of the
 /// materialised path; asserts they agree to `(abs, rel)` per entry.
-pub fn check_linear<B: AutodiffBackend + DistillBackend>(
+pub fn check_linear<B>(
     config: &DistillLossConfig,
     case: &LinearCase,
     (abs, rel): (f64, f64),
     device: &B::Device,
-) {
+) where
+    B: AutodiffBackend + DistillBackend,
+    B::InnerBackend: DistillBackend,
+{
     let loss = config.init();
     let sh = head::<B>(case.hs, case.vs, 0.71, case.bias, device);
     let th = head::<B>(case.ht, case.vt, 1.37, case.bias, device);
@@ -109,8 +112,26 @@ pub fn check_linear<B: AutodiffBackend + DistillBackend>(
         Some(y) => loss.forward(zs, zt, y.clone()),
         None => loss.forward_soft(zs, zt),
     };
+    // Forward only on the inner backend (no autodiff: the chunked path without gradients,
+    // including `PerRow`, the reference kernel per chunk and the ignored-row scatter).
+    let inner = {
+        let (sv, tv) = (sh.valid(), th.valid());
+        let (hs_i, ht_i) = (hs.clone().inner(), ht.clone().inner());
+        let y_i = targets.clone().map(|y| y.inner());
+        let fused = match &y_i {
+            Some(y) => loss.forward_linear(hs_i.clone(), &sv, ht_i.clone(), &tv, y.clone()),
+            None => loss.forward_linear_soft(hs_i.clone(), &sv, ht_i.clone(), &tv),
+        };
+        let (zs, zt) = (sv.forward(hs_i), tv.forward(ht_i));
+        let dense = match &y_i {
+            Some(y) => loss.forward(zs, zt, y.clone()),
+            None => loss.forward_soft(zs, zt),
+        };
+        mismatches("inner loss", &values(fused), &values(dense), abs, rel)
+    };
+    // An upstream gradient that is not 1 (the loss enters the objective with weight 0.5).
     let grads_of = |value: Tensor<B, 1>| {
-        let grads = value.sum().backward();
+        let grads = value.sum().mul_scalar(0.5).backward();
         let g_h = values(hs.grad(&grads).expect("hidden gradient"));
         let g_w = values(sh.weight.val().grad(&grads).expect("weight gradient"));
         let g_b = sh
@@ -123,7 +144,8 @@ pub fn check_linear<B: AutodiffBackend + DistillBackend>(
     let (fv, dv) = (values(fused.clone()), values(dense.clone()));
     let (fh, fw, fb) = grads_of(fused);
     let (dh, dw, db) = grads_of(dense);
-    let mut failures = mismatches("loss", &fv, &dv, abs, rel);
+    let mut failures = inner;
+    failures.extend(mismatches("loss", &fv, &dv, abs, rel));
     failures.extend(mismatches("grad hidden", &fh, &dh, abs, rel));
     failures.extend(mismatches("grad weight", &fw, &dw, abs, rel));
     failures.extend(mismatches("grad bias", &fb, &db, abs, rel));
@@ -144,10 +166,15 @@ pub fn check_linear<B: AutodiffBackend + DistillBackend>(
     );
 }
 
-/// The sweep every backend runs: every divergence and reduction, chunks of 1, 3 and more rows
+/// The sweep every backend runs: every divergence (each with one of the four reductions, so
+/// every reduction is met), chunks of 1, 3 and more rows
 /// than `N` (V not a multiple of anything), no bias, no labels, all rows ignored, vocabulary
 /// mismatch both ways.
-pub fn sweep<B: AutodiffBackend + DistillBackend>(tol: (f64, f64), device: &B::Device) {
+pub fn sweep<B>(tol: (f64, f64), device: &B::Device)
+where
+    B: AutodiffBackend + DistillBackend,
+    B::InnerBackend: DistillBackend,
+{
     use burn_distill::{Divergence, VocabMismatch};
     let base = LinearCase::new(9, 6, 10, 37);
     for (k, d) in Divergence::ALL.into_iter().enumerate() {
@@ -181,13 +208,19 @@ pub fn sweep<B: AutodiffBackend + DistillBackend>(tol: (f64, f64), device: &B::D
     let mut ignored = base.clone();
     ignored.targets = Some(vec![-100; base.n]);
     check_linear::<B>(&config, &ignored, tol, device);
-    for (policy, vt) in [
-        (VocabMismatch::Truncate, 41),
-        (VocabMismatch::PadNegInf, 33),
+    // Teacher wider (truncated to the student's 37; or the student padded to 41, so the
+    // gradient is narrowed back: reverse KL stays finite there) and teacher narrower (padded).
+    for (policy, vt, d) in [
+        (VocabMismatch::Truncate, 41, Divergence::ForwardKl),
+        (VocabMismatch::PadNegInf, 41, Divergence::ReverseKl),
+        (VocabMismatch::PadNegInf, 33, Divergence::ForwardKl),
     ] {
         let mut mismatch = base.clone();
         mismatch.vt = vt;
-        let config = config.clone().with_vocab_mismatch(policy);
+        let config = config
+            .clone()
+            .with_vocab_mismatch(policy)
+            .with_divergence(d);
         check_linear::<B>(&config, &mismatch, tol, device);
     }
     let mut wide = base.clone();

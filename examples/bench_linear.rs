@@ -7,7 +7,8 @@
 //! cargo run --release --example bench_linear -- --n 2048 --hs 512 --ht 1024 --v 32768 --reps 3
 //! ```
 //! Options: `--backend ndarray|flex|wgpu|cuda`, `--n`, `--hs`, `--ht`, `--v`, `--reps`,
-//! `--chunk-rows` (default: from the 64 MiB budget). Memory is counted on CPU backends only.
+//! `--chunk-rows` (default: from the 64 MiB budget), `--fused-only`. Memory is counted on CPU
+//! backends only.
 use burn::module::Param;
 use burn::nn::Linear;
 use burn::tensor::backend::AutodiffBackend;
@@ -26,6 +27,8 @@ struct Args {
     v: usize,
     reps: usize,
     chunk_rows: Option<usize>,
+    /// Time only the fused-linear path (for profilers).
+    fused_only: bool,
 }
 
 fn args() -> Args {
@@ -37,6 +40,7 @@ fn args() -> Args {
         v: 32768,
         reps: 3,
         chunk_rows: None,
+        fused_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -49,6 +53,7 @@ fn args() -> Args {
             "--v" => a.v = value().parse().expect("--v"),
             "--reps" => a.reps = value().parse().expect("--reps"),
             "--chunk-rows" => a.chunk_rows = Some(value().parse().expect("--chunk-rows")),
+            "--fused-only" => a.fused_only = true,
             "--bench" => {}
             other => panic!("unknown option {other}"),
         }
@@ -121,8 +126,16 @@ fn run<B: AutodiffBackend + DistillBackend>(name: &str, a: &Args, device: B::Dev
         drop(grads);
         sync();
     };
-    let (tm, pm) = measure(a.reps, materialised);
     let (tf, pf) = measure(a.reps, fused);
+    if a.fused_only {
+        println!(
+            "fused-linear: {:.1} ms, {:.3} GB",
+            tf.as_secs_f64() * 1e3,
+            pf as f64 / 1e9
+        );
+        return;
+    }
+    let (tm, pm) = measure(a.reps, materialised);
     // Both values agree (a check that the benchmark measures the same loss).
     let value = |v: Tensor<B, 1>| v.into_data().iter::<f64>().next().unwrap();
     let vm = value(loss.forward(

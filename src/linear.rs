@@ -5,8 +5,9 @@
 //! fused loss kernel of the backend on them, which also returns `g = ∂loss/∂z_s`; then, when
 //! the student is trained, `∂h_s = g W_sᵀ`, `∂W_s += h_sᵀ g`, `∂b_s += Σ_rows g`, all in the
 //! forward pass. The backward pass only scales the stored gradients by the upstream gradient
-//! (as Liger-Kernel's fused-linear losses do). Extra memory: three `[c, V]` chunks plus the
-//! gradients of the student's parameters, which training needs anyway.
+//! (as Liger-Kernel's fused-linear losses do). Extra memory: three `[c, V]` chunks (four with a
+//! logit soft-cap, whose `tanh` is kept for the gradient) plus the gradients of the student's
+//! parameters, which training needs anyway.
 
 use burn::nn::Linear;
 use burn::tensor::{
@@ -39,6 +40,7 @@ pub struct LinearSetup {
     pub(crate) kernel: Kernel,
     pub(crate) vocab_mismatch: VocabMismatch,
     pub(crate) chunk_rows: usize,
+    pub(crate) softcap: Option<f64>,
 }
 
 impl LinearSetup {
@@ -65,6 +67,19 @@ type Parts<B> = (T<B, 1>, T<B, 1>, Option<T<B, 1>>);
 
 fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// `c · tanh(z / c)`, and `tanh(z / c)` (for the gradient `1 − tanh²`), with a soft-cap `c`.
+fn soft_cap<B: Backend>(z: T<B, 2>, cap: Option<f64>) -> (T<B, 2>, Option<T<B, 2>>) {
+    match cap {
+        Some(c) => {
+            let t = // `· (1/c)`, not `/ c`: burn-autodiff 0.21 backpropagates `div_scalar` with `1/c`
+            // rounded to f32.
+            z.mul_scalar(c.recip()).tanh();
+            (t.clone().mul_scalar(c), Some(t))
+        }
+        None => (z, None),
+    }
 }
 
 /// `h W + b` for `[c, H]` hidden rows.
@@ -147,8 +162,8 @@ pub(crate) fn chunked<B: DistillBackend>(
     while r0 < m {
         let r1 = (r0 + chunk).min(m);
         let hs_c = hs_k.clone().slice(r0..r1);
-        let zs = logits(hs_c.clone(), &ws, &bs);
-        let zt = logits(ht_k.clone().slice(r0..r1), &wt, &bt);
+        let (zs, tanh_s) = soft_cap(logits(hs_c.clone(), &ws, &bs), setup.softcap);
+        let (zt, _) = soft_cap(logits(ht_k.clone().slice(r0..r1), &wt, &bt), setup.softcap);
         let (zs, zt) = setup
             .vocab_mismatch
             .align(zs, zt)
@@ -195,7 +210,14 @@ pub(crate) fn chunked<B: DistillBackend>(
             } else {
                 g
             };
-            grad_h.push(g.clone().matmul(ws.clone().transpose()));
+            // Through the cap: `∂(c · tanh(z / c))/∂z = 1 − tanh²(z / c)`.
+            let g = match tanh_s {
+                Some(t) => g * (t.clone() * t).neg().add_scalar(1.0),
+                None => g,
+            };
+            // `g W_sᵀ` as `(W_s gᵀ)ᵀ`: backends whose matmul wants standard layouts (NdArray)
+            // then copy the `[c, V]` chunk, not the `[H, V]` weight, for every chunk.
+            grad_h.push(ws.clone().matmul(g.clone().transpose()).transpose());
             let gw = hs_c.transpose().matmul(g.clone());
             grad_w = Some(match grad_w {
                 None => gw,
@@ -285,16 +307,15 @@ pub(crate) fn materialised<B: DistillBackend>(
     targets: Option<IntTensor<B>>,
     setup: &LinearSetup,
 ) -> DistillParts<B> {
-    let zs = logits(
-        float::<B, 2>(student.hidden),
-        &float::<B, 2>(student.weight),
-        &student.bias.map(float::<B, 1>),
-    );
-    let zt = logits(
-        float::<B, 2>(teacher.hidden),
-        &float::<B, 2>(teacher.weight),
-        &teacher.bias.map(float::<B, 1>),
-    );
+    let side = |s: LinearSide<B>| {
+        let z = logits(
+            float::<B, 2>(s.hidden),
+            &float::<B, 2>(s.weight),
+            &s.bias.map(float::<B, 1>),
+        );
+        soft_cap(z, setup.softcap).0
+    };
+    let (zs, zt) = (side(student), side(teacher));
     let (zs, zt) = setup
         .vocab_mismatch
         .align(zs, zt)
@@ -496,6 +517,7 @@ impl DistillLoss {
             kernel: self.kernel,
             vocab_mismatch: self.vocab_mismatch,
             chunk_rows: self.linear_chunk_rows(vs.max(vt)),
+            softcap: self.logit_softcap,
         };
         let parts = B::distill_linear(
             student,

@@ -75,6 +75,12 @@ pub struct DistillLossConfig {
     /// at least one. Default 64 MiB.
     #[config(default = 67108864)]
     pub linear_chunk_bytes: usize,
+    /// Logit soft-capping `z ↦ c · tanh(z / c)` of both models' logits before anything else
+    /// (Gemma 2's `final_logit_softcapping`, e.g. `Some(30.0)`), in [`DistillLoss::forward`],
+    /// the sequence forms and the fused-linear losses; the gradient flows through the cap.
+    /// `None` (the default) leaves the logits as they are. Finite and `> 0`.
+    #[config(default = "None")]
+    pub logit_softcap: Option<f64>,
 }
 
 impl DistillLossConfig {
@@ -105,6 +111,15 @@ impl DistillLossConfig {
                 "None (automatic) or Some(rows >= 1)",
             ));
         }
+        if let Some(cap) = self.logit_softcap
+            && !(cap.is_finite() && cap > 0.0)
+        {
+            return Err(DistillError::invalid(
+                "logit_softcap",
+                format!("Some({cap})"),
+                "None or Some(c) with c finite and > 0",
+            ));
+        }
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return Err(DistillError::invalid(
                 "label_smoothing",
@@ -127,6 +142,7 @@ impl DistillLossConfig {
             vocab_mismatch: self.vocab_mismatch,
             linear_chunk_rows: self.linear_chunk_rows,
             linear_chunk_bytes: self.linear_chunk_bytes,
+            logit_softcap: self.logit_softcap,
         })
     }
 }
@@ -137,6 +153,7 @@ impl DistillLossConfig {
 /// logits `z_t` and target `y_i`:
 ///
 /// ```text
+/// z ← c · tanh(z / c)            (both models, only with a logit_softcap c)
 /// p = softmax(z_t / T),  q = softmax(z_s / T)
 /// soft_i = D(p, q) · T²          (T² only if scale_by_t2; D: see Divergence)
 /// hard_i = −(1 − ε) log softmax(z_s)[y_i] − ε · mean_j log softmax(z_s)[j]
@@ -186,6 +203,8 @@ pub struct DistillLoss {
     linear_chunk_rows: Option<usize>,
     #[module(skip)]
     linear_chunk_bytes: usize,
+    #[module(skip)]
+    pub(crate) logit_softcap: Option<f64>,
 }
 
 /// The loss together with its soft and hard parts, for logging.
@@ -206,6 +225,12 @@ impl DistillLoss {
     /// The validated parameters of this loss.
     pub fn params(&self) -> &DistillParams {
         &self.params
+    }
+
+    /// The logit soft-capping constant `c`, if any (see
+    /// [`DistillLossConfig::logit_softcap`]).
+    pub fn logit_softcap(&self) -> Option<f64> {
+        self.logit_softcap
     }
 
     /// Rows per chunk of the fused-linear losses for a vocabulary of `v` columns.
@@ -318,8 +343,9 @@ impl DistillLoss {
         teacher_logits: Tensor<B, 3>,
         targets: Option<Tensor<B, 2, Int>>,
     ) -> Result<DistillOutput<B>, DistillError> {
-        let (student_logits, teacher_logits) =
-            self.vocab_mismatch.align(student_logits, teacher_logits)?;
+        let (student_logits, teacher_logits) = self
+            .vocab_mismatch
+            .align(self.soft_cap(student_logits), self.soft_cap(teacher_logits))?;
         let [b, t, v] = student_logits.dims();
         if teacher_logits.dims() != [b, t, v] {
             return Err(DistillError::invalid(
@@ -331,15 +357,40 @@ impl DistillLoss {
         if let Some(targets) = &targets {
             check_seq_targets(targets, b, t)?;
         }
-        self.try_forward_parts(
+        self.rows_parts(
             student_logits.reshape([b * t, v]),
             teacher_logits.reshape([b * t, v]),
             targets.map(|targets| targets.reshape([b * t])),
         )
     }
 
+    /// `c · tanh(z / c)` with this loss's soft-cap `c`, or `z` without one. Before the
+    /// vocabulary alignment, so that `PadNegInf` columns stay `−∞`.
+    pub(crate) fn soft_cap<B: Backend, const D: usize>(&self, z: Tensor<B, D>) -> Tensor<B, D> {
+        match self.logit_softcap {
+            // `· (1/c)`, not `/ c`: burn-autodiff 0.21 backpropagates `div_scalar` with `1/c`
+            // rounded to f32.
+            Some(c) => z.mul_scalar(c.recip()).tanh().mul_scalar(c),
+            None => z,
+        }
+    }
+
     /// The loss and its parts, or an error naming the bad argument.
     pub fn try_forward_parts<B: DistillBackend>(
+        &self,
+        student_logits: Tensor<B, 2>,
+        teacher_logits: Tensor<B, 2>,
+        targets: Option<Tensor<B, 1, Int>>,
+    ) -> Result<DistillOutput<B>, DistillError> {
+        self.rows_parts(
+            self.soft_cap(student_logits),
+            self.soft_cap(teacher_logits),
+            targets,
+        )
+    }
+
+    /// [`DistillLoss::try_forward_parts`] of logits already soft-capped.
+    fn rows_parts<B: DistillBackend>(
         &self,
         student_logits: Tensor<B, 2>,
         teacher_logits: Tensor<B, 2>,

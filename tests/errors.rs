@@ -61,6 +61,17 @@ fn alpha_outside_unit_interval_is_rejected() {
 }
 
 #[test]
+fn logit_softcap_must_be_finite_and_positive() {
+    for c in [0.0, -30.0, f64::NAN, f64::INFINITY] {
+        let msg = init_error(DistillLossConfig::new().with_logit_softcap(Some(c)));
+        assert_mentions(&msg, &["logit_softcap", &c.to_string(), "finite and > 0"]);
+    }
+    DistillLossConfig::new()
+        .with_logit_softcap(Some(30.0))
+        .init();
+}
+
+#[test]
 fn mixture_weights_outside_their_interval_are_rejected() {
     for (d, name, v, expected) in [
         (

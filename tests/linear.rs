@@ -8,7 +8,7 @@ mod common;
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_distill::{DistillLossConfig, Kernel};
-use common::linear::{LinearCase, check_linear, head, sweep, wave};
+use common::linear::{LinearCase, assert_linear_golden, check_linear, head, sweep, wave};
 use common::values;
 
 type B = Autodiff<NdArray<f64>>;
@@ -17,6 +17,51 @@ const TOL: (f64, f64) = (1e-12, 1e-9);
 #[test]
 fn equals_the_materialised_loss_in_f64() {
     sweep::<B>(TOL, &Default::default());
+}
+
+#[test]
+fn equals_float64_pytorch() {
+    assert_linear_golden::<B>(TOL, &Default::default(), true);
+}
+
+/// The sequence form caps before the vocabulary alignment: `−∞` padding stays `−∞` (a cap
+/// applied after it would give the padded columns `−c` and so probability mass).
+#[test]
+fn softcap_in_sequence_form_keeps_the_padding() {
+    use burn_distill::VocabMismatch;
+    let device = Default::default();
+    let (b, t) = (2, 3);
+    let s = wave(b * t * 9, 0.31)
+        .iter()
+        .map(|x| x * 4.0)
+        .collect::<Vec<_>>();
+    let te = wave(b * t * 7, 0.47)
+        .iter()
+        .map(|x| x * 4.0)
+        .collect::<Vec<_>>();
+    let y = vec![1, -100, 8, 3, 0, 5];
+    let loss = DistillLossConfig::new()
+        .with_logit_softcap(Some(2.0))
+        .with_vocab_mismatch(VocabMismatch::PadNegInf)
+        .init();
+    let seq = loss.forward_seq(
+        Tensor::<B, 3>::from_data(TensorData::new(s.clone(), [b, t, 9]), &device),
+        Tensor::<B, 3>::from_data(TensorData::new(te.clone(), [b, t, 7]), &device),
+        Tensor::<B, 2, Int>::from_data(TensorData::new(y.clone(), [b, t]), &device),
+    );
+    let capped = |v: &[f64]| v.iter().map(|x| 2.0 * (x / 2.0).tanh()).collect::<Vec<_>>();
+    let (sc, mut tc) = (capped(&s), Vec::new());
+    for row in capped(&te).chunks(7) {
+        tc.extend_from_slice(row);
+        tc.extend_from_slice(&[f64::NEG_INFINITY; 2]);
+    }
+    let plain = DistillLossConfig::new().init().forward(
+        Tensor::<B, 2>::from_data(TensorData::new(sc, [b * t, 9]), &device),
+        Tensor::<B, 2>::from_data(TensorData::new(tc, [b * t, 9]), &device),
+        Tensor::<B, 1, Int>::from_data(TensorData::new(y, [b * t]), &device),
+    );
+    let (a, e) = (values(seq)[0], values(plain)[0]);
+    assert!((a - e).abs() < 1e-12 && a.is_finite(), "{a} vs {e}");
 }
 
 /// `Kernel::Reference`: the chunks run the reference loss forward-only (the inner-backend

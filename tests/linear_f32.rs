@@ -5,7 +5,7 @@
 mod common;
 
 use burn::backend::Autodiff;
-use common::linear::sweep;
+use common::linear::{assert_linear_golden, sweep};
 
 /// f32: per entry `1e-5 + 1e-3·|x|` (the chunked sums of `∂W = Σ h g` are reordered).
 const TOL: (f64, f64) = (1e-5, 1e-3);
@@ -13,16 +13,20 @@ const TOL: (f64, f64) = (1e-5, 1e-3);
 #[test]
 fn ndarray() {
     sweep::<Autodiff<burn::backend::NdArray>>(TOL, &Default::default());
+    assert_linear_golden::<Autodiff<burn::backend::NdArray>>(TOL, &Default::default(), true);
 }
 
 #[cfg(feature = "flex")]
 #[test]
 fn flex() {
     sweep::<Autodiff<burn::backend::Flex>>(TOL, &Default::default());
+    assert_linear_golden::<Autodiff<burn::backend::Flex>>(TOL, &Default::default(), true);
 }
 
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu() {
-    sweep::<Autodiff<burn::backend::Wgpu>>(TOL, &burn_distill::testing::wgpu_device());
+    let device = burn_distill::testing::wgpu_device();
+    sweep::<Autodiff<burn::backend::Wgpu>>(TOL, &device);
+    assert_linear_golden::<Autodiff<burn::backend::Wgpu>>(TOL, &device, false);
 }

@@ -223,9 +223,186 @@ where
             .with_divergence(d);
         check_linear::<B>(&config, &mismatch, tol, device);
     }
+    // Logit soft-capping (the cap bites: the logits reach about ±3), with both vocabulary
+    // policies, so that `−∞` padding is applied after the cap.
+    for (policy, vt, d) in [
+        (VocabMismatch::Error, 37, Divergence::Jsd { beta: 0.5 }),
+        (VocabMismatch::PadNegInf, 33, Divergence::ForwardKl),
+        (VocabMismatch::PadNegInf, 41, Divergence::ReverseKl),
+    ] {
+        let mut capped = base.clone();
+        capped.vt = vt;
+        let config = config
+            .clone()
+            .with_logit_softcap(Some(1.5))
+            .with_vocab_mismatch(policy)
+            .with_divergence(d)
+            .with_linear_chunk_rows(Some(3));
+        check_linear::<B>(&config, &capped, tol, device);
+    }
     let mut wide = base.clone();
     wide.vt = 33;
     wide.targets = Some((0..base.n as i64).map(|i| i % 30).collect());
     let config = config.with_vocab_mismatch(VocabMismatch::Truncate);
     check_linear::<B>(&config, &wide, tol, device);
+}
+
+/// One case of `tests/golden/linear.json` (scripts/linear_golden.py, float64 PyTorch).
+#[derive(serde::Deserialize)]
+struct GoldenLinear {
+    name: String,
+    config: GoldenConfig,
+    dims: GoldenDims,
+    student_hidden: Vec<f64>,
+    student_weight: Vec<f64>,
+    student_bias: Option<Vec<f64>>,
+    teacher_hidden: Vec<f64>,
+    teacher_weight: Vec<f64>,
+    teacher_bias: Option<Vec<f64>>,
+    targets: Option<Vec<i64>>,
+    upstream: f64,
+    expected: GoldenGrads,
+}
+
+#[derive(serde::Deserialize)]
+struct GoldenConfig {
+    #[serde(flatten)]
+    loss: burn_distill::testing::RawConfig,
+    softcap: Option<f64>,
+    vocab_mismatch: String,
+}
+
+#[derive(serde::Deserialize)]
+struct GoldenDims {
+    n: usize,
+    hs: usize,
+    ht: usize,
+    vs: usize,
+    vt: usize,
+}
+
+#[derive(serde::Deserialize)]
+struct GoldenGrads {
+    loss: Vec<f64>,
+    grad_hidden: Vec<f64>,
+    grad_weight: Vec<f64>,
+    grad_bias: Option<Vec<f64>>,
+}
+
+/// Every case of `tests/golden/linear.json` (fused-linear losses with logit soft-capping,
+/// vocabulary mismatch, every reduction) through `forward_linear` in chunks of 2 rows and
+/// through `forward` on the materialised logits, with both kernels: loss and the gradients of
+/// the student's hidden states, weight and bias against float64 PyTorch to `(abs, rel)`.
+/// With `all_paths` false, only `forward_linear` with the fused kernel (on lavapipe every new
+/// graph of burn's fusion backend compiles and tunes its shaders: seconds each).
+pub fn assert_linear_golden<B>((abs, rel): (f64, f64), device: &B::Device, all_paths: bool)
+where
+    B: AutodiffBackend + DistillBackend,
+{
+    use burn_distill::{Kernel, VocabMismatch};
+    #[derive(serde::Deserialize)]
+    struct File {
+        format: u32,
+        cases: Vec<GoldenLinear>,
+    }
+    let file: File = serde_json::from_str(include_str!("../golden/linear.json"))
+        .expect("tests/golden/linear.json");
+    assert_eq!(file.format, 1);
+    assert!(file.cases.len() >= 6);
+    let mut failures = Vec::new();
+    for c in file.cases {
+        let d = &c.dims;
+        let t2 = |v: &[f64], s: [usize; 2]| {
+            Tensor::<B, 2>::from_data(TensorData::new(v.to_vec(), s), device)
+        };
+        let t1 =
+            |v: &[f64]| Tensor::<B, 1>::from_data(TensorData::new(v.to_vec(), [v.len()]), device);
+        let linear = |w: &[f64], b: &Option<Vec<f64>>, h: usize, v: usize| Linear {
+            weight: Param::from_tensor(t2(w, [h, v])),
+            bias: b.as_ref().map(|b| Param::from_tensor(t1(b))),
+        };
+        let policy = match c.config.vocab_mismatch.as_str() {
+            "error" => VocabMismatch::Error,
+            "truncate" => VocabMismatch::Truncate,
+            "pad_neg_inf" => VocabMismatch::PadNegInf,
+            other => panic!("unknown vocabulary policy {other}"),
+        };
+        for kernel in [Kernel::Auto, Kernel::Reference] {
+            for fused_linear in [true, false] {
+                if !all_paths && !(fused_linear && kernel == Kernel::Auto) {
+                    continue;
+                }
+                let loss = c
+                    .config
+                    .loss
+                    .dense()
+                    .with_logit_softcap(c.config.softcap)
+                    .with_vocab_mismatch(policy)
+                    .with_kernel(kernel)
+                    .with_linear_chunk_rows(Some(2))
+                    .init();
+                let sh = linear(&c.student_weight, &c.student_bias, d.hs, d.vs);
+                let th = linear(&c.teacher_weight, &c.teacher_bias, d.ht, d.vt);
+                let hs = t2(&c.student_hidden, [d.n, d.hs]).require_grad();
+                let ht = t2(&c.teacher_hidden, [d.n, d.ht]);
+                let y = c.targets.as_ref().map(|t| {
+                    Tensor::<B, 1, Int>::from_data(TensorData::new(t.clone(), [t.len()]), device)
+                });
+                let value = match (&y, fused_linear) {
+                    (Some(y), true) => loss.forward_linear(hs.clone(), &sh, ht, &th, y.clone()),
+                    (None, true) => loss.forward_linear_soft(hs.clone(), &sh, ht, &th),
+                    (Some(y), false) => {
+                        loss.forward(sh.forward(hs.clone()), th.forward(ht), y.clone())
+                    }
+                    (None, false) => loss.forward_soft(sh.forward(hs.clone()), th.forward(ht)),
+                };
+                let what = format!(
+                    "{} ({kernel:?}, {})",
+                    c.name,
+                    if fused_linear {
+                        "forward_linear"
+                    } else {
+                        "forward"
+                    }
+                );
+                failures.extend(mismatches(
+                    &format!("{what} loss"),
+                    &values(value.clone()),
+                    &c.expected.loss,
+                    abs,
+                    rel,
+                ));
+                let grads = value.sum().mul_scalar(c.upstream).backward();
+                let mut grad = |name: &str, got: Option<Vec<f64>>, expected: &[f64]| {
+                    let got = got.unwrap_or_default();
+                    failures.extend(mismatches(
+                        &format!("{what} {name}"),
+                        &got,
+                        expected,
+                        abs,
+                        rel,
+                    ));
+                };
+                grad(
+                    "grad hidden",
+                    hs.grad(&grads).map(values),
+                    &c.expected.grad_hidden,
+                );
+                grad(
+                    "grad weight",
+                    sh.weight.val().grad(&grads).map(values),
+                    &c.expected.grad_weight,
+                );
+                grad(
+                    "grad bias",
+                    sh.bias
+                        .as_ref()
+                        .and_then(|b| b.val().grad(&grads))
+                        .map(values),
+                    c.expected.grad_bias.as_deref().unwrap_or_default(),
+                );
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

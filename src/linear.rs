@@ -342,6 +342,31 @@ impl DistillLoss {
     ///   with a [`VocabMismatch`] policy)
     /// - `targets`: `[N]`; output as [`DistillLoss::forward`]
     ///
+    /// ```
+    /// use burn::backend::{Autodiff, NdArray};
+    /// use burn::nn::LinearConfig;
+    /// use burn::tensor::{Int, Tensor};
+    /// use burn_distill::DistillLossConfig;
+    ///
+    /// type B = Autodiff<NdArray>;
+    /// let device = Default::default();
+    /// let student_head = LinearConfig::new(2, 3).init::<B>(&device);
+    /// let teacher_head = LinearConfig::new(4, 3).init::<B>(&device);
+    /// let hs = Tensor::<B, 2>::from_floats([[1.0, -0.5], [0.3, 2.0]], &device).require_grad();
+    /// let ht = Tensor::<B, 2>::from_floats([[0.2, 1.0, -1.0, 0.5], [1.5, 0.0, 0.4, -0.3]], &device);
+    /// let targets = Tensor::<B, 1, Int>::from_ints([2, 0], &device);
+    /// // One row per chunk here; by default from a 64 MiB budget.
+    /// let loss = DistillLossConfig::new().with_linear_chunk_rows(Some(1)).init();
+    ///
+    /// let fused = loss.forward_linear(hs.clone(), &student_head, ht.clone(), &teacher_head, targets.clone());
+    /// let logits = loss.forward(student_head.forward(hs.clone()), teacher_head.forward(ht), targets);
+    /// let (a, b) = (fused.clone().into_scalar(), logits.into_scalar());
+    /// assert!((a - b).abs() < 1e-5 && a > 0.0);
+    /// let grads = fused.backward();
+    /// assert_eq!(student_head.weight.val().grad(&grads).unwrap().dims(), [2, 3]);
+    /// assert_eq!(hs.grad(&grads).unwrap().dims(), [2, 2]);
+    /// ```
+    ///
     /// # Panics
     /// On bad shapes or targets, with the message of [`DistillLoss::try_forward_linear_parts`].
     ///

@@ -60,7 +60,9 @@ pub fn problem(n: usize, v: usize, scale: f64, pad: usize, seed: u64) -> Problem
     }
 }
 
-/// The loss values and the student gradient of `problem` (gradient of the sum of the loss).
+/// The loss values and the student gradient of `problem`, backpropagating `Σ_i w_i · loss_i`
+/// with per-row upstream weights `w_i = 0.5 + 0.25 · (i mod 3)` (not 1, and not the same for
+/// every row of a `PerRow` loss).
 pub fn run<B: AutodiffBackend + DistillBackend>(
     config: &DistillLossConfig,
     p: &Problem,
@@ -75,8 +77,12 @@ pub fn run<B: AutodiffBackend + DistillBackend>(
     } else {
         loss.forward_soft(student.clone(), teacher)
     };
+    let rows = value.dims()[0];
+    let w: Vec<f64> = (0..rows).map(|i| 0.5 + 0.25 * (i % 3) as f64).collect();
+    let w =
+        burn::tensor::Tensor::<B, 1>::from_data(burn::tensor::TensorData::new(w, [rows]), device);
     let grad = student
-        .grad(&value.clone().sum().backward())
+        .grad(&(value.clone() * w).sum().backward())
         .expect("student gradient");
     (values(value), values(grad))
 }

@@ -329,7 +329,8 @@ where
         };
         for kernel in [Kernel::Auto, Kernel::Reference] {
             for fused_linear in [true, false] {
-                if !all_paths && !(fused_linear && kernel == Kernel::Auto) {
+                let fused_only = fused_linear && kernel == Kernel::Auto;
+                if !(all_paths || fused_only) {
                     continue;
                 }
                 let loss = c

@@ -51,6 +51,7 @@ mod loss;
 mod reduction;
 mod softmax;
 mod sparse;
+pub mod store;
 pub mod testing;
 mod vocab;
 

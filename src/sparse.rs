@@ -160,6 +160,40 @@ impl<B: Backend> SparseTeacher<B> {
         Ok(Self::new(indices, log_probs))
     }
 
+    /// Indices and log-probabilities on the host, row-major.
+    pub(crate) fn to_host(&self) -> (Vec<i64>, Vec<f32>) {
+        let indices = self
+            .indices
+            .to_data()
+            .convert::<i64>()
+            .to_vec()
+            .expect("i64 indices");
+        let log_probs = self
+            .log_probs
+            .to_data()
+            .convert::<f32>()
+            .to_vec()
+            .expect("f32 values");
+        (indices, log_probs)
+    }
+
+    /// The mask on the host, row-major, if any.
+    pub(crate) fn mask_on_host(&self) -> Option<Vec<bool>> {
+        self.mask
+            .as_ref()
+            .map(|m| m.to_data().to_vec::<bool>().expect("bool mask"))
+    }
+
+    /// `[N, k]` token indices.
+    pub fn indices(&self) -> &Tensor<B, 2, Int> {
+        &self.indices
+    }
+
+    /// `[N, k]` log-probabilities.
+    pub fn log_probs(&self) -> &Tensor<B, 2> {
+        &self.log_probs
+    }
+
     /// `[N, k]`: rows and entries per row.
     pub fn dims(&self) -> [usize; 2] {
         self.indices.dims()

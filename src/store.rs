@@ -1,0 +1,892 @@
+//! An offline store of sparse teachers: the top-`k` token indices and log-probabilities of a
+//! teacher, computed once, written batch by batch, and read back as [`SparseTeacher`] batches
+//! in dataset order or by row.
+//!
+//! # Format
+//! One [safetensors](https://huggingface.co/docs/safetensors) file, memory-mapped when read.
+//! Rows are grouped in chunks of `chunk_rows`; chunk `c` holds two tensors:
+//! - `indices.c`: `U8`, the `rows · k` token indices bit-packed with the fewest bits the
+//!   vocabulary needs (`⌈log₂ V⌉`: 17 for 128,256 tokens) in blocks of 128 values
+//!   ([`bitpacking`]'s `BitPacker4x`, the last block zero-padded);
+//! - `log_probs.c`: `F16` or `BF16`, `[rows, k]` log-probabilities (`−∞`: a missing entry).
+//!
+//! The header's metadata names the format and its version, the vocabulary size, `k`, the
+//! generation temperature, the index width, the value type, the row count, the chunk size and a
+//! CRC-32 of each chunk's bytes. Opening checks all of it against the tensors; each chunk's
+//! checksum is verified the first time the chunk is read. Writing goes to side files that are
+//! renamed into place only by [`TeacherStoreWriter::finish`], so a file at the store's path is
+//! always complete.
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    io::{BufWriter, Write},
+    ops::Range,
+    path::{Path, PathBuf},
+    sync::OnceLock,
+};
+
+use bitpacking::{BitPacker, BitPacker4x};
+use burn::{
+    config::Config,
+    tensor::{Int, Tensor, TensorData, backend::Backend},
+};
+use half::{bf16, f16};
+use safetensors::{Dtype, SafeTensors, View};
+use serde::{Deserialize, Serialize};
+
+use crate::{DistillError, SparseTeacher};
+
+/// The `format` value in a store's metadata.
+pub const STORE_FORMAT: &str = "burn-distill-topk";
+/// The version of the store format this crate writes and reads.
+pub const STORE_VERSION: u32 = 1;
+/// Values per bit-packed block.
+const BLOCK: usize = BitPacker4x::BLOCK_LEN;
+
+/// How a store keeps log-probabilities.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum StoreValues {
+    /// IEEE half precision: 11 significant bits (log-probability error ≤ 2⁻¹¹ relative).
+    F16,
+    /// bfloat16: 8 significant bits, the range of f32.
+    Bf16,
+}
+
+impl StoreValues {
+    fn name(self) -> &'static str {
+        match self {
+            StoreValues::F16 => "f16",
+            StoreValues::Bf16 => "bf16",
+        }
+    }
+    fn dtype(self) -> Dtype {
+        match self {
+            StoreValues::F16 => Dtype::F16,
+            StoreValues::Bf16 => Dtype::BF16,
+        }
+    }
+    fn encode(self, x: f32) -> u16 {
+        match self {
+            StoreValues::F16 => f16::from_f32(x).to_bits(),
+            StoreValues::Bf16 => bf16::from_f32(x).to_bits(),
+        }
+    }
+    fn decode(self, bits: u16) -> f32 {
+        match self {
+            StoreValues::F16 => f16::from_bits(bits).to_f32(),
+            StoreValues::Bf16 => bf16::from_bits(bits).to_f32(),
+        }
+    }
+}
+
+/// Configuration of a [`TeacherStoreWriter`].
+///
+/// ```
+/// use burn_distill::store::{StoreValues, TeacherStoreConfig};
+///
+/// let config = TeacherStoreConfig::new(128_256, 64).with_values(StoreValues::Bf16);
+/// assert_eq!(config.index_bits(), 17);
+/// // 64 · 17 bits of indices and 64 · 2 bytes of values per token.
+/// assert_eq!(config.bytes_per_token(), 64.0 * 17.0 / 8.0 + 128.0);
+/// ```
+#[derive(Config, Debug)]
+pub struct TeacherStoreConfig {
+    /// Vocabulary size `V` of the teacher.
+    pub vocab: usize,
+    /// Entries per row (`k` of the top-`k`).
+    pub k: usize,
+    /// Generation temperature `T_gen` of the stored log-probabilities (recorded, for the
+    /// sparse loss's correction).
+    #[config(default = 1.0)]
+    pub generation_temperature: f64,
+    /// Storage type of the log-probabilities.
+    #[config(default = "StoreValues::F16")]
+    pub values: StoreValues,
+    /// Rows per chunk (the unit of writing, checksumming and decoding).
+    #[config(default = 65536)]
+    pub chunk_rows: usize,
+}
+
+impl TeacherStoreConfig {
+    /// Bits per stored index: the fewest that hold `V − 1`.
+    pub fn index_bits(&self) -> u8 {
+        (usize::BITS - self.vocab.saturating_sub(1).leading_zeros()).max(1) as u8
+    }
+
+    /// Bytes per token (row), without the padding of each chunk's last block.
+    pub fn bytes_per_token(&self) -> f64 {
+        self.k as f64 * (self.index_bits() as f64 / 8.0 + 2.0)
+    }
+
+    fn validate(&self) -> Result<(), StoreError> {
+        let bad = |arg: &str, got: String, expected: &str| {
+            Err(StoreError::Config(DistillError::invalid(
+                arg, got, expected,
+            )))
+        };
+        if self.vocab == 0 || self.vocab > u32::MAX as usize {
+            return bad(
+                "vocab",
+                self.vocab.to_string(),
+                "a vocabulary size in [1, 2³²)",
+            );
+        }
+        if self.k == 0 || self.k > self.vocab {
+            return bad("k", self.k.to_string(), "entries per row in [1, vocab]");
+        }
+        if self.chunk_rows == 0 {
+            return bad("chunk_rows", "0".into(), "rows per chunk >= 1");
+        }
+        crate::softmax::check_temperature("generation_temperature", self.generation_temperature)
+            .map_err(StoreError::Config)
+    }
+}
+
+/// What can go wrong with a store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Reading or writing the file failed.
+    #[error("teacher store {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not a complete, intact store (truncated, damaged, or not a store at all).
+    #[error("teacher store {path} is corrupt: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The store was written with other settings than the caller expects.
+    #[error("teacher store {path}: {field} is {found}, expected {expected}")]
+    Mismatch {
+        /// The file.
+        path: PathBuf,
+        /// The setting (`vocab`, `k`, `version`, …).
+        field: &'static str,
+        /// Its value in the file.
+        found: String,
+        /// The caller's value.
+        expected: String,
+    },
+    /// A bad configuration or bad rows given to the writer, or a bad row range to the reader.
+    #[error(transparent)]
+    Config(#[from] DistillError),
+}
+
+/// What a store's header says.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoreInfo {
+    /// Format version.
+    pub version: u32,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Entries per row.
+    pub k: usize,
+    /// Generation temperature of the log-probabilities.
+    pub generation_temperature: f64,
+    /// Bits per index.
+    pub index_bits: u8,
+    /// Storage type of the log-probabilities.
+    pub values: StoreValues,
+    /// Rows (tokens) stored.
+    pub rows: usize,
+    /// Rows per chunk.
+    pub chunk_rows: usize,
+    /// Size of the file in bytes.
+    pub file_bytes: u64,
+}
+
+/// Metadata keys of the safetensors header.
+#[derive(Serialize, Deserialize)]
+struct Header {
+    format: String,
+    version: u32,
+    vocab: usize,
+    k: usize,
+    generation_temperature: f64,
+    index_bits: u8,
+    values: String,
+    rows: usize,
+    chunk_rows: usize,
+    crc32: Vec<u32>,
+}
+
+/// Bytes of one chunk's packed indices.
+fn packed_len(rows: usize, k: usize, bits: u8) -> usize {
+    (rows * k).div_ceil(BLOCK) * BLOCK * bits as usize / 8
+}
+
+fn chunk_crc(indices: &[u8], values: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(indices);
+    h.update(values);
+    h.finalize()
+}
+
+/// A chunk written to the side file: its rows and byte ranges there.
+struct WrittenChunk {
+    rows: usize,
+    indices: Range<usize>,
+    values: Range<usize>,
+    crc: u32,
+}
+
+/// Writes a store batch by batch. Nothing is visible at the store's path until
+/// [`TeacherStoreWriter::finish`]; a writer dropped before that removes its side files.
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::Tensor;
+/// use burn_distill::store::{TeacherStore, TeacherStoreConfig, TeacherStoreWriter};
+///
+/// let path = std::env::temp_dir().join(format!("doc-store-{}.safetensors", std::process::id()));
+/// let device = Default::default();
+/// let mut writer = TeacherStoreWriter::create(&path, TeacherStoreConfig::new(5, 2)).unwrap();
+/// // Teacher logits of two tokens: their top-2 log-probabilities at T_gen = 1 are stored.
+/// let logits = Tensor::<NdArray, 2>::from_floats([[2.0, 0.0, 1.0, -1.0, 0.5], [0.0; 5]], &device);
+/// writer.append_logits(logits).unwrap();
+/// let info = writer.finish().unwrap();
+/// assert_eq!((info.rows, info.index_bits), (2, 3));
+///
+/// let store = TeacherStore::open(&path).unwrap();
+/// let (indices, log_probs) = store.read_rows(0..1).unwrap();
+/// assert_eq!(indices, [0, 2]);
+/// let lse = (2f32.exp() + 1.0 + 1f32.exp() + (-1f32).exp() + 0.5f32.exp()).ln();
+/// assert!((log_probs[0] - (2.0 - lse)).abs() < 2e-3); // f16 rounding
+/// std::fs::remove_file(&path).unwrap();
+/// ```
+pub struct TeacherStoreWriter {
+    path: PathBuf,
+    side: PathBuf,
+    file: Option<BufWriter<File>>,
+    config: TeacherStoreConfig,
+    bits: u8,
+    offset: usize,
+    rows: usize,
+    pending_indices: Vec<u32>,
+    pending_values: Vec<u16>,
+    chunks: Vec<WrittenChunk>,
+}
+
+impl TeacherStoreWriter {
+    /// Starts a store at `path` (written there by [`TeacherStoreWriter::finish`]).
+    pub fn create(path: impl AsRef<Path>, config: TeacherStoreConfig) -> Result<Self, StoreError> {
+        config.validate()?;
+        let path = path.as_ref().to_path_buf();
+        let side = partial(&path, "data");
+        let file = File::create(&side).map_err(|source| StoreError::Io {
+            path: side.clone(),
+            source,
+        })?;
+        Ok(Self {
+            bits: config.index_bits(),
+            path,
+            side,
+            file: Some(BufWriter::new(file)),
+            config,
+            offset: 0,
+            rows: 0,
+            pending_indices: Vec::new(),
+            pending_values: Vec::new(),
+            chunks: Vec::new(),
+        })
+    }
+
+    /// Rows appended so far.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Appends rows given on the host: `indices` and `log_probs` hold `k` entries per row,
+    /// row-major. Indices must lie in `[0, V)`; log-probabilities must be `≤ 0` (up to 1e-4 of
+    /// rounding) or `−∞` (a missing entry); otherwise nothing is appended and the error names
+    /// the row (counted from the start of the store) and the value.
+    pub fn append_rows(&mut self, indices: &[i64], log_probs: &[f32]) -> Result<(), StoreError> {
+        let k = self.config.k;
+        if indices.len() != log_probs.len() || !indices.len().is_multiple_of(k) {
+            return Err(DistillError::invalid(
+                "log_probs",
+                format!("{} values for {} indices", log_probs.len(), indices.len()),
+                format!("as many values as indices, k = {k} per row"),
+            )
+            .into());
+        }
+        for (i, (&index, &lp)) in indices.iter().zip(log_probs).enumerate() {
+            let row = self.rows + i / k;
+            if lp == f32::NEG_INFINITY {
+                continue; // missing entry: its index is not read
+            }
+            if index < 0 || index as usize >= self.config.vocab {
+                return Err(DistillError::invalid(
+                    format!("indices (row {row}, entry {})", i % k),
+                    index,
+                    format!("a token index in [0, {})", self.config.vocab),
+                )
+                .into());
+            }
+            if lp.is_nan() || lp > 1e-4 {
+                return Err(DistillError::invalid(
+                    format!("log_probs (row {row}, entry {})", i % k),
+                    lp,
+                    "a log-probability <= 0, or -inf for a missing entry",
+                )
+                .into());
+            }
+        }
+        for (&index, &lp) in indices.iter().zip(log_probs) {
+            let missing = lp == f32::NEG_INFINITY;
+            self.pending_indices
+                .push(if missing { 0 } else { index as u32 });
+            self.pending_values
+                .push(self.config.values.encode(lp.min(0.0)));
+            if self.pending_indices.len() == self.config.chunk_rows * k {
+                self.flush_chunk()?;
+            }
+        }
+        self.rows += indices.len() / k;
+        Ok(())
+    }
+
+    /// Appends a sparse teacher's rows (read back from the device; masked entries are stored
+    /// as missing).
+    pub fn append<B: Backend>(&mut self, teacher: &SparseTeacher<B>) -> Result<(), StoreError> {
+        let [_, k] = teacher.dims();
+        if k != self.config.k {
+            return Err(DistillError::invalid(
+                "teacher",
+                format!("k = {k}"),
+                format!("k = {} (the store's)", self.config.k),
+            )
+            .into());
+        }
+        let (indices, mut log_probs) = teacher.to_host();
+        if let Some(mask) = teacher.mask_on_host() {
+            for (lp, keep) in log_probs.iter_mut().zip(mask) {
+                if !keep {
+                    *lp = f32::NEG_INFINITY;
+                }
+            }
+        }
+        self.append_rows(&indices, &log_probs)
+    }
+
+    /// Appends the top-`k` of `[N, V]` teacher logits at the store's generation temperature
+    /// (see [`SparseTeacher::from_logits`]).
+    pub fn append_logits<B: Backend>(&mut self, logits: Tensor<B, 2>) -> Result<(), StoreError> {
+        let v = logits.dims()[1];
+        if v != self.config.vocab {
+            return Err(DistillError::invalid(
+                "logits",
+                format!("shape {:?}", logits.dims()),
+                format!("[N, {}] (the store's vocabulary)", self.config.vocab),
+            )
+            .into());
+        }
+        let teacher = SparseTeacher::try_from_logits(
+            logits,
+            self.config.k,
+            self.config.generation_temperature,
+        )?;
+        self.append(&teacher)
+    }
+
+    fn io<T>(&self, r: std::io::Result<T>) -> Result<T, StoreError> {
+        r.map_err(|source| StoreError::Io {
+            path: self.side.clone(),
+            source,
+        })
+    }
+
+    /// Packs and writes the pending rows as one chunk.
+    fn flush_chunk(&mut self) -> Result<(), StoreError> {
+        if self.pending_indices.is_empty() {
+            return Ok(());
+        }
+        let k = self.config.k;
+        let rows = self.pending_indices.len() / k;
+        let mut packed = vec![0u8; packed_len(rows, k, self.bits)];
+        let packer = BitPacker4x::new();
+        let block_bytes = BLOCK * self.bits as usize / 8;
+        let mut block = [0u32; BLOCK];
+        for (b, values) in self.pending_indices.chunks(BLOCK).enumerate() {
+            block[..values.len()].copy_from_slice(values);
+            block[values.len()..].fill(0);
+            let out = &mut packed[b * block_bytes..(b + 1) * block_bytes];
+            packer.compress(&block, out, self.bits);
+        }
+        let values: Vec<u8> = self
+            .pending_values
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let crc = chunk_crc(&packed, &values);
+        let file = self.file.as_mut().expect("open until finish");
+        let written = file
+            .write_all(&packed)
+            .and_then(|_| file.write_all(&values));
+        self.io(written)?;
+        let start = self.offset;
+        self.chunks.push(WrittenChunk {
+            rows,
+            indices: start..start + packed.len(),
+            values: start + packed.len()..start + packed.len() + values.len(),
+            crc,
+        });
+        self.offset += packed.len() + values.len();
+        self.pending_indices.clear();
+        self.pending_values.clear();
+        Ok(())
+    }
+
+    /// Writes the last chunk and the file, and moves it to the store's path (atomically: a
+    /// rename on the same file system). Returns what the header says.
+    pub fn finish(mut self) -> Result<StoreInfo, StoreError> {
+        self.flush_chunk()?;
+        let file = self.file.take().expect("open until finish");
+        let file = self.io(file.into_inner().map_err(|e| e.into_error()))?;
+        self.io(file.sync_all())?;
+        drop(file);
+        let side = File::open(&self.side).map_err(|source| StoreError::Io {
+            path: self.side.clone(),
+            source,
+        })?;
+        // SAFETY: the side file is this writer's own, complete and no longer written.
+        let data = self.io(unsafe { memmap2::Mmap::map(&side) })?;
+        let (k, dtype) = (self.config.k, self.config.values.dtype());
+        let mut views = Vec::with_capacity(2 * self.chunks.len());
+        for (c, chunk) in self.chunks.iter().enumerate() {
+            let indices = &data[chunk.indices.clone()];
+            let values = &data[chunk.values.clone()];
+            views.push((
+                format!("indices.{c}"),
+                Bytes(Dtype::U8, vec![indices.len()], indices),
+            ));
+            views.push((
+                format!("log_probs.{c}"),
+                Bytes(dtype, vec![chunk.rows, k], values),
+            ));
+        }
+        let header = Header {
+            format: STORE_FORMAT.into(),
+            version: STORE_VERSION,
+            vocab: self.config.vocab,
+            k,
+            generation_temperature: self.config.generation_temperature,
+            index_bits: self.bits,
+            values: self.config.values.name().into(),
+            rows: self.rows,
+            chunk_rows: self.config.chunk_rows,
+            crc32: self.chunks.iter().map(|c| c.crc).collect(),
+        };
+        let metadata = metadata_of(&header);
+        let assembled = partial(&self.path, "file");
+        let result =
+            safetensors::serialize_to_file(views, Some(metadata), &assembled).map_err(|e| {
+                StoreError::Io {
+                    path: assembled.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                }
+            });
+        drop(data);
+        result?;
+        let synced = File::open(&assembled).and_then(|f| f.sync_all());
+        self.io(synced)?;
+        std::fs::rename(&assembled, &self.path).map_err(|source| StoreError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        let _ = std::fs::remove_file(&self.side);
+        TeacherStore::open(&self.path).map(|s| s.info)
+    }
+}
+
+impl Drop for TeacherStoreWriter {
+    fn drop(&mut self) {
+        // Unfinished: leave nothing behind (a finished writer has removed its side file).
+        let _ = std::fs::remove_file(&self.side);
+        let _ = std::fs::remove_file(partial(&self.path, "file"));
+    }
+}
+
+/// `path` with a `.partial-<what>` suffix: where the writer works before the final rename.
+fn partial(path: &Path, what: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".partial-{what}"));
+    path.with_file_name(name)
+}
+
+fn metadata_of(h: &Header) -> HashMap<String, String> {
+    let value = serde_json::to_value(h).expect("a header serialises");
+    value
+        .as_object()
+        .expect("an object")
+        .iter()
+        .map(|(k, v)| {
+            let text = match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            (k.clone(), text)
+        })
+        .collect()
+}
+
+/// A byte range of the side file as a safetensors tensor.
+struct Bytes<'a>(Dtype, Vec<usize>, &'a [u8]);
+
+impl View for Bytes<'_> {
+    fn dtype(&self) -> Dtype {
+        self.0
+    }
+    fn shape(&self) -> &[usize] {
+        &self.1
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(self.2)
+    }
+    fn data_len(&self) -> usize {
+        self.2.len()
+    }
+}
+
+/// A chunk of an open store: first row, rows, and byte ranges in the mapped file.
+struct Chunk {
+    first_row: usize,
+    rows: usize,
+    indices: Range<usize>,
+    values: Range<usize>,
+    crc: u32,
+    verified: OnceLock<bool>,
+}
+
+/// A store opened for reading (memory-mapped).
+pub struct TeacherStore {
+    path: PathBuf,
+    map: memmap2::Mmap,
+    info: StoreInfo,
+    chunks: Vec<Chunk>,
+}
+
+impl TeacherStore {
+    /// Opens and checks a store: header, format, version, and every tensor's type, shape and
+    /// place (checksums are verified per chunk on first read).
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let io = |source| StoreError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = File::open(&path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        if len < 8 {
+            return Err(StoreError::Corrupt {
+                path,
+                reason: format!("{len} bytes, shorter than a safetensors header"),
+            });
+        }
+        // SAFETY: a finished store is never written again (writers rename a new file over it).
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        let corrupt = |reason: String| StoreError::Corrupt {
+            path: path.clone(),
+            reason,
+        };
+        let (_, metadata) = SafeTensors::read_metadata(&map)
+            .map_err(|e| corrupt(format!("not a complete safetensors file ({e})")))?;
+        let meta = metadata
+            .metadata()
+            .as_ref()
+            .ok_or_else(|| corrupt("no store metadata in the header".into()))?;
+        let field = |key: &str| {
+            meta.get(key)
+                .ok_or_else(|| corrupt(format!("no `{key}` in the header")))
+        };
+        if field("format")? != STORE_FORMAT {
+            return Err(corrupt(format!(
+                "format `{}`, not `{STORE_FORMAT}`",
+                field("format")?
+            )));
+        }
+        let parse = |key: &str| -> Result<serde_json::Value, StoreError> {
+            let text = field(key)?;
+            serde_json::from_str(text).or_else(|_| Ok(serde_json::Value::String(text.clone())))
+        };
+        let header: Header = serde_json::from_value(serde_json::Value::Object(
+            [
+                "format",
+                "version",
+                "vocab",
+                "k",
+                "generation_temperature",
+                "index_bits",
+                "values",
+                "rows",
+                "chunk_rows",
+                "crc32",
+            ]
+            .into_iter()
+            .map(|key| Ok((key.to_string(), parse(key)?)))
+            .collect::<Result<_, StoreError>>()?,
+        ))
+        .map_err(|e| corrupt(format!("bad header ({e})")))?;
+        if header.version != STORE_VERSION {
+            return Err(StoreError::Mismatch {
+                path,
+                field: "version",
+                found: header.version.to_string(),
+                expected: format!("{STORE_VERSION} (this crate's store format)"),
+            });
+        }
+        let values = match header.values.as_str() {
+            "f16" => StoreValues::F16,
+            "bf16" => StoreValues::Bf16,
+            other => return Err(corrupt(format!("value type `{other}`"))),
+        };
+        let expected_bits = TeacherStoreConfig::new(header.vocab, header.k).index_bits();
+        if header.k == 0 || header.chunk_rows == 0 || header.index_bits != expected_bits {
+            return Err(corrupt(format!(
+                "k = {}, chunk_rows = {}, index_bits = {} for a vocabulary of {}",
+                header.k, header.chunk_rows, header.index_bits, header.vocab
+            )));
+        }
+        let tensors = SafeTensors::deserialize(&map)
+            .map_err(|e| corrupt(format!("not a complete safetensors file ({e})")))?;
+        let n_chunks = header.rows.div_ceil(header.chunk_rows);
+        if header.crc32.len() != n_chunks || tensors.len() != 2 * n_chunks {
+            return Err(corrupt(format!(
+                "{} tensors and {} checksums for {} rows in chunks of {}",
+                tensors.len(),
+                header.crc32.len(),
+                header.rows,
+                header.chunk_rows
+            )));
+        }
+        let base = map.as_ptr() as usize;
+        let mut chunks = Vec::with_capacity(n_chunks);
+        for c in 0..n_chunks {
+            let first_row = c * header.chunk_rows;
+            let rows = header.chunk_rows.min(header.rows - first_row);
+            let tensor = |name: String, dtype: Dtype, shape: Vec<usize>| {
+                let t = tensors
+                    .tensor(&name)
+                    .map_err(|_| corrupt(format!("no tensor `{name}`")))?;
+                if t.dtype() != dtype || t.shape() != shape {
+                    return Err(corrupt(format!(
+                        "`{name}` is {:?} {:?}, expected {dtype:?} {shape:?}",
+                        t.dtype(),
+                        t.shape()
+                    )));
+                }
+                let start = t.data().as_ptr() as usize - base;
+                Ok(start..start + t.data().len())
+            };
+            let indices = tensor(
+                format!("indices.{c}"),
+                Dtype::U8,
+                vec![packed_len(rows, header.k, header.index_bits)],
+            )?;
+            let value_range = tensor(
+                format!("log_probs.{c}"),
+                values.dtype(),
+                vec![rows, header.k],
+            )?;
+            chunks.push(Chunk {
+                first_row,
+                rows,
+                indices,
+                values: value_range,
+                crc: header.crc32[c],
+                verified: OnceLock::new(),
+            });
+        }
+        let info = StoreInfo {
+            version: header.version,
+            vocab: header.vocab,
+            k: header.k,
+            generation_temperature: header.generation_temperature,
+            index_bits: header.index_bits,
+            values,
+            rows: header.rows,
+            chunk_rows: header.chunk_rows,
+            file_bytes: map.len() as u64,
+        };
+        Ok(Self {
+            path,
+            map,
+            info,
+            chunks,
+        })
+    }
+
+    /// What the header says.
+    pub fn info(&self) -> &StoreInfo {
+        &self.info
+    }
+
+    /// Rows (tokens) stored.
+    pub fn rows(&self) -> usize {
+        self.info.rows
+    }
+
+    /// Fails unless the store has this vocabulary size and `k` (e.g. those of the student and
+    /// the run's configuration).
+    pub fn expect(&self, vocab: usize, k: usize) -> Result<(), StoreError> {
+        for (field, found, expected) in [("vocab", self.info.vocab, vocab), ("k", self.info.k, k)] {
+            if found != expected {
+                return Err(StoreError::Mismatch {
+                    path: self.path.clone(),
+                    field,
+                    found: found.to_string(),
+                    expected: expected.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Rows `range` on the host: `k` indices and `k` log-probabilities per row, row-major
+    /// (`−∞` marks a missing entry; its index reads 0).
+    pub fn read_rows(&self, range: Range<usize>) -> Result<(Vec<i64>, Vec<f32>), StoreError> {
+        if range.start > range.end || range.end > self.info.rows {
+            return Err(DistillError::invalid(
+                "range",
+                format!("{range:?}"),
+                format!("rows within 0..{}", self.info.rows),
+            )
+            .into());
+        }
+        let k = self.info.k;
+        let mut indices = Vec::with_capacity(range.len() * k);
+        let mut log_probs = Vec::with_capacity(range.len() * k);
+        let mut row = range.start;
+        while row < range.end {
+            let c = row / self.info.chunk_rows;
+            let chunk = &self.chunks[c];
+            let end = range.end.min(chunk.first_row + chunk.rows);
+            self.read_chunk(
+                chunk,
+                row - chunk.first_row..end - chunk.first_row,
+                &mut indices,
+                &mut log_probs,
+            )?;
+            row = end;
+        }
+        Ok((indices, log_probs))
+    }
+
+    /// Decodes rows `local` of `chunk` (after checking its checksum once).
+    fn read_chunk(
+        &self,
+        chunk: &Chunk,
+        local: Range<usize>,
+        indices: &mut Vec<i64>,
+        log_probs: &mut Vec<f32>,
+    ) -> Result<(), StoreError> {
+        let (packed, values) = (
+            &self.map[chunk.indices.clone()],
+            &self.map[chunk.values.clone()],
+        );
+        if !*chunk
+            .verified
+            .get_or_init(|| chunk_crc(packed, values) == chunk.crc)
+        {
+            return Err(StoreError::Corrupt {
+                path: self.path.clone(),
+                reason: format!(
+                    "checksum mismatch in chunk {} (rows {}..{})",
+                    chunk.first_row / self.info.chunk_rows,
+                    chunk.first_row,
+                    chunk.first_row + chunk.rows
+                ),
+            });
+        }
+        let (k, bits) = (self.info.k, self.info.index_bits);
+        let (p0, p1) = (local.start * k, local.end * k);
+        let block_bytes = BLOCK * bits as usize / 8;
+        let packer = BitPacker4x::new();
+        let mut block = [0u32; BLOCK];
+        for b in p0 / BLOCK..p1.div_ceil(BLOCK) {
+            packer.decompress(
+                &packed[b * block_bytes..(b + 1) * block_bytes],
+                &mut block,
+                bits,
+            );
+            let lo = p0.max(b * BLOCK) - b * BLOCK;
+            let hi = p1.min((b + 1) * BLOCK) - b * BLOCK;
+            indices.extend(block[lo..hi].iter().map(|&i| i as i64));
+        }
+        let kind = self.info.values;
+        log_probs.extend(
+            values[2 * p0..2 * p1]
+                .chunks_exact(2)
+                .map(|b| kind.decode(u16::from_le_bytes([b[0], b[1]]))),
+        );
+        Ok(())
+    }
+
+    /// Rows `range` as a [`SparseTeacher`] on `device`.
+    pub fn batch<B: Backend>(
+        &self,
+        range: Range<usize>,
+        device: &B::Device,
+    ) -> Result<SparseTeacher<B>, StoreError> {
+        let (indices, log_probs) = self.read_rows(range.clone())?;
+        Ok(teacher_of(
+            indices,
+            log_probs,
+            range.len(),
+            self.info.k,
+            device,
+        ))
+    }
+
+    /// The given rows, in that order (a shuffled data loader's batch), as a [`SparseTeacher`].
+    pub fn gather<B: Backend>(
+        &self,
+        rows: &[usize],
+        device: &B::Device,
+    ) -> Result<SparseTeacher<B>, StoreError> {
+        let k = self.info.k;
+        let (mut indices, mut log_probs) = (Vec::new(), Vec::new());
+        for &r in rows {
+            let (i, l) = self.read_rows(r..r + 1)?;
+            indices.extend(i);
+            log_probs.extend(l);
+        }
+        Ok(teacher_of(indices, log_probs, rows.len(), k, device))
+    }
+
+    /// Consecutive batches of `batch_rows` rows (the last one shorter), in stored order.
+    pub fn batches<'a, B: Backend>(
+        &'a self,
+        batch_rows: usize,
+        device: &'a B::Device,
+    ) -> impl Iterator<Item = Result<SparseTeacher<B>, StoreError>> + 'a {
+        let step = batch_rows.max(1);
+        (0..self.info.rows)
+            .step_by(step)
+            .map(move |r| self.batch(r..(r + step).min(self.info.rows), device))
+    }
+}
+
+/// `−∞` log-probabilities mark missing entries (their index, 0, is valid and contributes
+/// nothing), as [`SparseTeacher`] documents.
+fn teacher_of<B: Backend>(
+    indices: Vec<i64>,
+    log_probs: Vec<f32>,
+    rows: usize,
+    k: usize,
+    device: &B::Device,
+) -> SparseTeacher<B> {
+    SparseTeacher::new(
+        Tensor::<B, 2, Int>::from_data(TensorData::new(indices, [rows, k]), device),
+        Tensor::<B, 2>::from_data(TensorData::new(log_probs, [rows, k]), device),
+    )
+}

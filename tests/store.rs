@@ -1,0 +1,364 @@
+//! The offline teacher store: round trips (indices bit-exact, values within f16/bf16 rounding,
+//! several chunks, random access), the loss from stored values, atomic writing, and every
+//! corruption and mismatch case as a clear error.
+#![cfg(feature = "ndarray")]
+
+use std::path::PathBuf;
+
+use burn::backend::NdArray;
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+use burn_distill::store::{
+    StoreError, StoreValues, TeacherStore, TeacherStoreConfig, TeacherStoreWriter,
+};
+use burn_distill::{DistillLossConfig, SparseDistillLossConfig, SparseTeacher};
+use half::{bf16, f16};
+
+type B = NdArray;
+
+fn temp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("burn-distill-store-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+/// Deterministic rows: distinct indices spread over `[0, V)`, log-probabilities in about
+/// `[-20, 0]`, and every 7th entry missing (`−∞`).
+fn rows(n: usize, k: usize, vocab: usize, seed: u64) -> (Vec<i64>, Vec<f32>) {
+    let mut s = seed;
+    let mut next = || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (s >> 33) as usize
+    };
+    let mut indices = Vec::new();
+    let mut values = Vec::new();
+    for r in 0..n {
+        for j in 0..k {
+            indices.push(((next() % (vocab / k)) * k + j) as i64);
+            values.push(if (r * k + j) % 7 == 6 {
+                f32::NEG_INFINITY
+            } else {
+                -((next() % 20_000) as f32) / 1000.0
+            });
+        }
+    }
+    // The largest index and a log-probability of exactly 0 appear.
+    indices[0] = vocab as i64 - 1;
+    values[0] = 0.0;
+    (indices, values)
+}
+
+fn write(path: &PathBuf, config: TeacherStoreConfig, batches: &[(Vec<i64>, Vec<f32>)]) {
+    let mut w = TeacherStoreWriter::create(path, config).unwrap();
+    for (i, v) in batches {
+        w.append_rows(i, v).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+#[test]
+fn round_trip_is_bit_exact_for_indices_and_rounds_values_once() {
+    for (vocab, k, values, chunk_rows) in [
+        (128_256, 5, StoreValues::F16, 7),
+        (50_000, 3, StoreValues::Bf16, 4),
+        (2, 1, StoreValues::F16, 1000),
+        (1000, 1000, StoreValues::F16, 3),
+    ] {
+        let path = temp(&format!("rt-{vocab}-{k}.safetensors"));
+        let (a, b) = (rows(13, k, vocab, 1), rows(10, k, vocab, 2));
+        let config = TeacherStoreConfig::new(vocab, k)
+            .with_values(values)
+            .with_chunk_rows(chunk_rows)
+            .with_generation_temperature(0.7);
+        write(&path, config.clone(), &[a.clone(), b.clone()]);
+        let store = TeacherStore::open(&path).unwrap();
+        let info = store.info();
+        assert_eq!((info.rows, info.vocab, info.k), (23, vocab, k));
+        assert_eq!(info.index_bits, config.index_bits());
+        assert_eq!(info.generation_temperature, 0.7);
+        assert_eq!(info.values, values);
+        let (indices, log_probs) = store.read_rows(0..23).unwrap();
+        let expected_i: Vec<i64> = a.0.iter().chain(&b.0).copied().collect();
+        let expected_v: Vec<f32> = a.1.iter().chain(&b.1).copied().collect();
+        for (p, ((got_i, got_v), (want_i, want_v))) in indices
+            .iter()
+            .zip(&log_probs)
+            .zip(expected_i.iter().zip(&expected_v))
+            .enumerate()
+        {
+            let rounded = match values {
+                StoreValues::F16 => f16::from_f32(*want_v).to_f32(),
+                _ => bf16::from_f32(*want_v).to_f32(),
+            };
+            assert_eq!(
+                got_v.to_bits(),
+                rounded.to_bits(),
+                "value {p} ({vocab}, {k})"
+            );
+            if *want_v != f32::NEG_INFINITY {
+                assert_eq!(got_i, want_i, "index {p} ({vocab}, {k})");
+            }
+        }
+        // Random access across chunk boundaries equals the slice of a full read.
+        for range in [3..9, 22..23, 0..0, 7..8] {
+            let (i, v) = store.read_rows(range.clone()).unwrap();
+            assert_eq!(i, indices[range.start * k..range.end * k]);
+            assert_eq!(v, log_probs[range.start * k..range.end * k]);
+        }
+        let g = store.gather::<B>(&[22, 0, 9], &Default::default()).unwrap();
+        assert_eq!(g.dims(), [3, k]);
+        let sizes: Vec<usize> = store
+            .batches::<B>(10, &Default::default())
+            .map(|t| t.unwrap().dims()[0])
+            .collect();
+        assert_eq!(sizes, [10, 10, 3]);
+        let err = store.read_rows(20..24).unwrap_err().to_string();
+        assert!(err.contains("20..24") && err.contains("0..23"), "{err}");
+        std::fs::remove_file(&path).unwrap();
+    }
+}
+
+#[test]
+fn the_loss_from_stored_values_is_the_loss_of_the_rounded_teacher() {
+    let device = Default::default();
+    let (n, v, k) = (6, 40, 8);
+    let logit = |i: usize, s: f64| (((i as f64 + 1.0) * s).sin() * 4.0) as f32;
+    let teacher: Vec<f32> = (0..n * v).map(|i| logit(i, 0.37)).collect();
+    let student: Vec<f32> = (0..n * v).map(|i| logit(i, 0.91)).collect();
+    let teacher = Tensor::<B, 2>::from_data(TensorData::new(teacher, [n, v]), &device);
+    let student = Tensor::<B, 2>::from_data(TensorData::new(student, [n, v]), &device);
+    let targets = Tensor::<B, 1, Int>::from_data(
+        TensorData::new(vec![1i64, 5, -100, 39, 0, 7], [n]),
+        &device,
+    );
+    let path = temp("loss.safetensors");
+    let mut w = TeacherStoreWriter::create(&path, TeacherStoreConfig::new(v, k).with_chunk_rows(4))
+        .unwrap();
+    w.append_logits(teacher.clone()).unwrap();
+    w.finish().unwrap();
+    let store = TeacherStore::open(&path).unwrap();
+    store.expect(v, k).unwrap();
+    let stored = store.batch::<B>(0..n, &device).unwrap();
+    let direct = SparseTeacher::from_logits(teacher, k, 1.0);
+    // The same teacher with its log-probabilities rounded to f16 by hand.
+    let (di, dv) = {
+        let i = values_i(direct.indices().clone());
+        let v: Vec<f32> = values_f(direct.log_probs().clone())
+            .iter()
+            .map(|x| f16::from_f32(*x).to_f32())
+            .collect();
+        (i, v)
+    };
+    let rounded = SparseTeacher::new(
+        Tensor::<B, 2, Int>::from_data(TensorData::new(di, [n, k]), &device),
+        Tensor::<B, 2>::from_data(TensorData::new(dv, [n, k]), &device),
+    );
+    let loss = SparseDistillLossConfig::new(DistillLossConfig::new().with_temperature(2.0)).init();
+    let value = |t: SparseTeacher<B>| {
+        loss.forward(student.clone(), t, targets.clone())
+            .into_scalar()
+    };
+    let (from_store, from_rounded, exact) = (value(stored), value(rounded), value(direct));
+    assert_eq!(from_store, from_rounded);
+    // f16 keeps 11 significant bits: the loss moves by far less than 1%.
+    assert!(
+        (from_store - exact).abs() <= 2e-3 * exact.abs(),
+        "{from_store} vs {exact}"
+    );
+    std::fs::remove_file(&path).unwrap();
+}
+
+fn values_i(t: Tensor<B, 2, Int>) -> Vec<i64> {
+    t.into_data().convert::<i64>().to_vec().unwrap()
+}
+fn values_f(t: Tensor<B, 2>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().unwrap()
+}
+
+#[test]
+fn masked_entries_are_stored_as_missing() {
+    let device = Default::default();
+    let path = temp("mask.safetensors");
+    let teacher = SparseTeacher::<B>::new(
+        Tensor::from_data(TensorData::new(vec![3i64, 99, 1, 2], [2, 2]), &device),
+        Tensor::from_data(
+            TensorData::new(vec![-0.1f32, 5.0, -1.0, -2.0], [2, 2]),
+            &device,
+        ),
+    )
+    .with_mask(Tensor::<B, 2, Bool>::from_data(
+        TensorData::new(vec![true, false, true, true], [2, 2]),
+        &device,
+    ));
+    let mut w = TeacherStoreWriter::create(&path, TeacherStoreConfig::new(10, 2)).unwrap();
+    // The masked entry's index (99) and value (5) would be errors if they were read.
+    w.append(&teacher).unwrap();
+    w.finish().unwrap();
+    let (i, v) = TeacherStore::open(&path).unwrap().read_rows(0..2).unwrap();
+    assert_eq!(i, [3, 0, 1, 2]);
+    assert_eq!(v[1], f32::NEG_INFINITY);
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn bad_rows_and_settings_are_named() {
+    let path = temp("bad.safetensors");
+    let err = |e: StoreError| e.to_string();
+    let mut w = TeacherStoreWriter::create(&path, TeacherStoreConfig::new(10, 2)).unwrap();
+    w.append_rows(&[1, 2, 3, 4], &[-1.0, -2.0, -0.5, -0.1])
+        .unwrap();
+    let e = err(w.append_rows(&[1, 10], &[-1.0, -2.0]).unwrap_err());
+    assert!(
+        e.contains("row 2, entry 1") && e.contains("10") && e.contains("[0, 10)"),
+        "{e}"
+    );
+    let e = err(w.append_rows(&[1, 2], &[0.5, -2.0]).unwrap_err());
+    assert!(
+        e.contains("row 2, entry 0") && e.contains("0.5") && e.contains("<= 0"),
+        "{e}"
+    );
+    let e = err(w.append_rows(&[1, 2], &[f32::NAN, -2.0]).unwrap_err());
+    assert!(e.contains("NaN"), "{e}");
+    let e = err(w.append_rows(&[1, 2, 3], &[-1.0, -2.0, -3.0]).unwrap_err());
+    assert!(e.contains("k = 2"), "{e}");
+    // Nothing of the bad calls was appended.
+    assert_eq!(w.rows(), 2);
+    let e = err(w
+        .append_logits(Tensor::<B, 2>::zeros([1, 11], &Default::default()))
+        .unwrap_err());
+    assert!(e.contains("[1, 11]") && e.contains("[N, 10]"), "{e}");
+    drop(w);
+    for (config, needle) in [
+        (TeacherStoreConfig::new(0, 1), "vocab"),
+        (TeacherStoreConfig::new(10, 11), "k"),
+        (
+            TeacherStoreConfig::new(10, 2).with_chunk_rows(0),
+            "chunk_rows",
+        ),
+        (
+            TeacherStoreConfig::new(10, 2).with_generation_temperature(0.0),
+            "generation_temperature",
+        ),
+    ] {
+        let e = err(TeacherStoreWriter::create(&path, config).err().unwrap());
+        assert!(e.contains(needle), "{e}");
+    }
+}
+
+#[test]
+fn writing_is_atomic() {
+    let path = temp("atomic.safetensors");
+    let config = TeacherStoreConfig::new(100, 4).with_chunk_rows(2);
+    let batch = rows(5, 4, 100, 3);
+    write(&path, config.clone(), std::slice::from_ref(&batch));
+    let before = std::fs::read(&path).unwrap();
+    // A second writer at the same path: until `finish`, the old store stays whole and readable.
+    let mut w = TeacherStoreWriter::create(&path, config.clone()).unwrap();
+    w.append_rows(&batch.0, &batch.1).unwrap();
+    w.append_rows(&batch.0, &batch.1).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    assert_eq!(TeacherStore::open(&path).unwrap().rows(), 5);
+    // Dropped unfinished: nothing changes and no side file remains.
+    drop(w);
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    let dir = path.parent().unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("atomic.safetensors.partial")
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // A new path: nothing there before `finish`.
+    let fresh = temp("fresh.safetensors");
+    let mut w = TeacherStoreWriter::create(&fresh, config).unwrap();
+    w.append_rows(&batch.0, &batch.1).unwrap();
+    assert!(matches!(
+        TeacherStore::open(&fresh),
+        Err(StoreError::Io { .. })
+    ));
+    w.finish().unwrap();
+    assert_eq!(TeacherStore::open(&fresh).unwrap().rows(), 5);
+    std::fs::remove_file(&path).unwrap();
+    std::fs::remove_file(&fresh).unwrap();
+}
+
+#[test]
+fn corrupt_truncated_and_mismatched_files_are_clear_errors() {
+    let path = temp("good.safetensors");
+    let batch = rows(9, 4, 1000, 4);
+    write(
+        &path,
+        TeacherStoreConfig::new(1000, 4).with_chunk_rows(4),
+        &[batch],
+    );
+    let good = std::fs::read(&path).unwrap();
+    let bad = temp("bad-file.safetensors");
+    let open_err = |bytes: &[u8]| {
+        std::fs::write(&bad, bytes).unwrap();
+        match TeacherStore::open(&bad) {
+            Err(e) => e,
+            Ok(_) => panic!("a damaged store opened"),
+        }
+    };
+    // Truncated anywhere: in the data, in the header, to nothing.
+    for cut in [1, 100, good.len() - 10, good.len()] {
+        let e = open_err(&good[..good.len() - cut]);
+        assert!(matches!(e, StoreError::Corrupt { .. }), "cut {cut}: {e}");
+        assert!(e.to_string().contains("corrupt"), "{e}");
+    }
+    // A flipped bit in the data: found by the chunk's checksum when that chunk is read.
+    let mut flipped = good.clone();
+    let last = flipped.len() - 3;
+    flipped[last] ^= 0x10;
+    std::fs::write(&bad, &flipped).unwrap();
+    let store = TeacherStore::open(&bad).unwrap();
+    assert!(store.read_rows(0..4).is_ok(), "chunk 0 is intact");
+    let e = store.read_rows(8..9).unwrap_err().to_string();
+    assert!(
+        e.contains("checksum mismatch in chunk 2") && e.contains("rows 8..9"),
+        "{e}"
+    );
+    // Another version, another format, no metadata.
+    let text = String::from_utf8_lossy(&good).into_owned();
+    let header_len = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let header = &text[8..8 + header_len];
+    let with = |from: &str, to: &str| {
+        assert_eq!(from.len(), to.len());
+        let mut bytes = good.clone();
+        let at = 8 + header
+            .find(from)
+            .unwrap_or_else(|| panic!("{from} in {header}"));
+        bytes[at..at + to.len()].copy_from_slice(to.as_bytes());
+        bytes
+    };
+    let e = open_err(&with("\"version\":\"1\"", "\"version\":\"2\""));
+    assert!(
+        matches!(
+            &e,
+            StoreError::Mismatch {
+                field: "version",
+                ..
+            }
+        ) && e.to_string().contains("version is 2"),
+        "{e}"
+    );
+    let e = open_err(&with("burn-distill-topk", "burn-distill-xxxx"));
+    assert!(e.to_string().contains("burn-distill-xxxx"), "{e}");
+    let e = open_err(&with("__metadata__", "__metadataX_"));
+    assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+    // A store of another vocabulary or k than the run expects.
+    let store = TeacherStore::open(&path).unwrap();
+    let e = store.expect(1001, 4).unwrap_err().to_string();
+    assert!(e.contains("vocab is 1000, expected 1001"), "{e}");
+    let e = store.expect(1000, 5).unwrap_err().to_string();
+    assert!(e.contains("k is 4, expected 5"), "{e}");
+    std::fs::remove_file(&path).unwrap();
+    std::fs::remove_file(&bad).unwrap();
+}

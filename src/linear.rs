@@ -40,7 +40,7 @@ pub struct LinearSetup {
     pub(crate) kernel: Kernel,
     pub(crate) vocab_mismatch: VocabMismatch,
     pub(crate) chunk_rows: usize,
-    pub(crate) softcap: Option<f64>,
+    pub(crate) logit_softcap: Option<f64>,
 }
 
 impl LinearSetup {
@@ -51,6 +51,10 @@ impl LinearSetup {
     /// Rows of logits computed at a time.
     pub fn chunk_rows(&self) -> usize {
         self.chunk_rows
+    }
+    /// The logit soft-cap `c` applied to both models' logits, if any.
+    pub fn logit_softcap(&self) -> Option<f64> {
+        self.logit_softcap
     }
 }
 
@@ -73,9 +77,9 @@ fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
 fn soft_cap<B: Backend>(z: T<B, 2>, cap: Option<f64>) -> (T<B, 2>, Option<T<B, 2>>) {
     match cap {
         Some(c) => {
-            let t = // `· (1/c)`, not `/ c`: burn-autodiff 0.21 backpropagates `div_scalar` with `1/c`
+            // `· (1/c)`, not `/ c`: burn-autodiff 0.21 backpropagates `div_scalar` with `1/c`
             // rounded to f32.
-            z.mul_scalar(c.recip()).tanh();
+            let t = z.mul_scalar(c.recip()).tanh();
             (t.clone().mul_scalar(c), Some(t))
         }
         None => (z, None),
@@ -162,8 +166,11 @@ pub(crate) fn chunked<B: DistillBackend>(
     while r0 < m {
         let r1 = (r0 + chunk).min(m);
         let hs_c = hs_k.clone().slice(r0..r1);
-        let (zs, tanh_s) = soft_cap(logits(hs_c.clone(), &ws, &bs), setup.softcap);
-        let (zt, _) = soft_cap(logits(ht_k.clone().slice(r0..r1), &wt, &bt), setup.softcap);
+        let (zs, tanh_s) = soft_cap(logits(hs_c.clone(), &ws, &bs), setup.logit_softcap);
+        let (zt, _) = soft_cap(
+            logits(ht_k.clone().slice(r0..r1), &wt, &bt),
+            setup.logit_softcap,
+        );
         let (zs, zt) = setup
             .vocab_mismatch
             .align(zs, zt)
@@ -313,7 +320,7 @@ pub(crate) fn materialised<B: DistillBackend>(
             &float::<B, 2>(s.weight),
             &s.bias.map(float::<B, 1>),
         );
-        soft_cap(z, setup.softcap).0
+        soft_cap(z, setup.logit_softcap).0
     };
     let (zs, zt) = (side(student), side(teacher));
     let (zs, zt) = setup
@@ -542,7 +549,7 @@ impl DistillLoss {
             kernel: self.kernel,
             vocab_mismatch: self.vocab_mismatch,
             chunk_rows: self.linear_chunk_rows(vs.max(vt)),
-            softcap: self.logit_softcap,
+            logit_softcap: self.logit_softcap,
         };
         let parts = B::distill_linear(
             student,

@@ -71,14 +71,18 @@ pub struct DistillLossConfig {
     #[config(default = "None")]
     pub linear_chunk_rows: Option<usize>,
     /// Memory budget of the fused-linear losses' chunks when `linear_chunk_rows` is `None`:
-    /// rows such that three f32 `[rows, V]` buffers (student and teacher logits, gradient) fit,
-    /// at least one. Default 64 MiB.
+    /// rows such that three f32 `[rows, V]` buffers (student and teacher logits, gradient; four
+    /// with a `logit_softcap`) fit, at least one. Default 64 MiB.
     #[config(default = 67108864)]
     pub linear_chunk_bytes: usize,
     /// Logit soft-capping `z ↦ c · tanh(z / c)` of both models' logits before anything else
     /// (Gemma 2's `final_logit_softcapping`, e.g. `Some(30.0)`), in [`DistillLoss::forward`],
     /// the sequence forms and the fused-linear losses; the gradient flows through the cap.
-    /// `None` (the default) leaves the logits as they are. Finite and `> 0`.
+    /// `None` (the default) leaves the logits as they are. Finite and `> 0`. A `−∞` logit of
+    /// the caller's becomes `−c` (only the `PadNegInf` padding, added after the cap, stays
+    /// `−∞`). The sparse-teacher loss rejects a cap (not implemented there yet). With a cap the
+    /// fused-linear chunks keep a fourth `[rows, V]` buffer (`tanh`), and the automatic chunk
+    /// size counts it.
     #[config(default = "None")]
     pub logit_softcap: Option<f64>,
 }
@@ -236,7 +240,10 @@ impl DistillLoss {
     /// Rows per chunk of the fused-linear losses for a vocabulary of `v` columns.
     pub fn linear_chunk_rows(&self, v: usize) -> usize {
         self.linear_chunk_rows
-            .unwrap_or_else(|| self.linear_chunk_bytes / (3 * 4 * v.max(1)))
+            .unwrap_or_else(|| {
+                let buffers = if self.logit_softcap.is_some() { 4 } else { 3 };
+                self.linear_chunk_bytes / (buffers * 4 * v.max(1))
+            })
             .max(1)
     }
 

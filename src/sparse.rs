@@ -19,7 +19,7 @@ use crate::{
 
 /// How far above 0 a teacher log-probability may lie (f32 rounding of a dominant token), and
 /// how far above 1 the top-k mass may lie with [`TailPolicy::TailBucket`].
-const ROUNDING: f64 = 1e-3;
+pub(crate) const ROUNDING: f64 = 1e-3;
 
 /// Which student distribution a renormalised sparse teacher is compared with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,7 +181,7 @@ impl<B: Backend> SparseTeacher<B> {
     pub(crate) fn mask_on_host(&self) -> Option<Vec<bool>> {
         self.mask
             .as_ref()
-            .map(|m| m.to_data().to_vec::<bool>().expect("bool mask"))
+            .map(|m| m.to_data().iter::<bool>().collect())
     }
 
     /// `[N, k]` token indices.
@@ -241,6 +241,14 @@ impl SparseDistillLossConfig {
     pub fn try_init(&self) -> Result<SparseDistillLoss, DistillError> {
         let dense = self.loss.try_init()?;
         check_temperature("generation_temperature", self.generation_temperature)?;
+        if let Some(cap) = self.loss.logit_softcap {
+            return Err(DistillError::invalid(
+                "logit_softcap",
+                format!("Some({cap})"),
+                "None: the sparse-teacher loss does not cap logits yet (cap the student's \
+                 logits before the loss, and store the teacher's capped top-k)",
+            ));
+        }
         if self.loss.kernel == Kernel::Fused {
             return Err(DistillError::invalid(
                 "kernel",

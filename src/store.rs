@@ -67,11 +67,25 @@ impl StoreValues {
             StoreValues::Bf16 => Dtype::BF16,
         }
     }
+    /// Rounds `x ≤ 0` toward `−∞` (so that a row's stored probabilities never sum to more
+    /// than the teacher's, which a tail bucket needs).
     fn encode(self, x: f32) -> u16 {
-        match self {
+        let bits = match self {
             StoreValues::F16 => f16::from_f32(x).to_bits(),
             StoreValues::Bf16 => bf16::from_f32(x).to_bits(),
+        };
+        // A negative value rounded up (toward 0) steps one unit of magnitude down.
+        if self.decode(bits) > x && x < 0.0 && x.is_finite() {
+            bits + 1
+        } else {
+            bits
         }
+    }
+
+    /// The value the store keeps for a log-probability `x` (rounded toward `−∞`; values in
+    /// `(0, ROUNDING]` are stored as 0).
+    pub fn quantize(self, x: f32) -> f32 {
+        self.decode(self.encode(if x > 0.0 { 0.0 } else { x }))
     }
     fn decode(self, bits: u16) -> f32 {
         match self {
@@ -122,11 +136,11 @@ impl TeacherStoreConfig {
 
     fn validate(&self) -> Result<(), StoreError> {
         let bad = |arg: &str, got: String, expected: &str| {
-            Err(StoreError::Config(DistillError::invalid(
+            Err(StoreError::Invalid(DistillError::invalid(
                 arg, got, expected,
             )))
         };
-        if self.vocab == 0 || self.vocab > u32::MAX as usize {
+        if self.vocab == 0 || self.vocab > u32::MAX as usize + 1 {
             return bad(
                 "vocab",
                 self.vocab.to_string(),
@@ -140,7 +154,7 @@ impl TeacherStoreConfig {
             return bad("chunk_rows", "0".into(), "rows per chunk >= 1");
         }
         crate::softmax::check_temperature("generation_temperature", self.generation_temperature)
-            .map_err(StoreError::Config)
+            .map_err(StoreError::Invalid)
     }
 }
 
@@ -178,7 +192,13 @@ pub enum StoreError {
     },
     /// A bad configuration or bad rows given to the writer, or a bad row range to the reader.
     #[error(transparent)]
-    Config(#[from] DistillError),
+    Invalid(#[from] DistillError),
+    /// An earlier write of this writer failed; the store cannot be completed.
+    #[error("teacher store {path}: an earlier write failed, the store cannot be completed")]
+    Poisoned {
+        /// The store's path.
+        path: PathBuf,
+    },
 }
 
 /// What a store's header says.
@@ -219,6 +239,21 @@ struct Header {
     crc32: Vec<u32>,
 }
 
+/// CRC-32 of the metadata (every key but `header_crc32`, sorted), so that a damaged header
+/// value (a temperature, a vocabulary size) is found, not read.
+fn header_crc(metadata: &HashMap<String, String>) -> u32 {
+    let mut keys: Vec<&String> = metadata.keys().filter(|k| *k != "header_crc32").collect();
+    keys.sort();
+    let mut h = crc32fast::Hasher::new();
+    for k in keys {
+        h.update(k.as_bytes());
+        h.update(b"=");
+        h.update(metadata[k].as_bytes());
+        h.update(b"\n");
+    }
+    h.finalize()
+}
+
 /// Bytes of one chunk's packed indices.
 fn packed_len(rows: usize, k: usize, bits: u8) -> usize {
     (rows * k).div_ceil(BLOCK) * BLOCK * bits as usize / 8
@@ -232,6 +267,7 @@ fn chunk_crc(indices: &[u8], values: &[u8]) -> u32 {
 }
 
 /// A chunk written to the side file: its rows and byte ranges there.
+#[derive(Debug)]
 struct WrittenChunk {
     rows: usize,
     indices: Range<usize>,
@@ -240,7 +276,9 @@ struct WrittenChunk {
 }
 
 /// Writes a store batch by batch. Nothing is visible at the store's path until
-/// [`TeacherStoreWriter::finish`]; a writer dropped before that removes its side files.
+/// [`TeacherStoreWriter::finish`]; a writer dropped before that removes its side files (named
+/// after the store, the process and the writer, so that writers never share one). The data is
+/// written twice: to a side file while appending, then into the safetensors file by `finish`.
 ///
 /// ```
 /// use burn::backend::NdArray;
@@ -263,9 +301,12 @@ struct WrittenChunk {
 /// assert!((log_probs[0] - (2.0 - lse)).abs() < 2e-3); // f16 rounding
 /// std::fs::remove_file(&path).unwrap();
 /// ```
+#[derive(Debug)]
 pub struct TeacherStoreWriter {
     path: PathBuf,
     side: PathBuf,
+    assembled: PathBuf,
+    poisoned: bool,
     file: Option<BufWriter<File>>,
     config: TeacherStoreConfig,
     bits: u8,
@@ -281,12 +322,25 @@ impl TeacherStoreWriter {
     pub fn create(path: impl AsRef<Path>, config: TeacherStoreConfig) -> Result<Self, StoreError> {
         config.validate()?;
         let path = path.as_ref().to_path_buf();
-        let side = partial(&path, "data");
-        let file = File::create(&side).map_err(|source| StoreError::Io {
-            path: side.clone(),
-            source,
-        })?;
+        static WRITERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            WRITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let side = partial(&path, &format!("data-{id}"));
+        let assembled = partial(&path, &format!("file-{id}"));
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&side)
+            .map_err(|source| StoreError::Io {
+                path: side.clone(),
+                source,
+            })?;
         Ok(Self {
+            assembled,
+            poisoned: false,
             bits: config.index_bits(),
             path,
             side,
@@ -306,10 +360,11 @@ impl TeacherStoreWriter {
     }
 
     /// Appends rows given on the host: `indices` and `log_probs` hold `k` entries per row,
-    /// row-major. Indices must lie in `[0, V)`; log-probabilities must be `≤ 0` (up to 1e-4 of
-    /// rounding) or `−∞` (a missing entry); otherwise nothing is appended and the error names
+    /// row-major. Indices must lie in `[0, V)`; log-probabilities must be `≤ 0` (up to 1e-3 of
+    /// rounding, as the sparse loss accepts) or `−∞` (a missing entry); otherwise nothing is appended and the error names
     /// the row (counted from the start of the store) and the value.
     pub fn append_rows(&mut self, indices: &[i64], log_probs: &[f32]) -> Result<(), StoreError> {
+        self.check_poisoned()?;
         let k = self.config.k;
         if indices.len() != log_probs.len() || !indices.len().is_multiple_of(k) {
             return Err(DistillError::invalid(
@@ -332,7 +387,7 @@ impl TeacherStoreWriter {
                 )
                 .into());
             }
-            if lp.is_nan() || lp > 1e-4 {
+            if lp.is_nan() || lp as f64 > crate::sparse::ROUNDING {
                 return Err(DistillError::invalid(
                     format!("log_probs (row {row}, entry {})", i % k),
                     lp,
@@ -346,7 +401,7 @@ impl TeacherStoreWriter {
             self.pending_indices
                 .push(if missing { 0 } else { index as u32 });
             self.pending_values
-                .push(self.config.values.encode(lp.min(0.0)));
+                .push(self.config.values.encode(if lp > 0.0 { 0.0 } else { lp }));
             if self.pending_indices.len() == self.config.chunk_rows * k {
                 self.flush_chunk()?;
             }
@@ -398,11 +453,23 @@ impl TeacherStoreWriter {
         self.append(&teacher)
     }
 
-    fn io<T>(&self, r: std::io::Result<T>) -> Result<T, StoreError> {
-        r.map_err(|source| StoreError::Io {
-            path: self.side.clone(),
-            source,
+    fn io<T>(&mut self, r: std::io::Result<T>) -> Result<T, StoreError> {
+        r.map_err(|source| {
+            self.poisoned = true;
+            StoreError::Io {
+                path: self.side.clone(),
+                source,
+            }
         })
+    }
+
+    fn check_poisoned(&self) -> Result<(), StoreError> {
+        if self.poisoned {
+            return Err(StoreError::Poisoned {
+                path: self.path.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// Packs and writes the pending rows as one chunk.
@@ -449,17 +516,17 @@ impl TeacherStoreWriter {
     /// Writes the last chunk and the file, and moves it to the store's path (atomically: a
     /// rename on the same file system). Returns what the header says.
     pub fn finish(mut self) -> Result<StoreInfo, StoreError> {
+        self.check_poisoned()?;
         self.flush_chunk()?;
         let file = self.file.take().expect("open until finish");
         let file = self.io(file.into_inner().map_err(|e| e.into_error()))?;
         self.io(file.sync_all())?;
         drop(file);
-        let side = File::open(&self.side).map_err(|source| StoreError::Io {
-            path: self.side.clone(),
-            source,
-        })?;
+        let side = File::open(&self.side);
+        let side = self.io(side)?;
         // SAFETY: the side file is this writer's own, complete and no longer written.
-        let data = self.io(unsafe { memmap2::Mmap::map(&side) })?;
+        let data = unsafe { memmap2::Mmap::map(&side) };
+        let data = self.io(data)?;
         let (k, dtype) = (self.config.k, self.config.values.dtype());
         let mut views = Vec::with_capacity(2 * self.chunks.len());
         for (c, chunk) in self.chunks.iter().enumerate() {
@@ -486,8 +553,9 @@ impl TeacherStoreWriter {
             chunk_rows: self.config.chunk_rows,
             crc32: self.chunks.iter().map(|c| c.crc).collect(),
         };
-        let metadata = metadata_of(&header);
-        let assembled = partial(&self.path, "file");
+        let mut metadata = metadata_of(&header);
+        metadata.insert("header_crc32".into(), header_crc(&metadata).to_string());
+        let assembled = self.assembled.clone();
         let result =
             safetensors::serialize_to_file(views, Some(metadata), &assembled).map_err(|e| {
                 StoreError::Io {
@@ -497,7 +565,11 @@ impl TeacherStoreWriter {
             });
         drop(data);
         result?;
-        let synced = File::open(&assembled).and_then(|f| f.sync_all());
+        // A handle with write access: Windows flushes only those.
+        let synced = File::options()
+            .write(true)
+            .open(&assembled)
+            .and_then(|f| f.sync_all());
         self.io(synced)?;
         std::fs::rename(&assembled, &self.path).map_err(|source| StoreError::Io {
             path: self.path.clone(),
@@ -512,7 +584,7 @@ impl Drop for TeacherStoreWriter {
     fn drop(&mut self) {
         // Unfinished: leave nothing behind (a finished writer has removed its side file).
         let _ = std::fs::remove_file(&self.side);
-        let _ = std::fs::remove_file(partial(&self.path, "file"));
+        let _ = std::fs::remove_file(&self.assembled);
     }
 }
 
@@ -558,6 +630,7 @@ impl View for Bytes<'_> {
 }
 
 /// A chunk of an open store: first row, rows, and byte ranges in the mapped file.
+#[derive(Debug)]
 struct Chunk {
     first_row: usize,
     rows: usize,
@@ -568,6 +641,7 @@ struct Chunk {
 }
 
 /// A store opened for reading (memory-mapped).
+#[derive(Debug)]
 pub struct TeacherStore {
     path: PathBuf,
     map: memmap2::Mmap,
@@ -576,8 +650,13 @@ pub struct TeacherStore {
 }
 
 impl TeacherStore {
-    /// Opens and checks a store: header, format, version, and every tensor's type, shape and
-    /// place (checksums are verified per chunk on first read).
+    /// Opens and checks a store: header (and its checksum), format, version, and every
+    /// tensor's type, shape and place (the data's checksums are verified per chunk on first
+    /// read).
+    ///
+    /// The file is memory-mapped: it must not be modified in place while open (writers of
+    /// this module never do: they rename a new file over the path). On Windows, a store that
+    /// is open cannot be replaced by a writer's `finish`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         let io = |source| StoreError::Io {
@@ -614,6 +693,21 @@ impl TeacherStore {
                 field("format")?
             )));
         }
+        // The version first: another version may have other keys.
+        let version = field("version")?;
+        if version != &STORE_VERSION.to_string() {
+            return Err(StoreError::Mismatch {
+                path,
+                field: "version",
+                found: version.clone(),
+                expected: format!("{STORE_VERSION} (this crate's store format)"),
+            });
+        }
+        if field("header_crc32")? != &header_crc(meta).to_string() {
+            return Err(corrupt(
+                "header checksum mismatch (a damaged header value)".into(),
+            ));
+        }
         let parse = |key: &str| -> Result<serde_json::Value, StoreError> {
             let text = field(key)?;
             serde_json::from_str(text).or_else(|_| Ok(serde_json::Value::String(text.clone())))
@@ -636,21 +730,19 @@ impl TeacherStore {
             .collect::<Result<_, StoreError>>()?,
         ))
         .map_err(|e| corrupt(format!("bad header ({e})")))?;
-        if header.version != STORE_VERSION {
-            return Err(StoreError::Mismatch {
-                path,
-                field: "version",
-                found: header.version.to_string(),
-                expected: format!("{STORE_VERSION} (this crate's store format)"),
-            });
-        }
         let values = match header.values.as_str() {
             "f16" => StoreValues::F16,
             "bf16" => StoreValues::Bf16,
             other => return Err(corrupt(format!("value type `{other}`"))),
         };
-        let expected_bits = TeacherStoreConfig::new(header.vocab, header.k).index_bits();
-        if header.k == 0 || header.chunk_rows == 0 || header.index_bits != expected_bits {
+        let config = TeacherStoreConfig::new(header.vocab, header.k)
+            .with_chunk_rows(header.chunk_rows)
+            .with_generation_temperature(header.generation_temperature);
+        config
+            .validate()
+            .map_err(|e| corrupt(format!("bad header ({e})")))?;
+        let entries = header.rows.checked_mul(header.k);
+        if entries.is_none_or(|e| e / 8 > map.len()) || header.index_bits != config.index_bits() {
             return Err(corrupt(format!(
                 "k = {}, chunk_rows = {}, index_bits = {} for a vocabulary of {}",
                 header.k, header.chunk_rows, header.index_bits, header.vocab
@@ -737,7 +829,7 @@ impl TeacherStore {
 
     /// Fails unless the store has this vocabulary size and `k` (e.g. those of the student and
     /// the run's configuration).
-    pub fn expect(&self, vocab: usize, k: usize) -> Result<(), StoreError> {
+    pub fn check(&self, vocab: usize, k: usize) -> Result<(), StoreError> {
         for (field, found, expected) in [("vocab", self.info.vocab, vocab), ("k", self.info.k, k)] {
             if found != expected {
                 return Err(StoreError::Mismatch {
@@ -820,6 +912,15 @@ impl TeacherStore {
             );
             let lo = p0.max(b * BLOCK) - b * BLOCK;
             let hi = p1.min((b + 1) * BLOCK) - b * BLOCK;
+            if let Some(&bad) = block[lo..hi]
+                .iter()
+                .find(|&&i| i as usize >= self.info.vocab)
+            {
+                return Err(StoreError::Corrupt {
+                    path: self.path.clone(),
+                    reason: format!("index {bad} in a vocabulary of {}", self.info.vocab),
+                });
+            }
             indices.extend(block[lo..hi].iter().map(|&i| i as i64));
         }
         let kind = self.info.values;
@@ -856,14 +957,15 @@ impl TeacherStore {
         let k = self.info.k;
         let (mut indices, mut log_probs) = (Vec::new(), Vec::new());
         for &r in rows {
-            let (i, l) = self.read_rows(r..r + 1)?;
+            let (i, l) = self.read_rows(r..r.saturating_add(1))?;
             indices.extend(i);
             log_probs.extend(l);
         }
         Ok(teacher_of(indices, log_probs, rows.len(), k, device))
     }
 
-    /// Consecutive batches of `batch_rows` rows (the last one shorter), in stored order.
+    /// Consecutive batches of `batch_rows` rows (at least 1; the last batch shorter), in
+    /// stored order.
     pub fn batches<'a, B: Backend>(
         &'a self,
         batch_rows: usize,
@@ -872,7 +974,7 @@ impl TeacherStore {
         let step = batch_rows.max(1);
         (0..self.info.rows)
             .step_by(step)
-            .map(move |r| self.batch(r..(r + step).min(self.info.rows), device))
+            .map(move |r| self.batch(r..r.saturating_add(step).min(self.info.rows), device))
     }
 }
 

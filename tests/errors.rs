@@ -69,6 +69,14 @@ fn logit_softcap_must_be_finite_and_positive() {
     DistillLossConfig::new()
         .with_logit_softcap(Some(30.0))
         .init();
+    // The sparse-teacher loss has no cap yet: refused, not ignored.
+    let sparse = burn_distill::SparseDistillLossConfig::new(
+        DistillLossConfig::new().with_logit_softcap(Some(30.0)),
+    )
+    .try_init()
+    .unwrap_err()
+    .to_string();
+    assert_mentions(&sparse, &["logit_softcap", "Some(30)", "does not cap"]);
 }
 
 #[test]

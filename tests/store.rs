@@ -3,7 +3,7 @@
 //! corruption and mismatch case as a clear error.
 #![cfg(feature = "ndarray")]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use burn::backend::NdArray;
 use burn::tensor::{Bool, Int, Tensor, TensorData};
@@ -51,7 +51,7 @@ fn rows(n: usize, k: usize, vocab: usize, seed: u64) -> (Vec<i64>, Vec<f32>) {
     (indices, values)
 }
 
-fn write(path: &PathBuf, config: TeacherStoreConfig, batches: &[(Vec<i64>, Vec<f32>)]) {
+fn write(path: &Path, config: TeacherStoreConfig, batches: &[(Vec<i64>, Vec<f32>)]) {
     let mut w = TeacherStoreWriter::create(path, config).unwrap();
     for (i, v) in batches {
         w.append_rows(i, v).unwrap();
@@ -89,15 +89,21 @@ fn round_trip_is_bit_exact_for_indices_and_rounds_values_once() {
             .zip(expected_i.iter().zip(&expected_v))
             .enumerate()
         {
-            let rounded = match values {
-                StoreValues::F16 => f16::from_f32(*want_v).to_f32(),
-                _ => bf16::from_f32(*want_v).to_f32(),
+            // Rounded once, toward −∞, by less than one unit in the last place.
+            let (nearest, ulp) = match values {
+                StoreValues::F16 => (f16::from_f32(*want_v).to_f32(), 2f32.powi(-10)),
+                _ => (bf16::from_f32(*want_v).to_f32(), 2f32.powi(-7)),
             };
-            assert_eq!(
-                got_v.to_bits(),
-                rounded.to_bits(),
-                "value {p} ({vocab}, {k})"
-            );
+            assert_eq!(got_v.to_bits(), values.quantize(*want_v).to_bits());
+            if want_v.is_finite() {
+                assert!(
+                    *got_v <= *want_v && want_v - got_v <= ulp * want_v.abs(),
+                    "value {p} ({vocab}, {k}): {want_v} stored as {got_v}"
+                );
+                assert!(*got_v <= nearest, "value {p}");
+            } else {
+                assert_eq!(*got_v, f32::NEG_INFINITY);
+            }
             if *want_v != f32::NEG_INFINITY {
                 assert_eq!(got_i, want_i, "index {p} ({vocab}, {k})");
             }
@@ -108,13 +114,23 @@ fn round_trip_is_bit_exact_for_indices_and_rounds_values_once() {
             assert_eq!(i, indices[range.start * k..range.end * k]);
             assert_eq!(v, log_probs[range.start * k..range.end * k]);
         }
+        // Random access and batches as SparseTeacher: the same values as `read_rows`.
         let g = store.gather::<B>(&[22, 0, 9], &Default::default()).unwrap();
-        assert_eq!(g.dims(), [3, k]);
-        let sizes: Vec<usize> = store
-            .batches::<B>(10, &Default::default())
-            .map(|t| t.unwrap().dims()[0])
-            .collect();
+        let (mut want_i, mut want_v) = (Vec::new(), Vec::new());
+        for r in [22, 0, 9] {
+            want_i.extend_from_slice(&indices[r * k..(r + 1) * k]);
+            want_v.extend_from_slice(&log_probs[r * k..(r + 1) * k]);
+        }
+        assert_eq!(values_i(g.indices().clone()), want_i);
+        assert_eq!(values_f(g.log_probs().clone()), want_v);
+        let (mut all_i, mut sizes) = (Vec::new(), Vec::new());
+        for t in store.batches::<B>(10, &Default::default()) {
+            let t = t.unwrap();
+            sizes.push(t.dims()[0]);
+            all_i.extend(values_i(t.indices().clone()));
+        }
         assert_eq!(sizes, [10, 10, 3]);
+        assert_eq!(all_i, indices);
         let err = store.read_rows(20..24).unwrap_err().to_string();
         assert!(err.contains("20..24") && err.contains("0..23"), "{err}");
         std::fs::remove_file(&path).unwrap();
@@ -140,15 +156,23 @@ fn the_loss_from_stored_values_is_the_loss_of_the_rounded_teacher() {
     w.append_logits(teacher.clone()).unwrap();
     w.finish().unwrap();
     let store = TeacherStore::open(&path).unwrap();
-    store.expect(v, k).unwrap();
+    store.check(v, k).unwrap();
     let stored = store.batch::<B>(0..n, &device).unwrap();
     let direct = SparseTeacher::from_logits(teacher, k, 1.0);
-    // The same teacher with its log-probabilities rounded to f16 by hand.
+    // The same teacher with its log-probabilities rounded to f16 (toward −∞) by hand.
     let (di, dv) = {
         let i = values_i(direct.indices().clone());
         let v: Vec<f32> = values_f(direct.log_probs().clone())
             .iter()
-            .map(|x| f16::from_f32(*x).to_f32())
+            .map(|x| {
+                let h = f16::from_f32(*x);
+                let h = if h.to_f32() > *x {
+                    f16::from_bits(h.to_bits() + 1)
+                } else {
+                    h
+                };
+                h.to_f32()
+            })
             .collect();
         (i, v)
     };
@@ -212,7 +236,7 @@ fn bad_rows_and_settings_are_named() {
         .unwrap();
     let e = err(w.append_rows(&[1, 10], &[-1.0, -2.0]).unwrap_err());
     assert!(
-        e.contains("row 2, entry 1") && e.contains("10") && e.contains("[0, 10)"),
+        e.contains("row 2, entry 1") && e.contains("got 10,") && e.contains("[0, 10)"),
         "{e}"
     );
     let e = err(w.append_rows(&[1, 2], &[0.5, -2.0]).unwrap_err());
@@ -325,10 +349,10 @@ fn corrupt_truncated_and_mismatched_files_are_clear_errors() {
         e.contains("checksum mismatch in chunk 2") && e.contains("rows 8..9"),
         "{e}"
     );
+    drop(store); // unmapped before the file is rewritten
     // Another version, another format, no metadata.
-    let text = String::from_utf8_lossy(&good).into_owned();
     let header_len = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
-    let header = &text[8..8 + header_len];
+    let header = std::str::from_utf8(&good[8..8 + header_len]).unwrap();
     let with = |from: &str, to: &str| {
         assert_eq!(from.len(), to.len());
         let mut bytes = good.clone();
@@ -349,15 +373,18 @@ fn corrupt_truncated_and_mismatched_files_are_clear_errors() {
         ) && e.to_string().contains("version is 2"),
         "{e}"
     );
+    // A damaged header value (the vocabulary, 1000 → 1001) fails the header checksum.
+    let e = open_err(&with("\"vocab\":\"1000\"", "\"vocab\":\"1001\""));
+    assert!(e.to_string().contains("header checksum mismatch"), "{e}");
     let e = open_err(&with("burn-distill-topk", "burn-distill-xxxx"));
     assert!(e.to_string().contains("burn-distill-xxxx"), "{e}");
     let e = open_err(&with("__metadata__", "__metadataX_"));
     assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
     // A store of another vocabulary or k than the run expects.
     let store = TeacherStore::open(&path).unwrap();
-    let e = store.expect(1001, 4).unwrap_err().to_string();
+    let e = store.check(1001, 4).unwrap_err().to_string();
     assert!(e.contains("vocab is 1000, expected 1001"), "{e}");
-    let e = store.expect(1000, 5).unwrap_err().to_string();
+    let e = store.check(1000, 5).unwrap_err().to_string();
     assert!(e.contains("k is 4, expected 5"), "{e}");
     std::fs::remove_file(&path).unwrap();
     std::fs::remove_file(&bad).unwrap();

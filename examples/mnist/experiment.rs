@@ -276,6 +276,11 @@ enum Objective<'a, B: AutodiffBackend> {
         loss: burn_distill::DistillLoss,
         teacher_logits: &'a Tensor<B::InnerBackend, 2>,
     },
+    /// `SparseDistillLoss` against the top-k teacher of an offline store, read by row.
+    Store {
+        loss: burn_distill::SparseDistillLoss,
+        store: &'a burn_distill::store::TeacherStore,
+    },
 }
 
 fn bar(settings: &Settings, len: u64, label: String) -> ProgressBar {
@@ -324,6 +329,11 @@ fn train<B: AutodiffBackend + DistillBackend>(
                 } => {
                     let teacher = (*teacher_logits).clone().select(0, idx.clone().inner());
                     loss.forward(logits, Tensor::from_inner(teacher), y)
+                }
+                Objective::Store { loss, store } => {
+                    let rows: Vec<usize> = chunk.iter().map(|&r| r as usize).collect();
+                    let teacher = store.gather::<B>(&rows, &device).expect("the store's rows");
+                    loss.forward(logits, teacher, y)
                 }
             };
             if progress.position().is_multiple_of(20) {
@@ -476,4 +486,83 @@ pub fn train_hard<B: AutodiffBackend + DistillBackend>(
         settings,
         "teacher".into(),
     )
+}
+
+/// A teacher trained on hard labels, its test errors, and its logits on `digits` (inner
+/// backend, no graph), for writing an offline store.
+pub fn teacher_logits<B: AutodiffBackend + DistillBackend>(
+    digits: &Digits,
+    test_set: &Digits,
+    seed: u64,
+    settings: &Settings,
+    device: &B::Device,
+) -> (usize, Tensor<B::InnerBackend, 2>) {
+    let data = DeviceData::<B>::new(digits, device);
+    let test = DeviceData::<B::InnerBackend>::new(test_set, device);
+    B::seed(device, 1000 + seed);
+    let teacher = Mlp::<B>::new(&settings.teacher_hidden, 0.2, 0.5, device);
+    let teacher = train(
+        teacher,
+        &data,
+        Objective::Hard,
+        settings.teacher_epochs,
+        seed,
+        settings,
+        "teacher".into(),
+    );
+    let errors = test_errors(&teacher, &test);
+    (
+        errors,
+        logits(&teacher.valid(), &data.images.clone().inner()),
+    )
+}
+
+/// What a student is trained against in [`student_errors`].
+pub enum Teacher<'a, B: AutodiffBackend> {
+    /// Hard labels only.
+    HardLabels,
+    /// The dense teacher's logits.
+    Dense(burn_distill::DistillLoss, &'a Tensor<B::InnerBackend, 2>),
+    /// The offline store alone.
+    Store(
+        burn_distill::SparseDistillLoss,
+        &'a burn_distill::store::TeacherStore,
+    ),
+}
+
+/// Test errors of a student trained from the same initialisation and data order (per `seed`)
+/// against `teacher`.
+pub fn student_errors<B: AutodiffBackend + DistillBackend>(
+    digits: &Digits,
+    test_set: &Digits,
+    teacher: Teacher<'_, B>,
+    seed: u64,
+    settings: &Settings,
+    device: &B::Device,
+) -> usize {
+    let data = DeviceData::<B>::new(digits, device);
+    let test = DeviceData::<B::InnerBackend>::new(test_set, device);
+    B::seed(device, 2000 + seed);
+    let init = Mlp::<B>::new(&settings.student_hidden, 0.0, 0.0, device);
+    let (objective, label) = match teacher {
+        Teacher::HardLabels => (Objective::Hard, "student, hard"),
+        Teacher::Dense(loss, teacher_logits) => (
+            Objective::Distill {
+                loss,
+                teacher_logits,
+            },
+            "student, dense teacher",
+        ),
+        Teacher::Store(loss, store) => (Objective::Store { loss, store }, "student, store"),
+    };
+    let model = train(
+        init,
+        &data,
+        objective,
+        settings.student_epochs,
+        seed,
+        settings,
+        label.into(),
+    );
+    test_errors(&model, &test)
 }

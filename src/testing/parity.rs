@@ -79,8 +79,10 @@ pub fn run<B: AutodiffBackend + DistillBackend>(
     };
     let rows = value.dims()[0];
     let w: Vec<f64> = (0..rows).map(|i| 0.5 + 0.25 * (i % 3) as f64).collect();
+    // In the loss's dtype (f32 from the fused CubeCL kernel even for half-precision logits).
     let w =
-        burn::tensor::Tensor::<B, 1>::from_data(burn::tensor::TensorData::new(w, [rows]), device);
+        burn::tensor::Tensor::<B, 1>::from_data(burn::tensor::TensorData::new(w, [rows]), device)
+            .cast(value.dtype());
     let grad = student
         .grad(&(value.clone() * w).sum().backward())
         .expect("student gradient");

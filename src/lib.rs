@@ -15,7 +15,9 @@
 //!   `Fused`).
 //! - for language models: [`SparseDistillLoss`] against a [`SparseTeacher`] (top-k
 //!   log-probabilities from an API, with the [`TailPolicy`] conventions of DistillKit and
-//!   Megatron-LM or a tail bucket), [`VocabMismatch`] policies, and [`HiddenStateLoss`].
+//!   Megatron-LM or a tail bucket), an offline [`store`] of top-k teachers,
+//!   [`DistillLoss::forward_linear`] (the loss from hidden states and LM heads without the
+//!   `[N, V]` logits), logit soft-capping, [`VocabMismatch`] policies, and [`HiddenStateLoss`].
 //!
 //! ```
 //! use burn::backend::{Autodiff, NdArray};

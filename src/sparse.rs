@@ -4,12 +4,17 @@
 use burn::{
     config::Config,
     module::Module,
-    tensor::{Bool, IndexingUpdateOp, Int, Tensor, TensorData, activation, backend::Backend},
+    tensor::{
+        Bool, IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive, activation,
+        backend::Backend,
+    },
 };
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    DistillError, DistillLossConfig, DistillOutput, DistillParams, Divergence, Kernel,
+    DistillBackend, DistillError, DistillLossConfig, DistillOutput, DistillParams, Divergence,
+    Kernel,
+    backend::{SparseInputs, SparseSetup},
     error::or_panic,
     kernel::reference::{divergence_rows, mix_rows, scale_soft},
     loss::{check_row_targets, check_seq_targets},
@@ -249,13 +254,6 @@ impl SparseDistillLossConfig {
                  logits before the loss, and store the teacher's capped top-k)",
             ));
         }
-        if self.loss.kernel == Kernel::Fused {
-            return Err(DistillError::invalid(
-                "kernel",
-                "Kernel::Fused",
-                "Kernel::Auto or Kernel::Reference: the sparse-teacher loss has no fused kernel",
-            ));
-        }
         let divergence = dense.params().divergence();
         if self.tail
             == (TailPolicy::Renormalize {
@@ -275,6 +273,7 @@ impl SparseDistillLossConfig {
             check_inputs: self.loss.check_targets,
             tail: self.tail,
             generation_temperature: self.generation_temperature,
+            kernel: self.loss.kernel,
         })
     }
 }
@@ -330,6 +329,8 @@ pub struct SparseDistillLoss {
     tail: TailPolicy,
     #[module(skip)]
     generation_temperature: f64,
+    #[module(skip)]
+    kernel: Kernel,
 }
 
 impl SparseDistillLoss {
@@ -348,7 +349,7 @@ impl SparseDistillLoss {
     ///
     /// # Panics
     /// On bad input, with the message of [`SparseDistillLoss::try_forward_parts`].
-    pub fn forward<B: Backend>(
+    pub fn forward<B: DistillBackend>(
         &self,
         student_logits: Tensor<B, 2>,
         teacher: SparseTeacher<B>,
@@ -361,7 +362,7 @@ impl SparseDistillLoss {
     ///
     /// # Panics
     /// As [`SparseDistillLoss::forward`].
-    pub fn forward_soft<B: Backend>(
+    pub fn forward_soft<B: DistillBackend>(
         &self,
         student_logits: Tensor<B, 2>,
         teacher: SparseTeacher<B>,
@@ -375,7 +376,7 @@ impl SparseDistillLoss {
     ///
     /// # Panics
     /// As [`SparseDistillLoss::forward`].
-    pub fn forward_seq<B: Backend>(
+    pub fn forward_seq<B: DistillBackend>(
         &self,
         student_logits: Tensor<B, 3>,
         teacher: SparseTeacher<B>,
@@ -386,7 +387,7 @@ impl SparseDistillLoss {
 
     /// Sequence form of [`SparseDistillLoss::try_forward_parts`]: `[B, T, V]` student logits,
     /// a teacher of `B·T` rows and optional `[B, T]` targets.
-    pub fn try_forward_seq_parts<B: Backend>(
+    pub fn try_forward_seq_parts<B: DistillBackend>(
         &self,
         student_logits: Tensor<B, 3>,
         teacher: SparseTeacher<B>,
@@ -404,7 +405,7 @@ impl SparseDistillLoss {
     }
 
     /// The loss with its soft and hard parts, or an error naming the bad argument.
-    pub fn try_forward_parts<B: Backend>(
+    pub fn try_forward_parts<B: DistillBackend>(
         &self,
         student_logits: Tensor<B, 2>,
         teacher: SparseTeacher<B>,
@@ -425,6 +426,46 @@ impl SparseDistillLoss {
         let ignored = ignored_rows(targets.as_ref(), self.params.ignore_index);
         if self.check_inputs {
             self.check_teacher(&teacher, ignored.clone(), v)?;
+        }
+        if self.kernel != Kernel::Reference {
+            let fused = B::distill_sparse_fused(
+                student_logits.clone().into_primitive().tensor(),
+                SparseInputs {
+                    indices: teacher.indices.clone().into_primitive(),
+                    log_probs: teacher.log_probs.clone().detach().into_primitive().tensor(),
+                    mask: teacher.mask.clone().map(Tensor::into_primitive),
+                },
+                targets.clone().map(Tensor::into_primitive),
+                &self.params,
+                SparseSetup {
+                    tail: self.tail,
+                    generation_temperature: self.generation_temperature,
+                },
+                false,
+            );
+            let float = |t| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
+            match fused {
+                Some(out) => {
+                    return Ok(DistillOutput {
+                        loss: float(out.parts.loss),
+                        soft: float(out.parts.soft),
+                        hard: out.parts.hard.map(float),
+                    });
+                }
+                None if self.kernel == Kernel::Fused => {
+                    return Err(DistillError::invalid(
+                        "kernel",
+                        "Kernel::Fused",
+                        format!(
+                            "Kernel::Auto or Kernel::Reference: backend {} has no fused \
+                             sparse-teacher kernel for {:?} logits",
+                            B::name(&student_logits.device()),
+                            student_logits.dtype()
+                        ),
+                    ));
+                }
+                None => {}
+            }
         }
 
         let soft = self.soft_rows(student_logits.clone(), teacher);

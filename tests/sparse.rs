@@ -476,10 +476,12 @@ mod errors {
                 .try_init(),
         );
         assert!(m.contains("ReverseKl") && m.contains("FullVocab"), "{m}");
-        let m = message(
-            SparseDistillLossConfig::new(dense.clone().with_kernel(Kernel::Fused)).try_init(),
+        // The fused sparse kernel exists (NdArray, Flex): `Kernel::Fused` is a valid choice.
+        assert!(
+            SparseDistillLossConfig::new(dense.clone().with_kernel(Kernel::Fused))
+                .try_init()
+                .is_ok()
         );
-        assert!(m.contains("Kernel::Fused"), "{m}");
         let m = message(SparseDistillLossConfig::new(dense.with_temperature(-1.0)).try_init());
         assert!(m.contains("temperature") && m.contains("-1"), "{m}");
     }

@@ -18,7 +18,7 @@ use burn::tensor::{
     ops::{FloatTensor, IntTensor},
 };
 
-use super::{DistillBackend, DistillParams, DistillParts, FusedOutput};
+use super::{DistillBackend, DistillParams, DistillParts, FusedOutput, SparseInputs, SparseSetup};
 use crate::linear::{self, LinearSetup, LinearSide};
 
 /// Backward of a fused loss with `N` differentiable inputs: the gradients computed by the
@@ -117,6 +117,46 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
                 teacher.primitive,
                 targets,
                 params,
+                tracked || with_grad,
+            )?;
+            if with_grad {
+                grad = out.grad.clone();
+            }
+            let grads = if tracked {
+                out.grad.into_iter().collect()
+            } else {
+                Vec::new()
+            };
+            Some((out.parts, grads))
+        })?;
+        Some(FusedOutput {
+            parts,
+            grad: grad.map(Self::from_inner),
+        })
+    }
+
+    /// The sparse kernel of `B` as a tracked op of the student (the teacher is a constant).
+    fn distill_sparse_fused(
+        student: FloatTensor<Self>,
+        teacher: SparseInputs<Self>,
+        targets: Option<IntTensor<Self>>,
+        params: &DistillParams,
+        setup: SparseSetup,
+        with_grad: bool,
+    ) -> Option<FusedOutput<Self>> {
+        let teacher = SparseInputs::<B> {
+            indices: teacher.indices,
+            log_probs: teacher.log_probs.primitive,
+            mask: teacher.mask,
+        };
+        let mut grad = None;
+        let parts = fused_op::<B, C, 1>([&student], |tracked| {
+            let out = B::distill_sparse_fused(
+                student.primitive.clone(),
+                teacher,
+                targets,
+                params,
+                setup,
                 tracked || with_grad,
             )?;
             if with_grad {

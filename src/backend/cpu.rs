@@ -7,8 +7,8 @@ use burn::tensor::{
     ops::{FloatTensor, IntTensor},
 };
 
-use super::{DistillParams, DistillParts, FusedOutput};
-use crate::kernel::{cpu, real::Real};
+use super::{DistillParams, DistillParts, FusedOutput, SparseInputs, SparseSetup};
+use crate::kernel::{cpu, real::Real, sparse_cpu};
 
 /// Runs the CPU kernel on row-major slices, reduces on the host and wraps the outputs as
 /// tensors of `B`.
@@ -21,14 +21,78 @@ pub(super) fn fused_on_slices<B: Backend, R: Real>(
     with_grad: bool,
     device: &B::Device,
 ) -> FusedOutput<B> {
-    let targets: Option<Vec<i64>> = targets.map(|t| {
+    let targets = host_targets::<B>(targets);
+    let has_targets = targets.is_some();
+    let out = cpu::distill_rows(student, teacher, v, targets.as_deref(), params, with_grad);
+    output_of_rows(out, [n, v], has_targets, params, device)
+}
+
+/// Targets on the host.
+fn host_targets<B: Backend>(targets: Option<IntTensor<B>>) -> Option<Vec<i64>> {
+    targets.map(|t| {
         Tensor::<B, 1, Int>::from_primitive(t)
             .into_data()
             .iter::<i64>()
             .collect()
-    });
-    let has_targets = targets.is_some();
-    let out = cpu::distill_rows(student, teacher, v, targets.as_deref(), params, with_grad);
+    })
+}
+
+/// Runs the fused sparse-teacher kernel on a row-major student slice (the `[N, k]` teacher is
+/// read to the host: it is small).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn sparse_on_slices<B: Backend, R: Real>(
+    student: &[R],
+    [n, v]: [usize; 2],
+    teacher: SparseInputs<B>,
+    targets: Option<IntTensor<B>>,
+    params: &DistillParams,
+    setup: SparseSetup,
+    with_grad: bool,
+    device: &B::Device,
+) -> FusedOutput<B> {
+    let indices = Tensor::<B, 2, Int>::from_primitive(teacher.indices);
+    let k = indices.dims()[1];
+    let indices: Vec<i64> = indices.into_data().iter::<i64>().collect();
+    let log_probs: Vec<f64> =
+        Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(teacher.log_probs))
+            .into_data()
+            .iter::<f64>()
+            .collect();
+    let valid: Vec<bool> = match teacher.mask {
+        Some(mask) => Tensor::<B, 2, burn::tensor::Bool>::from_primitive(mask)
+            .into_data()
+            .iter::<bool>()
+            .collect(),
+        None => vec![true; n * k],
+    };
+    let targets = host_targets::<B>(targets);
+    let host = sparse_cpu::HostTeacher {
+        k,
+        indices: &indices,
+        log_probs: &log_probs,
+        valid: &valid,
+    };
+    let out = sparse_cpu::sparse_rows(
+        student,
+        v,
+        &host,
+        targets.as_deref(),
+        params,
+        setup.tail,
+        setup.generation_temperature,
+        with_grad,
+    );
+    output_of_rows(out, [n, v], targets.is_some(), params, device)
+}
+
+/// The kernel's rows reduced on the host (in f64) and wrapped as tensors of `B`.
+fn output_of_rows<B: Backend, R: Real>(
+    out: cpu::CpuRows<R>,
+    [n, v]: [usize; 2],
+    has_targets: bool,
+    params: &DistillParams,
+    device: &B::Device,
+) -> FusedOutput<B> {
     let column = |f: fn(&cpu::RowOut<R>) -> R| {
         let data = match params.reduction.factor(out.kept) {
             None => TensorData::new(out.rows.iter().map(f).collect::<Vec<R>>(), [n]),

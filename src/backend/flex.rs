@@ -7,7 +7,10 @@ use burn::tensor::{
     ops::{FloatTensor, IntTensor},
 };
 
-use super::cpu::{CPU_DTYPES, fused_on_slices, scale_by_mul, scale_in_place, upstream_values};
+use super::cpu::{
+    CPU_DTYPES, fused_on_slices, scale_by_mul, scale_in_place, sparse_on_slices, upstream_values,
+};
+use super::{SparseInputs, SparseSetup};
 use crate::{DistillBackend, DistillParams, FusedOutput};
 
 fn contiguous(t: &FlexTensor) -> std::borrow::Cow<'_, FlexTensor> {
@@ -49,6 +52,39 @@ impl DistillBackend for Flex {
         }
         if student.dtype() != teacher.dtype() {
             return None;
+        }
+        match student.dtype() {
+            DType::F32 => Some(run!(f32)),
+            DType::F64 => Some(run!(f64)),
+            _ => None,
+        }
+    }
+
+    fn distill_sparse_fused(
+        student: FloatTensor<Self>,
+        teacher: SparseInputs<Self>,
+        targets: Option<IntTensor<Self>>,
+        params: &DistillParams,
+        setup: SparseSetup,
+        with_grad: bool,
+    ) -> Option<FusedOutput<Self>> {
+        let dims = student.shape();
+        let shape = [dims[0], dims[1]];
+        let device = Default::default();
+        let s = contiguous(&student);
+        macro_rules! run {
+            ($ty:ty) => {
+                sparse_on_slices::<Self, $ty>(
+                    s.as_slice().expect("contiguous"),
+                    shape,
+                    teacher,
+                    targets,
+                    params,
+                    setup,
+                    with_grad,
+                    &device,
+                )
+            };
         }
         match student.dtype() {
             DType::F32 => Some(run!(f32)),

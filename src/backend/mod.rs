@@ -13,7 +13,7 @@
 use burn::tensor::{
     DType, Int, Tensor, TensorMetadata, TensorPrimitive,
     backend::Backend,
-    ops::{FloatTensor, IntTensor},
+    ops::{BoolTensor, FloatTensor, IntTensor},
 };
 
 use crate::{
@@ -105,6 +105,36 @@ pub struct FusedOutput<B: Backend> {
     pub grad: Option<FloatTensor<B>>,
 }
 
+/// A sparse teacher as backend primitives: `[N, k]` indices, log-probabilities at `T_gen` and
+/// an optional validity mask (`−∞` log-probabilities are missing entries too).
+#[derive(Clone, Debug)]
+pub struct SparseInputs<B: Backend> {
+    /// `[N, k]` token indices.
+    pub indices: IntTensor<B>,
+    /// `[N, k]` log-probabilities.
+    pub log_probs: FloatTensor<B>,
+    /// `[N, k]` validity.
+    pub mask: Option<BoolTensor<B>>,
+}
+
+/// The settings of a sparse-teacher loss beyond [`DistillParams`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SparseSetup {
+    pub(crate) tail: crate::TailPolicy,
+    pub(crate) generation_temperature: f64,
+}
+
+impl SparseSetup {
+    /// The tail policy.
+    pub fn tail(&self) -> crate::TailPolicy {
+        self.tail
+    }
+    /// The generation temperature `T_gen` of the log-probabilities.
+    pub fn generation_temperature(&self) -> f64 {
+        self.generation_temperature
+    }
+}
+
 /// A backend that can compute distillation losses.
 ///
 /// This is the extension point of the crate (in the style of `burn-vision`'s `VisionBackend`):
@@ -142,6 +172,21 @@ pub trait DistillBackend: Backend {
         _teacher: FloatTensor<Self>,
         _targets: Option<IntTensor<Self>>,
         _params: &DistillParams,
+        _with_grad: bool,
+    ) -> Option<FusedOutput<Self>> {
+        None
+    }
+
+    /// The fused sparse-teacher kernel (see [`SparseDistillLoss`](crate::SparseDistillLoss)):
+    /// the reduced loss of `[N, V]` student logits against a top-k teacher and, when
+    /// `with_grad`, its `[N, V]` gradient; `None` where this backend has no such kernel (the
+    /// default: the composed reference runs).
+    fn distill_sparse_fused(
+        _student: FloatTensor<Self>,
+        _teacher: SparseInputs<Self>,
+        _targets: Option<IntTensor<Self>>,
+        _params: &DistillParams,
+        _setup: SparseSetup,
         _with_grad: bool,
     ) -> Option<FusedOutput<Self>> {
         None

@@ -8,7 +8,10 @@ use burn::tensor::{
     ops::{FloatTensor, FloatTensorOps, IntTensor},
 };
 
-use super::cpu::{CPU_DTYPES, fused_on_slices, scale_by_mul, scale_in_place, upstream_values};
+use super::cpu::{
+    CPU_DTYPES, fused_on_slices, scale_by_mul, scale_in_place, sparse_on_slices, upstream_values,
+};
+use super::{SparseInputs, SparseSetup};
 use crate::{DistillBackend, DistillParams, FusedOutput};
 
 impl<E: FloatNdArrayElement, I: IntNdArrayElement, Q: QuantElement> DistillBackend
@@ -49,6 +52,40 @@ where
         match (&student, &teacher) {
             (NdArrayTensor::F32(s), NdArrayTensor::F32(t)) => Some(run!(s, t)),
             (NdArrayTensor::F64(s), NdArrayTensor::F64(t)) => Some(run!(s, t)),
+            _ => None,
+        }
+    }
+
+    fn distill_sparse_fused(
+        student: FloatTensor<Self>,
+        teacher: SparseInputs<Self>,
+        targets: Option<IntTensor<Self>>,
+        params: &DistillParams,
+        setup: SparseSetup,
+        with_grad: bool,
+    ) -> Option<FusedOutput<Self>> {
+        let shape = student.shape();
+        let shape = [shape[0], shape[1]];
+        let device = Self::float_device(&student);
+        macro_rules! run {
+            ($s:expr) => {{
+                let s = $s.view();
+                let s = s.as_standard_layout();
+                sparse_on_slices::<Self, _>(
+                    s.as_slice().expect("standard layout"),
+                    shape,
+                    teacher,
+                    targets,
+                    params,
+                    setup,
+                    with_grad,
+                    &device,
+                )
+            }};
+        }
+        match &student {
+            NdArrayTensor::F32(s) => Some(run!(s)),
+            NdArrayTensor::F64(s) => Some(run!(s)),
             _ => None,
         }
     }

@@ -298,6 +298,35 @@ unsafe fn row_avx2<R: Real>(
     row_body(s, t, target, params, grad_scale, scratch, grad)
 }
 
+/// The dense row kernel on short rows at the baseline instruction set (the sparse kernel's
+/// `k + 1` virtual logits), soft term only.
+pub(super) struct SmallRow<R>(Scratch<R>);
+
+impl<R: Real> SmallRow<R> {
+    pub(super) fn new(len: usize) -> Self {
+        Self(Scratch::new(len))
+    }
+
+    /// `D(softmax(t), softmax(s))` (with `params`) and its gradient with respect to `s`.
+    pub(super) fn run(
+        &mut self,
+        s: &[R],
+        t: &[R],
+        params: &DistillParams,
+        grad: &mut [R],
+    ) -> RowOut<R> {
+        row_body(
+            s,
+            t,
+            RowTarget::NoLabel,
+            params,
+            1.0,
+            &mut self.0,
+            Some(grad),
+        )
+    }
+}
+
 /// `Σ f(x_j)` with `LANES` independent accumulators (so that the sum vectorizes; keep `f`
 /// simple).
 #[inline(always)]
@@ -315,13 +344,13 @@ fn lane_sum_map<R: Real>(x: &[R], f: impl Fn(R) -> R) -> R {
 
 /// `Σ x_j` with `LANES` independent accumulators.
 #[inline(always)]
-fn lane_sum<R: Real>(x: &[R]) -> R {
+pub(super) fn lane_sum<R: Real>(x: &[R]) -> R {
     lane_sum_map(x, |v| v)
 }
 
 /// Maximum of a row with `LANES` independent accumulators.
 #[inline(always)]
-fn lane_max<R: Real>(x: &[R]) -> R {
+pub(super) fn lane_max<R: Real>(x: &[R]) -> R {
     let mut acc = [R::NEG_INFINITY; LANES];
     let mut chunks = x.chunks_exact(LANES);
     for chunk in &mut chunks {

@@ -5,6 +5,8 @@
 //!   autodiff. It is the oracle every other path is tested against.
 //! - `cpu`: the fused CPU row kernel (rayon across rows, runtime-dispatched SIMD), used by
 //!   NdArray and Flex for f32 and f64 logits.
+//! - `sparse_cpu`: the fused sparse-teacher CPU kernel (the student row in cache, the `k`
+//!   teacher entries beside it), NdArray and Flex.
 //! - `cube`: the fused CubeCL kernel (one cube per row, shared-memory reductions), used by the
 //!   wgpu and CUDA backends for f32, f16 and bf16 logits (accumulating in f32).
 
@@ -17,6 +19,8 @@ pub(crate) mod cube;
 #[cfg(any(feature = "ndarray", feature = "flex"))]
 pub(crate) mod real;
 pub(crate) mod reference;
+#[cfg(any(feature = "ndarray", feature = "flex"))]
+pub(crate) mod sparse_cpu;
 
 /// Which implementation computes the loss.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

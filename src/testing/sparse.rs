@@ -7,7 +7,8 @@ use serde_json::Value;
 
 use super::{compare, ints, numbers, tensor2, values};
 use crate::{
-    SparseDistillLoss, SparseDistillLossConfig, SparseTeacher, StudentSupport, TailPolicy,
+    DistillBackend, Kernel, SparseDistillLoss, SparseDistillLossConfig, SparseTeacher,
+    StudentSupport, TailPolicy,
 };
 
 #[derive(Deserialize)]
@@ -67,7 +68,7 @@ impl SparseCase {
     }
 
     /// Runs the case with `loss` on `B`; returns (loss values, student gradient).
-    pub fn run<B: AutodiffBackend>(
+    pub fn run<B: AutodiffBackend + DistillBackend>(
         &self,
         loss: &SparseDistillLoss,
         device: &B::Device,
@@ -120,8 +121,8 @@ pub fn sparse_cases() -> Vec<SparseCase> {
 }
 
 /// Every sparse golden case, loss and gradient, on `B` at tolerances `(abs, rel)` for the
-/// loss and the gradient.
-pub fn assert_sparse_golden<B: AutodiffBackend>(
+/// loss and the gradient, with the reference and (where `B` has one) the fused kernel.
+pub fn assert_sparse_golden<B: AutodiffBackend + DistillBackend>(
     device: &B::Device,
     loss_tol: (f64, f64),
     grad_tol: (f64, f64),
@@ -130,13 +131,16 @@ pub fn assert_sparse_golden<B: AutodiffBackend>(
     assert_eq!(cases.len(), 21, "the full sparse golden set");
     let mut failures = Vec::new();
     for case in &cases {
-        let loss = case.config.init();
-        let (value, grad) = case.run::<B>(&loss, device);
-        failures.extend(compare(
-            &case.name,
-            [(&value, &case.loss), (&grad, &case.grad)],
-            [loss_tol, grad_tol],
-        ));
+        for kernel in [Kernel::Reference, Kernel::Auto] {
+            let mut config = case.config.clone();
+            config.loss = config.loss.with_kernel(kernel);
+            let (value, grad) = case.run::<B>(&config.init(), device);
+            failures.extend(compare(
+                &format!("{} ({kernel:?})", case.name),
+                [(&value, &case.loss), (&grad, &case.grad)],
+                [loss_tol, grad_tol],
+            ));
+        }
     }
     assert!(
         failures.is_empty(),

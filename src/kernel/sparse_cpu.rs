@@ -1,0 +1,355 @@
+//! The fused sparse-teacher CPU kernel: the student row read in one pass per quantity while it
+//! sits in cache, the `k` teacher entries on the side, the gradient written once.
+//!
+//! Per row with logits `z`, valid teacher entries `K` (index `i_j`, log-probability `ℓ_j`),
+//! `r = T_gen / T`, `e_v = exp((z_v − max z)/T)` and `S = Σ_v e_v`:
+//!
+//! - the divergence runs on `k + 1` *virtual logits* through the dense row kernel at `T = 1`:
+//!   student `u_j = log(e_{i_j} / S)`, `u_tail = log(Σ_{v∉K} e_v / S)` (`TailBucket`; the sum
+//!   is taken with the top-k zeroed, not by subtraction), or `u_j = (z_{i_j} − max z)/T`
+//!   (`Renormalize { TopK }`); teacher `w_j = r·ℓ_j`, `w_tail = r·log(1 − Σ_K e^ℓ)`. The dense
+//!   kernel returns `D` and `g = ∂D/∂u`;
+//! - back to `z`: `∂u_j/∂z` puts `g_j / T` on `i_j`, and the tail puts `g_tail · e_v / (T·Σ_{v∉K}
+//!   e_v)` on every `v ∉ K` (`Σ g = 0` cancels the rest); `Renormalize { FullVocab }` (forward KL
+//!   only) is `(e_v / S − p_v [v ∈ K]) / T`;
+//! - the hard term and its gradient `softmax(z) − (1 − ε)·onehot − ε/V`, as the dense kernel.
+//!
+//! Rows without a valid entry have a NaN soft term and no soft gradient; an index outside
+//! `[0, V)` (unchecked input) makes the row NaN, never a read out of bounds.
+
+use rayon::prelude::*;
+
+use super::cpu::{self, CpuRows, RowOut, RowTarget};
+use super::real::Real;
+use crate::{DistillParams, Reduction, StudentSupport, TailPolicy};
+
+/// The teacher of a batch on the host: `[N, k]` row-major indices, log-probabilities and
+/// validity (mask and `ℓ ≠ −∞`).
+pub struct HostTeacher<'a> {
+    /// Entries per row.
+    pub k: usize,
+    /// Token indices.
+    pub indices: &'a [i64],
+    /// Log-probabilities at `T_gen`.
+    pub log_probs: &'a [f64],
+    /// Whether each entry is present.
+    pub valid: &'a [bool],
+}
+
+/// Per-thread scratch.
+struct Scratch<R> {
+    e: Vec<R>,
+    e1: Vec<R>,
+    u: Vec<R>,
+    w: Vec<R>,
+    gu: Vec<R>,
+    small: cpu::SmallRow<R>,
+}
+
+/// Row losses (and, with `with_grad`, the gradient of the reduced loss) of `[N, V]` student
+/// logits against a sparse teacher.
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_rows<R: Real>(
+    student: &[R],
+    v: usize,
+    teacher: &HostTeacher<'_>,
+    targets: Option<&[i64]>,
+    params: &DistillParams,
+    tail: TailPolicy,
+    generation_temperature: f64,
+    with_grad: bool,
+) -> CpuRows<R> {
+    let n = student.len() / v;
+    let k = teacher.k;
+    let target = |i: usize| RowTarget::of(targets.map(|t| t[i]), v, params.ignore_index);
+    let kept = (0..n).filter(|&i| target(i) != RowTarget::Ignored).count();
+    let grad_scale = params.reduction.factor(kept).unwrap_or(1.0);
+    let virtual_params = DistillParams {
+        temperature: 1.0,
+        alpha: 1.0,
+        divergence: params.divergence,
+        scale_by_t2: false,
+        ignore_index: None,
+        label_smoothing: 0.0,
+        reduction: Reduction::Sum,
+    };
+    let ratio = generation_temperature / params.temperature;
+    let init = || Scratch {
+        e: vec![R::ZERO; v],
+        e1: vec![R::ZERO; v],
+        u: Vec::with_capacity(k + 1),
+        w: Vec::with_capacity(k + 1),
+        gu: vec![R::ZERO; k + 1],
+        small: cpu::SmallRow::new(k + 1),
+    };
+    let run = |scratch: &mut Scratch<R>, i: usize, g: Option<&mut [R]>| {
+        let entries = i * k..(i + 1) * k;
+        let row = Row {
+            z: &student[i * v..(i + 1) * v],
+            indices: &teacher.indices[entries.clone()],
+            log_probs: &teacher.log_probs[entries.clone()],
+            valid: &teacher.valid[entries],
+            target: target(i),
+        };
+        row.run(params, &virtual_params, tail, ratio, grad_scale, scratch, g)
+    };
+    if with_grad {
+        let mut grad = cpu::zeroed_grad::<R>(n * v);
+        let rows = grad
+            .par_chunks_mut(v)
+            .enumerate()
+            .map_init(init, |scratch, (i, g)| run(scratch, i, Some(g)))
+            .collect();
+        CpuRows {
+            rows,
+            kept,
+            grad: Some(grad),
+        }
+    } else {
+        let rows = (0..n)
+            .into_par_iter()
+            .map_init(init, |scratch, i| run(scratch, i, None))
+            .collect();
+        CpuRows {
+            rows,
+            kept,
+            grad: None,
+        }
+    }
+}
+
+struct Row<'a, R> {
+    z: &'a [R],
+    indices: &'a [i64],
+    log_probs: &'a [f64],
+    valid: &'a [bool],
+    target: RowTarget,
+}
+
+impl<R: Real> Row<'_, R> {
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        params: &DistillParams,
+        virtual_params: &DistillParams,
+        tail: TailPolicy,
+        ratio: f64,
+        grad_scale: f64,
+        scratch: &mut Scratch<R>,
+        grad: Option<&mut [R]>,
+    ) -> RowOut<R> {
+        let z = self.z;
+        let v = z.len();
+        let nan = RowOut {
+            loss: R::NAN,
+            soft: R::NAN,
+            hard: R::NAN,
+        };
+        let class = match self.target {
+            RowTarget::Ignored | RowTarget::Bad => {
+                if let Some(g) = grad {
+                    g.fill(R::ZERO);
+                }
+                return if self.target == RowTarget::Bad {
+                    nan
+                } else {
+                    RowOut::default()
+                };
+            }
+            RowTarget::NoLabel => None,
+            RowTarget::Class(c) => Some(c),
+        };
+        // The valid entries; an index out of range (unchecked input) makes the row NaN.
+        let mut entries: Vec<(usize, f64)> = Vec::with_capacity(self.indices.len());
+        for ((&index, &lp), &ok) in self.indices.iter().zip(self.log_probs).zip(self.valid) {
+            if !ok || lp == f64::NEG_INFINITY {
+                continue;
+            }
+            if index < 0 || index as usize >= v {
+                if let Some(g) = grad {
+                    g.fill(R::ZERO);
+                }
+                return nan;
+            }
+            entries.push((index as usize, lp));
+        }
+        let t = params.temperature;
+        let inv_t = R::of(t.recip());
+        let m = cpu::lane_max(z);
+        let e = &mut scratch.e[..v];
+        for (e, &x) in e.iter_mut().zip(z) {
+            *e = ((x - m) * inv_t).exp();
+        }
+        let sum_t = cpu::lane_sum(e).to_f64();
+        let log_sum_t = sum_t.ln();
+
+        // The soft term on the virtual logits.
+        let soft_factor = params.soft_factor();
+        let (u, w, gu) = (&mut scratch.u, &mut scratch.w, &mut scratch.gu);
+        u.clear();
+        w.clear();
+        let zt = |i: usize| ((z[i] - m) * inv_t).to_f64();
+        let mut tail_sum = 0.0;
+        let mut full_vocab_p: Vec<f64> = Vec::new();
+        let soft = if entries.is_empty() {
+            f64::NAN
+        } else {
+            match tail {
+                TailPolicy::TailBucket => {
+                    // Σ_{v∉K} e_v with the top-k zeroed (no cancellation), then restored.
+                    let saved: Vec<R> = entries.iter().map(|&(i, _)| e[i]).collect();
+                    for &(i, _) in &entries {
+                        e[i] = R::ZERO;
+                    }
+                    tail_sum = cpu::lane_sum(e).to_f64();
+                    for (&(i, _), &s) in entries.iter().zip(&saved) {
+                        e[i] = s;
+                    }
+                    let mass: f64 = entries
+                        .iter()
+                        .map(|&(_, lp)| lp.exp())
+                        .sum::<f64>()
+                        .min(1.0);
+                    let no_tail = entries.len() == v;
+                    for &(i, lp) in &entries {
+                        u.push(R::of(zt(i) - log_sum_t));
+                        w.push(R::of(ratio * lp));
+                    }
+                    u.push(R::of(tail_sum.ln() - log_sum_t));
+                    w.push(R::of(if no_tail {
+                        f64::NEG_INFINITY
+                    } else {
+                        ratio * (-mass).ln_1p()
+                    }));
+                    self.virtual_soft(u, w, gu, virtual_params, &mut scratch.small)
+                }
+                TailPolicy::Renormalize {
+                    student: StudentSupport::TopK,
+                } => {
+                    for &(i, lp) in &entries {
+                        u.push(R::of(zt(i)));
+                        w.push(R::of(ratio * lp));
+                    }
+                    self.virtual_soft(u, w, gu, virtual_params, &mut scratch.small)
+                }
+                TailPolicy::Renormalize {
+                    student: StudentSupport::FullVocab,
+                } => {
+                    // Forward KL against log q_j = z_{i_j}/T − log S (not renormalised).
+                    let wmax = entries
+                        .iter()
+                        .map(|&(_, lp)| ratio * lp)
+                        .fold(f64::NEG_INFINITY, f64::max);
+                    let lse = wmax
+                        + entries
+                            .iter()
+                            .map(|&(_, lp)| (ratio * lp - wmax).exp())
+                            .sum::<f64>()
+                            .ln();
+                    let mut d = 0.0;
+                    for &(i, lp) in &entries {
+                        let log_p = ratio * lp - lse;
+                        let p = log_p.exp();
+                        full_vocab_p.push(p);
+                        if p > 0.0 {
+                            d += p * (log_p - (zt(i) - log_sum_t));
+                        }
+                    }
+                    d
+                }
+            }
+        } * soft_factor;
+
+        // The hard term (its exponentials: `e` at T = 1, else `e1`).
+        let hard = class.map(|y| {
+            let sum_1 = if t == 1.0 {
+                sum_t
+            } else {
+                let e1 = &mut scratch.e1[..v];
+                for (e1, &x) in e1.iter_mut().zip(z) {
+                    *e1 = (x - m).exp();
+                }
+                cpu::lane_sum(e1).to_f64()
+            };
+            let lse_1 = m.to_f64() + sum_1.ln();
+            let eps = params.label_smoothing;
+            let mut h = -(1.0 - eps) * (z[y].to_f64() - lse_1);
+            if eps > 0.0 {
+                let mean = cpu::lane_sum(z).to_f64() / v as f64;
+                h -= eps * (mean - lse_1);
+            }
+            (h, sum_1)
+        });
+        let alpha = params.alpha;
+        let (loss, hard_value) = match hard {
+            Some((h, _)) => (alpha * soft + (1.0 - alpha) * h, h),
+            None => (soft, 0.0),
+        };
+
+        if let Some(g) = grad {
+            let a = if class.is_some() { alpha } else { 1.0 } * grad_scale;
+            let b = (1.0 - alpha) * grad_scale;
+            let soft_ok = !entries.is_empty();
+            // The soft term's share on every column (tail or full vocabulary).
+            let bulk = match tail {
+                _ if !soft_ok => 0.0,
+                TailPolicy::TailBucket if tail_sum > 0.0 => {
+                    soft_factor * gu[entries.len()].to_f64() * inv_t.to_f64() / tail_sum
+                }
+                TailPolicy::Renormalize {
+                    student: StudentSupport::FullVocab,
+                } => soft_factor * inv_t.to_f64() / sum_t,
+                _ => 0.0,
+            };
+            let bulk = R::of(a * bulk);
+            match hard {
+                Some((_, sum_1)) => {
+                    let e1: &[R] = if t == 1.0 { e } else { &scratch.e1[..v] };
+                    let hb = R::of(b / sum_1);
+                    let hc = R::of(b * params.label_smoothing / v as f64);
+                    for ((g, &ev), &e1v) in g.iter_mut().zip(e.iter()).zip(e1) {
+                        *g = bulk * ev + hb * e1v - hc;
+                    }
+                }
+                None => {
+                    for (g, &ev) in g.iter_mut().zip(e.iter()) {
+                        *g = bulk * ev;
+                    }
+                }
+            }
+            if soft_ok {
+                let scale = a * soft_factor * inv_t.to_f64();
+                for (j, &(i, _)) in entries.iter().enumerate() {
+                    let delta = match tail {
+                        TailPolicy::Renormalize {
+                            student: StudentSupport::FullVocab,
+                        } => -scale * full_vocab_p[j],
+                        _ => scale * gu[j].to_f64() - (bulk * e[i]).to_f64(),
+                    };
+                    g[i] = g[i] + R::of(delta);
+                }
+            }
+            if let Some(y) = class {
+                g[y] = g[y] - R::of(b * (1.0 - params.label_smoothing));
+            }
+        }
+        RowOut {
+            loss: R::of(loss),
+            soft: R::of(soft),
+            hard: R::of(hard_value),
+        }
+    }
+
+    /// `D` of the virtual rows through the dense row kernel, `∂D/∂u` into `gu`.
+    fn virtual_soft(
+        &self,
+        u: &[R],
+        w: &[R],
+        gu: &mut [R],
+        params: &DistillParams,
+        small: &mut cpu::SmallRow<R>,
+    ) -> f64 {
+        let gu = &mut gu[..u.len()];
+        small.run(u, w, params, gu).soft.to_f64()
+    }
+}

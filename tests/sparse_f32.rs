@@ -1,0 +1,191 @@
+//! The fused sparse-teacher kernel against the composed reference in f32 (its own binary:
+//! burn 0.21's NdArray keeps one float dtype per process, and tests/sparse.rs is f64).
+#![cfg(feature = "ndarray")]
+
+mod common;
+
+use burn::backend::{Autodiff, NdArray};
+use burn::tensor::{Bool, Int, Tensor, TensorData};
+use burn_distill::{
+    DistillLossConfig, Divergence, Kernel, SparseDistillLossConfig, SparseTeacher, StudentSupport,
+    TailPolicy,
+};
+use common::values;
+
+const FULL_VOCAB: TailPolicy = TailPolicy::Renormalize {
+    student: StudentSupport::FullVocab,
+};
+const TOP_K: TailPolicy = TailPolicy::Renormalize {
+    student: StudentSupport::TopK,
+};
+
+/// The fused sparse kernel (NdArray, Flex) against the composed reference in f32: every
+/// divergence with every tail policy that defines it, `k` = 1, 3 and `V`, missing and masked
+/// entries, ignored rows, `T ≠ T_gen`, label smoothing, every reduction, per-row upstream
+/// weights, vocabularies up to 4099.
+fn sparse_fused_matches_reference<P>(device: &P::Device)
+where
+    P: burn::tensor::backend::AutodiffBackend + burn_distill::DistillBackend,
+{
+    use burn_distill::Reduction;
+    use burn_distill::testing::mismatches;
+    let n = 9;
+    let mut checked = 0;
+    for v in [3usize, 17, 4099] {
+        for k in [1, 3, v] {
+            if k > v || (k == v && v > 17) {
+                continue;
+            }
+            let wave = |seed: f64| -> Vec<f64> {
+                (0..n * v)
+                    .map(|i| (((i as f64 + 1.0) * seed).sin() * 5.0) as f32 as f64)
+                    .collect()
+            };
+            let student = wave(0.73);
+            let teacher_logits =
+                Tensor::<P, 2>::from_data(TensorData::new(wave(0.31), [n, v]), device);
+            let top = SparseTeacher::from_logits(teacher_logits, k, 1.3);
+            let mut indices: Vec<i64> = top
+                .indices()
+                .clone()
+                .into_data()
+                .convert::<i64>()
+                .to_vec()
+                .unwrap();
+            let mut log_probs: Vec<f32> = top
+                .log_probs()
+                .clone()
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .unwrap();
+            let mut mask = vec![true; n * k];
+            if k > 1 {
+                log_probs[k] = f32::NEG_INFINITY; // row 1 misses its first entry
+                indices[k] = 0;
+                mask[4 * k + k - 1] = false; // row 4 its last
+            }
+            let targets: Vec<i64> = (0..n as i64)
+                .map(|i| if i % 4 == 2 { -100 } else { (i * 7) % v as i64 })
+                .collect();
+            for (c, divergence) in Divergence::ALL.into_iter().enumerate() {
+                for tail in [FULL_VOCAB, TOP_K, TailPolicy::TailBucket] {
+                    if tail == FULL_VOCAB && divergence != Divergence::ForwardKl {
+                        continue;
+                    }
+                    let reduction = [
+                        Reduction::Mean,
+                        Reduction::Sum,
+                        Reduction::PerRow,
+                        Reduction::Normalized { items: 5 },
+                    ][c % 4];
+                    let dense = DistillLossConfig::new()
+                        .with_divergence(divergence)
+                        .with_temperature([1.0, 2.5][c % 2])
+                        .with_alpha(0.7)
+                        .with_label_smoothing([0.0, 0.1][(c / 2) % 2])
+                        .with_reduction(reduction);
+                    let run = |kernel: Kernel, labels: bool| {
+                        let loss = SparseDistillLossConfig::new(dense.clone().with_kernel(kernel))
+                            .with_tail(tail)
+                            .with_generation_temperature(1.3)
+                            .init();
+                        let s = Tensor::<P, 2>::from_data(
+                            TensorData::new(student.clone(), [n, v]),
+                            device,
+                        )
+                        .require_grad();
+                        let teacher = SparseTeacher::new(
+                            Tensor::<P, 2, Int>::from_data(
+                                TensorData::new(indices.clone(), [n, k]),
+                                device,
+                            ),
+                            Tensor::<P, 2>::from_data(
+                                TensorData::new(log_probs.clone(), [n, k]),
+                                device,
+                            ),
+                        )
+                        .with_mask(Tensor::<P, 2, Bool>::from_data(
+                            TensorData::new(mask.clone(), [n, k]),
+                            device,
+                        ));
+                        let value = if labels {
+                            let y = Tensor::<P, 1, Int>::from_data(
+                                TensorData::new(targets.clone(), [n]),
+                                device,
+                            );
+                            loss.forward(s.clone(), teacher, y)
+                        } else {
+                            loss.forward_soft(s.clone(), teacher)
+                        };
+                        let rows = value.dims()[0];
+                        let w: Vec<f64> = (0..rows).map(|i| 0.5 + 0.25 * (i % 3) as f64).collect();
+                        let w = Tensor::<P, 1>::from_data(TensorData::new(w, [rows]), device);
+                        let grad = s.grad(&(value.clone() * w).sum().backward()).unwrap();
+                        (values(value), values(grad))
+                    };
+                    for labels in [true, false] {
+                        let (rl, rg) = run(Kernel::Reference, labels);
+                        let (fl, fg) = run(Kernel::Fused, labels);
+                        let mut failures = mismatches("loss", &fl, &rl, 1e-5, 2e-4);
+                        failures.extend(mismatches("grad", &fg, &rg, 1e-6, 2e-3));
+                        assert!(
+                            failures.is_empty(),
+                            "V = {v}, k = {k}, {divergence:?}, {tail:?}, {reduction:?}, labels = {labels}:\n{}",
+                            failures.join("\n")
+                        );
+                        // (A renormalised top-1 is certain on both sides: no soft gradient.)
+                        let trivial = tail == TOP_K && k == 1 && !labels;
+                        assert_eq!(
+                            fg.iter().any(|g| *g != 0.0),
+                            !trivial,
+                            "V = {v}, k = {k}, {divergence:?}, {tail:?}, labels = {labels}"
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(checked > 100, "{checked} comparisons");
+}
+
+#[test]
+fn fused_matches_reference_ndarray_f32() {
+    sparse_fused_matches_reference::<Autodiff<NdArray>>(&Default::default());
+}
+
+#[cfg(feature = "flex")]
+#[test]
+fn fused_matches_reference_flex_f32() {
+    sparse_fused_matches_reference::<Autodiff<burn::backend::Flex>>(&Default::default());
+}
+
+/// A backend without the fused sparse kernel (wgpu) refuses `Kernel::Fused` by name and runs
+/// the reference with `Kernel::Auto`.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_has_no_fused_sparse_kernel_yet() {
+    type W = burn::backend::Wgpu;
+    let device = burn_distill::testing::wgpu_device();
+    let student =
+        Tensor::<W, 2>::from_data(TensorData::new(vec![1.0f32, 2.0, 0.5], [1, 3]), &device);
+    let teacher = || {
+        SparseTeacher::new(
+            Tensor::<W, 2, Int>::from_data(TensorData::new(vec![1i64], [1, 1]), &device),
+            Tensor::<W, 2>::from_data(TensorData::new(vec![-0.2f32], [1, 1]), &device),
+        )
+    };
+    let fused =
+        SparseDistillLossConfig::new(DistillLossConfig::new().with_kernel(Kernel::Fused)).init();
+    let e = fused
+        .try_forward_parts(student.clone(), teacher(), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("Kernel::Fused") && e.contains("no fused sparse-teacher kernel"),
+        "{e}"
+    );
+    let auto = SparseDistillLossConfig::new(DistillLossConfig::new()).init();
+    assert!(values(auto.forward_soft(student, teacher()))[0].is_finite());
+}

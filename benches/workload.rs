@@ -10,8 +10,14 @@ use burn_distill::{
     SparseDistillLossConfig, SparseTeacher, TailPolicy,
 };
 
-/// Entries per row of the sparse (top-k) teacher, as an API returns them.
-pub const TOP_K: usize = 20;
+/// Entries per row of the sparse (top-k) teacher, as an API returns them: 20, or
+/// `BURN_DISTILL_TOP_K`.
+pub fn top_k() -> usize {
+    std::env::var("BURN_DISTILL_TOP_K")
+        .ok()
+        .and_then(|k| k.parse().ok())
+        .unwrap_or(20)
+}
 
 /// The benchmarked loss: Hinton's full loss, T = 4, α = 0.9, forward KL, mean.
 pub fn loss(kernel: Kernel) -> DistillLoss {
@@ -22,12 +28,13 @@ pub fn loss(kernel: Kernel) -> DistillLoss {
         .init()
 }
 
-/// The sparse-teacher loss on the same settings: top-20 log-probabilities, tail bucket.
-pub fn sparse_loss() -> SparseDistillLoss {
+/// The sparse-teacher loss on the same settings: top-k log-probabilities, tail bucket.
+pub fn sparse_loss(kernel: Kernel) -> SparseDistillLoss {
     SparseDistillLossConfig::new(
         DistillLossConfig::new()
             .with_temperature(4.0)
-            .with_alpha(0.9),
+            .with_alpha(0.9)
+            .with_kernel(kernel),
     )
     .with_tail(TailPolicy::TailBucket)
     .init()
@@ -48,7 +55,7 @@ impl<B: Backend> Inputs<B> {
         B::seed(device, 7);
         let teacher = Tensor::random([n, v], Distribution::Normal(0.0, 3.0), device);
         let (top_log_probs, top_indices) =
-            activation::log_softmax(teacher.clone(), 1).topk_with_indices(TOP_K.min(v), 1);
+            activation::log_softmax(teacher.clone(), 1).topk_with_indices(top_k().min(v), 1);
         Self {
             student: Tensor::random([n, v], Distribution::Normal(0.0, 3.0), device),
             teacher,
@@ -91,22 +98,28 @@ pub enum Variant {
     BurnNn,
     /// `SparseDistillLoss` against the teacher's top-20 (tail bucket), composed burn ops.
     Sparse,
+    /// The same with the fused sparse kernel (`Kernel::Auto`: the reference where the backend
+    /// has none).
+    SparseFused,
 }
 
 impl Variant {
-    pub const ALL: [Variant; 4] = [
+    pub const ALL: [Variant; 5] = [
         Variant::Fused,
         Variant::Reference,
         Variant::BurnNn,
         Variant::Sparse,
+        Variant::SparseFused,
     ];
 
-    pub fn name(self) -> &'static str {
+    pub fn name(self) -> String {
+        let k = top_k();
         match self {
-            Variant::Fused => "fused",
-            Variant::Reference => "reference",
-            Variant::BurnNn => "burn-nn KLDivLoss",
-            Variant::Sparse => "sparse top-20 (tail bucket)",
+            Variant::Fused => "fused".into(),
+            Variant::Reference => "reference".into(),
+            Variant::BurnNn => "burn-nn KLDivLoss".into(),
+            Variant::Sparse => format!("sparse top-{k} (tail bucket), composed"),
+            Variant::SparseFused => format!("sparse top-{k} (tail bucket), fused"),
         }
     }
 }
@@ -140,7 +153,7 @@ pub fn forward<B: DistillBackend>(variant: Variant, inputs: &Inputs<B>) {
             inputs.targets.clone(),
         ),
         Variant::BurnNn => burn_nn_loss(inputs),
-        Variant::Sparse => sparse_loss().forward(
+        Variant::Sparse | Variant::SparseFused => sparse_loss(sparse_kernel(variant)).forward(
             inputs.student.clone(),
             inputs.sparse_teacher(),
             inputs.targets.clone(),
@@ -162,7 +175,7 @@ pub fn forward_backward<B: AutodiffBackend + DistillBackend>(variant: Variant, i
     let value = match variant {
         Variant::Fused | Variant::Reference => forward_value(variant, &tracked),
         Variant::BurnNn => burn_nn_loss(&tracked),
-        Variant::Sparse => sparse_loss().forward(
+        Variant::Sparse | Variant::SparseFused => sparse_loss(sparse_kernel(variant)).forward(
             student.clone(),
             tracked.sparse_teacher(),
             tracked.targets.clone(),
@@ -172,6 +185,14 @@ pub fn forward_backward<B: AutodiffBackend + DistillBackend>(variant: Variant, i
     let grad = student.grad(&grads).expect("gradient");
     B::sync(&grad.device()).expect("sync");
     drop(grad);
+}
+
+fn sparse_kernel(variant: Variant) -> Kernel {
+    if variant == Variant::Sparse {
+        Kernel::Reference
+    } else {
+        Kernel::Auto
+    }
 }
 
 fn forward_value<B: DistillBackend>(variant: Variant, inputs: &Inputs<B>) -> Tensor<B, 1> {

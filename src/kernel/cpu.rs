@@ -229,7 +229,7 @@ pub fn force_isa(isa: Option<Isa>) {
     FORCED_ISA.store(isa.map_or(0, |i| i as u8 + 1), Ordering::Relaxed);
 }
 
-fn selected_isa() -> Isa {
+pub(super) fn selected_isa() -> Isa {
     let available = Isa::available();
     let forced = match FORCED_ISA.load(Ordering::Relaxed) {
         1 => Some(Isa::Avx512),

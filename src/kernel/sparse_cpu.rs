@@ -19,7 +19,7 @@
 
 use rayon::prelude::*;
 
-use super::cpu::{self, CpuRows, RowOut, RowTarget};
+use super::cpu::{self, CpuRows, Isa, RowOut, RowTarget};
 use super::real::Real;
 use crate::{DistillParams, Reduction, StudentSupport, TailPolicy};
 
@@ -74,6 +74,7 @@ pub fn sparse_rows<R: Real>(
         reduction: Reduction::Sum,
     };
     let ratio = generation_temperature / params.temperature;
+    let isa = cpu::selected_isa();
     let init = || Scratch {
         e: vec![R::ZERO; v],
         e1: vec![R::ZERO; v],
@@ -91,7 +92,14 @@ pub fn sparse_rows<R: Real>(
             valid: &teacher.valid[entries],
             target: target(i),
         };
-        row.run(params, &virtual_params, tail, ratio, grad_scale, scratch, g)
+        let ctx = Ctx {
+            params,
+            virtual_params: &virtual_params,
+            tail,
+            ratio,
+            grad_scale,
+        };
+        row.run(isa, &ctx, scratch, g)
     };
     if with_grad {
         let mut grad = cpu::zeroed_grad::<R>(n * v);
@@ -118,6 +126,16 @@ pub fn sparse_rows<R: Real>(
     }
 }
 
+/// The settings every row shares.
+#[derive(Clone, Copy)]
+struct Ctx<'a> {
+    params: &'a DistillParams,
+    virtual_params: &'a DistillParams,
+    tail: TailPolicy,
+    ratio: f64,
+    grad_scale: f64,
+}
+
 struct Row<'a, R> {
     z: &'a [R],
     indices: &'a [i64],
@@ -127,17 +145,61 @@ struct Row<'a, R> {
 }
 
 impl<R: Real> Row<'_, R> {
-    #[allow(clippy::too_many_arguments)]
+    /// The row on the given instruction set (one that `cpu::selected_isa` detected).
     fn run(
         &self,
-        params: &DistillParams,
-        virtual_params: &DistillParams,
-        tail: TailPolicy,
-        ratio: f64,
-        grad_scale: f64,
+        isa: Isa,
+        ctx: &Ctx<'_>,
         scratch: &mut Scratch<R>,
         grad: Option<&mut [R]>,
     ) -> RowOut<R> {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `selected_isa` only returns instruction sets whose every enabled feature
+            // was detected on this CPU.
+            Isa::Avx512 => unsafe { self.run_avx512(ctx, scratch, grad) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Isa::Avx2 => unsafe { self.run_avx2(ctx, scratch, grad) },
+            _ => self.body(ctx, scratch, grad),
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support every feature enabled here.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2,fma,bmi2")]
+    unsafe fn run_avx512(
+        &self,
+        ctx: &Ctx<'_>,
+        scratch: &mut Scratch<R>,
+        grad: Option<&mut [R]>,
+    ) -> RowOut<R> {
+        self.body(ctx, scratch, grad)
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2(
+        &self,
+        ctx: &Ctx<'_>,
+        scratch: &mut Scratch<R>,
+        grad: Option<&mut [R]>,
+    ) -> RowOut<R> {
+        self.body(ctx, scratch, grad)
+    }
+
+    #[inline(always)]
+    fn body(&self, ctx: &Ctx<'_>, scratch: &mut Scratch<R>, grad: Option<&mut [R]>) -> RowOut<R> {
+        let Ctx {
+            params,
+            virtual_params,
+            tail,
+            ratio,
+            grad_scale,
+        } = *ctx;
         let z = self.z;
         let v = z.len();
         let nan = RowOut {
@@ -266,8 +328,20 @@ impl<R: Real> Row<'_, R> {
                 sum_t
             } else {
                 let e1 = &mut scratch.e1[..v];
-                for (e1, &x) in e1.iter_mut().zip(z) {
-                    *e1 = (x - m).exp();
+                if t.fract() == 0.0 && (2.0..=8.0).contains(&t) {
+                    // `exp(z − max) = e^T` by multiplication (as the dense kernel).
+                    let power = t as u32;
+                    for (e1, &ev) in e1.iter_mut().zip(e.iter()) {
+                        let mut y = ev;
+                        for _ in 1..power {
+                            y = y * ev;
+                        }
+                        *e1 = y;
+                    }
+                } else {
+                    for (e1, &x) in e1.iter_mut().zip(z) {
+                        *e1 = (x - m).exp();
+                    }
                 }
                 cpu::lane_sum(e1).to_f64()
             };

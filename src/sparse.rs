@@ -221,8 +221,9 @@ impl<B: Backend> SparseTeacher<B> {
 /// ```
 #[derive(Config, Debug)]
 pub struct SparseDistillLossConfig {
-    /// The settings shared with the dense loss. `kernel` must be `Auto` or `Reference` (the
-    /// sparse loss runs as composed burn ops); `vocab_mismatch` does not apply.
+    /// The settings shared with the dense loss. `kernel` picks the fused sparse kernel
+    /// (NdArray, Flex) or the composed reference; `vocab_mismatch` and `logit_softcap` do not
+    /// apply (a cap is refused).
     pub loss: DistillLossConfig,
     /// What to do with the teacher's missing mass.
     #[config(default = "TailPolicy::TailBucket")]

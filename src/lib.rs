@@ -57,7 +57,10 @@ pub mod store;
 pub mod testing;
 mod vocab;
 
-pub use backend::{DistillBackend, DistillParams, DistillParts, FusedOutput, reference_loss};
+pub use backend::{
+    DistillBackend, DistillParams, DistillParts, FusedOutput, SparseInputs, SparseSetup,
+    reference_loss,
+};
 pub use divergence::Divergence;
 pub use error::DistillError;
 pub use hidden::{HiddenLossKind, HiddenStateLoss, HiddenStateLossConfig};

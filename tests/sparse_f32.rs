@@ -189,3 +189,104 @@ fn wgpu_has_no_fused_sparse_kernel_yet() {
     let auto = SparseDistillLossConfig::new(DistillLossConfig::new()).init();
     assert!(values(auto.forward_soft(student, teacher()))[0].is_finite());
 }
+
+/// Rows that stress the fused sparse kernel against the composed path: a confident student
+/// (tail mass ~1e-8), one so confident that its tail underflows f32 at `T = 1` (logits ±60),
+/// `−inf` padding with label smoothing, `α` = 0 and 1, integer and fractional `T`, every tail
+/// policy.
+fn sparse_edge_cases<P>(device: &P::Device)
+where
+    P: burn::tensor::backend::AutodiffBackend + burn_distill::DistillBackend,
+{
+    use burn_distill::testing::mismatches;
+    let (n, v, k) = (4, 1000, 3);
+    let mut student = Vec::with_capacity(n * v);
+    for r in 0..n {
+        for j in 0..v {
+            let wiggle = ((j as f64 * 0.37 + r as f64).sin() * 0.5) as f32 as f64;
+            student.push(match r {
+                0 => {
+                    if j == 5 {
+                        10.0
+                    } else {
+                        -12.0 + wiggle
+                    }
+                }
+                1 => {
+                    if j == 5 {
+                        60.0
+                    } else {
+                        -60.0 + wiggle
+                    }
+                }
+                2 if j >= v - 5 => f64::NEG_INFINITY,
+                _ => 3.0 * wiggle,
+            });
+        }
+    }
+    let indices: Vec<i64> = (0..n).flat_map(|_| [5i64, 17, 300]).collect();
+    let log_probs: Vec<f32> = (0..n).flat_map(|_| [-0.02f32, -4.5, -6.0]).collect();
+    let targets: Vec<i64> = vec![5, 17, 2, 300];
+    let cases = [
+        (0.7, 0.0, 1.0, TailPolicy::TailBucket, Divergence::ForwardKl),
+        (0.7, 0.1, 1.0, TailPolicy::TailBucket, Divergence::ReverseKl),
+        (
+            0.0,
+            0.1,
+            2.0,
+            TailPolicy::TailBucket,
+            Divergence::Jsd { beta: 0.5 },
+        ),
+        (1.0, 0.0, 3.0, TailPolicy::TailBucket, Divergence::ForwardKl),
+        (0.5, 0.1, 1.5, TailPolicy::TailBucket, Divergence::Tvd),
+        (0.5, 0.1, 1.0, FULL_VOCAB, Divergence::ForwardKl),
+        (0.5, 0.1, 2.0, TOP_K, Divergence::ReverseKl),
+    ];
+    for (alpha, eps, t, tail, divergence) in cases {
+        let run = |kernel: Kernel| {
+            let loss = SparseDistillLossConfig::new(
+                DistillLossConfig::new()
+                    .with_alpha(alpha)
+                    .with_label_smoothing(eps)
+                    .with_temperature(t)
+                    .with_divergence(divergence)
+                    .with_reduction(burn_distill::Reduction::PerRow)
+                    .with_kernel(kernel),
+            )
+            .with_tail(tail)
+            .init();
+            let s = Tensor::<P, 2>::from_data(TensorData::new(student.clone(), [n, v]), device)
+                .require_grad();
+            let teacher = SparseTeacher::new(
+                Tensor::<P, 2, Int>::from_data(TensorData::new(indices.clone(), [n, k]), device),
+                Tensor::<P, 2>::from_data(TensorData::new(log_probs.clone(), [n, k]), device),
+            );
+            let y = Tensor::<P, 1, Int>::from_data(TensorData::new(targets.clone(), [n]), device);
+            let value = loss.forward(s.clone(), teacher, y);
+            let w = Tensor::<P, 1>::from_data(
+                TensorData::new(vec![1.0f32, 0.5, 0.75, 1.0], [n]),
+                device,
+            );
+            let grad = s.grad(&(value.clone() * w).sum().backward()).unwrap();
+            (values(value), values(grad))
+        };
+        let (rl, rg) = run(Kernel::Reference);
+        let (fl, fg) = run(Kernel::Fused);
+        let what = format!("α {alpha}, ε {eps}, T {t}, {tail:?}, {divergence:?}");
+        assert!(rl.iter().all(|x| x.is_finite()), "{what}: reference {rl:?}");
+        let mut failures = mismatches("loss", &fl, &rl, 1e-5, 2e-4);
+        failures.extend(mismatches("grad", &fg, &rg, 1e-6, 2e-3));
+        assert!(failures.is_empty(), "{what}:\n{}", failures.join("\n"));
+    }
+}
+
+#[test]
+fn fused_edge_cases_ndarray_f32() {
+    sparse_edge_cases::<Autodiff<NdArray>>(&Default::default());
+}
+
+#[cfg(feature = "flex")]
+#[test]
+fn fused_edge_cases_flex_f32() {
+    sparse_edge_cases::<Autodiff<burn::backend::Flex>>(&Default::default());
+}

@@ -125,6 +125,14 @@ pub struct SparseSetup {
 }
 
 impl SparseSetup {
+    /// The settings of a sparse-teacher loss (for backends implementing
+    /// [`DistillBackend::distill_sparse_fused`] and their tests).
+    pub fn new(tail: crate::TailPolicy, generation_temperature: f64) -> Self {
+        Self {
+            tail,
+            generation_temperature,
+        }
+    }
     /// The tail policy.
     pub fn tail(&self) -> crate::TailPolicy {
         self.tail

@@ -43,6 +43,10 @@ struct Scratch<R> {
     u: Vec<R>,
     w: Vec<R>,
     gu: Vec<R>,
+    in_k: Vec<bool>,
+    saved: Vec<R>,
+    full_vocab_p: Vec<f64>,
+    entries: Vec<(usize, f64)>,
     small: cpu::SmallRow<R>,
 }
 
@@ -59,8 +63,18 @@ pub fn sparse_rows<R: Real>(
     generation_temperature: f64,
     with_grad: bool,
 ) -> CpuRows<R> {
+    assert!(v > 0 && student.len().is_multiple_of(v), "[N, V] logits");
     let n = student.len() / v;
     let k = teacher.k;
+    assert!(
+        teacher.indices.len() == n * k
+            && teacher.log_probs.len() == n * k
+            && teacher.valid.len() == n * k,
+        "[N, k] teacher"
+    );
+    if let Some(targets) = targets {
+        assert_eq!(targets.len(), n, "one target per row");
+    }
     let target = |i: usize| RowTarget::of(targets.map(|t| t[i]), v, params.ignore_index);
     let kept = (0..n).filter(|&i| target(i) != RowTarget::Ignored).count();
     let grad_scale = params.reduction.factor(kept).unwrap_or(1.0);
@@ -81,6 +95,10 @@ pub fn sparse_rows<R: Real>(
         u: Vec::with_capacity(k + 1),
         w: Vec::with_capacity(k + 1),
         gu: vec![R::ZERO; k + 1],
+        in_k: vec![false; v],
+        saved: Vec::with_capacity(k),
+        full_vocab_p: Vec::with_capacity(k),
+        entries: Vec::with_capacity(k),
         small: cpu::SmallRow::new(k + 1),
     };
     let run = |scratch: &mut Scratch<R>, i: usize, g: Option<&mut [R]>| {
@@ -222,7 +240,8 @@ impl<R: Real> Row<'_, R> {
             RowTarget::Class(c) => Some(c),
         };
         // The valid entries; an index out of range (unchecked input) makes the row NaN.
-        let mut entries: Vec<(usize, f64)> = Vec::with_capacity(self.indices.len());
+        let mut entries = std::mem::take(&mut scratch.entries);
+        entries.clear();
         for ((&index, &lp), &ok) in self.indices.iter().zip(self.log_probs).zip(self.valid) {
             if !ok || lp == f64::NEG_INFINITY {
                 continue;
@@ -231,6 +250,7 @@ impl<R: Real> Row<'_, R> {
                 if let Some(g) = grad {
                     g.fill(R::ZERO);
                 }
+                scratch.entries = entries;
                 return nan;
             }
             entries.push((index as usize, lp));
@@ -245,6 +265,47 @@ impl<R: Real> Row<'_, R> {
         let sum_t = cpu::lane_sum(e).to_f64();
         let log_sum_t = sum_t.ln();
 
+        // The hard term (its exponentials: `e` at T = 1, else `e1`).
+        let hard = class.map(|y| {
+            let sum_1 = if t == 1.0 {
+                sum_t
+            } else {
+                let e1 = &mut scratch.e1[..v];
+                if t.fract() == 0.0 && (2.0..=8.0).contains(&t) {
+                    // `exp(z − max) = e^T` by multiplication (as the dense kernel).
+                    let power = t as u32;
+                    for (e1, &ev) in e1.iter_mut().zip(e.iter()) {
+                        let mut y = ev;
+                        for _ in 1..power {
+                            y = y * ev;
+                        }
+                        *e1 = y;
+                    }
+                } else {
+                    for (e1, &x) in e1.iter_mut().zip(z) {
+                        *e1 = (x - m).exp();
+                    }
+                }
+                cpu::lane_sum(e1).to_f64()
+            };
+            let lse_1 = m.to_f64() + sum_1.ln();
+            let eps = params.label_smoothing;
+            let mut h = -(1.0 - eps) * (z[y].to_f64() - lse_1);
+            // Smoothing averages over the finite columns (`−∞` padding is not a class).
+            let mut finite = 0usize;
+            if eps > 0.0 {
+                let mut total = 0.0;
+                for &x in z {
+                    if x.is_finite() {
+                        finite += 1;
+                        total += (x - m).to_f64();
+                    }
+                }
+                let mean = total / finite as f64 + m.to_f64() - lse_1;
+                h -= eps * mean;
+            }
+            (h, sum_1, finite)
+        });
         // The soft term on the virtual logits.
         let soft_factor = params.soft_factor();
         let (u, w, gu) = (&mut scratch.u, &mut scratch.w, &mut scratch.gu);
@@ -252,20 +313,51 @@ impl<R: Real> Row<'_, R> {
         w.clear();
         let zt = |i: usize| ((z[i] - m) * inv_t).to_f64();
         let mut tail_sum = 0.0;
-        let mut full_vocab_p: Vec<f64> = Vec::new();
+        let mut rescaled = false;
+        let saved = &mut scratch.saved;
+        let full_vocab_p = &mut scratch.full_vocab_p;
+        full_vocab_p.clear();
         let soft = if entries.is_empty() {
             f64::NAN
         } else {
             match tail {
                 TailPolicy::TailBucket => {
-                    // Σ_{v∉K} e_v with the top-k zeroed (no cancellation), then restored.
-                    let saved: Vec<R> = entries.iter().map(|&(i, _)| e[i]).collect();
-                    for &(i, _) in &entries {
+                    // Σ_{v∉K} e_v with the top-k zeroed (no cancellation); they stay zeroed
+                    // for the gradient pass (`saved` keeps them for the hard term).
+                    saved.clear();
+                    for &(i, _) in entries.iter() {
+                        saved.push(e[i]);
                         e[i] = R::ZERO;
                     }
                     tail_sum = cpu::lane_sum(e).to_f64();
-                    for (&(i, _), &s) in entries.iter().zip(&saved) {
-                        e[i] = s;
+                    let mut tail_shift = 0.0;
+                    if tail_sum == 0.0 && entries.len() < v {
+                        // Every tail exponential underflowed: rescale by the tail's own max.
+                        let in_k = &mut scratch.in_k;
+                        for &(i, _) in entries.iter() {
+                            in_k[i] = true;
+                        }
+                        let mut tmax = R::NEG_INFINITY;
+                        for (j, &x) in z.iter().enumerate() {
+                            if !in_k[j] {
+                                tmax = tmax.max(x);
+                            }
+                        }
+                        if tmax.is_finite() {
+                            for (j, (e, &x)) in e.iter_mut().zip(z).enumerate() {
+                                *e = if in_k[j] {
+                                    R::ZERO
+                                } else {
+                                    ((x - tmax) * inv_t).exp()
+                                };
+                            }
+                            tail_sum = cpu::lane_sum(e).to_f64();
+                            tail_shift = ((tmax - m) * inv_t).to_f64();
+                            rescaled = true;
+                        }
+                        for &(i, _) in entries.iter() {
+                            in_k[i] = false;
+                        }
                     }
                     let mass: f64 = entries
                         .iter()
@@ -277,7 +369,7 @@ impl<R: Real> Row<'_, R> {
                         u.push(R::of(zt(i) - log_sum_t));
                         w.push(R::of(ratio * lp));
                     }
-                    u.push(R::of(tail_sum.ln() - log_sum_t));
+                    u.push(R::of(tail_sum.ln() + tail_shift - log_sum_t));
                     w.push(R::of(if no_tail {
                         f64::NEG_INFINITY
                     } else {
@@ -322,51 +414,22 @@ impl<R: Real> Row<'_, R> {
             }
         } * soft_factor;
 
-        // The hard term (its exponentials: `e` at T = 1, else `e1`).
-        let hard = class.map(|y| {
-            let sum_1 = if t == 1.0 {
-                sum_t
-            } else {
-                let e1 = &mut scratch.e1[..v];
-                if t.fract() == 0.0 && (2.0..=8.0).contains(&t) {
-                    // `exp(z − max) = e^T` by multiplication (as the dense kernel).
-                    let power = t as u32;
-                    for (e1, &ev) in e1.iter_mut().zip(e.iter()) {
-                        let mut y = ev;
-                        for _ in 1..power {
-                            y = y * ev;
-                        }
-                        *e1 = y;
-                    }
-                } else {
-                    for (e1, &x) in e1.iter_mut().zip(z) {
-                        *e1 = (x - m).exp();
-                    }
-                }
-                cpu::lane_sum(e1).to_f64()
-            };
-            let lse_1 = m.to_f64() + sum_1.ln();
-            let eps = params.label_smoothing;
-            let mut h = -(1.0 - eps) * (z[y].to_f64() - lse_1);
-            if eps > 0.0 {
-                let mean = cpu::lane_sum(z).to_f64() / v as f64;
-                h -= eps * (mean - lse_1);
-            }
-            (h, sum_1)
-        });
         let alpha = params.alpha;
+        // A term whose weight is exactly 0 is skipped (an infinite term must not give NaN).
         let (loss, hard_value) = match hard {
-            Some((h, _)) => (alpha * soft + (1.0 - alpha) * h, h),
+            Some((h, _, _)) if alpha == 1.0 => (soft, h),
+            Some((h, _, _)) if alpha == 0.0 => (h, h),
+            Some((h, _, _)) => (alpha * soft + (1.0 - alpha) * h, h),
             None => (soft, 0.0),
         };
 
         if let Some(g) = grad {
             let a = if class.is_some() { alpha } else { 1.0 } * grad_scale;
             let b = (1.0 - alpha) * grad_scale;
-            let soft_ok = !entries.is_empty();
-            // The soft term's share on every column (tail or full vocabulary).
+            let soft_on = a != 0.0 && !entries.is_empty();
+            // The soft term's share on every column outside the top-k (zero on it).
             let bulk = match tail {
-                _ if !soft_ok => 0.0,
+                _ if !soft_on => 0.0,
                 TailPolicy::TailBucket if tail_sum > 0.0 => {
                     soft_factor * gu[entries.len()].to_f64() * inv_t.to_f64() / tail_sum
                 }
@@ -377,36 +440,65 @@ impl<R: Real> Row<'_, R> {
             };
             let bulk = R::of(a * bulk);
             match hard {
-                Some((_, sum_1)) => {
-                    let e1: &[R] = if t == 1.0 { e } else { &scratch.e1[..v] };
+                Some((_, sum_1, finite)) if b != 0.0 => {
+                    // The hard term's exponentials: `e` itself at T = 1 unless it was zeroed
+                    // on the top-k or rescaled (then recomputed, or restored below).
+                    let e1: &[R] = if t != 1.0 {
+                        &scratch.e1[..v]
+                    } else if rescaled {
+                        let e1 = &mut scratch.e1[..v];
+                        for (e1, &x) in e1.iter_mut().zip(z) {
+                            *e1 = (x - m).exp();
+                        }
+                        e1
+                    } else {
+                        e
+                    };
                     let hb = R::of(b / sum_1);
-                    let hc = R::of(b * params.label_smoothing / v as f64);
-                    for ((g, &ev), &e1v) in g.iter_mut().zip(e.iter()).zip(e1) {
-                        *g = bulk * ev + hb * e1v - hc;
+                    let eps = params.label_smoothing;
+                    let hc = R::of(if eps > 0.0 {
+                        b * eps / finite as f64
+                    } else {
+                        0.0
+                    });
+                    for (((g, &ev), &e1v), &x) in g.iter_mut().zip(e.iter()).zip(e1).zip(z) {
+                        let smooth = if x.is_finite() { hc } else { R::ZERO };
+                        *g = bulk * ev + hb * e1v - smooth;
+                    }
+                    // The top-k's hard share where `e` (= e1 at T = 1) was zeroed there.
+                    if t == 1.0
+                        && !rescaled
+                        && tail == TailPolicy::TailBucket
+                        && !entries.is_empty()
+                    {
+                        for (&(i, _), &s) in entries.iter().zip(saved.iter()) {
+                            g[i] = g[i] + hb * s;
+                        }
+                    }
+                    if let Some(y) = class {
+                        g[y] = g[y] - R::of(b * (1.0 - eps));
                     }
                 }
-                None => {
+                _ => {
                     for (g, &ev) in g.iter_mut().zip(e.iter()) {
                         *g = bulk * ev;
                     }
                 }
             }
-            if soft_ok {
+            if soft_on {
                 let scale = a * soft_factor * inv_t.to_f64();
                 for (j, &(i, _)) in entries.iter().enumerate() {
                     let delta = match tail {
                         TailPolicy::Renormalize {
                             student: StudentSupport::FullVocab,
                         } => -scale * full_vocab_p[j],
-                        _ => scale * gu[j].to_f64() - (bulk * e[i]).to_f64(),
+                        _ => scale * gu[j].to_f64(),
                     };
                     g[i] = g[i] + R::of(delta);
                 }
             }
-            if let Some(y) = class {
-                g[y] = g[y] - R::of(b * (1.0 - params.label_smoothing));
-            }
         }
+        scratch.entries = entries;
         RowOut {
             loss: R::of(loss),
             soft: R::of(soft),

@@ -92,6 +92,36 @@ where
     })
 }
 
+/// A fused loss whose only differentiable input is the student's logits (dense or sparse):
+/// `run(student, with_grad)` on `B`, as a tracked op; `with_grad` also returns the gradient.
+fn fused_student<B, C>(
+    student: &FloatTensor<Autodiff<B, C>>,
+    with_grad: bool,
+    run: impl FnOnce(FloatTensor<B>, bool) -> Option<FusedOutput<B>>,
+) -> Option<FusedOutput<Autodiff<B, C>>>
+where
+    B: DistillBackend,
+    C: CheckpointStrategy,
+{
+    let mut grad = None;
+    let parts = fused_op::<B, C, 1>([student], |tracked| {
+        let out = run(student.primitive.clone(), tracked || with_grad)?;
+        if with_grad {
+            grad = out.grad.clone();
+        }
+        let grads = if tracked {
+            out.grad.into_iter().collect()
+        } else {
+            Vec::new()
+        };
+        Some((out.parts, grads))
+    })?;
+    Some(FusedOutput {
+        parts,
+        grad: grad.map(Autodiff::<B, C>::from_inner),
+    })
+}
+
 impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C> {
     fn fused_kernel_dtypes() -> &'static [DType] {
         B::fused_kernel_dtypes()
@@ -110,28 +140,8 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
         params: &DistillParams,
         with_grad: bool,
     ) -> Option<FusedOutput<Self>> {
-        let mut grad = None;
-        let parts = fused_op::<B, C, 1>([&student], |tracked| {
-            let out = B::distill_fused(
-                student.primitive.clone(),
-                teacher.primitive,
-                targets,
-                params,
-                tracked || with_grad,
-            )?;
-            if with_grad {
-                grad = out.grad.clone();
-            }
-            let grads = if tracked {
-                out.grad.into_iter().collect()
-            } else {
-                Vec::new()
-            };
-            Some((out.parts, grads))
-        })?;
-        Some(FusedOutput {
-            parts,
-            grad: grad.map(Self::from_inner),
+        fused_student(&student, with_grad, |student, with_grad| {
+            B::distill_fused(student, teacher.primitive, targets, params, with_grad)
         })
     }
 
@@ -149,29 +159,8 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
             log_probs: teacher.log_probs.primitive,
             mask: teacher.mask,
         };
-        let mut grad = None;
-        let parts = fused_op::<B, C, 1>([&student], |tracked| {
-            let out = B::distill_sparse_fused(
-                student.primitive.clone(),
-                teacher,
-                targets,
-                params,
-                setup,
-                tracked || with_grad,
-            )?;
-            if with_grad {
-                grad = out.grad.clone();
-            }
-            let grads = if tracked {
-                out.grad.into_iter().collect()
-            } else {
-                Vec::new()
-            };
-            Some((out.parts, grads))
-        })?;
-        Some(FusedOutput {
-            parts,
-            grad: grad.map(Self::from_inner),
+        fused_student(&student, with_grad, |student, with_grad| {
+            B::distill_sparse_fused(student, teacher, targets, params, setup, with_grad)
         })
     }
 

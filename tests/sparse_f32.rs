@@ -290,3 +290,17 @@ fn fused_edge_cases_ndarray_f32() {
 fn fused_edge_cases_flex_f32() {
     sparse_edge_cases::<Autodiff<burn::backend::Flex>>(&Default::default());
 }
+
+/// Every instruction set the CPU kernels are compiled for gives the composed path's values on
+/// the edge rows (the sparse kernel dispatches as the dense one).
+#[test]
+fn fused_edge_cases_on_every_cpu_instruction_set() {
+    use burn_distill::internals::{Isa, force_isa};
+    let isas = Isa::available();
+    assert!(isas.contains(&Isa::Baseline));
+    for isa in isas {
+        force_isa(Some(isa));
+        sparse_edge_cases::<Autodiff<NdArray>>(&Default::default());
+    }
+    force_isa(None);
+}

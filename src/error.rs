@@ -35,6 +35,15 @@ pub enum DistillError {
         /// The configured ignore index, if any.
         ignore_index: Option<i64>,
     },
+    /// A collective operation between peers failed (burn-collective's error, with the step of
+    /// the loss that issued it).
+    #[error("collective {operation} failed: {message}")]
+    Collective {
+        /// The step of the loss, e.g. `all-reduce of the row statistics`.
+        operation: String,
+        /// burn-collective's error.
+        message: String,
+    },
 }
 
 impl DistillError {

@@ -50,6 +50,8 @@ mod hidden;
 mod kernel;
 mod linear;
 mod loss;
+#[cfg(feature = "collective")]
+mod parallel;
 mod reduction;
 mod softmax;
 mod sparse;
@@ -70,6 +72,8 @@ pub use kernel::Kernel;
 pub use kernel::internals;
 pub use linear::{LinearSetup, LinearSide};
 pub use loss::{DistillLoss, DistillLossConfig, DistillOutput};
+#[cfg(feature = "collective")]
+pub use parallel::{VocabShard, vocab_parallel};
 pub use reduction::Reduction;
 pub use softmax::{
     temperature_log_softmax, temperature_softmax, try_temperature_log_softmax,

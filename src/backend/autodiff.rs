@@ -19,6 +19,8 @@ use burn::tensor::{
 };
 
 use super::{DistillBackend, DistillParams, DistillParts, FusedOutput, SparseInputs, SparseSetup};
+#[cfg(feature = "collective")]
+use crate::DistillError;
 use crate::linear::{self, LinearSetup, LinearSide};
 
 /// Backward of a fused loss with `N` differentiable inputs: the gradients computed by the
@@ -161,6 +163,40 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
         };
         fused_student(&student, with_grad, |student, with_grad| {
             B::distill_sparse_fused(student, teacher, targets, params, setup, with_grad)
+        })
+    }
+
+    /// The vocabulary-parallel loss on `B` (where the peers registered with burn-collective)
+    /// as a tracked op of the student shard; the backward only scales the gradient computed
+    /// in the forward, so it communicates nothing.
+    #[cfg(feature = "collective")]
+    fn distill_vocab_parallel(
+        student: FloatTensor<Self>,
+        teacher: FloatTensor<Self>,
+        targets: Option<IntTensor<Self>>,
+        params: &DistillParams,
+        shard: &crate::VocabShard,
+        with_grad: bool,
+    ) -> Result<FusedOutput<Self>, crate::DistillError> {
+        let mut error = None;
+        let out = fused_student(&student, with_grad, |student, with_grad| {
+            B::distill_vocab_parallel(
+                student,
+                teacher.primitive,
+                targets,
+                params,
+                shard,
+                with_grad,
+            )
+            .map_err(|e| error = Some(e))
+            .ok()
+        });
+        // `None` only comes from an error of `B`'s loss, recorded in `error`.
+        out.ok_or_else(|| {
+            error.unwrap_or_else(|| DistillError::Collective {
+                operation: "vocabulary-parallel loss".into(),
+                message: "no output".into(),
+            })
         })
     }
 

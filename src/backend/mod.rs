@@ -200,6 +200,24 @@ pub trait DistillBackend: Backend {
         None
     }
 
+    /// The vocabulary-parallel loss of this peer's `[N, V_p]` shards (see
+    /// [`DistillLoss::forward_vocab_parallel`](crate::DistillLoss::forward_vocab_parallel)):
+    /// the reduced loss and parts, equal on every peer, and, when `with_grad`, the gradient
+    /// with respect to this shard's student logits. The default computes it with burn tensor
+    /// ops on this backend, exchanging `O(N)` row statistics through burn-collective on this
+    /// backend; `Autodiff<B>` runs it on `B` as one tracked op.
+    #[cfg(feature = "collective")]
+    fn distill_vocab_parallel(
+        student: FloatTensor<Self>,
+        teacher: FloatTensor<Self>,
+        targets: Option<IntTensor<Self>>,
+        params: &DistillParams,
+        shard: &crate::VocabShard,
+        with_grad: bool,
+    ) -> Result<FusedOutput<Self>, crate::DistillError> {
+        crate::parallel::vocab_parallel::<Self>(student, teacher, targets, params, shard, with_grad)
+    }
+
     /// The backward step of the fused kernel: `grad · upstream`, where `upstream` is the
     /// gradient of the loss output (`[1]` for the reductions to one value, `[N]` for `PerRow`).
     fn distill_scale_grad(

@@ -1,0 +1,358 @@
+//! The vocabulary-parallel loss against the unsharded loss: P = 1, 2, 4 local peers (threads)
+//! of burn-collective on NdArray, every divergence, uneven shards, ignored rows, `−∞` padding
+//! at the end of the last shard (a whole shard of it too), label smoothing, every reduction and
+//! a per-row upstream gradient that is not 1.
+#![cfg(all(feature = "collective", feature = "ndarray"))]
+
+use std::ops::Range;
+use std::sync::Mutex;
+
+use burn::backend::{Autodiff, NdArray};
+use burn::collective::{CollectiveConfig, PeerId, finish_collective, register, reset_collective};
+use burn::tensor::{Int, Tensor, TensorData};
+use burn_distill::{
+    DistillError, DistillLoss, DistillLossConfig, Divergence, Reduction, VocabShard,
+};
+
+type Inner = NdArray<f32>;
+type B = Autodiff<Inner>;
+
+/// burn-collective keeps one local server per backend type: one test at a time.
+static COLLECTIVE: Mutex<()> = Mutex::new(());
+
+/// A batch: `[N, V]` logits as rows of f32, `[N]` targets, per-row upstream weights.
+#[derive(Clone)]
+struct Batch {
+    rows: usize,
+    vocab: usize,
+    student: Vec<f32>,
+    teacher: Vec<f32>,
+    targets: Vec<i64>,
+    weights: Vec<f32>,
+}
+
+/// Deterministic pseudo-random logits (a small LCG; values in about [−6, 6]), with the last
+/// `padding` columns `−∞` in both models and targets in `[0, vocab − padding)`, every 5th row
+/// ignored (`−100`).
+fn batch(rows: usize, vocab: usize, padding: usize, seed: u64) -> Batch {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) as f64 / (1u64 << 31) as f64) as f32
+    };
+    let mut logits = |spread: f32| {
+        (0..rows * vocab)
+            .map(|i| {
+                let x = (next() - 0.5) * spread;
+                if i % vocab >= vocab - padding {
+                    f32::NEG_INFINITY
+                } else {
+                    x
+                }
+            })
+            .collect::<Vec<_>>()
+    };
+    let student = logits(8.0);
+    let teacher = logits(12.0);
+    let real = (vocab - padding) as f32;
+    let targets = (0..rows)
+        .map(|i| {
+            if i % 5 == 3 {
+                -100
+            } else {
+                ((next() * real) as i64).min(real as i64 - 1)
+            }
+        })
+        .collect();
+    let weights = (0..rows).map(|i| 0.5 + 0.25 * (i % 4) as f32).collect();
+    Batch {
+        rows,
+        vocab,
+        student,
+        teacher,
+        targets,
+        weights,
+    }
+}
+
+/// Columns `cols` of row-major `[rows, vocab]` data.
+fn columns(data: &[f32], rows: usize, vocab: usize, cols: &Range<usize>) -> Vec<f32> {
+    (0..rows)
+        .flat_map(|r| {
+            data[r * vocab + cols.start..r * vocab + cols.end]
+                .iter()
+                .copied()
+        })
+        .collect()
+}
+
+/// The loss to backpropagate: `Σ_i w_i row_i` for `PerRow`, the value itself otherwise.
+fn objective(loss: Tensor<B, 1>, weights: &[f32], per_row: bool) -> Tensor<B, 1> {
+    if per_row {
+        let w = Tensor::<B, 1>::from_floats(weights, &loss.device());
+        (loss * w).sum()
+    } else {
+        loss
+    }
+}
+
+/// The unsharded loss value and student gradient.
+fn unsharded(loss: &DistillLoss, b: &Batch, soft_only: bool) -> (Vec<f32>, Vec<f32>) {
+    let device = Default::default();
+    let shape = [b.rows, b.vocab];
+    let student = Tensor::<B, 2>::from_data(TensorData::new(b.student.clone(), shape), &device)
+        .require_grad();
+    let teacher = Tensor::<B, 2>::from_data(TensorData::new(b.teacher.clone(), shape), &device);
+    let value = if soft_only {
+        loss.forward_soft(student.clone(), teacher)
+    } else {
+        let targets = Tensor::<B, 1, Int>::from_ints(b.targets.as_slice(), &device);
+        loss.forward(student.clone(), teacher, targets)
+    };
+    let per_row = loss.params().reduction() == Reduction::PerRow;
+    let grads = objective(value.clone(), &b.weights, per_row).backward();
+    let grad = student.grad(&grads).expect("the student has a gradient");
+    (
+        value.into_data().to_vec().unwrap(),
+        grad.into_data().to_vec().unwrap(),
+    )
+}
+
+/// The loss on each of `shards.len()` peers (threads), and the peers' gradients put side by
+/// side into one `[N, V]` gradient.
+fn sharded(
+    loss: &DistillLoss,
+    b: &Batch,
+    shards: &[Range<usize>],
+    soft_only: bool,
+) -> (Vec<Vec<f32>>, Vec<f32>) {
+    let peers = shards.len();
+    reset_collective::<Inner>();
+    let config = CollectiveConfig::default().with_num_devices(peers);
+    let handles: Vec<_> = shards
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(rank, cols)| {
+            let (loss, b, config) = (loss.clone(), b.clone(), config.clone());
+            std::thread::spawn(move || {
+                let device = Default::default();
+                let peer = PeerId::from(rank as u32);
+                register::<Inner>(peer, device, config).expect("register");
+                let shard = VocabShard::new(peer, rank, peers, cols.start, b.vocab).unwrap();
+                let shape = [b.rows, cols.len()];
+                let cut =
+                    |data: &[f32]| TensorData::new(columns(data, b.rows, b.vocab, &cols), shape);
+                let student = Tensor::<B, 2>::from_data(cut(&b.student), &device).require_grad();
+                let teacher = Tensor::<B, 2>::from_data(cut(&b.teacher), &device);
+                let value = if soft_only {
+                    loss.forward_vocab_parallel_soft(student.clone(), teacher, &shard)
+                } else {
+                    let targets = Tensor::<B, 1, Int>::from_ints(b.targets.as_slice(), &device);
+                    loss.forward_vocab_parallel(student.clone(), teacher, targets, &shard)
+                };
+                let per_row = loss.params().reduction() == Reduction::PerRow;
+                let grads = objective(value.clone(), &b.weights, per_row).backward();
+                let grad: Vec<f32> = student.grad(&grads).unwrap().into_data().to_vec().unwrap();
+                finish_collective::<Inner>(peer).expect("finish");
+                (value.into_data().to_vec::<f32>().unwrap(), grad)
+            })
+        })
+        .collect();
+    let outputs: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let mut grad = vec![0.0; b.rows * b.vocab];
+    for ((_, g), cols) in outputs.iter().zip(shards) {
+        let width = cols.len();
+        for r in 0..b.rows {
+            grad[r * b.vocab + cols.start..r * b.vocab + cols.end]
+                .copy_from_slice(&g[r * width..(r + 1) * width]);
+        }
+    }
+    (outputs.into_iter().map(|(v, _)| v).collect(), grad)
+}
+
+/// `|a − b| ≤ atol + rtol·|b|`, element-wise (infinities must match exactly).
+fn assert_close(what: &str, got: &[f32], want: &[f32], rtol: f32, atol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let ok = if w.is_finite() {
+            (g - w).abs() <= atol + rtol * w.abs()
+        } else {
+            g == w || (g.is_nan() && w.is_nan())
+        };
+        assert!(ok, "{what}[{i}]: got {g}, expected {w}");
+    }
+}
+
+/// Every peer's loss equals the unsharded loss, and the peers' gradients are its gradient.
+fn check(loss: &DistillLoss, b: &Batch, shards: &[Range<usize>], soft_only: bool, what: &str) {
+    let (want_value, want_grad) = unsharded(loss, b, soft_only);
+    let (values, grad) = sharded(loss, b, shards, soft_only);
+    for (rank, value) in values.iter().enumerate() {
+        assert_close(
+            &format!("{what}: loss of peer {rank}"),
+            value,
+            &want_value,
+            2e-5,
+            1e-6,
+        );
+        assert_eq!(
+            value, &values[0],
+            "{what}: every peer returns the same loss"
+        );
+    }
+    assert_close(&format!("{what}: gradient"), &grad, &want_grad, 1e-4, 2e-7);
+    assert!(
+        want_grad.iter().any(|g| g.abs() > 1e-3),
+        "{what}: a gradient to compare"
+    );
+}
+
+fn balanced(vocab: usize, peers: usize) -> Vec<Range<usize>> {
+    (0..peers)
+        .map(|rank| VocabShard::balanced_range(vocab, peers, rank))
+        .collect()
+}
+
+fn config() -> DistillLossConfig {
+    DistillLossConfig::new()
+        .with_temperature(2.0)
+        .with_alpha(0.7)
+        .with_ignore_index(Some(-100))
+}
+
+#[test]
+fn every_divergence_on_one_two_and_four_peers_with_uneven_shards() {
+    let _lock = COLLECTIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let b = batch(13, 37, 0, 1);
+    for divergence in Divergence::ALL {
+        let loss = config().with_divergence(divergence).init();
+        for peers in [1, 2, 4] {
+            check(
+                &loss,
+                &b,
+                &balanced(b.vocab, peers),
+                false,
+                &format!("{divergence:?}, P = {peers}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn padding_at_the_end_of_the_last_shard_and_a_shard_of_padding_only() {
+    let _lock = COLLECTIVE.lock().unwrap_or_else(|e| e.into_inner());
+    // V = 16 over 4 peers: the last shard (12..16) is all −∞ padding; over 3 peers (6, 5, 5)
+    // the last shard ends in it.
+    let b = batch(11, 16, 4, 2);
+    for divergence in Divergence::ALL {
+        for smoothing in [0.0, 0.1] {
+            let loss = config()
+                .with_divergence(divergence)
+                .with_label_smoothing(smoothing)
+                .init();
+            for peers in [3, 4] {
+                check(
+                    &loss,
+                    &b,
+                    &balanced(b.vocab, peers),
+                    false,
+                    &format!("{divergence:?}, ε = {smoothing}, P = {peers}, padded"),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_reduction_soft_only_and_alpha_zero_and_one() {
+    let _lock = COLLECTIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let b = batch(9, 23, 0, 3);
+    let shards = [0..5, 5..17, 17..23];
+    for reduction in [
+        Reduction::Mean,
+        Reduction::Sum,
+        Reduction::Normalized { items: 20 },
+        Reduction::PerRow,
+    ] {
+        let loss = config()
+            .with_divergence(Divergence::Jsd { beta: 0.3 })
+            .with_reduction(reduction)
+            .init();
+        check(&loss, &b, &shards, false, &format!("{reduction:?}"));
+        check(
+            &loss,
+            &b,
+            &shards,
+            true,
+            &format!("{reduction:?}, soft only"),
+        );
+    }
+    for alpha in [0.0, 1.0] {
+        let loss = config().with_alpha(alpha).with_scale_by_t2(false).init();
+        check(&loss, &b, &shards, false, &format!("alpha = {alpha}"));
+    }
+}
+
+#[test]
+fn logit_softcap_is_applied_to_each_shard() {
+    let _lock = COLLECTIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let b = batch(6, 20, 0, 4);
+    let loss = config().with_logit_softcap(Some(3.0)).init();
+    check(&loss, &b, &balanced(20, 2), false, "soft-capped");
+}
+
+#[test]
+fn shard_errors_name_the_argument() {
+    let bad = VocabShard::new(PeerId::from(0), 2, 2, 0, 10);
+    assert!(
+        matches!(bad, Err(DistillError::InvalidArgument { ref argument, .. }) if argument == "rank")
+    );
+    let bad = VocabShard::new(PeerId::from(0), 0, 1, 10, 10);
+    assert!(
+        matches!(bad, Err(DistillError::InvalidArgument { ref argument, .. }) if argument == "offset")
+    );
+    assert_eq!(VocabShard::balanced_range(10, 4, 0), 0..3);
+    assert_eq!(VocabShard::balanced_range(10, 4, 1), 3..6);
+    assert_eq!(VocabShard::balanced_range(10, 4, 3), 8..10);
+
+    // Checked before any communication: no peer needs to be registered.
+    let device = Default::default();
+    let loss = config().init();
+    let shard = VocabShard::new(PeerId::from(0), 1, 2, 8, 10).unwrap();
+    let student = Tensor::<B, 2>::zeros([2, 3], &device);
+    let err = loss
+        .try_forward_vocab_parallel_parts(student.clone(), student.clone(), None, &shard)
+        .unwrap_err();
+    assert!(err.to_string().contains("student_shard"), "{err}");
+    let teacher = Tensor::<B, 2>::zeros([2, 2], &device);
+    let err = loss
+        .try_forward_vocab_parallel_parts(
+            student.slice([0..2, 0..2]),
+            teacher.clone().slice([0..1, 0..2]),
+            None,
+            &shard,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("teacher_shard"), "{err}");
+    let targets = Tensor::<B, 1, Int>::from_ints([1, 10], &device);
+    let err = loss
+        .try_forward_vocab_parallel_parts(teacher.clone(), teacher, Some(targets), &shard)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DistillError::TargetOutOfRange {
+                row: 1,
+                value: 10,
+                classes: 10,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}

@@ -4,24 +4,30 @@
 //!
 //! # What is exchanged
 //!
-//! Two all-reduces per call, both `O(N)` (never `O(N·V)`), issued by every peer in the same
-//! order:
+//! One or two all-reduces per call, both `O(N)` (never `O(N·V)`), issued by every peer in the
+//! same order:
 //!
-//! 1. **Row statistics**, `P·N·8` floats: each peer's online-softmax state of its shard — the
+//! 1. **Row statistics**, `P·N·9` floats: each peer's online-softmax state of its shard — the
 //!    student's row maximum and its sums of exponentials at `T` and at 1, the teacher's maximum
-//!    and sum at `T`, the target logit if it owns the target, and (for label smoothing) the
-//!    sum and count of its finite logits. burn-collective 0.21 reduces by `Sum` and `Mean`
-//!    only (no `Max`), so each peer writes its statistics into its own slot of a `[P, N, 8]`
-//!    tensor of zeros and the sum is an all-gather (adding zeros is exact). Every peer then
-//!    merges the `P` states itself, in rank order — `m = max_p m_p`,
-//!    `S = Σ_p S_p · e^{(m_p − m)/T}` — and so holds the global log-normaliser of both models,
-//!    bit-identical across peers.
-//! 2. **Row sums**, `N·2` floats: the shard's part of the divergence `Σ_{j∈shard} φ(p_j, q_j)`
-//!    and of its sensitivity `Σ_{j∈shard} h_j` with `h_j = q_j ∂φ/∂q_j`, summed across peers.
+//!    and sum at `T`, the target logit if it owns the target, (for label smoothing) the sum and
+//!    count of its finite logits, and for the KLs the shard's softmax-weighted logit gap
+//!    `Σ_{j∈p} e^{(u_j − m_p)/T}(u_j − z_j)/T` (forward; student-weighted `z − u` for reverse).
+//!    burn-collective 0.21 reduces by `Sum` and `Mean` only (no `Max`), so each peer writes its
+//!    statistics into its own slot of a `[P, N, 9]` tensor of zeros and the sum is an
+//!    all-gather (adding zeros is exact). Every peer then merges the `P` states itself —
+//!    `m = max_p m_p`, `S = Σ_p S_p · e^{(m_p − m)/T}` — and holds the global log-normalisers of
+//!    both models, bit-identical across peers. For forward and reverse KL that is all:
+//!    `KL(p‖q) = Σ_p gap_p e^{(m_p − m)/T} / S − LSE_t + LSE_s`.
+//! 2. Only for JSD, the skew KLs and TVD, **row sums**, `N·2` floats: the shard's part of the
+//!    divergence `Σ_{j∈shard} φ(p_j, q_j)` and of its sensitivity `Σ_{j∈shard} h_j` with
+//!    `h_j = q_j ∂φ/∂q_j`, summed across peers. Their `φ` depends on the mixture
+//!    `m_j = β p_j + (1 − β) q_j` (or `|p_j − q_j|`), which needs both global normalisers
+//!    first: their statistics do not combine in one exchange.
 //!
 //! Then each peer has the exact row losses and writes its shard's gradient in closed form,
-//! `∂D/∂z_j = (h_j − q_j Σ_k h_k) / T` (the softmax Jacobian applied to `h`), and for the hard
-//! term `softmax(z)_j − (1 − ε)[j = y] − ε [z_j finite] / n_finite`. The backward pass then only
+//! `∂D/∂z_j = (h_j − q_j Σ_k h_k) / T` (the softmax Jacobian applied to `h`; `Σ_k h_k` is `−1`
+//! for forward KL and `KL + 1` for reverse KL), and for the hard term
+//! `softmax(z)_j − (1 − ε)[j = y] − ε [z_j finite] / n_finite`. The backward pass then only
 //! scales it by the upstream gradient: no communication in the backward.
 
 use std::ops::Range;
@@ -59,7 +65,7 @@ pub struct VocabShard {
 }
 
 /// Columns of the first exchange (see the module documentation).
-const STATS: usize = 8;
+const STATS: usize = 9;
 
 impl VocabShard {
     /// A shard starting at column `offset` of a `vocab`-column vocabulary, held by the peer of
@@ -150,11 +156,16 @@ impl VocabShard {
     }
 
     /// The floats each peer contributes to the all-reduces of one call over `rows` rows:
-    /// `P·rows·8` for the row statistics and `rows·2` for the row sums (`O(N)`, independent of
-    /// the vocabulary). Multiply by the size of the dtype (4 for f32) for bytes; a ring
+    /// `P·rows·9` for the row statistics, plus `rows·2` for the row sums of the divergences
+    /// that need a second exchange (JSD, skew KLs, TVD): `O(N)`, independent of the
+    /// vocabulary. Multiply by the size of the dtype (4 for f32, 8 for f64) for bytes; a ring
     /// all-reduce moves about twice that per peer.
-    pub fn exchanged_floats(&self, rows: usize) -> usize {
-        self.peers * rows * STATS + rows * 2
+    pub fn exchanged_floats(&self, rows: usize, divergence: Divergence) -> usize {
+        let second = match divergence {
+            Divergence::ForwardKl | Divergence::ReverseKl => 0,
+            _ => rows * 2,
+        };
+        self.peers * rows * STATS + second
     }
 }
 
@@ -272,8 +283,12 @@ fn sum_across<B: Backend, const D: usize>(
     tensor: Tensor<B, D>,
     step: &str,
 ) -> Result<Tensor<B, D>, DistillError> {
-    all_reduce::<B>(peer, tensor.into_primitive().tensor(), ReduceOperation::Sum)
-        .map(|t| Tensor::from_primitive(TensorPrimitive::Float(t)))
+    // Flat: burn-collective 0.21's global (multi-node) all-reduce hangs on tensors of more
+    // than one dimension.
+    let shape = tensor.shape();
+    let flat = tensor.reshape([shape.num_elements()]);
+    all_reduce::<B>(peer, flat.into_primitive().tensor(), ReduceOperation::Sum)
+        .map(|t| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t)).reshape(shape))
         .map_err(|e| DistillError::Collective {
             operation: step.to_string(),
             message: format!("{e:?}"),
@@ -287,14 +302,21 @@ fn finite_or_zero<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     x.mask_fill(infinite, 0.0)
 }
 
-/// The merged log-normaliser `log Σ_p S_p e^{(m_p − m)/T} + m/T` of `[P, N, 1]` maxima and
-/// sums, as `[N, 1]`.
-fn merge_lse<B: Backend>(maxima: Tensor<B, 3>, sums: Tensor<B, 3>, t: f64) -> Tensor<B, 2> {
+/// Merges `[P, N, 1]` per-peer maxima `m_p` and sums `S_p = Σ_{j∈p} e^{(x_j − m_p)/T}`: the
+/// `[N, 1]` log-normaliser `log S + m/T` with `m = max_p m_p` and `S = Σ_p S_p e^{(m_p − m)/T}`,
+/// and the `[P, N, 1]` rescaling factors `e^{(m_p − m)/T} / S` that turn any other per-peer
+/// sum weighted by `e^{(x_j − m_p)/T}` into its share of the global softmax expectation.
+fn merge<B: Backend>(
+    maxima: Tensor<B, 3>,
+    sums: Tensor<B, 3>,
+    t: f64,
+) -> (Tensor<B, 2>, Tensor<B, 3>) {
     let n = maxima.dims()[1];
     let m = finite_or_zero(maxima.clone().max_dim(0));
-    let weights = (maxima - m.clone()).mul_scalar(t.recip()).exp();
-    let lse = (sums * weights).sum_dim(0).log() + m.mul_scalar(t.recip());
-    lse.reshape([n, 1])
+    let rescale = (maxima - m.clone()).mul_scalar(t.recip()).exp();
+    let total = (sums * rescale.clone()).sum_dim(0);
+    let lse = total.clone().log() + m.mul_scalar(t.recip());
+    (lse.reshape([n, 1]), rescale / total)
 }
 
 /// `h_j = q_j ∂φ/∂q_j` for each column of the divergence `D = Σ_j φ(p_j, q_j)` (see
@@ -379,18 +401,34 @@ pub fn vocab_parallel<B: Backend>(
     });
 
     // 1. This shard's online-softmax statistics, gathered from every peer.
+    let inv_t = t.recip();
     let finite = z.clone().is_finite();
     let z_max = z.clone().max_dim(1);
     let z_shift = z.clone() - finite_or_zero(z_max.clone());
     let u_max = u.clone().max_dim(1);
-    let u_shift = u.clone() - finite_or_zero(u_max.clone());
-    let sum_exp = |x: Tensor<B, 2>, scale: f64| x.mul_scalar(scale).exp().sum_dim(1);
+    let z_exp = z_shift.clone().mul_scalar(inv_t).exp();
+    let u_exp = (u.clone() - finite_or_zero(u_max.clone()))
+        .mul_scalar(inv_t)
+        .exp();
+    // Forward and reverse KL need no second exchange: the shard's `Σ_j e^{(x_j − m_p)/T} ·
+    // (a_j − b_j)/T` (teacher-weighted `t − s` for forward KL, student-weighted `s − t` for
+    // reverse KL), rescaled after the merge, is its part of `Σ_j p_j (t_j − s_j)` (resp.
+    // `Σ_j q_j (s_j − t_j)`), and `KL = that − LSE_t + LSE_s` (resp. `− LSE_s + LSE_t`).
+    let weighted_gap = |weight: Tensor<B, 2>, a: Tensor<B, 2>, b: Tensor<B, 2>| {
+        let zero = weight.clone().lower_equal_elem(0.0);
+        (weight * (a - b).mul_scalar(inv_t).mask_fill(zero, 0.0)).sum_dim(1)
+    };
+    let gap = match params.divergence {
+        Divergence::ForwardKl => weighted_gap(u_exp.clone(), u.clone(), z.clone()),
+        Divergence::ReverseKl => weighted_gap(z_exp.clone(), z.clone(), u.clone()),
+        _ => zeros(),
+    };
     let target_logit = match &owned_target {
-        Some((owned, index)) if hard_needed => z
+        Some((owned, index)) => z
             .clone()
             .gather(1, index.clone())
             .mask_fill(owned.clone().bool_not(), 0.0),
-        _ => zeros(),
+        None => zeros(),
     };
     let (finite_sum, finite_count) = if hard_needed && smoothing > 0.0 {
         (
@@ -407,17 +445,18 @@ pub fn vocab_parallel<B: Backend>(
     let stats = Tensor::cat(
         vec![
             z_max,
-            sum_exp(z_shift.clone(), t.recip()),
+            z_exp.sum_dim(1),
             if hard_needed {
-                sum_exp(z_shift, 1.0)
+                z_shift.exp().sum_dim(1)
             } else {
                 zeros()
             },
             u_max,
-            sum_exp(u_shift, t.recip()),
+            u_exp.sum_dim(1),
             target_logit,
             finite_sum,
             finite_count,
+            gap,
         ],
         1,
     );
@@ -427,27 +466,40 @@ pub fn vocab_parallel<B: Backend>(
     );
     let all = sum_across(shard.peer, slots, "all-gather of the row statistics")?;
     let column = |c: usize| all.clone().slice([0..shard.peers, 0..n, c..c + 1]);
-    let lse_student = merge_lse(column(0), column(1), t);
-    let lse_teacher = merge_lse(column(3), column(4), t);
+    let (lse_student, student_rescale) = merge(column(0), column(1), t);
+    let (lse_teacher, teacher_rescale) = merge(column(3), column(4), t);
+    let log_q = z.clone().mul_scalar(inv_t) - lse_student.clone();
+    let log_p = u.mul_scalar(inv_t) - lse_teacher.clone();
 
-    // 2. The divergence: this shard's part of each row sum, summed across the peers.
-    let log_q = z.clone().mul_scalar(t.recip()) - lse_student;
-    let log_p = u.mul_scalar(t.recip()) - lse_teacher;
+    // 2. The divergence `D` per row and `H = Σ_k h_k` over the whole vocabulary: from the
+    // statistics for the KLs, otherwise from a second exchange of this shard's part of both
+    // row sums.
     let h = sensitivity(params.divergence, log_p.clone(), log_q.clone());
-    let partial = Tensor::cat(
-        vec![
-            divergence_rows(params.divergence, log_p, log_q.clone()).unsqueeze_dim(1),
-            h.clone().sum_dim(1),
-        ],
-        1,
-    );
-    let sums = sum_across(shard.peer, partial, "all-reduce of the row sums")?;
+    let rescaled_gap = |rescale: Tensor<B, 3>| (column(8) * rescale).sum_dim(0).reshape([n, 1]);
+    let (divergence, h_total) = match params.divergence {
+        Divergence::ForwardKl => (
+            rescaled_gap(teacher_rescale) - lse_teacher + lse_student,
+            Tensor::full([n, 1], -1.0, (&device, compute)),
+        ),
+        Divergence::ReverseKl => {
+            let kl = rescaled_gap(student_rescale) - lse_student + lse_teacher;
+            (kl.clone(), kl.add_scalar(1.0))
+        }
+        _ => {
+            let partial = Tensor::cat(
+                vec![
+                    divergence_rows(params.divergence, log_p, log_q.clone()).unsqueeze_dim(1),
+                    h.clone().sum_dim(1),
+                ],
+                1,
+            );
+            let sums = sum_across(shard.peer, partial, "all-reduce of the row sums")?;
+            (sums.clone().slice([0..n, 0..1]), sums.slice([0..n, 1..2]))
+        }
+    };
     let factor = params.soft_factor();
-    let soft = sums.clone().slice([0..n, 0..1]).mul_scalar(factor);
-    let soft_grad = with_grad.then(|| {
-        let h_total = sums.slice([0..n, 1..2]);
-        (h - log_q.exp() * h_total).mul_scalar(factor / t)
-    });
+    let soft = divergence.mul_scalar(factor);
+    let soft_grad = with_grad.then(|| (h - log_q.exp() * h_total).mul_scalar(factor / t));
 
     let reduce = |rows: Tensor<B, 2>, ignored: Option<Tensor<B, 1, Bool>>| {
         reduce_rows(rows.reshape([n]), ignored, params.reduction)
@@ -468,7 +520,7 @@ pub fn vocab_parallel<B: Backend>(
 
     // The hard term from the merged statistics at temperature 1.
     let (owned, index) = owned_target.expect("targets were given");
-    let lse_one = merge_lse(column(0), column(2), 1.0);
+    let (lse_one, _) = merge(column(0), column(2), 1.0);
     let target_logit = column(5).sum_dim(0).reshape([n, 1]);
     let mut hard = lse_one.clone() - target_logit.mul_scalar(1.0 - smoothing);
     if smoothing > 0.0 {

@@ -14,7 +14,6 @@ use burn::backend::autodiff::{
 };
 use burn::tensor::{
     DType, TensorMetadata,
-    backend::AutodiffBackend,
     ops::{FloatTensor, IntTensor},
 };
 
@@ -89,9 +88,28 @@ where
     };
     Some(DistillParts {
         loss,
-        soft: Autodiff::<B, C>::from_inner(parts.soft),
-        hard: parts.hard.map(Autodiff::<B, C>::from_inner),
+        soft: constant::<B, C>(parts.soft),
+        hard: parts.hard.map(constant::<B, C>),
     })
+}
+
+/// `tensor` as a constant of `Autodiff<B, C>`: what `AutodiffBackend::from_inner` does, but
+/// without requiring `Autodiff<B, C>: AutodiffBackend`, which burn's `distributed` feature
+/// (burn-train's DDP) grants only where `B: DistributedBackend` (not NdArray or Flex); so the
+/// crate compiles, and runs on every backend, with that feature on.
+fn constant<B, C>(tensor: FloatTensor<B>) -> FloatTensor<Autodiff<B, C>>
+where
+    B: DistillBackend,
+    C: CheckpointStrategy,
+{
+    match FusedBackward::<0>
+        .prepare::<C>([])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(Vec::new(), tensor),
+        OpsKind::UnTracked(prep) => prep.finish(tensor),
+    }
 }
 
 /// A fused loss whose only differentiable input is the student's logits (dense or sparse):
@@ -120,7 +138,7 @@ where
     })?;
     Some(FusedOutput {
         parts,
-        grad: grad.map(Autodiff::<B, C>::from_inner),
+        grad: grad.map(constant::<B, C>),
     })
 }
 

@@ -65,16 +65,26 @@ pub(crate) struct LinearGrads<B: Backend> {
     pub bias: Option<FloatTensor<B>>,
 }
 
+impl<B: Backend> LinearGrads<B> {
+    /// The gradients in the order of the op's inputs: hidden, weight, bias (if any).
+    pub(crate) fn into_vec(self) -> Vec<FloatTensor<B>> {
+        [Some(self.hidden), Some(self.weight), self.bias]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+}
+
 type T<B, const D: usize> = Tensor<B, D>;
 /// `(loss, soft, hard)` of a chunk, reduced or per row.
 type Parts<B> = (T<B, 1>, T<B, 1>, Option<T<B, 1>>);
 
-fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+pub(crate) fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
 /// `c · tanh(z / c)`, and `tanh(z / c)` (for the gradient `1 − tanh²`), with a soft-cap `c`.
-fn soft_cap<B: Backend>(z: T<B, 2>, cap: Option<f64>) -> (T<B, 2>, Option<T<B, 2>>) {
+pub(crate) fn soft_cap<B: Backend>(z: T<B, 2>, cap: Option<f64>) -> (T<B, 2>, Option<T<B, 2>>) {
     match cap {
         Some(c) => {
             // `· (1/c)`, not `/ c`: burn-autodiff 0.21 backpropagates `div_scalar` with `1/c`
@@ -87,7 +97,11 @@ fn soft_cap<B: Backend>(z: T<B, 2>, cap: Option<f64>) -> (T<B, 2>, Option<T<B, 2
 }
 
 /// `h W + b` for `[c, H]` hidden rows.
-fn logits<B: Backend>(hidden: T<B, 2>, weight: &T<B, 2>, bias: &Option<T<B, 1>>) -> T<B, 2> {
+pub(crate) fn logits<B: Backend>(
+    hidden: T<B, 2>,
+    weight: &T<B, 2>,
+    bias: &Option<T<B, 1>>,
+) -> T<B, 2> {
     let z = hidden.matmul(weight.clone());
     match bias {
         Some(b) => z + b.clone().unsqueeze_dim(0),
@@ -108,9 +122,45 @@ pub(crate) fn chunked<B: DistillBackend>(
     setup: &LinearSetup,
     with_grad: bool,
 ) -> Option<(DistillParts<B>, Option<LinearGrads<B>>)> {
+    let fused = |zs: FloatTensor<B>, zt, y, params: &DistillParams| {
+        Ok::<_, std::convert::Infallible>(
+            if setup.kernel != Kernel::Reference && B::has_fused_kernel(&zs, &zt) {
+                B::distill_fused(zs, zt, y, params, with_grad)
+            } else if with_grad {
+                None
+            } else {
+                Some(crate::FusedOutput {
+                    parts: B::distill_loss(zs, zt, y, params, Kernel::Reference),
+                    grad: None,
+                })
+            },
+        )
+    };
+    match chunked_with(student, teacher, targets, setup, with_grad, fused) {
+        Ok(out) => out,
+        Err(never) => match never {},
+    }
+}
+
+/// [`chunked`] with the loss of each chunk's `[c, V]` logits given by `chunk_loss(student,
+/// teacher, targets, params)` (its gradient asked for when `with_grad`): `Ok(None)` where it
+/// cannot (the caller then materialises the logits), `Err` to stop.
+pub(crate) fn chunked_with<B: DistillBackend, E>(
+    student: LinearSide<B>,
+    teacher: LinearSide<B>,
+    targets: Option<IntTensor<B>>,
+    setup: &LinearSetup,
+    with_grad: bool,
+    mut chunk_loss: impl FnMut(
+        FloatTensor<B>,
+        FloatTensor<B>,
+        Option<IntTensor<B>>,
+        &DistillParams,
+    ) -> Result<Option<crate::FusedOutput<B>>, E>,
+) -> Result<Option<(DistillParts<B>, Option<LinearGrads<B>>)>, E> {
     let params = setup.params;
     if with_grad && params.reduction == Reduction::PerRow {
-        return None;
+        return Ok(None);
     }
     let (hs, ws) = (float::<B, 2>(student.hidden), float::<B, 2>(student.weight));
     let bs = student.bias.map(float::<B, 1>);
@@ -177,15 +227,8 @@ pub(crate) fn chunked<B: DistillBackend>(
             .unwrap_or_else(|e| panic!("burn-distill: {e} (checked before the chunks)"));
         let y = targets_k.clone().map(|t| t.slice(r0..r1).into_primitive());
         let (zs, zt) = (zs.into_primitive().tensor(), zt.into_primitive().tensor());
-        let out = if setup.kernel != Kernel::Reference && B::has_fused_kernel(&zs, &zt) {
-            B::distill_fused(zs, zt, y, &chunk_params, with_grad)?
-        } else if with_grad {
-            return None;
-        } else {
-            crate::FusedOutput {
-                parts: B::distill_loss(zs, zt, y, &chunk_params, Kernel::Reference),
-                grad: None,
-            }
+        let Some(out) = chunk_loss(zs, zt, y, &chunk_params)? else {
+            return Ok(None);
         };
         let parts = (
             float::<B, 1>(out.parts.loss),
@@ -303,7 +346,7 @@ pub(crate) fn chunked<B: DistillBackend>(
             }),
         }
     });
-    Some((parts, grads))
+    Ok(Some((parts, grads)))
 }
 
 /// The same loss with the logits materialised (`[N, V]`), through the backend's own ops (and so
@@ -334,6 +377,58 @@ pub(crate) fn materialised<B: DistillBackend>(
         &setup.params,
         setup.kernel,
     )
+}
+
+/// The student's and teacher's sides of a fused-linear loss, checked: `[N, H]` hidden states
+/// matching their heads' input width, one number of rows; the teacher detached.
+pub(crate) fn linear_sides<B: Backend>(
+    student_hidden: Tensor<B, 2>,
+    student_head: &Linear<B>,
+    teacher_hidden: Tensor<B, 2>,
+    teacher_head: &Linear<B>,
+) -> Result<(LinearSide<B>, LinearSide<B>), DistillError> {
+    let side = |hidden: Tensor<B, 2>, head: &Linear<B>, name: &str| {
+        let weight = head.weight.val();
+        let [n, h] = hidden.dims();
+        let [wh, v] = weight.dims();
+        if n == 0 || h != wh || v == 0 {
+            return Err(DistillError::invalid(
+                format!("{name}_hidden"),
+                format!("shape [{n}, {h}] with a head of weight [{wh}, {v}]"),
+                format!("[N >= 1, {wh}] rows for the {name} head ({wh} → {v})"),
+            ));
+        }
+        Ok(LinearSide {
+            hidden: hidden.into_primitive().tensor(),
+            weight: weight.into_primitive().tensor(),
+            bias: head
+                .bias
+                .as_ref()
+                .map(|b| b.val().into_primitive().tensor()),
+        })
+    };
+    let [n, _] = student_hidden.dims();
+    let [nt, _] = teacher_hidden.dims();
+    if nt != n {
+        return Err(DistillError::invalid(
+            "teacher_hidden",
+            format!("shape {:?}", teacher_hidden.dims()),
+            format!("{n} rows, as student_hidden"),
+        ));
+    }
+    let student = side(student_hidden, student_head, "student")?;
+    let teacher = side(teacher_hidden.detach(), teacher_head, "teacher")?;
+    let teacher = LinearSide {
+        weight: float::<B, 2>(teacher.weight)
+            .detach()
+            .into_primitive()
+            .tensor(),
+        bias: teacher
+            .bias
+            .map(|b| float::<B, 1>(b).detach().into_primitive().tensor()),
+        ..teacher
+    };
+    Ok((student, teacher))
 }
 
 impl DistillLoss {
@@ -479,40 +574,15 @@ impl DistillLoss {
         teacher_head: &Linear<B>,
         targets: Option<Tensor<B, 1, Int>>,
     ) -> Result<DistillOutput<B>, DistillError> {
-        let side = |hidden: Tensor<B, 2>, head: &Linear<B>, name: &str| {
-            let weight = head.weight.val();
-            let [n, h] = hidden.dims();
-            let [wh, v] = weight.dims();
-            if n == 0 || h != wh || v == 0 {
-                return Err(DistillError::invalid(
-                    format!("{name}_hidden"),
-                    format!("shape [{n}, {h}] with a head of weight [{wh}, {v}]"),
-                    format!("[N >= 1, {wh}] rows for the {name} head ({wh} → {v})"),
-                ));
-            }
-            Ok(LinearSide {
-                hidden: hidden.into_primitive().tensor(),
-                weight: weight.into_primitive().tensor(),
-                bias: head
-                    .bias
-                    .as_ref()
-                    .map(|b| b.val().into_primitive().tensor()),
-            })
-        };
-        let [n, _] = student_hidden.dims();
-        let [nt, _] = teacher_hidden.dims();
-        if nt != n {
-            return Err(DistillError::invalid(
-                "teacher_hidden",
-                format!("shape {:?}", teacher_hidden.dims()),
-                format!("{n} rows, as student_hidden"),
-            ));
-        }
         let vs = student_head.weight.dims()[1];
         let vt = teacher_head.weight.dims()[1];
         // Targets index the aligned vocabulary, as in `forward` on the logits.
         let classes = self.vocab_mismatch.aligned_width(vs, vt)?;
+        let n = student_hidden.dims()[0];
         let dtype = student_hidden.dtype();
+        let device = student_hidden.device();
+        let (student, teacher) =
+            linear_sides(student_hidden, student_head, teacher_hidden, teacher_head)?;
         if self.kernel == Kernel::Fused && !B::fused_kernel_dtypes().contains(&dtype) {
             return Err(DistillError::invalid(
                 "kernel",
@@ -520,7 +590,7 @@ impl DistillLoss {
                 format!(
                     "Kernel::Auto or Kernel::Reference: backend {} has no fused distillation \
                      kernel for {dtype:?} logits",
-                    B::name(&student_hidden.device()),
+                    B::name(&device),
                 ),
             ));
         }
@@ -532,18 +602,6 @@ impl DistillLoss {
                 self.params.ignore_index,
             )?;
         }
-        let student = side(student_hidden, student_head, "student")?;
-        let teacher = side(teacher_hidden.detach(), teacher_head, "teacher")?;
-        let teacher = LinearSide {
-            weight: float::<B, 2>(teacher.weight)
-                .detach()
-                .into_primitive()
-                .tensor(),
-            bias: teacher
-                .bias
-                .map(|b| float::<B, 1>(b).detach().into_primitive().tensor()),
-            ..teacher
-        };
         let setup = LinearSetup {
             params: self.params,
             kernel: self.kernel,

@@ -39,6 +39,9 @@ use burn::tensor::{
     ops::{FloatTensor, IntTensor},
 };
 
+use burn::nn::Linear;
+
+use crate::linear::{self, LinearGrads, LinearSetup, LinearSide, linear_sides};
 use crate::{
     DistillBackend, DistillError, DistillLoss, DistillOutput, DistillParams, DistillParts,
     Divergence, FusedOutput,
@@ -275,6 +278,146 @@ impl DistillLoss {
             hard: out.parts.hard.map(float),
         })
     }
+}
+
+impl DistillLoss {
+    /// The fused-linear loss of a vocabulary-parallel LM head: this peer's slice of both heads
+    /// (`Linear` layers `H → V_p` for columns `shard.offset() .. + V_p`), the `[N, H]` hidden
+    /// states (the same on every peer) and `[N]` targets; the loss of the whole vocabulary, as
+    /// [`DistillLoss::forward_linear`] on the unsharded heads, without any peer holding `[N, V]`
+    /// or even `[N, V_p]` logits (chunks of rows, as `forward_linear`; the chunk size depends
+    /// on the vocabulary and the peer count only, so every peer runs the same chunks).
+    ///
+    /// Gradients: the student head's weight and bias get their columns' gradient; the student's
+    /// hidden states get the full `∂loss/∂h`, summed over the peers' head slices by one more
+    /// all-reduce of `N·H` floats (what Megatron's column-parallel input operator does in its
+    /// backward), so a trunk replicated on every peer receives the exact gradient.
+    ///
+    /// # Shapes
+    /// - `student_hidden`: `[N, H_s]`, `student_head`: `Linear` `H_s → V_p`
+    /// - `teacher_hidden`: `[N, H_t]`, `teacher_head`: `Linear` `H_t → V_p`
+    /// - `targets`: `[N]` global class indices; output as [`DistillLoss::forward`]
+    ///
+    /// # Panics
+    /// As [`DistillLoss::forward_vocab_parallel`]; also for `Reduction::PerRow` when the student
+    /// is trained.
+    pub fn forward_linear_vocab_parallel<B: DistillBackend>(
+        &self,
+        student_hidden: Tensor<B, 2>,
+        student_head: &Linear<B>,
+        teacher_hidden: Tensor<B, 2>,
+        teacher_head: &Linear<B>,
+        targets: Tensor<B, 1, Int>,
+        shard: &VocabShard,
+    ) -> Tensor<B, 1> {
+        or_panic(self.try_forward_linear_vocab_parallel_parts(
+            student_hidden,
+            student_head,
+            teacher_hidden,
+            teacher_head,
+            Some(targets),
+            shard,
+        ))
+        .loss
+    }
+
+    /// [`DistillLoss::forward_linear_vocab_parallel`]'s loss and parts (soft only without
+    /// targets), or an error naming the bad argument or the collective step that failed.
+    pub fn try_forward_linear_vocab_parallel_parts<B: DistillBackend>(
+        &self,
+        student_hidden: Tensor<B, 2>,
+        student_head: &Linear<B>,
+        teacher_hidden: Tensor<B, 2>,
+        teacher_head: &Linear<B>,
+        targets: Option<Tensor<B, 1, Int>>,
+        shard: &VocabShard,
+    ) -> Result<DistillOutput<B>, DistillError> {
+        let n = student_hidden.dims()[0];
+        let (student, teacher) =
+            linear_sides(student_hidden, student_head, teacher_hidden, teacher_head)?;
+        let (vs, vt) = (student_head.weight.dims()[1], teacher_head.weight.dims()[1]);
+        if vt != vs {
+            return Err(DistillError::invalid(
+                "teacher_head",
+                format!("{vt} output columns"),
+                format!("the student head's {vs} (both heads sliced alike)"),
+            ));
+        }
+        if shard.offset + vs > shard.vocab {
+            return Err(DistillError::invalid(
+                "student_head",
+                format!("{vs} columns from offset {}", shard.offset),
+                format!("a slice inside the vocabulary of {} columns", shard.vocab),
+            ));
+        }
+        if let Some(targets) = &targets {
+            check_row_targets(
+                targets,
+                [n, shard.vocab],
+                self.check_targets,
+                self.params.ignore_index,
+            )?;
+        }
+        let setup = LinearSetup {
+            params: self.params,
+            kernel: self.kernel,
+            vocab_mismatch: self.vocab_mismatch,
+            chunk_rows: self.linear_chunk_rows(shard.vocab.div_ceil(shard.peers)),
+            logit_softcap: self.logit_softcap,
+        };
+        let parts = B::distill_linear_vocab_parallel(
+            student,
+            teacher,
+            targets.map(Tensor::into_primitive),
+            &setup,
+            shard,
+        )?;
+        let float = |t| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
+        Ok(DistillOutput {
+            loss: float(parts.loss),
+            soft: float(parts.soft),
+            hard: parts.hard.map(float),
+        })
+    }
+}
+
+/// The vocabulary-parallel fused-linear loss on `B`: chunks of rows through
+/// [`vocab_parallel`], then the hidden-state gradient summed across the peers. `Ok(None)` as
+/// for [`linear::chunked`] (a gradient with `Reduction::PerRow`).
+pub(crate) fn linear_vocab_parallel<B: DistillBackend>(
+    student: LinearSide<B>,
+    teacher: LinearSide<B>,
+    targets: Option<IntTensor<B>>,
+    setup: &LinearSetup,
+    shard: &VocabShard,
+    with_grad: bool,
+) -> Result<Option<(DistillParts<B>, Option<LinearGrads<B>>)>, DistillError> {
+    let out = linear::chunked_with(
+        student,
+        teacher,
+        targets,
+        setup,
+        with_grad,
+        |zs, zt, y, params| vocab_parallel::<B>(zs, zt, y, params, shard, with_grad).map(Some),
+    )?;
+    let Some((parts, grads)) = out else {
+        return Ok(None);
+    };
+    let grads = match grads {
+        Some(g) => {
+            let hidden = sum_across(
+                shard.peer,
+                linear::float::<B, 2>(g.hidden),
+                "all-reduce of the hidden-state gradient",
+            )?;
+            Some(LinearGrads {
+                hidden: hidden.into_primitive().tensor(),
+                ..g
+            })
+        }
+        None => None,
+    };
+    Ok(Some((parts, grads)))
 }
 
 /// Sums `tensor` across the peers.

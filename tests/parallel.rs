@@ -9,6 +9,8 @@ use std::sync::Mutex;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::collective::{CollectiveConfig, PeerId, finish_collective, register, reset_collective};
+use burn::module::Param;
+use burn::nn::Linear;
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_distill::{
     DistillError, DistillLoss, DistillLossConfig, Divergence, Reduction, VocabShard,
@@ -355,4 +357,183 @@ fn shard_errors_name_the_argument() {
         ),
         "{err}"
     );
+
+    // The fused-linear form: heads of different widths; PerRow when the student is trained.
+    let (w, b) = (vec![0.5; 3 * 10], vec![0.0; 10]);
+    let (h1, h2) = (head(&w, &b, 3, 10, &(8..10)), head(&w, &b, 3, 10, &(7..10)));
+    let x = Tensor::<B, 2>::ones([2, 3], &device).require_grad();
+    let err = loss
+        .try_forward_linear_vocab_parallel_parts(x.clone(), &h1, x.clone(), &h2, None, &shard)
+        .unwrap_err();
+    assert!(err.to_string().contains("teacher_head"), "{err}");
+    let per_row = config().with_reduction(Reduction::PerRow).init();
+    let err = per_row
+        .try_forward_linear_vocab_parallel_parts(x.clone(), &h1, x, &h1, None, &shard)
+        .unwrap_err();
+    assert!(err.to_string().contains("PerRow"), "{err}");
+}
+
+/// A `Linear` layer `[h → cols]` cut from row-major `[h, vocab]` weights and a `[vocab]` bias.
+fn head(weight: &[f32], bias: &[f32], h: usize, vocab: usize, cols: &Range<usize>) -> Linear<B> {
+    let device = Default::default();
+    Linear {
+        weight: Param::from_tensor(Tensor::from_data(
+            TensorData::new(columns(weight, h, vocab, cols), [h, cols.len()]),
+            &device,
+        )),
+        bias: Some(Param::from_tensor(Tensor::from_data(
+            TensorData::new(bias[cols.clone()].to_vec(), [cols.len()]),
+            &device,
+        ))),
+    }
+}
+
+/// The fused-linear loss with heads sliced over the peers equals `forward_linear` on the whole
+/// heads: loss, the hidden states' (full) gradient on every peer, and each peer's columns of
+/// the weight and bias gradients.
+#[test]
+fn fused_linear_with_vocabulary_parallel_heads() {
+    let _lock = COLLECTIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let (n, hs, ht, vocab) = (11, 5, 7, 29);
+    let values = |len: usize, seed: u64, spread: f32| {
+        batch(1, len, 0, seed)
+            .student
+            .iter()
+            .map(|x| x * spread / 8.0)
+            .collect::<Vec<f32>>()
+    };
+    let (h_s, h_t) = (values(n * hs, 5, 2.0), values(n * ht, 6, 2.0));
+    let (w_s, w_t) = (values(hs * vocab, 7, 1.5), values(ht * vocab, 8, 2.5));
+    let (b_s, b_t) = (values(vocab, 9, 1.0), values(vocab, 10, 1.0));
+    let targets = batch(n, vocab, 0, 11).targets;
+    let device = Default::default();
+    for divergence in [Divergence::ForwardKl, Divergence::Jsd { beta: 0.5 }] {
+        // Chunks of 4 rows: several per call, the last one short.
+        let loss = config()
+            .with_divergence(divergence)
+            .with_linear_chunk_rows(Some(4))
+            .init();
+        let hidden = |data: &[f32], width: usize| {
+            Tensor::<B, 2>::from_data(TensorData::new(data.to_vec(), [n, width]), &device)
+        };
+        let whole = 0..vocab;
+        let (student_head, teacher_head) = (
+            head(&w_s, &b_s, hs, vocab, &whole),
+            head(&w_t, &b_t, ht, vocab, &whole),
+        );
+        let x = hidden(&h_s, hs).require_grad();
+        let y = Tensor::<B, 1, Int>::from_ints(targets.as_slice(), &device);
+        let want =
+            loss.forward_linear(x.clone(), &student_head, hidden(&h_t, ht), &teacher_head, y);
+        let grads = want.backward();
+        let want = want.into_scalar();
+        let want_x: Vec<f32> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
+        let want_w: Vec<f32> = student_head
+            .weight
+            .val()
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let want_b: Vec<f32> = student_head
+            .bias
+            .as_ref()
+            .unwrap()
+            .val()
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .to_vec()
+            .unwrap();
+
+        for peers in [2, 3] {
+            reset_collective::<Inner>();
+            let config = CollectiveConfig::default().with_num_devices(peers);
+            let handles: Vec<_> = (0..peers)
+                .map(|rank| {
+                    let (loss, config, targets) = (loss.clone(), config.clone(), targets.clone());
+                    let (h_s, h_t, w_s, w_t, b_s, b_t) = (
+                        h_s.clone(),
+                        h_t.clone(),
+                        w_s.clone(),
+                        w_t.clone(),
+                        b_s.clone(),
+                        b_t.clone(),
+                    );
+                    std::thread::spawn(move || {
+                        let device = Default::default();
+                        let peer = PeerId::from(rank as u32);
+                        register::<Inner>(peer, device, config).expect("register");
+                        let cols = VocabShard::balanced_range(vocab, peers, rank);
+                        let shard = VocabShard::balanced(peer, rank, peers, vocab).unwrap();
+                        let (student_head, teacher_head) = (
+                            head(&w_s, &b_s, hs, vocab, &cols),
+                            head(&w_t, &b_t, ht, vocab, &cols),
+                        );
+                        let x = Tensor::<B, 2>::from_data(TensorData::new(h_s, [n, hs]), &device)
+                            .require_grad();
+                        let t = Tensor::<B, 2>::from_data(TensorData::new(h_t, [n, ht]), &device);
+                        let y = Tensor::<B, 1, Int>::from_ints(targets.as_slice(), &device);
+                        let value = loss.forward_linear_vocab_parallel(
+                            x.clone(),
+                            &student_head,
+                            t,
+                            &teacher_head,
+                            y,
+                            &shard,
+                        );
+                        let grads = value.backward();
+                        let gx: Vec<f32> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
+                        let gw: Vec<f32> = student_head
+                            .weight
+                            .val()
+                            .grad(&grads)
+                            .unwrap()
+                            .into_data()
+                            .to_vec()
+                            .unwrap();
+                        let gb: Vec<f32> = student_head
+                            .bias
+                            .as_ref()
+                            .unwrap()
+                            .val()
+                            .grad(&grads)
+                            .unwrap()
+                            .into_data()
+                            .to_vec()
+                            .unwrap();
+                        finish_collective::<Inner>(peer).expect("finish");
+                        (cols, value.into_scalar(), gx, gw, gb)
+                    })
+                })
+                .collect();
+            for handle in handles {
+                let (cols, value, gx, gw, gb) = handle.join().unwrap();
+                let what = format!("{divergence:?}, P = {peers}, columns {cols:?}");
+                assert_close(&format!("{what}: loss"), &[value], &[want], 2e-5, 1e-6);
+                assert_close(
+                    &format!("{what}: hidden gradient"),
+                    &gx,
+                    &want_x,
+                    1e-4,
+                    1e-6,
+                );
+                assert_close(
+                    &format!("{what}: weight gradient"),
+                    &gw,
+                    &columns(&want_w, hs, vocab, &cols),
+                    1e-4,
+                    1e-6,
+                );
+                assert_close(
+                    &format!("{what}: bias gradient"),
+                    &gb,
+                    &want_b[cols.clone()],
+                    1e-4,
+                    1e-6,
+                );
+            }
+        }
+    }
 }

@@ -20,7 +20,7 @@ use burn::tensor::{
 use super::{DistillBackend, DistillParams, DistillParts, FusedOutput, SparseInputs, SparseSetup};
 #[cfg(feature = "collective")]
 use crate::DistillError;
-use crate::linear::{self, LinearSetup, LinearSide};
+use crate::linear::{self, LinearGrads, LinearSetup, LinearSide};
 
 /// Backward of a fused loss with `N` differentiable inputs: the gradients computed by the
 /// forward pass (one per input, in order), times the upstream gradient.
@@ -142,6 +142,29 @@ where
     })
 }
 
+/// The inner backend's view of one side of a fused-linear loss.
+fn inner_side<B: DistillBackend, C: CheckpointStrategy>(
+    side: &LinearSide<Autodiff<B, C>>,
+) -> LinearSide<B> {
+    LinearSide {
+        hidden: side.hidden.primitive.clone(),
+        weight: side.weight.primitive.clone(),
+        bias: side.bias.as_ref().map(|b| b.primitive.clone()),
+    }
+}
+
+/// A fused-linear loss as an op of the student's hidden states, weight and (if any) bias.
+fn linear_op<B: DistillBackend, C: CheckpointStrategy>(
+    student: &LinearSide<Autodiff<B, C>>,
+    run: impl FnOnce(bool) -> Option<(DistillParts<B>, Vec<FloatTensor<B>>)>,
+) -> Option<DistillParts<Autodiff<B, C>>> {
+    let (h, w) = (&student.hidden, &student.weight);
+    match &student.bias {
+        Some(bias) => fused_op::<B, C, 3>([h, w, bias], run),
+        None => fused_op::<B, C, 2>([h, w], run),
+    }
+}
+
 impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C> {
     fn fused_kernel_dtypes() -> &'static [DType] {
         B::fused_kernel_dtypes()
@@ -227,29 +250,54 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
         targets: Option<IntTensor<Self>>,
         setup: &LinearSetup,
     ) -> DistillParts<Self> {
-        let inner = |side: &LinearSide<Self>| LinearSide::<B> {
-            hidden: side.hidden.primitive.clone(),
-            weight: side.weight.primitive.clone(),
-            bias: side.bias.as_ref().map(|b| b.primitive.clone()),
-        };
-        let (s, t) = (inner(&student), inner(&teacher));
+        let (s, t) = (inner_side(&student), inner_side(&teacher));
         let run = |tracked: bool| {
             let (parts, grads) = linear::chunked::<B>(s, t, targets.clone(), setup, tracked)?;
-            let grads = grads
-                .map(|g| {
-                    [Some(g.hidden), Some(g.weight), g.bias]
-                        .into_iter()
-                        .flatten()
-                        .collect()
-                })
-                .unwrap_or_default();
-            Some((parts, grads))
+            Some((parts, grads.map(LinearGrads::into_vec).unwrap_or_default()))
         };
-        let (h, w) = (&student.hidden, &student.weight);
-        let fused = match &student.bias {
-            Some(bias) => fused_op::<B, C, 3>([h, w, bias], run),
-            None => fused_op::<B, C, 2>([h, w], run),
+        linear_op(&student, run)
+            .unwrap_or_else(|| linear::materialised::<Self>(student, teacher, targets, setup))
+    }
+
+    /// The vocabulary-parallel fused-linear loss on `B`, as one op of the student's hidden
+    /// states, head weight and bias (gradients computed in the forward).
+    #[cfg(feature = "collective")]
+    fn distill_linear_vocab_parallel(
+        student: LinearSide<Self>,
+        teacher: LinearSide<Self>,
+        targets: Option<IntTensor<Self>>,
+        setup: &LinearSetup,
+        shard: &crate::VocabShard,
+    ) -> Result<DistillParts<Self>, DistillError> {
+        let (s, t) = (inner_side(&student), inner_side(&teacher));
+        let mut error = None;
+        let run = |tracked: bool| match crate::parallel::linear_vocab_parallel::<B>(
+            s, t, targets, setup, shard, tracked,
+        ) {
+            Ok(Some((parts, grads))) => {
+                Some((parts, grads.map(LinearGrads::into_vec).unwrap_or_default()))
+            }
+            Ok(None) => {
+                error = Some(DistillError::invalid(
+                    "reduction",
+                    "PerRow",
+                    "Mean, Sum or Normalized for a trained vocabulary-parallel \
+                         fused-linear loss (per-row upstream weights are only known in the \
+                         backward pass)",
+                ));
+                None
+            }
+            Err(e) => {
+                error = Some(e);
+                None
+            }
         };
-        fused.unwrap_or_else(|| linear::materialised::<Self>(student, teacher, targets, setup))
+        let out = linear_op(&student, run);
+        out.ok_or_else(|| {
+            error.unwrap_or_else(|| DistillError::Collective {
+                operation: "vocabulary-parallel fused-linear loss".into(),
+                message: "no output".into(),
+            })
+        })
     }
 }

@@ -218,6 +218,28 @@ pub trait DistillBackend: Backend {
         crate::parallel::vocab_parallel::<Self>(student, teacher, targets, params, shard, with_grad)
     }
 
+    /// The vocabulary-parallel fused-linear loss (see
+    /// [`DistillLoss::forward_linear_vocab_parallel`](crate::DistillLoss::forward_linear_vocab_parallel)):
+    /// chunks of rows of this peer's head slice through the vocabulary-parallel loss. The
+    /// default runs on this backend without gradients; `Autodiff<B>` adds the student's.
+    #[cfg(feature = "collective")]
+    fn distill_linear_vocab_parallel(
+        student: LinearSide<Self>,
+        teacher: LinearSide<Self>,
+        targets: Option<IntTensor<Self>>,
+        setup: &LinearSetup,
+        shard: &crate::VocabShard,
+    ) -> Result<DistillParts<Self>, crate::DistillError> {
+        crate::parallel::linear_vocab_parallel::<Self>(
+            student, teacher, targets, setup, shard, false,
+        )
+        .map(|out| out.map(|(parts, _)| parts))?
+        .ok_or_else(|| crate::DistillError::Collective {
+            operation: "vocabulary-parallel fused-linear loss".into(),
+            message: "no output".into(),
+        })
+    }
+
     /// The backward step of the fused kernel: `grad · upstream`, where `upstream` is the
     /// gradient of the loss output (`[1]` for the reductions to one value, `[N]` for `PerRow`).
     fn distill_scale_grad(

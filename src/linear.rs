@@ -58,6 +58,9 @@ impl LinearSetup {
     }
 }
 
+/// The loss parts and, when asked, the student's gradients, of a chunked fused-linear loss.
+pub(crate) type LinearOutput<B> = (DistillParts<B>, Option<LinearGrads<B>>);
+
 /// The student's gradients computed by [`chunked`]: hidden states, weight, bias.
 pub(crate) struct LinearGrads<B: Backend> {
     pub hidden: FloatTensor<B>,
@@ -121,7 +124,7 @@ pub(crate) fn chunked<B: DistillBackend>(
     targets: Option<IntTensor<B>>,
     setup: &LinearSetup,
     with_grad: bool,
-) -> Option<(DistillParts<B>, Option<LinearGrads<B>>)> {
+) -> Option<LinearOutput<B>> {
     let fused = |zs: FloatTensor<B>, zt, y, params: &DistillParams| {
         Ok::<_, std::convert::Infallible>(
             if setup.kernel != Kernel::Reference && B::has_fused_kernel(&zs, &zt) {
@@ -157,7 +160,7 @@ pub(crate) fn chunked_with<B: DistillBackend, E>(
         Option<IntTensor<B>>,
         &DistillParams,
     ) -> Result<Option<crate::FusedOutput<B>>, E>,
-) -> Result<Option<(DistillParts<B>, Option<LinearGrads<B>>)>, E> {
+) -> Result<Option<LinearOutput<B>>, E> {
     let params = setup.params;
     if with_grad && params.reduction == Reduction::PerRow {
         return Ok(None);

@@ -41,7 +41,7 @@ use burn::tensor::{
 
 use burn::nn::Linear;
 
-use crate::linear::{self, LinearGrads, LinearSetup, LinearSide, linear_sides};
+use crate::linear::{self, LinearGrads, LinearOutput, LinearSetup, LinearSide, linear_sides};
 use crate::{
     DistillBackend, DistillError, DistillLoss, DistillOutput, DistillParams, DistillParts,
     Divergence, FusedOutput,
@@ -391,7 +391,7 @@ pub(crate) fn linear_vocab_parallel<B: DistillBackend>(
     setup: &LinearSetup,
     shard: &VocabShard,
     with_grad: bool,
-) -> Result<Option<(DistillParts<B>, Option<LinearGrads<B>>)>, DistillError> {
+) -> Result<Option<LinearOutput<B>>, DistillError> {
     let out = linear::chunked_with(
         student,
         teacher,

@@ -618,10 +618,6 @@ impl DistillLoss {
             targets.map(Tensor::into_primitive),
             &setup,
         );
-        Ok(DistillOutput {
-            loss: float(parts.loss),
-            soft: float(parts.soft),
-            hard: parts.hard.map(float),
-        })
+        Ok(parts.into())
     }
 }

@@ -225,6 +225,18 @@ pub struct DistillOutput<B: Backend> {
     pub hard: Option<Tensor<B, 1>>,
 }
 
+impl<B: Backend> From<crate::DistillParts<B>> for DistillOutput<B> {
+    /// The backend primitives of a loss as tensors.
+    fn from(parts: crate::DistillParts<B>) -> Self {
+        let float = |t| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
+        Self {
+            loss: float(parts.loss),
+            soft: float(parts.soft),
+            hard: parts.hard.map(float),
+        }
+    }
+}
+
 impl DistillLoss {
     /// The validated parameters of this loss.
     pub fn params(&self) -> &DistillParams {
@@ -452,12 +464,7 @@ impl DistillLoss {
             &self.params,
             self.kernel,
         );
-        let float = |t| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
-        Ok(DistillOutput {
-            loss: float(parts.loss),
-            soft: float(parts.soft),
-            hard: parts.hard.map(float),
-        })
+        Ok(parts.into())
     }
 }
 

@@ -248,21 +248,7 @@ impl DistillLoss {
                 format!("the student_shard shape [{n}, {v}] (both models sharded alike)"),
             ));
         }
-        if shard.offset + v > shard.vocab {
-            return Err(DistillError::invalid(
-                "student_shard",
-                format!("{v} columns from offset {}", shard.offset),
-                format!("a shard inside the vocabulary of {} columns", shard.vocab),
-            ));
-        }
-        if let Some(targets) = &targets {
-            check_row_targets(
-                targets,
-                [n, shard.vocab],
-                self.check_targets,
-                self.params.ignore_index,
-            )?;
-        }
+        self.check_shard("student_shard", v, n, targets.as_ref(), shard)?;
         let out = B::distill_vocab_parallel(
             self.soft_cap(student_shard).into_primitive().tensor(),
             self.soft_cap(teacher_shard).into_primitive().tensor(),
@@ -271,12 +257,7 @@ impl DistillLoss {
             shard,
             false,
         )?;
-        let float = |t| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
-        Ok(DistillOutput {
-            loss: float(out.parts.loss),
-            soft: float(out.parts.soft),
-            hard: out.parts.hard.map(float),
-        })
+        Ok(out.parts.into())
     }
 }
 
@@ -343,21 +324,7 @@ impl DistillLoss {
                 format!("the student head's {vs} (both heads sliced alike)"),
             ));
         }
-        if shard.offset + vs > shard.vocab {
-            return Err(DistillError::invalid(
-                "student_head",
-                format!("{vs} columns from offset {}", shard.offset),
-                format!("a slice inside the vocabulary of {} columns", shard.vocab),
-            ));
-        }
-        if let Some(targets) = &targets {
-            check_row_targets(
-                targets,
-                [n, shard.vocab],
-                self.check_targets,
-                self.params.ignore_index,
-            )?;
-        }
+        self.check_shard("student_head", vs, n, targets.as_ref(), shard)?;
         let setup = LinearSetup {
             params: self.params,
             kernel: self.kernel,
@@ -372,12 +339,7 @@ impl DistillLoss {
             &setup,
             shard,
         )?;
-        let float = |t| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
-        Ok(DistillOutput {
-            loss: float(parts.loss),
-            soft: float(parts.soft),
-            hard: parts.hard.map(float),
-        })
+        Ok(parts.into())
     }
 }
 
@@ -418,6 +380,36 @@ pub(crate) fn linear_vocab_parallel<B: DistillBackend>(
         None => None,
     };
     Ok(Some((parts, grads)))
+}
+
+impl DistillLoss {
+    /// `width` columns from the shard's offset lie inside the vocabulary, and the `[rows]`
+    /// targets are global class indices (or the ignore index).
+    fn check_shard<B: Backend>(
+        &self,
+        argument: &str,
+        width: usize,
+        rows: usize,
+        targets: Option<&Tensor<B, 1, Int>>,
+        shard: &VocabShard,
+    ) -> Result<(), DistillError> {
+        if shard.offset + width > shard.vocab {
+            return Err(DistillError::invalid(
+                argument,
+                format!("{width} columns from offset {}", shard.offset),
+                format!("columns inside the vocabulary of {} columns", shard.vocab),
+            ));
+        }
+        match targets {
+            Some(targets) => check_row_targets(
+                targets,
+                [rows, shard.vocab],
+                self.check_targets,
+                self.params.ignore_index,
+            ),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Sums `tensor` across the peers.

@@ -4,10 +4,7 @@
 use burn::{
     config::Config,
     module::Module,
-    tensor::{
-        Bool, IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive, activation,
-        backend::Backend,
-    },
+    tensor::{Bool, IndexingUpdateOp, Int, Tensor, TensorData, activation, backend::Backend},
 };
 use serde::{Deserialize, Serialize};
 
@@ -444,14 +441,9 @@ impl SparseDistillLoss {
                 },
                 false,
             );
-            let float = |t| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
             match fused {
                 Some(out) => {
-                    return Ok(DistillOutput {
-                        loss: float(out.parts.loss),
-                        soft: float(out.parts.soft),
-                        hard: out.parts.hard.map(float),
-                    });
+                    return Ok(out.parts.into());
                 }
                 None if self.kernel == Kernel::Fused => {
                     return Err(DistillError::invalid(

@@ -55,7 +55,7 @@ fn sharded(
     let barrier = Arc::new(Barrier::new(peers));
     let handles: Vec<_> = (0..peers)
         .map(|rank| {
-            let cols = VocabShard::balanced_range(v, peers, rank);
+            let cols = VocabShard::balanced_range(v, peers, rank).unwrap();
             let s = student.clone().slice([0..n, cols.clone()]);
             let t = teacher.clone().slice([0..n, cols]);
             let (loss, y, config, barrier) =

@@ -251,11 +251,15 @@ impl DistillLoss {
 
     /// Rows per chunk of the fused-linear losses for a vocabulary of `v` columns.
     pub fn linear_chunk_rows(&self, v: usize) -> usize {
+        let buffers = if self.logit_softcap.is_some() { 4 } else { 3 };
+        self.linear_chunk_rows_with(v, buffers)
+    }
+
+    /// [`DistillLoss::linear_chunk_rows`] for a loss that keeps `buffers` f32 `[c, V]`
+    /// buffers per chunk.
+    pub(crate) fn linear_chunk_rows_with(&self, v: usize, buffers: usize) -> usize {
         self.linear_chunk_rows
-            .unwrap_or_else(|| {
-                let buffers = if self.logit_softcap.is_some() { 4 } else { 3 };
-                self.linear_chunk_bytes / (buffers * 4 * v.max(1))
-            })
+            .unwrap_or_else(|| self.linear_chunk_bytes / (buffers * 4 * v.max(1)))
             .max(1)
     }
 

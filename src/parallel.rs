@@ -7,7 +7,8 @@
 //! One or two all-reduces per call, both `O(N)` (never `O(N·V)`), issued by every peer in the
 //! same order:
 //!
-//! 1. **Row statistics**, `P·N·9` floats: each peer's online-softmax state of its shard — the
+//! 1. **Row statistics**, `P·(N + 1)·9` floats (the extra row: each peer's layout, offset,
+//!    width, vocabulary, peer count and rows, checked on every peer): each peer's online-softmax state of its shard — the
 //!    student's row maximum and its sums of exponentials at `T` and at 1, the teacher's maximum
 //!    and sum at `T`, the target logit if it owns the target, (for label smoothing) the sum and
 //!    count of its finite logits, and for the KLs the shard's softmax-weighted logit gap
@@ -113,28 +114,37 @@ impl VocabShard {
         peers: usize,
         vocab: usize,
     ) -> Result<Self, DistillError> {
-        if peers == 0 || rank >= peers || vocab < peers {
-            return Err(DistillError::invalid(
-                "balanced shard",
-                format!("rank {rank} of {peers} peers over {vocab} columns"),
-                "peers >= 1, rank < peers and vocab >= peers",
-            ));
-        }
-        Self::new(
-            peer,
-            rank,
-            peers,
-            Self::balanced_range(vocab, peers, rank).start,
-            vocab,
-        )
+        let columns = Self::balanced_range(vocab, peers, rank)?;
+        Self::new(peer, rank, peers, columns.start, vocab)
     }
 
     /// The columns of rank `rank` when `vocab` columns are split over `peers`: widths differ by
     /// at most one, the first `vocab % peers` shards being the wider.
-    pub fn balanced_range(vocab: usize, peers: usize, rank: usize) -> Range<usize> {
-        let (base, extra) = (vocab / peers.max(1), vocab % peers.max(1));
+    pub fn balanced_range(
+        vocab: usize,
+        peers: usize,
+        rank: usize,
+    ) -> Result<Range<usize>, DistillError> {
+        if peers == 0 {
+            return Err(DistillError::invalid("peers", 0, "at least 1 peer"));
+        }
+        if rank >= peers {
+            return Err(DistillError::invalid(
+                "rank",
+                rank,
+                format!("a rank in [0, {peers}) (peers = {peers})"),
+            ));
+        }
+        if vocab < peers {
+            return Err(DistillError::invalid(
+                "vocab",
+                vocab,
+                format!("at least one column per peer ({peers} peers)"),
+            ));
+        }
+        let (base, extra) = (vocab / peers, vocab % peers);
         let start = rank * base + rank.min(extra);
-        start..start + base + usize::from(rank < extra)
+        Ok(start..start + base + usize::from(rank < extra))
     }
 
     /// The id this peer registered with burn-collective.
@@ -159,7 +169,7 @@ impl VocabShard {
     }
 
     /// The floats each peer contributes to the all-reduces of one call over `rows` rows:
-    /// `P·rows·9` for the row statistics, plus `rows·2` for the row sums of the divergences
+    /// `P·(rows + 1)·9` for the row statistics (and one row of layout per peer), plus `rows·2` for the row sums of the divergences
     /// that need a second exchange (JSD, skew KLs, TVD): `O(N)`, independent of the
     /// vocabulary. Multiply by the size of the dtype (4 for f32, 8 for f64) for bytes; a ring
     /// all-reduce moves about twice that per peer.
@@ -168,7 +178,7 @@ impl VocabShard {
             Divergence::ForwardKl | Divergence::ReverseKl => 0,
             _ => rows * 2,
         };
-        self.peers * rows * STATS + second
+        self.peers * (rows + 1) * STATS + second
     }
 }
 
@@ -184,7 +194,16 @@ impl DistillLoss {
     /// have one width) and [`Kernel`](crate::Kernel) (composed tensor ops on each shard).
     ///
     /// Peers must have registered with `burn::collective::register` (the inner backend for
-    /// `Autodiff<B>`) and call this in the same order.
+    /// `Autodiff<B>`) and call this in the same order, with the same targets, configuration
+    /// and number of rows.
+    ///
+    /// # Errors
+    /// Checks of this peer's own inputs (shapes, targets) fail before anything is exchanged;
+    /// as with any collective, a peer that fails alone leaves the others waiting in the
+    /// all-reduce, so validate the setup before the training loop. With `check_targets` (the
+    /// default), the shards' layout is checked after the first exchange on every peer alike
+    /// (shards that overlap, leave a gap, or disagree on the vocabulary or the peer count fail
+    /// on every peer, naming the shards): one read of `5·P` numbers back to the host.
     ///
     /// # Shapes
     /// - `student_shard`, `teacher_shard`: `[N, V_p]`
@@ -255,6 +274,7 @@ impl DistillLoss {
             targets.map(Tensor::into_primitive),
             &self.params,
             shard,
+            self.check_targets,
             false,
         )?;
         Ok(out.parts.into())
@@ -265,9 +285,13 @@ impl DistillLoss {
     /// The fused-linear loss of a vocabulary-parallel LM head: this peer's slice of both heads
     /// (`Linear` layers `H → V_p` for columns `shard.offset() .. + V_p`), the `[N, H]` hidden
     /// states (the same on every peer) and `[N]` targets; the loss of the whole vocabulary, as
-    /// [`DistillLoss::forward_linear`] on the unsharded heads, without any peer holding `[N, V]`
-    /// or even `[N, V_p]` logits (chunks of rows, as `forward_linear`; the chunk size depends
-    /// on the vocabulary and the peer count only, so every peer runs the same chunks).
+    /// [`DistillLoss::forward_linear`] on the unsharded heads, with logits computed
+    /// `chunk_rows × V_p` at a time (never `[N, V]`; the chunk size comes from
+    /// `linear_chunk_rows` or from `linear_chunk_bytes` for the widest shard, counting the
+    /// dozen `[c, V_p]` buffers of the composed shard loss). The chunks follow the kept rows,
+    /// so the targets must be the same on every peer, and every peer must agree on whether the
+    /// student is trained (that adds the hidden-state all-reduce). The loss runs as composed
+    /// burn ops on each shard whatever the [`Kernel`](crate::Kernel) setting.
     ///
     /// Gradients: the student head's weight and bias get their columns' gradient; the student's
     /// hidden states get the full `∂loss/∂h`, summed over the peers' head slices by one more
@@ -329,7 +353,7 @@ impl DistillLoss {
             params: self.params,
             kernel: self.kernel,
             vocab_mismatch: self.vocab_mismatch,
-            chunk_rows: self.linear_chunk_rows(shard.vocab.div_ceil(shard.peers)),
+            chunk_rows: self.linear_chunk_rows_with(shard.vocab.div_ceil(shard.peers), 12),
             logit_softcap: self.logit_softcap,
         };
         let parts = B::distill_linear_vocab_parallel(
@@ -338,6 +362,7 @@ impl DistillLoss {
             targets.map(Tensor::into_primitive),
             &setup,
             shard,
+            self.check_targets,
         )?;
         Ok(parts.into())
     }
@@ -352,15 +377,21 @@ pub(crate) fn linear_vocab_parallel<B: DistillBackend>(
     targets: Option<IntTensor<B>>,
     setup: &LinearSetup,
     shard: &VocabShard,
+    check: bool,
     with_grad: bool,
 ) -> Result<Option<LinearOutput<B>>, DistillError> {
+    // The shards' layout is checked with the first chunk.
+    let mut check = check;
     let out = linear::chunked_with(
         student,
         teacher,
         targets,
         setup,
         with_grad,
-        |zs, zt, y, params| vocab_parallel::<B>(zs, zt, y, params, shard, with_grad).map(Some),
+        |zs, zt, y, params| {
+            let first = std::mem::replace(&mut check, false);
+            vocab_parallel::<B>(zs, zt, y, params, shard, first, with_grad).map(Some)
+        },
     )?;
     let Some((parts, grads)) = out else {
         return Ok(None);
@@ -437,26 +468,46 @@ fn finite_or_zero<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     x.mask_fill(infinite, 0.0)
 }
 
-/// Merges `[P, N, 1]` per-peer maxima `m_p` and sums `S_p = Σ_{j∈p} e^{(x_j − m_p)/T}`: the
-/// `[N, 1]` log-normaliser `log S + m/T` with `m = max_p m_p` and `S = Σ_p S_p e^{(m_p − m)/T}`,
-/// and the `[P, N, 1]` rescaling factors `e^{(m_p − m)/T} / S` that turn any other per-peer
-/// sum weighted by `e^{(x_j − m_p)/T}` into its share of the global softmax expectation.
-fn merge<B: Backend>(
-    maxima: Tensor<B, 3>,
-    sums: Tensor<B, 3>,
-    t: f64,
-) -> (Tensor<B, 2>, Tensor<B, 3>) {
+/// Merges `[P, N, 1]` per-peer maxima `m_p` and sums `S_p = Σ_{j∈p} e^{(x_j − m_p)/T}`
+/// (`m = max_p m_p`, `S = Σ_p S_p e^{(m_p − m)/T}`).
+struct Merged<B: Backend> {
+    /// `[N, 1]` log-normaliser `m/T + log S`.
+    lse: Tensor<B, 2>,
+    /// `[N, 1]` `log S`.
+    log_sum: Tensor<B, 2>,
+    /// `[N, 1]` global maximum `m` (`0` where every logit of the row is `−∞`).
+    max: Tensor<B, 2>,
+    /// `[P, N, 1]` `e^{(m_p − m)/T} / S`: turns a per-peer sum weighted by `e^{(x_j − m_p)/T}`
+    /// into its share of the global softmax expectation.
+    share: Tensor<B, 3>,
+}
+
+fn merge<B: Backend>(maxima: Tensor<B, 3>, sums: Tensor<B, 3>, t: f64) -> Merged<B> {
     let n = maxima.dims()[1];
     let m = finite_or_zero(maxima.clone().max_dim(0));
     let rescale = (maxima - m.clone()).mul_scalar(t.recip()).exp();
     let total = (sums * rescale.clone()).sum_dim(0);
-    let lse = total.clone().log() + m.mul_scalar(t.recip());
-    (lse.reshape([n, 1]), rescale / total)
+    let log_sum = total.clone().log().reshape([n, 1]);
+    Merged {
+        lse: log_sum.clone() + m.clone().reshape([n, 1]).mul_scalar(t.recip()),
+        log_sum,
+        max: m.clone().reshape([n, 1]),
+        share: rescale / total,
+    }
 }
 
 /// `h_j = q_j ∂φ/∂q_j` for each column of the divergence `D = Σ_j φ(p_j, q_j)` (see
 /// [`Divergence`]), with `0` where `q_j = 0`: the student gradient is then
 /// `(h_j − q_j Σ_k h_k) / T`.
+///
+/// ```text
+/// forward KL         h = −p
+/// reverse KL         h = q (log q − log p + 1)
+/// JSD(β)             h = (1 − β) q (log q − log m),          m = β p + (1 − β) q
+/// skew KL(λ)         h = −(1 − λ) p q / m,                    m = λ p + (1 − λ) q
+/// skew reverse KL(λ) h = q (log q − log m + 1 − λ q / m),     m = (1 − λ) p + λ q
+/// TVD                h = ½ q sign(q − p)
+/// ```
 fn sensitivity<B: Backend>(
     divergence: Divergence,
     log_p: Tensor<B, 2>,
@@ -495,16 +546,20 @@ fn sensitivity<B: Backend>(
 
 /// The vocabulary-parallel loss on one peer's shard (see the module documentation): the
 /// reduced loss and parts (equal on every peer) and, when `with_grad`, the gradient of the
-/// loss with respect to this shard's student logits.
+/// loss with respect to this shard's student logits. With `check`, the shards' layout is
+/// verified after the first exchange (one read of `5·P` numbers back to the host): every
+/// peer then fails alike when the shards overlap, leave a gap or disagree on the vocabulary,
+/// the peer count or the rows.
 ///
 /// The default body of [`DistillBackend::distill_vocab_parallel`]; runs on any backend with
 /// burn tensor ops, exchanging through burn-collective on `B`.
-pub fn vocab_parallel<B: Backend>(
+pub fn vocab_parallel<B: DistillBackend>(
     student: FloatTensor<B>,
     teacher: FloatTensor<B>,
     targets: Option<IntTensor<B>>,
     params: &DistillParams,
     shard: &VocabShard,
+    check: bool,
     with_grad: bool,
 ) -> Result<FusedOutput<B>, DistillError> {
     let z = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(student));
@@ -541,21 +596,21 @@ pub fn vocab_parallel<B: Backend>(
     let z_max = z.clone().max_dim(1);
     let z_shift = z.clone() - finite_or_zero(z_max.clone());
     let u_max = u.clone().max_dim(1);
+    let u_shift = u.clone() - finite_or_zero(u_max.clone());
     let z_exp = z_shift.clone().mul_scalar(inv_t).exp();
-    let u_exp = (u.clone() - finite_or_zero(u_max.clone()))
-        .mul_scalar(inv_t)
-        .exp();
-    // Forward and reverse KL need no second exchange: the shard's `Σ_j e^{(x_j − m_p)/T} ·
-    // (a_j − b_j)/T` (teacher-weighted `t − s` for forward KL, student-weighted `s − t` for
-    // reverse KL), rescaled after the merge, is its part of `Σ_j p_j (t_j − s_j)` (resp.
-    // `Σ_j q_j (s_j − t_j)`), and `KL = that − LSE_t + LSE_s` (resp. `− LSE_s + LSE_t`).
+    let u_exp = u_shift.clone().mul_scalar(inv_t).exp();
+    // Forward and reverse KL need no second exchange: the shard's
+    // `Σ_j e^{(u_j − m^u_p)/T} ((u_j − m^u_p) − (z_j − m^z_p))/T` (forward KL; the student's
+    // weights and `z − u` for reverse KL), corrected by the shard's maxima and rescaled after
+    // the merge, is its part of `Σ_j p_j ((u_j − m^u) − (z_j − m^z))/T`, and then
+    // `KL(p‖q) = that − log S_t + log S_s` (max-shifted throughout, as the unsharded loss).
     let weighted_gap = |weight: Tensor<B, 2>, a: Tensor<B, 2>, b: Tensor<B, 2>| {
         let zero = weight.clone().lower_equal_elem(0.0);
         (weight * (a - b).mul_scalar(inv_t).mask_fill(zero, 0.0)).sum_dim(1)
     };
     let gap = match params.divergence {
-        Divergence::ForwardKl => weighted_gap(u_exp.clone(), u.clone(), z.clone()),
-        Divergence::ReverseKl => weighted_gap(z_exp.clone(), z.clone(), u.clone()),
+        Divergence::ForwardKl => weighted_gap(u_exp.clone(), u_shift, z_shift.clone()),
+        Divergence::ReverseKl => weighted_gap(z_exp.clone(), z_shift.clone(), u_shift),
         _ => zeros(),
     };
     let target_logit = match &owned_target {
@@ -595,49 +650,93 @@ pub fn vocab_parallel<B: Backend>(
         ],
         1,
     );
-    let slots = Tensor::<B, 3>::zeros([shard.peers, n, STATS], (&device, compute)).slice_assign(
-        [shard.rank..shard.rank + 1, 0..n, 0..STATS],
-        stats.unsqueeze_dim(0),
-    );
+    // One more row per peer: its layout, checked by every peer after the exchange.
+    let mut layout = [0.0; STATS];
+    layout[..5].copy_from_slice(&[
+        shard.offset as f64,
+        v as f64,
+        shard.vocab as f64,
+        shard.peers as f64,
+        n as f64,
+    ]);
+    let layout = Tensor::<B, 1>::from_floats(layout, &device)
+        .cast(compute)
+        .reshape([1, STATS]);
+    let slots = Tensor::<B, 3>::zeros([shard.peers, n + 1, STATS], (&device, compute))
+        .slice_assign(
+            [shard.rank..shard.rank + 1, 0..n + 1, 0..STATS],
+            Tensor::cat(vec![stats, layout], 0).unsqueeze_dim(0),
+        );
     let all = sum_across(shard.peer, slots, "all-gather of the row statistics")?;
+    if check {
+        check_layout(
+            all.clone().slice([0..shard.peers, n..n + 1, 0..5]),
+            shard,
+            n,
+        )?;
+    }
     let column = |c: usize| all.clone().slice([0..shard.peers, 0..n, c..c + 1]);
-    let (lse_student, student_rescale) = merge(column(0), column(1), t);
-    let (lse_teacher, teacher_rescale) = merge(column(3), column(4), t);
-    let log_q = z.clone().mul_scalar(inv_t) - lse_student.clone();
-    let log_p = u.mul_scalar(inv_t) - lse_teacher.clone();
+    let student_t = merge(column(0), column(1), t);
+    let teacher_t = merge(column(3), column(4), t);
+    let log_q = z.clone().mul_scalar(inv_t) - student_t.lse.clone();
+    let log_p = u.mul_scalar(inv_t) - teacher_t.lse.clone();
 
     // 2. The divergence `D` per row and `H = Σ_k h_k` over the whole vocabulary: from the
     // statistics for the KLs, otherwise from a second exchange of this shard's part of both
     // row sums.
-    let h = sensitivity(params.divergence, log_p.clone(), log_q.clone());
-    let rescaled_gap = |rescale: Tensor<B, 3>| (column(8) * rescale).sum_dim(0).reshape([n, 1]);
-    let (divergence, h_total) = match params.divergence {
+    // `Σ_p (gap_p + ((m^w_p − m^w) − (m^o_p − m^o))/T · S^w_p) · share^w_p` for the weighting
+    // model `w` (the teacher for forward KL) and the other `o`; a shard of `−∞` only has
+    // `S_p = 0` and contributes nothing.
+    let kl_part =
+        |weights: &Merged<B>, w_max: usize, w_sum: usize, other: &Merged<B>, o_max: usize| {
+            let local = |c: usize, global: &Tensor<B, 2>| {
+                let maxima = column(c);
+                let finite = maxima.clone().is_finite();
+                (maxima - global.clone().unsqueeze_dim::<3>(0)).mask_fill(finite.bool_not(), 0.0)
+            };
+            let shift = (local(w_max, &weights.max) - local(o_max, &other.max)).mul_scalar(inv_t);
+            ((column(8) + shift * column(w_sum)) * weights.share.clone())
+                .sum_dim(0)
+                .reshape([n, 1])
+        };
+    let h = || sensitivity(params.divergence, log_p.clone(), log_q.clone());
+    let (divergence, h_total, h) = match params.divergence {
         Divergence::ForwardKl => (
-            rescaled_gap(teacher_rescale) - lse_teacher + lse_student,
+            kl_part(&teacher_t, 3, 4, &student_t, 0) - teacher_t.log_sum.clone()
+                + student_t.log_sum.clone(),
             Tensor::full([n, 1], -1.0, (&device, compute)),
+            with_grad.then(h),
         ),
         Divergence::ReverseKl => {
-            let kl = rescaled_gap(student_rescale) - lse_student + lse_teacher;
-            (kl.clone(), kl.add_scalar(1.0))
+            let kl = kl_part(&student_t, 0, 1, &teacher_t, 3) - student_t.log_sum.clone()
+                + teacher_t.log_sum.clone();
+            (kl.clone(), kl.add_scalar(1.0), with_grad.then(h))
         }
         _ => {
+            let h = h();
             let partial = Tensor::cat(
                 vec![
-                    divergence_rows(params.divergence, log_p, log_q.clone()).unsqueeze_dim(1),
+                    divergence_rows(params.divergence, log_p.clone(), log_q.clone())
+                        .unsqueeze_dim(1),
                     h.clone().sum_dim(1),
                 ],
                 1,
             );
             let sums = sum_across(shard.peer, partial, "all-reduce of the row sums")?;
-            (sums.clone().slice([0..n, 0..1]), sums.slice([0..n, 1..2]))
+            let (d, total) = (sums.clone().slice([0..n, 0..1]), sums.slice([0..n, 1..2]));
+            (d, total, with_grad.then_some(h))
         }
     };
     let factor = params.soft_factor();
     let soft = divergence.mul_scalar(factor);
-    let soft_grad = with_grad.then(|| (h - log_q.exp() * h_total).mul_scalar(factor / t));
+    let soft_grad = h.map(|h| (h - log_q.clone().exp() * h_total).mul_scalar(factor / t));
 
+    // Returned in the dtype of the backend's fused losses for these logits (f32 for half
+    // precision on the CubeCL backends, as `forward`).
+    let loss_dtype = B::fused_loss_dtype(logits_dtype);
     let reduce = |rows: Tensor<B, 2>, ignored: Option<Tensor<B, 1, Bool>>| {
         reduce_rows(rows.reshape([n]), ignored, params.reduction)
+            .cast(loss_dtype)
             .into_primitive()
             .tensor()
     };
@@ -655,7 +754,7 @@ pub fn vocab_parallel<B: Backend>(
 
     // The hard term from the merged statistics at temperature 1.
     let (owned, index) = owned_target.expect("targets were given");
-    let (lse_one, _) = merge(column(0), column(2), 1.0);
+    let lse_one = merge(column(0), column(2), 1.0).lse;
     let target_logit = column(5).sum_dim(0).reshape([n, 1]);
     let mut hard = lse_one.clone() - target_logit.mul_scalar(1.0 - smoothing);
     if smoothing > 0.0 {
@@ -722,6 +821,50 @@ pub fn vocab_parallel<B: Backend>(
         },
         grad,
     })
+}
+
+/// Every peer's `[offset, width, vocab, peers, rows]` (a `[P, 1, 5]` slice of the gathered
+/// statistics, read back to the host) agrees with this peer's and tiles `[0, vocab)` in rank
+/// order; computed identically on every peer, so all fail alike.
+fn check_layout<B: Backend>(
+    layout: Tensor<B, 3>,
+    shard: &VocabShard,
+    rows: usize,
+) -> Result<(), DistillError> {
+    let values: Vec<f64> =
+        layout
+            .into_data()
+            .convert::<f64>()
+            .to_vec()
+            .map_err(|e| DistillError::Collective {
+                operation: "read of the shard layout".into(),
+                message: format!("{e:?}"),
+            })?;
+    let mut next = 0.0;
+    let mut described = Vec::new();
+    let mut consistent = true;
+    for (rank, peer) in values.chunks_exact(5).enumerate() {
+        let (offset, width, vocab, peers, n) = (peer[0], peer[1], peer[2], peer[3], peer[4]);
+        described.push(format!("rank {rank}: columns {offset}..{}", offset + width));
+        consistent &= offset == next
+            && vocab == shard.vocab as f64
+            && peers == shard.peers as f64
+            && n == rows as f64;
+        next = offset + width;
+    }
+    if consistent && next == shard.vocab as f64 {
+        return Ok(());
+    }
+    Err(DistillError::invalid(
+        "vocabulary shards",
+        format!(
+            "{} (vocab {}, {} peers, {rows} rows here)",
+            described.join(", "),
+            shard.vocab,
+            shard.peers
+        ),
+        "shards that tile [0, vocab) in rank order, with one vocab, peer count and row count on every peer",
+    ))
 }
 
 /// The per-row gradients times the reduction's factor, in the logits' dtype.

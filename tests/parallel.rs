@@ -202,9 +202,11 @@ fn check(loss: &DistillLoss, b: &Batch, shards: &[Range<usize>], soft_only: bool
             2e-5,
             1e-6,
         );
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(
-            value, &values[0],
-            "{what}: every peer returns the same loss"
+            bits(value),
+            bits(&values[0]),
+            "{what}: every peer returns the same loss, bit for bit"
         );
     }
     assert_close(&format!("{what}: gradient"), &grad, &want_grad, 1e-4, 2e-7);
@@ -216,7 +218,7 @@ fn check(loss: &DistillLoss, b: &Batch, shards: &[Range<usize>], soft_only: bool
 
 fn balanced(vocab: usize, peers: usize) -> Vec<Range<usize>> {
     (0..peers)
-        .map(|rank| VocabShard::balanced_range(vocab, peers, rank))
+        .map(|rank| VocabShard::balanced_range(vocab, peers, rank).unwrap())
         .collect()
 }
 
@@ -318,9 +320,18 @@ fn shard_errors_name_the_argument() {
     assert!(
         matches!(bad, Err(DistillError::InvalidArgument { ref argument, .. }) if argument == "offset")
     );
-    assert_eq!(VocabShard::balanced_range(10, 4, 0), 0..3);
-    assert_eq!(VocabShard::balanced_range(10, 4, 1), 3..6);
-    assert_eq!(VocabShard::balanced_range(10, 4, 3), 8..10);
+    assert_eq!(VocabShard::balanced_range(10, 4, 0), Ok(0..3));
+    assert_eq!(VocabShard::balanced_range(10, 4, 1), Ok(3..6));
+    assert_eq!(VocabShard::balanced_range(10, 4, 3), Ok(8..10));
+    for (vocab, peers, rank, argument) in
+        [(10, 4, 4, "rank"), (10, 0, 0, "peers"), (3, 4, 0, "vocab")]
+    {
+        let err = VocabShard::balanced_range(vocab, peers, rank).unwrap_err();
+        assert!(
+            matches!(err, DistillError::InvalidArgument { argument: ref a, .. } if a == argument),
+            "{err}"
+        );
+    }
 
     // Checked before any communication: no peer needs to be registered.
     let device = Default::default();
@@ -465,7 +476,7 @@ fn fused_linear_with_vocabulary_parallel_heads() {
                         let device = Default::default();
                         let peer = PeerId::from(rank as u32);
                         register::<Inner>(peer, device, config).expect("register");
-                        let cols = VocabShard::balanced_range(vocab, peers, rank);
+                        let cols = VocabShard::balanced_range(vocab, peers, rank).unwrap();
                         let shard = VocabShard::balanced(peer, rank, peers, vocab).unwrap();
                         let (student_head, teacher_head) = (
                             head(&w_s, &b_s, hs, vocab, &cols),
@@ -534,6 +545,111 @@ fn fused_linear_with_vocabulary_parallel_heads() {
                     1e-6,
                 );
             }
+        }
+    }
+}
+
+/// A teacher shifted by +200 (softmax ignores it; the one-exchange KLs must not lose
+/// precision to it), padding in the teacher only (the student is finite there), and unchecked
+/// out-of-range targets (NaN rows with zero gradient, as the unsharded loss).
+#[test]
+fn shifted_teacher_teacher_only_padding_and_unchecked_bad_targets() {
+    let _lock = COLLECTIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let mut b = batch(9, 31, 0, 12);
+    b.teacher.iter_mut().for_each(|x| *x += 200.0);
+    for divergence in Divergence::ALL {
+        let loss = config().with_divergence(divergence).init();
+        check(
+            &loss,
+            &b,
+            &balanced(31, 3),
+            false,
+            &format!("{divergence:?}, teacher + 200"),
+        );
+    }
+
+    let mut b = batch(9, 31, 0, 13);
+    for (i, x) in b.teacher.iter_mut().enumerate() {
+        if i % 31 >= 27 {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+    for divergence in Divergence::ALL {
+        // Reverse KL is infinite where the teacher is 0 and the student is not.
+        if divergence == Divergence::ReverseKl {
+            continue;
+        }
+        let loss = config().with_divergence(divergence).init();
+        check(
+            &loss,
+            &b,
+            &balanced(31, 3),
+            false,
+            &format!("{divergence:?}, teacher padding"),
+        );
+    }
+
+    let mut b = batch(9, 31, 0, 14);
+    b.targets[2] = 31;
+    b.targets[6] = -7;
+    let loss = config()
+        .with_reduction(Reduction::PerRow)
+        .with_check_targets(false)
+        .init();
+    let (values, _) = sharded(&loss, &b, &balanced(31, 2), false);
+    assert!(
+        values[0][2].is_nan() && values[0][6].is_nan(),
+        "{:?}",
+        values[0]
+    );
+    check(
+        &loss,
+        &b,
+        &balanced(31, 2),
+        false,
+        "unchecked out-of-range targets",
+    );
+}
+
+/// Shards that overlap or leave a gap: every peer fails with the same error (none is left
+/// waiting in an all-reduce), naming the shards.
+#[test]
+fn shards_that_do_not_tile_the_vocabulary_fail_on_every_peer() {
+    let _lock = COLLECTIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let b = batch(4, 20, 0, 15);
+    for shards in [vec![0..12, 10..20], vec![0..9, 10..20], vec![0..10, 10..19]] {
+        reset_collective::<Inner>();
+        let config = CollectiveConfig::default().with_num_devices(2);
+        let handles: Vec<_> = shards
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(rank, cols)| {
+                let (b, config) = (b.clone(), config.clone());
+                std::thread::spawn(move || {
+                    let device = Default::default();
+                    let peer = PeerId::from(rank as u32);
+                    register::<Inner>(peer, device, config).expect("register");
+                    let shard = VocabShard::new(peer, rank, 2, cols.start, 20).unwrap();
+                    let cut = |data: &[f32]| {
+                        TensorData::new(columns(data, b.rows, 20, &cols), [b.rows, cols.len()])
+                    };
+                    let student = Tensor::<B, 2>::from_data(cut(&b.student), &device);
+                    let teacher = Tensor::<B, 2>::from_data(cut(&b.teacher), &device);
+                    let out = self::config()
+                        .init()
+                        .try_forward_vocab_parallel_parts(student, teacher, None, &shard);
+                    finish_collective::<Inner>(peer).expect("finish");
+                    out.map(|o| o.loss.into_scalar()).map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        for (rank, handle) in handles.into_iter().enumerate() {
+            let err = handle.join().unwrap().unwrap_err();
+            assert!(
+                err.contains("vocabulary shards") && err.contains("rank 1: columns"),
+                "{shards:?}, peer {rank}: {err}"
+            );
         }
     }
 }

@@ -47,10 +47,20 @@ fn two_processes_with_a_global_orchestrator() {
             .expect("a tokio runtime")
             .block_on(burn_collective::start_global_orchestrator(orchestrator));
     });
+    let marker = |rank: usize| {
+        std::env::temp_dir().join(format!("burn-distill-node-{}-{rank}", std::process::id()))
+    };
     let spawn = |rank: usize| -> Child {
         Command::new(std::env::current_exe().expect("this test binary"))
             .args(["--exact", "node", "--ignored", "--nocapture"])
-            .env(ROLE, format!("{rank} {orchestrator} {}", free_port()))
+            .env(
+                ROLE,
+                format!(
+                    "{rank} {orchestrator} {} {}",
+                    free_port(),
+                    marker(rank).display()
+                ),
+            )
             .spawn()
             .expect("a node process")
     };
@@ -68,6 +78,10 @@ fn two_processes_with_a_global_orchestrator() {
             std::thread::sleep(Duration::from_millis(50));
         };
         assert!(status.success(), "node {rank} failed: {status}");
+        // The node ran its checks (a renamed test would run none and still exit 0).
+        let report = std::fs::read_to_string(marker(rank)).unwrap_or_default();
+        let _ = std::fs::remove_file(marker(rank));
+        assert_eq!(report, "2 losses checked", "node {rank}");
     }
 }
 
@@ -79,12 +93,14 @@ fn node() {
     let Ok(role) = std::env::var(ROLE) else {
         return;
     };
-    let [rank, orchestrator, port]: [usize; 3] = role
-        .split(' ')
+    let fields: Vec<&str> = role.split(' ').collect();
+    let [rank, orchestrator, port]: [usize; 3] = fields[..3]
+        .iter()
         .map(|s| s.parse().expect("a number"))
         .collect::<Vec<_>>()
         .try_into()
         .expect("rank, orchestrator port, node port");
+    let marker = fields[3];
     let address = |port: usize| Address::from_str(&format!("ws://127.0.0.1:{port}")).unwrap();
     let config = CollectiveConfig::default()
         .with_num_devices(1)
@@ -112,7 +128,7 @@ fn node() {
             }
         })
         .collect();
-    let cols = VocabShard::balanced_range(VOCAB, NODES, rank);
+    let cols = VocabShard::balanced_range(VOCAB, NODES, rank).unwrap();
     let shard = VocabShard::balanced(peer, rank, NODES, VOCAB).unwrap();
     let cut = |data: &[f32]| {
         let v: Vec<f32> = (0..ROWS)
@@ -164,4 +180,5 @@ fn node() {
             burn::tensor::Tolerance::rel_abs(1e-4, 1e-7),
         );
     }
+    std::fs::write(marker, "2 losses checked").expect("the marker file");
 }

@@ -217,6 +217,7 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
         targets: Option<IntTensor<Self>>,
         params: &DistillParams,
         shard: &crate::VocabShard,
+        check: bool,
         with_grad: bool,
     ) -> Result<FusedOutput<Self>, crate::DistillError> {
         let mut error = None;
@@ -227,6 +228,7 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
                 targets,
                 params,
                 shard,
+                check,
                 with_grad,
             )
             .map_err(|e| error = Some(e))
@@ -268,11 +270,12 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
         targets: Option<IntTensor<Self>>,
         setup: &LinearSetup,
         shard: &crate::VocabShard,
+        check: bool,
     ) -> Result<DistillParts<Self>, DistillError> {
         let (s, t) = (inner_side(&student), inner_side(&teacher));
         let mut error = None;
         let run = |tracked: bool| match crate::parallel::linear_vocab_parallel::<B>(
-            s, t, targets, setup, shard, tracked,
+            s, t, targets, setup, shard, check, tracked,
         ) {
             Ok(Some((parts, grads))) => {
                 Some((parts, grads.map(LinearGrads::into_vec).unwrap_or_default()))

@@ -205,7 +205,8 @@ pub trait DistillBackend: Backend {
     /// the reduced loss and parts, equal on every peer, and, when `with_grad`, the gradient
     /// with respect to this shard's student logits. The default computes it with burn tensor
     /// ops on this backend, exchanging `O(N)` row statistics through burn-collective on this
-    /// backend; `Autodiff<B>` runs it on `B` as one tracked op.
+    /// backend; `Autodiff<B>` runs it on `B` as one tracked op. With `check`, the shards'
+    /// layout is verified after the first exchange (a read of `5·P` numbers to the host).
     #[cfg(feature = "collective")]
     fn distill_vocab_parallel(
         student: FloatTensor<Self>,
@@ -213,9 +214,12 @@ pub trait DistillBackend: Backend {
         targets: Option<IntTensor<Self>>,
         params: &DistillParams,
         shard: &crate::VocabShard,
+        check: bool,
         with_grad: bool,
     ) -> Result<FusedOutput<Self>, crate::DistillError> {
-        crate::parallel::vocab_parallel::<Self>(student, teacher, targets, params, shard, with_grad)
+        crate::parallel::vocab_parallel::<Self>(
+            student, teacher, targets, params, shard, check, with_grad,
+        )
     }
 
     /// The vocabulary-parallel fused-linear loss (see
@@ -229,9 +233,10 @@ pub trait DistillBackend: Backend {
         targets: Option<IntTensor<Self>>,
         setup: &LinearSetup,
         shard: &crate::VocabShard,
+        check: bool,
     ) -> Result<DistillParts<Self>, crate::DistillError> {
         crate::parallel::linear_vocab_parallel::<Self>(
-            student, teacher, targets, setup, shard, false,
+            student, teacher, targets, setup, shard, check, false,
         )
         .map(|out| out.map(|(parts, _)| parts))?
         .ok_or_else(|| crate::DistillError::Collective {

@@ -2,7 +2,15 @@
 //! teacher and the student; its step computes `DistillLoss` and hands burn-train a
 //! `ClassificationOutput`, so loss and accuracy are logged like any classifier's.
 //!
-//! `cargo run --release --example burn_train [-- EPOCHS]`
+//! `cargo run --release --example burn_train [-- EPOCHS [DEVICES]]`
+//!
+//! With `DEVICES > 1`, burn-train trains data-parallel (`ExecutionStrategy::multi`: each device
+//! a replica of teacher and student and a share of every batch, gradients gathered on the main
+//! device), with `DistillLoss` unchanged; on the CPU backends the devices are copies of the one
+//! CPU device. burn-train's DDP strategy (`ExecutionStrategy::ddp`, gradients all-reduced
+//! through burn-collective) needs burn's `distributed` feature, which burn 0.21 only grants to
+//! the CubeCL backends: build with `--features wgpu,distributed` (or `cuda,distributed`) and
+//! pass `ddp` as a third argument (see docs/parallel.md).
 use burn::data::dataloader::{DataLoaderBuilder, batcher::Batcher};
 use burn::data::dataset::InMemDataset;
 use burn::module::{AutodiffModule, Module};
@@ -11,7 +19,8 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Int, Tensor, TensorData};
 use burn::train::metric::{AccuracyMetric, LossMetric};
 use burn::train::{
-    ClassificationOutput, InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep,
+    ClassificationOutput, ExecutionStrategy, InferenceStep, Learner, MultiDeviceOptim,
+    SupervisedTraining, TrainOutput, TrainStep,
 };
 use burn_distill::{DistillBackend, DistillLoss, DistillLossConfig};
 
@@ -110,8 +119,23 @@ fn dataset(d: &Digits) -> InMemDataset<Digit> {
     )
 }
 
-fn run<B: AutodiffBackend + DistillBackend>(device: B::Device, epochs: usize)
-where
+/// How burn-train spreads the training over `devices` copies of `device`.
+fn strategy<B: AutodiffBackend>(device: &B::Device, devices: usize) -> ExecutionStrategy<B> {
+    if devices > 1 {
+        ExecutionStrategy::multi(
+            vec![device.clone(); devices],
+            MultiDeviceOptim::OptimMainDevice,
+        )
+    } else {
+        ExecutionStrategy::single(device.clone())
+    }
+}
+
+fn run<B: AutodiffBackend + DistillBackend>(
+    device: B::Device,
+    epochs: usize,
+    strategy: impl FnOnce(&B::Device) -> ExecutionStrategy<B>,
+) where
     B::InnerBackend: DistillBackend,
 {
     let (train, valid) = experiment::load(&experiment::default_data_dir()).expect("bundled MNIST");
@@ -143,6 +167,7 @@ where
     let training = SupervisedTraining::new(&artifacts, loader_train, loader_valid)
         .metrics((AccuracyMetric::new(), LossMetric::new()))
         .num_epochs(epochs)
+        .with_training_strategy(strategy(&device).into())
         .summary();
     let result = training.launch(Learner::new(model, AdamConfig::new().init(), 1e-3));
     let _student = result.model.student;
@@ -150,15 +175,33 @@ where
 }
 
 fn main() {
-    let epochs = std::env::args()
-        .nth(1)
-        .and_then(|e| e.parse().ok())
-        .unwrap_or(5);
+    let mut args = std::env::args().skip(1);
+    let epochs = args.next().and_then(|e| e.parse().ok()).unwrap_or(5);
+    let devices: usize = args.next().and_then(|d| d.parse().ok()).unwrap_or(1);
+    let ddp = args.next().as_deref() == Some("ddp");
+    println!(
+        "{epochs} epochs on {devices} device(s){}",
+        if ddp { ", DDP" } else { "" }
+    );
     use burn::backend::Autodiff;
+    #[cfg(all(feature = "wgpu", feature = "distributed"))]
+    if ddp {
+        use burn::tensor::backend::distributed::{DistributedConfig, ReduceOperation};
+        type B = Autodiff<burn::backend::Wgpu>;
+        return run::<B>(Default::default(), epochs, |device| {
+            ExecutionStrategy::ddp(
+                vec![device.clone(); devices],
+                DistributedConfig {
+                    all_reduce_op: ReduceOperation::Mean,
+                },
+            )
+        });
+    }
+    assert!(!ddp, "the DDP strategy needs --features wgpu,distributed");
     #[cfg(feature = "wgpu")]
-    run::<Autodiff<burn::backend::Wgpu>>(Default::default(), epochs);
+    run::<Autodiff<burn::backend::Wgpu>>(Default::default(), epochs, |d| strategy(d, devices));
     #[cfg(all(feature = "flex", not(feature = "wgpu")))]
-    run::<Autodiff<burn::backend::Flex>>(Default::default(), epochs);
+    run::<Autodiff<burn::backend::Flex>>(Default::default(), epochs, |d| strategy(d, devices));
     #[cfg(all(feature = "ndarray", not(any(feature = "flex", feature = "wgpu"))))]
-    run::<Autodiff<burn::backend::NdArray>>(Default::default(), epochs);
+    run::<Autodiff<burn::backend::NdArray>>(Default::default(), epochs, |d| strategy(d, devices));
 }

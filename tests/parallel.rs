@@ -418,10 +418,16 @@ fn fused_linear_with_vocabulary_parallel_heads() {
     let (b_s, b_t) = (values(vocab, 9, 1.0), values(vocab, 10, 1.0));
     let targets = batch(n, vocab, 0, 11).targets;
     let device = Default::default();
-    for divergence in [Divergence::ForwardKl, Divergence::Jsd { beta: 0.5 }] {
+    for (divergence, softcap) in [
+        (Divergence::ForwardKl, None),
+        (Divergence::Jsd { beta: 0.5 }, None),
+        (Divergence::ReverseKl, Some(3.0)),
+        (Divergence::Tvd, Some(3.0)),
+    ] {
         // Chunks of 4 rows: several per call, the last one short.
         let loss = config()
             .with_divergence(divergence)
+            .with_logit_softcap(softcap)
             .with_linear_chunk_rows(Some(4))
             .init();
         let hidden = |data: &[f32], width: usize| {
@@ -521,7 +527,7 @@ fn fused_linear_with_vocabulary_parallel_heads() {
                 .collect();
             for handle in handles {
                 let (cols, value, gx, gw, gb) = handle.join().unwrap();
-                let what = format!("{divergence:?}, P = {peers}, columns {cols:?}");
+                let what = format!("{divergence:?}, cap {softcap:?}, P = {peers}, columns {cols:?}");
                 assert_close(&format!("{what}: loss"), &[value], &[want], 2e-5, 1e-6);
                 assert_close(
                     &format!("{what}: hidden gradient"),

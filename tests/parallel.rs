@@ -527,7 +527,8 @@ fn fused_linear_with_vocabulary_parallel_heads() {
                 .collect();
             for handle in handles {
                 let (cols, value, gx, gw, gb) = handle.join().unwrap();
-                let what = format!("{divergence:?}, cap {softcap:?}, P = {peers}, columns {cols:?}");
+                let what =
+                    format!("{divergence:?}, cap {softcap:?}, P = {peers}, columns {cols:?}");
                 assert_close(&format!("{what}: loss"), &[value], &[want], 2e-5, 1e-6);
                 assert_close(
                     &format!("{what}: hidden gradient"),

@@ -205,6 +205,34 @@ impl DistillLoss {
     /// (shards that overlap, leave a gap, or disagree on the vocabulary or the peer count fail
     /// on every peer, naming the shards): one read of `5·P` numbers back to the host.
     ///
+    /// ```
+    /// use burn::backend::{Autodiff, NdArray};
+    /// use burn::collective::{CollectiveConfig, PeerId, finish_collective, register};
+    /// use burn::tensor::{Int, Tensor};
+    /// use burn_distill::{DistillLossConfig, VocabShard};
+    ///
+    /// type B = Autodiff<NdArray>;
+    /// let device = Default::default();
+    /// // One peer holding the whole vocabulary (every peer of a real run does the same with
+    /// // its own shard, after registering with `with_num_devices(P)`).
+    /// let peer = PeerId::from(0);
+    /// register::<NdArray>(peer, device, CollectiveConfig::default().with_num_devices(1))
+    ///     .unwrap();
+    /// let shard = VocabShard::balanced(peer, 0, 1, 3).unwrap();
+    /// let student = Tensor::<B, 2>::from_floats([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]], &device)
+    ///     .require_grad();
+    /// let teacher = Tensor::<B, 2>::from_floats([[0.5, 3.0, 0.0], [0.2, -2.0, 4.0]], &device);
+    /// let targets = Tensor::<B, 1, Int>::from_ints([1, 2], &device);
+    ///
+    /// let loss = DistillLossConfig::new().with_temperature(2.0).with_alpha(0.9).init();
+    /// let value = loss.forward_vocab_parallel(student.clone(), teacher, targets, &shard);
+    /// let grads = value.backward();
+    /// finish_collective::<NdArray>(peer).unwrap();
+    /// // α·T²·KL(p‖q) + (1 − α)·CE averaged over the rows, as `forward` (computed in f64).
+    /// assert!((value.into_scalar() - 0.206_432).abs() < 1e-5);
+    /// assert_eq!(student.grad(&grads).unwrap().dims(), [2, 3]);
+    /// ```
+    ///
     /// # Shapes
     /// - `student_shard`, `teacher_shard`: `[N, V_p]`
     /// - `targets`: `[N]` class indices in `[0, vocab)` or the ignore index

@@ -68,6 +68,21 @@ pub struct VocabShard {
     vocab: usize,
 }
 
+/// `peers ≥ 1` and `rank < peers`.
+fn check_rank(rank: usize, peers: usize) -> Result<(), DistillError> {
+    if peers == 0 {
+        return Err(DistillError::invalid("peers", 0, "at least 1 peer"));
+    }
+    if rank >= peers {
+        return Err(DistillError::invalid(
+            "rank",
+            rank,
+            format!("a rank in [0, {peers}) (peers = {peers})"),
+        ));
+    }
+    Ok(())
+}
+
 /// Columns of the first exchange (see the module documentation).
 const STATS: usize = 9;
 
@@ -81,16 +96,7 @@ impl VocabShard {
         offset: usize,
         vocab: usize,
     ) -> Result<Self, DistillError> {
-        if peers == 0 {
-            return Err(DistillError::invalid("peers", 0, "at least 1 peer"));
-        }
-        if rank >= peers {
-            return Err(DistillError::invalid(
-                "rank",
-                rank,
-                format!("a rank in [0, {peers}) (peers = {peers})"),
-            ));
-        }
+        check_rank(rank, peers)?;
         if offset >= vocab {
             return Err(DistillError::invalid(
                 "offset",
@@ -125,16 +131,7 @@ impl VocabShard {
         peers: usize,
         rank: usize,
     ) -> Result<Range<usize>, DistillError> {
-        if peers == 0 {
-            return Err(DistillError::invalid("peers", 0, "at least 1 peer"));
-        }
-        if rank >= peers {
-            return Err(DistillError::invalid(
-                "rank",
-                rank,
-                format!("a rank in [0, {peers}) (peers = {peers})"),
-            ));
-        }
+        check_rank(rank, peers)?;
         if vocab < peers {
             return Err(DistillError::invalid(
                 "vocab",

@@ -617,7 +617,8 @@ pub fn vocab_parallel<B: DistillBackend>(
 
     // 1. This shard's online-softmax statistics, gathered from every peer.
     let inv_t = t.recip();
-    let finite = z.clone().is_finite();
+    // The padding mask, only needed for label smoothing.
+    let padding = (hard_needed && smoothing > 0.0).then(|| z.clone().is_finite().bool_not());
     let z_max = z.clone().max_dim(1);
     let z_shift = z.clone() - finite_or_zero(z_max.clone());
     let u_max = u.clone().max_dim(1);
@@ -645,17 +646,12 @@ pub fn vocab_parallel<B: DistillBackend>(
             .mask_fill(owned.clone().bool_not(), 0.0),
         None => zeros(),
     };
-    let (finite_sum, finite_count) = if hard_needed && smoothing > 0.0 {
-        (
-            z.clone()
-                .mask_fill(finite.clone().bool_not(), 0.0)
-                .sum_dim(1),
-            z.ones_like()
-                .mask_fill(finite.clone().bool_not(), 0.0)
-                .sum_dim(1),
-        )
-    } else {
-        (zeros(), zeros())
+    let (finite_sum, finite_count) = match &padding {
+        Some(padding) => (
+            z.clone().mask_fill(padding.clone(), 0.0).sum_dim(1),
+            z.ones_like().mask_fill(padding.clone(), 0.0).sum_dim(1),
+        ),
+        None => (zeros(), zeros()),
     };
     let stats = Tensor::cat(
         vec![
@@ -792,9 +788,9 @@ pub fn vocab_parallel<B: DistillBackend>(
         let mut g = (z.clone() - lse_one)
             .exp()
             .scatter(1, index, weight, IndexingUpdateOp::Add);
-        if smoothing > 0.0 {
+        if let Some(padding) = padding {
             let count = column(7).sum_dim(0).reshape([n, 1]);
-            let uniform = z.ones_like().mask_fill(finite.bool_not(), 0.0) / count;
+            let uniform = z.ones_like().mask_fill(padding, 0.0) / count;
             g = g - uniform.mul_scalar(smoothing);
         }
         g

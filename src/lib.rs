@@ -57,6 +57,7 @@ mod softmax;
 mod sparse;
 pub mod store;
 pub mod testing;
+mod validation;
 mod vocab;
 
 pub use backend::{
@@ -82,4 +83,5 @@ pub use softmax::{
 pub use sparse::{
     SparseDistillLoss, SparseDistillLossConfig, SparseTeacher, StudentSupport, TailPolicy,
 };
+pub use validation::Validation;
 pub use vocab::VocabMismatch;

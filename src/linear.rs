@@ -597,14 +597,15 @@ impl DistillLoss {
                 ),
             ));
         }
-        if let Some(targets) = &targets {
-            check_row_targets(
+        let check = match &targets {
+            Some(targets) => check_row_targets(
                 targets,
                 [n, classes],
-                self.check_targets,
+                self.validation,
                 self.params.ignore_index,
-            )?;
-        }
+            )?,
+            None => None,
+        };
         let setup = LinearSetup {
             params: self.params,
             kernel: self.kernel,
@@ -618,6 +619,6 @@ impl DistillLoss {
             targets.map(Tensor::into_primitive),
             &setup,
         );
-        Ok(parts.into())
+        Ok(DistillOutput::from(parts).with_check(check))
     }
 }

@@ -3,12 +3,15 @@
 use burn::{
     config::Config,
     module::Module,
-    tensor::{Int, Tensor, TensorMetadata, TensorPrimitive, backend::Backend, cast::ToElement},
+    tensor::{Int, Tensor, TensorMetadata, TensorPrimitive, backend::Backend},
 };
 
 use crate::{
-    DistillBackend, DistillError, DistillParams, Divergence, Kernel, Reduction, VocabMismatch,
-    error::or_panic, softmax::check_temperature,
+    DistillBackend, DistillError, DistillParams, Divergence, Kernel, Reduction, Validation,
+    VocabMismatch,
+    error::or_panic,
+    softmax::check_temperature,
+    validation::{DeviceCheck, validate},
 };
 
 /// Configuration of a [`DistillLoss`].
@@ -48,15 +51,14 @@ pub struct DistillLossConfig {
     /// How row losses are reduced.
     #[config(default = "Reduction::Mean")]
     pub reduction: Reduction,
-    /// Check at every `forward` that each target lies in `[0, V)` or equals the ignore index,
-    /// and fail with the offending row and value if not.
-    ///
-    /// The check reads one integer back from the device, a synchronisation point that costs
-    /// little on the CPU but stalls a GPU pipeline; turn it off in hot GPU loops once the data
-    /// is known to be good. Unchecked, an out-of-range target makes its row (and so a `Mean` or
-    /// `Sum` loss) NaN: never a silently wrong value.
-    #[config(default = true)]
-    pub check_targets: bool,
+    /// When the values of the inputs are checked (targets in `[0, V)` or the ignore index):
+    /// [`Validation::Eager`] (the default) in every `forward`, at the cost of one read-back
+    /// from the device, a pipeline stall on a GPU; [`Validation::Deferred`] on the device,
+    /// read only by [`DistillOutput::validate`]; or [`Validation::Off`]. Unchecked (or not yet
+    /// validated), an out-of-range target makes its row (and so a `Mean` or `Sum` loss) NaN:
+    /// never a silently wrong value.
+    #[config(default = "Validation::Eager")]
+    pub validation: Validation,
     /// Which implementation computes the loss: [`Kernel::Auto`] (the fused kernel where the
     /// backend has one, else the reference), [`Kernel::Reference`] or [`Kernel::Fused`].
     #[config(default = "Kernel::Auto")]
@@ -141,7 +143,7 @@ impl DistillLossConfig {
                 label_smoothing: self.label_smoothing,
                 reduction: self.reduction,
             },
-            check_targets: self.check_targets,
+            validation: self.validation,
             kernel: self.kernel,
             vocab_mismatch: self.vocab_mismatch,
             linear_chunk_rows: self.linear_chunk_rows,
@@ -198,7 +200,7 @@ pub struct DistillLoss {
     #[module(skip)]
     pub(crate) params: DistillParams,
     #[module(skip)]
-    pub(crate) check_targets: bool,
+    pub(crate) validation: Validation,
     #[module(skip)]
     pub(crate) kernel: Kernel,
     #[module(skip)]
@@ -223,6 +225,43 @@ pub struct DistillOutput<B: Backend> {
     pub soft: Tensor<B, 1>,
     /// The hard cross-entropy term, detached; `None` without targets.
     pub hard: Option<Tensor<B, 1>>,
+    /// The input checks queued on the device ([`Validation::Deferred`]).
+    pub(crate) checks: Vec<DeviceCheck<B>>,
+}
+
+impl<B: Backend> DistillOutput<B> {
+    /// Reads the input checks that a forward with [`Validation::Deferred`] queued on the
+    /// device (one read-back) and names the first bad value; `Ok` without any (with
+    /// [`Validation::Eager`] the forward has checked already, with [`Validation::Off`] nothing
+    /// is checked).
+    ///
+    /// ```
+    /// use burn::backend::NdArray;
+    /// use burn::tensor::{Int, Tensor};
+    /// use burn_distill::{DistillError, DistillLossConfig, Validation};
+    ///
+    /// let device = Default::default();
+    /// let loss = DistillLossConfig::new().with_validation(Validation::Deferred).init();
+    /// let logits = Tensor::<NdArray, 2>::zeros([2, 3], &device);
+    /// let targets = Tensor::<NdArray, 1, Int>::from_ints([1, 7], &device);
+    /// // No read-back here: the bad target makes its row, and the mean, NaN...
+    /// let out = loss.try_forward_parts(logits.clone(), logits, Some(targets)).unwrap();
+    /// assert!(out.loss.clone().into_scalar().is_nan());
+    /// // ...and validation names it.
+    /// assert!(matches!(
+    ///     out.validate(),
+    ///     Err(DistillError::TargetOutOfRange { row: 1, value: 7, classes: 3, .. })
+    /// ));
+    /// ```
+    pub fn validate(&self) -> Result<(), DistillError> {
+        validate(&self.checks)
+    }
+
+    /// The output with `check` queued.
+    pub(crate) fn with_check(mut self, check: Option<DeviceCheck<B>>) -> Self {
+        self.checks.extend(check);
+        self
+    }
 }
 
 impl<B: Backend> From<crate::DistillParts<B>> for DistillOutput<B> {
@@ -233,6 +272,7 @@ impl<B: Backend> From<crate::DistillParts<B>> for DistillOutput<B> {
             loss: float(parts.loss),
             soft: float(parts.soft),
             hard: parts.hard.map(float),
+            checks: Vec::new(),
         }
     }
 }
@@ -436,14 +476,12 @@ impl DistillLoss {
                 format!("the student_logits shape [{n}, {v}]"),
             ));
         }
-        if let Some(targets) = &targets {
-            check_row_targets(
-                targets,
-                [n, v],
-                self.check_targets,
-                self.params.ignore_index,
-            )?;
-        }
+        let check = match &targets {
+            Some(targets) => {
+                check_row_targets(targets, [n, v], self.validation, self.params.ignore_index)?
+            }
+            None => None,
+        };
 
         let (student, teacher) = (
             student_logits.into_primitive().tensor(),
@@ -468,7 +506,7 @@ impl DistillLoss {
             &self.params,
             self.kernel,
         );
-        Ok(parts.into())
+        Ok(DistillOutput::from(parts).with_check(check))
     }
 }
 
@@ -488,13 +526,14 @@ pub(crate) fn check_seq_targets<B: Backend>(
     ))
 }
 
-/// `[N]` targets of `[N, V]` logits; with `check`, every value in `[0, V)` or the ignore index.
+/// `[N]` targets of `[N, V]` logits: the shape now, the values as `validation` says (the
+/// returned check is the deferred one).
 pub(crate) fn check_row_targets<B: Backend>(
     targets: &Tensor<B, 1, Int>,
     [rows, classes]: [usize; 2],
-    check: bool,
+    validation: Validation,
     ignore_index: Option<i64>,
-) -> Result<(), DistillError> {
+) -> Result<Option<DeviceCheck<B>>, DistillError> {
     if targets.dims() != [rows] {
         return Err(DistillError::invalid(
             "targets",
@@ -502,19 +541,19 @@ pub(crate) fn check_row_targets<B: Backend>(
             format!("shape [{rows}] (one class index per row of the logits)"),
         ));
     }
-    if check {
-        check_targets(targets, classes, ignore_index)?;
+    if validation == Validation::Off {
+        return Ok(None);
     }
-    Ok(())
+    target_check(targets, classes, ignore_index).apply(validation)
 }
 
-/// Fails with the first target outside `[0, classes)` that is not the ignore index.
-/// Costs one device read-back (and, only when a target is bad, a copy of the targets).
-fn check_targets<B: Backend>(
+/// The targets' check: `[1]` number of targets outside `[0, classes)` that are not the ignore
+/// index, counted on the device; the host scan for the first one runs only when it is not 0.
+fn target_check<B: Backend>(
     targets: &Tensor<B, 1, Int>,
     classes: usize,
     ignore_index: Option<i64>,
-) -> Result<(), DistillError> {
+) -> DeviceCheck<B> {
     let mut bad = targets
         .clone()
         .lower_elem(0)
@@ -522,19 +561,19 @@ fn check_targets<B: Backend>(
     if let Some(ignore) = ignore_index {
         bad = bad.bool_and(targets.clone().not_equal_elem(ignore));
     }
-    if bad.int().sum().into_scalar().to_i64() == 0 {
-        return Ok(());
-    }
-    let data = targets.to_data();
-    let (row, value) = data
-        .iter::<i64>()
-        .enumerate()
-        .find(|&(_, t)| (t < 0 || t >= classes as i64) && Some(t) != ignore_index)
-        .expect("the device reported an out-of-range target");
-    Err(DistillError::TargetOutOfRange {
-        row,
-        value,
-        classes,
-        ignore_index,
+    let targets = targets.clone();
+    DeviceCheck::new(bad.int().sum(), move |_| {
+        let data = targets.to_data();
+        let (row, value) = data
+            .iter::<i64>()
+            .enumerate()
+            .find(|&(_, t)| (t < 0 || t >= classes as i64) && Some(t) != ignore_index)
+            .expect("the device reported an out-of-range target");
+        DistillError::TargetOutOfRange {
+            row,
+            value,
+            classes,
+            ignore_index,
+        }
     })
 }

@@ -45,11 +45,12 @@ use burn::nn::Linear;
 use crate::linear::{self, LinearGrads, LinearOutput, LinearSetup, LinearSide, linear_sides};
 use crate::{
     DistillBackend, DistillError, DistillLoss, DistillOutput, DistillParams, DistillParts,
-    Divergence, FusedOutput,
+    Divergence, FusedOutput, Validation,
     error::or_panic,
     kernel::reference::divergence_rows,
     loss::check_row_targets,
     reduction::{ignored_rows, reduce_rows},
+    validation::DeviceCheck,
 };
 
 /// Where this peer's slice of the vocabulary lies, and who its peers are.
@@ -197,8 +198,8 @@ impl DistillLoss {
     /// # Errors
     /// Checks of this peer's own inputs (shapes, targets) fail before anything is exchanged;
     /// as with any collective, a peer that fails alone leaves the others waiting in the
-    /// all-reduce, so validate the setup before the training loop. With `check_targets` (the
-    /// default), the shards' layout is checked after the first exchange on every peer alike
+    /// all-reduce, so validate the setup before the training loop. With [`Validation::Eager`]
+    /// (the default), the shards' layout is checked after the first exchange on every peer alike
     /// (shards that overlap, leave a gap, or disagree on the vocabulary or the peer count fail
     /// on every peer, naming the shards): one read of `5·P` numbers back to the host.
     ///
@@ -292,17 +293,17 @@ impl DistillLoss {
                 format!("the student_shard shape [{n}, {v}] (both models sharded alike)"),
             ));
         }
-        self.check_shard("student_shard", v, n, targets.as_ref(), shard)?;
+        let check = self.check_shard("student_shard", v, n, targets.as_ref(), shard)?;
         let out = B::distill_vocab_parallel(
             self.soft_cap(student_shard).into_primitive().tensor(),
             self.soft_cap(teacher_shard).into_primitive().tensor(),
             targets.map(Tensor::into_primitive),
             &self.params,
             shard,
-            self.check_targets,
+            self.validation == Validation::Eager,
             false,
         )?;
-        Ok(out.parts.into())
+        Ok(DistillOutput::from(out.parts).with_check(check))
     }
 }
 
@@ -373,7 +374,7 @@ impl DistillLoss {
                 format!("the student head's {vs} (both heads sliced alike)"),
             ));
         }
-        self.check_shard("student_head", vs, n, targets.as_ref(), shard)?;
+        let check = self.check_shard("student_head", vs, n, targets.as_ref(), shard)?;
         let setup = LinearSetup {
             params: self.params,
             kernel: self.kernel,
@@ -387,9 +388,9 @@ impl DistillLoss {
             targets.map(Tensor::into_primitive),
             &setup,
             shard,
-            self.check_targets,
+            self.validation == Validation::Eager,
         )?;
-        Ok(parts.into())
+        Ok(DistillOutput::from(parts).with_check(check))
     }
 }
 
@@ -448,7 +449,7 @@ impl DistillLoss {
         rows: usize,
         targets: Option<&Tensor<B, 1, Int>>,
         shard: &VocabShard,
-    ) -> Result<(), DistillError> {
+    ) -> Result<Option<DeviceCheck<B>>, DistillError> {
         if shard.offset + width > shard.vocab {
             return Err(DistillError::invalid(
                 argument,
@@ -460,10 +461,10 @@ impl DistillLoss {
             Some(targets) => check_row_targets(
                 targets,
                 [rows, shard.vocab],
-                self.check_targets,
+                self.validation,
                 self.params.ignore_index,
             ),
-            None => Ok(()),
+            None => Ok(None),
         }
     }
 }

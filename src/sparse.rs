@@ -10,13 +10,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     DistillBackend, DistillError, DistillLossConfig, DistillOutput, DistillParams, Divergence,
-    Kernel,
+    Kernel, Validation,
     backend::{SparseInputs, SparseSetup},
     error::or_panic,
     kernel::reference::{divergence_rows, mix_rows, scale_soft},
     loss::{check_row_targets, check_seq_targets},
     reduction::{ignored_rows, reduce_rows},
     softmax::check_temperature,
+    validation::DeviceCheck,
 };
 
 /// How far above 0 a teacher log-probability may lie (f32 rounding of a dominant token), and
@@ -268,7 +269,7 @@ impl SparseDistillLossConfig {
         }
         Ok(SparseDistillLoss {
             params: *dense.params(),
-            check_inputs: self.loss.check_targets,
+            validation: self.loss.validation,
             tail: self.tail,
             generation_temperature: self.generation_temperature,
             kernel: self.loss.kernel,
@@ -322,7 +323,7 @@ pub struct SparseDistillLoss {
     #[module(skip)]
     params: DistillParams,
     #[module(skip)]
-    check_inputs: bool,
+    validation: Validation,
     #[module(skip)]
     tail: TailPolicy,
     #[module(skip)]
@@ -418,13 +419,23 @@ impl SparseDistillLoss {
             ));
         }
         check_shapes(&teacher, n)?;
-        if let Some(targets) = &targets {
-            check_row_targets(targets, [n, v], self.check_inputs, self.params.ignore_index)?;
-        }
+        let target_check = match &targets {
+            Some(targets) => {
+                check_row_targets(targets, [n, v], self.validation, self.params.ignore_index)?
+            }
+            None => None,
+        };
         let ignored = ignored_rows(targets.as_ref(), self.params.ignore_index);
-        if self.check_inputs {
-            self.check_teacher(&teacher, ignored.clone(), v)?;
-        }
+        let teacher_check = match self.validation {
+            Validation::Off => None,
+            mode => self
+                .teacher_check(&teacher, ignored.clone(), v)
+                .apply(mode)?,
+        };
+        let finish = |out: DistillOutput<B>| {
+            out.with_check(target_check.clone())
+                .with_check(teacher_check.clone())
+        };
         if self.kernel != Kernel::Reference {
             let fused = B::distill_sparse_fused(
                 student_logits.clone().into_primitive().tensor(),
@@ -443,7 +454,7 @@ impl SparseDistillLoss {
             );
             match fused {
                 Some(out) => {
-                    return Ok(out.parts.into());
+                    return Ok(finish(out.parts.into()));
                 }
                 None if self.kernel == Kernel::Fused => {
                     return Err(DistillError::invalid(
@@ -464,14 +475,16 @@ impl SparseDistillLoss {
         let soft = self.soft_rows(student_logits.clone(), teacher);
         let rows = mix_rows(soft, student_logits, targets, &self.params);
         let reduce = |t| reduce_rows(t, ignored.clone(), self.params.reduction);
-        Ok(DistillOutput {
+        Ok(finish(DistillOutput {
             loss: reduce(rows.loss),
             soft: reduce(rows.soft),
             hard: rows.hard.map(reduce),
-        })
+            checks: Vec::new(),
+        }))
     }
 
-    /// The `[N]` soft rows, `T²`-scaled; NaN for a row without any valid teacher entry.
+    /// The `[N]` soft rows, `T²`-scaled; NaN for a row without any valid teacher entry or with
+    /// an index outside the vocabulary.
     fn soft_rows<B: Backend>(
         &self,
         student: Tensor<B, 2>,
@@ -486,6 +499,15 @@ impl SparseDistillLoss {
         if let Some(mask) = teacher.mask {
             valid = valid.bool_and(mask);
         }
+        // An index outside the vocabulary (unchecked input) is not gathered: its row is NaN.
+        let out_of_range = teacher
+            .indices
+            .clone()
+            .lower_elem(0)
+            .bool_or(teacher.indices.clone().greater_equal_elem(v as i64))
+            .bool_and(valid.clone());
+        let out_of_range_rows = out_of_range.clone().int().sum_dim(1).greater_elem(0);
+        let valid = valid.bool_and(out_of_range.bool_not());
         // A row without any valid entry gets a dummy certain token 0 (so that nothing below
         // is NaN, in the value or the gradient) and a NaN soft term at the end.
         let count = valid.clone().int().sum_dim(1);
@@ -544,83 +566,190 @@ impl SparseDistillLoss {
             }
         };
         let soft = divergence_rows(self.params.divergence, log_p, log_q);
-        scale_soft(soft, &self.params).mask_fill(empty.squeeze_dim(1), f64::NAN)
+        scale_soft(soft, &self.params)
+            .mask_fill(empty.squeeze_dim(1), f64::NAN)
+            .mask_fill(out_of_range_rows.squeeze_dim(1), f64::NAN)
     }
 
-    /// Reads the teacher back and checks every entry of the rows that are not ignored.
-    fn check_teacher<B: Backend>(
+    /// The teacher's check (see [`Validation`]): `[1]` number of bad entries of the rows that
+    /// are not ignored, counted on the device: a log-probability above 0 (beyond rounding) or
+    /// NaN, an index outside `[0, V)`, an index seen twice in a row, a row without a valid
+    /// entry and, with the tail bucket, a top-k mass above 1 (beyond rounding). The host scan
+    /// that names the first runs only when the count is not 0.
+    fn teacher_check<B: Backend>(
         &self,
         teacher: &SparseTeacher<B>,
         ignored: Option<Tensor<B, 1, Bool>>,
         classes: usize,
-    ) -> Result<(), DistillError> {
+    ) -> DeviceCheck<B> {
         let [n, k] = teacher.dims();
-        let indices = teacher.indices.to_data().convert::<i64>();
-        let log_probs = teacher.log_probs.to_data().convert::<f64>();
-        let mask = teacher.mask.as_ref().map(Tensor::to_data);
-        let ignored = ignored.map(|t| t.to_data());
-        let flags =
-            |data: &Option<TensorData>| data.as_ref().map(|d| d.iter::<bool>().collect::<Vec<_>>());
-        let (mask, ignored) = (flags(&mask), flags(&ignored));
-        let indices = indices.as_slice::<i64>().expect("i64 indices");
-        let log_probs = log_probs.as_slice::<f64>().expect("f64 log-probabilities");
-        for row in 0..n {
-            if ignored.as_ref().is_some_and(|ignored| ignored[row]) {
+        let log_probs = teacher.log_probs.clone().detach();
+        let indices = teacher.indices.clone();
+        let device = log_probs.device();
+        let keep = match &ignored {
+            Some(ignored) => ignored.clone().bool_not().unsqueeze_dim::<2>(1),
+            None => Tensor::<B, 2, Bool>::full([n, 1], true, &device),
+        };
+        let mut valid = log_probs
+            .clone()
+            .equal_elem(f64::NEG_INFINITY)
+            .bool_not()
+            .bool_and(keep.clone().expand([n, k]));
+        if let Some(mask) = &teacher.mask {
+            valid = valid.bool_and(mask.clone());
+        }
+        let count = |t: Tensor<B, 2, Bool>| t.int().sum();
+        let bad_values = log_probs
+            .clone()
+            .greater_elem(ROUNDING)
+            .bool_or(log_probs.clone().is_nan())
+            .bool_and(valid.clone());
+        let bad_indices = indices
+            .clone()
+            .lower_elem(0)
+            .bool_or(indices.clone().greater_equal_elem(classes as i64))
+            .bool_and(valid.clone());
+        let empty = valid
+            .clone()
+            .int()
+            .sum_dim(1)
+            .equal_elem(0)
+            .bool_and(keep.clone());
+        let mut bad = count(bad_values) + count(bad_indices) + count(empty);
+        if self.tail == TailPolicy::TailBucket {
+            let mass = log_probs
+                .exp()
+                .mask_fill(valid.clone().bool_not(), 0.0)
+                .sum_dim(1)
+                .greater_elem(1.0 + ROUNDING);
+            bad = bad + count(mass);
+        }
+        if k > 1 {
+            bad = bad + duplicate_pairs(&indices, &valid);
+        }
+        let (teacher, tail) = (teacher.clone(), self.tail);
+        DeviceCheck::new(bad, move |flagged| {
+            first_bad_entry(&teacher, ignored.clone(), classes, tail).unwrap_or_else(|| {
+                DistillError::invalid(
+                    "teacher",
+                    format!("{flagged} entries flagged on the device"),
+                    "valid top-k entries (the host scan found none: a mass within f32 \
+                     rounding of the limit)",
+                )
+            })
+        })
+    }
+}
+
+/// Reads the teacher back and names its first bad entry among the rows that are not ignored
+/// (the host side of [`SparseDistillLoss::teacher_check`]).
+fn first_bad_entry<B: Backend>(
+    teacher: &SparseTeacher<B>,
+    ignored: Option<Tensor<B, 1, Bool>>,
+    classes: usize,
+    tail: TailPolicy,
+) -> Option<DistillError> {
+    let [n, k] = teacher.dims();
+    let indices = teacher.indices.to_data().convert::<i64>();
+    let log_probs = teacher.log_probs.to_data().convert::<f64>();
+    let mask = teacher.mask.as_ref().map(Tensor::to_data);
+    let ignored = ignored.map(|t| t.to_data());
+    let flags =
+        |data: &Option<TensorData>| data.as_ref().map(|d| d.iter::<bool>().collect::<Vec<_>>());
+    let (mask, ignored) = (flags(&mask), flags(&ignored));
+    let indices = indices.as_slice::<i64>().expect("i64 indices");
+    let log_probs = log_probs.as_slice::<f64>().expect("f64 log-probabilities");
+    for row in 0..n {
+        if ignored.as_ref().is_some_and(|ignored| ignored[row]) {
+            continue;
+        }
+        let mut seen: Vec<(usize, i64)> = Vec::with_capacity(k);
+        let mut mass = 0.0;
+        for col in 0..k {
+            let at = row * k + col;
+            let lp = log_probs[at];
+            if mask.as_ref().is_some_and(|mask| !mask[at]) || lp == f64::NEG_INFINITY {
                 continue;
             }
-            let mut seen: Vec<(usize, i64)> = Vec::with_capacity(k);
-            let mut mass = 0.0;
-            for col in 0..k {
-                let at = row * k + col;
-                let lp = log_probs[at];
-                if mask.as_ref().is_some_and(|mask| !mask[at]) || lp == f64::NEG_INFINITY {
-                    continue;
-                }
-                if lp.is_nan() || lp > ROUNDING {
-                    return Err(DistillError::invalid(
-                        "teacher log_probs",
-                        format!("log_probs[{row}, {col}] = {lp}"),
-                        "a log-probability <= 0 (or -inf / a false mask entry for a missing \
-                         token); pass log_softmax(logits / T_gen), not logits",
-                    ));
-                }
-                let index = indices[at];
-                if index < 0 || index >= classes as i64 {
-                    return Err(DistillError::invalid(
-                        "teacher indices",
-                        format!("indices[{row}, {col}] = {index}"),
-                        format!("a token index in [0, {classes}) (the student's vocabulary)"),
-                    ));
-                }
-                if let Some(&(first, _)) = seen.iter().find(|&&(_, i)| i == index) {
-                    return Err(DistillError::invalid(
-                        "teacher indices",
-                        format!("indices[{row}, {col}] = {index}, already at [{row}, {first}]"),
-                        "distinct token indices within a row",
-                    ));
-                }
-                seen.push((col, index));
-                mass += lp.exp();
-            }
-            if seen.is_empty() {
-                return Err(DistillError::invalid(
+            if lp.is_nan() || lp > ROUNDING {
+                return Some(DistillError::invalid(
                     "teacher log_probs",
-                    format!("row {row} with no valid entry"),
-                    "at least one finite log-probability in every row whose target is not the \
-                     ignore index",
+                    format!("log_probs[{row}, {col}] = {lp}"),
+                    "a log-probability <= 0 (or -inf / a false mask entry for a missing \
+                     token); pass log_softmax(logits / T_gen), not logits",
                 ));
             }
-            if self.tail == TailPolicy::TailBucket && mass > 1.0 + ROUNDING {
-                return Err(DistillError::invalid(
-                    "teacher log_probs",
-                    format!("row {row} with total probability {mass}"),
-                    "at most 1 with TailPolicy::TailBucket (log-probabilities of the teacher's \
-                     full distribution)",
+            let index = indices[at];
+            if index < 0 || index >= classes as i64 {
+                return Some(DistillError::invalid(
+                    "teacher indices",
+                    format!("indices[{row}, {col}] = {index}"),
+                    format!("a token index in [0, {classes}) (the student's vocabulary)"),
                 ));
             }
+            if let Some(&(first, _)) = seen.iter().find(|&&(_, i)| i == index) {
+                return Some(DistillError::invalid(
+                    "teacher indices",
+                    format!("indices[{row}, {col}] = {index}, already at [{row}, {first}]"),
+                    "distinct token indices within a row",
+                ));
+            }
+            seen.push((col, index));
+            mass += lp.exp();
         }
-        Ok(())
+        if seen.is_empty() {
+            return Some(DistillError::invalid(
+                "teacher log_probs",
+                format!("row {row} with no valid entry"),
+                "at least one finite log-probability in every row whose target is not the \
+                 ignore index",
+            ));
+        }
+        if tail == TailPolicy::TailBucket && mass > 1.0 + ROUNDING {
+            return Some(DistillError::invalid(
+                "teacher log_probs",
+                format!("row {row} with total probability {mass}"),
+                "at most 1 with TailPolicy::TailBucket (log-probabilities of the teacher's \
+                 full distribution)",
+            ));
+        }
     }
+    None
+}
+
+/// `[1]`: pairs `j < j'` of valid entries of one row with the same index, compared on the
+/// device in chunks of rows (at most 2²² comparisons each).
+fn duplicate_pairs<B: Backend>(
+    indices: &Tensor<B, 2, Int>,
+    valid: &Tensor<B, 2, Bool>,
+) -> Tensor<B, 1, Int> {
+    let [n, k] = indices.dims();
+    let device = indices.device();
+    let columns = Tensor::<B, 1, Int>::arange(0..k as i64, &device);
+    let before = columns
+        .clone()
+        .reshape([1, k, 1])
+        .lower(columns.reshape([1, 1, k]));
+    let rows = ((1usize << 22) / (k * k)).max(1);
+    let mut total = Tensor::<B, 1, Int>::zeros([1], &device);
+    for start in (0..n).step_by(rows) {
+        let c = rows.min(n - start);
+        let pairs = |t: Tensor<B, 2, Int>| {
+            (
+                t.clone().unsqueeze_dim::<3>(2).expand([c, k, k]),
+                t.unsqueeze_dim::<3>(1).expand([c, k, k]),
+            )
+        };
+        let (a, b) = pairs(indices.clone().narrow(0, start, c));
+        let (va, vb) = pairs(valid.clone().narrow(0, start, c).int());
+        let same = a
+            .equal(b)
+            .bool_and(va.equal_elem(1))
+            .bool_and(vb.equal_elem(1))
+            .bool_and(before.clone().expand([c, k, k]));
+        total = total + same.int().sum();
+    }
+    total
 }
 
 /// The teacher's tensors must be `[N, k]` with `k ≥ 1`, all three of the same shape.

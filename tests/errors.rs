@@ -5,7 +5,7 @@ mod common;
 
 use burn::backend::NdArray;
 use burn::tensor::Tensor;
-use burn_distill::{DistillError, DistillLossConfig, Divergence, temperature_softmax};
+use burn_distill::{DistillError, DistillLossConfig, Divergence, Validation, temperature_softmax};
 use common::{ints, tensor2};
 
 type B = NdArray;
@@ -250,7 +250,9 @@ fn negative_target_that_is_not_the_ignore_index_is_rejected() {
 
 #[test]
 fn unchecked_out_of_range_target_gives_nan_not_a_wrong_loss() {
-    let loss = DistillLossConfig::new().with_check_targets(false).init();
+    let loss = DistillLossConfig::new()
+        .with_validation(Validation::Off)
+        .init();
     let value = loss.forward(
         logits(3, 10),
         logits(3, 10),
@@ -310,4 +312,36 @@ fn fused_kernel_where_none_exists_is_a_clear_error() {
         .init()
         .forward_soft(half(logits.clone()), half(logits));
     assert_eq!(value.into_data().iter::<f32>().next(), Some(0.0));
+}
+
+/// The fused-linear loss defers its target check like the logits loss: no error in forward,
+/// a NaN loss, and `validate` naming the target.
+#[test]
+fn linear_loss_defers_the_target_check() {
+    use burn::nn::LinearConfig;
+    let device = Default::default();
+    let head = LinearConfig::new(4, 6).init::<B>(&device);
+    let hidden = Tensor::<B, 2>::ones([3, 4], &device);
+    let loss = DistillLossConfig::new()
+        .with_validation(Validation::Deferred)
+        .init();
+    let out = loss
+        .try_forward_linear_parts(
+            hidden.clone(),
+            &head,
+            hidden,
+            &head,
+            Some(ints::<B>(&[0, 6, 1], &device)),
+        )
+        .unwrap();
+    assert!(out.loss.clone().into_scalar().is_nan());
+    assert!(matches!(
+        out.validate(),
+        Err(DistillError::TargetOutOfRange {
+            row: 1,
+            value: 6,
+            classes: 6,
+            ..
+        })
+    ));
 }

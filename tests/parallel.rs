@@ -13,7 +13,7 @@ use burn::module::Param;
 use burn::nn::Linear;
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_distill::{
-    DistillError, DistillLoss, DistillLossConfig, Divergence, Reduction, VocabShard,
+    DistillError, DistillLoss, DistillLossConfig, Divergence, Reduction, Validation, VocabShard,
 };
 
 type Inner = NdArray<f32>;
@@ -601,7 +601,7 @@ fn shifted_teacher_teacher_only_padding_and_unchecked_bad_targets() {
     b.targets[6] = -7;
     let loss = config()
         .with_reduction(Reduction::PerRow)
-        .with_check_targets(false)
+        .with_validation(Validation::Off)
         .init();
     let (values, _) = sharded(&loss, &b, &balanced(31, 2), false);
     assert!(

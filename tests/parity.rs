@@ -91,11 +91,15 @@ fn every_cpu_instruction_set_matches_reference() {
 fn half_precision_logits<W: DistillBackend>(dtypes: &[burn::tensor::DType]) {
     use burn::tensor::{DType, Tensor};
     let device = Default::default();
-    let p = problem(6, 1031, 4.0, 3, 42);
     let loss = DistillLossConfig::new()
         .with_temperature(2.0)
         .with_alpha(0.7);
-    for &dtype in dtypes {
+    // An odd vocabulary (scalar loads) and one of 8·129 (vector loads).
+    for (v, &dtype) in [1031, 1032]
+        .into_iter()
+        .flat_map(|v| dtypes.iter().map(move |d| (v, d)))
+    {
+        let p = problem(6, v, 4.0, 3, 42);
         let half = |x: &[f64]| tensor2::<W>(x, p.shape, &device).cast(dtype);
         let back = |t: Tensor<W, 2>| t.cast(DType::F32);
         let (s, t) = (half(&p.student), half(&p.teacher));
@@ -113,7 +117,7 @@ fn half_precision_logits<W: DistillBackend>(dtypes: &[burn::tensor::DType]) {
         let (f, r) = (values(fused.cast(DType::F32))[0], values(reference)[0]);
         assert!(
             (f - r).abs() <= 1e-2 * r.abs(),
-            "{dtype:?}: fused {f} vs reference {r}"
+            "{dtype:?}, V = {v}: fused {f} vs reference {r}"
         );
     }
 }
@@ -153,19 +157,27 @@ fn wgpu_more_rows_than_one_dispatch_dimension() {
     type W = Autodiff<burn::backend::Wgpu>;
     type C = Autodiff<burn::backend::NdArray>;
     let device = burn_distill::testing::wgpu_device();
-    let p = problem(65_537, 5, 4.0, 0, 7);
     let config = DistillLossConfig::new()
         .with_temperature(2.0)
         .with_alpha(0.6)
         .with_divergence(Divergence::Jsd { beta: 0.3 });
     let fused = config.clone().with_kernel(Kernel::Fused);
     let reference = config.clone().with_kernel(Kernel::Reference);
-    let (wl, wg) = run::<W>(&fused, &p, true, &device);
-    let (cl, cg) = run::<C>(&reference, &p, true, &Default::default());
-    let mut failures = mismatches("loss", &wl, &cl, LOSS_TOL.0, LOSS_TOL.1);
-    failures.extend(mismatches("grad", &wg, &cg, 1e-9, GRAD_TOL.1));
-    assert!(wg.iter().any(|g| *g != 0.0), "the gradient is not zero");
-    assert!(failures.is_empty(), "N = 65,537:\n{}", failures.join("\n"));
+    // V = 5: 32 rows per cube, the last cube with one live row; V = 257: one row per cube,
+    // 65,537 cubes over two dispatch dimensions.
+    for v in [5, 257] {
+        let p = problem(65_537, v, 4.0, 0, 7);
+        let (wl, wg) = run::<W>(&fused, &p, true, &device);
+        let (cl, cg) = run::<C>(&reference, &p, true, &Default::default());
+        let mut failures = mismatches("loss", &wl, &cl, LOSS_TOL.0, LOSS_TOL.1);
+        failures.extend(mismatches("grad", &wg, &cg, 1e-9, GRAD_TOL.1));
+        assert!(wg.iter().any(|g| *g != 0.0), "the gradient is not zero");
+        assert!(
+            failures.is_empty(),
+            "N = 65,537, V = {v}:\n{}",
+            failures.join("\n")
+        );
+    }
 
     // Sequence form, per-token losses: [2, 32_769, 5].
     let per_row = config.with_reduction(Reduction::PerRow);

@@ -8,7 +8,7 @@ use burn_cubecl::{
     BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement, kernel::into_contiguous,
     ops::numeric::empty_device_dtype, tensor::CubeTensor,
 };
-use cubecl::{calculate_cube_count_elemwise, prelude::*};
+use cubecl::{prelude::*, server::CubeCountSelection, tensor_vector_size_parallel};
 
 use super::{DistillBackend, DistillParams, DistillParts, FusedOutput};
 use crate::kernel::cube::{BLOCK, DivKind, distill_kernel};
@@ -43,11 +43,13 @@ pub(crate) fn launch<R: CubeRuntime>(
     let rows =
         || empty_device_dtype::<R>(client.clone(), device.clone(), Shape::new([n]), DType::F32);
     let (loss, soft, hard) = (rows(), rows(), rows());
-    let grad = if with_grad {
-        empty_device_dtype::<R>(client.clone(), device.clone(), Shape::new([n, v]), dtype)
-    } else {
-        empty_device_dtype::<R>(client.clone(), device.clone(), Shape::new([1, 1]), dtype)
-    };
+    let grad_shape = if with_grad { [n, v] } else { [1, v] };
+    let grad = empty_device_dtype::<R>(
+        client.clone(),
+        device.clone(),
+        Shape::new(grad_shape),
+        dtype,
+    );
     let has_targets = targets.is_some();
     // Without labels the kernel reads (and ignores) a dummy `[N]` tensor of zeros.
     let targets = match targets {
@@ -66,14 +68,12 @@ pub(crate) fn launch<R: CubeRuntime>(
         .unwrap_or(0)
         .clamp(i32::MIN as i64, i32::MAX as i64) as i32;
     let i_dtype = targets.dtype;
-    // One cube per row, spread over as many dimensions as the device needs (wgpu allows
-    // 65,535 workgroups per dimension); the kernel indexes rows by the linear cube position.
-    let cube_dim = CubeDim::new_1d(BLOCK);
-    let cube_count = calculate_cube_count_elemwise(&client, n * BLOCK as usize, cube_dim);
+    let (cube_dim, cube_count, width) = layout(&student);
     distill_kernel::launch::<R>(
         &client,
         cube_count,
         cube_dim,
+        width,
         student.into_tensor_arg(),
         teacher.into_tensor_arg(),
         targets.into_tensor_arg(),
@@ -92,7 +92,6 @@ pub(crate) fn launch<R: CubeRuntime>(
         has_targets,
         params.ignore_index.is_some(),
         with_grad,
-        BLOCK,
         [dtype.into(), i_dtype.into()],
     );
     CubeRows {
@@ -101,6 +100,32 @@ pub(crate) fn launch<R: CubeRuntime>(
         hard,
         grad: with_grad.then_some(grad),
     }
+}
+
+/// The launch layout of `[N, V]` contiguous logits: cube dimensions, cube count and vector
+/// width.
+///
+/// Logits move as vectors of the widest width the device prefers for this dtype that divides
+/// V (4 elements on wgpu; 1 for an odd V). A row's units are `V / width` rounded up to a power
+/// of two, at most [`BLOCK`], and a cube holds `BLOCK / units` rows, so that a small vocabulary
+/// does not leave most of a 256-unit cube idle. The cubes are spread over as many dimensions as
+/// the device needs (wgpu allows 65,535 workgroups per dimension).
+pub(crate) fn layout<R: CubeRuntime>(student: &CubeTensor<R>) -> (CubeDim, CubeCount, usize) {
+    let [n, v] = student.meta.shape().dims::<2>();
+    let width = tensor_vector_size_parallel(
+        student
+            .client
+            .io_optimized_vector_sizes(student.dtype.size()),
+        student.meta.shape(),
+        student.meta.strides(),
+        1,
+    );
+    let units = (v / width).next_power_of_two().min(BLOCK as usize) as u32;
+    let rows = BLOCK / units;
+    let cube_dim = CubeDim::new_2d(units, rows);
+    let cubes = n.div_ceil(rows as usize);
+    let cube_count = CubeCountSelection::new(&student.client, cubes as u32).cube_count();
+    (cube_dim, cube_count, width)
 }
 
 impl<R, F, I, BT> DistillBackend for CubeBackend<R, F, I, BT>
@@ -175,5 +200,33 @@ where
             },
             grad: rows.grad,
         })
+    }
+}
+
+#[cfg(all(test, feature = "wgpu"))]
+mod tests {
+    use burn::tensor::{DType, Tensor};
+
+    use super::layout;
+
+    /// The launch layout: vector widths from V and the dtype, rows per cube from V.
+    #[test]
+    fn layout_follows_the_vocabulary() {
+        type W = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
+        let device = crate::testing::wgpu_device();
+        let of = |n: usize, v: usize, dtype: DType| {
+            let t = Tensor::<W, 2>::zeros([n, v], &device).cast(dtype);
+            let (dim, _, width) = layout(&t.into_primitive().tensor());
+            (width, dim.x, dim.y)
+        };
+        // Vectors of 4 where V allows (wgpu's widest, f32 and f16 alike); a row of 256 units
+        // when V is large.
+        assert_eq!(of(3, 32_000, DType::F32), (4, 256, 1));
+        assert_eq!(of(3, 1032, DType::F16), (4, 256, 1));
+        assert_eq!(of(3, 1030, DType::F32), (2, 256, 1));
+        assert_eq!(of(3, 1031, DType::F32), (1, 256, 1));
+        // Small vocabularies share a cube: V = 10 is 5 vectors of 2 on 8 units, 32 rows.
+        assert_eq!(of(65_537, 10, DType::F32), (2, 8, 32));
+        assert_eq!(of(2, 1, DType::F32), (1, 1, 256));
     }
 }

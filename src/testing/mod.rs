@@ -5,7 +5,9 @@
 //! - golden: every case of the float64 PyTorch references (dense losses and sparse teachers),
 //!   loss and student gradient, at f32 tolerances (per entry, absolute plus relative);
 //! - parity: the fused kernel against the reference implementation on random problems with odd
-//!   vocabularies, `−inf` padding, ignored rows, every divergence and reduction.
+//!   vocabularies, `−inf` padding, ignored rows, every divergence and reduction;
+//! - validation: bad targets and sparse-teacher entries caught in `forward`, on the device
+//!   (named by `DistillOutput::validate`) or left as NaN rows, with both kernels.
 //!
 //! The reference data (`tests/golden/*.json`, and the scripts in `scripts/` that wrote them)
 //! is embedded in the crate. Not part of the loss API: these functions panic with a report of
@@ -19,6 +21,7 @@ use crate::{DistillBackend, DistillLoss, DistillLossConfig, Divergence, Kernel, 
 
 pub mod parity;
 pub mod sparse;
+pub mod validation;
 
 #[derive(Deserialize)]
 struct GoldenFile<C> {
@@ -300,7 +303,7 @@ where
 
 /// The conformance suites of [`crate::testing`] as `#[test]` functions for one backend, in a
 /// module of the given name: golden (dense, with `Kernel::Auto` and `Kernel::Reference`),
-/// sparse golden, and fused-against-reference parity (vocabularies 1 to 1031).
+/// sparse golden, validation, and fused-against-reference parity (vocabularies 1 to 1031, each vector width).
 ///
 /// `$backend` is an `AutodiffBackend + DistillBackend` whose inner backend is a
 /// `DistillBackend`; `$device` an expression giving its device.
@@ -336,8 +339,18 @@ macro_rules! conformance_tests {
             }
 
             #[test]
+            fn validation_dense() {
+                $crate::testing::validation::assert_dense::<$backend>(&$device);
+            }
+
+            #[test]
+            fn validation_sparse() {
+                $crate::testing::validation::assert_sparse::<$backend>(&$device);
+            }
+
+            #[test]
             fn fused_matches_reference() {
-                $crate::testing::parity::sweep::<$backend>(&$device, &[1, 2, 3, 17, 1031]);
+                $crate::testing::parity::sweep::<$backend>(&$device, &[1, 2, 3, 17, 1024, 1031]);
             }
         }
     };

@@ -163,8 +163,9 @@ fn wgpu_more_rows_than_one_dispatch_dimension() {
         .with_divergence(Divergence::Jsd { beta: 0.3 });
     let fused = config.clone().with_kernel(Kernel::Fused);
     let reference = config.clone().with_kernel(Kernel::Reference);
-    // V = 5: 32 rows per cube, the last cube with one live row; V = 257: one row per cube,
-    // 65,537 cubes over two dispatch dimensions.
+    // V = 5: 256 rows per cube (one unit each), the last cube with one live row; V = 257: 4
+    // rows of 64 units per cube. (More cubes than one dispatch dimension: the sparse kernel,
+    // one row per cube, in tests/sparse_f32.rs.)
     for v in [5, 257] {
         let p = problem(65_537, v, 4.0, 0, 7);
         let (wl, wg) = run::<W>(&fused, &p, true, &device);

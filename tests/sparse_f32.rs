@@ -161,33 +161,16 @@ fn fused_matches_reference_flex_f32() {
     sparse_fused_matches_reference::<Autodiff<burn::backend::Flex>>(&Default::default());
 }
 
-/// A backend without the fused sparse kernel (wgpu) refuses `Kernel::Fused` by name and runs
-/// the reference with `Kernel::Auto`.
+/// The CubeCL sparse kernel on wgpu (lavapipe in CI), through burn's fusion wrapper (`Wgpu`)
+/// and on the bare `CubeBackend`.
 #[cfg(feature = "wgpu")]
 #[test]
-fn wgpu_has_no_fused_sparse_kernel_yet() {
-    type W = burn::backend::Wgpu;
-    let device = burn_distill::testing::wgpu_device();
-    let student =
-        Tensor::<W, 2>::from_data(TensorData::new(vec![1.0f32, 2.0, 0.5], [1, 3]), &device);
-    let teacher = || {
-        SparseTeacher::new(
-            Tensor::<W, 2, Int>::from_data(TensorData::new(vec![1i64], [1, 1]), &device),
-            Tensor::<W, 2>::from_data(TensorData::new(vec![-0.2f32], [1, 1]), &device),
-        )
-    };
-    let fused =
-        SparseDistillLossConfig::new(DistillLossConfig::new().with_kernel(Kernel::Fused)).init();
-    let e = fused
-        .try_forward_parts(student.clone(), teacher(), None)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("Kernel::Fused") && e.contains("no fused sparse-teacher kernel"),
-        "{e}"
+fn fused_matches_reference_wgpu() {
+    sparse_fused_matches_reference::<Autodiff<burn::backend::Wgpu>>(
+        &burn_distill::testing::wgpu_device(),
     );
-    let auto = SparseDistillLossConfig::new(DistillLossConfig::new()).init();
-    assert!(values(auto.forward_soft(student, teacher()))[0].is_finite());
+    type Cube = burn::backend::wgpu::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
+    sparse_fused_matches_reference::<Autodiff<Cube>>(&burn_distill::testing::wgpu_device());
 }
 
 /// Rows that stress the fused sparse kernel against the composed path: a confident student
@@ -289,6 +272,12 @@ fn fused_edge_cases_ndarray_f32() {
 #[test]
 fn fused_edge_cases_flex_f32() {
     sparse_edge_cases::<Autodiff<burn::backend::Flex>>(&Default::default());
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn fused_edge_cases_wgpu() {
+    sparse_edge_cases::<Autodiff<burn::backend::Wgpu>>(&burn_distill::testing::wgpu_device());
 }
 
 /// Every instruction set the CPU kernels are compiled for gives the composed path's values on

@@ -188,6 +188,10 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
         })
     }
 
+    fn has_sparse_fused_kernel(dtype: DType, k: usize) -> bool {
+        B::has_sparse_fused_kernel(dtype, k)
+    }
+
     /// The sparse kernel of `B` as a tracked op of the student (the teacher is a constant).
     fn distill_sparse_fused(
         student: FloatTensor<Self>,

@@ -1,8 +1,10 @@
-//! The CubeCL backends (wgpu, CUDA): launch of the kernel of [`crate::kernel::cube`] and the
-//! reduction of its row outputs, on the device.
+//! The CubeCL backends (wgpu, CUDA): launch of the kernels of [`crate::kernel::cube`] (dense)
+//! and [`crate::kernel::sparse_cube`] (sparse teacher), and the reduction of their row
+//! outputs, on the device.
 
 use burn::tensor::{
-    DType, Int, Shape, Tensor as BurnTensor, TensorPrimitive, ops::FloatTensor, ops::IntTensor,
+    Bool, DType, Int, Shape, Tensor as BurnTensor, TensorPrimitive, ops::FloatTensor,
+    ops::IntTensor,
 };
 use burn_cubecl::{
     BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement, kernel::into_contiguous,
@@ -10,8 +12,9 @@ use burn_cubecl::{
 };
 use cubecl::{prelude::*, server::CubeCountSelection, tensor_vector_size_parallel};
 
-use super::{DistillBackend, DistillParams, DistillParts, FusedOutput};
+use super::{DistillBackend, DistillParams, DistillParts, FusedOutput, SparseInputs, SparseSetup};
 use crate::kernel::cube::{BLOCK, DivKind, distill_kernel};
+use crate::kernel::sparse_cube::{TailKind, sparse_kernel};
 use crate::reduction::ignored_rows;
 
 /// Row outputs of the kernel: `[N]` loss, soft, hard, and `[N, V]` gradient if asked.
@@ -20,6 +23,74 @@ pub(crate) struct CubeRows<R: CubeRuntime> {
     pub soft: CubeTensor<R>,
     pub hard: CubeTensor<R>,
     pub grad: Option<CubeTensor<R>>,
+}
+
+/// The kernels' outputs: `[N]` f32 rows and the gradient in the logits' dtype (`[N, V]`, or
+/// a `[1, V]` placeholder without one).
+struct RowOutputs<R: CubeRuntime> {
+    loss: CubeTensor<R>,
+    soft: CubeTensor<R>,
+    hard: CubeTensor<R>,
+    grad: CubeTensor<R>,
+}
+
+impl<R: CubeRuntime> RowOutputs<R> {
+    fn new(student: &CubeTensor<R>, with_grad: bool) -> Self {
+        let [n, v] = student.meta.shape().dims::<2>();
+        let empty = |shape: [usize; 2], dtype| {
+            let shape = if shape[1] == 0 {
+                Shape::new([shape[0]])
+            } else {
+                Shape::new(shape)
+            };
+            empty_device_dtype::<R>(student.client.clone(), student.device.clone(), shape, dtype)
+        };
+        // Row values in f32 for every logit dtype: an f16 sum of row losses overflows at 65,504.
+        Self {
+            loss: empty([n, 0], DType::F32),
+            soft: empty([n, 0], DType::F32),
+            hard: empty([n, 0], DType::F32),
+            grad: empty(if with_grad { [n, v] } else { [1, v] }, student.dtype),
+        }
+    }
+
+    fn into_rows(self, with_grad: bool) -> CubeRows<R> {
+        CubeRows {
+            loss: self.loss,
+            soft: self.soft,
+            hard: self.hard,
+            grad: with_grad.then_some(self.grad),
+        }
+    }
+}
+
+/// Whether there are targets, and the `[N]` targets (contiguous) or, without labels, a dummy
+/// `[N]` tensor of zeros of dtype `dtype` that the kernel reads and ignores.
+fn targets_or_zeros<R: CubeRuntime>(
+    targets: Option<CubeTensor<R>>,
+    student: &CubeTensor<R>,
+    dtype: DType,
+) -> (bool, CubeTensor<R>) {
+    match targets {
+        Some(t) => (true, into_contiguous(t)),
+        None => (
+            false,
+            burn_cubecl::ops::numeric::zeros_client::<R>(
+                student.client.clone(),
+                student.device.clone(),
+                Shape::new([student.meta.shape()[0]]),
+                dtype,
+            ),
+        ),
+    }
+}
+
+/// The ignore index as the kernels' `i32` (any value when there is none).
+fn ignore_value(params: &DistillParams) -> i32 {
+    params
+        .ignore_index
+        .unwrap_or(0)
+        .clamp(i32::MIN as i64, i32::MAX as i64) as i32
 }
 
 /// Launches the kernel. `targets` must hold `[N]` class indices (or be `None`); `scale` is the
@@ -35,42 +106,13 @@ pub(crate) fn launch<R: CubeRuntime>(
 ) -> CubeRows<R> {
     let student = into_contiguous(student);
     let teacher = into_contiguous(teacher);
-    let [n, v] = student.meta.shape().dims::<2>();
-    let client = student.client.clone();
-    let device = student.device.clone();
-    let dtype = student.dtype;
-    // Row values in f32 for every logit dtype: an f16 sum of row losses overflows at 65,504.
-    let rows =
-        || empty_device_dtype::<R>(client.clone(), device.clone(), Shape::new([n]), DType::F32);
-    let (loss, soft, hard) = (rows(), rows(), rows());
-    let grad_shape = if with_grad { [n, v] } else { [1, v] };
-    let grad = empty_device_dtype::<R>(
-        client.clone(),
-        device.clone(),
-        Shape::new(grad_shape),
-        dtype,
-    );
-    let has_targets = targets.is_some();
-    // Without labels the kernel reads (and ignores) a dummy `[N]` tensor of zeros.
-    let targets = match targets {
-        Some(t) => into_contiguous(t),
-        None => burn_cubecl::ops::numeric::zeros_client::<R>(
-            client.clone(),
-            device.clone(),
-            Shape::new([n]),
-            DType::I32,
-        ),
-    };
+    let outputs = RowOutputs::new(&student, with_grad);
+    let (has_targets, targets) = targets_or_zeros(targets, &student, DType::I32);
     let (kind, mix) = DivKind::of(params.divergence);
-    let t2 = params.soft_factor();
-    let ignore = params
-        .ignore_index
-        .unwrap_or(0)
-        .clamp(i32::MIN as i64, i32::MAX as i64) as i32;
-    let i_dtype = targets.dtype;
+    let dtypes = [student.dtype.into(), targets.dtype.into()];
     let (cube_dim, cube_count, width) = layout(&student);
     distill_kernel::launch::<R>(
-        &client,
+        &student.client.clone(),
         cube_count,
         cube_dim,
         width,
@@ -78,36 +120,34 @@ pub(crate) fn launch<R: CubeRuntime>(
         teacher.into_tensor_arg(),
         targets.into_tensor_arg(),
         scale.into_tensor_arg(),
-        loss.clone().into_tensor_arg(),
-        soft.clone().into_tensor_arg(),
-        hard.clone().into_tensor_arg(),
-        grad.clone().into_tensor_arg(),
+        outputs.loss.clone().into_tensor_arg(),
+        outputs.soft.clone().into_tensor_arg(),
+        outputs.hard.clone().into_tensor_arg(),
+        outputs.grad.clone().into_tensor_arg(),
         (1.0 / params.temperature) as f32,
-        t2 as f32,
+        params.soft_factor() as f32,
         params.alpha as f32,
         params.label_smoothing as f32,
         mix,
-        ignore,
+        ignore_value(params),
         kind,
         has_targets,
         params.ignore_index.is_some(),
         with_grad,
-        [dtype.into(), i_dtype.into()],
+        dtypes,
     );
-    CubeRows {
-        loss,
-        soft,
-        hard,
-        grad: with_grad.then_some(grad),
-    }
+    outputs.into_rows(with_grad)
 }
+
+/// The fewest vectors a unit of the dense kernel loads per pass when V allows.
+const VECTORS_PER_UNIT: usize = 8;
 
 /// The launch layout of `[N, V]` contiguous logits: cube dimensions, cube count and vector
 /// width.
 ///
 /// Logits move as vectors of the widest width the device prefers for this dtype that divides
-/// V (4 elements on wgpu; 1 for an odd V). A row's units are `V / width` rounded up to a power
-/// of two, at most [`BLOCK`], and a cube holds `BLOCK / units` rows, so that a small vocabulary
+/// V (4 elements on wgpu; 1 for an odd V). A row's units are `V / width / VECTORS_PER_UNIT`
+/// rounded up to a power of two, at most [`BLOCK`], and a cube holds `BLOCK / units` rows, so that a small vocabulary
 /// does not leave most of a 256-unit cube idle. The cubes are spread over as many dimensions as
 /// the device needs (wgpu allows 65,535 workgroups per dimension).
 pub(crate) fn layout<R: CubeRuntime>(student: &CubeTensor<R>) -> (CubeDim, CubeCount, usize) {
@@ -120,7 +160,12 @@ pub(crate) fn layout<R: CubeRuntime>(student: &CubeTensor<R>) -> (CubeDim, CubeC
         student.meta.strides(),
         1,
     );
-    let units = (v / width).next_power_of_two().min(BLOCK as usize) as u32;
+    // At least `VECTORS_PER_UNIT` vectors per unit, so that a row's reductions (a few barriers
+    // each) do not outweigh its loads.
+    let units = (v / width)
+        .div_ceil(VECTORS_PER_UNIT)
+        .next_power_of_two()
+        .min(BLOCK as usize) as u32;
     let rows = BLOCK / units;
     let cube_dim = CubeDim::new_2d(units, rows);
     let cubes = n.div_ceil(rows as usize);
@@ -155,51 +200,192 @@ where
         if !Self::has_fused_kernel(&student, &teacher) {
             return None;
         }
-        type T<B, const D: usize> = BurnTensor<B, D>;
-        let [n, _v] = student.meta.shape().dims::<2>();
-        let device = student.device.clone();
-        let float = |t: CubeTensor<R>| T::<Self, 1>::from_primitive(TensorPrimitive::Float(t));
-        // The reduction's factor, on the device (no synchronisation), in f32 (an f16 count
-        // overflows at 65,504, a bf16 1/count is off by up to 0.4%); 1 per row for PerRow.
-        let ignored = ignored_rows(
-            targets
-                .clone()
-                .map(BurnTensor::<Self, 1, Int>::from_primitive)
-                .as_ref(),
-            params.ignore_index,
-        );
-        let factor = params
-            .reduction
-            .factor_tensor::<Self>(ignored, n, &device, DType::F32);
-        let scale = factor
-            .clone()
-            .unwrap_or_else(|| T::full([1], 1.0, (&device, DType::F32)));
+        let reduction = Reduced::<R, F, I, BT>::new(&student, targets.as_ref(), params);
         let has_targets = targets.is_some();
         let rows = launch::<R>(
             student,
             teacher,
             targets,
-            scale.clone().into_primitive().tensor(),
+            reduction.scale(),
             params,
             with_grad,
         );
-        let reduce = |t: CubeTensor<R>| -> FloatTensor<Self> {
-            let rows = float(t);
-            match &factor {
+        Some(reduction.finish(rows, has_targets))
+    }
+
+    /// The sparse kernel takes `k ≤ MAX_SPARSE_K` entries per row (the row's entries live in
+    /// shared memory); the reference runs beyond.
+    fn has_sparse_fused_kernel(dtype: DType, k: usize) -> bool {
+        Self::fused_kernel_dtypes().contains(&dtype) && k <= MAX_SPARSE_K
+    }
+
+    fn distill_sparse_fused(
+        student: FloatTensor<Self>,
+        teacher: SparseInputs<Self>,
+        targets: Option<IntTensor<Self>>,
+        params: &DistillParams,
+        setup: SparseSetup,
+        with_grad: bool,
+    ) -> Option<FusedOutput<Self>> {
+        if !Self::has_sparse_fused_kernel(student.dtype, teacher.indices.meta.shape()[1]) {
+            return None;
+        }
+        // Log-probabilities in f32, a missing entry (false in the mask) as `−∞`.
+        let log_probs =
+            BurnTensor::<Self, 2>::from_primitive(TensorPrimitive::Float(teacher.log_probs))
+                .cast(DType::F32);
+        let log_probs = match teacher.mask {
+            Some(mask) => log_probs.mask_fill(
+                BurnTensor::<Self, 2, Bool>::from_primitive(mask).bool_not(),
+                f32::NEG_INFINITY,
+            ),
+            None => log_probs,
+        };
+        let reduction = Reduced::<R, F, I, BT>::new(&student, targets.as_ref(), params);
+        let has_targets = targets.is_some();
+        let rows = launch_sparse::<R>(
+            student,
+            teacher.indices,
+            log_probs.into_primitive().tensor(),
+            targets,
+            reduction.scale(),
+            params,
+            setup,
+            with_grad,
+        );
+        Some(reduction.finish(rows, has_targets))
+    }
+}
+
+/// The most teacher entries per row of the sparse kernel (its shared memory: 24 bytes each).
+pub(crate) const MAX_SPARSE_K: usize = 512;
+
+/// Launches the sparse kernel (see [`launch`]): `[N, k]` indices, `[N, k]` f32
+/// log-probabilities (`−∞` where missing).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_sparse<R: CubeRuntime>(
+    student: CubeTensor<R>,
+    indices: CubeTensor<R>,
+    log_probs: CubeTensor<R>,
+    targets: Option<CubeTensor<R>>,
+    scale: CubeTensor<R>,
+    params: &DistillParams,
+    setup: SparseSetup,
+    with_grad: bool,
+) -> CubeRows<R> {
+    let student = into_contiguous(student);
+    let n = student.meta.shape()[0];
+    let k = indices.meta.shape()[1];
+    let outputs = RowOutputs::new(&student, with_grad);
+    // One int dtype for indices and targets (the kernel's `I`).
+    let (has_targets, targets) = targets_or_zeros(targets, &student, indices.dtype);
+    let (kind, mix) = DivKind::of(params.divergence);
+    let dtypes = [student.dtype.into(), indices.dtype.into()];
+    let client = student.client.clone();
+    let cube_count = CubeCountSelection::new(&client, n as u32).cube_count();
+    sparse_kernel::launch::<R>(
+        &client,
+        cube_count,
+        CubeDim::new_1d(BLOCK),
+        student.into_tensor_arg(),
+        into_contiguous(indices).into_tensor_arg(),
+        into_contiguous(log_probs).into_tensor_arg(),
+        targets.into_tensor_arg(),
+        scale.into_tensor_arg(),
+        outputs.loss.clone().into_tensor_arg(),
+        outputs.soft.clone().into_tensor_arg(),
+        outputs.hard.clone().into_tensor_arg(),
+        outputs.grad.clone().into_tensor_arg(),
+        (1.0 / params.temperature) as f32,
+        params.soft_factor() as f32,
+        params.alpha as f32,
+        params.label_smoothing as f32,
+        mix,
+        (setup.generation_temperature / params.temperature) as f32,
+        ignore_value(params),
+        kind,
+        TailKind::of(setup.tail),
+        has_targets,
+        params.ignore_index.is_some(),
+        with_grad,
+        k,
+        dtypes,
+    );
+    outputs.into_rows(with_grad)
+}
+
+/// The reduction of a fused kernel's f32 row outputs, on the device (no synchronisation): its
+/// factor in f32 (an f16 count overflows at 65,504, a bf16 `1/count` is off by up to 0.4%), or
+/// none for `PerRow`.
+struct Reduced<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> {
+    factor: Option<BurnTensor<CubeBackend<R, F, I, BT>, 1>>,
+    device: R::Device,
+}
+
+impl<R, F, I, BT> Reduced<R, F, I, BT>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    fn new(
+        student: &CubeTensor<R>,
+        targets: Option<&CubeTensor<R>>,
+        params: &DistillParams,
+    ) -> Self {
+        let n = student.meta.shape()[0];
+        let device = student.device.clone();
+        let ignored = ignored_rows(
+            targets
+                .cloned()
+                .map(BurnTensor::<CubeBackend<R, F, I, BT>, 1, Int>::from_primitive)
+                .as_ref(),
+            params.ignore_index,
+        );
+        let factor = params.reduction.factor_tensor::<CubeBackend<R, F, I, BT>>(
+            ignored,
+            n,
+            &device,
+            DType::F32,
+        );
+        Self { factor, device }
+    }
+
+    /// The `[1]` factor the kernel multiplies the gradient by (1 for `PerRow`).
+    fn scale(&self) -> CubeTensor<R> {
+        self.factor
+            .clone()
+            .unwrap_or_else(|| BurnTensor::full([1], 1.0, (&self.device, DType::F32)))
+            .into_primitive()
+            .tensor()
+    }
+
+    /// The reduced loss and parts of the kernel's rows, and its gradient.
+    fn finish(
+        &self,
+        rows: CubeRows<R>,
+        has_targets: bool,
+    ) -> FusedOutput<CubeBackend<R, F, I, BT>> {
+        let reduce = |t: CubeTensor<R>| -> CubeTensor<R> {
+            let rows = BurnTensor::<CubeBackend<R, F, I, BT>, 1>::from_primitive(
+                TensorPrimitive::Float(t),
+            );
+            match &self.factor {
                 None => rows,
                 Some(factor) => rows.sum() * factor.clone(),
             }
             .into_primitive()
             .tensor()
         };
-        Some(FusedOutput {
+        FusedOutput {
             parts: DistillParts {
                 loss: reduce(rows.loss),
                 soft: reduce(rows.soft),
                 hard: has_targets.then(|| reduce(rows.hard)),
             },
             grad: rows.grad,
-        })
+        }
     }
 }
 
@@ -212,21 +398,23 @@ mod tests {
     /// The launch layout: vector widths from V and the dtype, rows per cube from V.
     #[test]
     fn layout_follows_the_vocabulary() {
-        type W = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
+        type W = burn::backend::wgpu::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
         let device = crate::testing::wgpu_device();
         let of = |n: usize, v: usize, dtype: DType| {
             let t = Tensor::<W, 2>::zeros([n, v], &device).cast(dtype);
             let (dim, _, width) = layout(&t.into_primitive().tensor());
             (width, dim.x, dim.y)
         };
-        // Vectors of 4 where V allows (wgpu's widest, f32 and f16 alike); a row of 256 units
-        // when V is large.
+        // Vectors of 4 where V allows (wgpu's widest, f32 and f16 alike), 2 or 1 otherwise; a
+        // row of 256 units when V is large (at least 8 vectors each).
         assert_eq!(of(3, 32_000, DType::F32), (4, 256, 1));
-        assert_eq!(of(3, 1032, DType::F16), (4, 256, 1));
-        assert_eq!(of(3, 1030, DType::F32), (2, 256, 1));
-        assert_eq!(of(3, 1031, DType::F32), (1, 256, 1));
-        // Small vocabularies share a cube: V = 10 is 5 vectors of 2 on 8 units, 32 rows.
-        assert_eq!(of(65_537, 10, DType::F32), (2, 8, 32));
+        assert_eq!(of(3, 8192, DType::F16), (4, 256, 1));
+        assert_eq!(of(3, 1030, DType::F32), (2, 128, 2));
+        assert_eq!(of(3, 2049, DType::F32), (1, 256, 1));
+        // Small vocabularies share a cube: V = 1000 is 250 vectors of 4 on 32 units, 8 rows;
+        // V = 10 is 5 vectors of 2 on one unit, 256 rows.
+        assert_eq!(of(3, 1000, DType::F32), (4, 32, 8));
+        assert_eq!(of(65_537, 10, DType::F32), (2, 1, 256));
         assert_eq!(of(2, 1, DType::F32), (1, 1, 256));
     }
 }

@@ -60,6 +60,10 @@ impl DistillBackend for Flex {
         }
     }
 
+    fn has_sparse_fused_kernel(dtype: DType, _k: usize) -> bool {
+        Self::fused_kernel_dtypes().contains(&dtype)
+    }
+
     fn distill_sparse_fused(
         student: FloatTensor<Self>,
         teacher: SparseInputs<Self>,

@@ -185,10 +185,17 @@ pub trait DistillBackend: Backend {
         None
     }
 
+    /// Does this backend have a fused sparse-teacher kernel for student logits of dtype
+    /// `dtype` and `k` teacher entries per row? (None by default.)
+    fn has_sparse_fused_kernel(_dtype: DType, _k: usize) -> bool {
+        false
+    }
+
     /// The fused sparse-teacher kernel (see [`SparseDistillLoss`](crate::SparseDistillLoss)):
     /// the reduced loss of `[N, V]` student logits against a top-k teacher and, when
-    /// `with_grad`, its `[N, V]` gradient; `None` where this backend has no such kernel (the
-    /// default: the composed reference runs).
+    /// `with_grad`, its `[N, V]` gradient; `None` where
+    /// [`DistillBackend::has_sparse_fused_kernel`] is false (the default: the composed
+    /// reference runs).
     fn distill_sparse_fused(
         _student: FloatTensor<Self>,
         _teacher: SparseInputs<Self>,

@@ -56,6 +56,10 @@ where
         }
     }
 
+    fn has_sparse_fused_kernel(dtype: DType, _k: usize) -> bool {
+        Self::fused_kernel_dtypes().contains(&dtype)
+    }
+
     fn distill_sparse_fused(
         student: FloatTensor<Self>,
         teacher: SparseInputs<Self>,

@@ -49,7 +49,7 @@ impl DivKind {
 /// Sum of `value` over the `CUBE_DIM_X` units of this unit's row (a shared-memory tree in the
 /// row's segment; every unit of the row gets the result). Every unit of the cube must call it.
 #[cube]
-fn row_sum(smem: &mut SharedMemory<f32>, value: f32) -> f32 {
+pub(crate) fn row_sum(smem: &mut SharedMemory<f32>, value: f32) -> f32 {
     let unit = UNIT_POS_X as usize;
     let base = UNIT_POS_Y as usize * CUBE_DIM_X as usize;
     smem[base + unit] = value;
@@ -70,7 +70,7 @@ fn row_sum(smem: &mut SharedMemory<f32>, value: f32) -> f32 {
 
 /// Maximum of `value` over the units of this unit's row (as [`row_sum`]).
 #[cube]
-fn row_max(smem: &mut SharedMemory<f32>, value: f32) -> f32 {
+pub(crate) fn row_max(smem: &mut SharedMemory<f32>, value: f32) -> f32 {
     let unit = UNIT_POS_X as usize;
     let base = UNIT_POS_Y as usize * CUBE_DIM_X as usize;
     smem[base + unit] = value;
@@ -93,7 +93,14 @@ fn row_max(smem: &mut SharedMemory<f32>, value: f32) -> f32 {
 
 /// The divergence term of column `j`, for divergence `kind` with mixture weight `mix`.
 #[cube]
-fn column_term(q: f32, p: f32, lq: f32, lp: f32, mix: f32, #[comptime] kind: DivKind) -> f32 {
+pub(crate) fn column_term(
+    q: f32,
+    p: f32,
+    lq: f32,
+    lp: f32,
+    mix: f32,
+    #[comptime] kind: DivKind,
+) -> f32 {
     let mut d = f32::new(0.0);
     match kind {
         DivKind::ForwardKl => {
@@ -148,7 +155,7 @@ fn column_term(q: f32, p: f32, lq: f32, lp: f32, mix: f32, #[comptime] kind: Div
 /// `g_j = ∂D/∂q_j` of column `j` for JSD, skew KL, skew reverse KL and TVD (forward and
 /// reverse KL have closed forms in the gradient pass and never call this).
 #[cube]
-fn column_grad(q: f32, p: f32, lq: f32, mix: f32, #[comptime] kind: DivKind) -> f32 {
+pub(crate) fn column_grad(q: f32, p: f32, lq: f32, mix: f32, #[comptime] kind: DivKind) -> f32 {
     let mut g = f32::new(0.0);
     match kind {
         DivKind::Jsd => {

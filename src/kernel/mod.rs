@@ -7,8 +7,11 @@
 //!   NdArray and Flex for f32 and f64 logits.
 //! - `sparse_cpu`: the fused sparse-teacher CPU kernel (the student row in cache, the `k`
 //!   teacher entries beside it), NdArray and Flex.
-//! - `cube`: the fused CubeCL kernel (one cube per row, shared-memory reductions), used by the
-//!   wgpu and CUDA backends for f32, f16 and bf16 logits (accumulating in f32).
+//! - `cube`: the fused CubeCL kernel (vector loads, one or several rows per cube, shared-memory
+//!   reductions), used by the wgpu and CUDA backends for f32, f16 and bf16 logits
+//!   (accumulating in f32).
+//! - `sparse_cube`: the fused sparse-teacher CubeCL kernel (one cube per row, the `k` entries
+//!   in shared memory), wgpu and CUDA.
 
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +24,8 @@ pub(crate) mod real;
 pub(crate) mod reference;
 #[cfg(any(feature = "ndarray", feature = "flex"))]
 pub(crate) mod sparse_cpu;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub(crate) mod sparse_cube;
 
 /// Which implementation computes the loss.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

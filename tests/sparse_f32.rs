@@ -293,3 +293,128 @@ fn fused_edge_cases_on_every_cpu_instruction_set() {
     }
     force_isa(None);
 }
+
+/// Unchecked (`Validation::Off`), a row with an index seen twice or outside the vocabulary is
+/// NaN with a zero gradient in the fused kernel, and the other rows keep their values.
+fn bad_rows_are_nan<P>(device: &P::Device)
+where
+    P: burn::tensor::backend::AutodiffBackend + burn_distill::DistillBackend,
+{
+    use burn_distill::{Reduction, Validation};
+    let (n, v, k) = (3, 5, 2);
+    let student: Vec<f32> = (0..n * v)
+        .map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0)
+        .collect();
+    let run = |indices: Vec<i64>, kernel: Kernel| {
+        let loss = SparseDistillLossConfig::new(
+            DistillLossConfig::new()
+                .with_alpha(0.6)
+                .with_reduction(Reduction::PerRow)
+                .with_validation(Validation::Off)
+                .with_kernel(kernel),
+        )
+        .init();
+        let s = Tensor::<P, 2>::from_data(TensorData::new(student.clone(), [n, v]), device)
+            .require_grad();
+        let teacher = SparseTeacher::new(
+            Tensor::<P, 2, Int>::from_data(TensorData::new(indices, [n, k]), device),
+            Tensor::<P, 2>::from_data(TensorData::new([-0.4f32, -1.5].repeat(n), [n, k]), device),
+        );
+        let targets =
+            Tensor::<P, 1, Int>::from_data(TensorData::new(vec![1i64, 2, 3], [n]), device);
+        let rows = loss.forward(s.clone(), teacher, targets);
+        let nan = rows.clone().is_nan();
+        let grad = s
+            .grad(&rows.clone().mask_fill(nan, 0.0).sum().backward())
+            .unwrap();
+        (values(rows), values(grad))
+    };
+    let (rows, grad) = run(vec![0, 3, 2, 2, 4, 7], Kernel::Fused);
+    assert!(
+        rows[0].is_finite() && rows[1].is_nan() && rows[2].is_nan(),
+        "{rows:?}"
+    );
+    assert!(grad[v..].iter().all(|&g| g == 0.0), "{grad:?}");
+    let (good, good_grad) = run(vec![0, 3, 1, 2, 4, 0], Kernel::Reference);
+    assert!(
+        (rows[0] - good[0]).abs() <= 1e-5 * good[0].abs(),
+        "{rows:?} vs {good:?}"
+    );
+    let first = |g: &[f64]| g[..v].to_vec();
+    let failures =
+        burn_distill::testing::mismatches("grad", &first(&grad), &first(&good_grad), 1e-6, 1e-4);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn bad_rows_are_nan_ndarray() {
+    bad_rows_are_nan::<Autodiff<NdArray>>(&Default::default());
+}
+
+#[cfg(feature = "flex")]
+#[test]
+fn bad_rows_are_nan_flex() {
+    bad_rows_are_nan::<Autodiff<burn::backend::Flex>>(&Default::default());
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn bad_rows_are_nan_wgpu() {
+    bad_rows_are_nan::<Autodiff<burn::backend::Wgpu>>(&burn_distill::testing::wgpu_device());
+}
+
+/// The sparse kernel runs one row per cube: 65,537 rows need more cubes than one wgpu dispatch
+/// dimension holds (65,535). Loss and gradient against the reference on NdArray.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_more_rows_than_one_dispatch_dimension() {
+    use burn_distill::testing::mismatches;
+    let (n, v, k) = (65_537, 6, 2);
+    let student: Vec<f32> = (0..n * v)
+        .map(|i| ((i * 7 % 13) as f32 - 6.0) / 2.0)
+        .collect();
+    let indices: Vec<i64> = (0..n)
+        .flat_map(|r| [(r % v) as i64, ((r + 2) % v) as i64])
+        .collect();
+    let log_probs: Vec<f32> = (0..n)
+        .flat_map(|r| [-0.3 - (r % 5) as f32 * 0.1, -2.0])
+        .collect();
+    let targets: Vec<i64> = (0..n).map(|r| ((r * 5) % v) as i64).collect();
+    fn run<P: burn::tensor::backend::AutodiffBackend + burn_distill::DistillBackend>(
+        device: &P::Device,
+        kernel: Kernel,
+        [n, v, k]: [usize; 3],
+        data: (&[f32], &[i64], &[f32], &[i64]),
+    ) -> (Vec<f64>, Vec<f64>) {
+        let loss = SparseDistillLossConfig::new(
+            DistillLossConfig::new()
+                .with_temperature(2.0)
+                .with_alpha(0.7)
+                .with_kernel(kernel),
+        )
+        .init();
+        let s = Tensor::<P, 2>::from_data(TensorData::new(data.0.to_vec(), [n, v]), device)
+            .require_grad();
+        let teacher = SparseTeacher::new(
+            Tensor::<P, 2, Int>::from_data(TensorData::new(data.1.to_vec(), [n, k]), device),
+            Tensor::<P, 2>::from_data(TensorData::new(data.2.to_vec(), [n, k]), device),
+        );
+        let y = Tensor::<P, 1, Int>::from_data(TensorData::new(data.3.to_vec(), [n]), device);
+        let value = loss.forward(s.clone(), teacher, y);
+        let grad = s.grad(&value.backward()).unwrap();
+        (values(value), values(grad))
+    }
+    let data = (&student[..], &indices[..], &log_probs[..], &targets[..]);
+    let (fl, fg) = run::<Autodiff<burn::backend::Wgpu>>(
+        &burn_distill::testing::wgpu_device(),
+        Kernel::Fused,
+        [n, v, k],
+        data,
+    );
+    let (rl, rg) =
+        run::<Autodiff<NdArray>>(&Default::default(), Kernel::Reference, [n, v, k], data);
+    let mut failures = mismatches("loss", &fl, &rl, 1e-6, 1e-4);
+    failures.extend(mismatches("grad", &fg, &rg, 1e-10, 1e-3));
+    assert!(fg.iter().any(|g| *g != 0.0));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -15,7 +15,8 @@
 //! - the hard term and its gradient `softmax(z) − (1 − ε)·onehot − ε/V`, as the dense kernel.
 //!
 //! Rows without a valid entry have a NaN soft term and no soft gradient; an index outside
-//! `[0, V)` (unchecked input) makes the row NaN, never a read out of bounds.
+//! `[0, V)` or seen twice in a row (unchecked input) makes the row NaN, never a read out of
+//! bounds or a wrong finite value.
 
 use rayon::prelude::*;
 
@@ -254,6 +255,22 @@ impl<R: Real> Row<'_, R> {
                 return nan;
             }
             entries.push((index as usize, lp));
+        }
+        // An index seen twice in the row (unchecked input) makes the row NaN, as on the GPU.
+        let in_k = &mut scratch.in_k;
+        let mut duplicate = false;
+        for &(i, _) in entries.iter() {
+            duplicate |= std::mem::replace(&mut in_k[i], true);
+        }
+        for &(i, _) in entries.iter() {
+            in_k[i] = false;
+        }
+        if duplicate {
+            if let Some(g) = grad {
+                g.fill(R::ZERO);
+            }
+            scratch.entries = entries;
+            return nan;
         }
         let t = params.temperature;
         let inv_t = R::of(t.recip());

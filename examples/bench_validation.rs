@@ -103,7 +103,7 @@ where
             Tensor::<B, 1, Int>::random([n], Distribution::Uniform(0.0, v as f64), &device);
         let k = args.top_k.min(v);
         let (top_lp, top_idx) = activation::log_softmax(teacher.clone(), 1).topk_with_indices(k, 1);
-        let mut row = |label: &str, times: Vec<Duration>| {
+        let row = |label: &str, times: Vec<Duration>| {
             println!(
                 "| {n}×{v} | {label} | {:.2} ms | {:.2} ms | {:.2} ms | {:+.2} ms | {:+.2} ms |",
                 ms(times[0]),

@@ -19,8 +19,9 @@ use crate::DistillError;
 /// `≤ 1` with the tail bucket) and rows with at least one entry.
 ///
 /// Unchecked, an out-of-range target or teacher index (or a row without a valid teacher entry)
-/// makes its row loss NaN, and so a `Mean` or `Sum`, never a wrong finite value; duplicate
-/// indices and log-probabilities above 0 are caught only by the checks.
+/// makes its row loss NaN, and so a `Mean` or `Sum`, never a wrong finite value; so do
+/// duplicate indices, log-probabilities above 0 and a tail mass above 1 in the fused sparse
+/// kernels (the composed reference catches those only through the checks).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum Validation {

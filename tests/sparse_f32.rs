@@ -294,14 +294,15 @@ fn fused_edge_cases_on_every_cpu_instruction_set() {
     force_isa(None);
 }
 
-/// Unchecked (`Validation::Off`), a row with an index seen twice or outside the vocabulary is
-/// NaN with a zero gradient in the fused kernel, and the other rows keep their values.
+/// Unchecked (`Validation::Off`), a row with an index seen twice or outside the vocabulary, or
+/// a log-probability above 0, is NaN with a zero gradient in the fused kernel, and the other
+/// rows keep their values.
 fn bad_rows_are_nan<P>(device: &P::Device)
 where
     P: burn::tensor::backend::AutodiffBackend + burn_distill::DistillBackend,
 {
     use burn_distill::{Reduction, Validation};
-    let (n, v, k) = (3, 5, 2);
+    let (n, v, k) = (4, 5, 2);
     let student: Vec<f32> = (0..n * v)
         .map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0)
         .collect();
@@ -318,10 +319,16 @@ where
             .require_grad();
         let teacher = SparseTeacher::new(
             Tensor::<P, 2, Int>::from_data(TensorData::new(indices, [n, k]), device),
-            Tensor::<P, 2>::from_data(TensorData::new([-0.4f32, -1.5].repeat(n), [n, k]), device),
+            Tensor::<P, 2>::from_data(
+                TensorData::new(
+                    vec![-0.4f32, -1.5, -0.4, -1.5, -0.4, -1.5, 0.5, -1.5],
+                    [n, k],
+                ),
+                device,
+            ),
         );
         let targets =
-            Tensor::<P, 1, Int>::from_data(TensorData::new(vec![1i64, 2, 3], [n]), device);
+            Tensor::<P, 1, Int>::from_data(TensorData::new(vec![1i64, 2, 3, 0], [n]), device);
         let rows = loss.forward(s.clone(), teacher, targets);
         let nan = rows.clone().is_nan();
         let grad = s
@@ -329,13 +336,13 @@ where
             .unwrap();
         (values(rows), values(grad))
     };
-    let (rows, grad) = run(vec![0, 3, 2, 2, 4, 7], Kernel::Fused);
+    let (rows, grad) = run(vec![0, 3, 2, 2, 4, 7, 1, 2], Kernel::Fused);
     assert!(
-        rows[0].is_finite() && rows[1].is_nan() && rows[2].is_nan(),
+        rows[0].is_finite() && rows[1..].iter().all(|r| r.is_nan()),
         "{rows:?}"
     );
     assert!(grad[v..].iter().all(|&g| g == 0.0), "{grad:?}");
-    let (good, good_grad) = run(vec![0, 3, 1, 2, 4, 0], Kernel::Reference);
+    let (good, good_grad) = run(vec![0, 3, 1, 2, 4, 0, 1, 2], Kernel::Reference);
     assert!(
         (rows[0] - good[0]).abs() <= 1e-5 * good[0].abs(),
         "{rows:?} vs {good:?}"

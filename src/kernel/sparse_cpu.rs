@@ -15,8 +15,8 @@
 //! - the hard term and its gradient `softmax(z) − (1 − ε)·onehot − ε/V`, as the dense kernel.
 //!
 //! Rows without a valid entry have a NaN soft term and no soft gradient; an index outside
-//! `[0, V)` or seen twice in a row (unchecked input) makes the row NaN, never a read out of
-//! bounds or a wrong finite value.
+//! `[0, V)` or seen twice in a row, a log-probability above 0 or a tail-bucket mass above 1
+//! (unchecked input) makes the row NaN, never a read out of bounds or a wrong finite value.
 
 use rayon::prelude::*;
 
@@ -256,9 +256,13 @@ impl<R: Real> Row<'_, R> {
             }
             entries.push((index as usize, lp));
         }
-        // An index seen twice in the row (unchecked input) makes the row NaN, as on the GPU.
+        // An index seen twice in the row, a log-probability above 0 or a tail-bucket mass above
+        // 1 (unchecked input, beyond the checks' rounding allowance) makes the row NaN, as on
+        // the GPU.
         let in_k = &mut scratch.in_k;
-        let mut duplicate = false;
+        let mass: f64 = entries.iter().map(|&(_, lp)| lp.exp()).sum();
+        let mut duplicate = entries.iter().any(|&(_, lp)| lp > crate::sparse::ROUNDING)
+            || (tail == TailPolicy::TailBucket && mass > 1.0 + crate::sparse::ROUNDING);
         for &(i, _) in entries.iter() {
             duplicate |= std::mem::replace(&mut in_k[i], true);
         }

@@ -6,12 +6,14 @@
 //! `r = T_gen / T`:
 //!
 //! 1. the `k` entries go to shared memory, with their rank among the row's valid indices (a
-//!    sorted copy), which also finds indices seen twice and indices outside `[0, V)`: such a
-//!    row is NaN with a zero gradient (bad input caught inside the kernel);
+//!    sorted copy), which also finds indices seen twice; with indices outside `[0, V)`,
+//!    log-probabilities above 0 and a tail-bucket mass above 1 (beyond the checks' rounding
+//!    allowance), such a row is NaN with a zero gradient (bad input caught inside the kernel);
 //! 2. one online-softmax pass over the row: the maximum and `S = Σ_v e^{(z_v − m)/T}`, the
 //!    temperature-1 sums of the hard term and, for the tail bucket, the tail's own maximum
-//!    and sum over `v ∉ K` (membership by binary search in the sorted indices; the tail is
-//!    never a difference of two sums, so it neither cancels nor underflows);
+//!    and sum over `v ∉ K` (membership by merging each unit's increasing columns with the
+//!    sorted indices; the tail is never a difference of two sums, so it neither cancels nor
+//!    underflows);
 //! 3. the divergence on the `k + 1` *virtual logits* (student `u_j`, teacher `w_j = r·ℓ_j`, and
 //!    the tail bucket), with `g = ∂D/∂u` kept in shared memory, as in the CPU kernel;
 //! 4. if asked, the gradient in one more pass: `g_tail · e^{(z_v − m_tail)/T} / S_tail` outside
@@ -52,26 +54,19 @@ impl TailKind {
     }
 }
 
-/// Position of `index` among the first `count` sorted valid indices, or `count` if absent.
+/// Advances `at` to the first of the `count` sorted valid indices that is `≥ column` and says
+/// whether it is `column`. A unit visits its columns in increasing order, so its cursor moves
+/// at most `count` times over a whole pass: a merge, not a search per column.
 #[cube]
-fn find(sorted: &SharedMemory<u32>, count: u32, index: u32) -> u32 {
-    let mut lo = u32::new(0);
-    let mut hi = count;
-    while lo < hi {
-        let mid = (lo + hi) / 2;
-        if sorted[mid as usize] < index {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
+fn member(sorted: &SharedMemory<u32>, count: u32, at: &mut u32, column: u32) -> bool {
+    while *at < count && sorted[*at as usize] < column {
+        *at += 1;
     }
-    let mut at = count;
-    if lo < count {
-        if sorted[lo as usize] == index {
-            at = lo;
-        }
+    let mut found = false;
+    if *at < count {
+        found = sorted[*at as usize] == column;
     }
-    at
+    found
 }
 
 /// Row losses, soft and hard terms (f32) and optionally the gradient (the logits' dtype) of
@@ -142,7 +137,7 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric>(
     }
     let active = !skip && !bad_target;
 
-    // 1. The entries: validity, range, mass.
+    // 1. The entries: validity, range (and log-probabilities above 0), mass.
     let mut valid_count = f32::new(0.0);
     let mut out_of_range = f32::new(0.0);
     let mut mass = f32::new(0.0);
@@ -158,6 +153,9 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric>(
                 index = u32::cast_from(raw);
                 valid_count += 1.0;
                 mass += lp.exp();
+                if lp > 1.0e-3f32 {
+                    out_of_range += 1.0;
+                }
             }
         }
         entry_index[e] = index;
@@ -198,7 +196,12 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric>(
         e += step;
     }
     let duplicates = row_sum(&mut smem, duplicates);
-    let bad_teacher = out_of_range > 0.0 || duplicates > 0.0;
+    // (The limits of the checks, `crate::sparse::ROUNDING`: a log-probability above 1e-3, or a
+    // tail-bucket mass above 1 + 1e-3, is not a distribution.)
+    let mut bad_teacher = out_of_range > 0.0 || duplicates > 0.0;
+    if comptime!(tail == TailKind::Bucket) {
+        bad_teacher = bad_teacher || mass > 1.001f32;
+    }
     let live = active && !bad_teacher;
     let len = select(live, v, 0);
 
@@ -211,6 +214,7 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric>(
     let mut sum_tail = f32::new(0.0);
     let mut finite = f32::new(0.0);
     let mut total = f32::new(0.0);
+    let mut cursor = u32::new(0);
     let mut j = unit;
     while j < len {
         let s = f32::cast_from(student[s_base + j * sc]);
@@ -222,7 +226,7 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric>(
         sum_s += ((s - ms) * inv_t).exp();
         sum_1 += (s - ms).exp();
         if bucket {
-            if find(&sorted, count, j as u32) == count {
+            if !member(&sorted, count, &mut cursor, j as u32) {
                 if s > mtail {
                     sum_tail *= ((mtail - s) * inv_t).exp();
                     mtail = s;
@@ -413,18 +417,19 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric>(
         let cb = b * factor;
         let eps_f = eps / finite;
         let tail_g = entry_g[k];
+        let mut cursor = u32::new(0);
         let mut j = unit;
         while j < v {
             let mut value = f32::new(0.0);
             if live {
                 let s = f32::cast_from(student[s_base + j * sc]);
-                let at = find(&sorted, count, j as u32);
+                let in_k = member(&sorted, count, &mut cursor, j as u32);
                 let mut soft_grad = f32::new(0.0);
-                if at < count {
-                    soft_grad = entry_g[sorted_entry[at as usize] as usize];
+                if in_k {
+                    soft_grad = entry_g[sorted_entry[cursor as usize] as usize];
                 }
                 if bucket {
-                    if at == count && tail_sum > 0.0 {
+                    if !in_k && tail_sum > 0.0 {
                         soft_grad = tail_g * ((s - row_mtail) * inv_t).exp() / tail_sum;
                     }
                 }

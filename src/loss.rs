@@ -564,16 +564,14 @@ fn target_check<B: Backend>(
     let targets = targets.clone();
     DeviceCheck::new(bad.int().sum(), move |_| {
         let data = targets.to_data();
-        let (row, value) = data
-            .iter::<i64>()
+        data.iter::<i64>()
             .enumerate()
             .find(|&(_, t)| (t < 0 || t >= classes as i64) && Some(t) != ignore_index)
-            .expect("the device reported an out-of-range target");
-        DistillError::TargetOutOfRange {
-            row,
-            value,
-            classes,
-            ignore_index,
-        }
+            .map(|(row, value)| DistillError::TargetOutOfRange {
+                row,
+                value,
+                classes,
+                ignore_index,
+            })
     })
 }

@@ -426,18 +426,9 @@ impl SparseDistillLoss {
             None => None,
         };
         let ignored = ignored_rows(targets.as_ref(), self.params.ignore_index);
-        let teacher_check = match self.validation {
-            Validation::Off => None,
-            mode => self
-                .teacher_check(&teacher, ignored.clone(), v)
-                .apply(mode)?,
-        };
-        let finish = |out: DistillOutput<B>| {
-            out.with_check(target_check.clone())
-                .with_check(teacher_check.clone())
-        };
-        if self.kernel != Kernel::Reference {
-            let fused = B::distill_sparse_fused(
+        let fused = match self.kernel {
+            Kernel::Reference => None,
+            _ => B::distill_sparse_fused(
                 student_logits.clone().into_primitive().tensor(),
                 SparseInputs {
                     indices: teacher.indices.clone().into_primitive(),
@@ -451,36 +442,53 @@ impl SparseDistillLoss {
                     generation_temperature: self.generation_temperature,
                 },
                 false,
-            );
-            match fused {
-                Some(out) => {
-                    return Ok(finish(out.parts.into()));
-                }
-                None if self.kernel == Kernel::Fused => {
-                    return Err(DistillError::invalid(
-                        "kernel",
-                        "Kernel::Fused",
-                        format!(
-                            "Kernel::Auto or Kernel::Reference: backend {} has no fused \
-                             sparse-teacher kernel for {:?} logits",
-                            B::name(&student_logits.device()),
-                            student_logits.dtype()
-                        ),
-                    ));
-                }
-                None => {}
-            }
+            ),
+        };
+        if fused.is_none() && self.kernel == Kernel::Fused {
+            return Err(DistillError::invalid(
+                "kernel",
+                "Kernel::Fused",
+                format!(
+                    "Kernel::Auto or Kernel::Reference: backend {} has no fused \
+                     sparse-teacher kernel for {:?} logits",
+                    B::name(&student_logits.device()),
+                    student_logits.dtype()
+                ),
+            ));
         }
-
-        let soft = self.soft_rows(student_logits.clone(), teacher);
-        let rows = mix_rows(soft, student_logits, targets, &self.params);
-        let reduce = |t| reduce_rows(t, ignored.clone(), self.params.reduction);
-        Ok(finish(DistillOutput {
-            loss: reduce(rows.loss),
-            soft: reduce(rows.soft),
-            hard: rows.hard.map(reduce),
-            checks: Vec::new(),
-        }))
+        // The teacher's check: the fused kernels find bad entries themselves (the row is NaN),
+        // so a NaN loss is all there is to count; the composed path counts with tensor ops.
+        let (output, bad) = match fused {
+            Some(out) => {
+                let output = DistillOutput::from(out.parts);
+                let bad = output.loss.clone().is_nan().int().sum();
+                (output, bad)
+            }
+            None => {
+                let bad = self.bad_entries(&teacher, ignored.clone(), v);
+                let soft = self.soft_rows(student_logits.clone(), teacher.clone());
+                let rows = mix_rows(soft, student_logits, targets, &self.params);
+                let reduce = |t| reduce_rows(t, ignored.clone(), self.params.reduction);
+                let output = DistillOutput {
+                    loss: reduce(rows.loss),
+                    soft: reduce(rows.soft),
+                    hard: rows.hard.map(reduce),
+                    checks: Vec::new(),
+                };
+                (output, bad)
+            }
+        };
+        let teacher_check = match self.validation {
+            Validation::Off => None,
+            mode => {
+                let tail = self.tail;
+                DeviceCheck::new(bad, move |_| {
+                    first_bad_entry(&teacher, ignored.clone(), v, tail)
+                })
+                .apply(mode)?
+            }
+        };
+        Ok(output.with_check(target_check).with_check(teacher_check))
     }
 
     /// The `[N]` soft rows, `T²`-scaled; NaN for a row without any valid teacher entry or with
@@ -571,17 +579,17 @@ impl SparseDistillLoss {
             .mask_fill(out_of_range_rows.squeeze_dim(1), f64::NAN)
     }
 
-    /// The teacher's check (see [`Validation`]): `[1]` number of bad entries of the rows that
-    /// are not ignored, counted on the device: a log-probability above 0 (beyond rounding) or
-    /// NaN, an index outside `[0, V)`, an index seen twice in a row, a row without a valid
-    /// entry and, with the tail bucket, a top-k mass above 1 (beyond rounding). The host scan
-    /// that names the first runs only when the count is not 0.
-    fn teacher_check<B: Backend>(
+    /// The composed path's teacher check (see [`Validation`]): `[1]` number of bad entries of
+    /// the rows that are not ignored, counted on the device: a log-probability above 0
+    /// (beyond rounding) or NaN, an index outside `[0, V)`, an index seen twice in a row, a
+    /// row without a valid entry and, with the tail bucket, a top-k mass above 1 (beyond
+    /// rounding).
+    fn bad_entries<B: Backend>(
         &self,
         teacher: &SparseTeacher<B>,
         ignored: Option<Tensor<B, 1, Bool>>,
         classes: usize,
-    ) -> DeviceCheck<B> {
+    ) -> Tensor<B, 1, Int> {
         let [n, k] = teacher.dims();
         let log_probs = teacher.log_probs.clone().detach();
         let indices = teacher.indices.clone();
@@ -627,17 +635,7 @@ impl SparseDistillLoss {
         if k > 1 {
             bad = bad + duplicate_pairs(&indices, &valid);
         }
-        let (teacher, tail) = (teacher.clone(), self.tail);
-        DeviceCheck::new(bad, move |flagged| {
-            first_bad_entry(&teacher, ignored.clone(), classes, tail).unwrap_or_else(|| {
-                DistillError::invalid(
-                    "teacher",
-                    format!("{flagged} entries flagged on the device"),
-                    "valid top-k entries (the host scan found none: a mass within f32 \
-                     rounding of the limit)",
-                )
-            })
-        })
+        bad
     }
 }
 

@@ -44,8 +44,10 @@ pub enum Validation {
 pub(crate) struct DeviceCheck<B: Backend> {
     /// `[1]`: the number of bad values (0 when the input is valid).
     bad: Tensor<B, 1, Int>,
-    /// Reads the input back and names its first bad value (run only when `bad` is not 0).
-    explain: Arc<dyn Fn(i64) -> DistillError + Send + Sync>,
+    /// Reads the input back and names its first bad value (run only when `bad` is not 0);
+    /// `None` if the input is valid after all (a count that also sees other causes, such as a
+    /// NaN loss from non-finite logits, which is not an input error).
+    explain: Arc<dyn Fn(i64) -> Option<DistillError> + Send + Sync>,
 }
 
 impl<B: Backend> std::fmt::Debug for DeviceCheck<B> {
@@ -58,7 +60,7 @@ impl<B: Backend> DeviceCheck<B> {
     /// A check from the `[1]` count of bad values and the function that names the first.
     pub(crate) fn new(
         bad: Tensor<B, 1, Int>,
-        explain: impl Fn(i64) -> DistillError + Send + Sync + 'static,
+        explain: impl Fn(i64) -> Option<DistillError> + Send + Sync + 'static,
     ) -> Self {
         Self {
             bad,
@@ -91,8 +93,12 @@ pub(crate) fn validate<B: Backend>(checks: &[DeviceCheck<B>]) -> Result<(), Dist
         .into_data()
         .convert::<i64>();
     let counts = counts.as_slice::<i64>().expect("i64 counts");
-    match checks.iter().zip(counts).find(|&(_, &n)| n != 0) {
-        Some((check, &n)) => Err((check.explain)(n)),
-        None => Ok(()),
+    for (check, &n) in checks.iter().zip(counts) {
+        if n != 0
+            && let Some(error) = (check.explain)(n)
+        {
+            return Err(error);
+        }
     }
+    Ok(())
 }

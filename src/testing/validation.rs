@@ -158,6 +158,18 @@ pub fn assert_sparse<B: AutodiffBackend + DistillBackend>(device: &B::Device) {
                 .to_string();
             assert!(err.contains(message), "{kernel:?} deferred: {err}");
         }
+        // A NaN student logit (an overflowing step under loss scaling) is not an input error:
+        // a NaN loss, no error, in every mode.
+        let mut poisoned = logits.clone();
+        poisoned[1] = f64::NAN;
+        let poisoned = tensor2::<B>(&poisoned, [n, v], device);
+        for mode in [Validation::Eager, Validation::Deferred] {
+            let out = loss(mode)
+                .try_forward_parts(poisoned.clone(), teacher(&good_idx, &good_lp), None)
+                .unwrap();
+            assert!(values(out.loss.clone())[0].is_nan(), "{kernel:?} {mode:?}");
+            assert!(out.validate().is_ok(), "{kernel:?} {mode:?}");
+        }
         // Unchecked, an index outside the vocabulary is a NaN row, never a read out of bounds.
         let out = loss(Validation::Off)
             .try_forward_parts(student.clone(), cases[0].1.clone(), Some(targets.clone()))

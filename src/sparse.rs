@@ -461,7 +461,10 @@ impl SparseDistillLoss {
         let (output, bad) = match fused {
             Some(out) => {
                 let output = DistillOutput::from(out.parts);
-                let bad = output.loss.clone().is_nan().int().sum();
+                // The soft term too: with α = 0 a row without a valid entry leaves the loss
+                // finite.
+                let bad = output.loss.clone().is_nan().int().sum()
+                    + output.soft.clone().is_nan().int().sum();
                 (output, bad)
             }
             None => {

@@ -425,3 +425,61 @@ fn wgpu_more_rows_than_one_dispatch_dimension() {
     assert!(fg.iter().any(|g| *g != 0.0));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// k = 300 entries per row (more than the 256 units of the GPU kernel's cube: each unit ranks
+/// several) against the composed path; k = 513, past the kernel's shared memory, runs the
+/// composed path under `Kernel::Auto` and is refused by name under `Kernel::Fused`.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_many_entries_per_row() {
+    use burn_distill::testing::mismatches;
+    type P = Autodiff<burn::backend::Wgpu>;
+    let device = burn_distill::testing::wgpu_device();
+    let (n, v) = (5, 700);
+    let student: Vec<f32> = (0..n * v)
+        .map(|i| (((i as f64 + 1.0) * 0.37).sin() * 4.0) as f32)
+        .collect();
+    let teacher_logits: Vec<f32> = (0..n * v)
+        .map(|i| (((i as f64 + 1.0) * 0.11).sin() * 4.0) as f32)
+        .collect();
+    for k in [300, 513] {
+        let top = SparseTeacher::from_logits(
+            Tensor::<P, 2>::from_data(TensorData::new(teacher_logits.clone(), [n, v]), &device),
+            k,
+            1.0,
+        );
+        let run = |kernel: Kernel| {
+            let loss = SparseDistillLossConfig::new(
+                DistillLossConfig::new()
+                    .with_temperature(2.0)
+                    .with_alpha(0.8)
+                    .with_divergence(Divergence::Jsd { beta: 0.4 })
+                    .with_kernel(kernel),
+            )
+            .init();
+            let s = Tensor::<P, 2>::from_data(TensorData::new(student.clone(), [n, v]), &device)
+                .require_grad();
+            let y = Tensor::<P, 1, Int>::from_data(
+                TensorData::new(vec![3i64, 9, 0, 699, 5], [n]),
+                &device,
+            );
+            loss.try_forward_parts(s.clone(), top.clone(), Some(y))
+                .map(|out| {
+                    let grad = s.grad(&out.loss.backward()).unwrap();
+                    (values(out.loss), values(grad))
+                })
+        };
+        let (rl, rg) = run(Kernel::Reference).unwrap();
+        let (al, ag) = run(Kernel::Auto).unwrap();
+        let mut failures = mismatches("loss", &al, &rl, 1e-5, 2e-4);
+        failures.extend(mismatches("grad", &ag, &rg, 1e-7, 2e-3));
+        assert!(failures.is_empty(), "k = {k}:\n{}", failures.join("\n"));
+        match run(Kernel::Fused) {
+            Ok((fl, _)) => assert!(k <= 512 && (fl[0] - al[0]).abs() <= 1e-6 * al[0].abs()),
+            Err(e) => assert!(
+                k > 512 && e.to_string().contains("no fused sparse-teacher kernel"),
+                "k = {k}: {e}"
+            ),
+        }
+    }
+}

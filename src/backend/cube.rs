@@ -200,6 +200,7 @@ where
         if !Self::has_fused_kernel(&student, &teacher) {
             return None;
         }
+        let targets = targets.map(as_i32::<R, F, I, BT, 1>);
         let reduction = Reduced::<R, F, I, BT>::new(&student, targets.as_ref(), params);
         let has_targets = targets.is_some();
         let rows = launch::<R>(
@@ -241,11 +242,17 @@ where
             ),
             None => log_probs,
         };
+        // A NaN log-probability as +∞: the kernel's "above 0" test then makes its row NaN
+        // (a comparison with NaN is false, and the entry would pass for missing).
+        let log_probs = log_probs
+            .clone()
+            .mask_fill(log_probs.is_nan(), f32::INFINITY);
+        let targets = targets.map(as_i32::<R, F, I, BT, 1>);
         let reduction = Reduced::<R, F, I, BT>::new(&student, targets.as_ref(), params);
         let has_targets = targets.is_some();
         let rows = launch_sparse::<R>(
             student,
-            teacher.indices,
+            as_i32::<R, F, I, BT, 2>(teacher.indices),
             log_probs.into_primitive().tensor(),
             targets,
             reduction.scale(),
@@ -255,6 +262,24 @@ where
         );
         Some(reduction.finish(rows, has_targets))
     }
+}
+
+/// Class and token indices as the kernels' `i32`: a wider int is clamped first, so that a
+/// value outside `i32` stays out of range (and its row NaN) instead of wrapping into it.
+fn as_i32<R, F, I, BT, const D: usize>(t: CubeTensor<R>) -> CubeTensor<R>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    if t.dtype == DType::I32 {
+        return t;
+    }
+    BurnTensor::<CubeBackend<R, F, I, BT>, D, Int>::from_primitive(t)
+        .clamp(i32::MIN as i64, i32::MAX as i64)
+        .cast(DType::I32)
+        .into_primitive()
 }
 
 /// The most teacher entries per row of the sparse kernel (its shared memory: 24 bytes each).

@@ -115,6 +115,7 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric>(
     let gc = grad.stride(1);
     let zero = inv_t - inv_t;
     let nan = zero / zero;
+    let neg_inf = (zero - 1.0) / zero;
     let none = u32::new(2_147_483_647);
     let mut smem = SharedMemory::<f32>::new(256usize);
     // Entries in their order: index (`none` = 2³¹ − 1, above any column, if missing), `w = r·ℓ`; the valid indices sorted,
@@ -324,7 +325,8 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric>(
             if full_vocab {
                 lq = u;
             }
-            let lp = w - lse_w;
+            // A teacher bucket without mass has `ln p = −∞` (reverse KL is then +∞, not finite).
+            let lp = select(w > -3.0e38f32, w - lse_w, neg_inf);
             let q = select(u > -3.0e38f32, lq.exp(), 0.0);
             let p = select(w > -3.0e38f32, lp.exp(), 0.0);
             div += column_term(q, p, lq, lp, mix, kind);
@@ -343,7 +345,7 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric>(
         let mut g = f32::new(0.0);
         if u > -3.0e38f32 || w > -3.0e38f32 {
             let lq = u - lse_u;
-            let lp = w - lse_w;
+            let lp = select(w > -3.0e38f32, w - lse_w, neg_inf);
             let q = select(u > -3.0e38f32, lq.exp(), 0.0);
             let p = select(w > -3.0e38f32, lp.exp(), 0.0);
             if full_vocab {

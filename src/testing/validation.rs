@@ -117,6 +117,7 @@ pub fn assert_sparse<B: AutodiffBackend + DistillBackend>(device: &B::Device) {
             with(8, Some(5), None),
         ),
         ("log_probs[0, 2] = 0.5", with(2, None, Some(0.5))),
+        ("log_probs[0, 1] = NaN", with(1, None, Some(f64::NAN))),
         ("row 1 with total probability", with(3, None, Some(-0.01))),
         (
             "row 2 with no valid entry",
@@ -158,6 +159,18 @@ pub fn assert_sparse<B: AutodiffBackend + DistillBackend>(device: &B::Device) {
                 .to_string();
             assert!(err.contains(message), "{kernel:?} deferred: {err}");
         }
+        // With α = 0 (the hard term only) an empty row leaves the loss finite: still reported.
+        let hard_only =
+            SparseDistillLossConfig::new(config(Validation::Deferred, kernel).with_alpha(0.0))
+                .with_tail(TailPolicy::TailBucket)
+                .init();
+        let (message, empty) = &cases[cases.len() - 1];
+        let out = hard_only
+            .try_forward_parts(student.clone(), empty.clone(), Some(targets.clone()))
+            .unwrap();
+        assert!(values(out.loss.clone())[0].is_finite(), "{kernel:?}");
+        let err = out.validate().unwrap_err().to_string();
+        assert!(err.contains(message), "{kernel:?} α = 0: {err}");
         // A NaN student logit (an overflowing step under loss scaling) is not an input error:
         // a NaN loss, no error, in every mode.
         let mut poisoned = logits.clone();

@@ -3,8 +3,7 @@
 //! outputs, on the device.
 
 use burn::tensor::{
-    Bool, DType, Int, Shape, Tensor as BurnTensor, TensorPrimitive, ops::FloatTensor,
-    ops::IntTensor,
+    DType, Int, Shape, Tensor as BurnTensor, TensorPrimitive, ops::FloatTensor, ops::IntTensor,
 };
 use burn_cubecl::{
     BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement, kernel::into_contiguous,
@@ -231,17 +230,8 @@ where
         if !Self::has_sparse_fused_kernel(student.dtype, teacher.indices.meta.shape()[1]) {
             return None;
         }
-        // Log-probabilities in f32, a missing entry (false in the mask) as `−∞`.
-        let log_probs =
-            BurnTensor::<Self, 2>::from_primitive(TensorPrimitive::Float(teacher.log_probs))
-                .cast(DType::F32);
-        let log_probs = match teacher.mask {
-            Some(mask) => log_probs.mask_fill(
-                BurnTensor::<Self, 2, Bool>::from_primitive(mask).bool_not(),
-                f32::NEG_INFINITY,
-            ),
-            None => log_probs,
-        };
+        let indices = teacher.indices.clone();
+        let log_probs = teacher.folded_log_probs();
         // A NaN log-probability as +∞: the kernel's "above 0" test then makes its row NaN
         // (a comparison with NaN is false, and the entry would pass for missing).
         let log_probs = log_probs
@@ -252,7 +242,7 @@ where
         let has_targets = targets.is_some();
         let rows = launch_sparse::<R>(
             student,
-            as_i32::<R, F, I, BT, 2>(teacher.indices),
+            as_i32::<R, F, I, BT, 2>(indices),
             log_probs.into_primitive().tensor(),
             targets,
             reduction.scale(),

@@ -4,7 +4,7 @@
 use core::marker::PhantomData;
 
 use burn::tensor::{
-    Bool, DType, Int, Shape, Tensor, TensorMetadata, TensorPrimitive,
+    DType, Int, Shape, Tensor, TensorMetadata,
     ops::{FloatTensor, FloatTensorOps, IntTensor},
 };
 use burn_fusion::{
@@ -237,20 +237,8 @@ impl<B: FusionBackend + DistillBackend> DistillBackend for Fusion<B> {
         let has_targets = targets.is_some();
         let targets =
             targets.unwrap_or_else(|| Tensor::<Self, 1, Int>::zeros([n], &device).into_primitive());
-        // The mask folded into the log-probabilities: one float input instead of a bool one.
-        let log_probs =
-            Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(teacher.log_probs))
-                .cast(DType::F32);
-        let log_probs = match teacher.mask {
-            Some(mask) => log_probs.mask_fill(
-                Tensor::<Self, 2, Bool>::from_primitive(mask).bool_not(),
-                f32::NEG_INFINITY,
-            ),
-            None => log_probs,
-        }
-        .into_primitive()
-        .tensor();
-        let indices = teacher.indices;
+        let indices = teacher.indices.clone();
+        let log_probs = teacher.folded_log_probs().into_primitive().tensor();
         let outputs = output_irs::<B>(&client, [n, v], dtype, params, with_grad);
         let streams = OperationStreams::with_inputs([&student, &indices, &log_probs, &targets]);
         let desc = CustomOpIr::new(

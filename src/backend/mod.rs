@@ -117,6 +117,22 @@ pub struct SparseInputs<B: Backend> {
     pub mask: Option<BoolTensor<B>>,
 }
 
+impl<B: Backend> SparseInputs<B> {
+    /// The log-probabilities in f32 with the mask folded in (a `false` entry as `−∞`): one
+    /// float input for a kernel instead of a float and a bool one.
+    pub fn folded_log_probs(self) -> Tensor<B, 2> {
+        let log_probs =
+            Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(self.log_probs)).cast(DType::F32);
+        match self.mask {
+            Some(mask) => log_probs.mask_fill(
+                Tensor::<B, 2, burn::tensor::Bool>::from_primitive(mask).bool_not(),
+                f32::NEG_INFINITY,
+            ),
+            None => log_probs,
+        }
+    }
+}
+
 /// The settings of a sparse-teacher loss beyond [`DistillParams`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SparseSetup {

@@ -189,6 +189,37 @@ pub(crate) fn column_grad(q: f32, p: f32, lq: f32, mix: f32, #[comptime] kind: D
     g
 }
 
+/// `∂D/∂u_j` of a softmax row `q = softmax(u)` against `p`: `q − p` (forward KL),
+/// `q (log q − log p − D)` (reverse KL), `q (g_j − Σ q g)` (the others, `g = ∂D/∂q`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn soft_logit_grad(
+    q: f32,
+    p: f32,
+    lq: f32,
+    lp: f32,
+    div: f32,
+    sqg: f32,
+    mix: f32,
+    #[comptime] kind: DivKind,
+) -> f32 {
+    let mut g = f32::new(0.0);
+    match kind {
+        DivKind::ForwardKl => {
+            g = q - p;
+        }
+        DivKind::ReverseKl => {
+            if q > 0.0 {
+                g = q * (lq - lp - div);
+            }
+        }
+        _ => {
+            g = q * (column_grad(q, p, lq, mix, kind) - sqg);
+        }
+    }
+    g
+}
+
 /// Row losses, soft and hard terms (in f32 whatever the logits' dtype), and optionally the
 /// gradient (in the logits' dtype). `scale` is the f32 factor of the reduction.
 ///
@@ -404,21 +435,7 @@ pub(crate) fn distill_kernel<F: Float, I: Numeric, N: Size>(
                         let lp = (f32::cast_from(tv[l]) - mt) * inv_t - lse_t;
                         let q = lq.exp();
                         let p = lp.exp();
-                        let mut soft_grad = f32::new(0.0);
-                        match kind {
-                            DivKind::ForwardKl => {
-                                soft_grad = q - p;
-                            }
-                            DivKind::ReverseKl => {
-                                if q > 0.0 {
-                                    soft_grad = q * (lq - lp - div);
-                                }
-                            }
-                            _ => {
-                                soft_grad = q * (column_grad(q, p, lq, mix, kind) - sqg);
-                            }
-                        }
-                        let mut value = ca * soft_grad;
+                        let mut value = ca * soft_logit_grad(q, p, lq, lp, div, sqg, mix, kind);
                         if cb != 0.0 {
                             let mut h = (s - ms - lse_1).exp();
                             if s > -3.0e38f32 {

@@ -26,7 +26,7 @@
 
 use cubecl::prelude::*;
 
-use super::cube::{DivKind, column_grad, column_term, row_max, row_sum};
+use super::cube::{DivKind, column_grad, column_term, row_max, row_sum, soft_logit_grad};
 use crate::{StudentSupport, TailPolicy};
 
 /// The tail policy a kernel is specialised for.
@@ -351,19 +351,7 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric>(
             if full_vocab {
                 g = -p;
             } else {
-                match kind {
-                    DivKind::ForwardKl => {
-                        g = q - p;
-                    }
-                    DivKind::ReverseKl => {
-                        if q > 0.0 {
-                            g = q * (lq - lp - div);
-                        }
-                    }
-                    _ => {
-                        g = q * (column_grad(q, p, lq, mix, kind) - sqg);
-                    }
-                }
+                g = soft_logit_grad(q, p, lq, lp, div, sqg, mix, kind);
             }
         }
         entry_g[e] = g;

@@ -23,7 +23,7 @@ const TOP_K: TailPolicy = TailPolicy::Renormalize {
 /// divergence with every tail policy that defines it, `k` = 1, 3 and `V`, missing and masked
 /// entries, ignored rows, `T ≠ T_gen`, label smoothing, every reduction, per-row upstream
 /// weights, vocabularies up to 4099.
-fn sparse_fused_matches_reference<P>(device: &P::Device)
+fn sparse_fused_matches_reference<P>(device: &P::Device, vocabularies: &[usize])
 where
     P: burn::tensor::backend::AutodiffBackend + burn_distill::DistillBackend,
 {
@@ -31,7 +31,7 @@ where
     use burn_distill::testing::mismatches;
     let n = 9;
     let mut checked = 0;
-    for v in [3usize, 17, 4099] {
+    for &v in vocabularies {
         for k in [1, 3, v] {
             if k > v || (k == v && v > 17) {
                 continue;
@@ -152,13 +152,16 @@ where
 
 #[test]
 fn fused_matches_reference_ndarray_f32() {
-    sparse_fused_matches_reference::<Autodiff<NdArray>>(&Default::default());
+    sparse_fused_matches_reference::<Autodiff<NdArray>>(&Default::default(), &[3, 17, 4099]);
 }
 
 #[cfg(feature = "flex")]
 #[test]
 fn fused_matches_reference_flex_f32() {
-    sparse_fused_matches_reference::<Autodiff<burn::backend::Flex>>(&Default::default());
+    sparse_fused_matches_reference::<Autodiff<burn::backend::Flex>>(
+        &Default::default(),
+        &[3, 17, 4099],
+    );
 }
 
 /// The CubeCL sparse kernel on wgpu (lavapipe in CI), through burn's fusion wrapper (`Wgpu`)
@@ -166,11 +169,19 @@ fn fused_matches_reference_flex_f32() {
 #[cfg(feature = "wgpu")]
 #[test]
 fn fused_matches_reference_wgpu() {
+    // Odd vocabularies load scalars; 16 and 1024 vectors of 4 (16 with k = V: no tail). The
+    // composed path (the oracle here) is wrong under burn-fusion 0.21 (`Wgpu`) for some V
+    // divisible by 4 with the tail bucket (V = 16, k = 1: 1.0896 for 0.6423 on NdArray and on
+    // the bare `CubeBackend`), so `Wgpu` sweeps the odd vocabularies and the bare backend all.
     sparse_fused_matches_reference::<Autodiff<burn::backend::Wgpu>>(
         &burn_distill::testing::wgpu_device(),
+        &[3, 17, 4099],
     );
     type Cube = burn::backend::wgpu::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
-    sparse_fused_matches_reference::<Autodiff<Cube>>(&burn_distill::testing::wgpu_device());
+    sparse_fused_matches_reference::<Autodiff<Cube>>(
+        &burn_distill::testing::wgpu_device(),
+        &[3, 16, 17, 1024, 4099],
+    );
 }
 
 /// Rows that stress the fused sparse kernel against the composed path: a confident student

@@ -138,6 +138,18 @@ pub(crate) fn launch<R: CubeRuntime>(
     outputs.into_rows(with_grad)
 }
 
+/// The widest vector the device prefers for these contiguous `[N, V]` logits that divides V.
+fn vector_width<R: CubeRuntime>(student: &CubeTensor<R>) -> usize {
+    tensor_vector_size_parallel(
+        student
+            .client
+            .io_optimized_vector_sizes(student.dtype.size()),
+        student.meta.shape(),
+        student.meta.strides(),
+        1,
+    )
+}
+
 /// The fewest vectors a unit of the dense kernel loads per pass when V allows.
 const VECTORS_PER_UNIT: usize = 8;
 
@@ -151,14 +163,7 @@ const VECTORS_PER_UNIT: usize = 8;
 /// the device needs (wgpu allows 65,535 workgroups per dimension).
 pub(crate) fn layout<R: CubeRuntime>(student: &CubeTensor<R>) -> (CubeDim, CubeCount, usize) {
     let [n, v] = student.meta.shape().dims::<2>();
-    let width = tensor_vector_size_parallel(
-        student
-            .client
-            .io_optimized_vector_sizes(student.dtype.size()),
-        student.meta.shape(),
-        student.meta.strides(),
-        1,
-    );
+    let width = vector_width(student);
     // At least `VECTORS_PER_UNIT` vectors per unit, so that a row's reductions (a few barriers
     // each) do not outweigh its loads.
     let units = (v / width)
@@ -298,10 +303,12 @@ pub(crate) fn launch_sparse<R: CubeRuntime>(
     let dtypes = [student.dtype.into(), indices.dtype.into()];
     let client = student.client.clone();
     let cube_count = CubeCountSelection::new(&client, n as u32).cube_count();
+    let width = vector_width(&student);
     sparse_kernel::launch::<R>(
         &client,
         cube_count,
         CubeDim::new_1d(BLOCK),
+        width,
         student.into_tensor_arg(),
         into_contiguous(indices).into_tensor_arg(),
         into_contiguous(log_probs).into_tensor_arg(),

@@ -21,8 +21,8 @@
 //!    `e_v / S − p_v [v ∈ K]` (full-vocabulary student), times `α·T²/T` and the reduction's
 //!    factor, plus the hard term's `softmax(z) − (1 − ε)·onehot − ε/V`.
 //!
-//! The student row is read twice with the gradient (once without) and the gradient written
-//! once, as the dense kernel does.
+//! The student row is read twice with the gradient (once without), as vectors of the width the
+//! dense kernel uses, and the gradient written once, as the dense kernel does.
 
 use cubecl::prelude::*;
 
@@ -77,8 +77,8 @@ fn member(sorted: &SharedMemory<u32>, count: u32, at: &mut u32, column: u32) -> 
 #[allow(clippy::eq_op, clippy::collapsible_if)]
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn sparse_kernel<F: Float, I: Numeric>(
-    student: &Tensor<F>,
+pub(crate) fn sparse_kernel<F: Float, I: Numeric, N: Size>(
+    student: &Tensor<Vector<F, N>>,
     indices: &Tensor<I>,
     log_probs: &Tensor<f32>,
     targets: &Tensor<I>,
@@ -86,7 +86,7 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric>(
     loss: &mut Tensor<f32>,
     soft: &mut Tensor<f32>,
     hard: &mut Tensor<f32>,
-    grad: &mut Tensor<F>,
+    grad: &mut Tensor<Vector<F, N>>,
     inv_t: f32,
     t2: f32,
     alpha: f32,
@@ -109,10 +109,10 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric>(
     let unit = UNIT_POS_X as usize;
     let step = CUBE_DIM_X as usize;
     let v = student.shape(1);
-    let s_base = row * student.stride(0);
-    let g_base = row * grad.stride(0);
-    let sc = student.stride(1);
-    let gc = grad.stride(1);
+    let width = student.vector_size();
+    let vectors = v / width;
+    let s_base = row * (student.stride(0) / width);
+    let g_base = row * (grad.stride(0) / width);
     let zero = inv_t - inv_t;
     let nan = zero / zero;
     let neg_inf = (zero - 1.0) / zero;
@@ -204,7 +204,7 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric>(
         bad_teacher = bad_teacher || mass > 1.001f32;
     }
     let live = active && !bad_teacher;
-    let len = select(live, v, 0);
+    let len = select(live, vectors, 0);
 
     // 2. One online-softmax pass: S (at T), the T = 1 sums of the hard term, the tail's own.
     let bucket = comptime!(tail == TailKind::Bucket);
@@ -216,30 +216,34 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric>(
     let mut finite = f32::new(0.0);
     let mut total = f32::new(0.0);
     let mut cursor = u32::new(0);
-    let mut j = unit;
-    while j < len {
-        let s = f32::cast_from(student[s_base + j * sc]);
-        if s > ms {
-            sum_s *= ((ms - s) * inv_t).exp();
-            sum_1 *= (ms - s).exp();
-            ms = s;
-        }
-        sum_s += ((s - ms) * inv_t).exp();
-        sum_1 += (s - ms).exp();
-        if bucket {
-            if !member(&sorted, count, &mut cursor, j as u32) {
-                if s > mtail {
-                    sum_tail *= ((mtail - s) * inv_t).exp();
-                    mtail = s;
+    let mut jv = unit;
+    while jv < len {
+        let sv = student[s_base + jv];
+        #[unroll]
+        for l in 0..width {
+            let s = f32::cast_from(sv[l]);
+            if s > ms {
+                sum_s *= ((ms - s) * inv_t).exp();
+                sum_1 *= (ms - s).exp();
+                ms = s;
+            }
+            sum_s += ((s - ms) * inv_t).exp();
+            sum_1 += (s - ms).exp();
+            if bucket {
+                if !member(&sorted, count, &mut cursor, (jv * width + l) as u32) {
+                    if s > mtail {
+                        sum_tail *= ((mtail - s) * inv_t).exp();
+                        mtail = s;
+                    }
+                    sum_tail += ((s - mtail) * inv_t).exp();
                 }
-                sum_tail += ((s - mtail) * inv_t).exp();
+            }
+            if s > -3.0e38f32 {
+                finite += 1.0;
+                total += s;
             }
         }
-        if s > -3.0e38f32 {
-            finite += 1.0;
-            total += s;
-        }
-        j += step;
+        jv += step;
     }
     let row_ms = row_max(&mut smem, ms);
     let sum_s = row_sum(&mut smem, sum_s * ((ms - row_ms) * inv_t).exp());
@@ -266,7 +270,8 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric>(
         if e < k {
             let index = entry_index[e];
             if index != none && live {
-                let s = f32::cast_from(student[s_base + index as usize * sc]);
+                let at = index as usize;
+                let s = f32::cast_from(student[s_base + at / width][at % width]);
                 u = (s - ms) * inv_t;
                 if comptime!(tail != TailKind::TopK) {
                     u -= lse_s;
@@ -370,7 +375,7 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric>(
     if with_targets {
         a = alpha;
         b = 1.0 - alpha;
-        let s_y = f32::cast_from(student[s_base + safe_class * sc]);
+        let s_y = f32::cast_from(student[s_base + safe_class / width][safe_class % width]);
         let nll = lse_1 - (s_y - ms);
         hard_value = (1.0 - eps) * nll - eps * (total / finite - lse_1);
     }
@@ -408,38 +413,49 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric>(
         let eps_f = eps / finite;
         let tail_g = entry_g[k];
         let mut cursor = u32::new(0);
-        let mut j = unit;
-        while j < v {
-            let mut value = f32::new(0.0);
+        let mut jv = unit;
+        while jv < vectors {
+            let mut out = Vector::<F, N>::empty();
             if live {
-                let s = f32::cast_from(student[s_base + j * sc]);
-                let in_k = member(&sorted, count, &mut cursor, j as u32);
-                let mut soft_grad = f32::new(0.0);
-                if in_k {
-                    soft_grad = entry_g[sorted_entry[cursor as usize] as usize];
-                }
-                if bucket {
-                    if !in_k && tail_sum > 0.0 {
-                        soft_grad = tail_g * ((s - row_mtail) * inv_t).exp() / tail_sum;
+                let sv = student[s_base + jv];
+                #[unroll]
+                for l in 0..width {
+                    let j = jv * width + l;
+                    let s = f32::cast_from(sv[l]);
+                    let in_k = member(&sorted, count, &mut cursor, j as u32);
+                    let mut soft_grad = f32::new(0.0);
+                    if in_k {
+                        soft_grad = entry_g[sorted_entry[cursor as usize] as usize];
                     }
-                }
-                if full_vocab {
-                    soft_grad += ((s - ms) * inv_t - lse_s).exp();
-                }
-                value = ca * soft_grad;
-                if cb != 0.0 {
-                    let mut h = (s - ms - lse_1).exp();
-                    if s > -3.0e38f32 {
-                        h -= eps_f;
+                    if bucket {
+                        if !in_k && tail_sum > 0.0 {
+                            soft_grad = tail_g * ((s - row_mtail) * inv_t).exp() / tail_sum;
+                        }
                     }
-                    if j == safe_class {
-                        h -= 1.0 - eps;
+                    if full_vocab {
+                        soft_grad += ((s - ms) * inv_t - lse_s).exp();
                     }
-                    value += cb * h;
+                    let mut value = ca * soft_grad;
+                    if cb != 0.0 {
+                        let mut h = (s - ms - lse_1).exp();
+                        if s > -3.0e38f32 {
+                            h -= eps_f;
+                        }
+                        if j == safe_class {
+                            h -= 1.0 - eps;
+                        }
+                        value += cb * h;
+                    }
+                    out[l] = F::cast_from(value);
+                }
+            } else {
+                #[unroll]
+                for l in 0..width {
+                    out[l] = F::cast_from(0.0f32);
                 }
             }
-            grad[g_base + j * gc] = F::cast_from(value);
-            j += step;
+            grad[g_base + jv] = out;
+            jv += step;
         }
     }
 }

@@ -458,17 +458,20 @@ impl SparseDistillLoss {
         }
         // The teacher's check: the fused kernels find bad entries themselves (the row is NaN),
         // so a NaN loss is all there is to count; the composed path counts with tensor ops.
+        let checked = self.validation != Validation::Off;
         let (output, bad) = match fused {
             Some(out) => {
                 let output = DistillOutput::from(out.parts);
                 // The soft term too: with α = 0 a row without a valid entry leaves the loss
                 // finite.
-                let bad = output.loss.clone().is_nan().int().sum()
-                    + output.soft.clone().is_nan().int().sum();
+                let bad = checked.then(|| {
+                    output.loss.clone().is_nan().int().sum()
+                        + output.soft.clone().is_nan().int().sum()
+                });
                 (output, bad)
             }
             None => {
-                let bad = self.bad_entries(&teacher, ignored.clone(), v);
+                let bad = checked.then(|| self.bad_entries(&teacher, ignored.clone(), v));
                 let soft = self.soft_rows(student_logits.clone(), teacher.clone());
                 let rows = mix_rows(soft, student_logits, targets, &self.params);
                 let reduce = |t| reduce_rows(t, ignored.clone(), self.params.reduction);
@@ -481,14 +484,14 @@ impl SparseDistillLoss {
                 (output, bad)
             }
         };
-        let teacher_check = match self.validation {
-            Validation::Off => None,
-            mode => {
+        let teacher_check = match bad {
+            None => None,
+            Some(bad) => {
                 let tail = self.tail;
                 DeviceCheck::new(bad, move |_| {
                     first_bad_entry(&teacher, ignored.clone(), v, tail)
                 })
-                .apply(mode)?
+                .apply(self.validation)?
             }
         };
         Ok(output.with_check(target_check).with_check(teacher_check))

@@ -71,7 +71,7 @@ pub use kernel::Kernel;
 #[doc(hidden)]
 #[cfg(any(feature = "ndarray", feature = "flex"))]
 pub use kernel::internals;
-pub use linear::{LinearSetup, LinearSide};
+pub use linear::{LinearGrads, LinearOutput, LinearSetup, LinearSide};
 pub use loss::{DistillLoss, DistillLossConfig, DistillOutput};
 #[cfg(feature = "collective")]
 pub use parallel::{VocabShard, vocab_parallel};

@@ -58,13 +58,18 @@ impl LinearSetup {
     }
 }
 
-/// The loss parts and, when asked, the student's gradients, of a chunked fused-linear loss.
-pub(crate) type LinearOutput<B> = (DistillParts<B>, Option<LinearGrads<B>>);
+/// The loss parts and, when asked, the student's gradients, of a chunked fused-linear loss
+/// (see [`DistillBackend::distill_linear_chunked`]).
+pub type LinearOutput<B> = (DistillParts<B>, Option<LinearGrads<B>>);
 
-/// The student's gradients computed by [`chunked`]: hidden states, weight, bias.
-pub(crate) struct LinearGrads<B: Backend> {
+/// The student's gradients of a chunked fused-linear loss, computed in the forward pass.
+#[derive(Clone, Debug)]
+pub struct LinearGrads<B: Backend> {
+    /// `[N, H_s]` gradient of the hidden states (zero on ignored rows).
     pub hidden: FloatTensor<B>,
+    /// `[H_s, V_s]` gradient of the head's weight.
     pub weight: FloatTensor<B>,
+    /// `[V_s]` gradient of the head's bias, if it has one.
     pub bias: Option<FloatTensor<B>>,
 }
 

@@ -258,7 +258,7 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
     ) -> DistillParts<Self> {
         let (s, t) = (inner_side(&student), inner_side(&teacher));
         let run = |tracked: bool| {
-            let (parts, grads) = linear::chunked::<B>(s, t, targets.clone(), setup, tracked)?;
+            let (parts, grads) = B::distill_linear_chunked(s, t, targets.clone(), setup, tracked)?;
             Some((parts, grads.map(LinearGrads::into_vec).unwrap_or_default()))
         };
         linear_op(&student, run)

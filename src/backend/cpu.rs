@@ -8,7 +8,13 @@ use burn::tensor::{
 };
 
 use super::{DistillParams, DistillParts, FusedOutput, SparseInputs, SparseSetup};
-use crate::kernel::{cpu, real::Real, sparse_cpu};
+use crate::kernel::{
+    cpu,
+    linear_cpu::{self, Gemm, HostPlan, HostSide},
+    real::Real,
+    sparse_cpu,
+};
+use crate::{Kernel, LinearGrads, LinearOutput, LinearSetup, Reduction};
 
 /// Runs the CPU kernel on row-major slices, reduces on the host and wraps the outputs as
 /// tensors of `B`.
@@ -83,6 +89,83 @@ pub(super) fn sparse_on_slices<B: Backend, R: Real>(
         with_grad,
     );
     output_of_rows(out, [n, v], targets.is_some(), params, device)
+}
+
+/// The fused-linear loss on host slices ([`linear_cpu::linear_rows`]), its outputs wrapped as
+/// tensors of `B`; `None` for `Reduction::PerRow` with a gradient and for `Kernel::Reference`
+/// (the generic paths then run).
+pub(super) fn linear_on_slices<B: Backend, R: Gemm>(
+    student: HostSide<'_, R>,
+    teacher: HostSide<'_, R>,
+    targets: Option<IntTensor<B>>,
+    setup: &LinearSetup,
+    with_grad: bool,
+    device: &B::Device,
+) -> Option<LinearOutput<B>> {
+    let params = setup.params;
+    if setup.kernel == Kernel::Reference || (with_grad && params.reduction == Reduction::PerRow) {
+        return None;
+    }
+    let n = student.hidden.len() / student.width;
+    let targets = host_targets::<B>(targets);
+    let kept: Vec<usize> = match (&targets, params.ignore_index) {
+        (Some(t), Some(ignore)) => (0..n).filter(|&i| t[i] != ignore).collect(),
+        _ => (0..n).collect(),
+    };
+    let m = kept.len();
+    // The reduction's factor is known on the host (`m` kept rows): every chunk's gradient is
+    // scaled by it.
+    let chunk_params = match params.reduction {
+        Reduction::Mean if m > 0 => {
+            params.with_reduction(Reduction::Normalized { items: m as u64 })
+        }
+        Reduction::Mean => params.with_reduction(Reduction::Sum),
+        _ => params,
+    };
+    let aligned = setup
+        .vocab_mismatch
+        .aligned_width(student.vocab, teacher.vocab)
+        .unwrap_or_else(|e| panic!("burn-distill: {e} (checked before the chunks)"));
+    let plan = HostPlan {
+        kept: &kept,
+        targets: targets.as_deref(),
+        params: &chunk_params,
+        aligned,
+        cap: setup.logit_softcap,
+        chunk: setup.chunk_rows,
+        with_grad,
+    };
+    let (rows, grads) = linear_cpu::linear_rows(student, teacher, &plan);
+    let column = |f: fn(&cpu::RowOut<R>) -> R| {
+        let data = match chunk_params.reduction.factor(m) {
+            None => {
+                let mut values = vec![R::ZERO; n];
+                for (&i, row) in kept.iter().zip(&rows) {
+                    values[i] = f(row);
+                }
+                TensorData::new(values, [n])
+            }
+            Some(factor) => {
+                let sum: f64 = rows.iter().map(|r| f(r).to_f64()).sum();
+                TensorData::new(vec![R::of(sum * factor)], [1])
+            }
+        };
+        B::float_from_data(data, device)
+    };
+    let parts = DistillParts {
+        loss: column(|r| r.loss),
+        soft: column(|r| r.soft),
+        hard: targets.is_some().then(|| column(|r| r.hard)),
+    };
+    let tensor = |values: Vec<R>, shape: Vec<usize>| {
+        B::float_from_data(TensorData::new(values, shape), device)
+    };
+    let grads = grads.map(|g| LinearGrads {
+        hidden: tensor(g.hidden, vec![n, student.width]),
+        weight: tensor(g.weight, vec![student.width, student.vocab]),
+        bias: g.bias.map(|b| tensor(b, vec![student.vocab])),
+    });
+    Some((parts, grads))
 }
 
 /// The kernel's rows reduced on the host (in f64) and wrapped as tensors of `B`.

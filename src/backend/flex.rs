@@ -8,10 +8,12 @@ use burn::tensor::{
 };
 
 use super::cpu::{
-    CPU_DTYPES, fused_on_slices, scale_by_mul, scale_in_place, sparse_on_slices, upstream_values,
+    CPU_DTYPES, fused_on_slices, linear_on_slices, scale_by_mul, scale_in_place, sparse_on_slices,
+    upstream_values,
 };
 use super::{SparseInputs, SparseSetup};
-use crate::{DistillBackend, DistillParams, FusedOutput};
+use crate::kernel::linear_cpu::{Gemm, HostSide};
+use crate::{DistillBackend, DistillParams, FusedOutput, LinearOutput, LinearSetup, LinearSide};
 
 fn contiguous(t: &FlexTensor) -> std::borrow::Cow<'_, FlexTensor> {
     if t.is_contiguous() {
@@ -21,7 +23,71 @@ fn contiguous(t: &FlexTensor) -> std::borrow::Cow<'_, FlexTensor> {
     }
 }
 
+/// [`linear_on_slices`] on Flex tensors of element `R`; `None` (outer) where some tensor holds
+/// another type.
+fn linear_host<R: Gemm>(
+    student: &LinearSide<Flex>,
+    teacher: &LinearSide<Flex>,
+    targets: Option<IntTensor<Flex>>,
+    setup: &LinearSetup,
+    with_grad: bool,
+) -> Option<Option<LinearOutput<Flex>>> {
+    type Tensors<'a> = (
+        std::borrow::Cow<'a, FlexTensor>,
+        std::borrow::Cow<'a, FlexTensor>,
+        Option<std::borrow::Cow<'a, FlexTensor>>,
+    );
+    fn tensors(side: &LinearSide<Flex>) -> Tensors<'_> {
+        (
+            contiguous(&side.hidden),
+            contiguous(&side.weight),
+            side.bias.as_ref().map(contiguous),
+        )
+    }
+    fn host<'a, R: Gemm>((h, w, b): &'a Tensors<'_>) -> Option<HostSide<'a, R>> {
+        let bias = match b {
+            Some(b) => Some(b.as_slice::<R>()?),
+            None => None,
+        };
+        let shape = w.shape();
+        Some(HostSide {
+            hidden: h.as_slice::<R>()?,
+            weight: w.as_slice::<R>()?,
+            bias,
+            width: shape[0],
+            vocab: shape[1],
+        })
+    }
+    let (s, t) = (tensors(student), tensors(teacher));
+    Some(linear_on_slices::<Flex, R>(
+        host(&s)?,
+        host(&t)?,
+        targets,
+        setup,
+        with_grad,
+        &Default::default(),
+    ))
+}
+
 impl DistillBackend for Flex {
+    fn distill_linear_chunked(
+        student: LinearSide<Self>,
+        teacher: LinearSide<Self>,
+        targets: Option<IntTensor<Self>>,
+        setup: &LinearSetup,
+        with_grad: bool,
+    ) -> Option<LinearOutput<Self>> {
+        let host = match student.hidden.dtype() {
+            DType::F32 => linear_host::<f32>(&student, &teacher, targets.clone(), setup, with_grad),
+            DType::F64 => linear_host::<f64>(&student, &teacher, targets.clone(), setup, with_grad),
+            _ => None,
+        };
+        match host {
+            Some(Some(out)) => Some(out),
+            _ => crate::linear::chunked::<Self>(student, teacher, targets, setup, with_grad),
+        }
+    }
+
     fn fused_kernel_dtypes() -> &'static [DType] {
         CPU_DTYPES
     }

@@ -291,7 +291,7 @@ pub trait DistillBackend: Backend {
         targets: Option<IntTensor<Self>>,
         setup: &LinearSetup,
     ) -> DistillParts<Self> {
-        match linear::chunked::<Self>(
+        match Self::distill_linear_chunked(
             student.clone(),
             teacher.clone(),
             targets.clone(),
@@ -301,6 +301,23 @@ pub trait DistillBackend: Backend {
             Some((parts, _)) => parts,
             None => linear::materialised::<Self>(student, teacher, targets, setup),
         }
+    }
+
+    /// The chunks of the fused-linear loss on this backend: the loss parts and, with
+    /// `with_grad`, the student's gradients (hidden states, head weight and bias), computed
+    /// `setup.chunk_rows()` kept rows at a time; `None` where that cannot be done (a gradient
+    /// without a fused kernel for the logits, or `Reduction::PerRow` with a gradient), and the
+    /// caller then materialises the logits. The default runs burn tensor ops per chunk around
+    /// [`DistillBackend::distill_fused`]; NdArray and Flex run one host loop with buffers
+    /// allocated once and GEMMs that accumulate in place.
+    fn distill_linear_chunked(
+        student: LinearSide<Self>,
+        teacher: LinearSide<Self>,
+        targets: Option<IntTensor<Self>>,
+        setup: &LinearSetup,
+        with_grad: bool,
+    ) -> Option<linear::LinearOutput<Self>> {
+        linear::chunked::<Self>(student, teacher, targets, setup, with_grad)
     }
 
     /// The reduced loss and its parts of `[N, V]` student and teacher logits against optional

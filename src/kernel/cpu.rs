@@ -106,6 +106,21 @@ pub fn distill_rows<R: Real>(
     params: &DistillParams,
     with_grad: bool,
 ) -> CpuRows<R> {
+    let mut grad = with_grad.then(|| zeroed_grad::<R>(student.len()));
+    let (rows, kept) = distill_rows_into(student, teacher, v, targets, params, grad.as_deref_mut());
+    CpuRows { rows, kept, grad }
+}
+
+/// [`distill_rows`] writing the gradient into `grad` (`[N·V]`, every entry overwritten, so a
+/// buffer can be reused across calls): the per-row outputs and the number of rows kept.
+pub fn distill_rows_into<R: Real>(
+    student: &[R],
+    teacher: &[R],
+    v: usize,
+    targets: Option<&[i64]>,
+    params: &DistillParams,
+    grad: Option<&mut [R]>,
+) -> (Vec<RowOut<R>>, usize) {
     assert_eq!(student.len(), teacher.len(), "student and teacher lengths");
     assert!(v > 0 && student.len().is_multiple_of(v), "[N, V] logits");
     let n = student.len() / v;
@@ -119,26 +134,21 @@ pub fn distill_rows<R: Real>(
     // (1 per row for `PerRow`).
     let grad_scale = params.reduction.factor(kept).unwrap_or(1.0);
     let inputs = |i: usize| (&student[i * v..(i + 1) * v], &teacher[i * v..(i + 1) * v]);
-    if with_grad {
-        let mut grad = zeroed_grad::<R>(n * v);
-        let rows = grad
-            .par_chunks_mut(v)
-            .enumerate()
-            .map_init(
-                || Scratch::new(v),
-                |scratch, (i, g)| {
-                    let (s, t) = inputs(i);
-                    row(isa, s, t, target(i), params, grad_scale, scratch, Some(g))
-                },
-            )
-            .collect();
-        CpuRows {
-            rows,
-            kept,
-            grad: Some(grad),
+    let rows = match grad {
+        Some(grad) => {
+            assert_eq!(grad.len(), n * v, "[N, V] gradient");
+            grad.par_chunks_mut(v)
+                .enumerate()
+                .map_init(
+                    || Scratch::new(v),
+                    |scratch, (i, g)| {
+                        let (s, t) = inputs(i);
+                        row(isa, s, t, target(i), params, grad_scale, scratch, Some(g))
+                    },
+                )
+                .collect()
         }
-    } else {
-        let rows = (0..n)
+        None => (0..n)
             .into_par_iter()
             .map_init(
                 || Scratch::new(v),
@@ -147,13 +157,9 @@ pub fn distill_rows<R: Real>(
                     row(isa, s, t, target(i), params, grad_scale, scratch, None)
                 },
             )
-            .collect();
-        CpuRows {
-            rows,
-            kept,
-            grad: None,
-        }
-    }
+            .collect(),
+    };
+    (rows, kept)
 }
 
 /// A zeroed `[N·V]` gradient buffer. It comes from `calloc` (pages untouched), and on Linux it

@@ -7,6 +7,8 @@
 //!   NdArray and Flex for f32 and f64 logits.
 //! - `sparse_cpu`: the fused sparse-teacher CPU kernel (the student row in cache, the `k`
 //!   teacher entries beside it), NdArray and Flex.
+//! - `linear_cpu`: the fused-linear loss on the host (the LM heads by in-place GEMMs around
+//!   the `cpu` row kernel, chunk by chunk of rows), NdArray and Flex.
 //! - `cube`: the fused CubeCL kernel (vector loads, one or several rows per cube, shared-memory
 //!   reductions), used by the wgpu and CUDA backends for f32, f16 and bf16 logits
 //!   (accumulating in f32).
@@ -19,6 +21,8 @@ use serde::{Deserialize, Serialize};
 pub(crate) mod cpu;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub(crate) mod cube;
+#[cfg(any(feature = "ndarray", feature = "flex"))]
+pub(crate) mod linear_cpu;
 #[cfg(any(feature = "ndarray", feature = "flex"))]
 pub(crate) mod real;
 pub(crate) mod reference;

@@ -49,6 +49,8 @@ pub struct LinearCase {
     pub targets: Option<Vec<i64>>,
     /// Scale of the hidden states (sets how peaked the logits are).
     pub scale: f64,
+    /// Hidden states given as transposed views of `[H, N]` tensors (strided, not row-major).
+    pub transposed: bool,
 }
 
 impl LinearCase {
@@ -71,6 +73,7 @@ impl LinearCase {
             bias: true,
             targets: Some(targets),
             scale: 2.0,
+            transposed: false,
         }
     }
 }
@@ -94,7 +97,15 @@ pub fn check_linear<B>(
             .iter()
             .map(|x| x * case.scale)
             .collect();
-        Tensor::<B, 2>::from_data(TensorData::new(v, [case.n, h]), device)
+        if case.transposed {
+            // The same values, as the transpose of an `[H, N]` tensor.
+            let t: Vec<f64> = (0..h * case.n)
+                .map(|i| v[i % case.n * h + i / case.n])
+                .collect();
+            Tensor::<B, 2>::from_data(TensorData::new(t, [h, case.n]), device).transpose()
+        } else {
+            Tensor::<B, 2>::from_data(TensorData::new(v, [case.n, h]), device)
+        }
     };
     let hs = hidden(case.hs, 0.53).require_grad();
     let ht = hidden(case.ht, 0.29);
@@ -239,6 +250,16 @@ where
             .with_divergence(d)
             .with_linear_chunk_rows(Some(3));
         check_linear::<B>(&config, &capped, tol, device);
+    }
+    // Strided hidden states, and more rows than a chunk with ignored rows scattered through
+    // them (V = 1031, chunks of 100 rows and the automatic size).
+    let mut strided = base.clone();
+    strided.transposed = true;
+    check_linear::<B>(&config, &strided, tol, device);
+    let large = LinearCase::new(257, 32, 48, 1031);
+    for chunk in [Some(100), None] {
+        let config = config.clone().with_linear_chunk_rows(chunk);
+        check_linear::<B>(&config, &large, tol, device);
     }
     let mut wide = base.clone();
     wide.vt = 33;

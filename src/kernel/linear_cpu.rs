@@ -1,0 +1,394 @@
+//! The fused-linear loss on host slices (NdArray, Flex): the LM heads, the fused row kernel of
+//! [`super::cpu`] and the student's gradients, chunk by chunk of rows, in buffers allocated
+//! once per call.
+//!
+//! Per chunk of `c` kept rows (gathered, so ignored rows never reach a matmul):
+//!
+//! - `z_s = h_s W_s + b_s`, `z_t = h_t W_t + b_t` into two `[c, V]` buffers (soft-capped,
+//!   `c · tanh(z / c)`, and aligned to one vocabulary in place);
+//! - the row kernel writes `g = ∂loss/∂z_s` into a third `[c, V]` buffer (times
+//!   `1 − tanh²(z_s / c)` under a cap, recovered from the capped `z_s`);
+//! - `∂h_s = g W_sᵀ`, `∂W_s += h_sᵀ g` (one GEMM accumulating in place, `β = 1`: no `[H, V]`
+//!   temporary per chunk), `∂b_s += Σ_rows g`.
+//!
+//! GEMMs are `matrixmultiply`'s (NdArray's own), on strided views: the transposes are strides,
+//! never copies. Extra memory: three `[c, V]` buffers, three `[c, H]` ones, and the gradients.
+
+use rayon::prelude::*;
+
+use super::cpu::{RowOut, distill_rows_into, zeroed_grad};
+use super::real::Real;
+use crate::DistillParams;
+
+/// A float with a general matrix product (`matrixmultiply`'s `sgemm` / `dgemm`).
+pub trait Gemm: Real {
+    /// `C ← A B + β C` on strided views (`C` row-major with unit column stride).
+    fn gemm(a: View<'_, Self>, b: View<'_, Self>, beta: Self, c: ViewMut<'_, Self>);
+}
+
+/// A strided `[rows, cols]` matrix read from a slice.
+#[derive(Clone, Copy, Debug)]
+pub struct View<'a, R> {
+    data: &'a [R],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a, R> View<'a, R> {
+    /// The first `cols` columns of a row-major matrix whose rows are `row_stride` apart.
+    pub fn row_major(data: &'a [R], rows: usize, cols: usize, row_stride: usize) -> Self {
+        let view = Self {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride: 1,
+        };
+        view.check();
+        view
+    }
+
+    /// The transpose (strides swapped, nothing copied).
+    pub fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    fn check(&self) {
+        if self.rows > 0 && self.cols > 0 {
+            let last = (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride;
+            assert!(last < self.data.len(), "matrix view out of its slice");
+        }
+    }
+}
+
+/// A row-major `[rows, cols]` matrix written in a slice, rows `row_stride` apart.
+#[derive(Debug)]
+pub struct ViewMut<'a, R> {
+    data: &'a mut [R],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+}
+
+impl<'a, R> ViewMut<'a, R> {
+    /// The first `cols` columns of `rows` rows `row_stride` apart.
+    pub fn row_major(data: &'a mut [R], rows: usize, cols: usize, row_stride: usize) -> Self {
+        assert!(
+            cols <= row_stride || rows <= 1,
+            "rows of the output overlap"
+        );
+        if rows > 0 && cols > 0 {
+            assert!(
+                (rows - 1) * row_stride + cols <= data.len(),
+                "matrix view out of its slice"
+            );
+        }
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride,
+        }
+    }
+}
+
+macro_rules! gemm_impl {
+    ($ty:ty, $f:path) => {
+        impl Gemm for $ty {
+            fn gemm(a: View<'_, Self>, b: View<'_, Self>, beta: Self, c: ViewMut<'_, Self>) {
+                assert!(
+                    a.rows == c.rows && b.cols == c.cols && a.cols == b.rows,
+                    "gemm shapes: [{}, {}] × [{}, {}] into [{}, {}]",
+                    a.rows,
+                    a.cols,
+                    b.rows,
+                    b.cols,
+                    c.rows,
+                    c.cols
+                );
+                if c.rows == 0 || c.cols == 0 {
+                    return;
+                }
+                // SAFETY: every view was bounds-checked against its slice when built (the last
+                // element it addresses lies inside); `c` is borrowed mutably, so it aliases
+                // neither `a` nor `b`, and its rows do not overlap (`cols <= row_stride`).
+                unsafe {
+                    $f(
+                        a.rows,
+                        a.cols,
+                        b.cols,
+                        1.0,
+                        a.data.as_ptr(),
+                        a.row_stride as isize,
+                        a.col_stride as isize,
+                        b.data.as_ptr(),
+                        b.row_stride as isize,
+                        b.col_stride as isize,
+                        beta,
+                        c.data.as_mut_ptr(),
+                        c.row_stride as isize,
+                        1,
+                    )
+                }
+            }
+        }
+    };
+}
+gemm_impl!(f32, matrixmultiply::sgemm);
+gemm_impl!(f64, matrixmultiply::dgemm);
+
+/// One side of the loss on the host: `[N, H]` hidden states, an `[H, V]` head, a `[V]` bias.
+#[derive(Clone, Copy, Debug)]
+pub struct HostSide<'a, R> {
+    /// `[N, H]` row-major hidden states.
+    pub hidden: &'a [R],
+    /// `[H, V]` row-major weight.
+    pub weight: &'a [R],
+    /// `[V]` bias.
+    pub bias: Option<&'a [R]>,
+    /// `H`.
+    pub width: usize,
+    /// `V`.
+    pub vocab: usize,
+}
+
+/// How the chunks run.
+#[derive(Clone, Copy, Debug)]
+pub struct HostPlan<'a> {
+    /// The rows to compute, in order (ignored rows left out).
+    pub kept: &'a [usize],
+    /// Every row's target, if any (indexed by row, not by kept position).
+    pub targets: Option<&'a [i64]>,
+    /// The loss parameters; their reduction's factor scales the gradient.
+    pub params: &'a DistillParams,
+    /// The common vocabulary of both sides' logits: columns past a side's own `V` are `−∞`
+    /// (padding), a side's columns past it are dropped (truncation).
+    pub aligned: usize,
+    /// Logit soft-cap `c`.
+    pub cap: Option<f64>,
+    /// Rows per chunk (at least 1).
+    pub chunk: usize,
+    /// Are the student's gradients computed?
+    pub with_grad: bool,
+}
+
+/// The student's gradients: `[N, H_s]` hidden (zero on rows left out), `[H_s, V_s]` weight,
+/// `[V_s]` bias.
+#[derive(Debug)]
+pub struct HostGrads<R> {
+    /// `∂loss/∂h_s`.
+    pub hidden: Vec<R>,
+    /// `∂loss/∂W_s`.
+    pub weight: Vec<R>,
+    /// `∂loss/∂b_s`, if the head has a bias.
+    pub bias: Option<Vec<R>>,
+}
+
+/// The fused-linear loss on host slices: the outputs of the kept rows (in `plan.kept` order)
+/// and, with `plan.with_grad`, the student's gradients of the reduced loss.
+pub fn linear_rows<R: Gemm>(
+    student: HostSide<'_, R>,
+    teacher: HostSide<'_, R>,
+    plan: &HostPlan<'_>,
+) -> (Vec<RowOut<R>>, Option<HostGrads<R>>) {
+    let (va, m) = (plan.aligned, plan.kept.len());
+    let chunk = plan.chunk.clamp(1, m.max(1));
+    let mut zs = zeroed_grad::<R>(chunk * va);
+    let mut zt = zeroed_grad::<R>(chunk * va);
+    let mut g = if plan.with_grad {
+        zeroed_grad::<R>(chunk * va)
+    } else {
+        Vec::new()
+    };
+    let mut hs = vec![R::ZERO; chunk * student.width];
+    let mut ht = vec![R::ZERO; chunk * teacher.width];
+    let mut dh = vec![
+        R::ZERO;
+        if plan.with_grad {
+            chunk * student.width
+        } else {
+            0
+        }
+    ];
+    let mut grads = plan.with_grad.then(|| HostGrads {
+        hidden: vec![R::ZERO; student.hidden.len()],
+        weight: zeroed_grad::<R>(student.width * student.vocab),
+        bias: student.bias.map(|b| vec![R::ZERO; b.len()]),
+    });
+    // The student's columns that reach the loss.
+    let vs = student.vocab.min(va);
+    let mut rows = Vec::with_capacity(m);
+    let mut targets = Vec::with_capacity(chunk);
+    for (index, kept) in plan.kept.chunks(chunk).enumerate() {
+        let c = kept.len();
+        let (zs, zt) = (&mut zs[..c * va], &mut zt[..c * va]);
+        gather(student.hidden, student.width, kept, &mut hs);
+        gather(teacher.hidden, teacher.width, kept, &mut ht);
+        logits(&student, &hs[..c * student.width], va, plan.cap, zs);
+        logits(&teacher, &ht[..c * teacher.width], va, plan.cap, zt);
+        targets.clear();
+        if let Some(t) = plan.targets {
+            targets.extend(kept.iter().map(|&i| t[i]));
+        }
+        let y = plan.targets.map(|_| targets.as_slice());
+        let Some(grads) = grads.as_mut() else {
+            rows.extend(distill_rows_into(zs, zt, va, y, plan.params, None).0);
+            continue;
+        };
+        let g = &mut g[..c * va];
+        rows.extend(distill_rows_into(zs, zt, va, y, plan.params, Some(g)).0);
+        if let Some(cap) = plan.cap {
+            // `∂(c · tanh(z / c))/∂z = 1 − tanh²(z / c)`, with `tanh(z / c)` = capped `z` / c.
+            let inv = R::of(cap.recip());
+            g.par_chunks_mut(va)
+                .zip(zs.par_chunks(va))
+                .for_each(|(g, z)| {
+                    for (g, &z) in g[..vs].iter_mut().zip(&z[..vs]) {
+                        let t = z * inv;
+                        *g = *g * (R::ONE - t * t);
+                    }
+                });
+        }
+        let g = View::row_major(&*g, c, vs, va);
+        let w = View::row_major(student.weight, student.width, vs, student.vocab);
+        // ∂h = g Wᵀ.
+        let dh_c = ViewMut::row_major(
+            &mut dh[..c * student.width],
+            c,
+            student.width,
+            student.width,
+        );
+        R::gemm(g, w.t(), R::ZERO, dh_c);
+        for (&i, row) in kept.iter().zip(dh.chunks(student.width)) {
+            grads.hidden[i * student.width..(i + 1) * student.width].copy_from_slice(row);
+        }
+        // ∂W += hᵀ g, in place (the first chunk overwrites the zeros).
+        let h = View::row_major(&hs[..c * student.width], c, student.width, student.width);
+        let dw = ViewMut::row_major(&mut grads.weight, student.width, vs, student.vocab);
+        R::gemm(h.t(), g, if index == 0 { R::ZERO } else { R::ONE }, dw);
+        // ∂b += Σ_rows g, columns in parallel.
+        if let Some(db) = grads.bias.as_mut() {
+            const BLOCK: usize = 1024;
+            db[..vs]
+                .par_chunks_mut(BLOCK)
+                .enumerate()
+                .for_each(|(block, acc)| {
+                    let start = block * BLOCK;
+                    for r in 0..c {
+                        let row = &g.data[r * va + start..r * va + start + acc.len()];
+                        for (a, &x) in acc.iter_mut().zip(row) {
+                            *a = *a + x;
+                        }
+                    }
+                });
+        }
+    }
+    (rows, grads)
+}
+
+/// Rows `kept` of an `[N, width]` matrix, packed into `out`.
+fn gather<R: Real>(matrix: &[R], width: usize, kept: &[usize], out: &mut [R]) {
+    for (&i, row) in kept.iter().zip(out.chunks_mut(width)) {
+        row.copy_from_slice(&matrix[i * width..(i + 1) * width]);
+    }
+}
+
+/// `z = h W + b` for `c` packed hidden rows, soft-capped, into `[c, aligned]` rows: the side's
+/// first `min(V, aligned)` columns, then `−∞` padding.
+fn logits<R: Gemm>(
+    side: &HostSide<'_, R>,
+    hidden: &[R],
+    aligned: usize,
+    cap: Option<f64>,
+    z: &mut [R],
+) {
+    let c = hidden.len() / side.width;
+    let v = side.vocab.min(aligned);
+    let h = View::row_major(hidden, c, side.width, side.width);
+    let w = View::row_major(side.weight, side.width, v, side.vocab);
+    R::gemm(h, w, R::ZERO, ViewMut::row_major(z, c, v, aligned));
+    if side.bias.is_none() && cap.is_none() && v == aligned {
+        return;
+    }
+    z.par_chunks_mut(aligned).for_each(|row| {
+        let (row, pad) = row.split_at_mut(v);
+        if let Some(b) = side.bias {
+            for (z, &b) in row.iter_mut().zip(b) {
+                *z = *z + b;
+            }
+        }
+        if let Some(c) = cap {
+            for z in row.iter_mut() {
+                *z = R::of(c * (z.to_f64() / c).tanh());
+            }
+        }
+        pad.fill(R::NEG_INFINITY);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `A B` by the definition, for the GEMM views.
+    fn naive(a: &[f64], b: &[f64], [m, k, n]: [usize; 3]) -> Vec<f64> {
+        (0..m * n)
+            .map(|ij| (0..k).map(|p| a[ij / n * k + p] * b[p * n + ij % n]).sum())
+            .collect()
+    }
+
+    #[test]
+    fn gemm_views_follow_their_strides() {
+        let (m, k, n) = (3, 5, 4);
+        let a: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.7).sin()).collect();
+        let b: Vec<f64> = (0..k * n).map(|i| (i as f64 * 1.3).cos()).collect();
+        let want = naive(&a, &b, [m, k, n]);
+        // Plain, then `Aᵀᵀ` through a transposed copy, accumulating (β = 1) on top of `A B`.
+        let mut c = vec![0.0; m * n];
+        f64::gemm(
+            View::row_major(&a, m, k, k),
+            View::row_major(&b, k, n, n),
+            0.0,
+            ViewMut::row_major(&mut c, m, n, n),
+        );
+        let at: Vec<f64> = (0..k * m).map(|i| a[i % m * k + i / m]).collect();
+        f64::gemm(
+            View::row_major(&at, k, m, m).t(),
+            View::row_major(&b, k, n, n),
+            1.0,
+            ViewMut::row_major(&mut c, m, n, n),
+        );
+        for (c, w) in c.iter().zip(&want) {
+            assert!((c - 2.0 * w).abs() < 1e-12, "{c} vs {}", 2.0 * w);
+        }
+        // The first 2 columns of B into a wider output: the rest of each row is untouched.
+        let mut c = vec![7.0; m * 6];
+        f64::gemm(
+            View::row_major(&a, m, k, k),
+            View::row_major(&b, k, 2, n),
+            0.0,
+            ViewMut::row_major(&mut c, m, 2, 6),
+        );
+        for i in 0..m {
+            for j in 0..6 {
+                let want = if j < 2 { want[i * n + j] } else { 7.0 };
+                assert!((c[i * 6 + j] - want).abs() < 1e-12);
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "matrix view out of its slice")]
+    fn views_past_their_slice_are_refused() {
+        let data = [0.0f32; 5];
+        View::row_major(&data, 2, 3, 3);
+    }
+}

@@ -204,14 +204,7 @@ pub(crate) fn chunked_with<B: DistillBackend, E>(
     });
     let m = hs_k.dims()[0];
 
-    // The reduction's factor folded into every chunk (exact: `kept` is known on the host).
-    let chunk_params = match params.reduction {
-        Reduction::Mean if m > 0 => {
-            params.with_reduction(Reduction::Normalized { items: m as u64 })
-        }
-        Reduction::Mean => params.with_reduction(Reduction::Sum),
-        _ => params,
-    };
+    let chunk_params = chunk_params(&params, m);
     let per_row = params.reduction == Reduction::PerRow;
 
     let mut sums: Option<Parts<B>> = None;
@@ -355,6 +348,19 @@ pub(crate) fn chunked_with<B: DistillBackend, E>(
         }
     });
     Ok(Some((parts, grads)))
+}
+
+/// The parameters of every chunk of `m` kept rows: `Mean` becomes `Normalized { items: m }`
+/// (`Sum` when no row is kept), so that each chunk's gradient carries the reduction's factor
+/// (exact: `m` is known on the host).
+pub(crate) fn chunk_params(params: &DistillParams, m: usize) -> DistillParams {
+    match params.reduction {
+        Reduction::Mean if m > 0 => {
+            params.with_reduction(Reduction::Normalized { items: m as u64 })
+        }
+        Reduction::Mean => params.with_reduction(Reduction::Sum),
+        _ => *params,
+    }
 }
 
 /// The same loss with the logits materialised (`[N, V]`), through the backend's own ops (and so

@@ -2,7 +2,7 @@
 //! run on row-major host slices, its outputs wrapped as tensors without copies.
 
 use burn::tensor::{
-    DType, Int, Tensor, TensorData, TensorPrimitive,
+    DType, Int, Tensor, TensorData, TensorMetadata, TensorPrimitive,
     backend::Backend,
     ops::{FloatTensor, IntTensor},
 };
@@ -14,7 +14,10 @@ use crate::kernel::{
     real::Real,
     sparse_cpu,
 };
-use crate::{Kernel, LinearGrads, LinearOutput, LinearSetup, Reduction};
+use crate::{
+    DistillBackend, Kernel, LinearGrads, LinearOutput, LinearSetup, LinearSide, Reduction, linear,
+};
+use std::borrow::Cow;
 
 /// Runs the CPU kernel on row-major slices, reduces on the host and wraps the outputs as
 /// tensors of `B`.
@@ -91,10 +94,81 @@ pub(super) fn sparse_on_slices<B: Backend, R: Real>(
     output_of_rows(out, [n, v], targets.is_some(), params, device)
 }
 
+/// A CPU backend whose float tensors the host kernels can read as slices.
+pub(super) trait HostFloats: DistillBackend {
+    /// The tensor's elements in row-major order, borrowed where they already are; `None` where
+    /// the tensor does not hold `R`.
+    fn row_major<R: Real>(tensor: &FloatTensor<Self>) -> Option<Cow<'_, [R]>>;
+}
+
+/// [`DistillBackend::distill_linear_chunked`] of a CPU backend: the host loop of
+/// [`linear_cpu::linear_rows`] for f32 and f64, the generic chunks otherwise.
+pub(super) fn linear_chunked<B: HostFloats>(
+    student: LinearSide<B>,
+    teacher: LinearSide<B>,
+    targets: Option<IntTensor<B>>,
+    setup: &LinearSetup,
+    with_grad: bool,
+) -> Option<LinearOutput<B>> {
+    let host = match student.hidden.dtype() {
+        DType::F32 => linear_host::<B, f32>(&student, &teacher, targets.clone(), setup, with_grad),
+        DType::F64 => linear_host::<B, f64>(&student, &teacher, targets.clone(), setup, with_grad),
+        _ => None,
+    };
+    match host {
+        Some(out) => out,
+        None => linear::chunked::<B>(student, teacher, targets, setup, with_grad),
+    }
+}
+
+/// [`linear_on_slices`] on the tensors of `B` read as `R`; `None` (outer) where one of them
+/// holds another type.
+fn linear_host<B: HostFloats, R: Gemm>(
+    student: &LinearSide<B>,
+    teacher: &LinearSide<B>,
+    targets: Option<IntTensor<B>>,
+    setup: &LinearSetup,
+    with_grad: bool,
+) -> Option<Option<LinearOutput<B>>> {
+    type Slices<'a, R> = (Cow<'a, [R]>, Cow<'a, [R]>, Option<Cow<'a, [R]>>, [usize; 2]);
+    fn slices<B: HostFloats, R: Real>(side: &LinearSide<B>) -> Option<Slices<'_, R>> {
+        let bias = match &side.bias {
+            Some(b) => Some(B::row_major::<R>(b)?),
+            None => None,
+        };
+        let shape = side.weight.shape();
+        Some((
+            B::row_major::<R>(&side.hidden)?,
+            B::row_major::<R>(&side.weight)?,
+            bias,
+            [shape[0], shape[1]],
+        ))
+    }
+    fn host<'a, R: Real>((h, w, b, [width, vocab]): &'a Slices<'_, R>) -> HostSide<'a, R> {
+        HostSide {
+            hidden: h,
+            weight: w,
+            bias: b.as_deref(),
+            width: *width,
+            vocab: *vocab,
+        }
+    }
+    let (s, t) = (slices::<B, R>(student)?, slices::<B, R>(teacher)?);
+    let device = B::float_device(&student.hidden);
+    Some(linear_on_slices::<B, R>(
+        host(&s),
+        host(&t),
+        targets,
+        setup,
+        with_grad,
+        &device,
+    ))
+}
+
 /// The fused-linear loss on host slices ([`linear_cpu::linear_rows`]), its outputs wrapped as
 /// tensors of `B`; `None` for `Reduction::PerRow` with a gradient and for `Kernel::Reference`
 /// (the generic paths then run).
-pub(super) fn linear_on_slices<B: Backend, R: Gemm>(
+fn linear_on_slices<B: Backend, R: Gemm>(
     student: HostSide<'_, R>,
     teacher: HostSide<'_, R>,
     targets: Option<IntTensor<B>>,
@@ -113,15 +187,7 @@ pub(super) fn linear_on_slices<B: Backend, R: Gemm>(
         _ => (0..n).collect(),
     };
     let m = kept.len();
-    // The reduction's factor is known on the host (`m` kept rows): every chunk's gradient is
-    // scaled by it.
-    let chunk_params = match params.reduction {
-        Reduction::Mean if m > 0 => {
-            params.with_reduction(Reduction::Normalized { items: m as u64 })
-        }
-        Reduction::Mean => params.with_reduction(Reduction::Sum),
-        _ => params,
-    };
+    let chunk_params = linear::chunk_params(&params, m);
     let aligned = setup
         .vocab_mismatch
         .aligned_width(student.vocab, teacher.vocab)

@@ -7,66 +7,32 @@ use burn::tensor::{
     ops::{FloatTensor, IntTensor},
 };
 
+use std::borrow::Cow;
+
 use super::cpu::{
-    CPU_DTYPES, fused_on_slices, linear_on_slices, scale_by_mul, scale_in_place, sparse_on_slices,
-    upstream_values,
+    CPU_DTYPES, HostFloats, fused_on_slices, linear_chunked, scale_by_mul, scale_in_place,
+    sparse_on_slices, upstream_values,
 };
 use super::{SparseInputs, SparseSetup};
-use crate::kernel::linear_cpu::{Gemm, HostSide};
+use crate::kernel::real::Real;
 use crate::{DistillBackend, DistillParams, FusedOutput, LinearOutput, LinearSetup, LinearSide};
 
-fn contiguous(t: &FlexTensor) -> std::borrow::Cow<'_, FlexTensor> {
+fn contiguous(t: &FlexTensor) -> Cow<'_, FlexTensor> {
     if t.is_contiguous() {
-        std::borrow::Cow::Borrowed(t)
+        Cow::Borrowed(t)
     } else {
-        std::borrow::Cow::Owned(t.to_contiguous())
+        Cow::Owned(t.to_contiguous())
     }
 }
 
-/// [`linear_on_slices`] on Flex tensors of element `R`; `None` (outer) where some tensor holds
-/// another type.
-fn linear_host<R: Gemm>(
-    student: &LinearSide<Flex>,
-    teacher: &LinearSide<Flex>,
-    targets: Option<IntTensor<Flex>>,
-    setup: &LinearSetup,
-    with_grad: bool,
-) -> Option<Option<LinearOutput<Flex>>> {
-    type Tensors<'a> = (
-        std::borrow::Cow<'a, FlexTensor>,
-        std::borrow::Cow<'a, FlexTensor>,
-        Option<std::borrow::Cow<'a, FlexTensor>>,
-    );
-    fn tensors(side: &LinearSide<Flex>) -> Tensors<'_> {
-        (
-            contiguous(&side.hidden),
-            contiguous(&side.weight),
-            side.bias.as_ref().map(contiguous),
-        )
-    }
-    fn host<'a, R: Gemm>((h, w, b): &'a Tensors<'_>) -> Option<HostSide<'a, R>> {
-        let bias = match b {
-            Some(b) => Some(b.as_slice::<R>()?),
-            None => None,
-        };
-        let shape = w.shape();
-        Some(HostSide {
-            hidden: h.as_slice::<R>()?,
-            weight: w.as_slice::<R>()?,
-            bias,
-            width: shape[0],
-            vocab: shape[1],
+impl HostFloats for Flex {
+    fn row_major<R: Real>(tensor: &FloatTensor<Self>) -> Option<Cow<'_, [R]>> {
+        Some(if tensor.is_contiguous() {
+            Cow::Borrowed(tensor.as_slice::<R>()?)
+        } else {
+            Cow::Owned(tensor.to_contiguous().as_slice::<R>()?.to_vec())
         })
     }
-    let (s, t) = (tensors(student), tensors(teacher));
-    Some(linear_on_slices::<Flex, R>(
-        host(&s)?,
-        host(&t)?,
-        targets,
-        setup,
-        with_grad,
-        &Default::default(),
-    ))
 }
 
 impl DistillBackend for Flex {
@@ -77,15 +43,7 @@ impl DistillBackend for Flex {
         setup: &LinearSetup,
         with_grad: bool,
     ) -> Option<LinearOutput<Self>> {
-        let host = match student.hidden.dtype() {
-            DType::F32 => linear_host::<f32>(&student, &teacher, targets.clone(), setup, with_grad),
-            DType::F64 => linear_host::<f64>(&student, &teacher, targets.clone(), setup, with_grad),
-            _ => None,
-        };
-        match host {
-            Some(Some(out)) => Some(out),
-            _ => crate::linear::chunked::<Self>(student, teacher, targets, setup, with_grad),
-        }
+        linear_chunked(student, teacher, targets, setup, with_grad)
     }
 
     fn fused_kernel_dtypes() -> &'static [DType] {

@@ -11,95 +11,38 @@ use burn::tensor::{
 };
 
 use super::cpu::{
-    CPU_DTYPES, fused_on_slices, linear_on_slices, scale_by_mul, scale_in_place, sparse_on_slices,
-    upstream_values,
+    CPU_DTYPES, HostFloats, fused_on_slices, linear_chunked, scale_by_mul, scale_in_place,
+    sparse_on_slices, upstream_values,
 };
 use super::{SparseInputs, SparseSetup};
-use crate::kernel::linear_cpu::{Gemm, HostSide};
+use crate::kernel::real::Real;
 use crate::{DistillBackend, DistillParams, FusedOutput, LinearOutput, LinearSetup, LinearSide};
 
-/// The float types of NdArray's tensors that the host kernels read.
-trait HostFloat: Gemm {
-    /// The tensor's elements in row-major order (borrowed where they already are), if the
-    /// tensor holds this type.
-    fn row_major(t: &NdArrayTensor) -> Option<Cow<'_, [Self]>>;
-}
-
-macro_rules! host_float {
-    ($ty:ty, $variant:ident) => {
-        impl HostFloat for $ty {
-            fn row_major(t: &NdArrayTensor) -> Option<Cow<'_, [Self]>> {
-                match t {
-                    NdArrayTensor::$variant(a) => {
-                        let view = a.view();
-                        Some(match view.to_slice() {
-                            Some(s) => Cow::Borrowed(s),
-                            None => Cow::Owned(view.iter().copied().collect()),
-                        })
-                    }
-                    _ => None,
-                }
-            }
-        }
-    };
-}
-host_float!(f32, F32);
-host_float!(f64, F64);
-
-/// [`linear_on_slices`] on NdArray tensors of element `R`; `None` (outer) where some tensor
-/// holds another type.
-fn linear_host<R: HostFloat, E: FloatNdArrayElement, I: IntNdArrayElement, Q: QuantElement>(
-    student: &LinearSide<NdArray<E, I, Q>>,
-    teacher: &LinearSide<NdArray<E, I, Q>>,
-    targets: Option<IntTensor<NdArray<E, I, Q>>>,
-    setup: &LinearSetup,
-    with_grad: bool,
-) -> Option<Option<LinearOutput<NdArray<E, I, Q>>>>
+impl<E: FloatNdArrayElement, I: IntNdArrayElement, Q: QuantElement> HostFloats for NdArray<E, I, Q>
 where
     NdArrayTensor: From<SharedArray<E>>,
     NdArrayTensor: From<SharedArray<I>>,
 {
-    type Slices<'a, R> = (Cow<'a, [R]>, Cow<'a, [R]>, Option<Cow<'a, [R]>>, [usize; 2]);
-    fn slices<
-        R: HostFloat,
-        B: burn::tensor::backend::Backend<FloatTensorPrimitive = NdArrayTensor>,
-    >(
-        side: &LinearSide<B>,
-    ) -> Option<Slices<'_, R>> {
-        let bias = match &side.bias {
-            Some(b) => Some(R::row_major(b)?),
-            None => None,
-        };
-        let shape = side.weight.shape();
-        Some((
-            R::row_major(&side.hidden)?,
-            R::row_major(&side.weight)?,
-            bias,
-            [shape[0], shape[1]],
-        ))
-    }
-    fn host<'a, R>((h, w, b, [width, vocab]): &'a Slices<'_, R>) -> HostSide<'a, R>
-    where
-        [R]: ToOwned<Owned = Vec<R>>,
-    {
-        HostSide {
-            hidden: h,
-            weight: w,
-            bias: b.as_deref(),
-            width: *width,
-            vocab: *vocab,
+    fn row_major<R: Real>(tensor: &FloatTensor<Self>) -> Option<Cow<'_, [R]>> {
+        macro_rules! slice {
+            ($a:expr, $ty:ty) => {{
+                let view = $a.view();
+                Some(match view.to_slice() {
+                    Some(s) => Cow::Borrowed(bytemuck::try_cast_slice::<$ty, R>(s).ok()?),
+                    None => Cow::Owned(
+                        view.iter()
+                            .map(|&x| bytemuck::try_cast::<$ty, R>(x).ok())
+                            .collect::<Option<Vec<R>>>()?,
+                    ),
+                })
+            }};
+        }
+        match tensor {
+            NdArrayTensor::F32(a) if R::dtype() == DType::F32 => slice!(a, f32),
+            NdArrayTensor::F64(a) if R::dtype() == DType::F64 => slice!(a, f64),
+            _ => None,
         }
     }
-    let (s, t) = (slices::<R, _>(student)?, slices::<R, _>(teacher)?);
-    let device = NdArray::<E, I, Q>::float_device(&student.hidden);
-    Some(linear_on_slices::<NdArray<E, I, Q>, R>(
-        host(&s),
-        host(&t),
-        targets,
-        setup,
-        with_grad,
-        &device,
-    ))
 }
 
 impl<E: FloatNdArrayElement, I: IntNdArrayElement, Q: QuantElement> DistillBackend
@@ -151,19 +94,7 @@ where
         setup: &LinearSetup,
         with_grad: bool,
     ) -> Option<LinearOutput<Self>> {
-        let host = match student.hidden.dtype() {
-            DType::F32 => {
-                linear_host::<f32, E, I, Q>(&student, &teacher, targets.clone(), setup, with_grad)
-            }
-            DType::F64 => {
-                linear_host::<f64, E, I, Q>(&student, &teacher, targets.clone(), setup, with_grad)
-            }
-            _ => None,
-        };
-        match host {
-            Some(Some(out)) => Some(out),
-            _ => crate::linear::chunked::<Self>(student, teacher, targets, setup, with_grad),
-        }
+        linear_chunked(student, teacher, targets, setup, with_grad)
     }
 
     fn has_sparse_fused_kernel(dtype: DType, _k: usize) -> bool {

@@ -69,13 +69,15 @@ impl<'a, R> View<'a, R> {
     }
 }
 
-/// A row-major `[rows, cols]` matrix written in a slice, rows `row_stride` apart.
+/// A `[rows, cols]` matrix written in a slice (row-major, rows `row_stride` apart, or its
+/// transpose).
 #[derive(Debug)]
 pub struct ViewMut<'a, R> {
     data: &'a mut [R],
     rows: usize,
     cols: usize,
     row_stride: usize,
+    col_stride: usize,
 }
 
 impl<'a, R> ViewMut<'a, R> {
@@ -96,7 +98,30 @@ impl<'a, R> ViewMut<'a, R> {
             rows,
             cols,
             row_stride,
+            col_stride: 1,
         }
+    }
+
+    /// The transpose (strides swapped, nothing copied).
+    pub fn t(self) -> Self {
+        Self {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+}
+
+/// `C ← A B + β C`, as the transposed problem `Cᵀ ← Bᵀ Aᵀ + β Cᵀ` when `B` is the larger
+/// operand: `matrixmultiply` packs `A` in blocks across its threads but `B` on one thread, so
+/// the large head weight goes where the packing is parallel.
+pub fn gemm<R: Gemm>(a: View<'_, R>, b: View<'_, R>, beta: R, c: ViewMut<'_, R>) {
+    if b.rows * b.cols > a.rows * a.cols {
+        R::gemm(b.t(), a.t(), beta, c.t());
+    } else {
+        R::gemm(a, b, beta, c);
     }
 }
 
@@ -118,8 +143,9 @@ macro_rules! gemm_impl {
                     return;
                 }
                 // SAFETY: every view was bounds-checked against its slice when built (the last
-                // element it addresses lies inside); `c` is borrowed mutably, so it aliases
-                // neither `a` nor `b`, and its rows do not overlap (`cols <= row_stride`).
+                // element it addresses lies inside; transposing keeps that set); `c` is
+                // borrowed mutably, so it aliases neither `a` nor `b`, and its elements are
+                // distinct (`cols <= row_stride` when built).
                 unsafe {
                     $f(
                         a.rows,
@@ -135,7 +161,7 @@ macro_rules! gemm_impl {
                         beta,
                         c.data.as_mut_ptr(),
                         c.row_stride as isize,
-                        1,
+                        c.col_stride as isize,
                     )
                 }
             }
@@ -266,14 +292,14 @@ pub fn linear_rows<R: Gemm>(
             student.width,
             student.width,
         );
-        R::gemm(g, w.t(), R::ZERO, dh_c);
+        gemm(g, w.t(), R::ZERO, dh_c);
         for (&i, row) in kept.iter().zip(dh.chunks(student.width)) {
             grads.hidden[i * student.width..(i + 1) * student.width].copy_from_slice(row);
         }
         // ∂W += hᵀ g, in place (the first chunk overwrites the zeros).
         let h = View::row_major(&hs[..c * student.width], c, student.width, student.width);
         let dw = ViewMut::row_major(&mut grads.weight, student.width, vs, student.vocab);
-        R::gemm(h.t(), g, if index == 0 { R::ZERO } else { R::ONE }, dw);
+        gemm(h.t(), g, if index == 0 { R::ZERO } else { R::ONE }, dw);
         // ∂b += Σ_rows g, columns in parallel.
         if let Some(db) = grads.bias.as_mut() {
             const BLOCK: usize = 1024;
@@ -314,7 +340,7 @@ fn logits<R: Gemm>(
     let v = side.vocab.min(aligned);
     let h = View::row_major(hidden, c, side.width, side.width);
     let w = View::row_major(side.weight, side.width, v, side.vocab);
-    R::gemm(h, w, R::ZERO, ViewMut::row_major(z, c, v, aligned));
+    gemm(h, w, R::ZERO, ViewMut::row_major(z, c, v, aligned));
     if side.bias.is_none() && cap.is_none() && v == aligned {
         return;
     }
@@ -381,6 +407,29 @@ mod tests {
             for j in 0..6 {
                 let want = if j < 2 { want[i * n + j] } else { 7.0 };
                 assert!((c[i * 6 + j] - want).abs() < 1e-12);
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_runs_the_transposed_problem_when_b_is_larger() {
+        // `B` larger than `A`: computed as `Cᵀ = Bᵀ Aᵀ` into the transposed output view, with
+        // `β = 1` on a strided output (row stride 9 for 7 columns).
+        let (m, k, n) = (2, 3, 7);
+        let a: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.9).sin()).collect();
+        let b: Vec<f64> = (0..k * n).map(|i| (i as f64 * 0.4).cos()).collect();
+        let want = naive(&a, &b, [m, k, n]);
+        let mut c = vec![1.0; m * 9];
+        gemm(
+            View::row_major(&a, m, k, k),
+            View::row_major(&b, k, n, n),
+            1.0,
+            ViewMut::row_major(&mut c, m, n, 9),
+        );
+        for i in 0..m {
+            for j in 0..9 {
+                let want = if j < n { 1.0 + want[i * n + j] } else { 1.0 };
+                assert!((c[i * 9 + j] - want).abs() < 1e-12, "{i},{j}");
             }
         }
     }

@@ -8,6 +8,12 @@
 //! (as Liger-Kernel's fused-linear losses do). Extra memory: three `[c, V]` chunks (four with a
 //! logit soft-cap, whose `tanh` is kept for the gradient) plus the gradients of the student's
 //! parameters, which training needs anyway.
+//!
+//! This module holds the backend-generic form (burn tensor ops per chunk), which wgpu, CUDA
+//! and burn's fusion wrapper run. NdArray and Flex override
+//! [`DistillBackend::distill_linear_chunked`] with the host loop of `kernel::linear_cpu`
+//! (buffers allocated once, `∂W_s` accumulated in place, three `[c, V]` buffers even with a
+//! cap); the tests hold both to the materialised loss.
 
 use burn::nn::Linear;
 use burn::tensor::{

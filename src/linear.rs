@@ -13,7 +13,8 @@
 //! and burn's fusion wrapper run. NdArray and Flex override
 //! [`DistillBackend::distill_linear_chunked`] with the host loop of `kernel::linear_cpu`
 //! (buffers allocated once, `∂W_s` accumulated in place, three `[c, V]` buffers even with a
-//! cap); the tests hold both to the materialised loss.
+//! cap). The tests hold the host loop (NdArray, Flex) and this form (wgpu, and
+//! `Kernel::Reference` everywhere) to the materialised loss.
 
 use burn::nn::Linear;
 use burn::tensor::{
@@ -61,6 +62,14 @@ impl LinearSetup {
     /// The logit soft-cap `c` applied to both models' logits, if any.
     pub fn logit_softcap(&self) -> Option<f64> {
         self.logit_softcap
+    }
+    /// The kernel choice (`Kernel::Reference` runs the reference loss on every chunk).
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+    /// How the two heads' vocabularies are brought to one.
+    pub fn vocab_mismatch(&self) -> VocabMismatch {
+        self.vocab_mismatch
     }
 }
 

@@ -64,6 +64,47 @@ fn softcap_in_sequence_form_keeps_the_padding() {
     assert!((a - e).abs() < 1e-12 && a.is_finite(), "{a} vs {e}");
 }
 
+/// NdArray runs its host loop for the fused kernel (once per call), and the tensor-op chunks
+/// for `Kernel::Reference`; the values agree either way, so only this count tells them apart.
+#[test]
+fn ndarray_runs_the_host_loop() {
+    let device = Default::default();
+    let case = LinearCase::new(7, 5, 8, 13);
+    let (sh, th) = (
+        head::<B>(case.hs, case.vs, 0.7, true, &device),
+        head::<B>(case.ht, case.vt, 1.3, true, &device),
+    );
+    let hidden = |h: usize, seed: f64| {
+        Tensor::<B, 2>::from_data(
+            TensorData::new(wave(case.n * h, seed), [case.n, h]),
+            &device,
+        )
+    };
+    let targets = case.targets.clone().expect("targets");
+    let y = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [case.n]), &device);
+    let calls = burn_distill::internals::host_linear_calls;
+    for (kernel, runs) in [
+        (Kernel::Auto, 1),
+        (Kernel::Fused, 1),
+        (Kernel::Reference, 0),
+    ] {
+        let loss = DistillLossConfig::new()
+            .with_kernel(kernel)
+            .with_linear_chunk_rows(Some(3))
+            .init();
+        let before = calls();
+        let value = loss.forward_linear(
+            hidden(case.hs, 0.4).require_grad(),
+            &sh,
+            hidden(case.ht, 0.6),
+            &th,
+            y.clone(),
+        );
+        assert!(values(value)[0].is_finite());
+        assert_eq!(calls() - before, runs, "{kernel:?}");
+    }
+}
+
 /// `Kernel::Reference`: the chunks run the reference loss forward-only (the inner-backend
 /// check of `check_linear`), and with gradients the logits are materialised.
 #[test]

@@ -19,7 +19,10 @@ fn ndarray() {
 #[cfg(feature = "flex")]
 #[test]
 fn flex() {
+    let before = burn_distill::internals::host_linear_calls();
     sweep::<Autodiff<burn::backend::Flex>>(TOL, &Default::default());
+    // Flex ran its host loop (the sweep's calls with the fused kernel).
+    assert!(burn_distill::internals::host_linear_calls() > before);
     assert_linear_golden::<Autodiff<burn::backend::Flex>>(TOL, &Default::default(), true);
 }
 

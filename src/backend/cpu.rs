@@ -102,7 +102,9 @@ pub(super) trait HostFloats: DistillBackend {
 }
 
 /// [`DistillBackend::distill_linear_chunked`] of a CPU backend: the host loop of
-/// [`linear_cpu::linear_rows`] for f32 and f64, the generic chunks otherwise.
+/// [`linear_cpu::linear_rows`] for f32 and f64 with the fused kernel; the generic chunks for
+/// `Kernel::Reference`, other dtypes and zero-width hidden states; `None` for
+/// `Reduction::PerRow` with a gradient.
 pub(super) fn linear_chunked<B: HostFloats>(
     student: LinearSide<B>,
     teacher: LinearSide<B>,
@@ -110,6 +112,17 @@ pub(super) fn linear_chunked<B: HostFloats>(
     setup: &LinearSetup,
     with_grad: bool,
 ) -> Option<LinearOutput<B>> {
+    let zero_width = [&student.weight, &teacher.weight]
+        .iter()
+        .any(|w| w.shape()[0] == 0);
+    if setup.kernel == Kernel::Reference || zero_width {
+        return linear::chunked::<B>(student, teacher, targets, setup, with_grad);
+    }
+    if with_grad && setup.params.reduction == Reduction::PerRow {
+        // Each row's upstream weight is only known in the backward pass: the caller
+        // materialises the logits.
+        return None;
+    }
     let host = match student.hidden.dtype() {
         DType::F32 => linear_host::<B, f32>(&student, &teacher, targets.clone(), setup, with_grad),
         DType::F64 => linear_host::<B, f64>(&student, &teacher, targets.clone(), setup, with_grad),
@@ -155,19 +168,18 @@ fn linear_host<B: HostFloats, R: Gemm>(
     }
     let (s, t) = (slices::<B, R>(student)?, slices::<B, R>(teacher)?);
     let device = B::float_device(&student.hidden);
-    Some(linear_on_slices::<B, R>(
+    Some(Some(linear_on_slices::<B, R>(
         host(&s),
         host(&t),
         targets,
         setup,
         with_grad,
         &device,
-    ))
+    )))
 }
 
-/// The fused-linear loss on host slices ([`linear_cpu::linear_rows`]), its outputs wrapped as
-/// tensors of `B`; `None` for `Reduction::PerRow` with a gradient and for `Kernel::Reference`
-/// (the generic paths then run).
+/// The fused-linear loss on host slices ([`linear_cpu::linear_rows`]) with the fused kernel,
+/// its outputs wrapped as tensors of `B` (not for `Reduction::PerRow` with a gradient).
 fn linear_on_slices<B: Backend, R: Gemm>(
     student: HostSide<'_, R>,
     teacher: HostSide<'_, R>,
@@ -175,11 +187,9 @@ fn linear_on_slices<B: Backend, R: Gemm>(
     setup: &LinearSetup,
     with_grad: bool,
     device: &B::Device,
-) -> Option<LinearOutput<B>> {
+) -> LinearOutput<B> {
     let params = setup.params;
-    if setup.kernel == Kernel::Reference || (with_grad && params.reduction == Reduction::PerRow) {
-        return None;
-    }
+    HOST_LINEAR_CALLS.with(|calls| calls.set(calls.get() + 1));
     let n = student.hidden.len() / student.width;
     let targets = host_targets::<B>(targets);
     let kept: Vec<usize> = match (&targets, params.ignore_index) {
@@ -231,7 +241,13 @@ fn linear_on_slices<B: Backend, R: Gemm>(
         weight: tensor(g.weight, vec![student.width, student.vocab]),
         bias: g.bias.map(|b| tensor(b, vec![student.vocab])),
     });
-    Some((parts, grads))
+    (parts, grads)
+}
+
+thread_local! {
+    /// Calls of the fused-linear host loop on this thread (a test hook: the tests check that
+    /// NdArray and Flex run it, since every fallback gives the same values).
+    pub(super) static HOST_LINEAR_CALLS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// The kernel's rows reduced on the host (in f64) and wrapped as tensors of `B`.

@@ -27,6 +27,9 @@ fn contiguous(t: &FlexTensor) -> Cow<'_, FlexTensor> {
 
 impl HostFloats for Flex {
     fn row_major<R: Real>(tensor: &FloatTensor<Self>) -> Option<Cow<'_, [R]>> {
+        if tensor.dtype() != R::dtype() {
+            return None;
+        }
         Some(if tensor.is_contiguous() {
             Cow::Borrowed(tensor.as_slice::<R>()?)
         } else {

@@ -372,6 +372,12 @@ pub fn reference_loss<B: Backend>(
     }
 }
 
+/// Calls of the fused-linear host loop on this thread so far (a test hook).
+#[cfg(any(feature = "ndarray", feature = "flex"))]
+pub(crate) fn host_linear_calls() -> usize {
+    cpu::HOST_LINEAR_CALLS.with(|calls| calls.get())
+}
+
 mod autodiff;
 #[cfg(any(feature = "ndarray", feature = "flex"))]
 mod cpu;

@@ -279,7 +279,8 @@ pub fn linear_rows<R: Gemm>(
                 .for_each(|(g, z)| {
                     for (g, &z) in g[..vs].iter_mut().zip(&z[..vs]) {
                         let t = z * inv;
-                        *g = *g * (R::ONE - t * t);
+                        // At least 0: in f32, `t` can round to just past ±1 when saturated.
+                        *g = *g * (R::ONE - t * t).max(R::ZERO);
                     }
                 });
         }

@@ -49,4 +49,8 @@ pub enum Kernel {
 #[cfg(any(feature = "ndarray", feature = "flex"))]
 pub mod internals {
     pub use super::cpu::{Isa, force_isa, zeroed_grad};
+    /// Calls of the fused-linear host loop of NdArray and Flex on this thread so far.
+    pub fn host_linear_calls() -> usize {
+        crate::backend::host_linear_calls()
+    }
 }

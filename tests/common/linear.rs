@@ -49,7 +49,8 @@ pub struct LinearCase {
     pub targets: Option<Vec<i64>>,
     /// Scale of the hidden states (sets how peaked the logits are).
     pub scale: f64,
-    /// Hidden states given as transposed views of `[H, N]` tensors (strided, not row-major).
+    /// Hidden states given as transposed views of `[H, N]` tensors, and the student's head
+    /// weight as the transpose of a `[V, H]` tensor (a tied embedding): strided, not row-major.
     pub transposed: bool,
 }
 
@@ -90,7 +91,11 @@ pub fn check_linear<B>(
     B::InnerBackend: DistillBackend,
 {
     let loss = config.init();
-    let sh = head::<B>(case.hs, case.vs, 0.71, case.bias, device);
+    let mut sh = head::<B>(case.hs, case.vs, 0.71, case.bias, device);
+    if case.transposed {
+        let embedding = Tensor::<B, 2>::from_data(sh.weight.val().transpose().into_data(), device);
+        sh.weight = Param::from_tensor(embedding.transpose());
+    }
     let th = head::<B>(case.ht, case.vt, 1.37, case.bias, device);
     let hidden = |h: usize, seed: f64| {
         let v: Vec<f64> = wave(case.n * h, seed)
@@ -235,14 +240,20 @@ where
         check_linear::<B>(&config, &mismatch, tol, device);
     }
     // Logit soft-capping (the cap bites: the logits reach about ±3), with both vocabulary
-    // policies, so that `−∞` padding is applied after the cap.
+    // policies, so that `−∞` padding is applied after the cap (and the student wider than
+    // the teacher: its cap gradient and weight gradient stop at the common columns).
     for (policy, vt, d) in [
         (VocabMismatch::Error, 37, Divergence::Jsd { beta: 0.5 }),
         (VocabMismatch::PadNegInf, 33, Divergence::ForwardKl),
         (VocabMismatch::PadNegInf, 41, Divergence::ReverseKl),
+        (VocabMismatch::Truncate, 33, Divergence::ReverseKl),
     ] {
         let mut capped = base.clone();
         capped.vt = vt;
+        if policy == VocabMismatch::Truncate {
+            // Targets inside the common columns.
+            capped.targets = Some((0..base.n as i64).map(|i| i % 30).collect());
+        }
         let config = config
             .clone()
             .with_logit_softcap(Some(1.5))

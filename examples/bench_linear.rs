@@ -226,7 +226,7 @@ fn run<B: AutodiffBackend + DistillBackend>(
         a.hs,
         a.ht,
         a.v,
-        loss.linear_chunk_rows(a.v),
+        loss.linear_chunk_rows::<B>(a.v),
         a.reps,
         if pool.is_some() {
             "device pool growth"

@@ -636,7 +636,7 @@ impl DistillLoss {
             params: self.params,
             kernel: self.kernel,
             vocab_mismatch: self.vocab_mismatch,
-            chunk_rows: self.linear_chunk_rows(vs.max(vt)),
+            chunk_rows: self.linear_chunk_rows::<B>(vs.max(vt)),
             logit_softcap: self.logit_softcap,
         };
         let parts = B::distill_linear(

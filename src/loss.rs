@@ -74,9 +74,11 @@ pub struct DistillLossConfig {
     pub linear_chunk_rows: Option<usize>,
     /// Memory budget of the fused-linear losses' chunks when `linear_chunk_rows` is `None`:
     /// rows such that three f32 `[rows, V]` buffers (student and teacher logits, gradient; four
-    /// with a `logit_softcap`) fit, at least one. Default 64 MiB.
-    #[config(default = 67108864)]
-    pub linear_chunk_bytes: usize,
+    /// with a `logit_softcap`) fit, at least one. `None` (the default): the backend's
+    /// [`DistillBackend::linear_chunk_bytes`], 64 MiB on the CPU backends and 512 MiB on
+    /// CubeCL (wgpu, CUDA), where every chunk also pays an `[H, V]` weight-gradient pass.
+    #[config(default = "None")]
+    pub linear_chunk_bytes: Option<usize>,
     /// Logit soft-capping `z ↦ c · tanh(z / c)` of both models' logits before anything else
     /// (Gemma 2's `final_logit_softcapping`, e.g. `Some(30.0)`), in [`DistillLoss::forward`],
     /// the sequence forms and the fused-linear losses; the gradient flows through the cap.
@@ -208,7 +210,7 @@ pub struct DistillLoss {
     #[module(skip)]
     linear_chunk_rows: Option<usize>,
     #[module(skip)]
-    linear_chunk_bytes: usize,
+    linear_chunk_bytes: Option<usize>,
     #[module(skip)]
     pub(crate) logit_softcap: Option<f64>,
 }
@@ -289,17 +291,25 @@ impl DistillLoss {
         self.logit_softcap
     }
 
-    /// Rows per chunk of the fused-linear losses for a vocabulary of `v` columns.
-    pub fn linear_chunk_rows(&self, v: usize) -> usize {
+    /// Rows per chunk of the fused-linear losses on backend `B` for a vocabulary of `v`
+    /// columns.
+    pub fn linear_chunk_rows<B: DistillBackend>(&self, v: usize) -> usize {
         let buffers = if self.logit_softcap.is_some() { 4 } else { 3 };
-        self.linear_chunk_rows_with(v, buffers)
+        self.linear_chunk_rows_with::<B>(v, buffers)
     }
 
     /// [`DistillLoss::linear_chunk_rows`] for a loss that keeps `buffers` f32 `[c, V]`
     /// buffers per chunk.
-    pub(crate) fn linear_chunk_rows_with(&self, v: usize, buffers: usize) -> usize {
+    pub(crate) fn linear_chunk_rows_with<B: DistillBackend>(
+        &self,
+        v: usize,
+        buffers: usize,
+    ) -> usize {
+        let budget = self
+            .linear_chunk_bytes
+            .unwrap_or_else(B::linear_chunk_bytes);
         self.linear_chunk_rows
-            .unwrap_or_else(|| self.linear_chunk_bytes / (buffers * 4 * v.max(1)))
+            .unwrap_or_else(|| budget / (buffers * 4 * v.max(1)))
             .max(1)
     }
 

@@ -379,7 +379,7 @@ impl DistillLoss {
             params: self.params,
             kernel: self.kernel,
             vocab_mismatch: self.vocab_mismatch,
-            chunk_rows: self.linear_chunk_rows_with(shard.vocab.div_ceil(shard.peers), 12),
+            chunk_rows: self.linear_chunk_rows_with::<B>(shard.vocab.div_ceil(shard.peers), 12),
             logit_softcap: self.logit_softcap,
         };
         let parts = B::distill_linear_vocab_parallel(

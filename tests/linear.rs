@@ -126,17 +126,22 @@ fn reference_kernel_chunks_equal_the_materialised_loss() {
 fn automatic_chunk_rows_come_from_the_memory_budget() {
     let config = DistillLossConfig::new();
     let loss = config.init();
-    // Three f32 [c, V] chunks within 64 MiB by default.
+    // Three f32 [c, V] chunks within 64 MiB by default on NdArray.
     assert_eq!(
-        loss.linear_chunk_rows(128_256),
+        loss.linear_chunk_rows::<B>(128_256),
         (64 << 20) / (3 * 4 * 128_256)
     );
-    assert_eq!(loss.linear_chunk_rows(1 << 30), 1);
+    assert_eq!(loss.linear_chunk_rows::<B>(1 << 30), 1);
+    let budget = config.clone().with_linear_chunk_bytes(Some(1 << 30)).init();
+    assert_eq!(
+        budget.linear_chunk_rows::<B>(128_256),
+        (1 << 30) / (3 * 4 * 128_256)
+    );
     let fixed = config.with_linear_chunk_rows(Some(7)).init();
-    assert_eq!(fixed.linear_chunk_rows(128_256), 7);
+    assert_eq!(fixed.linear_chunk_rows::<B>(128_256), 7);
     // A tiny budget still computes (one row at a time).
     let tiny = DistillLossConfig::new()
-        .with_linear_chunk_bytes(1)
+        .with_linear_chunk_bytes(Some(1))
         .with_linear_chunk_rows(None);
     check_linear::<B>(
         &tiny,

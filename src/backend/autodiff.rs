@@ -174,6 +174,10 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
         B::fused_loss_dtype(logits)
     }
 
+    fn linear_chunk_bytes() -> usize {
+        B::linear_chunk_bytes()
+    }
+
     /// The fused kernel of `B` as a tracked op of the student (see `fused_op`); the default
     /// [`DistillBackend::distill_loss`] then differentiates through it.
     fn distill_fused(

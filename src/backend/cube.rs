@@ -194,6 +194,13 @@ where
         DType::F32
     }
 
+    /// 512 MiB: on a GPU each chunk also pays a full `[H, V]` weight-gradient product and sum
+    /// (burn has no accumulating matmul) and a launch of every op, so chunks of a few dozen
+    /// rows at a 128k vocabulary would spend more time there than in the loss.
+    fn linear_chunk_bytes() -> usize {
+        512 << 20
+    }
+
     fn distill_fused(
         student: FloatTensor<Self>,
         teacher: FloatTensor<Self>,

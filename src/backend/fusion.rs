@@ -176,6 +176,10 @@ impl<B: FusionBackend + DistillBackend> DistillBackend for Fusion<B> {
         B::fused_loss_dtype(logits)
     }
 
+    fn linear_chunk_bytes() -> usize {
+        B::linear_chunk_bytes()
+    }
+
     fn distill_fused(
         student: FloatTensor<Self>,
         teacher: FloatTensor<Self>,

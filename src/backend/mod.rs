@@ -303,6 +303,13 @@ pub trait DistillBackend: Backend {
         }
     }
 
+    /// The default memory budget of the fused-linear losses' chunks (see
+    /// [`DistillLossConfig::linear_chunk_bytes`](crate::DistillLossConfig::linear_chunk_bytes)):
+    /// 64 MiB, overridden by the CubeCL backends (512 MiB).
+    fn linear_chunk_bytes() -> usize {
+        64 << 20
+    }
+
     /// The chunks of the fused-linear loss on this backend: the loss parts and, with
     /// `with_grad`, the student's gradients (hidden states, head weight and bias), computed
     /// `setup.chunk_rows()` kept rows at a time; `None` where that cannot be done (a gradient

@@ -26,75 +26,30 @@ pub trait Gemm: Real {
     fn gemm(a: View<'_, Self>, b: View<'_, Self>, beta: Self, c: ViewMut<'_, Self>);
 }
 
-/// A strided `[rows, cols]` matrix read from a slice.
-#[derive(Clone, Copy, Debug)]
-pub struct View<'a, R> {
-    data: &'a [R],
+/// The layout of a strided `[rows, cols]` matrix in a slice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
     rows: usize,
     cols: usize,
     row_stride: usize,
     col_stride: usize,
 }
 
-impl<'a, R> View<'a, R> {
-    /// The first `cols` columns of a row-major matrix whose rows are `row_stride` apart.
-    pub fn row_major(data: &'a [R], rows: usize, cols: usize, row_stride: usize) -> Self {
-        let view = Self {
-            data,
-            rows,
-            cols,
-            row_stride,
-            col_stride: 1,
-        };
-        view.check();
-        view
-    }
-
-    /// The transpose (strides swapped, nothing copied).
-    pub fn t(self) -> Self {
-        Self {
-            rows: self.cols,
-            cols: self.rows,
-            row_stride: self.col_stride,
-            col_stride: self.row_stride,
-            ..self
-        }
-    }
-
-    fn check(&self) {
-        if self.rows > 0 && self.cols > 0 {
-            let last = (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride;
-            assert!(last < self.data.len(), "matrix view out of its slice");
-        }
-    }
-}
-
-/// A `[rows, cols]` matrix written in a slice (row-major, rows `row_stride` apart, or its
-/// transpose).
-#[derive(Debug)]
-pub struct ViewMut<'a, R> {
-    data: &'a mut [R],
-    rows: usize,
-    cols: usize,
-    row_stride: usize,
-    col_stride: usize,
-}
-
-impl<'a, R> ViewMut<'a, R> {
-    /// The first `cols` columns of `rows` rows `row_stride` apart.
-    pub fn row_major(data: &'a mut [R], rows: usize, cols: usize, row_stride: usize) -> Self {
+impl Layout {
+    /// The first `cols` columns of `rows` rows `row_stride` apart, checked to lie within `len`
+    /// elements and not to overlap.
+    fn row_major(rows: usize, cols: usize, row_stride: usize, len: usize) -> Self {
         assert!(
             cols <= row_stride || rows <= 1,
-            "rows of the output overlap"
+            "rows of the matrix overlap"
         );
         if rows > 0 && cols > 0 {
             assert!(
-                (rows - 1) * row_stride + cols <= data.len(),
+                (rows - 1) * row_stride + cols <= len,
                 "matrix view out of its slice"
             );
         }
         Self {
-            data,
             rows,
             cols,
             row_stride,
@@ -102,13 +57,44 @@ impl<'a, R> ViewMut<'a, R> {
         }
     }
 
-    /// The transpose (strides swapped, nothing copied).
-    pub fn t(self) -> Self {
+    /// The transpose (strides swapped: the same elements).
+    fn t(self) -> Self {
         Self {
             rows: self.cols,
             cols: self.rows,
             row_stride: self.col_stride,
             col_stride: self.row_stride,
+        }
+    }
+}
+
+/// A strided `[rows, cols]` matrix in a slice: read (`D = &[R]`, [`View`]) or written
+/// (`D = &mut [R]`, [`ViewMut`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Matrix<D> {
+    data: D,
+    layout: Layout,
+}
+
+/// A matrix read from a slice.
+pub type View<'a, R> = Matrix<&'a [R]>;
+/// A matrix written in a slice.
+pub type ViewMut<'a, R> = Matrix<&'a mut [R]>;
+
+impl<D> Matrix<D> {
+    /// The first `cols` columns of a row-major matrix whose rows are `row_stride` apart.
+    pub fn row_major<R>(data: D, rows: usize, cols: usize, row_stride: usize) -> Self
+    where
+        D: AsRef<[R]>,
+    {
+        let layout = Layout::row_major(rows, cols, row_stride, data.as_ref().len());
+        Self { data, layout }
+    }
+
+    /// The transpose (nothing copied).
+    pub fn t(self) -> Self {
+        Self {
+            layout: self.layout.t(),
             ..self
         }
     }
@@ -118,7 +104,8 @@ impl<'a, R> ViewMut<'a, R> {
 /// operand: `matrixmultiply` packs `A` in blocks across its threads but `B` on one thread, so
 /// the large head weight goes where the packing is parallel.
 pub fn gemm<R: Gemm>(a: View<'_, R>, b: View<'_, R>, beta: R, c: ViewMut<'_, R>) {
-    if b.rows * b.cols > a.rows * a.cols {
+    let size = |l: Layout| l.rows * l.cols;
+    if size(b.layout) > size(a.layout) {
         R::gemm(b.t(), a.t(), beta, c.t());
     } else {
         R::gemm(a, b, beta, c);
@@ -129,39 +116,34 @@ macro_rules! gemm_impl {
     ($ty:ty, $f:path) => {
         impl Gemm for $ty {
             fn gemm(a: View<'_, Self>, b: View<'_, Self>, beta: Self, c: ViewMut<'_, Self>) {
+                let (la, lb, lc) = (a.layout, b.layout, c.layout);
                 assert!(
-                    a.rows == c.rows && b.cols == c.cols && a.cols == b.rows,
-                    "gemm shapes: [{}, {}] × [{}, {}] into [{}, {}]",
-                    a.rows,
-                    a.cols,
-                    b.rows,
-                    b.cols,
-                    c.rows,
-                    c.cols
+                    la.rows == lc.rows && lb.cols == lc.cols && la.cols == lb.rows,
+                    "gemm shapes: {la:?} × {lb:?} into {lc:?}"
                 );
-                if c.rows == 0 || c.cols == 0 {
+                if lc.rows == 0 || lc.cols == 0 {
                     return;
                 }
-                // SAFETY: every view was bounds-checked against its slice when built (the last
-                // element it addresses lies inside; transposing keeps that set); `c` is
-                // borrowed mutably, so it aliases neither `a` nor `b`, and its elements are
-                // distinct (`cols <= row_stride` when built).
+                // SAFETY: every layout was checked against its slice when built (every
+                // element it addresses lies inside, its rows do not overlap; transposing keeps
+                // the same elements); `c` is borrowed mutably, so it aliases neither `a` nor
+                // `b`.
                 unsafe {
                     $f(
-                        a.rows,
-                        a.cols,
-                        b.cols,
+                        la.rows,
+                        la.cols,
+                        lb.cols,
                         1.0,
                         a.data.as_ptr(),
-                        a.row_stride as isize,
-                        a.col_stride as isize,
+                        la.row_stride as isize,
+                        la.col_stride as isize,
                         b.data.as_ptr(),
-                        b.row_stride as isize,
-                        b.col_stride as isize,
+                        lb.row_stride as isize,
+                        lb.col_stride as isize,
                         beta,
                         c.data.as_mut_ptr(),
-                        c.row_stride as isize,
-                        c.col_stride as isize,
+                        lc.row_stride as isize,
+                        lc.col_stride as isize,
                     )
                 }
             }

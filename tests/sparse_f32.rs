@@ -291,6 +291,74 @@ fn fused_edge_cases_wgpu() {
     sparse_edge_cases::<Autodiff<burn::backend::Wgpu>>(&burn_distill::testing::wgpu_device());
 }
 
+/// A teacher whose top-k holds all of its mass (an entry of log-probability 0) leaves an empty
+/// tail bucket: reverse KL is `+∞` there while the student keeps mass outside the top-k
+/// (`q_tail · log(q_tail / 0)`), forward KL finite; both kernels agree, and the other row is
+/// untouched.
+fn empty_tail_bucket<P>(device: &P::Device)
+where
+    P: burn::tensor::backend::AutodiffBackend + burn_distill::DistillBackend,
+{
+    let (n, v, k) = (2, 7, 2);
+    let student: Vec<f32> = (0..n * v).map(|i| (i as f32 * 0.61).sin()).collect();
+    let indices: Vec<i64> = vec![1, 3, 1, 3];
+    // Row 0: token 1 with probability 1 (the other entry missing); row 1: mass 0.83 in K.
+    let log_probs: Vec<f32> = vec![0.0, f32::NEG_INFINITY, -0.5, -1.5];
+    for (divergence, infinite) in [
+        (Divergence::ReverseKl, true),
+        (Divergence::ForwardKl, false),
+    ] {
+        let run = |kernel: Kernel| {
+            let loss = SparseDistillLossConfig::new(
+                DistillLossConfig::new()
+                    .with_divergence(divergence)
+                    .with_reduction(burn_distill::Reduction::PerRow)
+                    .with_kernel(kernel),
+            )
+            .with_tail(TailPolicy::TailBucket)
+            .init();
+            let teacher = SparseTeacher::new(
+                Tensor::<P, 2, Int>::from_data(TensorData::new(indices.clone(), [n, k]), device),
+                Tensor::<P, 2>::from_data(TensorData::new(log_probs.clone(), [n, k]), device),
+            );
+            let s = Tensor::<P, 2>::from_data(TensorData::new(student.clone(), [n, v]), device);
+            values(loss.forward_soft(s, teacher))
+        };
+        for kernel in [Kernel::Fused, Kernel::Reference] {
+            let rows = run(kernel);
+            let what = format!("{divergence:?}, {kernel:?}: {rows:?}");
+            assert_eq!(rows[0] == f64::INFINITY, infinite, "{what}");
+            assert!(rows[1].is_finite() && rows[1] > 0.0, "{what}");
+            if !infinite {
+                assert!(rows[0].is_finite() && rows[0] > 0.0, "{what}");
+            }
+        }
+        let (fused, reference) = (run(Kernel::Fused), run(Kernel::Reference));
+        let d = (fused[1] - reference[1]).abs();
+        assert!(
+            d <= 1e-5 * reference[1].abs().max(1.0),
+            "{divergence:?}: {fused:?} vs {reference:?}"
+        );
+    }
+}
+
+#[test]
+fn empty_tail_bucket_ndarray() {
+    empty_tail_bucket::<Autodiff<NdArray>>(&Default::default());
+}
+
+#[cfg(feature = "flex")]
+#[test]
+fn empty_tail_bucket_flex() {
+    empty_tail_bucket::<Autodiff<burn::backend::Flex>>(&Default::default());
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn empty_tail_bucket_wgpu() {
+    empty_tail_bucket::<Autodiff<burn::backend::Wgpu>>(&burn_distill::testing::wgpu_device());
+}
+
 /// Every instruction set the CPU kernels are compiled for gives the composed path's values on
 /// the edge rows (the sparse kernel dispatches as the dense one).
 #[test]

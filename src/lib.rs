@@ -81,7 +81,8 @@ pub use softmax::{
     try_temperature_softmax,
 };
 pub use sparse::{
-    SparseDistillLoss, SparseDistillLossConfig, SparseTeacher, StudentSupport, TailPolicy,
+    SparseDistillLoss, SparseDistillLossConfig, SparseTeacher, StudentSupport, TAIL_FLOOR,
+    TailPolicy,
 };
 pub use validation::Validation;
-pub use vocab::VocabMismatch;
+pub use vocab::{MASKED_LOGIT, VocabMismatch};

@@ -239,9 +239,10 @@ pub(crate) fn chunked_with<B: DistillBackend, E>(
         );
         let (zs, zt) = setup
             .vocab_mismatch
-            .align(zs, zt)
+            .align(zs, zt, setup.params.divergence)
             .unwrap_or_else(|e| panic!("burn-distill: {e} (checked before the chunks)"));
         let y = targets_k.clone().map(|t| t.slice(r0..r1).into_primitive());
+        let zs_dtype = zs.dtype();
         let (zs, zt) = (zs.into_primitive().tensor(), zt.into_primitive().tensor());
         let Some(out) = chunk_loss(zs, zt, y, &chunk_params)? else {
             return Ok(None);
@@ -265,7 +266,9 @@ pub(crate) fn chunked_with<B: DistillBackend, E>(
         }
         if let Some(g) = out.grad {
             // `∂loss/∂z_s` on the aligned vocabulary, back to the student's `V_s` columns.
-            let g = float::<B, 2>(g);
+            // In the logits' dtype for the products with the head (the fused kernels may return
+            // a wider one: `fused_grad_dtype`).
+            let g = float::<B, 2>(g).cast(zs_dtype);
             let va = g.dims()[1];
             let g = if va > vs {
                 g.narrow(1, 0, vs)
@@ -397,7 +400,7 @@ pub(crate) fn materialised<B: DistillBackend>(
     let (zs, zt) = (side(student), side(teacher));
     let (zs, zt) = setup
         .vocab_mismatch
-        .align(zs, zt)
+        .align(zs, zt, setup.params.divergence)
         .unwrap_or_else(|e| panic!("burn-distill: {e} (checked before)"));
     B::distill_loss(
         zs.into_primitive().tensor(),
@@ -606,7 +609,9 @@ impl DistillLoss {
         let vs = student_head.weight.dims()[1];
         let vt = teacher_head.weight.dims()[1];
         // Targets index the aligned vocabulary, as in `forward` on the logits.
-        let classes = self.vocab_mismatch.aligned_width(vs, vt)?;
+        let classes = self
+            .vocab_mismatch
+            .aligned_width(vs, vt, self.params.divergence)?;
         let n = student_hidden.dims()[0];
         let dtype = student_hidden.dtype();
         let device = student_hidden.device();

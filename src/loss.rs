@@ -416,9 +416,11 @@ impl DistillLoss {
         teacher_logits: Tensor<B, 3>,
         targets: Option<Tensor<B, 2, Int>>,
     ) -> Result<DistillOutput<B>, DistillError> {
-        let (student_logits, teacher_logits) = self
-            .vocab_mismatch
-            .align(self.soft_cap(student_logits), self.soft_cap(teacher_logits))?;
+        let (student_logits, teacher_logits) = self.vocab_mismatch.align(
+            self.soft_cap(student_logits),
+            self.soft_cap(teacher_logits),
+            self.params.divergence,
+        )?;
         let [b, t, v] = student_logits.dims();
         if teacher_logits.dims() != [b, t, v] {
             return Err(DistillError::invalid(
@@ -470,7 +472,8 @@ impl DistillLoss {
         targets: Option<Tensor<B, 1, Int>>,
     ) -> Result<DistillOutput<B>, DistillError> {
         let (student_logits, teacher_logits) =
-            self.vocab_mismatch.align(student_logits, teacher_logits)?;
+            self.vocab_mismatch
+                .align(student_logits, teacher_logits, self.params.divergence)?;
         let [n, v] = student_logits.dims();
         if n == 0 || v == 0 {
             return Err(DistillError::invalid(

@@ -618,8 +618,12 @@ pub fn vocab_parallel<B: DistillBackend>(
 
     // 1. This shard's online-softmax statistics, gathered from every peer.
     let inv_t = t.recip();
-    // The padding mask, only needed for label smoothing.
-    let padding = (hard_needed && smoothing > 0.0).then(|| z.clone().is_finite().bool_not());
+    // The padding mask (the rule of `MASKED_LOGIT`), only needed for label smoothing.
+    let padding = (hard_needed && smoothing > 0.0).then(|| {
+        z.clone()
+            .greater_elem(crate::vocab::MASKED_LOGIT)
+            .bool_not()
+    });
     let z_max = z.clone().max_dim(1);
     let z_shift = z.clone() - finite_or_zero(z_max.clone());
     let u_max = u.clone().max_dim(1);

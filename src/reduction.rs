@@ -107,10 +107,35 @@ pub(crate) fn reduce_rows<B: Backend>(
     let n = rows.dims()[0];
     match reduction {
         Reduction::PerRow => rows,
-        Reduction::Sum => rows.sum(),
+        Reduction::Sum => pairwise_sum(rows),
         _ => {
             let factor = reduction.factor_tensor::<B>(ignored, n, &rows.device(), rows.dtype());
-            rows.sum() * factor.expect("a reduction to one value has a factor")
+            pairwise_sum(rows) * factor.expect("a reduction to one value has a factor")
         }
     }
+}
+
+/// `Σ rows` as a `[1]` tensor, summed pairwise: the rows (zero-padded to a power of two) are
+/// halved `log₂ N` times by adding the second half to the first, so that the rounding error
+/// grows with `log₂ N`, not `N`, whatever order the backend's own `sum` takes (on wgpu it
+/// drifts 1.2e-4 relative from the float64 sum of 70,001 f32 row losses). Runs on the device,
+/// without a host read; differentiable.
+pub(crate) fn pairwise_sum<B: Backend>(rows: Tensor<B, 1>) -> Tensor<B, 1> {
+    let n = rows.dims()[0];
+    if n <= 2 {
+        return rows.sum();
+    }
+    let p = n.next_power_of_two();
+    let mut t = if p > n {
+        let zeros = Tensor::zeros([p - n], (&rows.device(), rows.dtype()));
+        Tensor::cat(vec![rows, zeros], 0)
+    } else {
+        rows
+    };
+    let mut len = p;
+    while len > 1 {
+        len /= 2;
+        t = t.reshape([2, len]).sum_dim(0).reshape([len]);
+    }
+    t
 }

@@ -24,6 +24,19 @@ use crate::{
 /// how far above 1 the top-k mass may lie with [`TailPolicy::TailBucket`].
 pub(crate) const ROUNDING: f64 = 1e-3;
 
+/// The smallest teacher tail of [`TailPolicy::TailBucket`]: `m = max(1 − Σ_{j∈K} exp(ℓ_j),
+/// TAIL_FLOOR)`.
+///
+/// APIs return a log-probability of exactly `0.0` for a near-certain token, and a top-k whose
+/// mass rounds to 1 would leave the teacher no tail: every divergence that divides by the
+/// teacher's tail (reverse KL, `Jsd { beta: 1 }`) would then be `+∞` on that row, with a NaN
+/// gradient, and under `Mean` one such token would poison the batch. With the floor such a row
+/// has a finite loss and gradient (the student's tail mass `q_tail` is pushed toward `1e-6`).
+/// It is far below any tail a teacher reports (a top-k of an f16 or bf16 store is rounded by
+/// more than this) and the same on every kernel; a row whose top-k covers the whole vocabulary
+/// still has no bucket at all.
+pub const TAIL_FLOOR: f64 = 1e-6;
+
 /// Which student distribution a renormalised sparse teacher is compared with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -58,8 +71,9 @@ pub enum TailPolicy {
     /// `m = 1 − Σ_{j∈K} exp(ℓ_j)` against the student's mass outside K,
     /// `q_tail = Σ_{v∉K} softmax(z / T)_v`. At `T ≠ T_gen` the bucket is tempered like one
     /// token (`p_tail ∝ m^r`), which is exact only at `T = T_gen`: the teacher's tail tokens
-    /// are unknown. A row whose top-k covers the whole vocabulary has no bucket. Every
-    /// [`Divergence`] applies.
+    /// are unknown. The teacher's tail is at least [`TAIL_FLOOR`] (a certain teacher, with a
+    /// log-probability of `0.0`, gives a finite loss). A row whose top-k covers the whole
+    /// vocabulary has no bucket. Every [`Divergence`] applies.
     TailBucket,
 }
 
@@ -586,7 +600,11 @@ impl SparseDistillLoss {
                 // student bucket (+∞).
                 let no_tail = count.equal_elem(v as i64);
                 let mass = log_probs.exp().sum_dim(1).clamp_max(1.0);
-                let tail = mass.neg().log1p().mask_fill(no_tail, neg_inf);
+                let tail = mass
+                    .neg()
+                    .log1p()
+                    .clamp_min(TAIL_FLOOR.ln())
+                    .mask_fill(no_tail, neg_inf);
                 let tail = if r == 1.0 { tail } else { tail.mul_scalar(r) };
                 let log_p = normalize(Tensor::cat(vec![tempered, tail], 1));
                 let outside = log_sum_exp(scaled.mask_fill(in_top_k, neg_inf));

@@ -3,7 +3,15 @@
 use burn::tensor::{Tensor, backend::Backend};
 use serde::{Deserialize, Serialize};
 
-use crate::DistillError;
+use crate::{DistillError, Divergence};
+
+/// The one rule for masked logits, the same on every backend and kernel: a logit `x` with
+/// `!(x > MASKED_LOGIT)` is *padding*, not a class. That is `−∞`, and also the large negative
+/// values that mask logits in practice: PyTorch's `torch.finfo(dtype).min` idiom (`f32::MIN`,
+/// bf16's `−3.39e38`) and anything below `−3·10³⁸` in f64. Padding has zero probability (as
+/// any logit that far below the maximum has) and, in the hard term's label smoothing, is left
+/// out of the mean over the classes. (f16 cannot reach this value: mask f16 logits with `−∞`.)
+pub const MASKED_LOGIT: f64 = -3.0e38;
 
 /// Policy for student and teacher logits whose last dimension (the vocabulary) differs, as
 /// with padded embedding tables (e.g. 151,936 vs 152,064 columns).
@@ -16,16 +24,41 @@ pub enum VocabMismatch {
     /// Keep the common prefix `min(V_s, V_t)` of both; targets must lie in it.
     Truncate,
     /// Pad the smaller side with `−inf` logits up to `max(V_s, V_t)`: zero probability, never
-    /// `0` logits (which would silently add probability mass). If the teacher keeps mass on
-    /// columns the student lacks, forward KL is then `+∞`, as it mathematically is; reverse KL
-    /// and the hard term are unaffected.
+    /// `0` logits (which would silently add probability mass).
+    ///
+    /// A padded **student** has no mass on the extra columns: where the teacher has mass
+    /// there, forward KL is `+∞`, as it mathematically is (the other divergences stay finite).
+    /// A padded **teacher** has no mass on columns where the student's softmax always has
+    /// some, so reverse KL (and `Jsd { beta: 1 }`) would be `+∞` on every row: that
+    /// combination is refused with an error (use `Truncate`, or another divergence; JSD with
+    /// `β < 1`, the skew divergences and TVD are finite there).
     PadNegInf,
 }
 
 impl VocabMismatch {
     /// The common vocabulary width of `V_s` and `V_t` columns under this policy, or the error
     /// [`VocabMismatch::align`] gives.
-    pub(crate) fn aligned_width(self, vs: usize, vt: usize) -> Result<usize, DistillError> {
+    pub(crate) fn aligned_width(
+        self,
+        vs: usize,
+        vt: usize,
+        divergence: Divergence,
+    ) -> Result<usize, DistillError> {
+        if self == VocabMismatch::PadNegInf
+            && vt < vs
+            && divergence.resolved().ok() == Some(Divergence::ReverseKl)
+        {
+            return Err(DistillError::invalid(
+                "vocab_mismatch",
+                format!(
+                    "PadNegInf with a teacher vocabulary of {vt} below the student's {vs} and \
+                     divergence {divergence:?}"
+                ),
+                "a divergence that is finite where the teacher has no mass (reverse KL is +inf \
+                 on every row there: the student's softmax is positive on the padded columns), \
+                 or VocabMismatch::Truncate",
+            ));
+        }
         match self {
             _ if vs == vt => Ok(vs),
             VocabMismatch::Error => Err(DistillError::invalid(
@@ -46,10 +79,14 @@ impl VocabMismatch {
         self,
         student: Tensor<B, D>,
         teacher: Tensor<B, D>,
+        divergence: Divergence,
     ) -> Result<(Tensor<B, D>, Tensor<B, D>), DistillError> {
         let (vs, vt) = (student.dims()[D - 1], teacher.dims()[D - 1]);
         if vs == vt {
             return Ok((student, teacher));
+        }
+        if self == VocabMismatch::PadNegInf {
+            self.aligned_width(vs, vt, divergence)?;
         }
         match self {
             VocabMismatch::Error => Err(DistillError::invalid(

@@ -277,3 +277,169 @@ fn wgpu_f16_reduction_past_the_f16_range() {
         assert!(fg.iter().any(|g| *g != 0.0), "{reduction:?}: zero gradient");
     }
 }
+
+/// Logits masked with `f32::MIN` (PyTorch's `torch.finfo(dtype).min` idiom) are padding by the
+/// one rule of `MASKED_LOGIT`, exactly as `−∞` is: with label smoothing (where padding is left
+/// out of the mean over classes) the dense and the sparse loss and their gradients are the
+/// same for both maskings, on both kernels.
+fn masked_logits_are_padding<B>(device: &B::Device)
+where
+    B: burn::tensor::backend::AutodiffBackend + DistillBackend,
+{
+    use burn::tensor::{Int, Tensor, TensorData};
+    use burn_distill::{
+        Reduction, SparseDistillLossConfig, SparseTeacher, StudentSupport, TailPolicy,
+    };
+    let p = problem(5, 11, 3.0, 3, 21);
+    let masked = |x: &[f64]| -> Vec<f64> {
+        x.iter()
+            .map(|&v| {
+                if v == f64::NEG_INFINITY {
+                    f32::MIN as f64
+                } else {
+                    v
+                }
+            })
+            .collect()
+    };
+    let config = DistillLossConfig::new()
+        .with_temperature(2.0)
+        .with_alpha(0.5)
+        .with_label_smoothing(0.1)
+        .with_reduction(Reduction::PerRow);
+    let dense = |student: &[f64], teacher: &[f64], kernel: Kernel| {
+        let s = tensor2::<B>(student, p.shape, device).require_grad();
+        let rows = config.clone().with_kernel(kernel).init().forward(
+            s.clone(),
+            tensor2::<B>(teacher, p.shape, device),
+            ints::<B>(&p.targets, device),
+        );
+        let grad = s.grad(&rows.clone().sum().backward()).unwrap();
+        (values(rows), values(grad))
+    };
+    let sparse = |student: &[f64], kernel: Kernel, tail: TailPolicy| {
+        let s = tensor2::<B>(student, p.shape, device).require_grad();
+        let teacher = SparseTeacher::new(
+            Tensor::<B, 2, Int>::from_data(TensorData::new([0i64, 4].repeat(5), [5, 2]), device),
+            tensor2::<B>(&[-0.4, -1.7].repeat(5), [5, 2], device),
+        );
+        let rows = SparseDistillLossConfig::new(config.clone().with_kernel(kernel))
+            .with_tail(tail)
+            .init()
+            .forward(s.clone(), teacher, ints::<B>(&p.targets, device));
+        let grad = s.grad(&rows.clone().sum().backward()).unwrap();
+        (values(rows), values(grad))
+    };
+    let (ms, mt) = (masked(&p.student), masked(&p.teacher));
+    let expected = dense(&p.student, &p.teacher, Kernel::Reference);
+    assert!(expected.0.iter().all(|x| x.is_finite()));
+    let mut failures = Vec::new();
+    for kernel in [Kernel::Reference, Kernel::Fused] {
+        for (what, got) in [
+            ("-inf", dense(&p.student, &p.teacher, kernel)),
+            ("f32::MIN", dense(&ms, &mt, kernel)),
+        ] {
+            let label = format!("dense {kernel:?} {what}");
+            failures.extend(common::mismatches(&label, &got.0, &expected.0, 1e-5, 1e-5));
+            failures.extend(common::mismatches(&label, &got.1, &expected.1, 1e-6, 1e-4));
+        }
+    }
+    for tail in [
+        TailPolicy::TailBucket,
+        TailPolicy::Renormalize {
+            student: StudentSupport::FullVocab,
+        },
+    ] {
+        let expected = sparse(&p.student, Kernel::Reference, tail);
+        for kernel in [Kernel::Reference, Kernel::Fused] {
+            let got = sparse(&ms, kernel, tail);
+            let label = format!("sparse {tail:?} {kernel:?} f32::MIN");
+            failures.extend(common::mismatches(&label, &got.0, &expected.0, 1e-5, 1e-5));
+            failures.extend(common::mismatches(&label, &got.1, &expected.1, 1e-6, 1e-4));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn masked_logits_are_padding_ndarray() {
+    masked_logits_are_padding::<Autodiff<burn::backend::NdArray>>(&Default::default());
+}
+
+#[cfg(feature = "flex")]
+#[test]
+fn masked_logits_are_padding_flex() {
+    masked_logits_are_padding::<Autodiff<burn::backend::Flex>>(&Default::default());
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn masked_logits_are_padding_wgpu() {
+    masked_logits_are_padding::<Autodiff<burn::backend::Wgpu>>(
+        &burn_distill::testing::wgpu_device(),
+    );
+}
+
+/// Mixed precision with a loss scale (as PyTorch's `GradScaler` and burn-train do): f16
+/// logits, the f32 loss multiplied by 65,536 before the backward pass. The fused gradient is
+/// the f32 reference's gradient × 65,536 rounded once to f16, entry by entry (one f16 ulp:
+/// 2^-10 relative, 2^-24 absolute in f16's subnormal range), although most entries before the
+/// scale lie below f16's smallest subnormal (and 65,536 itself is `+∞` in f16).
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_f16_gradient_under_a_loss_scale() {
+    use burn::tensor::{DType, Tensor};
+    use burn_distill::Reduction;
+    type W = Autodiff<burn::backend::Wgpu>;
+    let device = burn_distill::testing::wgpu_device();
+    // Logits in ±8: softmax entries down to ~1e-10, divided by the row count of the mean.
+    let p = problem(64, 1031, 8.0, 0, 13);
+    const SCALE: f64 = 65_536.0;
+    for (reduction, divergence) in [
+        (Reduction::Mean, Divergence::ForwardKl),
+        (Reduction::Sum, Divergence::Jsd { beta: 0.5 }),
+        (Reduction::PerRow, Divergence::ReverseKl),
+    ] {
+        let config = DistillLossConfig::new()
+            .with_temperature(1.5)
+            .with_alpha(0.7)
+            .with_divergence(divergence)
+            .with_reduction(reduction);
+        let run = |dtype: DType, kernel: Kernel| {
+            let rounded = |x: &[f64]| {
+                tensor2::<W>(x, p.shape, &device)
+                    .cast(DType::F16)
+                    .cast(dtype)
+            };
+            let student = rounded(&p.student).require_grad();
+            let loss = config.clone().with_kernel(kernel).init().forward(
+                student.clone(),
+                rounded(&p.teacher),
+                ints(&p.targets, &device),
+            );
+            let scaled = loss.sum().mul_scalar(SCALE);
+            let grad: Tensor<burn::backend::Wgpu, 2> = student.grad(&scaled.backward()).unwrap();
+            assert_eq!(grad.dtype(), dtype, "the gradient has the logits' dtype");
+            values(grad.cast(DType::F32))
+        };
+        let fused = run(DType::F16, Kernel::Fused);
+        let reference = run(DType::F32, Kernel::Reference);
+        let tiny = reference
+            .iter()
+            .filter(|g| g.abs() * 1.0 / SCALE < 2f64.powi(-25) && **g != 0.0)
+            .count();
+        assert!(
+            tiny > 1000,
+            "{reduction:?}: the case must have entries below f16's range"
+        );
+        let failures =
+            common::mismatches("grad", &fused, &reference, 2f64.powi(-24), 2f64.powi(-10));
+        assert!(
+            failures.is_empty(),
+            "{reduction:?} {divergence:?}: {} of {} entries off, e.g.\n{}",
+            failures.len(),
+            fused.len(),
+            failures[..failures.len().min(10)].join("\n")
+        );
+    }
+}

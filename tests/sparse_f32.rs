@@ -291,28 +291,38 @@ fn fused_edge_cases_wgpu() {
     sparse_edge_cases::<Autodiff<burn::backend::Wgpu>>(&burn_distill::testing::wgpu_device());
 }
 
-/// A teacher whose top-k holds all of its mass (an entry of log-probability 0) leaves an empty
-/// tail bucket: reverse KL is `+∞` there while the student keeps mass outside the top-k
-/// (`q_tail · log(q_tail / 0)`), forward KL finite; both kernels agree, and the other row is
-/// untouched.
+/// A teacher whose top-k holds all of its mass (an entry of log-probability exactly 0, as APIs
+/// return for a near-certain token) keeps a tail of `TAIL_FLOOR`: reverse KL is finite there,
+/// equal to the float64 value of the floored bucket, with a finite gradient, on both kernels;
+/// the other row is untouched, and a `Mean` over both rows is finite.
 fn empty_tail_bucket<P>(device: &P::Device)
 where
     P: burn::tensor::backend::AutodiffBackend + burn_distill::DistillBackend,
 {
+    use burn_distill::{Reduction, TAIL_FLOOR};
     let (n, v, k) = (2, 7, 2);
     let student: Vec<f32> = (0..n * v).map(|i| (i as f32 * 0.61).sin()).collect();
     let indices: Vec<i64> = vec![1, 3, 1, 3];
     // Row 0: token 1 with probability 1 (the other entry missing); row 1: mass 0.83 in K.
     let log_probs: Vec<f32> = vec![0.0, f32::NEG_INFINITY, -0.5, -1.5];
-    for (divergence, infinite) in [
-        (Divergence::ReverseKl, true),
-        (Divergence::ForwardKl, false),
+    // Row 0 in float64: q = softmax(z_0), p = (1, TAIL_FLOOR) / (1 + TAIL_FLOOR).
+    let row0: Vec<f64> = student[..v].iter().map(|&x| x as f64).collect();
+    let max = row0.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let sum: f64 = row0.iter().map(|x| (x - max).exp()).sum();
+    let q1 = (row0[1] - max).exp() / sum;
+    let q_tail = 1.0 - q1;
+    let (p1, p_tail) = (1.0 / (1.0 + TAIL_FLOOR), TAIL_FLOOR / (1.0 + TAIL_FLOOR));
+    let reverse = q1 * (q1 / p1).ln() + q_tail * (q_tail / p_tail).ln();
+    let forward = p1 * (p1 / q1).ln() + p_tail * (p_tail / q_tail).ln();
+    for (divergence, expected) in [
+        (Divergence::ReverseKl, reverse),
+        (Divergence::ForwardKl, forward),
     ] {
-        let run = |kernel: Kernel| {
+        let run = |kernel: Kernel, reduction: Reduction| {
             let loss = SparseDistillLossConfig::new(
                 DistillLossConfig::new()
                     .with_divergence(divergence)
-                    .with_reduction(burn_distill::Reduction::PerRow)
+                    .with_reduction(reduction)
                     .with_kernel(kernel),
             )
             .with_tail(TailPolicy::TailBucket)
@@ -321,23 +331,42 @@ where
                 Tensor::<P, 2, Int>::from_data(TensorData::new(indices.clone(), [n, k]), device),
                 Tensor::<P, 2>::from_data(TensorData::new(log_probs.clone(), [n, k]), device),
             );
-            let s = Tensor::<P, 2>::from_data(TensorData::new(student.clone(), [n, v]), device);
-            values(loss.forward_soft(s, teacher))
+            let s = Tensor::<P, 2>::from_data(TensorData::new(student.clone(), [n, v]), device)
+                .require_grad();
+            let value = loss.forward_soft(s.clone(), teacher);
+            let grad = s.grad(&value.clone().sum().backward()).unwrap();
+            (values(value), values(grad))
         };
         for kernel in [Kernel::Fused, Kernel::Reference] {
-            let rows = run(kernel);
+            let (rows, grad) = run(kernel, Reduction::PerRow);
             let what = format!("{divergence:?}, {kernel:?}: {rows:?}");
-            assert_eq!(rows[0] == f64::INFINITY, infinite, "{what}");
+            assert!(
+                (rows[0] - expected).abs() <= 1e-5 * expected.abs(),
+                "{what}, expected {expected}"
+            );
             assert!(rows[1].is_finite() && rows[1] > 0.0, "{what}");
-            if !infinite {
-                assert!(rows[0].is_finite() && rows[0] > 0.0, "{what}");
-            }
+            assert!(grad.iter().all(|g| g.is_finite()), "{what}: {grad:?}");
+            assert!(grad[..v].iter().any(|g| *g != 0.0), "{what}: {grad:?}");
+            let (mean, mean_grad) = run(kernel, Reduction::Mean);
+            assert!(
+                (mean[0] - (rows[0] + rows[1]) / 2.0).abs() <= 1e-5 * mean[0].abs(),
+                "{what}: mean {mean:?}"
+            );
+            assert!(mean_grad.iter().all(|g| g.is_finite()), "{what}");
         }
-        let (fused, reference) = (run(Kernel::Fused), run(Kernel::Reference));
-        let d = (fused[1] - reference[1]).abs();
+        let ((fused, fg), (reference, rg)) = (
+            run(Kernel::Fused, Reduction::PerRow),
+            run(Kernel::Reference, Reduction::PerRow),
+        );
+        let mut failures =
+            burn_distill::testing::mismatches("loss", &fused, &reference, 1e-6, 1e-5);
+        failures.extend(burn_distill::testing::mismatches(
+            "grad", &fg, &rg, 1e-6, 1e-4,
+        ));
         assert!(
-            d <= 1e-5 * reference[1].abs().max(1.0),
-            "{divergence:?}: {fused:?} vs {reference:?}"
+            failures.is_empty(),
+            "{divergence:?}:\n{}",
+            failures.join("\n")
         );
     }
 }

@@ -75,9 +75,10 @@ fn truncate_keeps_the_common_prefix() {
 fn pad_neg_inf_adds_no_probability_mass() {
     let device = Default::default();
     // The teacher has the smaller vocabulary: padding it with −inf gives it zero mass there.
+    // JSD(β = 0.5) stays finite there (the mixture has the student's mass).
     let (s, t) = (logits(2, 8, 0.3), logits(2, 6, 0.7));
     let loss = DistillLossConfig::new()
-        .with_divergence(Divergence::ReverseKl)
+        .with_divergence(Divergence::Jsd { beta: 0.5 })
         .with_vocab_mismatch(VocabMismatch::PadNegInf);
     for kernel in [Kernel::Reference, Kernel::Fused] {
         let value = loss.clone().with_kernel(kernel).init().forward_soft(
@@ -93,9 +94,61 @@ fn pad_neg_inf_adds_no_probability_mass() {
             tensor2::<B>(&s, [2, 8], &device),
             tensor2(&padded, [2, 8], &device),
         );
-        // Reverse KL puts student mass where the teacher has none: infinite, like the math.
-        assert_eq!(values(value), values(manual));
+        let (value, manual) = (values(value), values(manual));
+        assert!(value[0].is_finite() && value[0] > 0.0, "{value:?}");
+        assert_eq!(value, manual);
     }
+}
+
+/// Reverse KL against a teacher padded with `−∞` is `+∞` on every row (the student's softmax
+/// is positive on the padded columns): refused with an error naming the policy, both
+/// vocabularies and the divergence, in every form (logits, sequences, fused-linear).
+#[test]
+fn pad_neg_inf_refuses_reverse_kl_against_a_padded_teacher() {
+    let device = Default::default();
+    for divergence in [Divergence::ReverseKl, Divergence::Jsd { beta: 1.0 }] {
+        let loss = DistillLossConfig::new()
+            .with_divergence(divergence)
+            .with_vocab_mismatch(VocabMismatch::PadNegInf)
+            .init();
+        let err = loss
+            .try_forward_parts(
+                tensor2::<B>(&logits(2, 8, 0.3), [2, 8], &device),
+                tensor2::<B>(&logits(2, 6, 0.7), [2, 6], &device),
+                None,
+            )
+            .unwrap_err()
+            .to_string();
+        for part in ["vocab_mismatch", "PadNegInf", "6", "8", "Truncate"] {
+            assert!(err.contains(part), "{part:?} missing from: {err}");
+        }
+        let seq = burn::tensor::Tensor::<B, 3>::from_data(
+            burn::tensor::TensorData::new(logits(2, 8, 0.3), [1, 2, 8]),
+            &device,
+        );
+        let seq_t = burn::tensor::Tensor::<B, 3>::from_data(
+            burn::tensor::TensorData::new(logits(2, 6, 0.7), [1, 2, 6]),
+            &device,
+        );
+        assert!(loss.try_forward_seq_parts(seq, seq_t, None).is_err());
+        let hs = tensor2::<B>(&logits(2, 3, 0.2), [2, 3], &device);
+        let head = |v: usize| burn::nn::LinearConfig::new(3, v).init::<B>(&device);
+        assert!(
+            loss.try_forward_linear_parts(hs.clone(), &head(8), hs, &head(6), None)
+                .is_err()
+        );
+        // The student padded instead: reverse KL is finite.
+        let value = loss.forward_soft(
+            tensor2::<B>(&logits(2, 6, 0.3), [2, 6], &device),
+            tensor2::<B>(&logits(2, 8, 0.7), [2, 8], &device),
+        );
+        assert!(values(value)[0].is_finite());
+    }
+}
+
+#[test]
+fn pad_neg_inf_forward_kl_against_a_padded_student_is_infinite() {
+    let device = Default::default();
     // Student smaller: forward KL where the teacher has mass the student cannot have is +∞.
     let kl = DistillLossConfig::new()
         .with_vocab_mismatch(VocabMismatch::PadNegInf)

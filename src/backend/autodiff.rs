@@ -28,8 +28,9 @@ use crate::linear::{self, LinearGrads, LinearSetup, LinearSide};
 struct FusedBackward<const N: usize>;
 
 impl<B: DistillBackend, const N: usize> Backward<B, N> for FusedBackward<N> {
-    /// `∂ loss / ∂ input_k`, computed by the forward pass.
-    type State = Vec<FloatTensor<B>>;
+    /// `∂ loss / ∂ input_k`, computed by the forward pass (possibly in a wider dtype than the
+    /// input's: [`DistillBackend::fused_grad_dtype`]), and the dtype of each input.
+    type State = (Vec<FloatTensor<B>>, Vec<DType>);
 
     fn backward(
         self,
@@ -38,13 +39,20 @@ impl<B: DistillBackend, const N: usize> Backward<B, N> for FusedBackward<N> {
         _checkpointer: &mut Checkpointer,
     ) {
         let upstream = grads.consume::<B>(&ops.node);
-        for (parent, grad) in ops.parents.into_iter().zip(ops.state) {
+        let (state, dtypes) = ops.state;
+        for ((parent, grad), dtype) in ops.parents.into_iter().zip(state).zip(dtypes) {
             let Some(parent) = parent else { continue };
             let grad = if grad.shape().num_dims() == 2 {
                 B::distill_scale_grad(grad, upstream.clone())
             } else {
                 let upstream = B::float_cast(upstream.clone(), grad.dtype().into());
                 B::float_mul(grad, upstream)
+            };
+            // Scaled in the gradient's dtype, rounded once to the input's.
+            let grad = if grad.dtype() == dtype {
+                grad
+            } else {
+                B::float_cast(grad, dtype.into())
             };
             grads.register::<B>(parent.id, grad);
         }
@@ -65,6 +73,7 @@ where
     B: DistillBackend,
     C: CheckpointStrategy,
 {
+    let dtypes: Vec<DType> = inputs.iter().map(|t| t.primitive.dtype()).collect();
     let (loss, parts) = match FusedBackward::<N>
         .prepare::<C>(inputs.map(|t| t.node.clone()))
         .compute_bound()
@@ -79,7 +88,7 @@ where
                 N,
                 "burn-distill: a fused kernel omitted a gradient"
             );
-            (prep.finish(grads, parts.loss.clone()), parts)
+            (prep.finish((grads, dtypes), parts.loss.clone()), parts)
         }
         OpsKind::UnTracked(prep) => {
             let (parts, _) = forward(false)?;
@@ -107,7 +116,7 @@ where
         .compute_bound()
         .stateful()
     {
-        OpsKind::Tracked(prep) => prep.finish(Vec::new(), tensor),
+        OpsKind::Tracked(prep) => prep.finish((Vec::new(), Vec::new()), tensor),
         OpsKind::UnTracked(prep) => prep.finish(tensor),
     }
 }
@@ -172,6 +181,10 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
 
     fn fused_loss_dtype(logits: DType) -> DType {
         B::fused_loss_dtype(logits)
+    }
+
+    fn fused_grad_dtype(logits: DType) -> DType {
+        B::fused_grad_dtype(logits)
     }
 
     fn linear_chunk_bytes() -> usize {

@@ -200,7 +200,7 @@ fn linear_on_slices<B: Backend, R: Gemm>(
     let chunk_params = linear::chunk_params(&params, m);
     let aligned = setup
         .vocab_mismatch
-        .aligned_width(student.vocab, teacher.vocab)
+        .aligned_width(student.vocab, teacher.vocab, params.divergence)
         .unwrap_or_else(|e| panic!("burn-distill: {e} (checked before the chunks)"));
     let plan = HostPlan {
         kept: &kept,

@@ -14,7 +14,7 @@ use cubecl::{prelude::*, server::CubeCountSelection, tensor_vector_size_parallel
 use super::{DistillBackend, DistillParams, DistillParts, FusedOutput, SparseInputs, SparseSetup};
 use crate::kernel::cube::{BLOCK, DivKind, distill_kernel};
 use crate::kernel::sparse_cube::{TailKind, sparse_kernel};
-use crate::reduction::ignored_rows;
+use crate::reduction::{ignored_rows, pairwise_sum};
 
 /// Row outputs of the kernel: `[N]` loss, soft, hard, and `[N, V]` gradient if asked.
 pub(crate) struct CubeRows<R: CubeRuntime> {
@@ -24,8 +24,8 @@ pub(crate) struct CubeRows<R: CubeRuntime> {
     pub grad: Option<CubeTensor<R>>,
 }
 
-/// The kernels' outputs: `[N]` f32 rows and the gradient in the logits' dtype (`[N, V]`, or
-/// a `[1, V]` placeholder without one).
+/// The kernels' outputs: `[N]` f32 rows and the gradient in [`grad_dtype`] (`[N, V]`, or a
+/// `[1, V]` placeholder without one).
 struct RowOutputs<R: CubeRuntime> {
     loss: CubeTensor<R>,
     soft: CubeTensor<R>,
@@ -49,7 +49,10 @@ impl<R: CubeRuntime> RowOutputs<R> {
             loss: empty([n, 0], DType::F32),
             soft: empty([n, 0], DType::F32),
             hard: empty([n, 0], DType::F32),
-            grad: empty(if with_grad { [n, v] } else { [1, v] }, student.dtype),
+            grad: empty(
+                if with_grad { [n, v] } else { [1, v] },
+                grad_dtype(student.dtype),
+            ),
         }
     }
 
@@ -60,6 +63,18 @@ impl<R: CubeRuntime> RowOutputs<R> {
             hard: self.hard,
             grad: with_grad.then_some(self.grad),
         }
+    }
+}
+
+/// The dtype of the fused kernels' gradient for logits of `dtype`: f32 for f16, whose range
+/// ends at 6e-8 (an entry of `1/N · (q − p)` below it is flushed to 0 before the backward pass
+/// multiplies by the upstream gradient, and a loss scale of 65,536 is `+∞` in f16); the
+/// logits' own otherwise (bf16 has f32's range).
+pub(crate) fn grad_dtype(dtype: DType) -> DType {
+    if dtype == DType::F16 {
+        DType::F32
+    } else {
+        dtype
     }
 }
 
@@ -108,7 +123,11 @@ pub(crate) fn launch<R: CubeRuntime>(
     let outputs = RowOutputs::new(&student, with_grad);
     let (has_targets, targets) = targets_or_zeros(targets, &student, DType::I32);
     let (kind, mix) = DivKind::of(params.divergence);
-    let dtypes = [student.dtype.into(), targets.dtype.into()];
+    let dtypes = [
+        student.dtype.into(),
+        targets.dtype.into(),
+        outputs.grad.dtype.into(),
+    ];
     let (cube_dim, cube_count, width) = layout(&student);
     distill_kernel::launch::<R>(
         &student.client.clone(),
@@ -192,6 +211,11 @@ where
     /// autocast does for its losses); the gradient keeps the logits' dtype.
     fn fused_loss_dtype(_logits: DType) -> DType {
         DType::F32
+    }
+
+    /// f32 for f16 logits (see [`grad_dtype`]), the logits' dtype otherwise.
+    fn fused_grad_dtype(logits: DType) -> DType {
+        grad_dtype(logits)
     }
 
     /// 512 MiB: on a GPU each chunk also pays a full `[H, V]` weight-gradient product and sum
@@ -307,7 +331,11 @@ pub(crate) fn launch_sparse<R: CubeRuntime>(
     // One int dtype for indices and targets (the kernel's `I`).
     let (has_targets, targets) = targets_or_zeros(targets, &student, indices.dtype);
     let (kind, mix) = DivKind::of(params.divergence);
-    let dtypes = [student.dtype.into(), indices.dtype.into()];
+    let dtypes = [
+        student.dtype.into(),
+        indices.dtype.into(),
+        outputs.grad.dtype.into(),
+    ];
     let client = student.client.clone();
     let cube_count = CubeCountSelection::new(&client, n as u32).cube_count();
     let width = vector_width(&student);
@@ -402,7 +430,8 @@ where
             );
             match &self.factor {
                 None => rows,
-                Some(factor) => rows.sum() * factor.clone(),
+                // Pairwise: f32 rounding stays near one value's at any N.
+                Some(factor) => pairwise_sum(rows) * factor.clone(),
             }
             .into_primitive()
             .tensor()

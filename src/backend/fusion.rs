@@ -145,7 +145,7 @@ fn output_irs<B: FusionBackend + DistillBackend>(
         out(rows.clone(), loss_dtype),
         out(rows.clone(), loss_dtype),
         out(rows, loss_dtype),
-        out(grad_shape, dtype),
+        out(grad_shape, B::fused_grad_dtype(dtype)),
     ]
 }
 
@@ -174,6 +174,10 @@ impl<B: FusionBackend + DistillBackend> DistillBackend for Fusion<B> {
 
     fn fused_loss_dtype(logits: DType) -> DType {
         B::fused_loss_dtype(logits)
+    }
+
+    fn fused_grad_dtype(logits: DType) -> DType {
+        B::fused_grad_dtype(logits)
     }
 
     fn linear_chunk_bytes() -> usize {

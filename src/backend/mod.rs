@@ -101,7 +101,8 @@ pub struct FusedOutput<B: Backend> {
     /// The loss and its parts, as in [`DistillParts`].
     pub parts: DistillParts<B>,
     /// `[N, V]` gradient of `loss` with respect to the student logits (for `Reduction::PerRow`,
-    /// row `i` holds the gradient of row loss `i`); zero on ignored and bad rows.
+    /// row `i` holds the gradient of row loss `i`); zero on ignored and bad rows. Its dtype is
+    /// [`DistillBackend::fused_grad_dtype`] of the logits'.
     pub grad: Option<FloatTensor<B>>,
 }
 
@@ -182,9 +183,17 @@ pub trait DistillBackend: Backend {
     }
 
     /// The dtype of the losses the fused kernel returns for logits of dtype `logits` (the
-    /// logits' own by default; f32 on the CubeCL backends). The gradient always has the
-    /// logits' dtype.
+    /// logits' own by default; f32 on the CubeCL backends). The gradient has
+    /// [`DistillBackend::fused_grad_dtype`].
     fn fused_loss_dtype(logits: DType) -> DType {
+        logits
+    }
+
+    /// The dtype of the gradient the fused kernels return for logits of dtype `logits` (the
+    /// logits' own by default; f32 for f16 logits on the CubeCL backends, so that a loss scale
+    /// applied in the backward pass meets the unrounded gradient). The backward pass casts the
+    /// scaled gradient to the logits' dtype.
+    fn fused_grad_dtype(logits: DType) -> DType {
         logits
     }
 
@@ -269,7 +278,10 @@ pub trait DistillBackend: Backend {
     }
 
     /// The backward step of the fused kernel: `grad · upstream`, where `upstream` is the
-    /// gradient of the loss output (`[1]` for the reductions to one value, `[N]` for `PerRow`).
+    /// gradient of the loss output (`[1]` for the reductions to one value, `[N]` for `PerRow`),
+    /// computed in the gradient's dtype (f32 for f16 logits on CubeCL: the upstream, e.g. a
+    /// loss scale of 65,536, is never rounded to f16); the caller casts the result to the
+    /// logits' dtype.
     fn distill_scale_grad(
         grad: FloatTensor<Self>,
         upstream: FloatTensor<Self>,

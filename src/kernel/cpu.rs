@@ -622,7 +622,8 @@ fn row_body<R: Real>(
     let g = &*g;
     let t2 = R::of(params.soft_factor());
 
-    // The hard term at T = 1: log softmax(s)[y], and the mean log-prob over finite columns.
+    // The hard term at T = 1: log softmax(s)[y], and the mean log-prob over the classes (not
+    // padding: `MASKED_LOGIT`).
     let smoothing = params.label_smoothing;
     let lse_1 = sum_1.ln();
     let (hard, finite) = match class {
@@ -632,8 +633,8 @@ fn row_body<R: Real>(
             if smoothing == 0.0 {
                 (nll, R::ONE)
             } else {
-                let count = lane_sum_map(s, |x| select(x.is_finite(), R::ONE, R::ZERO));
-                let total = lane_sum_map(s, |x| select(x.is_finite(), x - ms, R::ZERO));
+                let count = lane_sum_map(s, |x| select(x.is_class(), R::ONE, R::ZERO));
+                let total = lane_sum_map(s, |x| select(x.is_class(), x - ms, R::ZERO));
                 let eps = R::of(smoothing);
                 let mean_log_prob = total / count - lse_1;
                 ((R::ONE - eps) * nll - eps * mean_log_prob, count)
@@ -661,10 +662,10 @@ fn row_body<R: Real>(
     let inv_1 = R::ONE / sum_1;
     let eps_f = R::of(smoothing) / finite;
     let with_hard = alpha != 1.0;
-    // ∂hard/∂s_j without the one-hot part: softmax_j − ε/F on finite columns.
+    // ∂hard/∂s_j without the one-hot part: softmax_j − ε/F on the classes.
     let hard_grad = |x: R, e: R| {
         let s1 = e * inv_1;
-        select(x.is_finite(), s1 - eps_f, s1)
+        select(x.is_class(), s1 - eps_f, s1)
     };
     match (params.divergence, unit, with_hard) {
         (Divergence::ForwardKl, _, false) => {

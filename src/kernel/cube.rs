@@ -16,6 +16,7 @@
 use cubecl::prelude::*;
 
 use crate::Divergence;
+use crate::vocab::MASKED_LOGIT;
 
 /// Units per cube: one row of up to `BLOCK` units, or several rows of fewer when V is small.
 pub(crate) const BLOCK: u32 = 256;
@@ -221,7 +222,9 @@ pub(crate) fn soft_logit_grad(
 }
 
 /// Row losses, soft and hard terms (in f32 whatever the logits' dtype), and optionally the
-/// gradient (in the logits' dtype). `scale` is the f32 factor of the reduction.
+/// gradient (in `G`: the logits' dtype, or f32 for f16 logits, so that entries below f16's
+/// range survive until the upstream gradient, e.g. a loss scale, is applied). `scale` is the
+/// f32 factor of the reduction.
 ///
 /// A cube holds `CUBE_DIM_Y` rows of `CUBE_DIM_X` units each (several rows per cube when V is
 /// small); its rows start at `CUBE_POS · CUBE_DIM_Y`, so the launch may spread cubes over a
@@ -236,7 +239,7 @@ pub(crate) fn soft_logit_grad(
 #[allow(clippy::eq_op, clippy::collapsible_if)]
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn distill_kernel<F: Float, I: Numeric, N: Size>(
+pub(crate) fn distill_kernel<F: Float, I: Numeric, G: Float, N: Size>(
     student: &Tensor<Vector<F, N>>,
     teacher: &Tensor<Vector<F, N>>,
     targets: &Tensor<I>,
@@ -244,7 +247,7 @@ pub(crate) fn distill_kernel<F: Float, I: Numeric, N: Size>(
     loss: &mut Tensor<f32>,
     soft: &mut Tensor<f32>,
     hard: &mut Tensor<f32>,
-    grad: &mut Tensor<Vector<F, N>>,
+    grad: &mut Tensor<Vector<G, N>>,
     inv_t: f32,
     t2: f32,
     alpha: f32,
@@ -255,7 +258,7 @@ pub(crate) fn distill_kernel<F: Float, I: Numeric, N: Size>(
     #[comptime] with_targets: bool,
     #[comptime] with_ignore: bool,
     #[comptime] with_grad: bool,
-    #[define(F, I)] _dtypes: [StorageType; 2],
+    #[define(F, I, G)] _dtypes: [StorageType; 3],
 ) {
     let n = loss.shape(0);
     // Whole cubes past the last row leave (a condition uniform over the cube).
@@ -329,7 +332,7 @@ pub(crate) fn distill_kernel<F: Float, I: Numeric, N: Size>(
                     w += et * (t - s);
                 }
             }
-            if s > -3.0e38f32 {
+            if s > f32::new(comptime!(MASKED_LOGIT as f32)) {
                 finite += 1.0;
                 total += s;
             }
@@ -424,7 +427,7 @@ pub(crate) fn distill_kernel<F: Float, I: Numeric, N: Size>(
             let eps_f = eps / finite;
             let mut jv = unit;
             while jv < vectors {
-                let mut out = Vector::<F, N>::empty();
+                let mut out = Vector::<G, N>::empty();
                 if live {
                     let sv = student[s_base + jv];
                     let tv = teacher[t_base + jv];
@@ -438,7 +441,7 @@ pub(crate) fn distill_kernel<F: Float, I: Numeric, N: Size>(
                         let mut value = ca * soft_logit_grad(q, p, lq, lp, div, sqg, mix, kind);
                         if cb != 0.0 {
                             let mut h = (s - ms - lse_1).exp();
-                            if s > -3.0e38f32 {
+                            if s > f32::new(comptime!(MASKED_LOGIT as f32)) {
                                 h -= eps_f;
                             }
                             if jv * width + l == safe_class {
@@ -446,12 +449,12 @@ pub(crate) fn distill_kernel<F: Float, I: Numeric, N: Size>(
                             }
                             value += cb * h;
                         }
-                        out[l] = F::cast_from(value);
+                        out[l] = G::cast_from(value);
                     }
                 } else {
                     #[unroll]
                     for l in 0..width {
-                        out[l] = F::cast_from(0.0f32);
+                        out[l] = G::cast_from(0.0f32);
                     }
                 }
                 grad[g_base + jv] = out;

@@ -138,22 +138,28 @@ pub fn divergence_rows<B: Backend>(
 
 /// `[N]` hard cross-entropy at temperature 1 with PyTorch's label smoothing `ε`:
 /// `−(1 − ε) log softmax(z)[y] − ε · mean_j log softmax(z)[j]`, the mean taken over the
-/// columns that are not `−inf` padding.
+/// classes (logits that are not padding by the rule of [`crate::vocab::MASKED_LOGIT`]).
 pub fn hard_rows<B: Backend>(
     student: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
     label_smoothing: f64,
 ) -> Tensor<B, 1> {
+    // Padding (not a class): the one rule of `MASKED_LOGIT`.
+    let padding = (label_smoothing != 0.0).then(|| {
+        student
+            .clone()
+            .greater_elem(crate::vocab::MASKED_LOGIT)
+            .bool_not()
+    });
     let log_q = temperature_log_softmax(student, 1.0, 1);
     let nll = log_q.clone().gather(1, targets.unsqueeze_dim(1)).neg();
-    let rows = if label_smoothing == 0.0 {
-        nll
-    } else {
-        let padding = log_q.clone().is_finite().bool_not();
+    let rows = if let Some(padding) = padding {
         // `ones_like` rather than `Bool::float()`, which would not keep the logits' dtype.
         let count = log_q.ones_like().mask_fill(padding.clone(), 0.0).sum_dim(1);
         let mean = log_q.mask_fill(padding, 0.0).sum_dim(1) / count;
         nll.mul_scalar(1.0 - label_smoothing) - mean.mul_scalar(label_smoothing)
+    } else {
+        nll
     };
     rows.squeeze_dim(1)
 }

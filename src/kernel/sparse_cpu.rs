@@ -312,12 +312,12 @@ impl<R: Real> Row<'_, R> {
             let lse_1 = m.to_f64() + sum_1.ln();
             let eps = params.label_smoothing;
             let mut h = -(1.0 - eps) * (z[y].to_f64() - lse_1);
-            // Smoothing averages over the finite columns (`−∞` padding is not a class).
+            // Smoothing averages over the classes (padding, `MASKED_LOGIT`, is not one).
             let mut finite = 0usize;
             if eps > 0.0 {
                 let mut total = 0.0;
                 for &x in z {
-                    if x.is_finite() {
+                    if x.is_class() {
                         finite += 1;
                         total += (x - m).to_f64();
                     }
@@ -394,7 +394,7 @@ impl<R: Real> Row<'_, R> {
                     w.push(R::of(if no_tail {
                         f64::NEG_INFINITY
                     } else {
-                        ratio * (-mass).ln_1p()
+                        ratio * (-mass).ln_1p().max(crate::sparse::TAIL_FLOOR.ln())
                     }));
                     self.virtual_soft(u, w, gu, virtual_params, &mut scratch.small)
                 }
@@ -483,7 +483,7 @@ impl<R: Real> Row<'_, R> {
                         0.0
                     });
                     for (((g, &ev), &e1v), &x) in g.iter_mut().zip(e.iter()).zip(e1).zip(z) {
-                        let smooth = if x.is_finite() { hc } else { R::ZERO };
+                        let smooth = if x.is_class() { hc } else { R::ZERO };
                         *g = bulk * ev + hb * e1v - smooth;
                     }
                     // The top-k's hard share where `e` (= e1 at T = 1) was zeroed there.

@@ -27,6 +27,8 @@
 use cubecl::prelude::*;
 
 use super::cube::{DivKind, column_grad, column_term, row_max, row_sum, soft_logit_grad};
+use crate::sparse::TAIL_FLOOR;
+use crate::vocab::MASKED_LOGIT;
 use crate::{StudentSupport, TailPolicy};
 
 /// The tail policy a kernel is specialised for.
@@ -77,7 +79,7 @@ fn member(sorted: &SharedMemory<u32>, count: u32, at: &mut u32, column: u32) -> 
 #[allow(clippy::eq_op, clippy::collapsible_if)]
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn sparse_kernel<F: Float, I: Numeric, N: Size>(
+pub(crate) fn sparse_kernel<F: Float, I: Numeric, G: Float, N: Size>(
     student: &Tensor<Vector<F, N>>,
     indices: &Tensor<I>,
     log_probs: &Tensor<f32>,
@@ -86,7 +88,7 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric, N: Size>(
     loss: &mut Tensor<f32>,
     soft: &mut Tensor<f32>,
     hard: &mut Tensor<f32>,
-    grad: &mut Tensor<Vector<F, N>>,
+    grad: &mut Tensor<Vector<G, N>>,
     inv_t: f32,
     t2: f32,
     alpha: f32,
@@ -100,7 +102,7 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric, N: Size>(
     #[comptime] with_ignore: bool,
     #[comptime] with_grad: bool,
     #[comptime] k: usize,
-    #[define(F, I)] _dtypes: [StorageType; 2],
+    #[define(F, I, G)] _dtypes: [StorageType; 3],
 ) {
     let row = CUBE_POS;
     if row >= loss.shape(0) {
@@ -238,7 +240,7 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric, N: Size>(
                     sum_tail += ((s - mtail) * inv_t).exp();
                 }
             }
-            if s > -3.0e38f32 {
+            if s > f32::new(comptime!(MASKED_LOGIT as f32)) {
                 finite += 1.0;
                 total += s;
             }
@@ -280,10 +282,9 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric, N: Size>(
             }
         } else if has_tail {
             u = (row_mtail - ms) * inv_t + tail_sum.ln() - lse_s;
-            let left = 1.0 - mass;
-            if left > 0.0 {
-                w = ratio * left.ln();
-            }
+            // The teacher's tail, at least `TAIL_FLOOR` (a certain teacher stays finite).
+            let left = f32::max(1.0 - mass, f32::new(comptime!(TAIL_FLOOR as f32)));
+            w = ratio * left.ln();
         }
         entry_u[e] = u;
         entry_w[e] = w;
@@ -415,7 +416,7 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric, N: Size>(
         let mut cursor = u32::new(0);
         let mut jv = unit;
         while jv < vectors {
-            let mut out = Vector::<F, N>::empty();
+            let mut out = Vector::<G, N>::empty();
             if live {
                 let sv = student[s_base + jv];
                 #[unroll]
@@ -438,7 +439,7 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric, N: Size>(
                     let mut value = ca * soft_grad;
                     if cb != 0.0 {
                         let mut h = (s - ms - lse_1).exp();
-                        if s > -3.0e38f32 {
+                        if s > f32::new(comptime!(MASKED_LOGIT as f32)) {
                             h -= eps_f;
                         }
                         if j == safe_class {
@@ -446,12 +447,12 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric, N: Size>(
                         }
                         value += cb * h;
                     }
-                    out[l] = F::cast_from(value);
+                    out[l] = G::cast_from(value);
                 }
             } else {
                 #[unroll]
                 for l in 0..width {
-                    out[l] = F::cast_from(0.0f32);
+                    out[l] = G::cast_from(0.0f32);
                 }
             }
             grad[g_base + jv] = out;

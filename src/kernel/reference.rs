@@ -144,16 +144,16 @@ pub fn hard_rows<B: Backend>(
     targets: Tensor<B, 1, Int>,
     label_smoothing: f64,
 ) -> Tensor<B, 1> {
-    // Padding (not a class): the one rule of `MASKED_LOGIT`.
-    let padding = (label_smoothing != 0.0).then(|| {
-        student
-            .clone()
-            .greater_elem(crate::vocab::MASKED_LOGIT)
-            .bool_not()
-    });
     let log_q = temperature_log_softmax(student, 1.0, 1);
     let nll = log_q.clone().gather(1, targets.unsqueeze_dim(1)).neg();
-    let rows = if let Some(padding) = padding {
+    let rows = if label_smoothing != 0.0 {
+        // Padding (not a class), by the one rule of `MASKED_LOGIT`, read on `log q = z − lse`
+        // (the same test to f32's rounding of `lse` against 3e38; a mask on `z` itself makes
+        // burn-cubecl-fusion 0.21 panic in its block fuser).
+        let padding = log_q
+            .clone()
+            .greater_elem(crate::vocab::MASKED_LOGIT)
+            .bool_not();
         // `ones_like` rather than `Bool::float()`, which would not keep the logits' dtype.
         let count = log_q.ones_like().mask_fill(padding.clone(), 0.0).sum_dim(1);
         let mean = log_q.mask_fill(padding, 0.0).sum_dim(1) / count;

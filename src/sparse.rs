@@ -486,8 +486,16 @@ impl SparseDistillLoss {
             }
             None => {
                 let bad = checked.then(|| self.bad_entries(&teacher, ignored.clone(), v));
-                let soft = self.soft_rows(student_logits.clone(), teacher.clone());
-                let rows = mix_rows(soft, student_logits, targets, &self.params);
+                let (soft, broken) = self.soft_rows(student_logits.clone(), teacher.clone());
+                let mut rows = mix_rows(soft, student_logits, targets, &self.params);
+                // A kept row whose teacher is not a distribution is NaN whole (whatever α), as
+                // in the fused kernels, with a zero gradient.
+                let broken = match &ignored {
+                    Some(ignored) => broken.bool_and(ignored.clone().bool_not()),
+                    None => broken,
+                };
+                rows.loss = rows.loss.mask_fill(broken.clone(), f64::NAN);
+                rows.hard = rows.hard.map(|h| h.mask_fill(broken, f64::NAN));
                 let reduce = |t| reduce_rows(t, ignored.clone(), self.params.reduction);
                 let output = DistillOutput {
                     loss: reduce(rows.loss),
@@ -511,13 +519,14 @@ impl SparseDistillLoss {
         Ok(output.with_check(target_check).with_check(teacher_check))
     }
 
-    /// The `[N]` soft rows, `T²`-scaled; NaN for a row without any valid teacher entry or with
-    /// an index outside the vocabulary.
+    /// The `[N]` soft rows, `T²`-scaled, NaN for a row without any valid teacher entry; and the
+    /// `[N]` rows whose teacher is not a distribution (an index outside the vocabulary or seen
+    /// twice, a log-probability above 0 or NaN, a tail-bucket mass above 1), NaN too.
     fn soft_rows<B: Backend>(
         &self,
         student: Tensor<B, 2>,
         teacher: SparseTeacher<B>,
-    ) -> Tensor<B, 1> {
+    ) -> (Tensor<B, 1>, Tensor<B, 1, Bool>) {
         let neg_inf = f64::NEG_INFINITY;
         let t = self.params.temperature;
         let [n, k] = teacher.dims();
@@ -536,6 +545,29 @@ impl SparseDistillLoss {
             .bool_and(valid.clone());
         let out_of_range_rows = out_of_range.clone().int().sum_dim(1).greater_elem(0);
         let valid = valid.bool_and(out_of_range.bool_not());
+        // The rows the fused kernels make NaN (unchecked input, `Validation::Off`), NaN here too
+        // so that both kernels agree row by row: a log-probability above 0 (beyond rounding) or
+        // NaN, a tail-bucket mass above 1 (beyond rounding), an index seen twice.
+        let mut not_a_teacher = log_probs
+            .clone()
+            .greater_elem(ROUNDING)
+            .bool_or(log_probs.clone().is_nan())
+            .bool_and(valid.clone())
+            .int()
+            .sum_dim(1)
+            .greater_elem(0);
+        if self.tail == TailPolicy::TailBucket {
+            let mass = log_probs
+                .clone()
+                .exp()
+                .mask_fill(valid.clone().bool_not(), 0.0)
+                .sum_dim(1);
+            not_a_teacher = not_a_teacher.bool_or(mass.greater_elem(1.0 + ROUNDING));
+        }
+        if k > 1 {
+            let duplicates = duplicate_pairs(&teacher.indices, &valid).greater_elem(0);
+            not_a_teacher = not_a_teacher.bool_or(duplicates.unsqueeze_dim(1));
+        }
         // A row without any valid entry gets a dummy certain token 0 (so that nothing below
         // is NaN, in the value or the gradient) and a NaN soft term at the end.
         let count = valid.clone().int().sum_dim(1);
@@ -612,9 +644,11 @@ impl SparseDistillLoss {
             }
         };
         let soft = divergence_rows(self.params.divergence, log_p, log_q);
-        scale_soft(soft, &self.params)
+        let broken = out_of_range_rows.bool_or(not_a_teacher).squeeze_dim(1);
+        let soft = scale_soft(soft, &self.params)
             .mask_fill(empty.squeeze_dim(1), f64::NAN)
-            .mask_fill(out_of_range_rows.squeeze_dim(1), f64::NAN)
+            .mask_fill(broken.clone(), f64::NAN);
+        (soft, broken)
     }
 
     /// The composed path's teacher check (see [`Validation`]): `[1]` number of bad entries of
@@ -671,7 +705,7 @@ impl SparseDistillLoss {
             bad = bad + count(mass);
         }
         if k > 1 {
-            bad = bad + duplicate_pairs(&indices, &valid);
+            bad = bad + duplicate_pairs(&indices, &valid).sum();
         }
         bad
     }
@@ -753,7 +787,7 @@ fn first_bad_entry<B: Backend>(
     None
 }
 
-/// `[1]`: pairs `j < j'` of valid entries of one row with the same index, compared on the
+/// `[N]`: per row, the pairs `j < j'` of valid entries with the same index, compared on the
 /// device in chunks of rows (at most 2²² comparisons each).
 fn duplicate_pairs<B: Backend>(
     indices: &Tensor<B, 2, Int>,
@@ -767,7 +801,7 @@ fn duplicate_pairs<B: Backend>(
         .reshape([1, k, 1])
         .lower(columns.reshape([1, 1, k]));
     let rows = ((1usize << 22) / (k * k)).max(1);
-    let mut total = Tensor::<B, 1, Int>::zeros([1], &device);
+    let mut per_row = Vec::new();
     for start in (0..n).step_by(rows) {
         let c = rows.min(n - start);
         let pairs = |t: Tensor<B, 2, Int>| {
@@ -783,9 +817,9 @@ fn duplicate_pairs<B: Backend>(
             .bool_and(va.equal_elem(1))
             .bool_and(vb.equal_elem(1))
             .bool_and(before.clone().expand([c, k, k]));
-        total = total + same.int().sum();
+        per_row.push(same.int().sum_dim(2).sum_dim(1).reshape([c]));
     }
-    total
+    Tensor::cat(per_row, 0)
 }
 
 /// The teacher's tensors must be `[N, k]` with `k ≥ 1`, all three of the same shape.

@@ -402,22 +402,23 @@ fn fused_edge_cases_on_every_cpu_instruction_set() {
     force_isa(None);
 }
 
-/// Unchecked (`Validation::Off`), a row with an index seen twice or outside the vocabulary, or
-/// a log-probability above 0, is NaN with a zero gradient in the fused kernel, and the other
-/// rows keep their values.
+/// Unchecked (`Validation::Off`), a row with an index seen twice or outside the vocabulary, a
+/// log-probability above 0 or a tail-bucket mass above 1 is NaN (loss, soft and hard, for any
+/// `α`) with a zero gradient, on both kernels alike (row by row), and the other rows keep
+/// their values.
 fn bad_rows_are_nan<P>(device: &P::Device)
 where
     P: burn::tensor::backend::AutodiffBackend + burn_distill::DistillBackend,
 {
     use burn_distill::{Reduction, Validation};
-    let (n, v, k) = (4, 5, 2);
+    let (n, v, k) = (5, 5, 2);
     let student: Vec<f32> = (0..n * v)
         .map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0)
         .collect();
-    let run = |indices: Vec<i64>, kernel: Kernel| {
+    let run = |indices: Vec<i64>, kernel: Kernel, alpha: f64| {
         let loss = SparseDistillLossConfig::new(
             DistillLossConfig::new()
-                .with_alpha(0.6)
+                .with_alpha(alpha)
                 .with_reduction(Reduction::PerRow)
                 .with_validation(Validation::Off)
                 .with_kernel(kernel),
@@ -425,40 +426,68 @@ where
         .init();
         let s = Tensor::<P, 2>::from_data(TensorData::new(student.clone(), [n, v]), device)
             .require_grad();
+        // Row 3: a log-probability above 0; row 4: a top-k mass of 1.72.
         let teacher = SparseTeacher::new(
             Tensor::<P, 2, Int>::from_data(TensorData::new(indices, [n, k]), device),
             Tensor::<P, 2>::from_data(
                 TensorData::new(
-                    vec![-0.4f32, -1.5, -0.4, -1.5, -0.4, -1.5, 0.5, -1.5],
+                    vec![-0.4f32, -1.5, -0.4, -1.5, -0.4, -1.5, 0.5, -1.5, -0.1, -0.2],
                     [n, k],
                 ),
                 device,
             ),
         );
         let targets =
-            Tensor::<P, 1, Int>::from_data(TensorData::new(vec![1i64, 2, 3, 0], [n]), device);
-        let rows = loss.forward(s.clone(), teacher, targets);
-        let nan = rows.clone().is_nan();
-        let grad = s
-            .grad(&rows.clone().mask_fill(nan, 0.0).sum().backward())
+            Tensor::<P, 1, Int>::from_data(TensorData::new(vec![1i64, 2, 3, 0, 4], [n]), device);
+        let out = loss
+            .try_forward_parts(s.clone(), teacher, Some(targets))
             .unwrap();
-        (values(rows), values(grad))
+        let nan = out.loss.clone().is_nan();
+        let grad = s
+            .grad(&out.loss.clone().mask_fill(nan, 0.0).sum().backward())
+            .unwrap();
+        (
+            values(out.loss),
+            values(out.soft),
+            values(out.hard.unwrap()),
+            values(grad),
+        )
     };
-    let (rows, grad) = run(vec![0, 3, 2, 2, 4, 7, 1, 2], Kernel::Fused);
-    assert!(
-        rows[0].is_finite() && rows[1..].iter().all(|r| r.is_nan()),
-        "{rows:?}"
-    );
-    assert!(grad[v..].iter().all(|&g| g == 0.0), "{grad:?}");
-    let (good, good_grad) = run(vec![0, 3, 1, 2, 4, 0, 1, 2], Kernel::Reference);
-    assert!(
-        (rows[0] - good[0]).abs() <= 1e-5 * good[0].abs(),
-        "{rows:?} vs {good:?}"
-    );
-    let first = |g: &[f64]| g[..v].to_vec();
-    let failures =
-        burn_distill::testing::mismatches("grad", &first(&grad), &first(&good_grad), 1e-6, 1e-4);
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Row 1: index 2 twice; row 2: index 7 outside V = 5.
+    let bad = vec![0, 3, 2, 2, 4, 7, 1, 2, 0, 3];
+    let (good, _, _, good_grad) = run(vec![0, 3, 1, 2, 4, 0, 1, 2, 0, 3], Kernel::Reference, 0.6);
+    for alpha in [0.6, 0.0, 1.0] {
+        let fused = run(bad.clone(), Kernel::Fused, alpha);
+        let reference = run(bad.clone(), Kernel::Reference, alpha);
+        for (kernel, (rows, soft, hard, grad)) in [("fused", &fused), ("reference", &reference)] {
+            let what = format!("{kernel}, alpha {alpha}: {rows:?} {soft:?} {hard:?}");
+            assert!(rows[0].is_finite(), "{what}");
+            for r in 1..n {
+                assert!(
+                    rows[r].is_nan() && soft[r].is_nan() && hard[r].is_nan(),
+                    "row {r}: {what}"
+                );
+            }
+            assert!(grad[v..].iter().all(|&g| g == 0.0), "{what}: {grad:?}");
+            if alpha == 0.6 {
+                assert!(
+                    (rows[0] - good[0]).abs() <= 1e-5 * good[0].abs(),
+                    "{what} vs {good:?}"
+                );
+                let first = |g: &[f64]| g[..v].to_vec();
+                let failures = burn_distill::testing::mismatches(
+                    "grad",
+                    &first(grad),
+                    &first(&good_grad),
+                    1e-6,
+                    1e-4,
+                );
+                assert!(failures.is_empty(), "{}", failures.join("\n"));
+            }
+        }
+        let (f, r) = (fused.0[0], reference.0[0]);
+        assert!((f - r).abs() <= 1e-5 * r.abs(), "alpha {alpha}: {f} vs {r}");
+    }
 }
 
 #[test]

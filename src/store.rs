@@ -153,6 +153,22 @@ impl TeacherStoreConfig {
         if self.chunk_rows == 0 {
             return bad("chunk_rows", "0".into(), "rows per chunk >= 1");
         }
+        // A chunk's `chunk_rows · k` values (2 bytes each) must be addressable.
+        if self
+            .chunk_rows
+            .checked_mul(self.k)
+            .and_then(|e| e.checked_mul(2))
+            .is_none_or(|bytes| bytes > isize::MAX as usize)
+        {
+            return bad(
+                "chunk_rows",
+                self.chunk_rows.to_string(),
+                &format!(
+                    "rows per chunk whose chunk_rows · k · 2 bytes (k = {}) fit in memory",
+                    self.k
+                ),
+            );
+        }
         crate::softmax::check_temperature("generation_temperature", self.generation_temperature)
             .map_err(StoreError::Invalid)
     }
@@ -655,8 +671,12 @@ impl TeacherStore {
     /// read).
     ///
     /// The file is memory-mapped: it must not be modified in place while open (writers of
-    /// this module never do: they rename a new file over the path). On Windows, a store that
-    /// is open cannot be replaced by a writer's `finish`.
+    /// this module never do: they rename a new file over the path, and an open store keeps
+    /// reading the old file). On Windows, a store that is open cannot be replaced by a
+    /// writer's `finish`. If another process *truncates* the file while it is open, reading a
+    /// page past the new end raises `SIGBUS` on Linux and macOS (an access violation on
+    /// Windows) and the process ends: no error can be returned for it. A chunk's checksum is
+    /// verified once, on its first read; later in-place changes are not seen.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         let io = |source| StoreError::Io {
@@ -924,11 +944,29 @@ impl TeacherStore {
             indices.extend(block[lo..hi].iter().map(|&i| i as i64));
         }
         let kind = self.info.values;
+        let start = log_probs.len();
         log_probs.extend(
             values[2 * p0..2 * p1]
                 .chunks_exact(2)
                 .map(|b| kind.decode(u16::from_le_bytes([b[0], b[1]]))),
         );
+        // The writer stores log-probabilities `≤ 0` or `−∞`: anything else (a file with
+        // recomputed checksums, a foreign writer) is not a teacher, whatever its checksum says.
+        if let Some((at, &bad)) = log_probs[start..]
+            .iter()
+            .enumerate()
+            .find(|&(_, &lp)| lp.is_nan() || lp > 0.0)
+        {
+            let row = chunk.first_row + local.start + at / k;
+            return Err(StoreError::Corrupt {
+                path: self.path.clone(),
+                reason: format!(
+                    "log-probability {bad} at row {row}, entry {} (stored values are <= 0 or \
+                     -inf)",
+                    at % k
+                ),
+            });
+        }
         Ok(())
     }
 

@@ -389,3 +389,142 @@ fn corrupt_truncated_and_mismatched_files_are_clear_errors() {
     std::fs::remove_file(&path).unwrap();
     std::fs::remove_file(&bad).unwrap();
 }
+
+/// `good` rewritten with `edit` applied to its metadata (string values) and, if given, its
+/// chunk 0 log-probability bytes, and the checksums (header, chunk 0) recomputed as a writer
+/// would: the structural checks behind the checksums must catch what is left.
+fn rewritten(
+    good: &[u8],
+    edit: impl Fn(&mut std::collections::HashMap<String, String>),
+    values: Option<&dyn Fn(&mut Vec<u8>)>,
+) -> Vec<u8> {
+    use safetensors::{SafeTensors, tensor::TensorView};
+    let (_, metadata) = SafeTensors::read_metadata(good).unwrap();
+    let mut meta = metadata.metadata().clone().unwrap();
+    let tensors = SafeTensors::deserialize(good).unwrap();
+    let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| (name, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect();
+    if let Some(change) = values {
+        let at = owned.iter().position(|t| t.0 == "log_probs.0").unwrap();
+        change(&mut owned[at].3);
+        let data = |name: &str| owned.iter().find(|t| t.0 == name).unwrap().3.clone();
+        let mut h = crc32fast::Hasher::new();
+        h.update(&data("indices.0"));
+        h.update(&data("log_probs.0"));
+        let mut crcs: Vec<u32> = serde_json::from_str(&meta["crc32"]).unwrap();
+        crcs[0] = h.finalize();
+        meta.insert("crc32".into(), serde_json::to_string(&crcs).unwrap());
+    }
+    edit(&mut meta);
+    // The header checksum: every other key, sorted, as `key=value\n`.
+    let mut keys: Vec<String> = meta
+        .keys()
+        .filter(|k| *k != "header_crc32")
+        .cloned()
+        .collect();
+    keys.sort();
+    let mut h = crc32fast::Hasher::new();
+    for k in &keys {
+        h.update(format!("{k}={}\n", meta[k]).as_bytes());
+    }
+    meta.insert("header_crc32".into(), h.finalize().to_string());
+    let views: Vec<(String, TensorView)> = owned
+        .iter()
+        .map(|(name, dtype, shape, data)| {
+            (
+                name.clone(),
+                TensorView::new(*dtype, shape.clone(), data).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize(views, Some(meta)).unwrap()
+}
+
+/// Headers that pass their checksum (rewritten as a writer would) but describe a store the
+/// tensors are not, and decoded values that are not log-probabilities (chunk checksum
+/// recomputed): each a `Corrupt` error naming what is wrong.
+#[test]
+fn structurally_bad_headers_and_values_behind_valid_checksums_are_found() {
+    let path = temp("good-structure.safetensors");
+    write(
+        &path,
+        TeacherStoreConfig::new(1000, 4).with_chunk_rows(4),
+        &[rows(9, 4, 1000, 5)],
+    );
+    let good = std::fs::read(&path).unwrap();
+    let bad = temp("bad-structure.safetensors");
+    // The unchanged rewrite opens and reads: the helper itself is faithful.
+    std::fs::write(&bad, rewritten(&good, |_| {}, None)).unwrap();
+    let store = TeacherStore::open(&bad).unwrap();
+    assert_eq!(
+        store.read_rows(0..9).unwrap(),
+        TeacherStore::open(&path).unwrap().read_rows(0..9).unwrap()
+    );
+    drop(store);
+    let set = |key: &'static str, value: &'static str| {
+        move |meta: &mut std::collections::HashMap<String, String>| {
+            meta.insert(key.into(), value.into());
+        }
+    };
+    for (key, value, expected) in [
+        ("k", "5000", "bad header"),
+        ("vocab", "0", "bad header"),
+        ("generation_temperature", "-1.0", "bad header"),
+        ("index_bits", "11", "index_bits = 11"),
+        ("rows", "13", "checksums for 13 rows"),
+        ("rows", "18446744073709551615", "k = 4"),
+        ("chunk_rows", "5", "in chunks of 5"),
+        ("chunk_rows", "4611686018427387904", "bad header"),
+        ("values", "f32", "value type `f32`"),
+        ("crc32", "[1,2]", "2 checksums"),
+        ("vocab", "not a number", "bad header"),
+    ] {
+        std::fs::write(&bad, rewritten(&good, set(key, value), None)).unwrap();
+        match TeacherStore::open(&bad) {
+            Ok(_) => panic!("{key} = {value}: a damaged store opened"),
+            Err(e) => {
+                assert!(
+                    matches!(e, StoreError::Corrupt { .. }),
+                    "{key} = {value}: {e}"
+                );
+                assert!(e.to_string().contains(expected), "{key} = {value}: {e}");
+            }
+        }
+    }
+    // Values: NaN (f16 0x7E00) at row 1, entry 2; +1.0 (0x3C00) at row 3, entry 0; +∞.
+    for (at, bits, expected) in [
+        (4 + 2, 0x7E00u16, "log-probability NaN at row 1, entry 2"),
+        (12, 0x3C00, "log-probability 1 at row 3, entry 0"),
+        (12, 0x7C00, "log-probability inf at row 3, entry 0"),
+    ] {
+        let poke = move |bytes: &mut Vec<u8>| {
+            bytes[2 * at..2 * at + 2].copy_from_slice(&bits.to_le_bytes());
+        };
+        std::fs::write(&bad, rewritten(&good, |_| {}, Some(&poke))).unwrap();
+        let store = TeacherStore::open(&bad).unwrap();
+        let e = store.read_rows(0..4).unwrap_err();
+        assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+        assert!(e.to_string().contains(expected), "{e}");
+        assert!(store.read_rows(4..9).is_ok(), "the other chunks read");
+    }
+    std::fs::remove_file(&path).unwrap();
+    std::fs::remove_file(&bad).unwrap();
+}
+
+/// `chunk_rows · k` that cannot be addressed is refused by the writer's configuration.
+#[test]
+fn chunk_rows_times_k_overflow_is_refused() {
+    let path = temp("overflow.safetensors");
+    for chunk_rows in [usize::MAX / 2, usize::MAX / 8 + 1] {
+        let e = TeacherStoreWriter::create(
+            &path,
+            TeacherStoreConfig::new(1000, 4).with_chunk_rows(chunk_rows),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("chunk_rows") && e.contains("k = 4"), "{e}");
+    }
+}

@@ -187,6 +187,10 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
         B::fused_grad_dtype(logits)
     }
 
+    fn fused_kernel_fits(dims: [usize; 2], device: &Self::Device) -> bool {
+        B::fused_kernel_fits(dims, device)
+    }
+
     fn linear_chunk_bytes() -> usize {
         B::linear_chunk_bytes()
     }

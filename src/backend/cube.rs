@@ -9,7 +9,9 @@ use burn_cubecl::{
     BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement, kernel::into_contiguous,
     ops::numeric::empty_device_dtype, tensor::CubeTensor,
 };
-use cubecl::{prelude::*, server::CubeCountSelection, tensor_vector_size_parallel};
+use cubecl::{
+    ir::AddressType, prelude::*, server::CubeCountSelection, tensor_vector_size_parallel,
+};
 
 use super::{DistillBackend, DistillParams, DistillParts, FusedOutput, SparseInputs, SparseSetup};
 use crate::kernel::cube::{BLOCK, DivKind, distill_kernel};
@@ -129,10 +131,12 @@ pub(crate) fn launch<R: CubeRuntime>(
         outputs.grad.dtype.into(),
     ];
     let (cube_dim, cube_count, width) = layout(&student);
+    let address = address_type(student.meta.shape().dims::<2>());
     distill_kernel::launch::<R>(
         &student.client.clone(),
         cube_count,
         cube_dim,
+        address,
         width,
         student.into_tensor_arg(),
         teacher.into_tensor_arg(),
@@ -155,6 +159,22 @@ pub(crate) fn launch<R: CubeRuntime>(
         dtypes,
     );
     outputs.into_rows(with_grad)
+}
+
+/// The address type of the kernels' offsets for `[N, V]` logits (the type of `usize` in the
+/// kernels, as in burn's own kernels): 32 bits while every element offset of the logits and
+/// the gradient, at most `N·V − 1`, fits in `u32`; 64 bits beyond (an odd V = 50,257 with
+/// 86k rows: 4.3·10⁹ elements, 8.6 GB in bf16, which fits on one GPU), where 32-bit offsets
+/// would wrap and put rows' gradients into other rows.
+pub(crate) fn address_type([n, v]: [usize; 2]) -> AddressType {
+    AddressType::from_len(n.saturating_mul(v))
+}
+
+/// Can the kernels run on `[N, V]` logits on this device? (Offsets past `u32` need a device
+/// with 64-bit addresses; where it has none, the composed reference runs instead.)
+pub(crate) fn kernel_fits<R: CubeRuntime>(dims: [usize; 2], device: &R::Device) -> bool {
+    let needed = address_type(dims);
+    needed == AddressType::U32 || R::client(device).properties().supports_address(needed)
 }
 
 /// The widest vector the device prefers for these contiguous `[N, V]` logits that divides V.
@@ -213,6 +233,11 @@ where
         DType::F32
     }
 
+    /// Past `u32` offsets only where the device has 64-bit addresses ([`kernel_fits`]).
+    fn fused_kernel_fits(dims: [usize; 2], device: &Self::Device) -> bool {
+        kernel_fits::<R>(dims, device)
+    }
+
     /// f32 for f16 logits (see [`grad_dtype`]), the logits' dtype otherwise.
     fn fused_grad_dtype(logits: DType) -> DType {
         grad_dtype(logits)
@@ -232,7 +257,9 @@ where
         params: &DistillParams,
         with_grad: bool,
     ) -> Option<FusedOutput<Self>> {
-        if !Self::has_fused_kernel(&student, &teacher) {
+        if !Self::has_fused_kernel(&student, &teacher)
+            || !Self::fused_kernel_fits(student.meta.shape().dims::<2>(), &student.device)
+        {
             return None;
         }
         let targets = targets.map(as_i32::<R, F, I, BT, 1>);
@@ -263,7 +290,9 @@ where
         setup: SparseSetup,
         with_grad: bool,
     ) -> Option<FusedOutput<Self>> {
-        if !Self::has_sparse_fused_kernel(student.dtype, teacher.indices.meta.shape()[1]) {
+        if !Self::has_sparse_fused_kernel(student.dtype, teacher.indices.meta.shape()[1])
+            || !Self::fused_kernel_fits(student.meta.shape().dims::<2>(), &student.device)
+        {
             return None;
         }
         let indices = teacher.indices.clone();
@@ -339,10 +368,12 @@ pub(crate) fn launch_sparse<R: CubeRuntime>(
     let client = student.client.clone();
     let cube_count = CubeCountSelection::new(&client, n as u32).cube_count();
     let width = vector_width(&student);
+    let address = address_type(student.meta.shape().dims::<2>());
     sparse_kernel::launch::<R>(
         &client,
         cube_count,
         CubeDim::new_1d(BLOCK),
+        address,
         width,
         student.into_tensor_arg(),
         into_contiguous(indices).into_tensor_arg(),
@@ -451,7 +482,27 @@ where
 mod tests {
     use burn::tensor::{DType, Tensor};
 
-    use super::layout;
+    use super::{address_type, layout};
+    use cubecl::ir::AddressType;
+
+    /// The kernels' offsets past `u32`: 86,000 rows of an odd V = 50,257 (8.6 GB in bf16) have
+    /// element offsets up to 4,322,101,999, which 32-bit arithmetic would wrap to 27,134,703
+    /// (inside row 539: another row's gradient); the launch takes 64-bit addresses there, and
+    /// 32-bit ones up to exactly `u32::MAX` elements. Checked without allocating the tensors.
+    #[test]
+    fn offsets_past_u32_take_64_bit_addresses() {
+        let (n, v) = (86_000usize, 50_257usize);
+        let last = n * v - 1;
+        assert_eq!(last, 4_322_101_999);
+        assert_eq!(last as u32 as usize, 27_134_703);
+        assert_eq!(27_134_703 / v, 539);
+        assert_eq!(address_type([n, v]), AddressType::U64);
+        assert_eq!(address_type([85_000, 50_257]), AddressType::U32);
+        // The boundary: `u32::MAX` elements still fit (offsets up to `u32::MAX − 1`).
+        assert_eq!(address_type([65_535, 65_537]), AddressType::U32);
+        assert_eq!(address_type([65_536, 65_536]), AddressType::U64);
+        assert_eq!(address_type([usize::MAX, 3]), AddressType::U64);
+    }
 
     /// The launch layout: vector widths from V and the dtype, rows per cube from V.
     #[test]

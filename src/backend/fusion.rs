@@ -180,6 +180,10 @@ impl<B: FusionBackend + DistillBackend> DistillBackend for Fusion<B> {
         B::fused_grad_dtype(logits)
     }
 
+    fn fused_kernel_fits(dims: [usize; 2], device: &Self::Device) -> bool {
+        B::fused_kernel_fits(dims, device)
+    }
+
     fn linear_chunk_bytes() -> usize {
         B::linear_chunk_bytes()
     }
@@ -191,12 +195,14 @@ impl<B: FusionBackend + DistillBackend> DistillBackend for Fusion<B> {
         params: &DistillParams,
         with_grad: bool,
     ) -> Option<FusedOutput<Self>> {
-        if !Self::has_fused_kernel(&student, &teacher) {
+        let dims = student.shape();
+        let (n, v) = (dims[0], dims[1]);
+        if !Self::has_fused_kernel(&student, &teacher)
+            || !B::fused_kernel_fits([n, v], &Self::float_device(&student))
+        {
             return None;
         }
         let client = student.client.clone();
-        let dims = student.shape();
-        let (n, v) = (dims[0], dims[1]);
         let dtype = student.dtype();
         let has_targets = targets.is_some();
         let targets = targets.unwrap_or_else(|| {
@@ -235,12 +241,14 @@ impl<B: FusionBackend + DistillBackend> DistillBackend for Fusion<B> {
     ) -> Option<FusedOutput<Self>> {
         let dtype = student.dtype();
         let k = teacher.indices.shape()[1];
-        if !B::has_sparse_fused_kernel(dtype, k) {
+        let dims = student.shape();
+        let (n, v) = (dims[0], dims[1]);
+        if !B::has_sparse_fused_kernel(dtype, k)
+            || !B::fused_kernel_fits([n, v], &Self::float_device(&student))
+        {
             return None;
         }
         let client = student.client.clone();
-        let dims = student.shape();
-        let (n, v) = (dims[0], dims[1]);
         let device = Self::float_device(&student);
         let has_targets = targets.is_some();
         let targets =

@@ -197,6 +197,13 @@ pub trait DistillBackend: Backend {
         logits
     }
 
+    /// Can the fused kernels run on `[N, V]` logits on `device`? (True by default; the CubeCL
+    /// backends need 64-bit addresses past `u32::MAX` elements.) Where not, the composed
+    /// reference runs.
+    fn fused_kernel_fits(_dims: [usize; 2], _device: &Self::Device) -> bool {
+        true
+    }
+
     /// The fused kernel: the reduced loss of `[N, V]` logits and, when `with_grad`, its
     /// `[N, V]` gradient with respect to the student logits; `None` where this backend has no
     /// fused kernel for these inputs (the default).

@@ -237,7 +237,7 @@ pub(crate) fn soft_logit_grad(
 // `x - x` and `0 / 0` below build 0 and NaN from runtime values (WGSL has no NaN literal);
 // `if comptime { if runtime {} }` stays nested so that the outer test is resolved at compile time.
 #[allow(clippy::eq_op, clippy::collapsible_if)]
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn distill_kernel<F: Float, I: Numeric, G: Float, N: Size>(
     student: &Tensor<Vector<F, N>>,

@@ -77,7 +77,7 @@ fn member(sorted: &SharedMemory<u32>, count: u32, at: &mut u32, column: u32) -> 
 /// divergence, the tail policy, targets, ignore index, gradient and `k`.
 // `x - x` and `0 / 0` below build 0 and NaN from runtime values (WGSL has no NaN literal).
 #[allow(clippy::eq_op, clippy::collapsible_if)]
-#[cube(launch)]
+#[cube(launch, address_type = "dynamic")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn sparse_kernel<F: Float, I: Numeric, G: Float, N: Size>(
     student: &Tensor<Vector<F, N>>,

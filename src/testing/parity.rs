@@ -89,23 +89,22 @@ pub fn run<B: AutodiffBackend + DistillBackend>(
     (values(value), values(grad))
 }
 
-/// The fused kernel == `Kernel::Reference`, loss and gradient, on backend `B`. A backend
-/// without a fused kernel for f32 logits runs `Kernel::Auto` (then the reference, on both
-/// sides: nothing to compare, which `sweep` reports).
+/// The fused kernel == `Kernel::Reference`, loss and gradient, on backend `B`.
+///
+/// # Panics
+/// If `B` has no fused kernel for f32 logits (a suite that compared the reference with itself
+/// would prove nothing), or on a mismatch.
 pub fn assert_parity<B: AutodiffBackend + DistillBackend>(
     p: &Problem,
     config: DistillLossConfig,
     labels: bool,
     device: &B::Device,
 ) {
+    assert_claims_fused_kernel::<B>();
     let reference = config.clone().with_kernel(Kernel::Reference);
     let (rl, rg) = run::<B>(&reference, p, labels, device);
-    let fused = if B::fused_kernel_dtypes().contains(&DType::F32) {
-        Kernel::Fused
-    } else {
-        Kernel::Auto
-    };
-    let (fl, fg) = run::<B>(&config.clone().with_kernel(fused), p, labels, device);
+    let fused = config.clone().with_kernel(Kernel::Fused);
+    let (fl, fg) = run::<B>(&fused, p, labels, device);
     let mut failures = mismatches("loss", &fl, &rl, 1e-5, 2e-4);
     failures.extend(mismatches("grad", &fg, &rg, 1e-6, 2e-3));
     assert!(
@@ -120,17 +119,22 @@ pub fn assert_parity<B: AutodiffBackend + DistillBackend>(
     );
 }
 
+/// A backend run through the parity suite must have a fused kernel for f32 logits: otherwise
+/// both sides would be the reference and the suite would pass without testing anything.
+fn assert_claims_fused_kernel<B: DistillBackend>() {
+    assert!(
+        B::fused_kernel_dtypes().contains(&DType::F32),
+        "burn-distill conformance: {} has no fused kernel for f32 logits; the parity suite \
+         needs one (it would compare the reference with itself)",
+        core::any::type_name::<B>()
+    );
+}
+
 /// [`assert_parity`] over `vocabularies` (with 3 padding columns from `V = 8`), 1 and 7 rows,
 /// every divergence of [`Divergence::ALL`], rotating reductions, temperatures and label
 /// smoothing, with and without labels.
 pub fn sweep<B: AutodiffBackend + DistillBackend>(device: &B::Device, vocabularies: &[usize]) {
-    if !B::fused_kernel_dtypes().contains(&DType::F32) {
-        eprintln!(
-            "burn-distill conformance: {} has no fused kernel for f32 logits; the parity sweep \
-             compares the reference with itself",
-            core::any::type_name::<B>()
-        );
-    }
+    assert_claims_fused_kernel::<B>();
     for &v in vocabularies {
         for n in [1, 7] {
             let pad = if v >= 8 { 3 } else { 0 };

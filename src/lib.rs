@@ -55,6 +55,7 @@ mod parallel;
 mod reduction;
 mod softmax;
 mod sparse;
+mod sparse_linear;
 pub mod store;
 pub mod testing;
 mod validation;

@@ -48,6 +48,8 @@ pub struct LinearSetup {
     pub(crate) vocab_mismatch: VocabMismatch,
     pub(crate) chunk_rows: usize,
     pub(crate) logit_softcap: Option<f64>,
+    pub(crate) weight_grad: bool,
+    pub(crate) bias_grad: bool,
 }
 
 impl LinearSetup {
@@ -71,6 +73,14 @@ impl LinearSetup {
     pub fn vocab_mismatch(&self) -> VocabMismatch {
         self.vocab_mismatch
     }
+    /// Is the gradient of the student head's weight computed (the `[H, V]` product)?
+    pub fn weight_grad(&self) -> bool {
+        self.weight_grad
+    }
+    /// Is the gradient of the student head's bias computed (when it has one)?
+    pub fn bias_grad(&self) -> bool {
+        self.bias_grad
+    }
 }
 
 /// The loss parts and, when asked, the student's gradients, of a chunked fused-linear loss
@@ -82,16 +92,17 @@ pub type LinearOutput<B> = (DistillParts<B>, Option<LinearGrads<B>>);
 pub struct LinearGrads<B: Backend> {
     /// `[N, H_s]` gradient of the hidden states (zero on ignored rows).
     pub hidden: FloatTensor<B>,
-    /// `[H_s, V_s]` gradient of the head's weight.
-    pub weight: FloatTensor<B>,
-    /// `[V_s]` gradient of the head's bias, if it has one.
+    /// `[H_s, V_s]` gradient of the head's weight, unless [`LinearSetup::weight_grad`] is
+    /// false (a frozen or tied head: no `[H, V]` product is formed).
+    pub weight: Option<FloatTensor<B>>,
+    /// `[V_s]` gradient of the head's bias, if it has one and [`LinearSetup::bias_grad`].
     pub bias: Option<FloatTensor<B>>,
 }
 
 impl<B: Backend> LinearGrads<B> {
-    /// The gradients in the order of the op's inputs: hidden, weight, bias (if any).
+    /// The gradients in the order of the op's inputs: hidden, weight and bias (those computed).
     pub(crate) fn into_vec(self) -> Vec<FloatTensor<B>> {
-        [Some(self.hidden), Some(self.weight), self.bias]
+        [Some(self.hidden), self.weight, self.bias]
             .into_iter()
             .flatten()
             .collect()
@@ -159,24 +170,82 @@ pub(crate) fn chunked<B: DistillBackend>(
             },
         )
     };
+    let teacher = DenseChunks::new(teacher, setup);
     match chunked_with(student, teacher, targets, setup, with_grad, fused) {
         Ok(out) => out,
         Err(never) => match never {},
     }
 }
 
-/// [`chunked`] with the loss of each chunk's `[c, V]` logits given by `chunk_loss(student,
-/// teacher, targets, params)` (its gradient asked for when `with_grad`): `Ok(None)` where it
-/// cannot (the caller then materialises the logits), `Err` to stop.
-pub(crate) fn chunked_with<B: DistillBackend, E>(
+/// The teacher of a chunked fused-linear loss: its rows are cut like the student's (the kept
+/// rows, then chunks of them), and each chunk meets the student's `[c, V_s]` logits.
+pub(crate) trait ChunkTeacher<B: Backend> {
+    /// What the loss of one chunk takes from the teacher.
+    type Chunk;
+    /// The rows `index` (the kept rows, in order).
+    fn keep(self, index: &Tensor<B, 1, Int>) -> Self;
+    /// Kept rows `rows` against the student's logits `zs` of those rows: the student's
+    /// logits brought to the loss's vocabulary, and the teacher's chunk.
+    fn chunk(&self, rows: core::ops::Range<usize>, zs: T<B, 2>) -> (T<B, 2>, Self::Chunk);
+}
+
+/// A dense teacher (hidden states and head): each chunk's logits, capped and aligned with the
+/// student's by the vocabulary policy.
+pub(crate) struct DenseChunks<B: Backend> {
+    hidden: T<B, 2>,
+    weight: T<B, 2>,
+    bias: Option<T<B, 1>>,
+    setup: LinearSetup,
+}
+
+impl<B: Backend> DenseChunks<B> {
+    pub(crate) fn new(teacher: LinearSide<B>, setup: &LinearSetup) -> Self {
+        Self {
+            hidden: float::<B, 2>(teacher.hidden),
+            weight: float::<B, 2>(teacher.weight),
+            bias: teacher.bias.map(float::<B, 1>),
+            setup: *setup,
+        }
+    }
+}
+
+impl<B: Backend> ChunkTeacher<B> for DenseChunks<B> {
+    type Chunk = FloatTensor<B>;
+
+    fn keep(self, index: &Tensor<B, 1, Int>) -> Self {
+        Self {
+            hidden: self.hidden.select(0, index.clone()),
+            ..self
+        }
+    }
+
+    fn chunk(&self, rows: core::ops::Range<usize>, zs: T<B, 2>) -> (T<B, 2>, FloatTensor<B>) {
+        let (zt, _) = soft_cap(
+            logits(self.hidden.clone().slice(rows), &self.weight, &self.bias),
+            self.setup.logit_softcap,
+        );
+        let (zs, zt) = self
+            .setup
+            .vocab_mismatch
+            .align(zs, zt, self.setup.params.divergence)
+            .unwrap_or_else(|e| panic!("burn-distill: {e} (checked before the chunks)"));
+        (zs, zt.into_primitive().tensor())
+    }
+}
+
+/// [`chunked`] with the loss of each chunk's `[c, V]` student logits against the teacher's
+/// chunk given by `chunk_loss(student, teacher, targets, params)` (its gradient asked for when
+/// `with_grad`): `Ok(None)` where it cannot (the caller then materialises the logits), `Err`
+/// to stop.
+pub(crate) fn chunked_with<B: DistillBackend, E, C: ChunkTeacher<B>>(
     student: LinearSide<B>,
-    teacher: LinearSide<B>,
+    teacher: C,
     targets: Option<IntTensor<B>>,
     setup: &LinearSetup,
     with_grad: bool,
     mut chunk_loss: impl FnMut(
         FloatTensor<B>,
-        FloatTensor<B>,
+        C::Chunk,
         Option<IntTensor<B>>,
         &DistillParams,
     ) -> Result<Option<crate::FusedOutput<B>>, E>,
@@ -187,8 +256,6 @@ pub(crate) fn chunked_with<B: DistillBackend, E>(
     }
     let (hs, ws) = (float::<B, 2>(student.hidden), float::<B, 2>(student.weight));
     let bs = student.bias.map(float::<B, 1>);
-    let (ht, wt) = (float::<B, 2>(teacher.hidden), float::<B, 2>(teacher.weight));
-    let bt = teacher.bias.map(float::<B, 1>);
     let [n, h] = hs.dims();
     let vs = ws.dims()[1];
     let device = hs.device();
@@ -212,7 +279,11 @@ pub(crate) fn chunked_with<B: DistillBackend, E>(
         Some(i) => t.select(0, i.clone()),
         None => t,
     };
-    let (hs_k, ht_k) = (select2(hs.clone()), select2(ht));
+    let hs_k = select2(hs.clone());
+    let teacher = match &index {
+        Some(i) => teacher.keep(i),
+        None => teacher,
+    };
     let targets_k = targets.clone().map(|t| match &index {
         Some(i) => t.select(0, i.clone()),
         None => t,
@@ -233,17 +304,10 @@ pub(crate) fn chunked_with<B: DistillBackend, E>(
         let r1 = (r0 + chunk).min(m);
         let hs_c = hs_k.clone().slice(r0..r1);
         let (zs, tanh_s) = soft_cap(logits(hs_c.clone(), &ws, &bs), setup.logit_softcap);
-        let (zt, _) = soft_cap(
-            logits(ht_k.clone().slice(r0..r1), &wt, &bt),
-            setup.logit_softcap,
-        );
-        let (zs, zt) = setup
-            .vocab_mismatch
-            .align(zs, zt, setup.params.divergence)
-            .unwrap_or_else(|e| panic!("burn-distill: {e} (checked before the chunks)"));
+        let (zs, zt) = teacher.chunk(r0..r1, zs);
         let y = targets_k.clone().map(|t| t.slice(r0..r1).into_primitive());
         let zs_dtype = zs.dtype();
-        let (zs, zt) = (zs.into_primitive().tensor(), zt.into_primitive().tensor());
+        let zs = zs.into_primitive().tensor();
         let Some(out) = chunk_loss(zs, zt, y, &chunk_params)? else {
             return Ok(None);
         };
@@ -287,12 +351,14 @@ pub(crate) fn chunked_with<B: DistillBackend, E>(
             // `g W_sᵀ` as `(W_s gᵀ)ᵀ`: backends whose matmul wants standard layouts (NdArray)
             // then copy the `[c, V]` chunk, not the `[H, V]` weight, for every chunk.
             grad_h.push(ws.clone().matmul(g.clone().transpose()).transpose());
-            let gw = hs_c.transpose().matmul(g.clone());
-            grad_w = Some(match grad_w {
-                None => gw,
-                Some(acc) => acc + gw,
-            });
-            if bs.is_some() {
+            if setup.weight_grad {
+                let gw = hs_c.transpose().matmul(g.clone());
+                grad_w = Some(match grad_w {
+                    None => gw,
+                    Some(acc) => acc + gw,
+                });
+            }
+            if bs.is_some() && setup.bias_grad {
                 let gb = g.sum_dim(0).squeeze_dim(0);
                 grad_b = Some(match grad_b {
                     None => gb,
@@ -353,11 +419,13 @@ pub(crate) fn chunked_with<B: DistillBackend, E>(
         };
         LinearGrads {
             hidden: gh.into_primitive().tensor(),
-            weight: grad_w
-                .unwrap_or_else(|| Tensor::zeros([h, vs], (&device, ws.dtype())))
-                .into_primitive()
-                .tensor(),
-            bias: bs.as_ref().map(|b| {
+            weight: setup.weight_grad.then(|| {
+                grad_w
+                    .unwrap_or_else(|| Tensor::zeros([h, vs], (&device, ws.dtype())))
+                    .into_primitive()
+                    .tensor()
+            }),
+            bias: bs.as_ref().filter(|_| setup.bias_grad).map(|b| {
                 grad_b
                     .unwrap_or_else(|| b.zeros_like())
                     .into_primitive()
@@ -643,6 +711,8 @@ impl DistillLoss {
             vocab_mismatch: self.vocab_mismatch,
             chunk_rows: self.linear_chunk_rows::<B>(vs.max(vt)),
             logit_softcap: self.logit_softcap,
+            weight_grad: self.linear_head_grad,
+            bias_grad: self.linear_head_grad,
         };
         let parts = B::distill_linear(
             student,

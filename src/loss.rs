@@ -89,6 +89,14 @@ pub struct DistillLossConfig {
     /// size counts it.
     #[config(default = "None")]
     pub logit_softcap: Option<f64>,
+    /// Do the fused-linear losses compute the gradient of the student head (its `[H, V]`
+    /// weight and its bias)? `true` by default; `false` for a head that is frozen or tied to
+    /// an embedding updated elsewhere: then no `[H, V]` product is formed at all and the head
+    /// gets no gradient from this loss (the hidden states still do). With `true`, a weight (or
+    /// bias) that does not require a gradient (a frozen `Param`, a LoRA-only run) is skipped
+    /// the same way on `Autodiff` backends.
+    #[config(default = true)]
+    pub linear_head_grad: bool,
 }
 
 impl DistillLossConfig {
@@ -151,6 +159,7 @@ impl DistillLossConfig {
             linear_chunk_rows: self.linear_chunk_rows,
             linear_chunk_bytes: self.linear_chunk_bytes,
             logit_softcap: self.logit_softcap,
+            linear_head_grad: self.linear_head_grad,
         })
     }
 }
@@ -213,6 +222,8 @@ pub struct DistillLoss {
     linear_chunk_bytes: Option<usize>,
     #[module(skip)]
     pub(crate) logit_softcap: Option<f64>,
+    #[module(skip)]
+    pub(crate) linear_head_grad: bool,
 }
 
 /// The loss together with its soft and hard parts, for logging.

@@ -381,6 +381,8 @@ impl DistillLoss {
             vocab_mismatch: self.vocab_mismatch,
             chunk_rows: self.linear_chunk_rows_with::<B>(shard.vocab.div_ceil(shard.peers), 12),
             logit_softcap: self.logit_softcap,
+            weight_grad: self.linear_head_grad,
+            bias_grad: self.linear_head_grad,
         };
         let parts = B::distill_linear_vocab_parallel(
             student,
@@ -410,7 +412,7 @@ pub(crate) fn linear_vocab_parallel<B: DistillBackend>(
     let mut check = check;
     let out = linear::chunked_with(
         student,
-        teacher,
+        linear::DenseChunks::new(teacher, setup),
         targets,
         setup,
         with_grad,

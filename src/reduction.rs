@@ -132,10 +132,12 @@ pub(crate) fn pairwise_sum<B: Backend>(rows: Tensor<B, 1>) -> Tensor<B, 1> {
     } else {
         rows
     };
+    // Element-wise additions of two halves (no reduction kernel: nothing to autotune per
+    // length on the CubeCL backends, and burn's fusion fuses them).
     let mut len = p;
     while len > 1 {
         len /= 2;
-        t = t.reshape([2, len]).sum_dim(0).reshape([len]);
+        t = t.clone().slice(0..len) + t.slice(len..2 * len);
     }
     t
 }

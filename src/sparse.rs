@@ -85,9 +85,9 @@ pub enum TailPolicy {
 /// temperature, `log_softmax(z_t / T_gen)` (what an API's `logprobs` returns), not logits.
 #[derive(Clone, Debug)]
 pub struct SparseTeacher<B: Backend> {
-    indices: Tensor<B, 2, Int>,
-    log_probs: Tensor<B, 2>,
-    mask: Option<Tensor<B, 2, Bool>>,
+    pub(crate) indices: Tensor<B, 2, Int>,
+    pub(crate) log_probs: Tensor<B, 2>,
+    pub(crate) mask: Option<Tensor<B, 2, Bool>>,
 }
 
 impl<B: Backend> SparseTeacher<B> {
@@ -287,6 +287,7 @@ impl SparseDistillLossConfig {
             tail: self.tail,
             generation_temperature: self.generation_temperature,
             kernel: self.loss.kernel,
+            dense,
         })
     }
 }
@@ -335,18 +336,38 @@ impl SparseDistillLossConfig {
 #[derive(Module, Clone, Debug)]
 pub struct SparseDistillLoss {
     #[module(skip)]
-    params: DistillParams,
+    pub(crate) params: DistillParams,
     #[module(skip)]
-    validation: Validation,
+    pub(crate) validation: Validation,
     #[module(skip)]
-    tail: TailPolicy,
+    pub(crate) tail: TailPolicy,
     #[module(skip)]
     generation_temperature: f64,
     #[module(skip)]
-    kernel: Kernel,
+    pub(crate) kernel: Kernel,
+    /// The dense loss of the same configuration (the fused-linear chunk settings).
+    #[module(skip)]
+    pub(crate) dense: crate::DistillLoss,
 }
 
 impl SparseDistillLoss {
+    /// The settings of the sparse kernels.
+    pub(crate) fn sparse_setup(&self) -> SparseSetup {
+        SparseSetup {
+            tail: self.tail,
+            generation_temperature: self.generation_temperature,
+        }
+    }
+
+    /// The teacher's tensors must be `[rows, k]`.
+    pub(crate) fn check_teacher_shapes<B: Backend>(
+        &self,
+        teacher: &SparseTeacher<B>,
+        rows: usize,
+    ) -> Result<(), DistillError> {
+        check_shapes(teacher, rows)
+    }
+
     /// The validated parameters shared with the dense loss.
     pub fn params(&self) -> &DistillParams {
         &self.params
@@ -713,7 +734,7 @@ impl SparseDistillLoss {
 
 /// Reads the teacher back and names its first bad entry among the rows that are not ignored
 /// (the host side of [`SparseDistillLoss::teacher_check`]).
-fn first_bad_entry<B: Backend>(
+pub(crate) fn first_bad_entry<B: Backend>(
     teacher: &SparseTeacher<B>,
     ignored: Option<Tensor<B, 1, Bool>>,
     classes: usize,

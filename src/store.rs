@@ -18,12 +18,12 @@
 //! always complete.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     fs::File,
     io::{BufWriter, Write},
     ops::Range,
     path::{Path, PathBuf},
-    sync::OnceLock,
+    sync::{Arc, OnceLock},
 };
 
 use bitpacking::{BitPacker, BitPacker4x};
@@ -238,7 +238,13 @@ pub struct StoreInfo {
     pub chunk_rows: usize,
     /// Size of the file in bytes.
     pub file_bytes: u64,
+    /// The writer's free-form metadata (which teacher, tokenizer and generation settings wrote
+    /// the store; see [`TeacherStoreWriter::set_metadata`]), covered by the header checksum.
+    pub metadata: BTreeMap<String, String>,
 }
+
+/// The prefix of the writer's own metadata keys in the safetensors header.
+const USER_PREFIX: &str = "user.";
 
 /// Metadata keys of the safetensors header.
 #[derive(Serialize, Deserialize)]
@@ -331,6 +337,7 @@ pub struct TeacherStoreWriter {
     pending_indices: Vec<u32>,
     pending_values: Vec<u16>,
     chunks: Vec<WrittenChunk>,
+    metadata: BTreeMap<String, String>,
 }
 
 impl TeacherStoreWriter {
@@ -367,12 +374,35 @@ impl TeacherStoreWriter {
             pending_indices: Vec::new(),
             pending_values: Vec::new(),
             chunks: Vec::new(),
+            metadata: BTreeMap::new(),
         })
     }
 
     /// Rows appended so far.
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// Records `key = value` in the store's header, for [`TeacherStore::check_metadata`]: which
+    /// teacher, tokenizer, data and generation settings wrote the store, so that it cannot be
+    /// used with other data silently. Free-form (a later value of a key replaces the earlier);
+    /// the key must be non-empty. Returned by [`StoreInfo::metadata`].
+    pub fn set_metadata(
+        &mut self,
+        key: impl Into<String>,
+        value: impl Into<String>,
+    ) -> Result<(), StoreError> {
+        let key = key.into();
+        if key.is_empty() {
+            return Err(DistillError::invalid(
+                "metadata key",
+                "\"\"",
+                "a non-empty key (e.g. \"teacher\", \"tokenizer\")",
+            )
+            .into());
+        }
+        self.metadata.insert(key, value.into());
+        Ok(())
     }
 
     /// Appends rows given on the host: `indices` and `log_probs` hold `k` entries per row,
@@ -570,6 +600,9 @@ impl TeacherStoreWriter {
             crc32: self.chunks.iter().map(|c| c.crc).collect(),
         };
         let mut metadata = metadata_of(&header);
+        for (key, value) in &self.metadata {
+            metadata.insert(format!("{USER_PREFIX}{key}"), value.clone());
+        }
         metadata.insert("header_crc32".into(), header_crc(&metadata).to_string());
         let assembled = self.assembled.clone();
         let result =
@@ -828,6 +861,10 @@ impl TeacherStore {
             rows: header.rows,
             chunk_rows: header.chunk_rows,
             file_bytes: map.len() as u64,
+            metadata: meta
+                .iter()
+                .filter_map(|(k, v)| Some((k.strip_prefix(USER_PREFIX)?.to_string(), v.clone())))
+                .collect(),
         };
         Ok(Self {
             path,
@@ -863,9 +900,42 @@ impl TeacherStore {
         Ok(())
     }
 
+    /// Fails unless the writer recorded `key = expected` (see
+    /// [`TeacherStoreWriter::set_metadata`]): a store written for another teacher, tokenizer or
+    /// data set is an error naming the key and both values.
+    pub fn check_metadata(&self, key: &str, expected: &str) -> Result<(), StoreError> {
+        match self.info.metadata.get(key) {
+            Some(found) if found == expected => Ok(()),
+            found => Err(StoreError::Mismatch {
+                path: self.path.clone(),
+                field: "metadata",
+                found: match found {
+                    Some(v) => format!("{key} = {v:?}"),
+                    None => format!("no {key:?}"),
+                },
+                expected: format!("{key} = {expected:?}"),
+            }),
+        }
+    }
+
     /// Rows `range` on the host: `k` indices and `k` log-probabilities per row, row-major
     /// (`−∞` marks a missing entry; its index reads 0).
     pub fn read_rows(&self, range: Range<usize>) -> Result<(Vec<i64>, Vec<f32>), StoreError> {
+        let k = self.info.k;
+        let mut indices = Vec::with_capacity(range.len() * k);
+        let mut log_probs = Vec::with_capacity(range.len() * k);
+        self.read_into(range, &mut indices, &mut log_probs)?;
+        Ok((indices, log_probs))
+    }
+
+    /// Rows `range` appended to `indices` and `log_probs` (chunk by chunk, each bit-packed
+    /// block decoded once).
+    fn read_into(
+        &self,
+        range: Range<usize>,
+        indices: &mut Vec<i64>,
+        log_probs: &mut Vec<f32>,
+    ) -> Result<(), StoreError> {
         if range.start > range.end || range.end > self.info.rows {
             return Err(DistillError::invalid(
                 "range",
@@ -874,9 +944,6 @@ impl TeacherStore {
             )
             .into());
         }
-        let k = self.info.k;
-        let mut indices = Vec::with_capacity(range.len() * k);
-        let mut log_probs = Vec::with_capacity(range.len() * k);
         let mut row = range.start;
         while row < range.end {
             let c = row / self.info.chunk_rows;
@@ -885,12 +952,92 @@ impl TeacherStore {
             self.read_chunk(
                 chunk,
                 row - chunk.first_row..end - chunk.first_row,
-                &mut indices,
-                &mut log_probs,
+                indices,
+                log_probs,
             )?;
             row = end;
         }
-        Ok((indices, log_probs))
+        Ok(())
+    }
+
+    /// The given rows on the host, in that order (a shuffled data loader's batch). Runs of
+    /// consecutive rows (a sequence's tokens) are decoded together, chunk by chunk, each
+    /// bit-packed block once, whatever order the rows come in.
+    pub fn gather_host(&self, rows: &[usize]) -> Result<HostTeacher, StoreError> {
+        let k = self.info.k;
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.info.rows) {
+            return Err(DistillError::invalid(
+                "rows",
+                format!("row {bad}"),
+                format!("rows within 0..{}", self.info.rows),
+            )
+            .into());
+        }
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        order.sort_unstable_by_key(|&i| rows[i]);
+        let mut out = HostTeacher {
+            rows: rows.len(),
+            k,
+            indices: vec![0; rows.len() * k],
+            log_probs: vec![0.0; rows.len() * k],
+        };
+        let (mut run_i, mut run_l) = (Vec::new(), Vec::new());
+        let mut i = 0;
+        while i < order.len() {
+            let start = rows[order[i]];
+            let mut j = i + 1;
+            while j < order.len() && rows[order[j]] <= rows[order[j - 1]] + 1 {
+                j += 1;
+            }
+            let end = rows[order[j - 1]] + 1;
+            run_i.clear();
+            run_l.clear();
+            self.read_into(start..end, &mut run_i, &mut run_l)?;
+            for &o in &order[i..j] {
+                let from = (rows[o] - start) * k;
+                out.indices[o * k..(o + 1) * k].copy_from_slice(&run_i[from..from + k]);
+                out.log_probs[o * k..(o + 1) * k].copy_from_slice(&run_l[from..from + k]);
+            }
+            i = j;
+        }
+        Ok(out)
+    }
+
+    /// Decodes `batches` (each a list of rows, as [`TeacherStore::gather_host`] takes) on a
+    /// background thread, up to `depth` batches (at least 1) ahead of the consumer, so that
+    /// decoding overlaps the training step: the returned iterator yields them in order. The
+    /// thread stops when the iterator is dropped.
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use burn_distill::store::{TeacherStore, TeacherStoreConfig, TeacherStoreWriter};
+    /// # let path = std::env::temp_dir().join(format!("doc-ahead-{}.safetensors", std::process::id()));
+    /// # let mut writer = TeacherStoreWriter::create(&path, TeacherStoreConfig::new(8, 2)).unwrap();
+    /// # writer.append_rows(&[0, 1, 2, 3, 4, 5], &[-0.1, -2.0, -0.2, -3.0, -0.3, -4.0]).unwrap();
+    /// # writer.finish().unwrap();
+    /// let store = Arc::new(TeacherStore::open(&path).unwrap());
+    /// let batches = vec![vec![2, 0], vec![1]];
+    /// let host: Vec<_> = store.clone().read_ahead(batches, 2).map(Result::unwrap).collect();
+    /// assert_eq!(host[0].indices, [4, 5, 0, 1]);
+    /// assert_eq!(host[1], store.gather_host(&[1]).unwrap());
+    /// # std::fs::remove_file(&path).unwrap();
+    /// ```
+    pub fn read_ahead(self: Arc<Self>, batches: Vec<Vec<usize>>, depth: usize) -> ReadAhead {
+        let (sender, receiver) = std::sync::mpsc::sync_channel(depth.max(1));
+        let worker = std::thread::Builder::new()
+            .name("burn-distill-store-read-ahead".into())
+            .spawn(move || {
+                for rows in batches {
+                    if sender.send(self.gather_host(&rows)).is_err() {
+                        break; // the consumer is gone
+                    }
+                }
+            })
+            .expect("spawn the read-ahead thread");
+        ReadAhead {
+            receiver: Some(receiver),
+            worker: Some(worker),
+        }
     }
 
     /// Decodes rows `local` of `chunk` (after checking its checksum once).
@@ -986,20 +1133,14 @@ impl TeacherStore {
         ))
     }
 
-    /// The given rows, in that order (a shuffled data loader's batch), as a [`SparseTeacher`].
+    /// The given rows, in that order (a shuffled data loader's batch), as a [`SparseTeacher`]
+    /// (decoded as [`TeacherStore::gather_host`] does).
     pub fn gather<B: Backend>(
         &self,
         rows: &[usize],
         device: &B::Device,
     ) -> Result<SparseTeacher<B>, StoreError> {
-        let k = self.info.k;
-        let (mut indices, mut log_probs) = (Vec::new(), Vec::new());
-        for &r in rows {
-            let (i, l) = self.read_rows(r..r.saturating_add(1))?;
-            indices.extend(i);
-            log_probs.extend(l);
-        }
-        Ok(teacher_of(indices, log_probs, rows.len(), k, device))
+        Ok(self.gather_host(rows)?.to_teacher(device))
     }
 
     /// Consecutive batches of `batch_rows` rows (at least 1; the last batch shorter), in
@@ -1016,6 +1157,74 @@ impl TeacherStore {
     }
 }
 
+/// Rows of a store decoded on the host: `[rows, k]` indices and log-probabilities, row-major
+/// (`−∞` marks a missing entry; its index reads 0). What a data loader's worker or the
+/// read-ahead thread hands to the training step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTeacher {
+    /// Rows.
+    pub rows: usize,
+    /// Entries per row.
+    pub k: usize,
+    /// `rows · k` token indices.
+    pub indices: Vec<i64>,
+    /// `rows · k` log-probabilities.
+    pub log_probs: Vec<f32>,
+}
+
+impl HostTeacher {
+    /// The rows as a [`SparseTeacher`] on `device`.
+    pub fn to_teacher<B: Backend>(self, device: &B::Device) -> SparseTeacher<B> {
+        teacher_of(self.indices, self.log_probs, self.rows, self.k, device)
+    }
+
+    /// The rows of `parts`, one after the other (a batch of items); `None` for no parts or
+    /// parts of different `k`.
+    pub fn concat(parts: Vec<HostTeacher>) -> Option<HostTeacher> {
+        let k = parts.first()?.k;
+        if parts.iter().any(|p| p.k != k) {
+            return None;
+        }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let mut out = HostTeacher {
+            rows,
+            k,
+            indices: Vec::with_capacity(rows * k),
+            log_probs: Vec::with_capacity(rows * k),
+        };
+        for p in parts {
+            out.indices.extend(p.indices);
+            out.log_probs.extend(p.log_probs);
+        }
+        Some(out)
+    }
+}
+
+/// Batches of a store decoded ahead on a background thread (see [`TeacherStore::read_ahead`]).
+#[derive(Debug)]
+pub struct ReadAhead {
+    receiver: Option<std::sync::mpsc::Receiver<Result<HostTeacher, StoreError>>>,
+    worker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Iterator for ReadAhead {
+    type Item = Result<HostTeacher, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.receiver.as_ref()?.recv().ok()
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        // Closing the channel first ends the thread at its next send.
+        drop(self.receiver.take());
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
+}
+
 /// `−∞` log-probabilities mark missing entries (their index, 0, is valid and contributes
 /// nothing), as [`SparseTeacher`] documents.
 fn teacher_of<B: Backend>(
@@ -1029,4 +1238,132 @@ fn teacher_of<B: Backend>(
         Tensor::<B, 2, Int>::from_data(TensorData::new(indices, [rows, k]), device),
         Tensor::<B, 2>::from_data(TensorData::new(log_probs, [rows, k]), device),
     )
+}
+
+/// A store as a burn `Dataset`: item `i` holds rows `[i·T, (i+1)·T)` (the teacher of the
+/// `i`-th sequence of `T` tokens of the token dataset it was written from, in that order),
+/// decoded as one range (chunk by chunk, not row by row). Pair it with the token dataset by
+/// [`AlignedDataset`] and batch the teacher with [`TeacherBatcher`]; burn's data loaders then
+/// decode on their worker threads, beside the training step.
+#[cfg(feature = "dataset")]
+#[derive(Clone, Debug)]
+pub struct TeacherStoreDataset {
+    store: Arc<TeacherStore>,
+    rows_per_item: usize,
+}
+
+#[cfg(feature = "dataset")]
+impl TeacherStoreDataset {
+    /// Items of `rows_per_item` rows (`≥ 1`, dividing the store's rows: a store written from
+    /// whole sequences).
+    pub fn new(store: Arc<TeacherStore>, rows_per_item: usize) -> Result<Self, StoreError> {
+        let rows = store.rows();
+        if rows_per_item == 0 || !rows.is_multiple_of(rows_per_item) {
+            return Err(DistillError::invalid(
+                "rows_per_item",
+                rows_per_item,
+                format!("a divisor >= 1 of the store's {rows} rows (tokens per sequence)"),
+            )
+            .into());
+        }
+        Ok(Self {
+            store,
+            rows_per_item,
+        })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<TeacherStore> {
+        &self.store
+    }
+}
+
+#[cfg(feature = "dataset")]
+impl burn::data::dataset::Dataset<HostTeacher> for TeacherStoreDataset {
+    /// # Panics
+    /// On a damaged chunk, with the [`StoreError`] (a burn `Dataset` cannot return an error,
+    /// and a shorter dataset would be a silent wrong value).
+    fn get(&self, index: usize) -> Option<HostTeacher> {
+        let start = index.checked_mul(self.rows_per_item)?;
+        if start >= self.store.rows() {
+            return None;
+        }
+        let (k, t) = (self.store.info().k, self.rows_per_item);
+        let mut out = HostTeacher {
+            rows: t,
+            k,
+            indices: Vec::with_capacity(t * k),
+            log_probs: Vec::with_capacity(t * k),
+        };
+        self.store
+            .read_into(start..start + t, &mut out.indices, &mut out.log_probs)
+            .unwrap_or_else(|e| panic!("burn-distill: {e}"));
+        Some(out)
+    }
+
+    fn len(&self) -> usize {
+        self.store.rows() / self.rows_per_item
+    }
+}
+
+/// A token dataset and the teacher store written from it, item by item: `(item, teacher)`.
+#[cfg(feature = "dataset")]
+#[derive(Clone, Debug)]
+pub struct AlignedDataset<D> {
+    tokens: D,
+    teacher: TeacherStoreDataset,
+}
+
+#[cfg(feature = "dataset")]
+impl<D> AlignedDataset<D> {
+    /// Pairs `tokens` with `teacher`; they must have as many items (a store written from
+    /// another data set, or another sequence length, is an error naming both counts).
+    pub fn new<I>(tokens: D, teacher: TeacherStoreDataset) -> Result<Self, StoreError>
+    where
+        D: burn::data::dataset::Dataset<I>,
+    {
+        use burn::data::dataset::Dataset;
+        if tokens.len() != teacher.len() {
+            return Err(StoreError::Mismatch {
+                path: teacher.store.path.clone(),
+                field: "items",
+                found: format!("{} items of {} rows", teacher.len(), teacher.rows_per_item),
+                expected: format!("{} items (the token dataset's)", tokens.len()),
+            });
+        }
+        Ok(Self { tokens, teacher })
+    }
+}
+
+#[cfg(feature = "dataset")]
+impl<D, I> burn::data::dataset::Dataset<(I, HostTeacher)> for AlignedDataset<D>
+where
+    D: burn::data::dataset::Dataset<I>,
+{
+    fn get(&self, index: usize) -> Option<(I, HostTeacher)> {
+        Some((self.tokens.get(index)?, self.teacher.get(index)?))
+    }
+
+    fn len(&self) -> usize {
+        self.tokens.len()
+    }
+}
+
+/// Batches [`HostTeacher`] items into one [`SparseTeacher`] (their rows one after the other,
+/// as the token batcher stacks the sequences).
+#[cfg(feature = "dataset")]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TeacherBatcher;
+
+#[cfg(feature = "dataset")]
+impl<B: Backend> burn::data::dataloader::batcher::Batcher<B, HostTeacher, SparseTeacher<B>>
+    for TeacherBatcher
+{
+    /// # Panics
+    /// On no items, or items of different `k` (one store gives one `k`).
+    fn batch(&self, items: Vec<HostTeacher>, device: &B::Device) -> SparseTeacher<B> {
+        HostTeacher::concat(items)
+            .expect("burn-distill: a teacher batch of items of one store (at least one, one k)")
+            .to_teacher(device)
+    }
 }

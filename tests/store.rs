@@ -390,13 +390,16 @@ fn corrupt_truncated_and_mismatched_files_are_clear_errors() {
     std::fs::remove_file(&bad).unwrap();
 }
 
+/// An edit of a tensor's bytes.
+type Poke = dyn Fn(&mut Vec<u8>);
+
 /// `good` rewritten with `edit` applied to its metadata (string values) and, if given, its
 /// chunk 0 log-probability bytes, and the checksums (header, chunk 0) recomputed as a writer
 /// would: the structural checks behind the checksums must catch what is left.
 fn rewritten(
     good: &[u8],
     edit: impl Fn(&mut std::collections::HashMap<String, String>),
-    values: Option<&dyn Fn(&mut Vec<u8>)>,
+    values: Option<&Poke>,
 ) -> Vec<u8> {
     use safetensors::{SafeTensors, tensor::TensorView};
     let (_, metadata) = SafeTensors::read_metadata(good).unwrap();
@@ -527,4 +530,165 @@ fn chunk_rows_times_k_overflow_is_refused() {
         .to_string();
         assert!(e.contains("chunk_rows") && e.contains("k = 4"), "{e}");
     }
+}
+
+/// The writer's free-form metadata comes back from the header, is checked by
+/// `check_metadata` (a store of another teacher or tokenizer is an error naming the key and both
+/// values), and is covered by the header checksum.
+#[test]
+fn metadata_records_who_wrote_the_store() {
+    let path = temp("metadata.safetensors");
+    let mut w = TeacherStoreWriter::create(&path, TeacherStoreConfig::new(1000, 4)).unwrap();
+    w.set_metadata("teacher", "kjv-teacher-6x256").unwrap();
+    w.set_metadata("tokenizer", "bpe-4096").unwrap();
+    w.set_metadata("tokenizer", "bpe-8192").unwrap();
+    assert!(w.set_metadata("", "x").is_err());
+    let (i, v) = rows(5, 4, 1000, 9);
+    w.append_rows(&i, &v).unwrap();
+    let info = w.finish().unwrap();
+    assert_eq!(info.metadata.len(), 2);
+    assert_eq!(info.metadata["tokenizer"], "bpe-8192");
+    let store = TeacherStore::open(&path).unwrap();
+    assert_eq!(store.info().metadata, info.metadata);
+    store
+        .check_metadata("teacher", "kjv-teacher-6x256")
+        .unwrap();
+    let e = store.check_metadata("tokenizer", "bpe-4096").unwrap_err();
+    assert!(matches!(e, StoreError::Mismatch { .. }), "{e}");
+    let e = e.to_string();
+    assert!(
+        e.contains("tokenizer = \"bpe-8192\"") && e.contains("bpe-4096"),
+        "{e}"
+    );
+    let e = store.check_metadata("data", "kjv").unwrap_err().to_string();
+    assert!(e.contains("no \"data\""), "{e}");
+    drop(store);
+    // A changed value without a new header checksum is found.
+    let good = std::fs::read(&path).unwrap();
+    let header_len = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&good[8..8 + header_len]).unwrap();
+    let at = 8 + header.find("bpe-8192").unwrap();
+    let mut bad = good.clone();
+    bad[at..at + 8].copy_from_slice(b"bpe-4096");
+    let bad_path = temp("metadata-bad.safetensors");
+    std::fs::write(&bad_path, &bad).unwrap();
+    let e = TeacherStore::open(&bad_path).unwrap_err().to_string();
+    assert!(e.contains("header checksum mismatch"), "{e}");
+    std::fs::remove_file(&path).unwrap();
+    std::fs::remove_file(&bad_path).unwrap();
+}
+
+/// `gather_host` returns the rows in the order asked (shuffled, repeated, across chunks) equal
+/// to `read_rows`, and `read_ahead` yields the same batches in order from its thread, stopping
+/// cleanly when dropped early.
+#[test]
+fn gathered_and_read_ahead_batches_equal_read_rows() {
+    let path = temp("gather.safetensors");
+    let (k, n) = (5, 300);
+    write(
+        &path,
+        TeacherStoreConfig::new(5000, k).with_chunk_rows(64),
+        &[rows(n, k, 5000, 12)],
+    );
+    let store = std::sync::Arc::new(TeacherStore::open(&path).unwrap());
+    let one = |r: usize| store.read_rows(r..r + 1).unwrap();
+    let batches: Vec<Vec<usize>> = vec![
+        vec![299, 0, 63, 64, 65, 66, 10, 10, 128],
+        (100..140).rev().collect(),
+        vec![7],
+        (0..n).collect(),
+    ];
+    for rows in &batches {
+        let host = store.gather_host(rows).unwrap();
+        assert_eq!((host.rows, host.k), (rows.len(), k));
+        for (j, &r) in rows.iter().enumerate() {
+            let (i, v) = one(r);
+            assert_eq!(host.indices[j * k..(j + 1) * k], i[..], "row {r}");
+            let same = host.log_probs[j * k..(j + 1) * k]
+                .iter()
+                .zip(&v)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "row {r}");
+        }
+    }
+    let ahead: Vec<_> = store
+        .clone()
+        .read_ahead(batches.clone(), 2)
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(ahead.len(), batches.len());
+    for (a, rows) in ahead.iter().zip(&batches) {
+        assert_eq!(*a, store.gather_host(rows).unwrap());
+    }
+    // Dropped after one batch: the thread stops (the test would hang otherwise).
+    let mut early = store.clone().read_ahead(vec![vec![1]; 1000], 1);
+    assert!(early.next().unwrap().is_ok());
+    drop(early);
+    // A row outside the store: an error naming it, in order.
+    let mut bad = store.clone().read_ahead(vec![vec![0], vec![n]], 2);
+    assert!(bad.next().unwrap().is_ok());
+    let e = bad.next().unwrap().unwrap_err().to_string();
+    assert!(e.contains(&format!("row {n}")), "{e}");
+    assert!(store.gather_host(&[n + 5]).is_err());
+    std::fs::remove_file(&path).unwrap();
+}
+
+/// The store as a burn `Dataset` of sequences aligned with a token dataset, batched into one
+/// `SparseTeacher` by burn's data loader, equal to the stored rows.
+#[cfg(feature = "dataset")]
+#[test]
+fn dataset_and_batcher_feed_a_data_loader() {
+    use burn::data::dataloader::DataLoaderBuilder;
+    use burn::data::dataloader::batcher::Batcher;
+    use burn::data::dataset::{Dataset, InMemDataset};
+    use burn_distill::store::{AlignedDataset, HostTeacher, TeacherBatcher, TeacherStoreDataset};
+    let path = temp("dataset.safetensors");
+    let (k, t, items) = (3, 8, 12);
+    write(
+        &path,
+        TeacherStoreConfig::new(700, k).with_chunk_rows(20),
+        &[rows(t * items, k, 700, 14)],
+    );
+    let store = std::sync::Arc::new(TeacherStore::open(&path).unwrap());
+    assert!(TeacherStoreDataset::new(store.clone(), 7).is_err());
+    let teacher = TeacherStoreDataset::new(store.clone(), t).unwrap();
+    assert_eq!(teacher.len(), items);
+    let item = teacher.get(5).unwrap();
+    let (i, v) = store.read_rows(5 * t..6 * t).unwrap();
+    assert_eq!((item.indices, item.log_probs.len()), (i, v.len()));
+    assert!(teacher.get(items).is_none());
+    // Token items: the sequence number.
+    let tokens = InMemDataset::new((0..items).collect::<Vec<usize>>());
+    assert!(AlignedDataset::new(InMemDataset::new(vec![0usize; 3]), teacher.clone()).is_err());
+    let aligned = AlignedDataset::new(tokens, teacher).unwrap();
+    #[derive(Clone)]
+    struct Pairs;
+    impl Batcher<B, (usize, HostTeacher), (Vec<usize>, SparseTeacher<B>)> for Pairs {
+        fn batch(
+            &self,
+            items: Vec<(usize, HostTeacher)>,
+            device: &burn::tensor::Device<B>,
+        ) -> (Vec<usize>, SparseTeacher<B>) {
+            let (seqs, teachers): (Vec<_>, Vec<_>) = items.into_iter().unzip();
+            (seqs, TeacherBatcher.batch(teachers, device))
+        }
+    }
+    let loader = DataLoaderBuilder::new(Pairs)
+        .batch_size(5)
+        .shuffle(3)
+        .num_workers(2)
+        .build(aligned);
+    let mut seen = 0;
+    for (seqs, teacher) in loader.iter() {
+        assert_eq!(teacher.dims(), [seqs.len() * t, k]);
+        let rows: Vec<usize> = seqs.iter().flat_map(|s| s * t..(s + 1) * t).collect();
+        let want = store.gather::<B>(&rows, &Default::default()).unwrap();
+        assert_eq!(
+            values_i(teacher.indices().clone()),
+            values_i(want.indices().clone())
+        );
+        seen += seqs.len();
+    }
+    assert_eq!(seen, items);
+    std::fs::remove_file(&path).unwrap();
 }

@@ -162,15 +162,35 @@ fn inner_side<B: DistillBackend, C: CheckpointStrategy>(
     }
 }
 
-/// A fused-linear loss as an op of the student's hidden states, weight and (if any) bias.
+/// A fused-linear loss as an op of the student's hidden states and, where `setup` computes
+/// their gradients, its weight and bias.
 fn linear_op<B: DistillBackend, C: CheckpointStrategy>(
     student: &LinearSide<Autodiff<B, C>>,
+    setup: &LinearSetup,
     run: impl FnOnce(bool) -> Option<(DistillParts<B>, Vec<FloatTensor<B>>)>,
 ) -> Option<DistillParts<Autodiff<B, C>>> {
-    let (h, w) = (&student.hidden, &student.weight);
-    match &student.bias {
-        Some(bias) => fused_op::<B, C, 3>([h, w, bias], run),
-        None => fused_op::<B, C, 2>([h, w], run),
+    let h = &student.hidden;
+    let w = setup.weight_grad.then_some(&student.weight);
+    let b = student.bias.as_ref().filter(|_| setup.bias_grad);
+    match (w, b) {
+        (Some(w), Some(b)) => fused_op::<B, C, 3>([h, w, b], run),
+        (Some(w), None) => fused_op::<B, C, 2>([h, w], run),
+        (None, Some(b)) => fused_op::<B, C, 2>([h, b], run),
+        (None, None) => fused_op::<B, C, 1>([h], run),
+    }
+}
+
+/// `setup` with the head's gradients left out where the weight or bias does not require one
+/// (a frozen `Param`): no `[H, V]` product for a head nobody trains.
+fn tracked_setup<B: DistillBackend, C: CheckpointStrategy>(
+    student: &LinearSide<Autodiff<B, C>>,
+    setup: &LinearSetup,
+) -> LinearSetup {
+    let tracked = |t: &FloatTensor<Autodiff<B, C>>| !t.node.requirement.is_none();
+    LinearSetup {
+        weight_grad: setup.weight_grad && tracked(&student.weight),
+        bias_grad: setup.bias_grad && student.bias.as_ref().is_some_and(tracked),
+        ..*setup
     }
 }
 
@@ -278,12 +298,37 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
         setup: &LinearSetup,
     ) -> DistillParts<Self> {
         let (s, t) = (inner_side(&student), inner_side(&teacher));
+        let setup = &tracked_setup(&student, setup);
         let run = |tracked: bool| {
             let (parts, grads) = B::distill_linear_chunked(s, t, targets.clone(), setup, tracked)?;
             Some((parts, grads.map(LinearGrads::into_vec).unwrap_or_default()))
         };
-        linear_op(&student, run)
+        linear_op(&student, setup, run)
             .unwrap_or_else(|| linear::materialised::<Self>(student, teacher, targets, setup))
+    }
+
+    /// The fused-linear sparse loss on `B`, as one op of the student's hidden states and (where
+    /// trained) head weight and bias, gradients computed chunk by chunk in the forward pass.
+    fn distill_sparse_linear(
+        student: LinearSide<Self>,
+        teacher: SparseInputs<Self>,
+        targets: Option<IntTensor<Self>>,
+        setup: &LinearSetup,
+        sparse: SparseSetup,
+    ) -> Option<DistillParts<Self>> {
+        let s = inner_side(&student);
+        let t = SparseInputs::<B> {
+            indices: teacher.indices,
+            log_probs: teacher.log_probs.primitive,
+            mask: teacher.mask,
+        };
+        let setup = &tracked_setup(&student, setup);
+        let run = |tracked: bool| {
+            let (parts, grads) =
+                crate::sparse_linear::chunked::<B>(s, t, targets, setup, sparse, tracked)?;
+            Some((parts, grads.map(LinearGrads::into_vec).unwrap_or_default()))
+        };
+        linear_op(&student, setup, run)
     }
 
     /// The vocabulary-parallel fused-linear loss on `B`, as one op of the student's hidden
@@ -298,6 +343,7 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
         check: bool,
     ) -> Result<DistillParts<Self>, DistillError> {
         let (s, t) = (inner_side(&student), inner_side(&teacher));
+        let setup = &tracked_setup(&student, setup);
         let mut error = None;
         let run = |tracked: bool| match crate::parallel::linear_vocab_parallel::<B>(
             s, t, targets, setup, shard, check, tracked,
@@ -320,7 +366,7 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
                 None
             }
         };
-        let out = linear_op(&student, run);
+        let out = linear_op(&student, setup, run);
         out.ok_or_else(|| {
             error.unwrap_or_else(|| DistillError::Collective {
                 operation: "vocabulary-parallel fused-linear loss".into(),

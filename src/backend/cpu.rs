@@ -210,6 +210,8 @@ fn linear_on_slices<B: Backend, R: Gemm>(
         cap: setup.logit_softcap,
         chunk: setup.chunk_rows,
         with_grad,
+        weight_grad: setup.weight_grad,
+        bias_grad: setup.bias_grad,
     };
     let (rows, grads) = linear_cpu::linear_rows(student, teacher, &plan);
     let column = |f: fn(&cpu::RowOut<R>) -> R| {
@@ -238,7 +240,9 @@ fn linear_on_slices<B: Backend, R: Gemm>(
     };
     let grads = grads.map(|g| LinearGrads {
         hidden: tensor(g.hidden, vec![n, student.width]),
-        weight: tensor(g.weight, vec![student.width, student.vocab]),
+        weight: g
+            .weight
+            .map(|w| tensor(w, vec![student.width, student.vocab])),
         bias: g.bias.map(|b| tensor(b, vec![student.vocab])),
     });
     (parts, grads)
@@ -308,7 +312,11 @@ pub(super) fn scale_in_place<R: Real>(grad: &mut [R], v: usize, scale: &[f64]) {
 pub(super) fn scale_by_mul<B: Backend>(grad: FloatTensor<B>, scale: Vec<f64>) -> FloatTensor<B> {
     let n = scale.len();
     let device = B::float_device(&grad);
-    let scale = B::float_from_data(TensorData::new(scale, [n]), &device);
+    // In the gradient's dtype (Flex keeps the data's f64 otherwise, and its mul wants one).
+    let scale = B::float_cast(
+        B::float_from_data(TensorData::new(scale, [n]), &device),
+        grad.dtype().into(),
+    );
     B::float_mul(grad, B::float_reshape(scale, [n, 1].into()))
 }
 

@@ -322,6 +322,22 @@ pub trait DistillBackend: Backend {
         }
     }
 
+    /// The fused-linear sparse-teacher loss (see
+    /// [`SparseDistillLoss::forward_linear`](crate::SparseDistillLoss::forward_linear)): the
+    /// loss of `student.hidden · W + b` against a sparse teacher, `setup.chunk_rows()` rows at
+    /// a time through [`DistillBackend::distill_sparse_fused`]; `None` where that kernel does
+    /// not apply (the loss then materialises the logits). The default runs the chunks on this
+    /// backend without gradients; `Autodiff<B>` adds the student's.
+    fn distill_sparse_linear(
+        student: LinearSide<Self>,
+        teacher: SparseInputs<Self>,
+        targets: Option<IntTensor<Self>>,
+        setup: &LinearSetup,
+        sparse: SparseSetup,
+    ) -> Option<DistillParts<Self>> {
+        crate::sparse_linear::parts::<Self>(student, teacher, targets, setup, sparse)
+    }
+
     /// The default memory budget of the fused-linear losses' chunks (see
     /// [`DistillLossConfig::linear_chunk_bytes`](crate::DistillLossConfig::linear_chunk_bytes)):
     /// 64 MiB, overridden by the CubeCL backends (512 MiB).

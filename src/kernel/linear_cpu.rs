@@ -186,6 +186,10 @@ pub struct HostPlan<'a> {
     pub chunk: usize,
     /// Are the student's gradients computed?
     pub with_grad: bool,
+    /// With `with_grad`: is the head weight's gradient computed (the `[H, V]` GEMMs)?
+    pub weight_grad: bool,
+    /// With `with_grad`: is the bias's gradient computed?
+    pub bias_grad: bool,
 }
 
 /// The student's gradients: `[N, H_s]` hidden (zero on rows left out), `[H_s, V_s]` weight,
@@ -194,8 +198,8 @@ pub struct HostPlan<'a> {
 pub struct HostGrads<R> {
     /// `∂loss/∂h_s`.
     pub hidden: Vec<R>,
-    /// `∂loss/∂W_s`.
-    pub weight: Vec<R>,
+    /// `∂loss/∂W_s`, unless `plan.weight_grad` is false.
+    pub weight: Option<Vec<R>>,
     /// `∂loss/∂b_s`, if the head has a bias.
     pub bias: Option<Vec<R>>,
 }
@@ -228,8 +232,13 @@ pub fn linear_rows<R: Gemm>(
     ];
     let mut grads = plan.with_grad.then(|| HostGrads {
         hidden: vec![R::ZERO; student.hidden.len()],
-        weight: zeroed_grad::<R>(student.width * student.vocab),
-        bias: student.bias.map(|b| vec![R::ZERO; b.len()]),
+        weight: plan
+            .weight_grad
+            .then(|| zeroed_grad::<R>(student.width * student.vocab)),
+        bias: student
+            .bias
+            .filter(|_| plan.bias_grad)
+            .map(|b| vec![R::ZERO; b.len()]),
     });
     // The student's columns that reach the loss.
     let vs = student.vocab.min(va);
@@ -280,9 +289,12 @@ pub fn linear_rows<R: Gemm>(
             grads.hidden[i * student.width..(i + 1) * student.width].copy_from_slice(row);
         }
         // ∂W += hᵀ g, in place (the first chunk overwrites the zeros).
-        let h = View::row_major(&hs[..c * student.width], c, student.width, student.width);
-        let dw = ViewMut::row_major(&mut grads.weight, student.width, vs, student.vocab);
-        gemm(h.t(), g, if index == 0 { R::ZERO } else { R::ONE }, dw);
+        // (None for a frozen or tied head: no `[H, V]` product at all.)
+        if let Some(weight) = grads.weight.as_mut() {
+            let h = View::row_major(&hs[..c * student.width], c, student.width, student.width);
+            let dw = ViewMut::row_major(weight, student.width, vs, student.vocab);
+            gemm(h.t(), g, if index == 0 { R::ZERO } else { R::ONE }, dw);
+        }
         // ∂b += Σ_rows g, columns in parallel.
         if let Some(db) = grads.bias.as_mut() {
             const BLOCK: usize = 1024;

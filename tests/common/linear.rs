@@ -439,3 +439,226 @@ where
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// A frozen or tied head: with `linear_head_grad(false)`, or with a head whose weight and bias
+/// do not require a gradient, the loss and the hidden-state gradient equal the trained-head
+/// run's (and the materialised path's), and the head gets no gradient from the loss.
+pub fn check_frozen_head<B>((abs, rel): (f64, f64), device: &B::Device)
+where
+    B: AutodiffBackend + DistillBackend,
+    B::InnerBackend: DistillBackend,
+{
+    let case = LinearCase::new(23, 6, 9, 37);
+    let hidden = |h: usize, seed: f64| {
+        let v: Vec<f64> = wave(case.n * h, seed).iter().map(|x| x * 3.0).collect();
+        Tensor::<B, 2>::from_data(TensorData::new(v, [case.n, h]), device)
+    };
+    let targets = case.targets.clone().unwrap();
+    let y =
+        Tensor::<B, 1, Int>::from_data(TensorData::new(targets.clone(), [targets.len()]), device);
+    let th = head::<B>(case.ht, case.vt, 1.37, true, device);
+    let ht = hidden(case.ht, 0.29);
+    let config = DistillLossConfig::new()
+        .with_temperature(2.0)
+        .with_alpha(0.6)
+        .with_linear_chunk_rows(Some(5));
+    // (loss, hidden gradient, did the head get a gradient?)
+    let run = |config: DistillLossConfig, frozen_params: bool| {
+        let mut sh = head::<B>(case.hs, case.vs, 0.71, true, device);
+        if frozen_params {
+            sh.weight = sh.weight.set_require_grad(false);
+            sh.bias = sh.bias.map(|b| b.set_require_grad(false));
+        }
+        let hs = hidden(case.hs, 0.53).require_grad();
+        let value = config
+            .init()
+            .forward_linear(hs.clone(), &sh, ht.clone(), &th, y.clone());
+        let grads = value.clone().mul_scalar(0.5).backward();
+        let head_grad = sh.weight.val().grad(&grads).is_some()
+            || sh
+                .bias
+                .as_ref()
+                .is_some_and(|b| b.val().grad(&grads).is_some());
+        (values(value), values(hs.grad(&grads).unwrap()), head_grad)
+    };
+    let (lt, gt, trained) = run(config.clone(), false);
+    assert!(trained, "the trained head gets a gradient");
+    for (what, frozen) in [
+        (
+            "linear_head_grad(false)",
+            run(config.clone().with_linear_head_grad(false), false),
+        ),
+        ("frozen Param", run(config.clone(), true)),
+    ] {
+        let (lf, gf, head_grad) = frozen;
+        assert!(!head_grad, "{what}: the head got a gradient");
+        let mut failures = mismatches("loss", &lf, &lt, abs, rel);
+        failures.extend(mismatches("grad hidden", &gf, &gt, abs, rel));
+        assert!(gf.iter().any(|g| *g != 0.0), "{what}: zero hidden gradient");
+        assert!(failures.is_empty(), "{what}:\n{}", failures.join("\n"));
+    }
+}
+
+/// The fused-linear sparse loss against the sparse loss on materialised logits: loss and the
+/// gradients of the hidden states, head weight and bias (upstream 0.5), for every tail policy,
+/// several divergences and reductions, chunks of 1, 4 and more rows than `N`, no bias, no
+/// labels, ignored rows, missing teacher entries, `T ≠ T_gen`; a frozen head gets no gradient.
+pub fn check_sparse_linear<B>((abs, rel): (f64, f64), device: &B::Device)
+where
+    B: AutodiffBackend + DistillBackend,
+    B::InnerBackend: DistillBackend,
+{
+    use burn_distill::{
+        Divergence, SparseDistillLossConfig, SparseTeacher, StudentSupport, TailPolicy,
+    };
+    let (n, h, v, k) = (19, 7, 41, 4);
+    let hidden = || {
+        let x: Vec<f64> = wave(n * h, 0.53).iter().map(|x| x * 2.5).collect();
+        Tensor::<B, 2>::from_data(TensorData::new(x, [n, h]), device).require_grad()
+    };
+    // Distinct indices per row; every fifth entry missing; mass below 1.
+    let indices: Vec<i64> = (0..n * k)
+        .map(|e| (((e / k) * 7 + (e % k) * 9) % v) as i64)
+        .collect();
+    let log_probs: Vec<f64> = (0..n * k)
+        .map(|e| {
+            if e % 5 == 4 {
+                f64::NEG_INFINITY
+            } else {
+                -0.9 - 0.6 * (e % k) as f64 - 0.01 * (e / k) as f64
+            }
+        })
+        .collect();
+    let teacher = || {
+        SparseTeacher::new(
+            Tensor::<B, 2, Int>::from_data(TensorData::new(indices.clone(), [n, k]), device),
+            Tensor::<B, 2>::from_data(TensorData::new(log_probs.clone(), [n, k]), device),
+        )
+    };
+    let targets: Vec<i64> = (0..n)
+        .map(|i| {
+            if i % 4 == 1 {
+                -100
+            } else {
+                ((i * 5) % v) as i64
+            }
+        })
+        .collect();
+    let y = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [n]), device);
+    let cases = [
+        (
+            TailPolicy::TailBucket,
+            Divergence::ForwardKl,
+            Reduction::Mean,
+            Some(4),
+            true,
+            true,
+        ),
+        (
+            TailPolicy::TailBucket,
+            Divergence::ReverseKl,
+            Reduction::Sum,
+            Some(1),
+            true,
+            true,
+        ),
+        (
+            TailPolicy::Renormalize {
+                student: StudentSupport::TopK,
+            },
+            Divergence::Jsd { beta: 0.3 },
+            Reduction::Normalized { items: 11 },
+            Some(64),
+            false,
+            true,
+        ),
+        (
+            TailPolicy::Renormalize {
+                student: StudentSupport::FullVocab,
+            },
+            Divergence::ForwardKl,
+            Reduction::Mean,
+            None,
+            true,
+            false,
+        ),
+        (
+            TailPolicy::TailBucket,
+            Divergence::Tvd,
+            Reduction::PerRow,
+            Some(5),
+            true,
+            true,
+        ),
+    ];
+    for (tail, divergence, reduction, chunk, bias, labels) in cases {
+        let config = SparseDistillLossConfig::new(
+            DistillLossConfig::new()
+                .with_temperature(2.0)
+                .with_alpha(0.7)
+                .with_divergence(divergence)
+                .with_reduction(reduction)
+                .with_label_smoothing(0.05)
+                .with_linear_chunk_rows(chunk),
+        )
+        .with_tail(tail)
+        .with_generation_temperature(1.5);
+        let loss = config.init();
+        let sh = head::<B>(h, v, 0.71, bias, device);
+        let run = |fused: bool| {
+            let hs = hidden();
+            let value = match (fused, labels) {
+                (true, true) => loss.forward_linear(hs.clone(), &sh, teacher(), y.clone()),
+                (true, false) => loss.forward_linear_soft(hs.clone(), &sh, teacher()),
+                (false, true) => loss.forward(sh.forward(hs.clone()), teacher(), y.clone()),
+                (false, false) => loss.forward_soft(sh.forward(hs.clone()), teacher()),
+            };
+            let grads = value.clone().sum().mul_scalar(0.5).backward();
+            let g_w = values(sh.weight.val().grad(&grads).expect("weight gradient"));
+            let g_b = sh
+                .bias
+                .as_ref()
+                .map(|b| values(b.val().grad(&grads).expect("bias gradient")))
+                .unwrap_or_default();
+            (values(value), values(hs.grad(&grads).unwrap()), g_w, g_b)
+        };
+        let ((fl, fh, fw, fb), (ml, mh, mw, mb)) = (run(true), run(false));
+        let mut failures = mismatches("loss", &fl, &ml, abs, rel);
+        failures.extend(mismatches("grad hidden", &fh, &mh, abs, rel));
+        failures.extend(mismatches("grad weight", &fw, &mw, abs, rel));
+        failures.extend(mismatches("grad bias", &fb, &mb, abs, rel));
+        assert!(
+            fw.iter().any(|g| *g != 0.0),
+            "{tail:?}: zero weight gradient"
+        );
+        assert!(
+            failures.is_empty(),
+            "{tail:?} {divergence:?} {reduction:?} chunk {chunk:?}:\n{}",
+            failures.join("\n")
+        );
+    }
+    // A frozen head: the same loss and hidden gradient, no head gradient.
+    let config = SparseDistillLossConfig::new(
+        DistillLossConfig::new()
+            .with_alpha(0.5)
+            .with_linear_chunk_rows(Some(6)),
+    );
+    let sh = head::<B>(h, v, 0.71, true, device);
+    let run = |config: &SparseDistillLossConfig| {
+        let hs = hidden();
+        let value = config
+            .init()
+            .forward_linear(hs.clone(), &sh, teacher(), y.clone());
+        let grads = value.clone().backward();
+        let head_grad = sh.weight.val().grad(&grads).is_some();
+        (values(value), values(hs.grad(&grads).unwrap()), head_grad)
+    };
+    let (lt, gt, trained) = run(&config);
+    let mut frozen = config.clone();
+    frozen.loss = frozen.loss.with_linear_head_grad(false);
+    let (lf, gf, head_grad) = run(&frozen);
+    assert!(trained && !head_grad);
+    let mut failures = mismatches("frozen loss", &lf, &lt, abs, rel);
+    failures.extend(mismatches("frozen grad hidden", &gf, &gt, abs, rel));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -1,0 +1,315 @@
+//! Sparse teachers without the student's logits: [`SparseDistillLoss::forward_linear`], the
+//! sparse loss from the student's hidden states and LM head, chunk by chunk of rows, so that
+//! the student's `[N, V]` logits (the largest tensor of a step with a stored or API teacher)
+//! never exist.
+//!
+//! Per chunk of `c` kept rows: `z = h W + b` (`[c, V]`), the backend's fused sparse kernel
+//! against the teacher's `c` rows, which also returns `g = ∂loss/∂z`; then `∂h = g Wᵀ`,
+//! `∂W += hᵀ g`, `∂b += Σ_rows g`, all in the forward pass (the chunk loop of
+//! [`crate::linear`], with the sparse teacher's rows cut like the student's). Where no fused
+//! sparse kernel applies (`Kernel::Reference`, `k` beyond the GPU kernel's, `PerRow` with a
+//! gradient) the logits are materialised and the composed path runs.
+
+use burn::nn::Linear;
+use burn::tensor::{Bool, Int, Tensor, backend::Backend, ops::IntTensor};
+
+use crate::{
+    DistillBackend, DistillError, DistillOutput, DistillParams, DistillParts, Kernel,
+    SparseDistillLoss, SparseInputs, SparseSetup, SparseTeacher,
+    error::or_panic,
+    linear::{self, ChunkTeacher, LinearOutput, LinearSetup, LinearSide, float},
+    loss::check_row_targets,
+    reduction::ignored_rows,
+    validation::DeviceCheck,
+};
+
+/// A sparse teacher's rows, cut like the student's.
+pub(crate) struct SparseChunks<B: Backend> {
+    indices: Tensor<B, 2, Int>,
+    log_probs: Tensor<B, 2>,
+    mask: Option<Tensor<B, 2, Bool>>,
+}
+
+impl<B: Backend> SparseChunks<B> {
+    pub(crate) fn new(teacher: SparseInputs<B>) -> Self {
+        Self {
+            indices: Tensor::from_primitive(teacher.indices),
+            log_probs: float::<B, 2>(teacher.log_probs),
+            mask: teacher.mask.map(Tensor::from_primitive),
+        }
+    }
+}
+
+impl<B: Backend> ChunkTeacher<B> for SparseChunks<B> {
+    type Chunk = SparseInputs<B>;
+
+    fn keep(self, index: &Tensor<B, 1, Int>) -> Self {
+        Self {
+            indices: self.indices.select(0, index.clone()),
+            log_probs: self.log_probs.select(0, index.clone()),
+            mask: self.mask.map(|m| m.select(0, index.clone())),
+        }
+    }
+
+    fn chunk(
+        &self,
+        rows: core::ops::Range<usize>,
+        zs: Tensor<B, 2>,
+    ) -> (Tensor<B, 2>, SparseInputs<B>) {
+        let chunk = SparseInputs {
+            indices: self.indices.clone().slice(rows.clone()).into_primitive(),
+            log_probs: self
+                .log_probs
+                .clone()
+                .slice(rows.clone())
+                .into_primitive()
+                .tensor(),
+            mask: self.mask.clone().map(|m| m.slice(rows).into_primitive()),
+        };
+        (zs, chunk)
+    }
+}
+
+/// The sparse loss (and, with `with_grad`, the student's gradients) chunk by chunk on `B`;
+/// `None` where `B` has no fused sparse kernel for these logits and `k`, for
+/// `Kernel::Reference`, and for `Reduction::PerRow` with a gradient.
+pub(crate) fn chunked<B: DistillBackend>(
+    student: LinearSide<B>,
+    teacher: SparseInputs<B>,
+    targets: Option<IntTensor<B>>,
+    setup: &LinearSetup,
+    sparse: SparseSetup,
+    with_grad: bool,
+) -> Option<LinearOutput<B>> {
+    use burn::tensor::TensorMetadata;
+    let k = teacher.indices.shape()[1];
+    if setup.kernel == Kernel::Reference || !B::has_sparse_fused_kernel(student.hidden.dtype(), k) {
+        return None;
+    }
+    let chunk_loss = |zs, t, y, params: &DistillParams| {
+        Ok::<_, std::convert::Infallible>(B::distill_sparse_fused(
+            zs, t, y, params, sparse, with_grad,
+        ))
+    };
+    let teacher = SparseChunks::new(teacher);
+    match linear::chunked_with(student, teacher, targets, setup, with_grad, chunk_loss) {
+        Ok(out) => out,
+        Err(never) => match never {},
+    }
+}
+
+impl SparseDistillLoss {
+    /// The sparse loss from the student's hidden states and LM head, without ever holding its
+    /// `[N, V]` logits: `forward(student_hidden · W + b, teacher, targets)`, computed chunk by
+    /// chunk of rows (the dense loss's `linear_chunk_rows` / `linear_chunk_bytes`, two `[c, V]`
+    /// buffers per chunk). Every tail policy, divergence, reduction, `T_gen`, ignore index and
+    /// validation mode of [`SparseDistillLoss::forward`] applies; gradients reach
+    /// `student_hidden` and the head's weight and bias (not with `linear_head_grad(false)`,
+    /// or a frozen head).
+    ///
+    /// # Shapes
+    /// - `student_hidden`: `[N, H]`, `student_head`: `Linear` `H → V`
+    /// - `teacher`: `N` rows of `k` entries; `targets`: `[N]`
+    /// - output as [`SparseDistillLoss::forward`]
+    ///
+    /// ```
+    /// use burn::backend::{Autodiff, NdArray};
+    /// use burn::nn::LinearConfig;
+    /// use burn::tensor::{Int, Tensor};
+    /// use burn_distill::{DistillLossConfig, SparseDistillLossConfig, SparseTeacher};
+    ///
+    /// type B = Autodiff<NdArray>;
+    /// let device = Default::default();
+    /// let head = LinearConfig::new(2, 5).init::<B>(&device);
+    /// let hidden = Tensor::<B, 2>::from_floats([[1.0, -0.5], [0.3, 2.0]], &device).require_grad();
+    /// let teacher = SparseTeacher::new(
+    ///     Tensor::<B, 2, Int>::from_ints([[0, 3], [2, 4]], &device),
+    ///     Tensor::<B, 2>::from_floats([[-0.2, -2.0], [-0.5, -1.5]], &device),
+    /// );
+    /// let targets = Tensor::<B, 1, Int>::from_ints([0, 2], &device);
+    /// let loss = SparseDistillLossConfig::new(DistillLossConfig::new().with_linear_chunk_rows(Some(1))).init();
+    ///
+    /// let fused = loss.forward_linear(hidden.clone(), &head, teacher.clone(), targets.clone());
+    /// let logits = loss.forward(head.forward(hidden.clone()), teacher, targets);
+    /// let (a, b) = (fused.clone().into_scalar(), logits.into_scalar());
+    /// assert!((a - b).abs() < 1e-5 && a > 0.0);
+    /// let grads = fused.backward();
+    /// assert_eq!(head.weight.val().grad(&grads).unwrap().dims(), [2, 5]);
+    /// assert_eq!(hidden.grad(&grads).unwrap().dims(), [2, 2]);
+    /// ```
+    ///
+    /// # Panics
+    /// On bad input, with the message of [`SparseDistillLoss::try_forward_linear_parts`].
+    pub fn forward_linear<B: DistillBackend>(
+        &self,
+        student_hidden: Tensor<B, 2>,
+        student_head: &Linear<B>,
+        teacher: SparseTeacher<B>,
+        targets: Tensor<B, 1, Int>,
+    ) -> Tensor<B, 1> {
+        or_panic(self.try_forward_linear_parts(
+            student_hidden,
+            student_head,
+            teacher,
+            Some(targets),
+        ))
+        .loss
+    }
+
+    /// [`SparseDistillLoss::forward_linear`] without labels (soft term only).
+    ///
+    /// # Panics
+    /// As [`SparseDistillLoss::forward_linear`].
+    pub fn forward_linear_soft<B: DistillBackend>(
+        &self,
+        student_hidden: Tensor<B, 2>,
+        student_head: &Linear<B>,
+        teacher: SparseTeacher<B>,
+    ) -> Tensor<B, 1> {
+        or_panic(self.try_forward_linear_parts(student_hidden, student_head, teacher, None)).loss
+    }
+
+    /// Sequence form of [`SparseDistillLoss::forward_linear`]: `[B, T, H]` hidden states, a
+    /// teacher of `B·T` rows and `[B, T]` targets.
+    ///
+    /// # Panics
+    /// As [`SparseDistillLoss::forward_linear`].
+    pub fn forward_linear_seq<B: DistillBackend>(
+        &self,
+        student_hidden: Tensor<B, 3>,
+        student_head: &Linear<B>,
+        teacher: SparseTeacher<B>,
+        targets: Tensor<B, 2, Int>,
+    ) -> Tensor<B, 1> {
+        or_panic(self.try_forward_linear_seq_parts(
+            student_hidden,
+            student_head,
+            teacher,
+            Some(targets),
+        ))
+        .loss
+    }
+
+    /// Sequence form of [`SparseDistillLoss::try_forward_linear_parts`].
+    pub fn try_forward_linear_seq_parts<B: DistillBackend>(
+        &self,
+        student_hidden: Tensor<B, 3>,
+        student_head: &Linear<B>,
+        teacher: SparseTeacher<B>,
+        targets: Option<Tensor<B, 2, Int>>,
+    ) -> Result<DistillOutput<B>, DistillError> {
+        let [b, t, h] = student_hidden.dims();
+        if let Some(targets) = &targets {
+            crate::loss::check_seq_targets(targets, b, t)?;
+        }
+        self.try_forward_linear_parts(
+            student_hidden.reshape([b * t, h]),
+            student_head,
+            teacher,
+            targets.map(|y| y.reshape([b * t])),
+        )
+    }
+
+    /// The fused-linear sparse loss and its parts, or an error naming the bad argument.
+    pub fn try_forward_linear_parts<B: DistillBackend>(
+        &self,
+        student_hidden: Tensor<B, 2>,
+        student_head: &Linear<B>,
+        teacher: SparseTeacher<B>,
+        targets: Option<Tensor<B, 1, Int>>,
+    ) -> Result<DistillOutput<B>, DistillError> {
+        let weight = student_head.weight.val();
+        let [n, h] = student_hidden.dims();
+        let [wh, v] = weight.dims();
+        if n == 0 || h != wh || v == 0 {
+            return Err(DistillError::invalid(
+                "student_hidden",
+                format!("shape [{n}, {h}] with a head of weight [{wh}, {v}]"),
+                format!("[N >= 1, {wh}] rows for the student head ({wh} → {v})"),
+            ));
+        }
+        let dtype = student_hidden.dtype();
+        let k = teacher.dims()[1];
+        let device = student_hidden.device();
+        if self.kernel == Kernel::Fused && !B::has_sparse_fused_kernel(dtype, k) {
+            return Err(DistillError::invalid(
+                "kernel",
+                "Kernel::Fused",
+                format!(
+                    "Kernel::Auto or Kernel::Reference: backend {} has no fused \
+                     sparse-teacher kernel for {dtype:?} logits and k = {k}",
+                    B::name(&device),
+                ),
+            ));
+        }
+        self.check_teacher_shapes(&teacher, n)?;
+        let target_check = match &targets {
+            Some(targets) => {
+                check_row_targets(targets, [n, v], self.validation, self.params.ignore_index)?
+            }
+            None => None,
+        };
+        let student = LinearSide {
+            hidden: student_hidden.clone().into_primitive().tensor(),
+            weight: weight.into_primitive().tensor(),
+            bias: student_head
+                .bias
+                .as_ref()
+                .map(|b| b.val().into_primitive().tensor()),
+        };
+        let setup = LinearSetup {
+            params: self.params,
+            kernel: self.kernel,
+            vocab_mismatch: crate::VocabMismatch::Error,
+            // Two `[c, V]` buffers per chunk: the student's logits and their gradient.
+            chunk_rows: self.dense.linear_chunk_rows_with::<B>(v, 2),
+            logit_softcap: None,
+            weight_grad: self.dense.linear_head_grad,
+            bias_grad: self.dense.linear_head_grad,
+        };
+        let inputs = SparseInputs {
+            indices: teacher.indices.clone().into_primitive(),
+            log_probs: teacher.log_probs.clone().detach().into_primitive().tensor(),
+            mask: teacher.mask.clone().map(Tensor::into_primitive),
+        };
+        let parts = B::distill_sparse_linear(
+            student,
+            inputs,
+            targets.clone().map(Tensor::into_primitive),
+            &setup,
+            self.sparse_setup(),
+        );
+        let Some(parts) = parts else {
+            // No fused sparse kernel here: the logits, through the composed path.
+            let logits = student_head.forward(student_hidden);
+            let out = self.try_forward_parts(logits, teacher, targets)?;
+            return Ok(out);
+        };
+        let output = DistillOutput::from(parts);
+        // The fused kernels make a row with a bad teacher NaN: the NaN count is the check.
+        let teacher_check = if self.validation == crate::Validation::Off {
+            None
+        } else {
+            let bad =
+                output.loss.clone().is_nan().int().sum() + output.soft.clone().is_nan().int().sum();
+            let ignored = ignored_rows(targets.as_ref(), self.params.ignore_index);
+            let tail = self.tail;
+            DeviceCheck::new(bad, move |_| {
+                crate::sparse::first_bad_entry(&teacher, ignored.clone(), v, tail)
+            })
+            .apply(self.validation)?
+        };
+        Ok(output.with_check(target_check).with_check(teacher_check))
+    }
+}
+
+/// The parts of a chunked sparse loss without gradients ([`DistillBackend`]'s default).
+pub(crate) fn parts<B: DistillBackend>(
+    student: LinearSide<B>,
+    teacher: SparseInputs<B>,
+    targets: Option<IntTensor<B>>,
+    setup: &LinearSetup,
+    sparse: SparseSetup,
+) -> Option<DistillParts<B>> {
+    chunked::<B>(student, teacher, targets, setup, sparse, false).map(|(parts, _)| parts)
+}

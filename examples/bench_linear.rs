@@ -9,7 +9,9 @@
 //! Options: `--backend ndarray|flex|wgpu|cuda`, `--dtype f32|f16|bf16` (hidden states and
 //! heads), `--n`, `--hs`, `--ht`, `--v`, `--reps`, `--chunk-rows` (default: from the 64 MiB
 //! budget), `--jsd` (Liger-Kernel's `LigerFusedLinearJSDLoss` defaults: JSD β = 0.5, T = 1,
-//! hard and soft weights 0.5; otherwise forward KL, T = 2, α = 0.5), `--fused-only`.
+//! hard and soft weights 0.5; otherwise forward KL, T = 2, α = 0.5), `--fused-only`,
+//! `--sparse K` (a top-K sparse teacher instead of a teacher head: `SparseDistillLoss::
+//! forward_linear` against the sparse loss on materialised logits, and a frozen head).
 //!
 //! Memory: on CPU backends the peak heap growth (a counting allocator); on wgpu and CUDA the
 //! growth of the device memory pool that CubeCL reserves over the runs, after freeing its
@@ -45,6 +47,8 @@ struct Args {
     dtype: DType,
     /// Liger-Kernel's fused-linear JSD setting.
     jsd: bool,
+    /// A sparse teacher of this many entries per row instead of a teacher head.
+    sparse: Option<usize>,
 }
 
 fn args() -> Args {
@@ -59,6 +63,7 @@ fn args() -> Args {
         fused_only: false,
         dtype: DType::F32,
         jsd: false,
+        sparse: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -73,6 +78,7 @@ fn args() -> Args {
             "--chunk-rows" => a.chunk_rows = Some(value().parse().expect("--chunk-rows")),
             "--fused-only" => a.fused_only = true,
             "--jsd" => a.jsd = true,
+            "--sparse" => a.sparse = Some(value().parse().expect("--sparse K")),
             "--dtype" => {
                 a.dtype = match value().as_str() {
                     "f32" => DType::F32,
@@ -132,6 +138,9 @@ fn run<B: AutodiffBackend + DistillBackend>(
     device: B::Device,
     pool: Option<PoolGrowth<B::Device>>,
 ) {
+    if let Some(k) = a.sparse {
+        return run_sparse::<B>(name, a, k, device);
+    }
     let (sh, th) = (
         head::<B>(a.hs, a.v, 1, a.dtype, &device),
         head::<B>(a.ht, a.v, 7, a.dtype, &device),
@@ -303,4 +312,106 @@ fn pool_growth<R: cubecl::Runtime>(device: &R::Device, f: &mut dyn FnMut()) -> u
     let before = reserved(&client);
     f();
     reserved(&client).saturating_sub(before)
+}
+
+/// `--sparse K`: the sparse loss from the student's hidden states and head against a top-K
+/// teacher (as from a store), against the same loss on materialised logits, and with a frozen
+/// head; CPU memory from the counting allocator.
+fn run_sparse<B: AutodiffBackend + DistillBackend>(
+    name: &str,
+    a: &Args,
+    k: usize,
+    device: B::Device,
+) {
+    use burn_distill::{SparseDistillLossConfig, SparseTeacher};
+    let sh = head::<B>(a.hs, a.v, 1, a.dtype, &device);
+    let hs = filled::<B>(a.n, a.hs, 1.0, 3, &device)
+        .cast(a.dtype)
+        .require_grad();
+    let targets: Vec<i64> = (0..a.n)
+        .map(|i| {
+            if i % 10 == 9 {
+                -100
+            } else {
+                ((i * 7919) % a.v) as i64
+            }
+        })
+        .collect();
+    let y = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [a.n]), &device);
+    let indices: Vec<i64> = (0..a.n * k)
+        .map(|e| (((e / k) * 131 + (e % k) * 17) % a.v) as i64)
+        .collect();
+    let log_probs: Vec<f32> = (0..a.n * k).map(|e| -4.5 - 0.05 * (e % k) as f32).collect();
+    let teacher = || {
+        SparseTeacher::new(
+            Tensor::<B, 2, Int>::from_data(TensorData::new(indices.clone(), [a.n, k]), &device),
+            Tensor::<B, 2>::from_data(TensorData::new(log_probs.clone(), [a.n, k]), &device),
+        )
+    };
+    let config = DistillLossConfig::new()
+        .with_temperature(2.0)
+        .with_alpha(0.5)
+        .with_linear_chunk_rows(a.chunk_rows);
+    let loss = SparseDistillLossConfig::new(config.clone()).init();
+    let frozen_loss = SparseDistillLossConfig::new(config.with_linear_head_grad(false)).init();
+    let sync = || B::sync(&device).expect("sync");
+    let materialised = || {
+        drop(
+            loss.forward(sh.forward(hs.clone()), teacher(), y.clone())
+                .backward(),
+        );
+        sync();
+    };
+    let fused = || {
+        drop(
+            loss.forward_linear(hs.clone(), &sh, teacher(), y.clone())
+                .backward(),
+        );
+        sync();
+    };
+    let frozen = || {
+        drop(
+            frozen_loss
+                .forward_linear(hs.clone(), &sh, teacher(), y.clone())
+                .backward(),
+        );
+        sync();
+    };
+    let value = |v: Tensor<B, 1>| v.into_data().iter::<f64>().next().unwrap();
+    let (vm, vf) = (
+        value(loss.forward(sh.forward(hs.clone()), teacher(), y.clone())),
+        value(loss.forward_linear(hs.clone(), &sh, teacher(), y.clone())),
+    );
+    assert!(
+        (vm - vf).abs() <= 1e-4 * vm.abs(),
+        "losses differ: {vm} vs {vf}"
+    );
+    let (tf, pf) = measure(a.reps, &fused);
+    let (tm, pm) = measure(a.reps, &materialised);
+    let (tz, pz) = measure(a.reps, &frozen);
+    let gb = |b: usize| b as f64 / 1e9;
+    println!(
+        "{name}, {:?}, sparse teacher k = {k} (tail bucket), forward KL, T = 2, α = 0.5, N = {}, \
+         H_s = {}, V = {}, fwd+bwd of the student (median of {}; peak heap growth):\n",
+        a.dtype, a.n, a.hs, a.v, a.reps
+    );
+    println!("| path | fwd+bwd | ÷ materialised | peak extra memory | ÷ materialised |");
+    println!("|---|---:|---:|---:|---:|");
+    for (what, t, p) in [
+        ("materialised logits + fused sparse loss", tm, pm),
+        ("sparse fused-linear", tf, pf),
+        ("sparse fused-linear, frozen head", tz, pz),
+    ] {
+        println!(
+            "| {what} | {:.1} ms | {:.2} | {:.3} GB | {:.3} |",
+            t.as_secs_f64() * 1e3,
+            t.as_secs_f64() / tm.as_secs_f64(),
+            gb(p),
+            p as f64 / pm.max(1) as f64
+        );
+    }
+    println!(
+        "\nfrozen head ÷ trained head: {:.2}",
+        tz.as_secs_f64() / tf.as_secs_f64()
+    );
 }

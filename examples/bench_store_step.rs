@@ -63,7 +63,7 @@ fn main() {
             let base = next() % (vocab / k);
             for j in 0..k {
                 indices.push((base * k + j) as i64 % vocab as i64);
-                log_probs.push(-1.0 - j as f32 * 0.1);
+                log_probs.push(-4.5 - j as f32 * 0.05);
             }
         }
         writer.append_rows(&indices, &log_probs).unwrap();

@@ -233,12 +233,12 @@ where
         DType::F32
     }
 
-    /// Past `u32` offsets only where the device has 64-bit addresses ([`kernel_fits`]).
+    /// Past `u32` offsets only where the device has 64-bit addresses (`kernel_fits`).
     fn fused_kernel_fits(dims: [usize; 2], device: &Self::Device) -> bool {
         kernel_fits::<R>(dims, device)
     }
 
-    /// f32 for f16 logits (see [`grad_dtype`]), the logits' dtype otherwise.
+    /// f32 for f16 logits (see `grad_dtype`), the logits' dtype otherwise.
     fn fused_grad_dtype(logits: DType) -> DType {
         grad_dtype(logits)
     }

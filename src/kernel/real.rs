@@ -41,7 +41,7 @@ pub trait Real:
     /// Is the value neither infinite nor NaN?
     fn is_finite(self) -> bool;
     /// Is this logit a class, not padding? (`self > MASKED_LOGIT`: the one padding rule of
-    /// [`crate::vocab::MASKED_LOGIT`].)
+    /// [`crate::MASKED_LOGIT`].)
     #[inline(always)]
     fn is_class(self) -> bool {
         self > Self::of(crate::vocab::MASKED_LOGIT)

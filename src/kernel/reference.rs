@@ -138,7 +138,7 @@ pub fn divergence_rows<B: Backend>(
 
 /// `[N]` hard cross-entropy at temperature 1 with PyTorch's label smoothing `ε`:
 /// `−(1 − ε) log softmax(z)[y] − ε · mean_j log softmax(z)[j]`, the mean taken over the
-/// classes (logits that are not padding by the rule of [`crate::vocab::MASKED_LOGIT`]).
+/// classes (logits that are not padding by the rule of [`crate::MASKED_LOGIT`]).
 pub fn hard_rows<B: Backend>(
     student: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,

@@ -259,6 +259,11 @@ pub(crate) fn chunked_with<B: DistillBackend, E, C: ChunkTeacher<B>>(
     let [n, h] = hs.dims();
     let vs = ws.dims()[1];
     let device = hs.device();
+    // The student's gradients in the fused kernels' gradient dtype (f32 for f16 on CubeCL),
+    // so that a loss scale meets them unrounded; the backward rounds once to each input's.
+    let gdt = B::fused_grad_dtype(hs.dtype());
+    let wide = |t: T<B, 2>| if t.dtype() == gdt { t } else { t.cast(gdt) };
+    let ws_g = wide(ws.clone());
     let targets = targets.map(Tensor::<B, 1, Int>::from_primitive);
 
     // Kept rows, on the host: ignored rows never reach a matmul.
@@ -306,7 +311,6 @@ pub(crate) fn chunked_with<B: DistillBackend, E, C: ChunkTeacher<B>>(
         let (zs, tanh_s) = soft_cap(logits(hs_c.clone(), &ws, &bs), setup.logit_softcap);
         let (zs, zt) = teacher.chunk(r0..r1, zs);
         let y = targets_k.clone().map(|t| t.slice(r0..r1).into_primitive());
-        let zs_dtype = zs.dtype();
         let zs = zs.into_primitive().tensor();
         let Some(out) = chunk_loss(zs, zt, y, &chunk_params)? else {
             return Ok(None);
@@ -329,10 +333,9 @@ pub(crate) fn chunked_with<B: DistillBackend, E, C: ChunkTeacher<B>>(
             });
         }
         if let Some(g) = out.grad {
-            // `∂loss/∂z_s` on the aligned vocabulary, back to the student's `V_s` columns.
-            // In the logits' dtype for the products with the head (the fused kernels may return
-            // a wider one: `fused_grad_dtype`).
-            let g = float::<B, 2>(g).cast(zs_dtype);
+            // `∂loss/∂z_s` on the aligned vocabulary, back to the student's `V_s` columns, in
+            // the gradient dtype.
+            let g = float::<B, 2>(g).cast(gdt);
             let va = g.dims()[1];
             let g = if va > vs {
                 g.narrow(1, 0, vs)
@@ -345,14 +348,14 @@ pub(crate) fn chunked_with<B: DistillBackend, E, C: ChunkTeacher<B>>(
             };
             // Through the cap: `∂(c · tanh(z / c))/∂z = 1 − tanh²(z / c)`.
             let g = match tanh_s {
-                Some(t) => g * (t.clone() * t).neg().add_scalar(1.0),
+                Some(t) => g * wide((t.clone() * t).neg().add_scalar(1.0)),
                 None => g,
             };
             // `g W_sᵀ` as `(W_s gᵀ)ᵀ`: backends whose matmul wants standard layouts (NdArray)
             // then copy the `[c, V]` chunk, not the `[H, V]` weight, for every chunk.
-            grad_h.push(ws.clone().matmul(g.clone().transpose()).transpose());
+            grad_h.push(ws_g.clone().matmul(g.clone().transpose()).transpose());
             if setup.weight_grad {
-                let gw = hs_c.transpose().matmul(g.clone());
+                let gw = wide(hs_c).transpose().matmul(g.clone());
                 grad_w = Some(match grad_w {
                     None => gw,
                     Some(acc) => acc + gw,
@@ -405,15 +408,13 @@ pub(crate) fn chunked_with<B: DistillBackend, E, C: ChunkTeacher<B>>(
     };
 
     let grads = with_grad.then(|| {
+        let zeros_h = || Tensor::<B, 2>::zeros([n, h], (&device, gdt));
         let gh = if grad_h.is_empty() {
-            hs.zeros_like()
+            zeros_h()
         } else {
             let kept_grad = Tensor::cat(grad_h, 0);
             match &index {
-                Some(i) => {
-                    hs.zeros_like()
-                        .select_assign(0, i.clone(), kept_grad, IndexingUpdateOp::Add)
-                }
+                Some(i) => zeros_h().select_assign(0, i.clone(), kept_grad, IndexingUpdateOp::Add),
                 None => kept_grad,
             }
         };
@@ -421,13 +422,13 @@ pub(crate) fn chunked_with<B: DistillBackend, E, C: ChunkTeacher<B>>(
             hidden: gh.into_primitive().tensor(),
             weight: setup.weight_grad.then(|| {
                 grad_w
-                    .unwrap_or_else(|| Tensor::zeros([h, vs], (&device, ws.dtype())))
+                    .unwrap_or_else(|| Tensor::zeros([h, vs], (&device, gdt)))
                     .into_primitive()
                     .tensor()
             }),
-            bias: bs.as_ref().filter(|_| setup.bias_grad).map(|b| {
+            bias: bs.as_ref().filter(|_| setup.bias_grad).map(|_| {
                 grad_b
-                    .unwrap_or_else(|| b.zeros_like())
+                    .unwrap_or_else(|| Tensor::zeros([vs], (&device, gdt)))
                     .into_primitive()
                     .tensor()
             }),
@@ -457,15 +458,19 @@ pub(crate) fn materialised<B: DistillBackend>(
     targets: Option<IntTensor<B>>,
     setup: &LinearSetup,
 ) -> DistillParts<B> {
-    let side = |s: LinearSide<B>| {
-        let z = logits(
-            float::<B, 2>(s.hidden),
-            &float::<B, 2>(s.weight),
-            &s.bias.map(float::<B, 1>),
-        );
+    let side = |s: LinearSide<B>, weight_grad: bool, bias_grad: bool| {
+        // A frozen or tied head gets no gradient here either.
+        let weight = float::<B, 2>(s.weight);
+        let weight = if weight_grad { weight } else { weight.detach() };
+        let bias = s
+            .bias
+            .map(|b| float::<B, 1>(b))
+            .map(|b| if bias_grad { b } else { b.detach() });
+        let z = logits(float::<B, 2>(s.hidden), &weight, &bias);
         soft_cap(z, setup.logit_softcap).0
     };
-    let (zs, zt) = (side(student), side(teacher));
+    let zs = side(student, setup.weight_grad, setup.bias_grad);
+    let zt = side(teacher, false, false);
     let (zs, zt) = setup
         .vocab_mismatch
         .align(zs, zt, setup.params.divergence)

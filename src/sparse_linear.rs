@@ -280,8 +280,16 @@ impl SparseDistillLoss {
             self.sparse_setup(),
         );
         let Some(parts) = parts else {
-            // No fused sparse kernel here: the logits, through the composed path.
-            let logits = student_head.forward(student_hidden);
+            // No fused sparse kernel here: the logits, through the composed path (a frozen or
+            // tied head gets no gradient here either).
+            let frozen = !self.dense.linear_head_grad;
+            let weight = student_head.weight.val();
+            let weight = if frozen { weight.detach() } else { weight };
+            let bias = student_head
+                .bias
+                .as_ref()
+                .map(|b| if frozen { b.val().detach() } else { b.val() });
+            let logits = linear::logits(student_hidden, &weight, &bias);
             let out = self.try_forward_parts(logits, teacher, targets)?;
             return Ok(out);
         };

@@ -1004,7 +1004,8 @@ impl TeacherStore {
     }
 
     /// Decodes `batches` (each a list of rows, as [`TeacherStore::gather_host`] takes) on a
-    /// background thread, up to `depth` batches (at least 1) ahead of the consumer, so that
+    /// background thread, up to `depth + 1` batches (`depth` at least 1: `depth` waiting, one
+    /// being decoded) ahead of the consumer, so that
     /// decoding overlaps the training step: the returned iterator yields them in order. The
     /// thread stops when the iterator is dropped.
     ///
@@ -1211,7 +1212,19 @@ impl Iterator for ReadAhead {
     type Item = Result<HostTeacher, StoreError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        self.receiver.as_ref()?.recv().ok()
+        match self.receiver.as_ref()?.recv() {
+            Ok(batch) => Some(batch),
+            Err(_) => {
+                // The thread is done: at the end of the batches, or by a panic, which is
+                // raised here rather than passing for a shorter epoch.
+                if let Some(worker) = self.worker.take()
+                    && let Err(panic) = worker.join()
+                {
+                    std::panic::resume_unwind(panic);
+                }
+                None
+            }
+        }
     }
 }
 

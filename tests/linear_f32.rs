@@ -39,3 +39,71 @@ fn wgpu() {
     check_frozen_head::<Autodiff<burn::backend::Wgpu>>(TOL, &device);
     check_sparse_linear::<Autodiff<burn::backend::Wgpu>>(TOL, &device);
 }
+
+/// f16 hidden states and heads under a loss scale of 65,536 (wgpu): the fused-linear
+/// gradients stay finite and equal the f32 run's on the same f16-rounded inputs (the logits
+/// differ by the f16 products, so to 1% in L2), where rounding each chunk's gradient to f16
+/// before the scale flushed small entries and made the scale `+∞`.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_f16_fused_linear_under_a_loss_scale() {
+    use burn::module::Param;
+    use burn::nn::Linear;
+    use burn::tensor::{DType, Int, Tensor, TensorData};
+    use burn_distill::DistillLossConfig;
+    use common::linear::wave;
+    type W = Autodiff<burn::backend::Wgpu>;
+    let device = burn_distill::testing::wgpu_device();
+    let (n, hs, ht, v) = (64, 16, 24, 1031);
+    let t = |len: usize, shape: [usize; 2], seed: f64, scale: f64, dtype: DType| {
+        let x: Vec<f64> = wave(len, seed).iter().map(|x| x * scale).collect();
+        Tensor::<W, 2>::from_data(TensorData::new(x, shape), &device)
+            .cast(DType::F16)
+            .cast(dtype)
+    };
+    let y = Tensor::<W, 1, Int>::from_data(
+        TensorData::new((0..n as i64).map(|i| i * 37 % v as i64).collect(), [n]),
+        &device,
+    );
+    let run = |dtype: DType| {
+        let head = |h: usize, seed: f64| Linear {
+            weight: Param::from_tensor(t(h * v, [h, v], seed, 1.5, dtype)),
+            bias: None,
+        };
+        let (sh, th) = (head(hs, 0.71), head(ht, 1.37));
+        let h_s = t(n * hs, [n, hs], 0.53, 3.0, dtype).require_grad();
+        let h_t = t(n * ht, [n, ht], 0.29, 3.0, dtype);
+        let loss = DistillLossConfig::new()
+            .with_linear_chunk_rows(Some(16))
+            .init()
+            .forward_linear(h_s.clone(), &sh, h_t, &th, y.clone());
+        let grads = loss.mul_scalar(65_536.0).backward();
+        let f = |g: Tensor<burn::backend::Wgpu, 2>| {
+            assert_eq!(g.dtype(), dtype);
+            common::values(g.cast(DType::F32))
+        };
+        (
+            f(h_s.grad(&grads).unwrap()),
+            f(sh.weight.val().grad(&grads).unwrap()),
+        )
+    };
+    let (h16, w16) = run(DType::F16);
+    let (h32, w32) = run(DType::F32);
+    for (what, a, b) in [("hidden", &h16, &h32), ("weight", &w16, &w32)] {
+        assert!(
+            a.iter().all(|x| x.is_finite()),
+            "{what}: non-finite f16 gradient"
+        );
+        let err: f64 = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let norm: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+        assert!(
+            norm > 0.0 && err <= 1e-2 * norm,
+            "{what}: {err} vs norm {norm}"
+        );
+    }
+}

@@ -228,7 +228,7 @@ where
     }
 
     /// Losses are accumulated, reduced and returned in f32 for every logit dtype (as PyTorch's
-    /// autocast does for its losses); the gradient keeps the logits' dtype.
+    /// autocast does for its losses); the gradient's dtype is `fused_grad_dtype`'s.
     fn fused_loss_dtype(_logits: DType) -> DType {
         DType::F32
     }

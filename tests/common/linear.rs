@@ -473,7 +473,7 @@ where
         let value = config
             .init()
             .forward_linear(hs.clone(), &sh, ht.clone(), &th, y.clone());
-        let grads = value.clone().mul_scalar(0.5).backward();
+        let grads = value.clone().sum().mul_scalar(0.5).backward();
         let head_grad = sh.weight.val().grad(&grads).is_some()
             || sh
                 .bias
@@ -481,21 +481,33 @@ where
                 .is_some_and(|b| b.val().grad(&grads).is_some());
         (values(value), values(hs.grad(&grads).unwrap()), head_grad)
     };
-    let (lt, gt, trained) = run(config.clone(), false);
-    assert!(trained, "the trained head gets a gradient");
-    for (what, frozen) in [
-        (
-            "linear_head_grad(false)",
-            run(config.clone().with_linear_head_grad(false), false),
-        ),
-        ("frozen Param", run(config.clone(), true)),
+    // The chunked path, and the fallbacks that materialise the logits (`PerRow` with a
+    // gradient, `Kernel::Reference`): a frozen head gets no gradient on any of them.
+    for base in [
+        config.clone(),
+        config.clone().with_reduction(Reduction::PerRow),
+        config.clone().with_kernel(burn_distill::Kernel::Reference),
     ] {
-        let (lf, gf, head_grad) = frozen;
-        assert!(!head_grad, "{what}: the head got a gradient");
-        let mut failures = mismatches("loss", &lf, &lt, abs, rel);
-        failures.extend(mismatches("grad hidden", &gf, &gt, abs, rel));
-        assert!(gf.iter().any(|g| *g != 0.0), "{what}: zero hidden gradient");
-        assert!(failures.is_empty(), "{what}:\n{}", failures.join("\n"));
+        let (lt, gt, trained) = run(base.clone(), false);
+        assert!(trained, "the trained head gets a gradient");
+        for (what, frozen) in [
+            (
+                "linear_head_grad(false)",
+                run(base.clone().with_linear_head_grad(false), false),
+            ),
+            ("frozen Param", run(base.clone(), true)),
+        ] {
+            let (lf, gf, head_grad) = frozen;
+            assert!(!head_grad, "{what} {base:?}: the head got a gradient");
+            let mut failures = mismatches("loss", &lf, &lt, abs, rel);
+            failures.extend(mismatches("grad hidden", &gf, &gt, abs, rel));
+            assert!(gf.iter().any(|g| *g != 0.0), "{what}: zero hidden gradient");
+            assert!(
+                failures.is_empty(),
+                "{what} {base:?}:\n{}",
+                failures.join("\n")
+            );
+        }
     }
 }
 

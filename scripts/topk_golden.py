@@ -5,6 +5,7 @@ Writes tests/golden/topk.json. Run from the project root:
     python -m venv .venv && .venv/bin/pip install torch
     .venv/bin/python scripts/topk_golden.py
 
+A soft-capped student (`softcap`) is capped `c · tanh(z / c)` before everything else.
 The math is written out row by row, independently of the crate's tensor formulation, and
 cross-checked against torch.nn.functional.kl_div / cross_entropy where a sparse loss reduces
 to a dense one (k = V). Inputs are rounded to float32 so that the crate's f32 tests read
@@ -77,6 +78,9 @@ def soft_row(z, idx, lp, valid, c):
 
 
 def loss_rows(z, idx, lp, valid, targets, c):
+    if c.get("softcap") is not None:
+        # Gemma 2's final-logit soft-capping of the student, before everything else.
+        z = c["softcap"] * torch.tanh(z / c["softcap"])
     rows = []
     for i in range(z.shape[0]):
         if targets is not None and targets[i] == c["ignore_index"]:
@@ -104,6 +108,7 @@ def make_case(name, gen, n, v, k, config, targets=True, drop=0, masked=0, ignore
         "temperature": 1.0, "generation_temperature": 1.0, "tail": "tail_bucket",
         "divergence": "forward_kl", "beta": 0.5, "lambda": 0.5, "alpha": 0.5,
         "scale_by_t2": True, "ignore_index": -100, "label_smoothing": 0.0, "reduction": "mean",
+        "softcap": None,
     }
     c.update(config)
     z = f32(torch.randn(n, v, generator=gen) * 2.0)
@@ -192,6 +197,23 @@ def main():
         cases.append(make_case(f"ignored_mean_{tail}", gen, 4, 8, 3,
                                {"tail": tail, "temperature": 1.0, "alpha": 0.9}, drop=1,
                                ignore_rows=(0, 2)))
+    # A soft-capped student (after every other case, so that their inputs stay as they were):
+    # caps small enough that tanh saturates on part of each row.
+    cases.append(make_case("softcap_tail_bucket_reverse_kl", gen, 4, 12, 4,
+                           {"tail": "tail_bucket", "divergence": "reverse_kl",
+                            "temperature": 2.0, "alpha": 0.6, "label_smoothing": 0.1,
+                            "softcap": 2.5}, drop=1, ignore_rows=(2,)))
+    cases.append(make_case("softcap_renorm_top_k_jsd", gen, 3, 9, 4,
+                           {"tail": "renormalize_top_k", "divergence": "jsd", "beta": 0.3,
+                            "temperature": 1.5, "reduction": "sum", "softcap": 1.5},
+                           targets=False))
+    cases.append(make_case("softcap_full_vocab_masked", gen, 5, 16, 6,
+                           {"tail": "renormalize_full_vocab", "temperature": 3.0,
+                            "generation_temperature": 0.7, "alpha": 0.5, "reduction": "none",
+                            "softcap": 3.0}, drop=1, masked=2, ignore_rows=(3,)))
+    for case in cases[-3:]:
+        z, cap = torch.tensor(case["student"]), case["config"]["softcap"]
+        assert (z.abs() > cap).any(), case["name"]  # the cap bites
     out = pathlib.Path(__file__).resolve().parent.parent / "tests" / "golden" / "topk.json"
     out.write_text(json.dumps({"format": 1, "torch": torch.__version__, "cases": cases}) + "\n")
     print(f"wrote {len(cases)} cases to {out}")

@@ -233,9 +233,10 @@ impl<B: Backend> SparseTeacher<B> {
 /// ```
 #[derive(Config, Debug)]
 pub struct SparseDistillLossConfig {
-    /// The settings shared with the dense loss. `kernel` picks the fused sparse kernel
-    /// (NdArray, Flex) or the composed reference; `vocab_mismatch` and `logit_softcap` do not
-    /// apply (a cap is refused).
+    /// The settings shared with the dense loss. `kernel` picks the fused sparse kernel or the
+    /// composed reference; `vocab_mismatch` does not apply. A `logit_softcap` `c` caps the
+    /// student's logits, `z ← c · tanh(z / c)`, before the loss (the teacher's log-probabilities
+    /// are taken as given: store those of the capped teacher).
     pub loss: DistillLossConfig,
     /// What to do with the teacher's missing mass.
     #[config(default = "TailPolicy::TailBucket")]
@@ -259,14 +260,6 @@ impl SparseDistillLossConfig {
     pub fn try_init(&self) -> Result<SparseDistillLoss, DistillError> {
         let dense = self.loss.try_init()?;
         check_temperature("generation_temperature", self.generation_temperature)?;
-        if let Some(cap) = self.loss.logit_softcap {
-            return Err(DistillError::invalid(
-                "logit_softcap",
-                format!("Some({cap})"),
-                "None: the sparse-teacher loss does not cap logits yet (cap the student's \
-                 logits before the loss, and store the teacher's capped top-k)",
-            ));
-        }
         let divergence = dense.params().divergence();
         if self.tail
             == (TailPolicy::Renormalize {
@@ -298,6 +291,7 @@ impl SparseDistillLossConfig {
 /// log-probabilities `ℓ_j` at `T_gen`), `r = T_gen / T` and target `y_i`:
 ///
 /// ```text
+/// z ← c · tanh(z / c)         (only with a logit_softcap c)
 /// Renormalize { FullVocab }:  p_j = softmax_K(r·ℓ)_j,  log q_j = log softmax_V(z / T)_j    (j ∈ K)
 /// Renormalize { TopK }:       p_j = softmax_K(r·ℓ)_j,  q_j = softmax_K(z / T)_j            (j ∈ K)
 /// TailBucket:                 p = softmax(r·ℓ_1, …, r·ℓ_k, r·log(1 − Σ_K exp ℓ))
@@ -454,6 +448,7 @@ impl SparseDistillLoss {
             ));
         }
         check_shapes(&teacher, n)?;
+        let student_logits = self.dense.soft_cap(student_logits);
         let target_check = match &targets {
             Some(targets) => {
                 check_row_targets(targets, [n, v], self.validation, self.params.ignore_index)?

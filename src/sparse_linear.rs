@@ -249,6 +249,7 @@ impl SparseDistillLoss {
             }
             None => None,
         };
+        let cap = self.dense.logit_softcap;
         let student = LinearSide {
             hidden: student_hidden.clone().into_primitive().tensor(),
             weight: weight.into_primitive().tensor(),
@@ -261,9 +262,12 @@ impl SparseDistillLoss {
             params: self.params,
             kernel: self.kernel,
             vocab_mismatch: crate::VocabMismatch::Error,
-            // Two `[c, V]` buffers per chunk: the student's logits and their gradient.
-            chunk_rows: self.dense.linear_chunk_rows_with::<B>(v, 2),
-            logit_softcap: None,
+            // Two `[c, V]` buffers per chunk, the student's logits and their gradient (and the
+            // pre-cap logits under a cap).
+            chunk_rows: self
+                .dense
+                .linear_chunk_rows_with::<B>(v, if cap.is_some() { 3 } else { 2 }),
+            logit_softcap: cap,
             weight_grad: self.dense.linear_head_grad,
             bias_grad: self.dense.linear_head_grad,
         };
@@ -319,5 +323,6 @@ pub(crate) fn parts<B: DistillBackend>(
     setup: &LinearSetup,
     sparse: SparseSetup,
 ) -> Option<DistillParts<B>> {
-    chunked::<B>(student, teacher, targets, setup, sparse, false).map(|(parts, _)| parts)
+    B::distill_sparse_linear_chunked(student, teacher, targets, setup, sparse, false)
+        .map(|(parts, _)| parts)
 }

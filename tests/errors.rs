@@ -69,14 +69,14 @@ fn logit_softcap_must_be_finite_and_positive() {
     DistillLossConfig::new()
         .with_logit_softcap(Some(30.0))
         .init();
-    // The sparse-teacher loss has no cap yet: refused, not ignored.
+    // The sparse-teacher loss checks the cap the same way.
     let sparse = burn_distill::SparseDistillLossConfig::new(
-        DistillLossConfig::new().with_logit_softcap(Some(30.0)),
+        DistillLossConfig::new().with_logit_softcap(Some(-1.0)),
     )
     .try_init()
     .unwrap_err()
     .to_string();
-    assert_mentions(&sparse, &["logit_softcap", "Some(30)", "does not cap"]);
+    assert_mentions(&sparse, &["logit_softcap", "-1", "finite and > 0"]);
 }
 
 #[test]

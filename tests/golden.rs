@@ -12,7 +12,15 @@ fn golden_files_are_complete() {
     let cases = common::golden_cases();
     assert_eq!(cases.len(), 38);
     assert!(cases.iter().any(|c| c.student.contains(&f64::NEG_INFINITY)));
-    assert_eq!(common::sparse::sparse_cases().len(), 21);
+    let sparse = common::sparse::sparse_cases();
+    assert_eq!(sparse.len(), 24);
+    assert_eq!(
+        sparse
+            .iter()
+            .filter(|c| c.config.loss.logit_softcap.is_some())
+            .count(),
+        3
+    );
 }
 
 #[cfg(feature = "ndarray")]

@@ -15,7 +15,10 @@ fn ndarray() {
     sweep::<Autodiff<burn::backend::NdArray>>(TOL, &Default::default());
     assert_linear_golden::<Autodiff<burn::backend::NdArray>>(TOL, &Default::default(), true);
     check_frozen_head::<Autodiff<burn::backend::NdArray>>(TOL, &Default::default());
+    let before = burn_distill::internals::host_linear_calls();
     check_sparse_linear::<Autodiff<burn::backend::NdArray>>(TOL, &Default::default());
+    // The sparse fused-linear loss ran the host loop around the sparse row kernel.
+    assert!(burn_distill::internals::host_linear_calls() > before);
 }
 
 #[cfg(feature = "flex")]
@@ -27,7 +30,10 @@ fn flex() {
     assert!(burn_distill::internals::host_linear_calls() > before);
     assert_linear_golden::<Autodiff<burn::backend::Flex>>(TOL, &Default::default(), true);
     check_frozen_head::<Autodiff<burn::backend::Flex>>(TOL, &Default::default());
+    let before = burn_distill::internals::host_linear_calls();
     check_sparse_linear::<Autodiff<burn::backend::Flex>>(TOL, &Default::default());
+    // The sparse fused-linear loss ran the host loop around the sparse row kernel.
+    assert!(burn_distill::internals::host_linear_calls() > before);
 }
 
 #[cfg(feature = "wgpu")]

@@ -325,7 +325,7 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
         let setup = &tracked_setup(&student, setup);
         let run = |tracked: bool| {
             let (parts, grads) =
-                crate::sparse_linear::chunked::<B>(s, t, targets, setup, sparse, tracked)?;
+                B::distill_sparse_linear_chunked(s, t, targets, setup, sparse, tracked)?;
             Some((parts, grads.map(LinearGrads::into_vec).unwrap_or_default()))
         };
         linear_op(&student, setup, run)

@@ -10,7 +10,7 @@ use burn::tensor::{
 use super::{DistillParams, DistillParts, FusedOutput, SparseInputs, SparseSetup};
 use crate::kernel::{
     cpu,
-    linear_cpu::{self, Gemm, HostPlan, HostSide},
+    linear_cpu::{self, Gemm, HostChunkTeacher, HostPlan, HostSide},
     real::Real,
     sparse_cpu,
 };
@@ -59,21 +59,7 @@ pub(super) fn sparse_on_slices<B: Backend, R: Real>(
     with_grad: bool,
     device: &B::Device,
 ) -> FusedOutput<B> {
-    let indices = Tensor::<B, 2, Int>::from_primitive(teacher.indices);
-    let k = indices.dims()[1];
-    let indices: Vec<i64> = indices.into_data().iter::<i64>().collect();
-    let log_probs: Vec<f64> =
-        Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(teacher.log_probs))
-            .into_data()
-            .iter::<f64>()
-            .collect();
-    let valid: Vec<bool> = match teacher.mask {
-        Some(mask) => Tensor::<B, 2, burn::tensor::Bool>::from_primitive(mask)
-            .into_data()
-            .iter::<bool>()
-            .collect(),
-        None => vec![true; n * k],
-    };
+    let (k, indices, log_probs, valid) = host_sparse::<B>(teacher, n);
     let targets = host_targets::<B>(targets);
     let host = sparse_cpu::HostTeacher {
         k,
@@ -92,6 +78,29 @@ pub(super) fn sparse_on_slices<B: Backend, R: Real>(
         with_grad,
     );
     output_of_rows(out, [n, v], targets.is_some(), params, device)
+}
+
+/// The `[N, k]` sparse teacher on the host: `k`, indices, log-probabilities, validity.
+fn host_sparse<B: Backend>(
+    teacher: SparseInputs<B>,
+    n: usize,
+) -> (usize, Vec<i64>, Vec<f64>, Vec<bool>) {
+    let indices = Tensor::<B, 2, Int>::from_primitive(teacher.indices);
+    let k = indices.dims()[1];
+    let indices: Vec<i64> = indices.into_data().iter::<i64>().collect();
+    let log_probs: Vec<f64> =
+        Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(teacher.log_probs))
+            .into_data()
+            .iter::<f64>()
+            .collect();
+    let valid: Vec<bool> = match teacher.mask {
+        Some(mask) => Tensor::<B, 2, burn::tensor::Bool>::from_primitive(mask)
+            .into_data()
+            .iter::<bool>()
+            .collect(),
+        None => vec![true; n * k],
+    };
+    (k, indices, log_probs, valid)
 }
 
 /// A CPU backend whose float tensors the host kernels can read as slices.
@@ -115,74 +124,165 @@ pub(super) fn linear_chunked<B: HostFloats>(
     let zero_width = [&student.weight, &teacher.weight]
         .iter()
         .any(|w| w.shape()[0] == 0);
-    if setup.kernel == Kernel::Reference || zero_width {
-        return linear::chunked::<B>(student, teacher, targets, setup, with_grad);
-    }
-    if with_grad && setup.params.reduction == Reduction::PerRow {
+    let generic = setup.kernel == Kernel::Reference || zero_width;
+    if !generic && with_grad && setup.params.reduction == Reduction::PerRow {
         // Each row's upstream weight is only known in the backward pass: the caller
         // materialises the logits.
         return None;
     }
+    let aligned = || {
+        setup
+            .vocab_mismatch
+            .aligned_width(
+                student.weight.shape()[1],
+                teacher.weight.shape()[1],
+                setup.params.divergence,
+            )
+            .unwrap_or_else(|e| panic!("burn-distill: {e} (checked before the chunks)"))
+    };
+    macro_rules! host {
+        ($r:ty) => {
+            host_sides::<B, $r>(&teacher).and_then(|t| {
+                let mut t = linear_cpu::DenseHostTeacher::new(host_side(&t), setup.logit_softcap);
+                linear_host::<B, $r>(
+                    &student,
+                    &mut t,
+                    aligned(),
+                    targets.clone(),
+                    setup,
+                    with_grad,
+                )
+            })
+        };
+    }
     let host = match student.hidden.dtype() {
-        DType::F32 => linear_host::<B, f32>(&student, &teacher, targets.clone(), setup, with_grad),
-        DType::F64 => linear_host::<B, f64>(&student, &teacher, targets.clone(), setup, with_grad),
+        _ if generic => None,
+        DType::F32 => host!(f32),
+        DType::F64 => host!(f64),
         _ => None,
     };
     match host {
-        Some(out) => out,
+        Some(out) => Some(out),
         None => linear::chunked::<B>(student, teacher, targets, setup, with_grad),
     }
 }
 
-/// [`linear_on_slices`] on the tensors of `B` read as `R`; `None` (outer) where one of them
-/// holds another type.
+/// [`DistillBackend::distill_sparse_linear_chunked`] of a CPU backend: the host loop of
+/// [`linear_cpu::linear_rows`] around the sparse row kernel for f32 and f64; the generic chunks
+/// otherwise; `None` where no fused sparse kernel applies (`Kernel::Reference`, another dtype,
+/// `Reduction::PerRow` with a gradient).
+pub(super) fn sparse_linear_chunked<B: HostFloats>(
+    student: LinearSide<B>,
+    teacher: SparseInputs<B>,
+    targets: Option<IntTensor<B>>,
+    setup: &LinearSetup,
+    sparse: SparseSetup,
+    with_grad: bool,
+) -> Option<LinearOutput<B>> {
+    let dtype = student.hidden.dtype();
+    let k = teacher.indices.shape()[1];
+    if setup.kernel == Kernel::Reference
+        || !B::has_sparse_fused_kernel(dtype, k)
+        || (with_grad && setup.params.reduction == Reduction::PerRow)
+    {
+        return None;
+    }
+    if student.weight.shape()[0] == 0 {
+        return crate::sparse_linear::chunked::<B>(
+            student, teacher, targets, setup, sparse, with_grad,
+        );
+    }
+    let n = student.hidden.shape()[0];
+    let vocab = student.weight.shape()[1];
+    let (k, indices, log_probs, valid) = host_sparse::<B>(teacher, n);
+    let mut host_teacher = linear_cpu::SparseHostTeacher::new(
+        sparse_cpu::HostTeacher {
+            k,
+            indices: &indices,
+            log_probs: &log_probs,
+            valid: &valid,
+        },
+        (sparse.tail, sparse.generation_temperature),
+    );
+    match dtype {
+        DType::F32 => linear_host::<B, f32>(
+            &student,
+            &mut host_teacher,
+            vocab,
+            targets,
+            setup,
+            with_grad,
+        ),
+        DType::F64 => linear_host::<B, f64>(
+            &student,
+            &mut host_teacher,
+            vocab,
+            targets,
+            setup,
+            with_grad,
+        ),
+        _ => None,
+    }
+}
+
+/// A side's hidden states, weight and bias read as `R`, and the weight's `[H, V]`.
+type Slices<'a, R> = (Cow<'a, [R]>, Cow<'a, [R]>, Option<Cow<'a, [R]>>, [usize; 2]);
+
+/// `side`'s tensors as slices of `R`; `None` where one of them holds another type.
+fn host_sides<B: HostFloats, R: Real>(side: &LinearSide<B>) -> Option<Slices<'_, R>> {
+    let bias = match &side.bias {
+        Some(b) => Some(B::row_major::<R>(b)?),
+        None => None,
+    };
+    let shape = side.weight.shape();
+    Some((
+        B::row_major::<R>(&side.hidden)?,
+        B::row_major::<R>(&side.weight)?,
+        bias,
+        [shape[0], shape[1]],
+    ))
+}
+
+/// The slices of [`host_sides`] as a [`HostSide`].
+fn host_side<'a, R: Real>((h, w, b, [width, vocab]): &'a Slices<'_, R>) -> HostSide<'a, R> {
+    HostSide {
+        hidden: h,
+        weight: w,
+        bias: b.as_deref(),
+        width: *width,
+        vocab: *vocab,
+    }
+}
+
+/// [`linear_on_slices`] on the student's tensors read as `R`; `None` where one of them holds
+/// another type.
 fn linear_host<B: HostFloats, R: Gemm>(
     student: &LinearSide<B>,
-    teacher: &LinearSide<B>,
+    teacher: &mut impl HostChunkTeacher<R>,
+    aligned: usize,
     targets: Option<IntTensor<B>>,
     setup: &LinearSetup,
     with_grad: bool,
-) -> Option<Option<LinearOutput<B>>> {
-    type Slices<'a, R> = (Cow<'a, [R]>, Cow<'a, [R]>, Option<Cow<'a, [R]>>, [usize; 2]);
-    fn slices<B: HostFloats, R: Real>(side: &LinearSide<B>) -> Option<Slices<'_, R>> {
-        let bias = match &side.bias {
-            Some(b) => Some(B::row_major::<R>(b)?),
-            None => None,
-        };
-        let shape = side.weight.shape();
-        Some((
-            B::row_major::<R>(&side.hidden)?,
-            B::row_major::<R>(&side.weight)?,
-            bias,
-            [shape[0], shape[1]],
-        ))
-    }
-    fn host<'a, R: Real>((h, w, b, [width, vocab]): &'a Slices<'_, R>) -> HostSide<'a, R> {
-        HostSide {
-            hidden: h,
-            weight: w,
-            bias: b.as_deref(),
-            width: *width,
-            vocab: *vocab,
-        }
-    }
-    let (s, t) = (slices::<B, R>(student)?, slices::<B, R>(teacher)?);
+) -> Option<LinearOutput<B>> {
+    let s = host_sides::<B, R>(student)?;
     let device = B::float_device(&student.hidden);
-    Some(Some(linear_on_slices::<B, R>(
-        host(&s),
-        host(&t),
+    Some(linear_on_slices::<B, R>(
+        host_side(&s),
+        teacher,
+        aligned,
         targets,
         setup,
         with_grad,
         &device,
-    )))
+    ))
 }
 
 /// The fused-linear loss on host slices ([`linear_cpu::linear_rows`]) with the fused kernel,
 /// its outputs wrapped as tensors of `B` (not for `Reduction::PerRow` with a gradient).
 fn linear_on_slices<B: Backend, R: Gemm>(
     student: HostSide<'_, R>,
-    teacher: HostSide<'_, R>,
+    teacher: &mut impl HostChunkTeacher<R>,
+    aligned: usize,
     targets: Option<IntTensor<B>>,
     setup: &LinearSetup,
     with_grad: bool,
@@ -198,10 +298,6 @@ fn linear_on_slices<B: Backend, R: Gemm>(
     };
     let m = kept.len();
     let chunk_params = linear::chunk_params(&params, m);
-    let aligned = setup
-        .vocab_mismatch
-        .aligned_width(student.vocab, teacher.vocab, params.divergence)
-        .unwrap_or_else(|e| panic!("burn-distill: {e} (checked before the chunks)"));
     let plan = HostPlan {
         kept: &kept,
         targets: targets.as_deref(),

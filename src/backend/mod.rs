@@ -338,6 +338,23 @@ pub trait DistillBackend: Backend {
         crate::sparse_linear::parts::<Self>(student, teacher, targets, setup, sparse)
     }
 
+    /// The chunks of the fused-linear sparse loss on this backend: the loss parts and, with
+    /// `with_grad`, the student's gradients, computed `setup.chunk_rows()` kept rows at a time
+    /// against the teacher's rows; `None` where no fused sparse kernel applies (the caller then
+    /// materialises the logits). The default runs burn tensor ops per chunk around
+    /// [`DistillBackend::distill_sparse_fused`]; NdArray and Flex run the host loop of the
+    /// dense fused-linear loss around their sparse row kernel.
+    fn distill_sparse_linear_chunked(
+        student: LinearSide<Self>,
+        teacher: SparseInputs<Self>,
+        targets: Option<IntTensor<Self>>,
+        setup: &LinearSetup,
+        sparse: SparseSetup,
+        with_grad: bool,
+    ) -> Option<linear::LinearOutput<Self>> {
+        crate::sparse_linear::chunked::<Self>(student, teacher, targets, setup, sparse, with_grad)
+    }
+
     /// The default memory budget of the fused-linear losses' chunks (see
     /// [`DistillLossConfig::linear_chunk_bytes`](crate::DistillLossConfig::linear_chunk_bytes)):
     /// 64 MiB, overridden by the CubeCL backends (512 MiB).

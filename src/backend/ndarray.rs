@@ -12,7 +12,7 @@ use burn::tensor::{
 
 use super::cpu::{
     CPU_DTYPES, HostFloats, fused_on_slices, linear_chunked, scale_by_mul, scale_in_place,
-    sparse_on_slices, upstream_values,
+    sparse_linear_chunked, sparse_on_slices, upstream_values,
 };
 use super::{SparseInputs, SparseSetup};
 use crate::kernel::real::Real;
@@ -95,6 +95,17 @@ where
         with_grad: bool,
     ) -> Option<LinearOutput<Self>> {
         linear_chunked(student, teacher, targets, setup, with_grad)
+    }
+
+    fn distill_sparse_linear_chunked(
+        student: LinearSide<Self>,
+        teacher: SparseInputs<Self>,
+        targets: Option<IntTensor<Self>>,
+        setup: &LinearSetup,
+        sparse: SparseSetup,
+        with_grad: bool,
+    ) -> Option<LinearOutput<Self>> {
+        sparse_linear_chunked(student, teacher, targets, setup, sparse, with_grad)
     }
 
     fn has_sparse_fused_kernel(dtype: DType, _k: usize) -> bool {

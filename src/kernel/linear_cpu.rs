@@ -1,24 +1,29 @@
-//! The fused-linear loss on host slices (NdArray, Flex): the LM heads, the fused row kernel of
-//! [`super::cpu`] and the student's gradients, chunk by chunk of rows, in buffers allocated
-//! once per call.
+//! The fused-linear loss on host slices (NdArray, Flex): the student's LM head, a fused row
+//! kernel against the teacher's chunk and the student's gradients, chunk by chunk of rows, in
+//! buffers allocated once per call.
 //!
 //! Per chunk of `c` kept rows (gathered, so ignored rows never reach a matmul):
 //!
-//! - `z_s = h_s W_s + b_s`, `z_t = h_t W_t + b_t` into two `[c, V]` buffers (soft-capped,
-//!   `c · tanh(z / c)`, and aligned to one vocabulary in place);
-//! - the row kernel writes `g = ∂loss/∂z_s` into a third `[c, V]` buffer (times
-//!   `1 − tanh²(z_s / c)` under a cap, recovered from the capped `z_s`);
+//! - `z_s = h_s W_s + b_s` into a `[c, V]` buffer (soft-capped, `c · tanh(z / c)`, and aligned
+//!   to the loss's vocabulary in place);
+//! - the teacher's chunk ([`HostChunkTeacher`]): a dense teacher forms `z_t = h_t W_t + b_t` in
+//!   a second `[c, V]` buffer and runs the dense row kernel of [`super::cpu`]; a sparse one
+//!   gathers its `[c, k]` entries and runs the sparse row kernel of [`super::sparse_cpu`].
+//!   Either writes `g = ∂loss/∂z_s` into a `[c, V]` gradient buffer (times `1 − tanh²(z_s / c)`
+//!   under a cap, recovered from the capped `z_s`);
 //! - `∂h_s = g W_sᵀ`, `∂W_s += h_sᵀ g` (one GEMM accumulating in place, `β = 1`: no `[H, V]`
-//!   temporary per chunk), `∂b_s += Σ_rows g`.
+//!   temporary per chunk; none at all for a frozen head), `∂b_s += Σ_rows g`.
 //!
 //! GEMMs are `matrixmultiply`'s (NdArray's own), on strided views: the transposes are strides,
-//! never copies. Extra memory: three `[c, V]` buffers, three `[c, H]` ones, and the gradients.
+//! never copies. Extra memory: two `[c, V]` buffers (three with a dense teacher), `[c, H]` ones,
+//! and the gradients.
 
 use rayon::prelude::*;
 
-use super::cpu::{RowOut, distill_rows_into, zeroed_grad};
+use super::cpu::{self, RowOut, zeroed_grad};
 use super::real::Real;
-use crate::DistillParams;
+use super::sparse_cpu::{self, HostTeacher};
+use crate::{DistillParams, TailPolicy};
 
 /// A float with a general matrix product (`matrixmultiply`'s `sgemm` / `dgemm`).
 pub trait Gemm: Real {
@@ -204,24 +209,141 @@ pub struct HostGrads<R> {
     pub bias: Option<Vec<R>>,
 }
 
+/// The teacher of the host loop: for one chunk of kept rows, the row outputs against the
+/// student's `[c, aligned]` logits and, when asked, `∂loss/∂z_s` written into every entry of
+/// `grad`.
+pub trait HostChunkTeacher<R: Real> {
+    /// The rows `kept` (row indices of the batch) against the student's logits `zs`.
+    fn rows(
+        &mut self,
+        kept: &[usize],
+        zs: &[R],
+        aligned: usize,
+        targets: Option<&[i64]>,
+        params: &DistillParams,
+        grad: Option<&mut [R]>,
+    ) -> Vec<RowOut<R>>;
+}
+
+/// A dense teacher on the host: its hidden states and head, each chunk's logits formed (capped
+/// and aligned like the student's) in a buffer reused across chunks, then the dense row kernel.
+pub struct DenseHostTeacher<'a, R> {
+    side: HostSide<'a, R>,
+    cap: Option<f64>,
+    hidden: Vec<R>,
+    logits: Vec<R>,
+}
+
+impl<'a, R: Real> DenseHostTeacher<'a, R> {
+    /// The teacher `side`, its logits capped at `cap`.
+    pub fn new(side: HostSide<'a, R>, cap: Option<f64>) -> Self {
+        Self {
+            side,
+            cap,
+            hidden: Vec::new(),
+            logits: Vec::new(),
+        }
+    }
+}
+
+impl<R: Gemm> HostChunkTeacher<R> for DenseHostTeacher<'_, R> {
+    fn rows(
+        &mut self,
+        kept: &[usize],
+        zs: &[R],
+        aligned: usize,
+        targets: Option<&[i64]>,
+        params: &DistillParams,
+        grad: Option<&mut [R]>,
+    ) -> Vec<RowOut<R>> {
+        let (c, width) = (kept.len(), self.side.width);
+        grow(&mut self.hidden, c * width);
+        grow(&mut self.logits, c * aligned);
+        let hidden = &mut self.hidden[..c * width];
+        gather(self.side.hidden, width, kept, hidden);
+        let zt = &mut self.logits[..c * aligned];
+        logits(&self.side, hidden, aligned, self.cap, zt);
+        cpu::distill_rows_into(zs, zt, aligned, targets, params, grad).0
+    }
+}
+
+/// A sparse teacher on the host (`[N, k]` entries): each chunk's rows gathered into buffers
+/// reused across chunks, then the sparse row kernel.
+pub struct SparseHostTeacher<'a> {
+    teacher: HostTeacher<'a>,
+    setup: (TailPolicy, f64),
+    indices: Vec<i64>,
+    log_probs: Vec<f64>,
+    valid: Vec<bool>,
+}
+
+impl<'a> SparseHostTeacher<'a> {
+    /// The teacher's entries with the loss's `(tail, generation_temperature)`.
+    pub fn new(teacher: HostTeacher<'a>, setup: (TailPolicy, f64)) -> Self {
+        Self {
+            teacher,
+            setup,
+            indices: Vec::new(),
+            log_probs: Vec::new(),
+            valid: Vec::new(),
+        }
+    }
+}
+
+impl<R: Real> HostChunkTeacher<R> for SparseHostTeacher<'_> {
+    fn rows(
+        &mut self,
+        kept: &[usize],
+        zs: &[R],
+        aligned: usize,
+        targets: Option<&[i64]>,
+        params: &DistillParams,
+        grad: Option<&mut [R]>,
+    ) -> Vec<RowOut<R>> {
+        let k = self.teacher.k;
+        let (indices, log_probs, valid) = (&mut self.indices, &mut self.log_probs, &mut self.valid);
+        indices.clear();
+        log_probs.clear();
+        valid.clear();
+        for &i in kept {
+            let entries = i * k..(i + 1) * k;
+            indices.extend_from_slice(&self.teacher.indices[entries.clone()]);
+            log_probs.extend_from_slice(&self.teacher.log_probs[entries.clone()]);
+            valid.extend_from_slice(&self.teacher.valid[entries]);
+        }
+        let chunk = HostTeacher {
+            k,
+            indices,
+            log_probs,
+            valid,
+        };
+        sparse_cpu::sparse_rows_into(zs, aligned, &chunk, targets, params, self.setup, grad).0
+    }
+}
+
+/// `buffer` at least `len` long (grown once, to the largest chunk).
+fn grow<R: Real>(buffer: &mut Vec<R>, len: usize) {
+    if buffer.len() < len {
+        buffer.resize(len, R::ZERO);
+    }
+}
+
 /// The fused-linear loss on host slices: the outputs of the kept rows (in `plan.kept` order)
 /// and, with `plan.with_grad`, the student's gradients of the reduced loss.
 pub fn linear_rows<R: Gemm>(
     student: HostSide<'_, R>,
-    teacher: HostSide<'_, R>,
+    teacher: &mut impl HostChunkTeacher<R>,
     plan: &HostPlan<'_>,
 ) -> (Vec<RowOut<R>>, Option<HostGrads<R>>) {
     let (va, m) = (plan.aligned, plan.kept.len());
     let chunk = plan.chunk.clamp(1, m.max(1));
     let mut zs = zeroed_grad::<R>(chunk * va);
-    let mut zt = zeroed_grad::<R>(chunk * va);
     let mut g = if plan.with_grad {
         zeroed_grad::<R>(chunk * va)
     } else {
         Vec::new()
     };
     let mut hs = vec![R::ZERO; chunk * student.width];
-    let mut ht = vec![R::ZERO; chunk * teacher.width];
     let mut dh = vec![
         R::ZERO;
         if plan.with_grad {
@@ -246,22 +368,20 @@ pub fn linear_rows<R: Gemm>(
     let mut targets = Vec::with_capacity(chunk);
     for (index, kept) in plan.kept.chunks(chunk).enumerate() {
         let c = kept.len();
-        let (zs, zt) = (&mut zs[..c * va], &mut zt[..c * va]);
+        let zs = &mut zs[..c * va];
         gather(student.hidden, student.width, kept, &mut hs);
-        gather(teacher.hidden, teacher.width, kept, &mut ht);
         logits(&student, &hs[..c * student.width], va, plan.cap, zs);
-        logits(&teacher, &ht[..c * teacher.width], va, plan.cap, zt);
         targets.clear();
         if let Some(t) = plan.targets {
             targets.extend(kept.iter().map(|&i| t[i]));
         }
         let y = plan.targets.map(|_| targets.as_slice());
         let Some(grads) = grads.as_mut() else {
-            rows.extend(distill_rows_into(zs, zt, va, y, plan.params, None).0);
+            rows.extend(teacher.rows(kept, zs, va, y, plan.params, None));
             continue;
         };
         let g = &mut g[..c * va];
-        rows.extend(distill_rows_into(zs, zt, va, y, plan.params, Some(g)).0);
+        rows.extend(teacher.rows(kept, zs, va, y, plan.params, Some(g)));
         if let Some(cap) = plan.cap {
             // `∂(c · tanh(z / c))/∂z = 1 − tanh²(z / c)`, with `tanh(z / c)` = capped `z` / c.
             let inv = R::of(cap.recip());
@@ -276,43 +396,60 @@ pub fn linear_rows<R: Gemm>(
                 });
         }
         let g = View::row_major(&*g, c, vs, va);
-        let w = View::row_major(student.weight, student.width, vs, student.vocab);
-        // ∂h = g Wᵀ.
-        let dh_c = ViewMut::row_major(
-            &mut dh[..c * student.width],
-            c,
-            student.width,
-            student.width,
+        student_grads(
+            &student,
+            &hs[..c * student.width],
+            kept,
+            g,
+            index == 0,
+            &mut dh,
+            grads,
         );
-        gemm(g, w.t(), R::ZERO, dh_c);
-        for (&i, row) in kept.iter().zip(dh.chunks(student.width)) {
-            grads.hidden[i * student.width..(i + 1) * student.width].copy_from_slice(row);
-        }
-        // ∂W += hᵀ g, in place (the first chunk overwrites the zeros).
-        // (None for a frozen or tied head: no `[H, V]` product at all.)
-        if let Some(weight) = grads.weight.as_mut() {
-            let h = View::row_major(&hs[..c * student.width], c, student.width, student.width);
-            let dw = ViewMut::row_major(weight, student.width, vs, student.vocab);
-            gemm(h.t(), g, if index == 0 { R::ZERO } else { R::ONE }, dw);
-        }
-        // ∂b += Σ_rows g, columns in parallel.
-        if let Some(db) = grads.bias.as_mut() {
-            const BLOCK: usize = 1024;
-            db[..vs]
-                .par_chunks_mut(BLOCK)
-                .enumerate()
-                .for_each(|(block, acc)| {
-                    let start = block * BLOCK;
-                    for r in 0..c {
-                        let row = &g.data[r * va + start..r * va + start + acc.len()];
-                        for (a, &x) in acc.iter_mut().zip(row) {
-                            *a = *a + x;
-                        }
-                    }
-                });
-        }
     }
     (rows, grads)
+}
+
+/// One chunk's share of the student's gradients from `g = ∂loss/∂z_s` (`[c, V_s]`): `∂h = g Wᵀ`
+/// into the kept rows, `∂W += hᵀ g` in place (overwritten on the `first` chunk; no `[H, V]`
+/// product at all for a frozen or tied head), `∂b += Σ_rows g`.
+fn student_grads<R: Gemm>(
+    student: &HostSide<'_, R>,
+    hs: &[R],
+    kept: &[usize],
+    g: View<'_, R>,
+    first: bool,
+    dh: &mut [R],
+    grads: &mut HostGrads<R>,
+) {
+    let (c, width) = (kept.len(), student.width);
+    let vs = g.layout.cols;
+    let w = View::row_major(student.weight, width, vs, student.vocab);
+    let dh_c = ViewMut::row_major(&mut dh[..c * width], c, width, width);
+    gemm(g, w.t(), R::ZERO, dh_c);
+    for (&i, row) in kept.iter().zip(dh.chunks(width)) {
+        grads.hidden[i * width..(i + 1) * width].copy_from_slice(row);
+    }
+    if let Some(weight) = grads.weight.as_mut() {
+        let h = View::row_major(hs, c, width, width);
+        let dw = ViewMut::row_major(weight, width, vs, student.vocab);
+        gemm(h.t(), g, if first { R::ZERO } else { R::ONE }, dw);
+    }
+    if let Some(db) = grads.bias.as_mut() {
+        const BLOCK: usize = 1024;
+        let stride = g.layout.row_stride;
+        db[..vs]
+            .par_chunks_mut(BLOCK)
+            .enumerate()
+            .for_each(|(block, acc)| {
+                let start = block * BLOCK;
+                for r in 0..c {
+                    let row = &g.data[r * stride + start..r * stride + start + acc.len()];
+                    for (a, &x) in acc.iter_mut().zip(row) {
+                        *a = *a + x;
+                    }
+                }
+            });
+    }
 }
 
 /// Rows `kept` of an `[N, width]` matrix, packed into `out`.

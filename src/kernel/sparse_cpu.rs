@@ -64,6 +64,46 @@ pub fn sparse_rows<R: Real>(
     generation_temperature: f64,
     with_grad: bool,
 ) -> CpuRows<R> {
+    let teacher_setup = (tail, generation_temperature);
+    if with_grad {
+        let mut grad = cpu::zeroed_grad::<R>(student.len());
+        let (rows, kept) = sparse_rows_into(
+            student,
+            v,
+            teacher,
+            targets,
+            params,
+            teacher_setup,
+            Some(&mut grad),
+        );
+        CpuRows {
+            rows,
+            kept,
+            grad: Some(grad),
+        }
+    } else {
+        let (rows, kept) =
+            sparse_rows_into(student, v, teacher, targets, params, teacher_setup, None);
+        CpuRows {
+            rows,
+            kept,
+            grad: None,
+        }
+    }
+}
+
+/// [`sparse_rows`] writing the gradient into `grad` (`[N·V]`, every entry overwritten, so a
+/// buffer can be reused across calls): the per-row outputs and the number of rows kept.
+/// `(tail, generation_temperature)` as the sparse loss's.
+pub fn sparse_rows_into<R: Real>(
+    student: &[R],
+    v: usize,
+    teacher: &HostTeacher<'_>,
+    targets: Option<&[i64]>,
+    params: &DistillParams,
+    (tail, generation_temperature): (TailPolicy, f64),
+    grad: Option<&mut [R]>,
+) -> (Vec<RowOut<R>>, usize) {
     assert!(v > 0 && student.len().is_multiple_of(v), "[N, V] logits");
     let n = student.len() / v;
     let k = teacher.k;
@@ -120,29 +160,20 @@ pub fn sparse_rows<R: Real>(
         };
         row.run(isa, &ctx, scratch, g)
     };
-    if with_grad {
-        let mut grad = cpu::zeroed_grad::<R>(n * v);
-        let rows = grad
-            .par_chunks_mut(v)
-            .enumerate()
-            .map_init(init, |scratch, (i, g)| run(scratch, i, Some(g)))
-            .collect();
-        CpuRows {
-            rows,
-            kept,
-            grad: Some(grad),
+    let rows = match grad {
+        Some(grad) => {
+            assert_eq!(grad.len(), n * v, "[N, V] gradient");
+            grad.par_chunks_mut(v)
+                .enumerate()
+                .map_init(init, |scratch, (i, g)| run(scratch, i, Some(g)))
+                .collect()
         }
-    } else {
-        let rows = (0..n)
+        None => (0..n)
             .into_par_iter()
             .map_init(init, |scratch, i| run(scratch, i, None))
-            .collect();
-        CpuRows {
-            rows,
-            kept,
-            grad: None,
-        }
-    }
+            .collect(),
+    };
+    (rows, kept)
 }
 
 /// The settings every row shares.

@@ -32,6 +32,9 @@ struct RawConfig {
     dense: super::RawConfig,
     generation_temperature: f64,
     tail: String,
+    /// The student's logit soft-cap, if any.
+    #[serde(default)]
+    softcap: Option<f64>,
 }
 
 /// One sparse golden case, decoded.
@@ -100,7 +103,7 @@ pub fn sparse_cases() -> Vec<SparseCase> {
                 "tail_bucket" => TailPolicy::TailBucket,
                 other => panic!("unknown tail policy {other}"),
             };
-            let dense = c.config.dense.dense();
+            let dense = c.config.dense.dense().with_logit_softcap(c.config.softcap);
             SparseCase {
                 name: c.name,
                 shape: c.shape,
@@ -128,7 +131,7 @@ pub fn assert_sparse_golden<B: AutodiffBackend + DistillBackend>(
     grad_tol: (f64, f64),
 ) {
     let cases = sparse_cases();
-    assert_eq!(cases.len(), 21, "the full sparse golden set");
+    assert_eq!(cases.len(), 24, "the full sparse golden set");
     let mut failures = Vec::new();
     for case in &cases {
         for kernel in [Kernel::Reference, Kernel::Auto] {

@@ -565,6 +565,7 @@ where
             Some(4),
             true,
             true,
+            None,
         ),
         (
             TailPolicy::TailBucket,
@@ -573,6 +574,7 @@ where
             Some(1),
             true,
             true,
+            Some(0.8),
         ),
         (
             TailPolicy::Renormalize {
@@ -583,6 +585,7 @@ where
             Some(64),
             false,
             true,
+            Some(0.3),
         ),
         (
             TailPolicy::Renormalize {
@@ -593,6 +596,7 @@ where
             None,
             true,
             false,
+            None,
         ),
         (
             TailPolicy::TailBucket,
@@ -601,9 +605,21 @@ where
             Some(5),
             true,
             true,
+            None,
+        ),
+        (
+            TailPolicy::TailBucket,
+            Divergence::ForwardKl,
+            Reduction::Mean,
+            Some(3),
+            true,
+            true,
+            Some(0.4),
         ),
     ];
-    for (tail, divergence, reduction, chunk, bias, labels) in cases {
+    // (tail, divergence, reduction, chunk rows, bias, labels, logit soft-cap): caps of 0.3 to
+    // 0.8, below the largest logits (0.7 without bias, 1.7 with), saturate part of the rows.
+    for (tail, divergence, reduction, chunk, bias, labels, cap) in cases {
         let config = SparseDistillLossConfig::new(
             DistillLossConfig::new()
                 .with_temperature(2.0)
@@ -611,12 +627,21 @@ where
                 .with_divergence(divergence)
                 .with_reduction(reduction)
                 .with_label_smoothing(0.05)
+                .with_logit_softcap(cap)
                 .with_linear_chunk_rows(chunk),
         )
         .with_tail(tail)
         .with_generation_temperature(1.5);
         let loss = config.init();
         let sh = head::<B>(h, v, 0.71, bias, device);
+        if let Some(cap) = cap {
+            let top = values(sh.forward(hidden()).abs().max());
+            assert!(
+                top[0] > 1.5 * cap,
+                "the cap {cap} bites (max |z| = {})",
+                top[0]
+            );
+        }
         let run = |fused: bool| {
             let hs = hidden();
             let value = match (fused, labels) {
@@ -645,7 +670,7 @@ where
         );
         assert!(
             failures.is_empty(),
-            "{tail:?} {divergence:?} {reduction:?} chunk {chunk:?}:\n{}",
+            "{tail:?} {divergence:?} {reduction:?} chunk {chunk:?} cap {cap:?}:\n{}",
             failures.join("\n")
         );
     }

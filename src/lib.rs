@@ -52,18 +52,20 @@ mod linear;
 mod loss;
 #[cfg(feature = "collective")]
 mod parallel;
+mod params;
 mod reduction;
 mod softmax;
 mod sparse;
 mod sparse_linear;
 pub mod store;
+mod tail;
 pub mod testing;
 mod validation;
 mod vocab;
 
 pub use backend::{
-    DistillBackend, DistillParams, DistillParts, FusedOutput, SparseInputs, SparseSetup,
-    reference_loss,
+    DistillBackend, DistillParts, FusedOutput, LinearGrads, LinearOutput, LinearSetup, LinearSide,
+    SparseInputs, SparseSetup, reference_loss,
 };
 pub use divergence::Divergence;
 pub use error::DistillError;
@@ -72,18 +74,16 @@ pub use kernel::Kernel;
 #[doc(hidden)]
 #[cfg(any(feature = "ndarray", feature = "flex"))]
 pub use kernel::internals;
-pub use linear::{LinearGrads, LinearOutput, LinearSetup, LinearSide};
 pub use loss::{DistillLoss, DistillLossConfig, DistillOutput};
 #[cfg(feature = "collective")]
 pub use parallel::{VocabShard, vocab_parallel};
+pub use params::DistillParams;
 pub use reduction::Reduction;
 pub use softmax::{
     temperature_log_softmax, temperature_softmax, try_temperature_log_softmax,
     try_temperature_softmax,
 };
-pub use sparse::{
-    SparseDistillLoss, SparseDistillLossConfig, SparseTeacher, StudentSupport, TAIL_FLOOR,
-    TailPolicy,
-};
+pub use sparse::{SparseDistillLoss, SparseDistillLossConfig, SparseTeacher};
+pub use tail::{StudentSupport, TAIL_FLOOR, TailPolicy};
 pub use validation::Validation;
 pub use vocab::{MASKED_LOGIT, VocabMismatch};

@@ -433,7 +433,7 @@ impl TeacherStoreWriter {
                 )
                 .into());
             }
-            if lp.is_nan() || lp as f64 > crate::sparse::ROUNDING {
+            if lp.is_nan() || lp as f64 > crate::tail::ROUNDING {
                 return Err(DistillError::invalid(
                     format!("log_probs (row {row}, entry {})", i % k),
                     lp,

@@ -18,9 +18,10 @@ use burn::tensor::{
 };
 
 use super::{DistillBackend, DistillParams, DistillParts, FusedOutput, SparseInputs, SparseSetup};
+use super::{LinearGrads, LinearSetup, LinearSide};
 #[cfg(feature = "collective")]
 use crate::DistillError;
-use crate::linear::{self, LinearGrads, LinearSetup, LinearSide};
+use crate::linear;
 
 /// Backward of a fused loss with `N` differentiable inputs: the gradients computed by the
 /// forward pass (one per input, in order), times the upstream gradient.

@@ -204,23 +204,17 @@ pub(super) fn sparse_linear_chunked<B: HostFloats>(
         },
         (sparse.tail, sparse.generation_temperature),
     );
+    let mut run = |f64: bool| {
+        let (t, y) = (&mut host_teacher, targets.clone());
+        if f64 {
+            linear_host::<B, f64>(&student, t, vocab, y, setup, with_grad)
+        } else {
+            linear_host::<B, f32>(&student, t, vocab, y, setup, with_grad)
+        }
+    };
     match dtype {
-        DType::F32 => linear_host::<B, f32>(
-            &student,
-            &mut host_teacher,
-            vocab,
-            targets,
-            setup,
-            with_grad,
-        ),
-        DType::F64 => linear_host::<B, f64>(
-            &student,
-            &mut host_teacher,
-            vocab,
-            targets,
-            setup,
-            with_grad,
-        ),
+        DType::F32 => run(false),
+        DType::F64 => run(true),
         _ => None,
     }
 }
@@ -289,7 +283,6 @@ fn linear_on_slices<B: Backend, R: Gemm>(
     device: &B::Device,
 ) -> LinearOutput<B> {
     let params = setup.params;
-    HOST_LINEAR_CALLS.with(|calls| calls.set(calls.get() + 1));
     let n = student.hidden.len() / student.width;
     let targets = host_targets::<B>(targets);
     let kept: Vec<usize> = match (&targets, params.ignore_index) {
@@ -297,7 +290,7 @@ fn linear_on_slices<B: Backend, R: Gemm>(
         _ => (0..n).collect(),
     };
     let m = kept.len();
-    let chunk_params = linear::chunk_params(&params, m);
+    let chunk_params = crate::params::chunk_params(&params, m);
     let plan = HostPlan {
         kept: &kept,
         targets: targets.as_deref(),
@@ -342,12 +335,6 @@ fn linear_on_slices<B: Backend, R: Gemm>(
         bias: g.bias.map(|b| tensor(b, vec![student.vocab])),
     });
     (parts, grads)
-}
-
-thread_local! {
-    /// Calls of the fused-linear host loop on this thread (a test hook: the tests check that
-    /// NdArray and Flex run it, since every fallback gives the same values).
-    pub(super) static HOST_LINEAR_CALLS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// The kernel's rows reduced on the host (in f64) and wrapped as tensors of `B`.

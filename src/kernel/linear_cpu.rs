@@ -328,6 +328,11 @@ fn grow<R: Real>(buffer: &mut Vec<R>, len: usize) {
     }
 }
 
+thread_local! {
+    /// Calls of the fused-linear host loop on this thread (a test hook: the tests check that
+    /// NdArray and Flex run it, since every fallback gives the same values).
+    pub(crate) static HOST_LINEAR_CALLS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
 /// The fused-linear loss on host slices: the outputs of the kept rows (in `plan.kept` order)
 /// and, with `plan.with_grad`, the student's gradients of the reduced loss.
 pub fn linear_rows<R: Gemm>(
@@ -335,6 +340,7 @@ pub fn linear_rows<R: Gemm>(
     teacher: &mut impl HostChunkTeacher<R>,
     plan: &HostPlan<'_>,
 ) -> (Vec<RowOut<R>>, Option<HostGrads<R>>) {
+    HOST_LINEAR_CALLS.with(|calls| calls.set(calls.get() + 1));
     let (va, m) = (plan.aligned, plan.kept.len());
     let chunk = plan.chunk.clamp(1, m.max(1));
     let mut zs = zeroed_grad::<R>(chunk * va);

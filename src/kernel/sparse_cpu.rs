@@ -292,8 +292,8 @@ impl<R: Real> Row<'_, R> {
         // the GPU.
         let in_k = &mut scratch.in_k;
         let mass: f64 = entries.iter().map(|&(_, lp)| lp.exp()).sum();
-        let mut duplicate = entries.iter().any(|&(_, lp)| lp > crate::sparse::ROUNDING)
-            || (tail == TailPolicy::TailBucket && mass > 1.0 + crate::sparse::ROUNDING);
+        let mut duplicate = entries.iter().any(|&(_, lp)| lp > crate::tail::ROUNDING)
+            || (tail == TailPolicy::TailBucket && mass > 1.0 + crate::tail::ROUNDING);
         for &(i, _) in entries.iter() {
             duplicate |= std::mem::replace(&mut in_k[i], true);
         }
@@ -425,7 +425,7 @@ impl<R: Real> Row<'_, R> {
                     w.push(R::of(if no_tail {
                         f64::NEG_INFINITY
                     } else {
-                        ratio * (-mass).ln_1p().max(crate::sparse::TAIL_FLOOR.ln())
+                        ratio * (-mass).ln_1p().max(crate::tail::TAIL_FLOOR.ln())
                     }));
                     self.virtual_soft(u, w, gu, virtual_params, &mut scratch.small)
                 }

@@ -27,7 +27,7 @@
 use cubecl::prelude::*;
 
 use super::cube::{DivKind, column_grad, column_term, row_max, row_sum, soft_logit_grad};
-use crate::sparse::TAIL_FLOOR;
+use crate::tail::TAIL_FLOOR;
 use crate::vocab::MASKED_LOGIT;
 use crate::{StudentSupport, TailPolicy};
 
@@ -199,7 +199,7 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric, G: Float, N: Size>(
         e += step;
     }
     let duplicates = row_sum(&mut smem, duplicates);
-    // (The limits of the checks, `crate::sparse::ROUNDING`: a log-probability above 1e-3, or a
+    // (The limits of the checks, `crate::tail::ROUNDING`: a log-probability above 1e-3, or a
     // tail-bucket mass above 1 + 1e-3, is not a distribution.)
     let mut bad_teacher = out_of_range > 0.0 || duplicates > 0.0;
     if comptime!(tail == TailKind::Bucket) {

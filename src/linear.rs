@@ -453,7 +453,7 @@ impl DistillLoss {
     /// # Shapes
     /// - `student_hidden`: `[N, H_s]`, `student_head`: `Linear` `H_s → V_s`
     /// - `teacher_hidden`: `[N, H_t]`, `teacher_head`: `Linear` `H_t → V_t` (`V_t ≠ V_s` only
-    ///   with a [`VocabMismatch`] policy)
+    ///   with a [`VocabMismatch`](crate::VocabMismatch) policy)
     /// - `targets`: `[N]`; output as [`DistillLoss::forward`]
     ///
     /// ```

@@ -63,7 +63,7 @@ impl LinearSetup {
 }
 
 /// The loss parts and, when asked, the student's gradients, of a chunked fused-linear loss
-/// (see [`DistillBackend::distill_linear_chunked`]).
+/// (see [`DistillBackend::distill_linear_chunked`](crate::DistillBackend::distill_linear_chunked)).
 pub type LinearOutput<B> = (DistillParts<B>, Option<LinearGrads<B>>);
 
 /// The student's gradients of a chunked fused-linear loss, computed in the forward pass.

@@ -1,0 +1,448 @@
+//! The exchange and the closed-form loss and gradient of one peer's shard: row statistics
+//! all-gathered and merged (online softmax across peers), the row sums of the mixture
+//! divergences, the shard's gradient.
+
+use super::*;
+
+/// Sums `tensor` across the peers.
+pub(super) fn sum_across<B: Backend, const D: usize>(
+    peer: PeerId,
+    tensor: Tensor<B, D>,
+    step: &str,
+) -> Result<Tensor<B, D>, DistillError> {
+    // Flat: burn-collective 0.21's global (multi-node) all-reduce hangs on tensors of more
+    // than one dimension.
+    let shape = tensor.shape();
+    let flat = tensor.reshape([shape.num_elements()]);
+    all_reduce::<B>(peer, flat.into_primitive().tensor(), ReduceOperation::Sum)
+        .map(|t| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t)).reshape(shape))
+        .map_err(|e| DistillError::Collective {
+            operation: step.to_string(),
+            message: format!("{e:?}"),
+        })
+}
+
+/// `x` where finite, `0` elsewhere (a shard whose row is all `−∞` padding has no maximum to
+/// shift by; its sums are `0` whatever the shift).
+fn finite_or_zero<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let infinite = x.clone().is_finite().bool_not();
+    x.mask_fill(infinite, 0.0)
+}
+
+/// Merges `[P, N, 1]` per-peer maxima `m_p` and sums `S_p = Σ_{j∈p} e^{(x_j − m_p)/T}`
+/// (`m = max_p m_p`, `S = Σ_p S_p e^{(m_p − m)/T}`).
+struct Merged<B: Backend> {
+    /// `[N, 1]` log-normaliser `m/T + log S`.
+    lse: Tensor<B, 2>,
+    /// `[N, 1]` `log S`.
+    log_sum: Tensor<B, 2>,
+    /// `[N, 1]` global maximum `m` (`0` where every logit of the row is `−∞`).
+    max: Tensor<B, 2>,
+    /// `[P, N, 1]` `e^{(m_p − m)/T} / S`: turns a per-peer sum weighted by `e^{(x_j − m_p)/T}`
+    /// into its share of the global softmax expectation.
+    share: Tensor<B, 3>,
+}
+
+fn merge<B: Backend>(maxima: Tensor<B, 3>, sums: Tensor<B, 3>, t: f64) -> Merged<B> {
+    let n = maxima.dims()[1];
+    let m = finite_or_zero(maxima.clone().max_dim(0));
+    let rescale = (maxima - m.clone()).mul_scalar(t.recip()).exp();
+    let total = (sums * rescale.clone()).sum_dim(0);
+    let log_sum = total.clone().log().reshape([n, 1]);
+    Merged {
+        lse: log_sum.clone() + m.clone().reshape([n, 1]).mul_scalar(t.recip()),
+        log_sum,
+        max: m.clone().reshape([n, 1]),
+        share: rescale / total,
+    }
+}
+
+/// `h_j = q_j ∂φ/∂q_j` for each column of the divergence `D = Σ_j φ(p_j, q_j)` (see
+/// [`Divergence`]), with `0` where `q_j = 0`: the student gradient is then
+/// `(h_j − q_j Σ_k h_k) / T`.
+///
+/// ```text
+/// forward KL         h = −p
+/// reverse KL         h = q (log q − log p + 1)
+/// JSD(β)             h = (1 − β) q (log q − log m),          m = β p + (1 − β) q
+/// skew KL(λ)         h = −(1 − λ) p q / m,                    m = λ p + (1 − λ) q
+/// skew reverse KL(λ) h = q (log q − log m + 1 − λ q / m),     m = (1 − λ) p + λ q
+/// TVD                h = ½ q sign(q − p)
+/// ```
+fn sensitivity<B: Backend>(
+    divergence: Divergence,
+    log_p: Tensor<B, 2>,
+    log_q: Tensor<B, 2>,
+) -> Tensor<B, 2> {
+    let p = log_p.clone().exp();
+    let q = log_q.clone().exp();
+    let absent = q.clone().lower_equal_elem(0.0);
+    // `log m` and `1/m` where the mixture `m > 0` (wherever `q > 0`).
+    let mixture = |m: Tensor<B, 2>| {
+        let zero = m.clone().lower_equal_elem(0.0);
+        let m = m.mask_fill(zero, 1.0);
+        (m.clone().log(), m.recip())
+    };
+    let h = match divergence {
+        Divergence::ForwardKl => return p.neg(),
+        Divergence::ReverseKl => q.clone() * (log_q - log_p).add_scalar(1.0),
+        Divergence::Jsd { beta } => {
+            let (log_m, _) = mixture(p.mul_scalar(beta) + q.clone().mul_scalar(1.0 - beta));
+            (q * (log_q - log_m)).mul_scalar(1.0 - beta)
+        }
+        Divergence::SkewKl { lambda } => {
+            let (_, inv_m) =
+                mixture(p.clone().mul_scalar(lambda) + q.clone().mul_scalar(1.0 - lambda));
+            return (p * q * inv_m).mul_scalar(lambda - 1.0);
+        }
+        Divergence::SkewReverseKl { lambda } => {
+            let (log_m, inv_m) = mixture(p.mul_scalar(1.0 - lambda) + q.clone().mul_scalar(lambda));
+            let ratio = q.clone() * inv_m;
+            q * (log_q - log_m + ratio.mul_scalar(-lambda)).add_scalar(1.0)
+        }
+        Divergence::Tvd => return (q.clone() - p).sign().mul(q).mul_scalar(0.5),
+    };
+    h.mask_fill(absent, 0.0)
+}
+
+/// The vocabulary-parallel loss on one peer's shard (see the module documentation): the
+/// reduced loss and parts (equal on every peer) and, when `with_grad`, the gradient of the
+/// loss with respect to this shard's student logits. With `check`, the shards' layout is
+/// verified after the first exchange (one read of `5·P` numbers back to the host): every
+/// peer then fails alike when the shards overlap, leave a gap or disagree on the vocabulary,
+/// the peer count or the rows.
+///
+/// The default body of [`DistillBackend::distill_vocab_parallel`]; runs on any backend with
+/// burn tensor ops, exchanging through burn-collective on `B`.
+pub fn vocab_parallel<B: DistillBackend>(
+    student: FloatTensor<B>,
+    teacher: FloatTensor<B>,
+    targets: Option<IntTensor<B>>,
+    params: &DistillParams,
+    shard: &VocabShard,
+    check: bool,
+    with_grad: bool,
+) -> Result<FusedOutput<B>, DistillError> {
+    let z = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(student));
+    let u = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(teacher));
+    let logits_dtype = z.dtype();
+    // Half-precision shards are computed in f32 (sums over a shard overflow f16).
+    let compute = match logits_dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        dtype => dtype,
+    };
+    let (z, u) = (z.cast(compute), u.cast(compute).detach());
+    let [n, v] = z.dims();
+    let device = z.device();
+    let t = params.temperature;
+    let targets = targets.map(Tensor::<B, 1, Int>::from_primitive);
+    let hard_needed = targets.is_some();
+    let smoothing = params.label_smoothing;
+    let zeros = || Tensor::<B, 2>::zeros([n, 1], (&device, compute));
+
+    // Which rows this peer's shard holds the target of, and where.
+    let owned_target = targets.as_ref().map(|y| {
+        let local = y.clone().sub_scalar(shard.offset as i64);
+        let owned = local
+            .clone()
+            .greater_equal_elem(0)
+            .bool_and(local.clone().lower_elem(v as i64))
+            .unsqueeze_dim::<2>(1);
+        (owned, local.clamp(0, v as i64 - 1).unsqueeze_dim::<2>(1))
+    });
+
+    // 1. This shard's online-softmax statistics, gathered from every peer.
+    let inv_t = t.recip();
+    // The padding mask (the rule of `MASKED_LOGIT`), only needed for label smoothing.
+    let padding = (hard_needed && smoothing > 0.0).then(|| {
+        z.clone()
+            .greater_elem(crate::vocab::MASKED_LOGIT)
+            .bool_not()
+    });
+    let z_max = z.clone().max_dim(1);
+    let z_shift = z.clone() - finite_or_zero(z_max.clone());
+    let u_max = u.clone().max_dim(1);
+    let u_shift = u.clone() - finite_or_zero(u_max.clone());
+    let z_exp = z_shift.clone().mul_scalar(inv_t).exp();
+    let u_exp = u_shift.clone().mul_scalar(inv_t).exp();
+    // Forward and reverse KL need no second exchange: the shard's
+    // `Σ_j e^{(u_j − m^u_p)/T} ((u_j − m^u_p) − (z_j − m^z_p))/T` (forward KL; the student's
+    // weights and `z − u` for reverse KL), corrected by the shard's maxima and rescaled after
+    // the merge, is its part of `Σ_j p_j ((u_j − m^u) − (z_j − m^z))/T`, and then
+    // `KL(p‖q) = that − log S_t + log S_s` (max-shifted throughout, as the unsharded loss).
+    let weighted_gap = |weight: Tensor<B, 2>, a: Tensor<B, 2>, b: Tensor<B, 2>| {
+        let zero = weight.clone().lower_equal_elem(0.0);
+        (weight * (a - b).mul_scalar(inv_t).mask_fill(zero, 0.0)).sum_dim(1)
+    };
+    let gap = match params.divergence {
+        Divergence::ForwardKl => weighted_gap(u_exp.clone(), u_shift, z_shift.clone()),
+        Divergence::ReverseKl => weighted_gap(z_exp.clone(), z_shift.clone(), u_shift),
+        _ => zeros(),
+    };
+    let target_logit = match &owned_target {
+        Some((owned, index)) => z
+            .clone()
+            .gather(1, index.clone())
+            .mask_fill(owned.clone().bool_not(), 0.0),
+        None => zeros(),
+    };
+    let (finite_sum, finite_count) = match &padding {
+        Some(padding) => (
+            z.clone().mask_fill(padding.clone(), 0.0).sum_dim(1),
+            z.ones_like().mask_fill(padding.clone(), 0.0).sum_dim(1),
+        ),
+        None => (zeros(), zeros()),
+    };
+    let stats = Tensor::cat(
+        vec![
+            z_max,
+            z_exp.sum_dim(1),
+            if hard_needed {
+                z_shift.exp().sum_dim(1)
+            } else {
+                zeros()
+            },
+            u_max,
+            u_exp.sum_dim(1),
+            target_logit,
+            finite_sum,
+            finite_count,
+            gap,
+        ],
+        1,
+    );
+    // One more row per peer: its layout, checked by every peer after the exchange.
+    let mut layout = [0.0; STATS];
+    layout[..5].copy_from_slice(&[
+        shard.offset as f64,
+        v as f64,
+        shard.vocab as f64,
+        shard.peers as f64,
+        n as f64,
+    ]);
+    let layout = Tensor::<B, 1>::from_floats(layout, &device)
+        .cast(compute)
+        .reshape([1, STATS]);
+    let slots = Tensor::<B, 3>::zeros([shard.peers, n + 1, STATS], (&device, compute))
+        .slice_assign(
+            [shard.rank..shard.rank + 1, 0..n + 1, 0..STATS],
+            Tensor::cat(vec![stats, layout], 0).unsqueeze_dim(0),
+        );
+    let all = sum_across(shard.peer, slots, "all-gather of the row statistics")?;
+    if check {
+        check_layout(
+            all.clone().slice([0..shard.peers, n..n + 1, 0..5]),
+            shard,
+            n,
+        )?;
+    }
+    let column = |c: usize| all.clone().slice([0..shard.peers, 0..n, c..c + 1]);
+    let student_t = merge(column(0), column(1), t);
+    let teacher_t = merge(column(3), column(4), t);
+    let log_q = z.clone().mul_scalar(inv_t) - student_t.lse.clone();
+    let log_p = u.mul_scalar(inv_t) - teacher_t.lse.clone();
+
+    // 2. The divergence `D` per row and `H = Σ_k h_k` over the whole vocabulary: from the
+    // statistics for the KLs, otherwise from a second exchange of this shard's part of both
+    // row sums.
+    // `Σ_p (gap_p + ((m^w_p − m^w) − (m^o_p − m^o))/T · S^w_p) · share^w_p` for the weighting
+    // model `w` (the teacher for forward KL) and the other `o`; a shard of `−∞` only has
+    // `S_p = 0` and contributes nothing.
+    let kl_part =
+        |weights: &Merged<B>, w_max: usize, w_sum: usize, other: &Merged<B>, o_max: usize| {
+            let local = |c: usize, global: &Tensor<B, 2>| {
+                let maxima = column(c);
+                let finite = maxima.clone().is_finite();
+                (maxima - global.clone().unsqueeze_dim::<3>(0)).mask_fill(finite.bool_not(), 0.0)
+            };
+            let shift = (local(w_max, &weights.max) - local(o_max, &other.max)).mul_scalar(inv_t);
+            ((column(8) + shift * column(w_sum)) * weights.share.clone())
+                .sum_dim(0)
+                .reshape([n, 1])
+        };
+    let h = || sensitivity(params.divergence, log_p.clone(), log_q.clone());
+    let (divergence, h_total, h) = match params.divergence {
+        Divergence::ForwardKl => (
+            kl_part(&teacher_t, 3, 4, &student_t, 0) - teacher_t.log_sum.clone()
+                + student_t.log_sum.clone(),
+            Tensor::full([n, 1], -1.0, (&device, compute)),
+            with_grad.then(h),
+        ),
+        Divergence::ReverseKl => {
+            let kl = kl_part(&student_t, 0, 1, &teacher_t, 3) - student_t.log_sum.clone()
+                + teacher_t.log_sum.clone();
+            (kl.clone(), kl.add_scalar(1.0), with_grad.then(h))
+        }
+        _ => {
+            let h = h();
+            let partial = Tensor::cat(
+                vec![
+                    divergence_rows(params.divergence, log_p.clone(), log_q.clone())
+                        .unsqueeze_dim(1),
+                    h.clone().sum_dim(1),
+                ],
+                1,
+            );
+            let sums = sum_across(shard.peer, partial, "all-reduce of the row sums")?;
+            let (d, total) = (sums.clone().slice([0..n, 0..1]), sums.slice([0..n, 1..2]));
+            (d, total, with_grad.then_some(h))
+        }
+    };
+    let factor = params.soft_factor();
+    let soft = divergence.mul_scalar(factor);
+    let soft_grad = h.map(|h| (h - log_q.clone().exp() * h_total).mul_scalar(factor / t));
+
+    // Returned in the dtype of the backend's fused losses for these logits (f32 for half
+    // precision on the CubeCL backends, as `forward`).
+    let loss_dtype = B::fused_loss_dtype(logits_dtype);
+    let reduce = |rows: Tensor<B, 2>, ignored: Option<Tensor<B, 1, Bool>>| {
+        reduce_rows(rows.reshape([n]), ignored, params.reduction)
+            .cast(loss_dtype)
+            .into_primitive()
+            .tensor()
+    };
+    let Some(targets) = targets else {
+        let grad = soft_grad.map(|g| scale_rows(g, None, params, n, logits_dtype));
+        return Ok(FusedOutput {
+            parts: DistillParts {
+                loss: reduce(soft.clone(), None),
+                soft: reduce(soft, None),
+                hard: None,
+            },
+            grad,
+        });
+    };
+
+    // The hard term from the merged statistics at temperature 1.
+    let (owned, index) = owned_target.expect("targets were given");
+    let lse_one = merge(column(0), column(2), 1.0).lse;
+    let target_logit = column(5).sum_dim(0).reshape([n, 1]);
+    let mut hard = lse_one.clone() - target_logit.mul_scalar(1.0 - smoothing);
+    if smoothing > 0.0 {
+        let mean = column(6).sum_dim(0).reshape([n, 1]) / column(7).sum_dim(0).reshape([n, 1]);
+        hard = hard - mean.mul_scalar(smoothing);
+    }
+    let hard_grad = (with_grad && params.alpha < 1.0).then(|| {
+        let weight = Tensor::<B, 2>::full([n, 1], smoothing - 1.0, (&device, compute))
+            .mask_fill(owned.bool_not(), 0.0);
+        let mut g = (z.clone() - lse_one)
+            .exp()
+            .scatter(1, index, weight, IndexingUpdateOp::Add);
+        if let Some(padding) = padding {
+            let count = column(7).sum_dim(0).reshape([n, 1]);
+            let uniform = z.ones_like().mask_fill(padding, 0.0) / count;
+            g = g - uniform.mul_scalar(smoothing);
+        }
+        g
+    });
+
+    // α-mix (a term of weight 0 is skipped, so that an infinite term cannot give NaN), then the
+    // ignored rows (0) and the rows whose target is outside the vocabulary (NaN).
+    let alpha = params.alpha;
+    let mix = |s: Tensor<B, 2>, h: Tensor<B, 2>| match alpha {
+        1.0 => s,
+        0.0 => h,
+        _ => s.mul_scalar(alpha) + h.mul_scalar(1.0 - alpha),
+    };
+    let ignored = ignored_rows(Some(&targets), params.ignore_index);
+    let out_of_range = targets
+        .clone()
+        .lower_elem(0)
+        .bool_or(targets.clone().greater_equal_elem(shard.vocab as i64));
+    let bad = match ignored.clone() {
+        Some(ignored) => out_of_range.bool_and(ignored.bool_not()),
+        None => out_of_range,
+    };
+    let skipped = match ignored.clone() {
+        Some(ignored) => ignored.bool_or(bad.clone()),
+        None => bad.clone(),
+    }
+    .unsqueeze_dim::<2>(1);
+    let mask = |rows: Tensor<B, 2>| {
+        let rows = match ignored.clone() {
+            Some(ignored) => rows.mask_fill(ignored.unsqueeze_dim(1), 0.0),
+            None => rows,
+        };
+        rows.mask_fill(bad.clone().unsqueeze_dim(1), f64::NAN)
+    };
+    let loss = mask(mix(soft.clone(), hard.clone()));
+    let grad = soft_grad.map(|sg| {
+        let g = match hard_grad {
+            Some(hg) => mix(sg, hg),
+            None => sg,
+        };
+        let g = g.mask_fill(skipped.expand([n, v]), 0.0);
+        scale_rows(g, ignored.clone(), params, n, logits_dtype)
+    });
+    Ok(FusedOutput {
+        parts: DistillParts {
+            loss: reduce(loss, ignored.clone()),
+            soft: reduce(mask(soft), ignored.clone()),
+            hard: Some(reduce(mask(hard), ignored)),
+        },
+        grad,
+    })
+}
+
+/// Every peer's `[offset, width, vocab, peers, rows]` (a `[P, 1, 5]` slice of the gathered
+/// statistics, read back to the host) agrees with this peer's and tiles `[0, vocab)` in rank
+/// order; computed identically on every peer, so all fail alike.
+fn check_layout<B: Backend>(
+    layout: Tensor<B, 3>,
+    shard: &VocabShard,
+    rows: usize,
+) -> Result<(), DistillError> {
+    let values: Vec<f64> =
+        layout
+            .into_data()
+            .convert::<f64>()
+            .to_vec()
+            .map_err(|e| DistillError::Collective {
+                operation: "read of the shard layout".into(),
+                message: format!("{e:?}"),
+            })?;
+    let mut next = 0.0;
+    let mut described = Vec::new();
+    let mut consistent = true;
+    for (rank, peer) in values.chunks_exact(5).enumerate() {
+        let (offset, width, vocab, peers, n) = (peer[0], peer[1], peer[2], peer[3], peer[4]);
+        described.push(format!("rank {rank}: columns {offset}..{}", offset + width));
+        consistent &= offset == next
+            && vocab == shard.vocab as f64
+            && peers == shard.peers as f64
+            && n == rows as f64;
+        next = offset + width;
+    }
+    if consistent && next == shard.vocab as f64 {
+        return Ok(());
+    }
+    Err(DistillError::invalid(
+        "vocabulary shards",
+        format!(
+            "{} (vocab {}, {} peers, {rows} rows here)",
+            described.join(", "),
+            shard.vocab,
+            shard.peers
+        ),
+        "shards that tile [0, vocab) in rank order, with one vocab, peer count and row count on every peer",
+    ))
+}
+
+/// The per-row gradients times the reduction's factor, in the logits' dtype.
+fn scale_rows<B: Backend>(
+    grad: Tensor<B, 2>,
+    ignored: Option<Tensor<B, 1, Bool>>,
+    params: &DistillParams,
+    rows: usize,
+    dtype: DType,
+) -> FloatTensor<B> {
+    let device = grad.device();
+    let grad = match params
+        .reduction
+        .factor_tensor::<B>(ignored, rows, &device, grad.dtype())
+    {
+        Some(factor) => grad * factor.reshape([1, 1]),
+        None => grad,
+    };
+    grad.cast(dtype).into_primitive().tensor()
+}

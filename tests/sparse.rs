@@ -29,9 +29,15 @@ const TOP_K: TailPolicy = TailPolicy::Renormalize {
 #[test]
 fn golden_file_covers_every_policy_and_divergence() {
     let cases = sparse_cases();
-    assert_eq!(cases.len(), 21);
+    assert_eq!(cases.len(), 24);
     for tail in [FULL_VOCAB, TOP_K, TailPolicy::TailBucket] {
         assert!(cases.iter().any(|c| c.config.tail == tail));
+        // A soft-capped student under every tail policy.
+        assert!(
+            cases
+                .iter()
+                .any(|c| c.config.tail == tail && c.config.loss.logit_softcap.is_some())
+        );
     }
     assert!(cases.iter().any(|c| c.mask.is_some()));
     assert!(

@@ -16,15 +16,13 @@
 //! that they vectorize; the row function is compiled for AVX-512, AVX2+FMA and baseline x86-64
 //! and picked at run time.
 
-use std::sync::atomic::{AtomicU8, Ordering};
-
 use rayon::prelude::*;
 
 use super::real::Real;
+pub use super::simd::{Isa, force_isa, zeroed_grad};
+pub(super) use super::simd::{lane_max, lane_sum, selected_isa};
+use super::simd::{lane_sum_map, lane_sum_zip3, pow_const, select};
 use crate::{DistillParams, Divergence};
-
-/// Lanes of the accumulator arrays (independent partial sums, so sums vectorize).
-const LANES: usize = 16;
 
 /// The target of one row.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -162,92 +160,6 @@ pub fn distill_rows_into<R: Real>(
     (rows, kept)
 }
 
-/// A zeroed `[N·V]` gradient buffer. It comes from `calloc` (pages untouched), and on Linux it
-/// asks for transparent huge pages, so that the first write faults in 2 MiB at a time instead
-/// of 4 KiB (a large share of the cost of writing a fresh gradient).
-pub fn zeroed_grad<R: Real>(len: usize) -> Vec<R> {
-    let buffer = vec![R::ZERO; len];
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let start = buffer.as_ptr() as usize;
-        let end = start + std::mem::size_of_val(buffer.as_slice());
-        let aligned = start.next_multiple_of(HUGE);
-        if end >= aligned + HUGE {
-            // SAFETY: the range lies inside `buffer`'s allocation, which we own; the advice only
-            // changes how the kernel backs those pages, never their contents.
-            unsafe {
-                libc::madvise(
-                    aligned as *mut libc::c_void,
-                    (end - aligned) / HUGE * HUGE,
-                    libc::MADV_HUGEPAGE,
-                );
-            }
-        }
-    }
-    buffer
-}
-
-/// An instruction set the CPU row kernel is compiled for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Isa {
-    /// AVX-512 (F, VL, DQ) with AVX2, FMA and BMI2.
-    Avx512,
-    /// AVX2 with FMA.
-    Avx2,
-    /// The target's baseline (SSE2 on x86-64).
-    Baseline,
-}
-
-impl Isa {
-    /// The instruction sets this CPU can run, widest first.
-    pub fn available() -> Vec<Isa> {
-        let mut isas = Vec::new();
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512vl")
-                && std::arch::is_x86_feature_detected!("avx512dq")
-                && std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("bmi2")
-            {
-                isas.push(Isa::Avx512);
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                isas.push(Isa::Avx2);
-            }
-        }
-        isas.push(Isa::Baseline);
-        isas
-    }
-}
-
-/// 0: automatic; otherwise `1 + Isa as u8`.
-static FORCED_ISA: AtomicU8 = AtomicU8::new(0);
-
-/// Forces the CPU kernel onto one instruction set (`None`: the widest available, the
-/// default). For tests and benchmarks of the dispatch paths; forcing an instruction set the CPU
-/// lacks falls back to the widest available one.
-pub fn force_isa(isa: Option<Isa>) {
-    FORCED_ISA.store(isa.map_or(0, |i| i as u8 + 1), Ordering::Relaxed);
-}
-
-pub(super) fn selected_isa() -> Isa {
-    let available = Isa::available();
-    let forced = match FORCED_ISA.load(Ordering::Relaxed) {
-        1 => Some(Isa::Avx512),
-        2 => Some(Isa::Avx2),
-        3 => Some(Isa::Baseline),
-        _ => None,
-    };
-    forced
-        .filter(|i| available.contains(i))
-        .unwrap_or(available[0])
-}
-
 /// One row, on the given instruction set (one [`selected_isa`] of this CPU).
 #[allow(clippy::too_many_arguments)]
 fn row<R: Real>(
@@ -333,59 +245,6 @@ impl<R: Real> SmallRow<R> {
     }
 }
 
-/// `Σ f(x_j)` with `LANES` independent accumulators (so that the sum vectorizes; keep `f`
-/// simple).
-#[inline(always)]
-fn lane_sum_map<R: Real>(x: &[R], f: impl Fn(R) -> R) -> R {
-    let mut acc = [R::ZERO; LANES];
-    let mut chunks = x.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (a, &v) in acc.iter_mut().zip(chunk) {
-            *a = *a + f(v);
-        }
-    }
-    let tail = chunks.remainder().iter().fold(R::ZERO, |m, &v| m + f(v));
-    acc.iter().fold(tail, |m, &v| m + v)
-}
-
-/// `Σ x_j` with `LANES` independent accumulators.
-#[inline(always)]
-pub(super) fn lane_sum<R: Real>(x: &[R]) -> R {
-    lane_sum_map(x, |v| v)
-}
-
-/// Maximum of a row with `LANES` independent accumulators.
-#[inline(always)]
-pub(super) fn lane_max<R: Real>(x: &[R]) -> R {
-    let mut acc = [R::NEG_INFINITY; LANES];
-    let mut chunks = x.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (a, &v) in acc.iter_mut().zip(chunk) {
-            *a = a.max(v);
-        }
-    }
-    let tail = chunks
-        .remainder()
-        .iter()
-        .fold(R::NEG_INFINITY, |m, &v| m.max(v));
-    acc.iter().fold(tail, |m, &v| m.max(v))
-}
-
-#[inline(always)]
-fn select<R: Real>(cond: bool, a: R, b: R) -> R {
-    if cond { a } else { b }
-}
-
-/// `x^K` by multiplication (`K` a constant, so loops over it vectorize).
-#[inline(always)]
-fn pow_const<R: Real, const K: u32>(x: R) -> R {
-    let mut y = x;
-    for _ in 1..K {
-        y = y * x;
-    }
-    y
-}
-
 /// Calls `$body` with `$K` bound to the constant `k ∈ 2..=8` (loops that use `pow_const::<K>`
 /// are then compiled once per power and vectorize).
 macro_rules! with_power {
@@ -422,29 +281,6 @@ macro_rules! with_power {
             _ => unreachable!("Unit::Power holds 2..=8"),
         }
     };
-}
-
-/// `Σ f(a_j, b_j, c_j)` with `LANES` independent accumulators (keep `f` simple).
-#[inline(always)]
-fn lane_sum_zip3<R: Real>(a: &[R], b: &[R], c: &[R], f: impl Fn(R, R, R) -> R) -> R {
-    let mut acc = [R::ZERO; LANES];
-    let (mut ca, mut cb, mut cc) = (
-        a.chunks_exact(LANES),
-        b.chunks_exact(LANES),
-        c.chunks_exact(LANES),
-    );
-    for ((x, y), z) in (&mut ca).zip(&mut cb).zip(&mut cc) {
-        for l in 0..LANES {
-            acc[l] = acc[l] + f(x[l], y[l], z[l]);
-        }
-    }
-    let tail = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .zip(cc.remainder())
-        .fold(R::ZERO, |m, ((&x, &y), &z)| m + f(x, y, z));
-    acc.iter().fold(tail, |m, &v| m + v)
 }
 
 /// How the temperature-1 exponentials of the hard term are obtained from `e_s`.

@@ -27,6 +27,8 @@ pub(crate) mod linear_cpu;
 pub(crate) mod real;
 pub(crate) mod reference;
 #[cfg(any(feature = "ndarray", feature = "flex"))]
+pub(crate) mod simd;
+#[cfg(any(feature = "ndarray", feature = "flex"))]
 pub(crate) mod sparse_cpu;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub(crate) mod sparse_cube;

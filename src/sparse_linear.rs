@@ -6,7 +6,9 @@
 //! Per chunk of `c` kept rows: `z = h W + b` (`[c, V]`), the backend's fused sparse kernel
 //! against the teacher's `c` rows, which also returns `g = ∂loss/∂z`; then `∂h = g Wᵀ`,
 //! `∂W += hᵀ g`, `∂b += Σ_rows g`, all in the forward pass (the chunk loop of
-//! [`crate::linear`], with the sparse teacher's rows cut like the student's). Where no fused
+//! [`crate::linear`], with the sparse teacher's rows cut like the student's; on NdArray and
+//! Flex the host loop of `kernel::linear_cpu` around the sparse row kernel). A logit soft-cap
+//! caps the student's logits in each chunk. Where no fused
 //! sparse kernel applies (`Kernel::Reference`, `k` beyond the GPU kernel's, `PerRow` with a
 //! gradient) the logits are materialised and the composed path runs.
 

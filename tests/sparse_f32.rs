@@ -172,7 +172,7 @@ fn fused_matches_reference_wgpu() {
     // Odd vocabularies load scalars; 16 and 1024 vectors of 4 (16 with k = V: no tail). V = 16
     // and 1024 on `Wgpu` also hold the composed path (the oracle) to the work-around of a
     // burn-fusion 0.21 bug (its `gather` after a row reduction: V = 16, k = 1 gave 1.0896 for
-    // 0.6423); see `soft_rows` in src/sparse.rs.
+    // 0.6423); see `soft_rows` in src/sparse/composed.rs.
     sparse_fused_matches_reference::<Autodiff<burn::backend::Wgpu>>(
         &burn_distill::testing::wgpu_device(),
         &[16, 1024, 3, 17, 4099],

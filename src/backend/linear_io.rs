@@ -40,7 +40,8 @@ impl LinearSetup {
     pub fn chunk_rows(&self) -> usize {
         self.chunk_rows
     }
-    /// The logit soft-cap `c` applied to both models' logits, if any.
+    /// The logit soft-cap `c`, if any: applied to the student's logits, and to a dense
+    /// teacher's (a sparse teacher's log-probabilities are taken as given).
     pub fn logit_softcap(&self) -> Option<f64> {
         self.logit_softcap
     }

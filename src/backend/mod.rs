@@ -270,8 +270,9 @@ pub trait DistillBackend: Backend {
     /// [`SparseDistillLoss::forward_linear`](crate::SparseDistillLoss::forward_linear)): the
     /// loss of `student.hidden · W + b` against a sparse teacher, `setup.chunk_rows()` rows at
     /// a time through [`DistillBackend::distill_sparse_fused`]; `None` where that kernel does
-    /// not apply (the loss then materialises the logits). The default runs the chunks on this
-    /// backend without gradients; `Autodiff<B>` adds the student's.
+    /// not apply (the loss then materialises the logits). `setup.logit_softcap()` caps the
+    /// student's logits (never the teacher's log-probabilities). The default runs the chunks on
+    /// this backend without gradients; `Autodiff<B>` adds the student's.
     fn distill_sparse_linear(
         student: LinearSide<Self>,
         teacher: SparseInputs<Self>,

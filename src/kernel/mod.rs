@@ -8,7 +8,8 @@
 //! - `sparse_cpu`: the fused sparse-teacher CPU kernel (the student row in cache, the `k`
 //!   teacher entries beside it), NdArray and Flex.
 //! - `linear_cpu`: the fused-linear loss on the host (the LM heads by in-place GEMMs around
-//!   the `cpu` row kernel, chunk by chunk of rows), NdArray and Flex.
+//!   the `cpu` row kernel against a dense teacher or the `sparse_cpu` one against a sparse
+//!   teacher, chunk by chunk of rows), NdArray and Flex.
 //! - `cube`: the fused CubeCL kernel (vector loads, one or several rows per cube, shared-memory
 //!   reductions), used by the wgpu and CUDA backends for f32, f16 and bf16 logits
 //!   (accumulating in f32).

@@ -605,7 +605,8 @@ where
             Some(5),
             true,
             true,
-            None,
+            // `PerRow` with a gradient materialises the logits: the fallback caps once.
+            Some(0.5),
         ),
         (
             TailPolicy::TailBucket,

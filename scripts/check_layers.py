@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "src"
 # Top to bottom. A module may import its own layer or any below it.
 LAYERS = [
     ("losses", ["loss", "sparse", "sparse_linear", "linear", "parallel", "hidden", "store",
-                "testing"]),
+                "testing", "onpolicy", "cross"]),
     ("backend", ["backend"]),
     ("kernel", ["kernel", "softmax"]),
     ("types", ["divergence", "reduction", "vocab", "validation", "error", "params", "tail"]),

@@ -44,12 +44,14 @@
 #![warn(missing_docs)]
 
 mod backend;
+pub mod cross;
 mod divergence;
 mod error;
 mod hidden;
 mod kernel;
 mod linear;
 mod loss;
+pub mod onpolicy;
 #[cfg(feature = "collective")]
 mod parallel;
 mod params;

@@ -6,6 +6,8 @@
 //!   loss and student gradient, at f32 tolerances (per entry, absolute plus relative);
 //! - parity: the fused kernel against the reference implementation on random problems with odd
 //!   vocabularies, `−inf` padding, ignored rows, every divergence and reduction;
+//! - on-policy and cross-tokenizer: every case of `tests/golden/onpolicy.json` (sampled-token
+//!   loss with both kernels; ULD and GOLD's hybrid), loss and student gradient;
 //! - validation: bad targets and sparse-teacher entries caught in `forward`, on the device
 //!   (named by `DistillOutput::validate`) or left as NaN rows, with both kernels.
 //!
@@ -19,6 +21,7 @@ use serde_json::Value;
 
 use crate::{DistillBackend, DistillLoss, DistillLossConfig, Divergence, Kernel, Reduction};
 
+pub mod onpolicy;
 pub mod parity;
 pub mod sparse;
 pub mod validation;
@@ -37,6 +40,11 @@ fn golden_text(name: &str) -> &'static str {
         "conventions.json" => include_str!("../../tests/golden/conventions.json"),
         other => panic!("no golden file {other} (losses.json, topk.json, conventions.json)"),
     }
+}
+
+/// The text of `tests/golden/onpolicy.json`.
+fn golden_text_onpolicy() -> &'static str {
+    include_str!("../../tests/golden/onpolicy.json")
 }
 
 /// The raw cases of a golden file of `tests/golden/` (embedded in the crate).
@@ -346,6 +354,23 @@ macro_rules! conformance_tests {
             #[test]
             fn validation_sparse() {
                 $crate::testing::validation::assert_sparse::<$backend>(&$device);
+            }
+
+            #[test]
+            fn sampled_token_golden() {
+                $crate::testing::onpolicy::assert_sampled_golden::<$backend>(
+                    &$device,
+                    $crate::Kernel::Auto,
+                );
+                $crate::testing::onpolicy::assert_sampled_golden::<$backend>(
+                    &$device,
+                    $crate::Kernel::Reference,
+                );
+            }
+
+            #[test]
+            fn cross_tokenizer_golden() {
+                $crate::testing::onpolicy::assert_cross_golden::<$backend>(&$device);
             }
 
             #[test]

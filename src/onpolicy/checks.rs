@@ -1,0 +1,71 @@
+//! The value checks of the on-policy inputs: sampled tokens in range, log-probabilities that
+//! are finite and `≤ 0`, each as a [`DeviceCheck`] (a `[1]` count on the device, the host scan
+//! only when it is not 0).
+
+use burn::tensor::{Bool, Int, Tensor, backend::Backend};
+
+use crate::{DistillError, validation::DeviceCheck};
+
+/// Tokens outside `[0, classes)` among the positions that count (tokens equal to `ignore`, if
+/// any, do not).
+pub(crate) fn token_check<B: Backend>(
+    argument: &'static str,
+    tokens: &Tensor<B, 1, Int>,
+    classes: usize,
+    ignore: Option<i64>,
+) -> DeviceCheck<B> {
+    let mut bad = tokens
+        .clone()
+        .lower_elem(0)
+        .bool_or(tokens.clone().greater_equal_elem(classes as i64));
+    if let Some(ignore) = ignore {
+        bad = bad.bool_and(tokens.clone().not_equal_elem(ignore));
+    }
+    let tokens = tokens.clone();
+    DeviceCheck::new(bad.int().sum(), move |_| {
+        let data = tokens.to_data();
+        data.iter::<i64>()
+            .enumerate()
+            .find(|&(_, t)| (t < 0 || t >= classes as i64) && Some(t) != ignore)
+            .map(|(row, value)| {
+                DistillError::invalid(
+                    argument,
+                    format!("{argument}[{row}] = {value} (flattened position)"),
+                    format!("a token index in [0, {classes}) at every position that counts"),
+                )
+            })
+    })
+}
+
+/// Log-probabilities that are NaN, infinite or above 0 at the positions where `kept` is true.
+pub(crate) fn log_prob_check<B: Backend>(
+    argument: &'static str,
+    log_probs: &Tensor<B, 2>,
+    kept: &Tensor<B, 2, Bool>,
+) -> DeviceCheck<B> {
+    let [_, t] = log_probs.dims();
+    // `!(x ≤ 0)` is true for NaN and positive values; −∞ is caught separately.
+    let bad = log_probs
+        .clone()
+        .lower_equal_elem(0.0)
+        .bool_not()
+        .bool_or(log_probs.clone().is_inf())
+        .bool_and(kept.clone());
+    let (log_probs, kept) = (log_probs.clone(), kept.clone());
+    DeviceCheck::new(bad.int().sum(), move |_| {
+        let values = log_probs.to_data().convert::<f64>();
+        let kept = kept.to_data();
+        values
+            .iter::<f64>()
+            .zip(kept.iter::<bool>())
+            .position(|(x, k)| k && !(x <= 0.0 && x.is_finite()))
+            .map(|i| {
+                let x = values.iter::<f64>().nth(i).unwrap_or(f64::NAN);
+                DistillError::invalid(
+                    argument,
+                    format!("{argument}[{}, {}] = {x}", i / t, i % t),
+                    "a finite log-probability <= 0 at every position that counts",
+                )
+            })
+    })
+}

@@ -500,3 +500,71 @@ mod errors {
         SparseTeacher::from_logits(tensor2::<B>(&[0.0; 8], [2, 4], &device), 5, 1.0);
     }
 }
+
+/// The student-top-k recipe: the sparse loss with the student's support, `TailBucket` and
+/// reverse KL is the reverse KL of the two distributions bucketed on that support (float64
+/// by hand here), and with `k = V` the dense reverse KL.
+#[test]
+fn student_top_k_recipe_is_the_exact_bucketed_reverse_kl() {
+    type F = NdArray<f64>;
+    use burn::tensor::{Distribution, activation};
+    use burn_distill::onpolicy::{student_top_k, try_student_top_k};
+    let device = Default::default();
+    let (n, v) = (5, 9);
+    let student = Tensor::<F, 2>::random([n, v], Distribution::Normal(0.0, 2.0), &device);
+    let teacher = Tensor::<F, 2>::random([n, v], Distribution::Normal(0.0, 2.0), &device);
+    let teacher_lp = activation::log_softmax(teacher.clone(), 1);
+    let loss = SparseDistillLossConfig::new(
+        DistillLossConfig::new()
+            .with_alpha(1.0)
+            .with_divergence(Divergence::ReverseKl)
+            .with_scale_by_t2(false),
+    )
+    .with_tail(TailPolicy::TailBucket)
+    .init();
+    for k in [3, v] {
+        let idx = student_top_k(student.clone(), k);
+        let lp = teacher_lp.clone().gather(1, idx.clone());
+        let value = loss
+            .forward_soft(student.clone(), SparseTeacher::new(idx.clone(), lp))
+            .into_scalar();
+        let s = activation::softmax(student.clone(), 1)
+            .into_data()
+            .to_vec::<f64>()
+            .unwrap();
+        let t = teacher_lp
+            .clone()
+            .exp()
+            .into_data()
+            .to_vec::<f64>()
+            .unwrap();
+        let idx = idx.into_data().to_vec::<i64>().unwrap();
+        let mut expected = 0.0;
+        for r in 0..n {
+            let row = &idx[r * k..(r + 1) * k];
+            let (mut ps, mut pt): (Vec<f64>, Vec<f64>) = row
+                .iter()
+                .map(|&j| (s[r * v + j as usize], t[r * v + j as usize]))
+                .unzip();
+            if k < v {
+                ps.push(1.0 - ps.iter().sum::<f64>());
+                pt.push(1.0 - pt.iter().sum::<f64>());
+            }
+            expected += ps
+                .iter()
+                .zip(&pt)
+                .map(|(a, b)| a * (a / b).ln())
+                .sum::<f64>();
+        }
+        expected /= n as f64;
+        assert!(
+            (value - expected).abs() < 1e-9,
+            "k = {k}: {value} vs {expected}"
+        );
+    }
+    let msg = try_student_top_k(student, 0).unwrap_err().to_string();
+    assert!(
+        msg.contains("invalid k: got 0") && msg.contains("[1, 9]"),
+        "{msg}"
+    );
+}

@@ -169,6 +169,9 @@ fn ints<B: Backend>(values: &[i64], device: &B::Device) -> Tensor<B, 1, Int> {
     Tensor::from_data(TensorData::new(values.to_vec(), [values.len()]), device)
 }
 
+/// One sequence's `(student, teacher)` token byte spans (see [`align_spans`]).
+pub type SequenceSpans<'a> = (&'a [(usize, usize)], &'a [(usize, usize)]);
+
 /// The aligned spans of a batch of sequences, ready to merge the rows of both sides.
 ///
 /// Rows are flattened: sequence `i`'s student rows follow those of sequences `0 … i−1` (one
@@ -197,7 +200,7 @@ impl SpanAlignment {
     /// ```
     pub fn new(
         strategy: MergeStrategy,
-        sequences: &[(&[(usize, usize)], &[(usize, usize)])],
+        sequences: &[SequenceSpans<'_>],
     ) -> Result<Self, DistillError> {
         let mut student = MergePlan::default();
         let mut teacher = MergePlan::default();

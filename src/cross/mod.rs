@@ -21,6 +21,8 @@ mod loss;
 mod vocab;
 
 pub(crate) use align::MergePlan;
-pub use align::{AlignedSpan, MERGE_FLOOR, MergeStrategy, SpanAlignment, align_spans};
+pub use align::{
+    AlignedSpan, MERGE_FLOOR, MergeStrategy, SequenceSpans, SpanAlignment, align_spans,
+};
 pub use loss::{CrossTokenizerLoss, CrossTokenizerLossConfig, CrossTokenizerOutput, TokenRows};
 pub use vocab::VocabMatch;

@@ -268,6 +268,31 @@ impl SampledTokenLoss {
         sampled: SampledTokens<B>,
     ) -> Result<SampledTokenOutput<B>, DistillError> {
         let [b, t, v] = student_logits.dims();
+        self.try_forward_rows(student_logits.reshape([b * t, v]), sampled)
+    }
+
+    /// [`SampledTokenLoss::try_forward_parts`] with the logits already flattened to
+    /// `[B·T, V]` (row `b·T + t`), as a language model's head computes them from `[B·T, H]`
+    /// hidden states. On NdArray prefer this form: burn 0.21's NdArray copies a tensor it
+    /// reshapes, so flattening `[B, T, V]` logits costs one `[B·T, V]` copy forward and one
+    /// backward.
+    pub fn try_forward_rows<B: DistillBackend>(
+        &self,
+        student_logits: Tensor<B, 2>,
+        sampled: SampledTokens<B>,
+    ) -> Result<SampledTokenOutput<B>, DistillError> {
+        let [b, t] = sampled.tokens.dims();
+        let [n, v] = student_logits.dims();
+        if n != b * t {
+            return Err(DistillError::invalid(
+                "student_logits",
+                format!("shape [{n}, {v}]"),
+                format!(
+                    "[{}, V] (one row per token of the [{b}, {t}] samples)",
+                    b * t
+                ),
+            ));
+        }
         let SampledTokens {
             tokens,
             teacher_log_probs,
@@ -275,7 +300,6 @@ impl SampledTokenLoss {
             sampler_log_probs,
         } = sampled;
         for (name, dims) in [
-            ("tokens", tokens.dims()),
             ("teacher_log_probs", teacher_log_probs.dims()),
             ("mask", mask.dims()),
         ]
@@ -289,7 +313,7 @@ impl SampledTokenLoss {
                 return Err(DistillError::invalid(
                     name,
                     format!("shape {dims:?}"),
-                    format!("shape [{b}, {t}] (the student logits' batch and sequence)"),
+                    format!("shape [{b}, {t}] (the sampled tokens' shape)"),
                 ));
             }
         }
@@ -315,11 +339,10 @@ impl SampledTokenLoss {
                 queue(log_prob_check("sampler_log_probs", sampler, &mask))?;
             }
         }
-        let n = b * t;
         let kept = mask.clone().float().detach();
         let tokens = tokens.mask_fill(mask.clone().bool_not(), IGNORE_TOKEN);
         let (lp, token_check) = log_probs_parts(
-            student_logits.reshape([n, v]),
+            student_logits,
             tokens.reshape([n]),
             self.kernel,
             self.validation,

@@ -7,7 +7,7 @@ use std::ops::Range;
 use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
 use serde::{Deserialize, Serialize};
 
-use crate::DistillError;
+use crate::{DistillError, kernel::reference::gather_columns};
 
 /// Tokens of both sequences that cover the same bytes: `student` and `teacher` are ranges of
 /// token positions within the span lists given to [`align_spans`].
@@ -112,56 +112,57 @@ pub enum MergeStrategy {
 pub const MERGE_FLOOR: f64 = 1e-8;
 
 /// The rows of one side that make each group: `base[g]` gives the distribution, and the
-/// tokens at `extra_rows[e]` multiply group `extra_group[e]` by their probability.
+/// tokens at `extra[g·width .. (g+1)·width]` multiply it by their probability (the entry
+/// `rows` pads: a probability of 1).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct MergePlan {
     pub(crate) rows: usize,
     pub(crate) base: Vec<i64>,
-    pub(crate) extra_rows: Vec<i64>,
-    pub(crate) extra_group: Vec<i64>,
+    extra: Vec<Vec<i64>>,
 }
 
 impl MergePlan {
     fn push(&mut self, first_row: usize, tokens: Range<usize>, strategy: MergeStrategy) {
-        let group = self.base.len() as i64;
         let rows = tokens.start + first_row..tokens.end + first_row;
         let base = match strategy {
             MergeStrategy::Observed => rows.start,
             MergeStrategy::Bayesian => rows.end - 1,
         };
         self.base.push(base as i64);
-        for r in rows.filter(|&r| r != base) {
-            self.extra_rows.push(r as i64);
-            self.extra_group.push(group);
-        }
+        self.extra
+            .push(rows.filter(|&r| r != base).map(|r| r as i64).collect());
     }
 
     /// The `[G, V]` merged rows of `[rows, V]` probabilities `p` with tokens `[rows]`.
+    ///
+    /// The products are sums of logarithms gathered through a `[G, width]` index matrix (no
+    /// scatter: burn-fusion 0.21 (`Wgpu`) miscomputes a `select_assign` into fresh zeros here).
     pub(crate) fn merge<B: Backend>(
         &self,
         p: Tensor<B, 2>,
         tokens: Tensor<B, 1, Int>,
     ) -> Tensor<B, 2> {
         let device = p.device();
+        let groups = self.base.len();
         let base = p.clone().select(0, ints::<B>(&self.base, &device));
-        if self.extra_rows.is_empty() {
+        let width = self.extra.iter().map(Vec::len).max().unwrap_or(0);
+        if width == 0 {
             return base;
         }
-        let groups = self.base.len();
-        let token_p = p
-            .gather(1, tokens.reshape([self.rows, 1]))
-            .reshape([self.rows]);
-        let logs = token_p
-            .select(0, ints::<B>(&self.extra_rows, &device))
-            .clamp_min(MERGE_FLOOR)
-            .log();
-        let sums = Tensor::<B, 1>::zeros([groups], (&device, logs.dtype())).select_assign(
-            0,
-            ints::<B>(&self.extra_group, &device),
-            logs,
-            burn::tensor::IndexingUpdateOp::Add,
-        );
-        base * sums.exp().reshape([groups, 1])
+        let pad = self.rows as i64;
+        let index: Vec<i64> = self
+            .extra
+            .iter()
+            .flat_map(|e| e.iter().copied().chain(std::iter::repeat(pad)).take(width))
+            .collect();
+        let token_p = gather_columns(p, tokens.reshape([self.rows, 1])).reshape([self.rows]);
+        let logs = token_p.clamp_min(MERGE_FLOOR).log();
+        let logs = Tensor::cat(vec![logs.clone(), logs.zeros_like().slice(0..1)], 0);
+        let sums = logs
+            .select(0, ints::<B>(&index, &device))
+            .reshape([groups, width])
+            .sum_dim(1);
+        base * sums.exp()
     }
 }
 

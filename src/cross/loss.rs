@@ -10,6 +10,7 @@ use super::{MergePlan, SpanAlignment, VocabMatch, align::MERGE_FLOOR};
 use crate::{
     DistillError, Reduction, Validation,
     error::or_panic,
+    kernel::reference::gather_columns,
     reduction::pairwise_sum,
     softmax::check_temperature,
     validation::{DeviceCheck, validate},
@@ -254,9 +255,8 @@ impl CrossTokenizerLoss {
         let mut loss = distillation.clone() * c.distillation_weight;
         let crossentropy = if c.crossentropy_weight > 0.0 {
             let [n, _] = student.logits.dims();
-            let log_p = activation::log_softmax(student.logits, 1)
-                .gather(1, student.tokens.reshape([n, 1]))
-                .reshape([n]);
+            let log_p = activation::log_softmax(student.logits, 1);
+            let log_p = gather_columns(log_p, student.tokens.reshape([n, 1])).reshape([n]);
             let ce = pairwise_sum(log_p.neg()) / n as f64;
             loss = loss + ce.clone() * c.crossentropy_weight;
             ce.detach()

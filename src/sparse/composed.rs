@@ -77,24 +77,8 @@ impl SparseDistillLoss {
         };
         let scaled = student.mul_scalar(t.recip());
         let lse = log_sum_exp(scaled.clone());
-        // The logits at the top-k: a `select` on the flattened logits where the flat index fits
-        // an `i32` (wgpu's and CUDA's int type), a `gather` beyond. burn-fusion 0.21 (`Wgpu`)
-        // computes the gather wrongly after the row reduction above for some shapes (V = 16,
-        // k = 1: the tail-bucket loss was 1.0896 for 0.6423); the select is right there.
-        let at_k = if n * v <= i32::MAX as usize {
-            let rows = Tensor::<B, 1, Int>::arange(0..n as i64, &scaled.device())
-                .mul_scalar(v as i64)
-                .unsqueeze_dim::<2>(1);
-            let flat = (indices.clone() + rows).reshape([n * k]);
-            scaled
-                .clone()
-                .reshape([n * v])
-                .select(0, flat)
-                .reshape([n, k])
-        } else {
-            scaled.clone().gather(1, indices.clone())
-        }
-        .mask_fill(invalid.clone(), neg_inf);
+        let at_k =
+            gather_columns(scaled.clone(), indices.clone()).mask_fill(invalid.clone(), neg_inf);
 
         let (log_p, log_q) = match self.tail {
             TailPolicy::Renormalize { student } => {

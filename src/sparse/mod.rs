@@ -6,7 +6,7 @@ use crate::{
     Kernel, Validation,
     backend::{SparseInputs, SparseSetup},
     error::or_panic,
-    kernel::reference::{divergence_rows, mix_rows, scale_soft},
+    kernel::reference::{divergence_rows, gather_columns, mix_rows, scale_soft},
     loss::{check_row_targets, check_seq_targets},
     reduction::{ignored_rows, reduce_rows},
     softmax::check_temperature,

@@ -84,7 +84,7 @@ pub struct DistillLossConfig {
     /// the sequence forms and the fused-linear losses; the gradient flows through the cap.
     /// `None` (the default) leaves the logits as they are. Finite and `> 0`. A `−∞` logit of
     /// the caller's becomes `−c` (only the `PadNegInf` padding, added after the cap, stays
-    /// `−∞`). The sparse-teacher loss rejects a cap (not implemented there yet). With a cap the
+    /// `−∞`). The sparse-teacher loss caps the student only. With a cap the
     /// fused-linear chunks keep a fourth `[rows, V]` buffer (`tanh`), and the automatic chunk
     /// size counts it.
     #[config(default = "None")]

@@ -48,9 +48,10 @@ use train::{B, I, STUDENTS, Settings, World};
 #[derive(Parser, Debug)]
 #[command(about = "Distil a language model on real text with every recipe of burn-distill")]
 struct Args {
-    /// Seeds (each: every student from the same initialisation and data order).
-    #[arg(long, default_value_t = 3)]
-    seeds: u64,
+    /// Seeds (each: every student from the same initialisation and data order); default 3, 1
+    /// with `--quick`.
+    #[arg(long)]
+    seeds: Option<u64>,
     /// A UTF-8 text instead of the bundled King James Bible (blocks separated by empty lines).
     #[arg(long)]
     data: Option<PathBuf>,
@@ -105,12 +106,13 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 fn main() {
     let mut args = Args::parse();
     if args.quick {
-        args.seeds = 1;
-        args.teacher_steps = args.teacher_steps.min(400);
-        args.student_steps = args.student_steps.min(150);
+        args.seeds.get_or_insert(1);
+        args.teacher_steps = args.teacher_steps.min(300);
+        args.student_steps = args.student_steps.min(120);
         args.teacher_width = args.teacher_width.min(128);
         args.teacher_layers = args.teacher_layers.min(3);
     }
+    let seeds = args.seeds.unwrap_or(3);
     let s = Settings {
         context: args.context,
         batch: 16,
@@ -137,11 +139,15 @@ fn main() {
         top_k: 32,
         onpolicy_batch: 8,
         prompt: args.context / 2,
-        generate: args.context / 2,
-        eval_every: (args.student_steps / 10).max(1),
-        valid_bytes: if args.quick { 20_000 } else { 60_000 },
-        test_bytes: if args.quick { 60_000 } else { 400_000 },
-        samples: 8,
+        generate: if args.quick {
+            args.context / 4
+        } else {
+            args.context / 2
+        },
+        eval_every: (args.student_steps / if args.quick { 4 } else { 10 }).max(1),
+        valid_bytes: if args.quick { 15_000 } else { 60_000 },
+        test_bytes: if args.quick { 40_000 } else { 400_000 },
+        samples: if args.quick { 4 } else { 8 },
     };
     let students: Vec<String> = args
         .students
@@ -175,8 +181,7 @@ fn main() {
         train_text.len() as f64 / stream_small.len() as f64,
         started.elapsed().as_secs_f64()
     );
-    let steps =
-        s.teacher_steps as u64 + students.len() as u64 * args.seeds * s.student_steps as u64;
+    let steps = s.teacher_steps as u64 + students.len() as u64 * seeds * s.student_steps as u64;
     let progress = ProgressBar::new(steps).with_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} steps {msg}")
             .unwrap(),
@@ -219,7 +224,7 @@ fn main() {
     };
     let teacher_sample = train::sample_score(&world, &teacher_i, &tok, 0).0;
     let mut runs: BTreeMap<String, Vec<train::StudentRun>> = BTreeMap::new();
-    for seed in 0..args.seeds {
+    for seed in 0..seeds {
         for name in &students {
             progress.set_message(format!("{name}, seed {seed}"));
             let run = train::student(&world, name, seed, &progress);
@@ -258,7 +263,7 @@ fn main() {
         s.student_steps,
         s.batch,
         s.context,
-        args.seeds,
+        seeds,
         started.elapsed().as_secs_f64()
     );
     println!("| model | test bits/byte | teacher-scored bits/byte of samples | time per run |");
@@ -272,11 +277,12 @@ fn main() {
         println!("| {name} | {t:.4} ± {ts:.4} | {p:.3} ± {ps:.3} | {secs:.0} s |");
     }
     println!(
-        "\nPeak memory of one dense loss step (student forward and backward, batch {}×{}): forward_linear {:.1} MB, materialised logits {:.1} MB",
+        "\nPeak memory of one dense loss step (both forwards, the student's backward; batch {}×{}): forward_linear {:.1} MB (automatic chunks), {:.1} MB (128-row chunks); materialised logits {:.1} MB",
         s.batch,
         s.context,
         memory.0 as f64 / 1e6,
-        memory.1 as f64 / 1e6
+        memory.1 as f64 / 1e6,
+        memory.2 as f64 / 1e6
     );
     println!("\nSamples (first test prompt: {:?}):", prompts[0]);
     for name in &students {
@@ -307,7 +313,7 @@ fn main() {
         let out = json!({
             "teacher": {"test_bpb": [teacher_test], "sample_bpb": [teacher_sample], "valid_curve": teacher_curve},
             "students": students_json,
-            "memory_bytes": {"forward_linear": memory.0, "materialised": memory.1},
+            "memory_bytes": {"forward_linear": memory.0, "forward_linear_128_rows": memory.1, "materialised": memory.2},
         });
         std::fs::write(path, serde_json::to_string_pretty(&out).unwrap()).expect("write the JSON");
     }
@@ -318,8 +324,9 @@ fn main() {
     }
 }
 
-/// Peak heap growth of one dense loss step with `forward_linear` and with materialised logits.
-fn loss_step_memory(s: &Settings, teacher: &model::Lm<B>, stream: &[u32]) -> (usize, usize) {
+/// Peak heap growth of one dense loss step (both models' forward, the student's backward) with
+/// `forward_linear` (the automatic chunk size, and 128-row chunks) and with materialised logits.
+fn loss_step_memory(s: &Settings, teacher: &model::Lm<B>, stream: &[u32]) -> (usize, usize, usize) {
     let device = Default::default();
     let student: model::Lm<B> = LmConfig {
         vocab: teacher.head.weight.dims()[1],
@@ -331,17 +338,25 @@ fn loss_step_memory(s: &Settings, teacher: &model::Lm<B>, stream: &[u32]) -> (us
     let x = train::ints2::<B>(&inputs, &device);
     let n = s.batch * s.context;
     let y = Tensor::<B, 1, Int>::from_data(TensorData::new(targets.concat(), [n]), &device);
-    let loss = burn_distill::DistillLossConfig::new().init();
-    let (_, linear) = measure::measure(1, || {
-        let v = loss.forward_linear(
-            student.hidden(x.clone()),
-            &student.head,
-            teacher.hidden(x.clone()),
-            &teacher.head,
-            y.clone(),
+    let config = burn_distill::DistillLossConfig::new();
+    let mut peaks = Vec::new();
+    for rows in [None, Some(128)] {
+        let loss = config.clone().with_linear_chunk_rows(rows).init();
+        peaks.push(
+            measure::measure(1, || {
+                let v = loss.forward_linear(
+                    student.hidden(x.clone()),
+                    &student.head,
+                    teacher.hidden(x.clone()),
+                    &teacher.head,
+                    y.clone(),
+                );
+                let _ = v.backward();
+            })
+            .1,
         );
-        let _ = v.backward();
-    });
+    }
+    let loss = config.init();
     let (_, materialised) = measure::measure(1, || {
         let v = loss.forward(
             student.logits(x.clone()),
@@ -351,7 +366,7 @@ fn loss_step_memory(s: &Settings, teacher: &model::Lm<B>, stream: &[u32]) -> (us
         let _ = v.backward();
     });
     let _ = I::name(&device);
-    (linear, materialised)
+    (peaks[0], peaks[1], materialised)
 }
 
 fn plot(

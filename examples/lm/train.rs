@@ -534,13 +534,13 @@ fn cross_step(
         {
             continue;
         }
-        for j in 0..u.len() {
+        for (j, &token) in u.iter().enumerate() {
             rows.push((i * lt + p - 1 + j) as i64);
-            t_tokens.push(u[j] as i64);
+            t_tokens.push(token as i64);
         }
-        for r in 0..t {
+        for (r, &token) in tgt.iter().enumerate().take(t) {
             s_rows.push((i * t + r) as i64);
-            s_tokens.push(tgt[r]);
+            s_tokens.push(token);
         }
         spans.push((w.tok_small.spans(&ids), w.tok.spans(u)));
     }

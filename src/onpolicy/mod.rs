@@ -8,7 +8,7 @@
 //!    (or `forward_linear_seq`) on the sampled sequences with `α = 1`, a divergence that
 //!    weighs the student's mistakes ([`Divergence::ReverseKl`](crate::Divergence::ReverseKl),
 //!    or [`Divergence::Jsd`](crate::Divergence::Jsd) as GKD's default `β = 0.5`), the prompt
-//!    and padding positions set to the ignore index, and [`Reduction::Normalized`] with the
+//!    and padding positions set to the ignore index, and [`Reduction::Normalized`](crate::Reduction::Normalized) with the
 //!    number of generated tokens of the whole step on every rank (TRL's normaliser).
 //! 2. **The sampled token's log-probability only** (an API teacher; Tinker, verl's k1/k3):
 //!    [`SampledTokenLoss`], a weighted cross-entropy at the sampled tokens, fused.

@@ -21,7 +21,7 @@ use std::borrow::Cow;
 
 /// Runs the CPU kernel on row-major slices, reduces on the host and wraps the outputs as
 /// tensors of `B`.
-pub(super) fn fused_on_slices<B: Backend, R: Real>(
+fn fused_on_slices<B: Backend, R: Real>(
     student: &[R],
     teacher: &[R],
     [n, v]: [usize; 2],
@@ -49,7 +49,7 @@ fn host_targets<B: Backend>(targets: Option<IntTensor<B>>) -> Option<Vec<i64>> {
 /// Runs the fused sparse-teacher kernel on a row-major student slice (the `[N, k]` teacher is
 /// read to the host: it is small).
 #[allow(clippy::too_many_arguments)]
-pub(super) fn sparse_on_slices<B: Backend, R: Real>(
+fn sparse_on_slices<B: Backend, R: Real>(
     student: &[R],
     [n, v]: [usize; 2],
     teacher: SparseInputs<B>,
@@ -103,12 +103,182 @@ fn host_sparse<B: Backend>(
     (k, indices, log_probs, valid)
 }
 
-/// A CPU backend whose float tensors the host kernels can read as slices.
+/// A CPU backend whose float tensors the host kernels can read as slices: all a CPU backend
+/// provides; its `DistillBackend` methods are the generic ones below ([`host_kernels!`]).
 pub(super) trait HostFloats: DistillBackend {
     /// The tensor's elements in row-major order, borrowed where they already are; `None` where
     /// the tensor does not hold `R`.
     fn row_major<R: Real>(tensor: &FloatTensor<Self>) -> Option<Cow<'_, [R]>>;
+    /// The tensor's elements to write in place: `Some` where it holds `R` in row-major order
+    /// and is not shared.
+    fn unique_mut<R: Real>(tensor: &mut FloatTensor<Self>) -> Option<&mut [R]>;
 }
+
+/// [`DistillBackend::distill_fused`] of a CPU backend: the dense row kernel in f32 or f64.
+pub(super) fn fused<B: HostFloats>(
+    student: FloatTensor<B>,
+    teacher: FloatTensor<B>,
+    targets: Option<IntTensor<B>>,
+    params: &DistillParams,
+    with_grad: bool,
+) -> Option<FusedOutput<B>> {
+    fn run<B: HostFloats, R: Real>(
+        student: &FloatTensor<B>,
+        teacher: &FloatTensor<B>,
+        targets: Option<IntTensor<B>>,
+        params: &DistillParams,
+        with_grad: bool,
+    ) -> Option<FusedOutput<B>> {
+        let shape = student.shape();
+        let (s, t) = (B::row_major::<R>(student)?, B::row_major::<R>(teacher)?);
+        let device = B::float_device(student);
+        Some(fused_on_slices::<B, R>(
+            &s,
+            &t,
+            [shape[0], shape[1]],
+            targets,
+            params,
+            with_grad,
+            &device,
+        ))
+    }
+    match (student.dtype(), teacher.dtype()) {
+        (DType::F32, DType::F32) => run::<B, f32>(&student, &teacher, targets, params, with_grad),
+        (DType::F64, DType::F64) => run::<B, f64>(&student, &teacher, targets, params, with_grad),
+        _ => None,
+    }
+}
+
+/// [`DistillBackend::distill_sparse_fused`] of a CPU backend: the sparse row kernel in f32 or
+/// f64.
+pub(super) fn sparse_fused<B: HostFloats>(
+    student: FloatTensor<B>,
+    teacher: SparseInputs<B>,
+    targets: Option<IntTensor<B>>,
+    params: &DistillParams,
+    setup: SparseSetup,
+    with_grad: bool,
+) -> Option<FusedOutput<B>> {
+    #[allow(clippy::too_many_arguments)]
+    fn run<B: HostFloats, R: Real>(
+        student: &FloatTensor<B>,
+        teacher: SparseInputs<B>,
+        targets: Option<IntTensor<B>>,
+        params: &DistillParams,
+        setup: SparseSetup,
+        with_grad: bool,
+    ) -> Option<FusedOutput<B>> {
+        let shape = student.shape();
+        let s = B::row_major::<R>(student)?;
+        let device = B::float_device(student);
+        Some(sparse_on_slices::<B, R>(
+            &s,
+            [shape[0], shape[1]],
+            teacher,
+            targets,
+            params,
+            setup,
+            with_grad,
+            &device,
+        ))
+    }
+    match student.dtype() {
+        DType::F32 => run::<B, f32>(&student, teacher, targets, params, setup, with_grad),
+        DType::F64 => run::<B, f64>(&student, teacher, targets, params, setup, with_grad),
+        _ => None,
+    }
+}
+
+/// [`DistillBackend::distill_scale_grad`] of a CPU backend: in place where the gradient is not
+/// shared (it is the kernel's own), a broadcast multiply otherwise.
+pub(super) fn scale_grad<B: HostFloats>(
+    mut grad: FloatTensor<B>,
+    upstream: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let scale = upstream_values::<B>(upstream);
+    let [n, v] = [grad.shape()[0], grad.shape()[1]];
+    fn scale_rows<R: Real>(g: Option<&mut [R]>, [n, v]: [usize; 2], scale: &[f64]) -> bool {
+        g.filter(|g| g.len() == n * v)
+            .map(|g| scale_in_place(g, v, scale))
+            .is_some()
+    }
+    let done = match grad.dtype() {
+        DType::F32 => scale_rows(B::unique_mut::<f32>(&mut grad), [n, v], &scale),
+        DType::F64 => scale_rows(B::unique_mut::<f64>(&mut grad), [n, v], &scale),
+        _ => false,
+    };
+    if done {
+        grad
+    } else {
+        scale_by_mul::<B>(grad, scale)
+    }
+}
+
+/// The `DistillBackend` methods of a CPU backend, one body for NdArray and Flex: the generic
+/// functions of this module over the backend's [`HostFloats`].
+macro_rules! host_kernels {
+    () => {
+        fn fused_kernel_dtypes() -> &'static [burn::tensor::DType] {
+            super::cpu::CPU_DTYPES
+        }
+
+        fn distill_fused(
+            student: burn::tensor::ops::FloatTensor<Self>,
+            teacher: burn::tensor::ops::FloatTensor<Self>,
+            targets: Option<burn::tensor::ops::IntTensor<Self>>,
+            params: &crate::DistillParams,
+            with_grad: bool,
+        ) -> Option<crate::FusedOutput<Self>> {
+            super::cpu::fused::<Self>(student, teacher, targets, params, with_grad)
+        }
+
+        fn has_sparse_fused_kernel(dtype: burn::tensor::DType, _k: usize) -> bool {
+            super::cpu::CPU_DTYPES.contains(&dtype)
+        }
+
+        fn distill_sparse_fused(
+            student: burn::tensor::ops::FloatTensor<Self>,
+            teacher: super::SparseInputs<Self>,
+            targets: Option<burn::tensor::ops::IntTensor<Self>>,
+            params: &crate::DistillParams,
+            setup: super::SparseSetup,
+            with_grad: bool,
+        ) -> Option<crate::FusedOutput<Self>> {
+            super::cpu::sparse_fused::<Self>(student, teacher, targets, params, setup, with_grad)
+        }
+
+        fn distill_scale_grad(
+            grad: burn::tensor::ops::FloatTensor<Self>,
+            upstream: burn::tensor::ops::FloatTensor<Self>,
+        ) -> burn::tensor::ops::FloatTensor<Self> {
+            super::cpu::scale_grad::<Self>(grad, upstream)
+        }
+
+        fn distill_linear_chunked(
+            student: crate::LinearSide<Self>,
+            teacher: crate::LinearSide<Self>,
+            targets: Option<burn::tensor::ops::IntTensor<Self>>,
+            setup: &crate::LinearSetup,
+            with_grad: bool,
+        ) -> Option<crate::LinearOutput<Self>> {
+            super::cpu::linear_chunked::<Self>(student, teacher, targets, setup, with_grad)
+        }
+
+        fn distill_sparse_linear_chunked(
+            student: crate::LinearSide<Self>,
+            teacher: super::SparseInputs<Self>,
+            targets: Option<burn::tensor::ops::IntTensor<Self>>,
+            setup: &crate::LinearSetup,
+            sparse: super::SparseSetup,
+            with_grad: bool,
+        ) -> Option<crate::LinearOutput<Self>> {
+            super::cpu::sparse_linear_chunked::<Self>(
+                student, teacher, targets, setup, sparse, with_grad,
+            )
+        }
+    };
+}
+pub(super) use host_kernels;
 
 /// [`DistillBackend::distill_linear_chunked`] of a CPU backend: the host loop of
 /// [`linear_cpu::linear_rows`] for f32 and f64 with the fused kernel; the generic chunks for
@@ -369,7 +539,7 @@ fn output_of_rows<B: Backend, R: Real>(
 }
 
 /// Upstream gradient values, as f64 (a handful: `[1]` or `[N]`).
-pub(super) fn upstream_values<B: Backend>(upstream: FloatTensor<B>) -> Vec<f64> {
+fn upstream_values<B: Backend>(upstream: FloatTensor<B>) -> Vec<f64> {
     Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(upstream))
         .into_data()
         .iter::<f64>()
@@ -378,7 +548,7 @@ pub(super) fn upstream_values<B: Backend>(upstream: FloatTensor<B>) -> Vec<f64> 
 
 /// `grad[i, :] *= scale[i]` (or `*= scale[0]`) in place, rows in parallel; skipped when every
 /// factor is 1 (the usual `loss.backward()`).
-pub(super) fn scale_in_place<R: Real>(grad: &mut [R], v: usize, scale: &[f64]) {
+fn scale_in_place<R: Real>(grad: &mut [R], v: usize, scale: &[f64]) {
     use rayon::prelude::*;
     if scale.iter().all(|&s| s == 1.0) {
         return;
@@ -392,7 +562,7 @@ pub(super) fn scale_in_place<R: Real>(grad: &mut [R], v: usize, scale: &[f64]) {
 }
 
 /// Out-of-place fallback of [`scale_in_place`] (shared or non-contiguous gradients).
-pub(super) fn scale_by_mul<B: Backend>(grad: FloatTensor<B>, scale: Vec<f64>) -> FloatTensor<B> {
+fn scale_by_mul<B: Backend>(grad: FloatTensor<B>, scale: Vec<f64>) -> FloatTensor<B> {
     let n = scale.len();
     let device = B::float_device(&grad);
     // In the gradient's dtype (Flex keeps the data's f64 otherwise, and its mul wants one).

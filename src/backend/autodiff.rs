@@ -196,25 +196,7 @@ fn tracked_setup<B: DistillBackend, C: CheckpointStrategy>(
 }
 
 impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C> {
-    fn fused_kernel_dtypes() -> &'static [DType] {
-        B::fused_kernel_dtypes()
-    }
-
-    fn fused_loss_dtype(logits: DType) -> DType {
-        B::fused_loss_dtype(logits)
-    }
-
-    fn fused_grad_dtype(logits: DType) -> DType {
-        B::fused_grad_dtype(logits)
-    }
-
-    fn fused_kernel_fits(dims: [usize; 2], device: &Self::Device) -> bool {
-        B::fused_kernel_fits(dims, device)
-    }
-
-    fn linear_chunk_bytes() -> usize {
-        B::linear_chunk_bytes()
-    }
+    inner_capabilities!(B);
 
     /// The fused kernel of `B` as a tracked op of the student (see `fused_op`); the default
     /// [`DistillBackend::distill_loss`] then differentiates through it.
@@ -228,10 +210,6 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
         fused_student(&student, with_grad, |student, with_grad| {
             B::distill_fused(student, teacher.primitive, targets, params, with_grad)
         })
-    }
-
-    fn has_sparse_fused_kernel(dtype: DType, k: usize) -> bool {
-        B::has_sparse_fused_kernel(dtype, k)
     }
 
     /// The sparse kernel of `B` as a tracked op of the student (the teacher is a constant).

@@ -17,93 +17,116 @@ use crate::{
     DistillBackend, DistillParams, DistillParts, FusedOutput, Reduction, SparseInputs, SparseSetup,
 };
 
-/// The custom operation: inputs `[student, teacher, targets]`, outputs
-/// `[loss, soft, hard, grad]` (`targets`, `hard` and `grad` are placeholders when unused).
+/// Which kernel a custom operation runs.
+#[derive(Clone, Copy, Debug)]
+enum Teacher {
+    /// The dense kernel: inputs `[student, teacher, targets]`.
+    Dense,
+    /// The sparse kernel: inputs `[student, indices, log_probs, targets]` (the mask already
+    /// folded into the log-probabilities as `−∞`).
+    Sparse(SparseSetup),
+}
+
+/// The custom operation of both kernels: outputs `[loss, soft, hard, grad]` (`targets`, `hard`
+/// and `grad` are placeholders when unused).
 #[derive(Clone, Debug)]
-struct FusedDistill<B> {
+struct FusedOp<B> {
     desc: CustomOpIr,
+    teacher: Teacher,
     params: DistillParams,
     has_targets: bool,
     with_grad: bool,
     _backend: PhantomData<B>,
 }
 
-impl<B: FusionBackend + DistillBackend> Operation<B::FusionRuntime> for FusedDistill<B> {
+impl<B: FusionBackend + DistillBackend> Operation<B::FusionRuntime> for FusedOp<B> {
     fn execute(
         &self,
         handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
     ) {
-        let ([student, teacher, targets], outputs) = self.desc.as_fixed();
-        let student_t = handles.get_float_tensor::<B>(student);
-        let teacher_t = handles.get_float_tensor::<B>(teacher);
-        let targets_t = self
+        let inputs = &self.desc.inputs;
+        let student = handles.get_float_tensor::<B>(&inputs[0]);
+        let targets = self
             .has_targets
-            .then(|| handles.get_int_tensor::<B>(targets));
-        let device = B::float_device(&student_t);
-        // `Fusion::distill_fused` registers this operation only after `B::has_fused_kernel`
-        // accepted the same inputs (it depends on their dtypes alone).
-        let out = B::distill_fused(
-            student_t,
-            teacher_t,
-            targets_t,
-            &self.params,
-            self.with_grad,
-        )
+            .then(|| handles.get_int_tensor::<B>(&inputs[inputs.len() - 1]));
+        let device = B::float_device(&student);
+        // Registered only after `B::has_fused_kernel` (`has_sparse_fused_kernel`) accepted the
+        // same inputs (it depends on their dtypes, and `k`, alone).
+        let out = match self.teacher {
+            Teacher::Dense => {
+                let teacher = handles.get_float_tensor::<B>(&inputs[1]);
+                B::distill_fused(student, teacher, targets, &self.params, self.with_grad)
+            }
+            Teacher::Sparse(setup) => {
+                let teacher = SparseInputs {
+                    indices: handles.get_int_tensor::<B>(&inputs[1]),
+                    log_probs: handles.get_float_tensor::<B>(&inputs[2]),
+                    mask: None,
+                };
+                B::distill_sparse_fused(
+                    student,
+                    teacher,
+                    targets,
+                    &self.params,
+                    setup,
+                    self.with_grad,
+                )
+            }
+        }
         .unwrap_or_else(|| {
             panic!(
-                "burn-distill: the fused kernel of {} refused its inputs",
+                "burn-distill: the {:?} kernel of {} refused its inputs",
+                self.teacher,
                 core::any::type_name::<B>()
             )
         });
+        let outputs = self
+            .desc
+            .outputs
+            .as_slice()
+            .try_into()
+            .expect("four outputs");
         register_outputs::<B>(handles, outputs, out, &device);
     }
 }
 
-/// The sparse custom operation: inputs `[student, indices, log_probs, targets]` (the mask
-/// already folded into the log-probabilities as `−∞`), outputs as [`FusedDistill`].
-#[derive(Clone, Debug)]
-struct FusedSparse<B> {
-    desc: CustomOpIr,
-    params: DistillParams,
-    setup: SparseSetup,
-    has_targets: bool,
+/// Registers the custom operation of `teacher`'s kernel on `[N, V]` `student` logits with the
+/// teacher's `inputs` (targets, or zeros in their place, appended) and returns its outputs.
+fn register<B: FusionBackend + DistillBackend>(
+    name: &'static str,
+    student: FloatTensor<Fusion<B>>,
+    inputs: Vec<burn_fusion::FusionTensor<B::FusionRuntime>>,
+    targets: Option<IntTensor<Fusion<B>>>,
+    teacher: Teacher,
+    params: &DistillParams,
     with_grad: bool,
-    _backend: PhantomData<B>,
-}
-
-impl<B: FusionBackend + DistillBackend> Operation<B::FusionRuntime> for FusedSparse<B> {
-    fn execute(
-        &self,
-        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
-    ) {
-        let ([student, indices, log_probs, targets], outputs) = self.desc.as_fixed();
-        let student_t = handles.get_float_tensor::<B>(student);
-        let teacher = SparseInputs {
-            indices: handles.get_int_tensor::<B>(indices),
-            log_probs: handles.get_float_tensor::<B>(log_probs),
-            mask: None,
-        };
-        let targets_t = self
-            .has_targets
-            .then(|| handles.get_int_tensor::<B>(targets));
-        let device = B::float_device(&student_t);
-        // Registered only after `B::has_sparse_fused_kernel` accepted the same dtype and k.
-        let out = B::distill_sparse_fused(
-            student_t,
-            teacher,
-            targets_t,
-            &self.params,
-            self.setup,
-            self.with_grad,
-        )
-        .unwrap_or_else(|| {
-            panic!(
-                "burn-distill: the sparse kernel of {} refused its inputs",
-                core::any::type_name::<B>()
-            )
-        });
-        register_outputs::<B>(handles, outputs, out, &device);
-    }
+) -> FusedOutput<Fusion<B>> {
+    let dims = student.shape();
+    let (n, v) = (dims[0], dims[1]);
+    let client = student.client.clone();
+    let dtype = student.dtype();
+    let has_targets = targets.is_some();
+    let targets = targets.unwrap_or_else(|| {
+        let device = Fusion::<B>::float_device(&student);
+        Tensor::<Fusion<B>, 1, Int>::zeros([n], &device).into_primitive()
+    });
+    let mut all = vec![student];
+    all.extend(inputs);
+    all.push(targets);
+    let outputs = output_irs::<B>(&client, [n, v], dtype, params, with_grad);
+    let streams = OperationStreams::with_inputs(all.iter());
+    let irs: Vec<TensorIr> = all.into_iter().map(|t| t.into_ir()).collect();
+    let desc = CustomOpIr::new(name, &irs, &outputs);
+    let op = FusedOp::<B> {
+        desc: desc.clone(),
+        teacher,
+        params: *params,
+        has_targets,
+        with_grad,
+        _backend: PhantomData,
+    };
+    let outputs = client.register(streams, OperationIr::Custom(desc), op);
+    fused_output(outputs, has_targets, with_grad)
 }
 
 /// Registers a kernel's `[loss, soft, hard, grad]` (placeholders for the missing ones).
@@ -168,25 +191,7 @@ fn fused_output<B: FusionBackend>(
 }
 
 impl<B: FusionBackend + DistillBackend> DistillBackend for Fusion<B> {
-    fn fused_kernel_dtypes() -> &'static [DType] {
-        B::fused_kernel_dtypes()
-    }
-
-    fn fused_loss_dtype(logits: DType) -> DType {
-        B::fused_loss_dtype(logits)
-    }
-
-    fn fused_grad_dtype(logits: DType) -> DType {
-        B::fused_grad_dtype(logits)
-    }
-
-    fn fused_kernel_fits(dims: [usize; 2], device: &Self::Device) -> bool {
-        B::fused_kernel_fits(dims, device)
-    }
-
-    fn linear_chunk_bytes() -> usize {
-        B::linear_chunk_bytes()
-    }
+    inner_capabilities!(B);
 
     fn distill_fused(
         student: FloatTensor<Self>,
@@ -196,39 +201,20 @@ impl<B: FusionBackend + DistillBackend> DistillBackend for Fusion<B> {
         with_grad: bool,
     ) -> Option<FusedOutput<Self>> {
         let dims = student.shape();
-        let (n, v) = (dims[0], dims[1]);
         if !Self::has_fused_kernel(&student, &teacher)
-            || !B::fused_kernel_fits([n, v], &Self::float_device(&student))
+            || !B::fused_kernel_fits([dims[0], dims[1]], &Self::float_device(&student))
         {
             return None;
         }
-        let client = student.client.clone();
-        let dtype = student.dtype();
-        let has_targets = targets.is_some();
-        let targets = targets.unwrap_or_else(|| {
-            let device = Self::float_device(&student);
-            Tensor::<Self, 1, Int>::zeros([n], &device).into_primitive()
-        });
-        let outputs = output_irs::<B>(&client, [n, v], dtype, params, with_grad);
-        let streams = OperationStreams::with_inputs([&student, &teacher, &targets]);
-        let desc = CustomOpIr::new(
+        Some(register::<B>(
             "burn_distill_fused",
-            &[student.into_ir(), teacher.into_ir(), targets.into_ir()],
-            &outputs,
-        );
-        let op = FusedDistill::<B> {
-            desc: desc.clone(),
-            params: *params,
-            has_targets,
+            student,
+            vec![teacher],
+            targets,
+            Teacher::Dense,
+            params,
             with_grad,
-            _backend: PhantomData,
-        };
-        let outputs = client.register(streams, OperationIr::Custom(desc), op);
-        Some(fused_output(outputs, has_targets, with_grad))
-    }
-
-    fn has_sparse_fused_kernel(dtype: DType, k: usize) -> bool {
-        B::has_sparse_fused_kernel(dtype, k)
+        ))
     }
 
     fn distill_sparse_fused(
@@ -239,43 +225,22 @@ impl<B: FusionBackend + DistillBackend> DistillBackend for Fusion<B> {
         setup: SparseSetup,
         with_grad: bool,
     ) -> Option<FusedOutput<Self>> {
-        let dtype = student.dtype();
-        let k = teacher.indices.shape()[1];
         let dims = student.shape();
-        let (n, v) = (dims[0], dims[1]);
-        if !B::has_sparse_fused_kernel(dtype, k)
-            || !B::fused_kernel_fits([n, v], &Self::float_device(&student))
+        if !B::has_sparse_fused_kernel(student.dtype(), teacher.indices.shape()[1])
+            || !B::fused_kernel_fits([dims[0], dims[1]], &Self::float_device(&student))
         {
             return None;
         }
-        let client = student.client.clone();
-        let device = Self::float_device(&student);
-        let has_targets = targets.is_some();
-        let targets =
-            targets.unwrap_or_else(|| Tensor::<Self, 1, Int>::zeros([n], &device).into_primitive());
         let indices = teacher.indices.clone();
         let log_probs = teacher.folded_log_probs().into_primitive().tensor();
-        let outputs = output_irs::<B>(&client, [n, v], dtype, params, with_grad);
-        let streams = OperationStreams::with_inputs([&student, &indices, &log_probs, &targets]);
-        let desc = CustomOpIr::new(
+        Some(register::<B>(
             "burn_distill_sparse",
-            &[
-                student.into_ir(),
-                indices.into_ir(),
-                log_probs.into_ir(),
-                targets.into_ir(),
-            ],
-            &outputs,
-        );
-        let op = FusedSparse::<B> {
-            desc: desc.clone(),
-            params: *params,
-            setup,
-            has_targets,
+            student,
+            vec![indices, log_probs],
+            targets,
+            Teacher::Sparse(setup),
+            params,
             with_grad,
-            _backend: PhantomData,
-        };
-        let outputs = client.register(streams, OperationIr::Custom(desc), op);
-        Some(fused_output(outputs, has_targets, with_grad))
+        ))
     }
 }

@@ -376,6 +376,36 @@ pub fn reference_loss<B: Backend>(
     }
 }
 
+/// The capability methods of a wrapper backend (`Autodiff<B>`, `Fusion<B>`): those of the
+/// inner backend `$inner`.
+macro_rules! inner_capabilities {
+    ($inner:ident) => {
+        fn fused_kernel_dtypes() -> &'static [burn::tensor::DType] {
+            $inner::fused_kernel_dtypes()
+        }
+
+        fn fused_loss_dtype(logits: burn::tensor::DType) -> burn::tensor::DType {
+            $inner::fused_loss_dtype(logits)
+        }
+
+        fn fused_grad_dtype(logits: burn::tensor::DType) -> burn::tensor::DType {
+            $inner::fused_grad_dtype(logits)
+        }
+
+        fn fused_kernel_fits(dims: [usize; 2], device: &Self::Device) -> bool {
+            $inner::fused_kernel_fits(dims, device)
+        }
+
+        fn has_sparse_fused_kernel(dtype: burn::tensor::DType, k: usize) -> bool {
+            $inner::has_sparse_fused_kernel(dtype, k)
+        }
+
+        fn linear_chunk_bytes() -> usize {
+            $inner::linear_chunk_bytes()
+        }
+    };
+}
+
 mod autodiff;
 #[cfg(any(feature = "ndarray", feature = "flex"))]
 mod cpu;

@@ -11,7 +11,7 @@ use crate::{
     VocabMismatch,
     error::or_panic,
     softmax::check_temperature,
-    validation::{DeviceCheck, validate},
+    validation::{DeviceCheck, index_check, validate},
 };
 
 /// Configuration of a [`DistillLoss`].
@@ -578,24 +578,12 @@ fn target_check<B: Backend>(
     classes: usize,
     ignore_index: Option<i64>,
 ) -> DeviceCheck<B> {
-    let mut bad = targets
-        .clone()
-        .lower_elem(0)
-        .bool_or(targets.clone().greater_equal_elem(classes as i64));
-    if let Some(ignore) = ignore_index {
-        bad = bad.bool_and(targets.clone().not_equal_elem(ignore));
-    }
-    let targets = targets.clone();
-    DeviceCheck::new(bad.int().sum(), move |_| {
-        let data = targets.to_data();
-        data.iter::<i64>()
-            .enumerate()
-            .find(|&(_, t)| (t < 0 || t >= classes as i64) && Some(t) != ignore_index)
-            .map(|(row, value)| DistillError::TargetOutOfRange {
-                row,
-                value,
-                classes,
-                ignore_index,
-            })
+    index_check(targets, classes, ignore_index, move |row, value| {
+        DistillError::TargetOutOfRange {
+            row,
+            value,
+            classes,
+            ignore_index,
+        }
     })
 }

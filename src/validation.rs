@@ -102,3 +102,29 @@ pub(crate) fn validate<B: Backend>(checks: &[DeviceCheck<B>]) -> Result<(), Dist
     }
     Ok(())
 }
+
+/// Class (or token) indices outside `[0, classes)`, other than `ignore`: counted on the device;
+/// the host scan for the first one runs only when the count is not 0, and `error(position,
+/// value)` names it.
+pub(crate) fn index_check<B: Backend>(
+    indices: &Tensor<B, 1, Int>,
+    classes: usize,
+    ignore: Option<i64>,
+    error: impl Fn(usize, i64) -> DistillError + Send + Sync + 'static,
+) -> DeviceCheck<B> {
+    let mut bad = indices
+        .clone()
+        .lower_elem(0)
+        .bool_or(indices.clone().greater_equal_elem(classes as i64));
+    if let Some(ignore) = ignore {
+        bad = bad.bool_and(indices.clone().not_equal_elem(ignore));
+    }
+    let indices = indices.clone();
+    DeviceCheck::new(bad.int().sum(), move |_| {
+        let data = indices.to_data();
+        data.iter::<i64>()
+            .enumerate()
+            .find(|&(_, t)| (t < 0 || t >= classes as i64) && Some(t) != ignore)
+            .map(|(position, value)| error(position, value))
+    })
+}

@@ -249,35 +249,14 @@ impl<R: Real> SmallRow<R> {
 /// are then compiled once per power and vectorize).
 macro_rules! with_power {
     ($k:expr, $K:ident => $body:expr) => {
+        with_power!(@arms $k, $K => $body; 2 3 4 5 6 7 8)
+    };
+    (@arms $k:expr, $K:ident => $body:expr; $($n:literal)*) => {
         match $k {
-            2 => {
-                const $K: u32 = 2;
+            $($n => {
+                const $K: u32 = $n;
                 $body
-            }
-            3 => {
-                const $K: u32 = 3;
-                $body
-            }
-            4 => {
-                const $K: u32 = 4;
-                $body
-            }
-            5 => {
-                const $K: u32 = 5;
-                $body
-            }
-            6 => {
-                const $K: u32 = 6;
-                $body
-            }
-            7 => {
-                const $K: u32 = 7;
-                $body
-            }
-            8 => {
-                const $K: u32 = 8;
-                $body
-            }
+            })*
             _ => unreachable!("Unit::Power holds 2..=8"),
         }
     };

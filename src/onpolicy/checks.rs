@@ -4,7 +4,10 @@
 
 use burn::tensor::{Bool, Int, Tensor, backend::Backend};
 
-use crate::{DistillError, validation::DeviceCheck};
+use crate::{
+    DistillError,
+    validation::{DeviceCheck, index_check},
+};
 
 /// Tokens outside `[0, classes)` among the positions that count (tokens equal to `ignore`, if
 /// any, do not).
@@ -14,26 +17,12 @@ pub(crate) fn token_check<B: Backend>(
     classes: usize,
     ignore: Option<i64>,
 ) -> DeviceCheck<B> {
-    let mut bad = tokens
-        .clone()
-        .lower_elem(0)
-        .bool_or(tokens.clone().greater_equal_elem(classes as i64));
-    if let Some(ignore) = ignore {
-        bad = bad.bool_and(tokens.clone().not_equal_elem(ignore));
-    }
-    let tokens = tokens.clone();
-    DeviceCheck::new(bad.int().sum(), move |_| {
-        let data = tokens.to_data();
-        data.iter::<i64>()
-            .enumerate()
-            .find(|&(_, t)| (t < 0 || t >= classes as i64) && Some(t) != ignore)
-            .map(|(row, value)| {
-                DistillError::invalid(
-                    argument,
-                    format!("{argument}[{row}] = {value} (flattened position)"),
-                    format!("a token index in [0, {classes}) at every position that counts"),
-                )
-            })
+    index_check(tokens, classes, ignore, move |row, value| {
+        DistillError::invalid(
+            argument,
+            format!("{argument}[{row}] = {value} (flattened position)"),
+            format!("a token index in [0, {classes}) at every position that counts"),
+        )
     })
 }
 

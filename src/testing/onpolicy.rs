@@ -25,6 +25,25 @@ struct Expected {
     grad: Vec<f64>,
 }
 
+impl Expected {
+    /// The loss and the logits' gradient under `upstream` against these values.
+    fn compare<B: AutodiffBackend, const D: usize>(
+        &self,
+        name: &str,
+        loss: Tensor<B, 1>,
+        logits: &Tensor<B, D>,
+        upstream: f64,
+    ) -> Vec<String> {
+        let grads = (loss.clone().sum() * upstream).backward();
+        let grad = logits.grad(&grads).expect("the logits have a gradient");
+        compare(
+            name,
+            [(&values(loss), &self.loss), (&values(grad), &self.grad)],
+            [LOSS_TOL, GRAD_TOL],
+        )
+    }
+}
+
 #[derive(Deserialize)]
 struct SampledConfig {
     estimator: String,
@@ -157,16 +176,10 @@ where
         let out = loss
             .try_forward_parts(logits.clone(), sampled)
             .unwrap_or_else(|e| panic!("{}: {e}", case.name));
-        let grads = (out.loss.clone().sum() * case.upstream).backward();
-        let grad = logits.grad(&grads).expect("the logits have a gradient");
-        failures.extend(compare(
-            &case.name,
-            [
-                (&values(out.loss), &case.expected.loss),
-                (&values(grad), &case.expected.grad),
-            ],
-            [LOSS_TOL, GRAD_TOL],
-        ));
+        failures.extend(
+            case.expected
+                .compare(&case.name, out.loss, &logits, case.upstream),
+        );
     }
     assert!(
         failures.is_empty(),
@@ -239,16 +252,10 @@ where
         let out = loss
             .try_forward_parts(student, teacher, &alignment, vocab.as_ref())
             .unwrap_or_else(|e| panic!("{}: {e}", case.name));
-        let grads = (out.loss.clone().sum() * case.upstream).backward();
-        let grad = logits.grad(&grads).expect("the logits have a gradient");
-        failures.extend(compare(
-            &case.name,
-            [
-                (&values(out.loss), &case.expected.loss),
-                (&values(grad), &case.expected.grad),
-            ],
-            [LOSS_TOL, GRAD_TOL],
-        ));
+        failures.extend(
+            case.expected
+                .compare(&case.name, out.loss, &logits, case.upstream),
+        );
     }
     assert!(
         failures.is_empty(),

@@ -9,7 +9,7 @@
 //! logit soft-cap, whose `tanh` is kept for the gradient) plus the gradients of the student's
 //! parameters, which training needs anyway.
 //!
-//! This module holds the backend-generic form (burn tensor ops per chunk), which wgpu, CUDA
+//! `chunks` holds the backend-generic form (burn tensor ops per chunk), which wgpu, CUDA
 //! and burn's fusion wrapper run. NdArray and Flex override
 //! [`DistillBackend::distill_linear_chunked`] with the host loop of `kernel::linear_cpu`
 //! (buffers allocated once, `∂W_s` accumulated in place, three `[c, V]` buffers even with a

@@ -27,9 +27,9 @@ use crate::{
 mod chunks;
 
 pub(crate) use crate::backend::{LinearGrads, LinearOutput, LinearSetup, LinearSide};
-pub(crate) use chunks::{
-    ChunkTeacher, DenseChunks, chunked, chunked_with, float, logits, materialised,
-};
+#[cfg(feature = "collective")]
+pub(crate) use chunks::DenseChunks;
+pub(crate) use chunks::{ChunkTeacher, chunked, chunked_with, float, logits, materialised};
 
 /// The student's and teacher's sides of a fused-linear loss, checked: `[N, H]` hidden states
 /// matching their heads' input width, one number of rows; the teacher detached.

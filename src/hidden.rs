@@ -8,7 +8,7 @@ use burn::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{DistillError, error::or_panic};
+use crate::{DistillError, error::or_panic, reduction::pairwise_sum};
 
 /// The distance between a student's and a teacher's hidden state, per row.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -177,11 +177,14 @@ impl<B: Backend> HiddenStateLoss<B> {
             }
         };
         Ok(match mask {
-            None => rows.mean(),
+            None => {
+                let n = rows.dims()[0];
+                pairwise_sum(rows) / n as f64
+            }
             Some(mask) => {
                 let dropped = mask.bool_not();
-                let kept = rows.ones_like().mask_fill(dropped.clone(), 0.0).sum();
-                rows.mask_fill(dropped, 0.0).sum() / kept.clamp_min(1.0)
+                let kept = pairwise_sum(rows.ones_like().mask_fill(dropped.clone(), 0.0));
+                pairwise_sum(rows.mask_fill(dropped, 0.0)) / kept.clamp_min(1.0)
             }
         })
     }

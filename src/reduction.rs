@@ -1,7 +1,7 @@
 //! How per-row losses are reduced to the value that is returned: the one place that says what
 //! each reduction divides by.
 
-use burn::tensor::{Bool, DType, Int, Tensor, backend::Backend};
+use burn::tensor::{Bool, DType, Element, Int, Numeric, Tensor, backend::Backend};
 use serde::{Deserialize, Serialize};
 
 use crate::DistillError;
@@ -75,11 +75,8 @@ impl Reduction {
             (Self::Mean, Some(ignored)) => {
                 // Counted in the int dtype, then cast once to `dtype` (never through the
                 // backend's default float, which may be f16): exact in f32 up to 2^24 rows.
-                let kept: Tensor<B, 1> = ignored
-                    .bool_not()
-                    .int()
-                    .sum()
-                    .cast(burn::tensor::FloatDType::from(dtype));
+                let kept: Tensor<B, 1> =
+                    count(ignored.bool_not()).cast(burn::tensor::FloatDType::from(dtype));
                 Some(kept.clamp_min(1.0).recip())
             }
             (Self::Mean, None) => Some(Tensor::full([1], 1.0 / rows as f64, (device, dtype))),
@@ -116,18 +113,41 @@ pub(crate) fn reduce_rows<B: Backend>(
 }
 
 /// `Σ rows` as a `[1]` tensor, summed pairwise: the rows (zero-padded to a power of two) are
-/// halved `log₂ N` times by adding the second half to the first, so that the rounding error
-/// grows with `log₂ N`, not `N`, whatever order the backend's own `sum` takes (on wgpu it
-/// drifts 1.2e-4 relative from the float64 sum of 70,001 f32 row losses). Runs on the device,
-/// without a host read; differentiable.
-pub(crate) fn pairwise_sum<B: Backend>(rows: Tensor<B, 1>) -> Tensor<B, 1> {
-    let n = rows.dims()[0];
-    if n <= 2 {
+/// halved `log₂ N` times by adding the second half to the first. Runs on the device, without a
+/// host read, for float and int tensors alike; differentiable.
+///
+/// Two reasons not to call the backend's own `sum`: the rounding error grows with `log₂ N`, not
+/// `N`, whatever order the backend takes; and burn 0.21's reduce kernels on wgpu drop elements
+/// past about 65,532 in a full reduction (measured on lavapipe: the sum of 10⁶ ones is 262,132,
+/// and which result comes back depends on the strategy autotuning picked), so that a mean over
+/// a long batch would divide by a wrong count. Only element-wise additions run here.
+pub(crate) fn pairwise_sum<B: Backend, K>(rows: Tensor<B, 1, K>) -> Tensor<B, 1, K>
+where
+    K: Numeric<B>,
+    K::Elem: Element,
+{
+    if rows.dims()[0] <= 2 {
         return rows.sum();
     }
+    pairwise_sum_rows(rows)
+}
+
+/// The sum over the first dimension, keeping it (`[N, …]` → `[1, …]`), pairwise as in
+/// [`pairwise_sum`]: a column sum of burn 0.21's reduce kernels on wgpu drops rows past about
+/// 65,532 (measured: `sum_dim(0)` of `[100000, 3]` ones gives 65,532 per column).
+pub(crate) fn pairwise_sum_rows<B: Backend, const D: usize, K>(
+    rows: Tensor<B, D, K>,
+) -> Tensor<B, D, K>
+where
+    K: Numeric<B>,
+    K::Elem: Element,
+{
+    let mut dims = rows.dims();
+    let n = dims[0];
     let p = n.next_power_of_two();
     let mut t = if p > n {
-        let zeros = Tensor::zeros([p - n], (&rows.device(), rows.dtype()));
+        dims[0] = p - n;
+        let zeros = Tensor::zeros(dims, (&rows.device(), rows.dtype()));
         Tensor::cat(vec![rows, zeros], 0)
     } else {
         rows
@@ -137,7 +157,13 @@ pub(crate) fn pairwise_sum<B: Backend>(rows: Tensor<B, 1>) -> Tensor<B, 1> {
     let mut len = p;
     while len > 1 {
         len /= 2;
-        t = t.clone().slice(0..len) + t.slice(len..2 * len);
+        t = t.clone().narrow(0, 0, len) + t.narrow(0, len, len);
     }
     t
+}
+
+/// The number of `true` entries of a mask of any rank, as a `[1]` int tensor on the device
+/// (through [`pairwise_sum`], exact at any size).
+pub(crate) fn count<B: Backend, const D: usize>(mask: Tensor<B, D, Bool>) -> Tensor<B, 1, Int> {
+    pairwise_sum(mask.int().flatten::<1>(0, D - 1))
 }

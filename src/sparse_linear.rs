@@ -21,7 +21,7 @@ use crate::{
     error::or_panic,
     linear::{self, ChunkTeacher, LinearOutput, LinearSetup, LinearSide, float},
     loss::check_row_targets,
-    reduction::ignored_rows,
+    reduction::{count, ignored_rows},
     validation::DeviceCheck,
 };
 
@@ -304,8 +304,7 @@ impl SparseDistillLoss {
         let teacher_check = if self.validation == crate::Validation::Off {
             None
         } else {
-            let bad =
-                output.loss.clone().is_nan().int().sum() + output.soft.clone().is_nan().int().sum();
+            let bad = count(output.loss.clone().is_nan()) + count(output.soft.clone().is_nan());
             let ignored = ignored_rows(targets.as_ref(), self.params.ignore_index);
             let tail = self.tail;
             DeviceCheck::new(bad, move |_| {

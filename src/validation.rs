@@ -120,7 +120,7 @@ pub(crate) fn index_check<B: Backend>(
         bad = bad.bool_and(indices.clone().not_equal_elem(ignore));
     }
     let indices = indices.clone();
-    DeviceCheck::new(bad.int().sum(), move |_| {
+    DeviceCheck::new(crate::reduction::count(bad), move |_| {
         let data = indices.to_data();
         data.iter::<i64>()
             .enumerate()

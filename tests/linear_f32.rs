@@ -113,3 +113,47 @@ fn wgpu_f16_fused_linear_under_a_loss_scale() {
         );
     }
 }
+
+/// The bias gradient of a chunk of 100,000 rows on wgpu, against NdArray's: summed over the rows
+/// pairwise (burn 0.21's column `sum_dim(0)` on wgpu drops rows past about 65,532, a third of
+/// every entry here).
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_bias_gradient_over_many_rows() {
+    use burn::tensor::{Int, Tensor, TensorData, backend::AutodiffBackend};
+    use burn_distill::testing::{mismatches, values};
+    use burn_distill::{DistillBackend, DistillLossConfig, Reduction};
+    use common::linear::{head, wave};
+
+    fn bias_grad<B>(device: &B::Device) -> Vec<f64>
+    where
+        B: AutodiffBackend + DistillBackend,
+    {
+        let (n, h, v) = (100_000, 3, 5);
+        let loss = DistillLossConfig::new()
+            .with_alpha(0.5)
+            .with_reduction(Reduction::Sum)
+            .with_linear_chunk_rows(Some(n))
+            .init();
+        let (sh, th) = (
+            head::<B>(h, v, 0.71, true, device),
+            head::<B>(h, v, 1.37, true, device),
+        );
+        let hidden =
+            |seed| Tensor::<B, 2>::from_data(TensorData::new(wave(n * h, seed), [n, h]), device);
+        let targets: Vec<i64> = (0..n).map(|i| ((i * 7) % v) as i64).collect();
+        let y = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [n]), device);
+        let value = loss.forward_linear(hidden(0.53).require_grad(), &sh, hidden(0.29), &th, y);
+        let grads = value.mul_scalar(0.5).backward();
+        let bias = sh.bias.as_ref().expect("a bias");
+        values(bias.val().grad(&grads).expect("bias gradient"))
+    }
+    let cpu = bias_grad::<Autodiff<burn::backend::NdArray>>(&Default::default());
+    let gpu = bias_grad::<Autodiff<burn::backend::Wgpu>>(&burn_distill::testing::wgpu_device());
+    // Sums of 100,000 f32 terms in two orders (measured 6.4e-6 of the largest entry apart); a
+    // sum that drops rows is off by about a third.
+    let largest = cpu.iter().fold(0f64, |m, g| m.max(g.abs()));
+    assert!(largest > 1_000.0, "a real gradient: {cpu:?}");
+    let failures = mismatches("grad bias", &gpu, &cpu, 4e-5 * largest, 0.0);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

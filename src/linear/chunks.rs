@@ -7,7 +7,10 @@ use burn::tensor::{
     ops::FloatTensor, ops::IntTensor,
 };
 
-use crate::{DistillBackend, DistillParams, DistillParts, FusedOutput, Kernel, Reduction};
+use crate::{
+    DistillBackend, DistillParams, DistillParts, FusedOutput, Kernel, Reduction,
+    reduction::pairwise_sum_rows,
+};
 
 use super::{LinearGrads, LinearOutput, LinearSetup, LinearSide};
 
@@ -327,7 +330,7 @@ impl<B: Backend> StudentGrads<B> {
             });
         }
         if self.has_bias && self.setup.bias_grad {
-            let gb = g.sum_dim(0).squeeze_dim(0);
+            let gb = pairwise_sum_rows(g).squeeze_dim(0);
             self.grad_b = Some(match self.grad_b.take() {
                 None => gb,
                 Some(acc) => acc + gb,

@@ -6,6 +6,7 @@ use burn::tensor::{Bool, Int, Tensor, backend::Backend};
 
 use crate::{
     DistillError,
+    reduction::count,
     validation::{DeviceCheck, index_check},
 };
 
@@ -41,7 +42,7 @@ pub(crate) fn log_prob_check<B: Backend>(
         .bool_or(log_probs.clone().is_inf())
         .bool_and(kept.clone());
     let (log_probs, kept) = (log_probs.clone(), kept.clone());
-    DeviceCheck::new(bad.int().sum(), move |_| {
+    DeviceCheck::new(count(bad), move |_| {
         let values = log_probs.to_data().convert::<f64>();
         let kept = kept.to_data();
         values

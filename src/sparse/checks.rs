@@ -31,7 +31,6 @@ impl SparseDistillLoss {
         if let Some(mask) = &teacher.mask {
             valid = valid.bool_and(mask.clone());
         }
-        let count = |t: Tensor<B, 2, Bool>| t.int().sum();
         let bad_values = log_probs
             .clone()
             .greater_elem(ROUNDING)
@@ -58,7 +57,7 @@ impl SparseDistillLoss {
             bad = bad + count(mass);
         }
         if k > 1 {
-            bad = bad + duplicate_pairs(&indices, &valid).sum();
+            bad = bad + pairwise_sum(duplicate_pairs(&indices, &valid));
         }
         bad
     }

@@ -8,7 +8,7 @@ use crate::{
     error::or_panic,
     kernel::reference::{divergence_rows, gather_columns, mix_rows, scale_soft},
     loss::{check_row_targets, check_seq_targets},
-    reduction::{ignored_rows, reduce_rows},
+    reduction::{count, ignored_rows, pairwise_sum, reduce_rows},
     softmax::check_temperature,
     validation::DeviceCheck,
 };
@@ -308,8 +308,7 @@ impl SparseDistillLoss {
                 // The soft term too: with α = 0 a row without a valid entry leaves the loss
                 // finite.
                 let bad = checked.then(|| {
-                    output.loss.clone().is_nan().int().sum()
-                        + output.soft.clone().is_nan().int().sum()
+                    count(output.loss.clone().is_nan()) + count(output.soft.clone().is_nan())
                 });
                 (output, bad)
             }

@@ -15,210 +15,174 @@
 
 use cubecl::prelude::*;
 
-use crate::Divergence;
-use crate::vocab::MASKED_LOGIT;
+pub(crate) use super::cube_row::DivKind;
+use super::cube_row::{
+    GradWeights, Online, RowStats, column_grad, column_term, finish_row, hard_grad, row_max,
+    row_sum, row_target, soft_logit_grad,
+};
 
 /// Units per cube: one row of up to `BLOCK` units, or several rows of fewer when V is small.
 pub(crate) const BLOCK: u32 = 256;
 
-/// The divergence a kernel is specialised for (a compile-time parameter: one kernel per
-/// divergence, no branch on it in the inner loops). The mixture weight stays a runtime value.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) enum DivKind {
-    ForwardKl,
-    ReverseKl,
-    Jsd,
-    SkewKl,
-    SkewReverseKl,
-    Tvd,
-}
-
-impl DivKind {
-    /// The kernel's divergence and mixture weight (`β` or `λ`; `0` where there is none).
-    pub(crate) fn of(divergence: Divergence) -> (Self, f32) {
-        match divergence {
-            Divergence::ForwardKl => (Self::ForwardKl, 0.0),
-            Divergence::ReverseKl => (Self::ReverseKl, 0.0),
-            Divergence::Jsd { beta } => (Self::Jsd, beta as f32),
-            Divergence::SkewKl { lambda } => (Self::SkewKl, lambda as f32),
-            Divergence::SkewReverseKl { lambda } => (Self::SkewReverseKl, lambda as f32),
-            Divergence::Tvd => (Self::Tvd, 0.0),
-        }
-    }
-}
-
-/// Sum of `value` over the `CUBE_DIM_X` units of this unit's row (a shared-memory tree in the
-/// row's segment; every unit of the row gets the result). Every unit of the cube must call it.
+/// Pass 1 of the dense kernel: over this unit's `len` vectors the student's online softmax
+/// ([`Online`]) and the teacher's maximum `mt` and `sum_t = Σ e^{(t−mt)/T}`, with, for forward
+/// KL, `w = Σ e^{(t−mt)/T}·(t − s)` (rescaled with `sum_t`); then the row's statistics across
+/// its units, and for forward KL the divergence into `div` without another pass over the row
+/// (closed form, as `Σ p = 1`: `KL = E_p[t − s]/T − (mt − ms)/T − lse_t + lse_s`). Every unit
+/// of the cube must call it.
 #[cube]
-pub(crate) fn row_sum(smem: &mut SharedMemory<f32>, value: f32) -> f32 {
-    let unit = UNIT_POS_X as usize;
-    let base = UNIT_POS_Y as usize * CUBE_DIM_X as usize;
-    smem[base + unit] = value;
-    sync_cube();
-    // A runtime value: a loop counter must not be a comptime constant.
-    let mut stride = CUBE_DIM_X as usize / 2;
-    while stride > 0 {
-        if unit < stride {
-            smem[base + unit] = smem[base + unit] + smem[base + unit + stride];
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    let total = smem[base];
-    sync_cube();
-    total
-}
-
-/// Maximum of `value` over the units of this unit's row (as [`row_sum`]).
-#[cube]
-pub(crate) fn row_max(smem: &mut SharedMemory<f32>, value: f32) -> f32 {
-    let unit = UNIT_POS_X as usize;
-    let base = UNIT_POS_Y as usize * CUBE_DIM_X as usize;
-    smem[base + unit] = value;
-    sync_cube();
-    let mut stride = CUBE_DIM_X as usize / 2;
-    while stride > 0 {
-        if unit < stride {
-            let other = smem[base + unit + stride];
-            if other > smem[base + unit] {
-                smem[base + unit] = other;
+#[allow(clippy::too_many_arguments, clippy::collapsible_if)]
+fn online_pass<F: Float, N: Size>(
+    student: &Tensor<Vector<F, N>>,
+    teacher: &Tensor<Vector<F, N>>,
+    s_base: usize,
+    t_base: usize,
+    len: usize,
+    inv_t: f32,
+    smem: &mut SharedMemory<f32>,
+    div: &mut f32,
+    #[comptime] fkl: bool,
+) -> RowStats {
+    let width = student.vector_size();
+    let mut online = Online::new();
+    let mut mt = f32::new(-3.0e38);
+    let mut sum_t = f32::new(0.0);
+    let mut w = f32::new(0.0);
+    let mut jv = UNIT_POS_X as usize;
+    while jv < len {
+        let sv = student[s_base + jv];
+        let tv = teacher[t_base + jv];
+        #[unroll]
+        for l in 0..width {
+            let s = f32::cast_from(sv[l]);
+            let t = f32::cast_from(tv[l]);
+            online.add(s, inv_t);
+            if t > mt {
+                let r = ((mt - t) * inv_t).exp();
+                sum_t *= r;
+                w *= r;
+                mt = t;
             }
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    let total = smem[base];
-    sync_cube();
-    total
-}
-
-/// The divergence term of column `j`, for divergence `kind` with mixture weight `mix`.
-#[cube]
-pub(crate) fn column_term(
-    q: f32,
-    p: f32,
-    lq: f32,
-    lp: f32,
-    mix: f32,
-    #[comptime] kind: DivKind,
-) -> f32 {
-    let mut d = f32::new(0.0);
-    match kind {
-        DivKind::ForwardKl => {
-            if p > 0.0 {
-                d = p * (lp - lq);
-            }
-        }
-        DivKind::ReverseKl => {
-            if q > 0.0 {
-                d = q * (lq - lp);
-            }
-        }
-        DivKind::Jsd => {
-            // mix = β
-            let m = mix * p + (1.0 - mix) * q;
-            if m > 0.0 {
-                let lm = m.ln();
-                if p > 0.0 {
-                    d = mix * p * (lp - lm);
-                }
-                if q > 0.0 {
-                    d += (1.0 - mix) * q * (lq - lm);
+            let et = ((t - mt) * inv_t).exp();
+            sum_t += et;
+            if fkl {
+                if et > 0.0 {
+                    w += et * (t - s);
                 }
             }
         }
-        DivKind::SkewKl => {
-            // mix = λ: KL(p ‖ λp + (1−λ)q)
-            let m = mix * p + (1.0 - mix) * q;
-            if p > 0.0 {
-                d = p * (lp - m.ln());
-            }
-        }
-        DivKind::SkewReverseKl => {
-            // mix = λ: KL(q ‖ (1−λ)p + λq)
-            if q > 0.0 {
-                let m = (1.0 - mix) * p + mix * q;
-                d = q * (lq - m.ln());
-            }
-        }
-        DivKind::Tvd => {
-            let diff = q - p;
-            if diff > 0.0 {
-                d = diff * 0.5;
-            } else {
-                d = -diff * 0.5;
-            }
-        }
+        jv += CUBE_DIM_X as usize;
     }
-    d
+    let row = online.row(smem, inv_t);
+    let row_mt = row_max(smem, mt);
+    let rt = ((mt - row_mt) * inv_t).exp();
+    let sum_t = row_sum(smem, sum_t * rt);
+    let lse_t = sum_t.ln();
+    if fkl {
+        let w = row_sum(smem, w * rt);
+        *div = w / sum_t * inv_t - (row_mt - row.ms) * inv_t - lse_t + row.sum_s.ln();
+    }
+    row.stats(row_mt, lse_t, f32::new(-3.0e38), f32::new(0.0))
 }
 
-/// `g_j = ∂D/∂q_j` of column `j` for JSD, skew KL, skew reverse KL and TVD (forward and
-/// reverse KL have closed forms in the gradient pass and never call this).
-#[cube]
-pub(crate) fn column_grad(q: f32, p: f32, lq: f32, mix: f32, #[comptime] kind: DivKind) -> f32 {
-    let mut g = f32::new(0.0);
-    match kind {
-        DivKind::Jsd => {
-            let m = mix * p + (1.0 - mix) * q;
-            if q > 0.0 {
-                g = (1.0 - mix) * (lq - m.ln());
-            }
-        }
-        DivKind::SkewKl => {
-            let m = mix * p + (1.0 - mix) * q;
-            if m > 0.0 {
-                g = -((1.0 - mix) * p / m);
-            }
-        }
-        DivKind::SkewReverseKl => {
-            if q > 0.0 {
-                let m = (1.0 - mix) * p + mix * q;
-                g = lq - m.ln() + 1.0 - mix * q / m;
-            }
-        }
-        DivKind::Tvd => {
-            let diff = q - p;
-            if diff > 0.0 {
-                g = 0.5;
-            } else if diff < 0.0 {
-                g = -0.5;
-            }
-        }
-        DivKind::ForwardKl | DivKind::ReverseKl => {}
-    }
-    g
-}
-
-/// `∂D/∂u_j` of a softmax row `q = softmax(u)` against `p`: `q − p` (forward KL),
-/// `q (log q − log p − D)` (reverse KL), `q (g_j − Σ q g)` (the others, `g = ∂D/∂q`).
+/// Pass 2 of the dense kernel (divergences other than forward KL): the row's divergence `D`,
+/// and `Σ q·∂D/∂q` into `sqg`. Every unit of the cube must call it.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn soft_logit_grad(
-    q: f32,
-    p: f32,
-    lq: f32,
-    lp: f32,
-    div: f32,
-    sqg: f32,
+fn divergence_pass<F: Float, N: Size>(
+    student: &Tensor<Vector<F, N>>,
+    teacher: &Tensor<Vector<F, N>>,
+    s_base: usize,
+    t_base: usize,
+    len: usize,
+    stats: &RowStats,
+    inv_t: f32,
     mix: f32,
+    smem: &mut SharedMemory<f32>,
+    sqg: &mut f32,
     #[comptime] kind: DivKind,
 ) -> f32 {
-    let mut g = f32::new(0.0);
-    match kind {
-        DivKind::ForwardKl => {
-            g = q - p;
+    let width = student.vector_size();
+    let mut div = f32::new(0.0);
+    let mut unit_sqg = f32::new(0.0);
+    let mut jv = UNIT_POS_X as usize;
+    while jv < len {
+        let sv = student[s_base + jv];
+        let tv = teacher[t_base + jv];
+        #[unroll]
+        for l in 0..width {
+            let lq = (f32::cast_from(sv[l]) - stats.ms) * inv_t - stats.lse_s;
+            let lp = (f32::cast_from(tv[l]) - stats.mt) * inv_t - stats.lse_t;
+            let q = lq.exp();
+            let p = lp.exp();
+            div += column_term(q, p, lq, lp, mix, kind);
+            unit_sqg += q * column_grad(q, p, lq, mix, kind);
         }
-        DivKind::ReverseKl => {
-            if q > 0.0 {
-                g = q * (lq - lp - div);
+        jv += CUBE_DIM_X as usize;
+    }
+    *sqg = row_sum(smem, unit_sqg);
+    row_sum(smem, div)
+}
+
+/// The last pass of the dense kernel: the gradient of the reduced loss over this unit's
+/// vectors of the row, zeros when the row is not live.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn gradient_pass<F: Float, G: Float, N: Size>(
+    student: &Tensor<Vector<F, N>>,
+    teacher: &Tensor<Vector<F, N>>,
+    grad: &mut Tensor<Vector<G, N>>,
+    s_base: usize,
+    t_base: usize,
+    g_base: usize,
+    live: bool,
+    class: usize,
+    stats: &RowStats,
+    weights: &GradWeights,
+    inv_t: f32,
+    mix: f32,
+    #[comptime] kind: DivKind,
+) {
+    let width = student.vector_size();
+    let vectors = student.shape(1) / width;
+    let mut jv = UNIT_POS_X as usize;
+    while jv < vectors {
+        let mut out = Vector::<G, N>::empty();
+        if live {
+            let sv = student[s_base + jv];
+            let tv = teacher[t_base + jv];
+            #[unroll]
+            for l in 0..width {
+                let s = f32::cast_from(sv[l]);
+                let lq = (s - stats.ms) * inv_t - stats.lse_s;
+                let lp = (f32::cast_from(tv[l]) - stats.mt) * inv_t - stats.lse_t;
+                let q = lq.exp();
+                let p = lp.exp();
+                let soft = soft_logit_grad(q, p, lq, lp, weights.div, weights.sqg, mix, kind);
+                let mut value = weights.ca * soft;
+                if weights.cb != 0.0 {
+                    let at_class = jv * width + l == class;
+                    let h = hard_grad(
+                        s,
+                        stats.ms,
+                        stats.lse_1,
+                        weights.eps,
+                        weights.eps_f,
+                        at_class,
+                    );
+                    value += weights.cb * h;
+                }
+                out[l] = G::cast_from(value);
+            }
+        } else {
+            #[unroll]
+            for l in 0..width {
+                out[l] = G::cast_from(0.0f32);
             }
         }
-        _ => {
-            g = q * (column_grad(q, p, lq, mix, kind) - sqg);
-        }
+        grad[g_base + jv] = out;
+        jv += CUBE_DIM_X as usize;
     }
-    g
 }
 
 /// Row losses, soft and hard terms (in f32 whatever the logits' dtype), and optionally the
@@ -269,7 +233,6 @@ pub(crate) fn distill_kernel<F: Float, I: Numeric, G: Float, N: Size>(
     let in_range = row < n;
     let safe_row = select(in_range, row, n - 1);
     let unit = UNIT_POS_X as usize;
-    let step = CUBE_DIM_X as usize;
     let width = student.vector_size();
     let v = student.shape(1);
     let vectors = v / width;
@@ -278,188 +241,59 @@ pub(crate) fn distill_kernel<F: Float, I: Numeric, G: Float, N: Size>(
     let g_base = safe_row * (grad.stride(0) / width);
     let mut smem = SharedMemory::<f32>::new(256usize);
 
-    // Without labels `targets` is a dummy `[N]` tensor of zeros.
-    let class = i32::cast_from(targets[safe_row * targets.stride(0)]);
-    let mut skip = false;
-    let mut bad = false;
-    if with_targets {
-        if with_ignore {
-            skip = class == ignore;
-        }
-        bad = !skip && (class < 0 || class >= v as i32);
-    }
-    let live = in_range && !skip && !bad;
+    let target = row_target(targets, safe_row, v, ignore, with_targets, with_ignore);
+    let live = in_range && !target.skip && !target.bad;
     // The loops of a row that is not live run zero times; the reductions still see every unit.
     let len = select(live, vectors, 0);
 
-    // Pass 1 (online softmax): running maxima and sums of exponentials, rescaled when a
-    // maximum grows; for forward KL also `w = Σ e^{(t−mt)/T}·(t − s)`, from which the
-    // divergence follows without another pass over the row.
+    // Pass 1 (online softmax) and, for forward KL, the divergence; a second pass for the
+    // other divergences, with Σ q·∂D/∂q.
     let fkl = comptime!(kind == DivKind::ForwardKl);
-    let mut ms = f32::new(-3.0e38);
-    let mut mt = f32::new(-3.0e38);
-    let mut sum_s = f32::new(0.0);
-    let mut sum_1 = f32::new(0.0);
-    let mut sum_t = f32::new(0.0);
-    let mut w = f32::new(0.0);
-    let mut finite = f32::new(0.0);
-    let mut total = f32::new(0.0);
-    let mut jv = unit;
-    while jv < len {
-        let sv = student[s_base + jv];
-        let tv = teacher[t_base + jv];
-        #[unroll]
-        for l in 0..width {
-            let s = f32::cast_from(sv[l]);
-            let t = f32::cast_from(tv[l]);
-            if s > ms {
-                sum_s *= ((ms - s) * inv_t).exp();
-                sum_1 *= (ms - s).exp();
-                ms = s;
-            }
-            sum_s += ((s - ms) * inv_t).exp();
-            sum_1 += (s - ms).exp();
-            if t > mt {
-                let r = ((mt - t) * inv_t).exp();
-                sum_t *= r;
-                w *= r;
-                mt = t;
-            }
-            let et = ((t - mt) * inv_t).exp();
-            sum_t += et;
-            if fkl {
-                if et > 0.0 {
-                    w += et * (t - s);
-                }
-            }
-            if s > f32::new(comptime!(MASKED_LOGIT as f32)) {
-                finite += 1.0;
-                total += s;
-            }
-        }
-        jv += step;
-    }
-    // Across the row's units: the row maxima, then each unit's sums rescaled to them.
-    let row_ms = row_max(&mut smem, ms);
-    let row_mt = row_max(&mut smem, mt);
-    let rt = ((mt - row_mt) * inv_t).exp();
-    let sum_s = row_sum(&mut smem, sum_s * ((ms - row_ms) * inv_t).exp());
-    let sum_1 = row_sum(&mut smem, sum_1 * (ms - row_ms).exp());
-    let sum_t = row_sum(&mut smem, sum_t * rt);
-    let finite = row_sum(&mut smem, finite);
-    let total = row_sum(&mut smem, total) - finite * row_ms;
-    let ms = row_ms;
-    let mt = row_mt;
-    let lse_s = sum_s.ln();
-    let lse_t = sum_t.ln();
-    let lse_1 = sum_1.ln();
-
-    // The divergence and Σ q g: closed form for forward KL (Σ p = 1),
-    // KL = E_p[t − s]/T − (mt − ms)/T − lse_t + lse_s; a second pass for the others.
     let mut div = f32::new(0.0);
+    let stats = online_pass(
+        student, teacher, s_base, t_base, len, inv_t, &mut smem, &mut div, fkl,
+    );
     let mut sqg = f32::new(0.0);
-    if fkl {
-        let w = row_sum(&mut smem, w * rt);
-        div = w / sum_t * inv_t - (mt - ms) * inv_t - lse_t + lse_s;
-    } else {
-        let mut jv = unit;
-        while jv < len {
-            let sv = student[s_base + jv];
-            let tv = teacher[t_base + jv];
-            #[unroll]
-            for l in 0..width {
-                let lq = (f32::cast_from(sv[l]) - ms) * inv_t - lse_s;
-                let lp = (f32::cast_from(tv[l]) - mt) * inv_t - lse_t;
-                let q = lq.exp();
-                let p = lp.exp();
-                div += column_term(q, p, lq, lp, mix, kind);
-                sqg += q * column_grad(q, p, lq, mix, kind);
-            }
-            jv += step;
-        }
-        div = row_sum(&mut smem, div);
-        sqg = row_sum(&mut smem, sqg);
+    if !fkl {
+        div = divergence_pass(
+            student, teacher, s_base, t_base, len, &stats, inv_t, mix, &mut smem, &mut sqg, kind,
+        );
     }
 
-    let soft_value = t2 * div;
-    let mut hard_value = f32::new(0.0);
-    let mut a = f32::new(1.0);
-    let mut b = f32::new(0.0);
-    let safe_class = select(live, class as usize, 0);
-    if with_targets {
-        a = alpha;
-        b = 1.0 - alpha;
-        let s_y = f32::cast_from(student[s_base + safe_class / width][safe_class % width]);
-        let nll = lse_1 - (s_y - ms);
-        hard_value = (1.0 - eps) * nll - eps * (total / finite - lse_1);
-    }
-    // A term whose weight is exactly 0 is left out, so that an infinite term cannot give NaN.
-    let mut row_loss = a * soft_value + b * hard_value;
-    if a == 1.0 {
-        row_loss = soft_value;
-    } else if a == 0.0 {
-        row_loss = hard_value;
-    }
-    if in_range && unit == 0 {
-        if live {
-            loss[row] = row_loss;
-            soft[row] = soft_value;
-            hard[row] = hard_value;
-        } else {
-            // 0 for ignored rows, NaN for out-of-range targets (WGSL has no NaN literal).
-            let zero = inv_t - inv_t;
-            let mut value = zero;
-            if bad {
-                value = zero / zero;
-            }
-            loss[row] = value;
-            soft[row] = value;
-            hard[row] = value;
-        }
-    }
-
-    // Last pass: the gradient of the reduced loss (zeros on ignored and bad rows).
+    // The row's loss, and the gradient of the reduced loss (zeros on ignored and bad rows).
+    let safe_class = select(live, target.class as usize, 0);
+    // 0 for ignored rows, NaN for out-of-range targets (WGSL has no NaN literal).
+    let zero = inv_t - inv_t;
+    let fallback = select(target.bad, zero / zero, zero);
+    let (first, soft_value, soft_scale, factor) =
+        (in_range && unit == 0, t2 * div, t2 * inv_t, scale[0]);
+    let weights = finish_row(
+        student,
+        s_base,
+        safe_class,
+        &stats,
+        loss,
+        soft,
+        hard,
+        row,
+        first,
+        live,
+        fallback,
+        soft_value,
+        soft_scale,
+        alpha,
+        eps,
+        factor,
+        div,
+        sqg,
+        with_targets,
+    );
     if with_grad {
         if in_range {
-            let factor = scale[0];
-            let ca = a * t2 * inv_t * factor;
-            let cb = b * factor;
-            let eps_f = eps / finite;
-            let mut jv = unit;
-            while jv < vectors {
-                let mut out = Vector::<G, N>::empty();
-                if live {
-                    let sv = student[s_base + jv];
-                    let tv = teacher[t_base + jv];
-                    #[unroll]
-                    for l in 0..width {
-                        let s = f32::cast_from(sv[l]);
-                        let lq = (s - ms) * inv_t - lse_s;
-                        let lp = (f32::cast_from(tv[l]) - mt) * inv_t - lse_t;
-                        let q = lq.exp();
-                        let p = lp.exp();
-                        let mut value = ca * soft_logit_grad(q, p, lq, lp, div, sqg, mix, kind);
-                        if cb != 0.0 {
-                            let mut h = (s - ms - lse_1).exp();
-                            if s > f32::new(comptime!(MASKED_LOGIT as f32)) {
-                                h -= eps_f;
-                            }
-                            if jv * width + l == safe_class {
-                                h -= 1.0 - eps;
-                            }
-                            value += cb * h;
-                        }
-                        out[l] = G::cast_from(value);
-                    }
-                } else {
-                    #[unroll]
-                    for l in 0..width {
-                        out[l] = G::cast_from(0.0f32);
-                    }
-                }
-                grad[g_base + jv] = out;
-                jv += step;
-            }
+            gradient_pass(
+                student, teacher, grad, s_base, t_base, g_base, live, safe_class, &stats, &weights,
+                inv_t, mix, kind,
+            );
         }
     }
 }

@@ -22,6 +22,8 @@ use serde::{Deserialize, Serialize};
 pub(crate) mod cpu;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub(crate) mod cube;
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub(crate) mod cube_row;
 #[cfg(any(feature = "ndarray", feature = "flex"))]
 pub(crate) mod linear_cpu;
 #[cfg(any(feature = "ndarray", feature = "flex"))]

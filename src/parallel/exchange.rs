@@ -123,265 +123,371 @@ pub fn vocab_parallel<B: DistillBackend>(
     check: bool,
     with_grad: bool,
 ) -> Result<FusedOutput<B>, DistillError> {
-    let z = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(student));
-    let u = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(teacher));
-    let logits_dtype = z.dtype();
-    // Half-precision shards are computed in f32 (sums over a shard overflow f16).
-    let compute = match logits_dtype {
-        DType::F16 | DType::BF16 => DType::F32,
-        dtype => dtype,
-    };
-    let (z, u) = (z.cast(compute), u.cast(compute).detach());
-    let [n, v] = z.dims();
-    let device = z.device();
-    let t = params.temperature;
-    let targets = targets.map(Tensor::<B, 1, Int>::from_primitive);
-    let hard_needed = targets.is_some();
-    let smoothing = params.label_smoothing;
-    let zeros = || Tensor::<B, 2>::zeros([n, 1], (&device, compute));
-
-    // Which rows this peer's shard holds the target of, and where.
-    let owned_target = targets.as_ref().map(|y| {
-        let local = y.clone().sub_scalar(shard.offset as i64);
-        let owned = local
-            .clone()
-            .greater_equal_elem(0)
-            .bool_and(local.clone().lower_elem(v as i64))
-            .unsqueeze_dim::<2>(1);
-        (owned, local.clamp(0, v as i64 - 1).unsqueeze_dim::<2>(1))
-    });
-
+    let rows = ShardRows::<B>::new(student, teacher, targets, params, shard);
     // 1. This shard's online-softmax statistics, gathered from every peer.
-    let inv_t = t.recip();
-    // The padding mask (the rule of `MASKED_LOGIT`), only needed for label smoothing.
-    let padding = (hard_needed && smoothing > 0.0).then(|| {
-        z.clone()
-            .greater_elem(crate::vocab::MASKED_LOGIT)
-            .bool_not()
-    });
-    let z_max = z.clone().max_dim(1);
-    let z_shift = z.clone() - finite_or_zero(z_max.clone());
-    let u_max = u.clone().max_dim(1);
-    let u_shift = u.clone() - finite_or_zero(u_max.clone());
-    let z_exp = z_shift.clone().mul_scalar(inv_t).exp();
-    let u_exp = u_shift.clone().mul_scalar(inv_t).exp();
-    // Forward and reverse KL need no second exchange: the shard's
-    // `Σ_j e^{(u_j − m^u_p)/T} ((u_j − m^u_p) − (z_j − m^z_p))/T` (forward KL; the student's
-    // weights and `z − u` for reverse KL), corrected by the shard's maxima and rescaled after
-    // the merge, is its part of `Σ_j p_j ((u_j − m^u) − (z_j − m^z))/T`, and then
-    // `KL(p‖q) = that − log S_t + log S_s` (max-shifted throughout, as the unsharded loss).
-    let weighted_gap = |weight: Tensor<B, 2>, a: Tensor<B, 2>, b: Tensor<B, 2>| {
-        let zero = weight.clone().lower_equal_elem(0.0);
-        (weight * (a - b).mul_scalar(inv_t).mask_fill(zero, 0.0)).sum_dim(1)
-    };
-    let gap = match params.divergence {
-        Divergence::ForwardKl => weighted_gap(u_exp.clone(), u_shift, z_shift.clone()),
-        Divergence::ReverseKl => weighted_gap(z_exp.clone(), z_shift.clone(), u_shift),
-        _ => zeros(),
-    };
-    let target_logit = match &owned_target {
-        Some((owned, index)) => z
-            .clone()
-            .gather(1, index.clone())
-            .mask_fill(owned.clone().bool_not(), 0.0),
-        None => zeros(),
-    };
-    let (finite_sum, finite_count) = match &padding {
-        Some(padding) => (
-            z.clone().mask_fill(padding.clone(), 0.0).sum_dim(1),
-            z.ones_like().mask_fill(padding.clone(), 0.0).sum_dim(1),
-        ),
-        None => (zeros(), zeros()),
-    };
-    let stats = Tensor::cat(
-        vec![
-            z_max,
-            z_exp.sum_dim(1),
-            if hard_needed {
-                z_shift.exp().sum_dim(1)
-            } else {
-                zeros()
-            },
-            u_max,
-            u_exp.sum_dim(1),
-            target_logit,
-            finite_sum,
-            finite_count,
-            gap,
-        ],
-        1,
-    );
-    // One more row per peer: its layout, checked by every peer after the exchange.
-    let mut layout = [0.0; STATS];
-    layout[..5].copy_from_slice(&[
-        shard.offset as f64,
-        v as f64,
-        shard.vocab as f64,
-        shard.peers as f64,
-        n as f64,
-    ]);
-    let layout = Tensor::<B, 1>::from_floats(layout, &device)
-        .cast(compute)
-        .reshape([1, STATS]);
-    let slots = Tensor::<B, 3>::zeros([shard.peers, n + 1, STATS], (&device, compute))
-        .slice_assign(
-            [shard.rank..shard.rank + 1, 0..n + 1, 0..STATS],
-            Tensor::cat(vec![stats, layout], 0).unsqueeze_dim(0),
-        );
-    let all = sum_across(shard.peer, slots, "all-gather of the row statistics")?;
-    if check {
-        check_layout(
-            all.clone().slice([0..shard.peers, n..n + 1, 0..5]),
-            shard,
-            n,
-        )?;
+    let stats = rows.statistics(params);
+    let all = rows.gather(stats, shard, check)?;
+    // 2. The soft term, 3. the hard term, 4. the α-mix, masks and reduction.
+    let soft = rows.soft_term(&all, params, shard, with_grad)?;
+    let hard = rows.hard_term(&all, params, with_grad);
+    Ok(rows.finish(soft, hard, params, shard))
+}
+
+/// One peer's shard, prepared: the logits in the compute dtype (f32 for half precision: sums
+/// over a shard overflow f16), which rows' targets this shard holds and where, and the padding
+/// mask (the rule of `MASKED_LOGIT`, only needed for label smoothing).
+struct ShardRows<B: Backend> {
+    z: Tensor<B, 2>,
+    u: Tensor<B, 2>,
+    logits_dtype: DType,
+    targets: Option<Tensor<B, 1, Int>>,
+    owned_target: Option<(Tensor<B, 2, Bool>, Tensor<B, 2, Int>)>,
+    padding: Option<Tensor<B, 2, Bool>>,
+}
+
+/// The gathered `[P, N + 1, STATS]` statistics of every peer.
+struct Gathered<B: Backend> {
+    all: Tensor<B, 3>,
+    peers: usize,
+    n: usize,
+}
+
+impl<B: Backend> Gathered<B> {
+    /// `[P, N, 1]`: column `c` of every peer's statistics.
+    fn column(&self, c: usize) -> Tensor<B, 3> {
+        self.all.clone().slice([0..self.peers, 0..self.n, c..c + 1])
     }
-    let column = |c: usize| all.clone().slice([0..shard.peers, 0..n, c..c + 1]);
-    let student_t = merge(column(0), column(1), t);
-    let teacher_t = merge(column(3), column(4), t);
-    let log_q = z.clone().mul_scalar(inv_t) - student_t.lse.clone();
-    let log_p = u.mul_scalar(inv_t) - teacher_t.lse.clone();
+}
 
-    // 2. The divergence `D` per row and `H = Σ_k h_k` over the whole vocabulary: from the
-    // statistics for the KLs, otherwise from a second exchange of this shard's part of both
-    // row sums.
-    // `Σ_p (gap_p + ((m^w_p − m^w) − (m^o_p − m^o))/T · S^w_p) · share^w_p` for the weighting
-    // model `w` (the teacher for forward KL) and the other `o`; a shard of `−∞` only has
-    // `S_p = 0` and contributes nothing.
-    let kl_part =
-        |weights: &Merged<B>, w_max: usize, w_sum: usize, other: &Merged<B>, o_max: usize| {
-            let local = |c: usize, global: &Tensor<B, 2>| {
-                let maxima = column(c);
-                let finite = maxima.clone().is_finite();
-                (maxima - global.clone().unsqueeze_dim::<3>(0)).mask_fill(finite.bool_not(), 0.0)
-            };
-            let shift = (local(w_max, &weights.max) - local(o_max, &other.max)).mul_scalar(inv_t);
-            ((column(8) + shift * column(w_sum)) * weights.share.clone())
-                .sum_dim(0)
-                .reshape([n, 1])
+/// A term's `[N, 1]` row values and, if asked, its `[N, V_p]` gradient.
+type Term<B> = (Tensor<B, 2>, Option<Tensor<B, 2>>);
+
+impl<B: DistillBackend> ShardRows<B> {
+    fn new(
+        student: FloatTensor<B>,
+        teacher: FloatTensor<B>,
+        targets: Option<IntTensor<B>>,
+        params: &DistillParams,
+        shard: &VocabShard,
+    ) -> Self {
+        let z = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(student));
+        let u = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(teacher));
+        let logits_dtype = z.dtype();
+        let compute = match logits_dtype {
+            DType::F16 | DType::BF16 => DType::F32,
+            dtype => dtype,
         };
-    let h = || sensitivity(params.divergence, log_p.clone(), log_q.clone());
-    let (divergence, h_total, h) = match params.divergence {
-        Divergence::ForwardKl => (
-            kl_part(&teacher_t, 3, 4, &student_t, 0) - teacher_t.log_sum.clone()
-                + student_t.log_sum.clone(),
-            Tensor::full([n, 1], -1.0, (&device, compute)),
-            with_grad.then(h),
-        ),
-        Divergence::ReverseKl => {
-            let kl = kl_part(&student_t, 0, 1, &teacher_t, 3) - student_t.log_sum.clone()
-                + teacher_t.log_sum.clone();
-            (kl.clone(), kl.add_scalar(1.0), with_grad.then(h))
+        let (z, u) = (z.cast(compute), u.cast(compute).detach());
+        let v = z.dims()[1];
+        let targets = targets.map(Tensor::<B, 1, Int>::from_primitive);
+        let owned_target = targets.as_ref().map(|y| {
+            let local = y.clone().sub_scalar(shard.offset as i64);
+            let owned = local
+                .clone()
+                .greater_equal_elem(0)
+                .bool_and(local.clone().lower_elem(v as i64))
+                .unsqueeze_dim::<2>(1);
+            (owned, local.clamp(0, v as i64 - 1).unsqueeze_dim::<2>(1))
+        });
+        let padding = (targets.is_some() && params.label_smoothing > 0.0).then(|| {
+            z.clone()
+                .greater_elem(crate::vocab::MASKED_LOGIT)
+                .bool_not()
+        });
+        Self {
+            z,
+            u,
+            logits_dtype,
+            targets,
+            owned_target,
+            padding,
         }
-        _ => {
-            let h = h();
-            let partial = Tensor::cat(
-                vec![
-                    divergence_rows(params.divergence, log_p.clone(), log_q.clone())
-                        .unsqueeze_dim(1),
-                    h.clone().sum_dim(1),
-                ],
-                1,
-            );
-            let sums = sum_across(shard.peer, partial, "all-reduce of the row sums")?;
-            let (d, total) = (sums.clone().slice([0..n, 0..1]), sums.slice([0..n, 1..2]));
-            (d, total, with_grad.then_some(h))
-        }
-    };
-    let factor = params.soft_factor();
-    let soft = divergence.mul_scalar(factor);
-    let soft_grad = h.map(|h| (h - log_q.clone().exp() * h_total).mul_scalar(factor / t));
+    }
 
-    // Returned in the dtype of the backend's fused losses for these logits (f32 for half
-    // precision on the CubeCL backends, as `forward`).
-    let loss_dtype = B::fused_loss_dtype(logits_dtype);
-    let reduce = |rows: Tensor<B, 2>, ignored: Option<Tensor<B, 1, Bool>>| {
-        reduce_rows(rows.reshape([n]), ignored, params.reduction)
-            .cast(loss_dtype)
-            .into_primitive()
-            .tensor()
-    };
-    let Some(targets) = targets else {
-        let grad = soft_grad.map(|g| scale_rows(g, None, params, n, logits_dtype));
-        return Ok(FusedOutput {
+    fn zeros(&self) -> Tensor<B, 2> {
+        let n = self.z.dims()[0];
+        Tensor::zeros([n, 1], (&self.z.device(), self.z.dtype()))
+    }
+
+    /// The `[N, STATS]` statistics of this shard: maxima and sums of the tempered
+    /// exponentials of both models (and the student's at T = 1 for the hard term), the target
+    /// logit where this shard holds it, the finite logits' sum and count, and the KLs' gap.
+    fn statistics(&self, params: &DistillParams) -> Tensor<B, 2> {
+        let (z, u) = (&self.z, &self.u);
+        let inv_t = params.temperature.recip();
+        let z_max = z.clone().max_dim(1);
+        let z_shift = z.clone() - finite_or_zero(z_max.clone());
+        let u_max = u.clone().max_dim(1);
+        let u_shift = u.clone() - finite_or_zero(u_max.clone());
+        let z_exp = z_shift.clone().mul_scalar(inv_t).exp();
+        let u_exp = u_shift.clone().mul_scalar(inv_t).exp();
+        // Forward and reverse KL need no second exchange: the shard's
+        // `Σ_j e^{(u_j − m^u_p)/T} ((u_j − m^u_p) − (z_j − m^z_p))/T` (forward KL; the
+        // student's weights and `z − u` for reverse KL), corrected by the shard's maxima and
+        // rescaled after the merge, is its part of `Σ_j p_j ((u_j − m^u) − (z_j − m^z))/T`,
+        // and then `KL(p‖q) = that − log S_t + log S_s` (max-shifted throughout, as the
+        // unsharded loss).
+        let weighted_gap = |weight: Tensor<B, 2>, a: Tensor<B, 2>, b: Tensor<B, 2>| {
+            let zero = weight.clone().lower_equal_elem(0.0);
+            (weight * (a - b).mul_scalar(inv_t).mask_fill(zero, 0.0)).sum_dim(1)
+        };
+        let gap = match params.divergence {
+            Divergence::ForwardKl => weighted_gap(u_exp.clone(), u_shift, z_shift.clone()),
+            Divergence::ReverseKl => weighted_gap(z_exp.clone(), z_shift.clone(), u_shift),
+            _ => self.zeros(),
+        };
+        let target_logit = match &self.owned_target {
+            Some((owned, index)) => z
+                .clone()
+                .gather(1, index.clone())
+                .mask_fill(owned.clone().bool_not(), 0.0),
+            None => self.zeros(),
+        };
+        let (finite_sum, finite_count) = match &self.padding {
+            Some(padding) => (
+                z.clone().mask_fill(padding.clone(), 0.0).sum_dim(1),
+                z.ones_like().mask_fill(padding.clone(), 0.0).sum_dim(1),
+            ),
+            None => (self.zeros(), self.zeros()),
+        };
+        let sum_1 = match self.targets {
+            Some(_) => z_shift.exp().sum_dim(1),
+            None => self.zeros(),
+        };
+        Tensor::cat(
+            vec![
+                z_max,
+                z_exp.sum_dim(1),
+                sum_1,
+                u_max,
+                u_exp.sum_dim(1),
+                target_logit,
+                finite_sum,
+                finite_count,
+                gap,
+            ],
+            1,
+        )
+    }
+
+    /// Every peer's statistics, with one more row per peer: its layout, checked by every peer
+    /// after the exchange when `check`.
+    fn gather(
+        &self,
+        stats: Tensor<B, 2>,
+        shard: &VocabShard,
+        check: bool,
+    ) -> Result<Gathered<B>, DistillError> {
+        let [n, v] = self.z.dims();
+        let (device, compute) = (self.z.device(), self.z.dtype());
+        let mut layout = [0.0; STATS];
+        layout[..5].copy_from_slice(&[
+            shard.offset as f64,
+            v as f64,
+            shard.vocab as f64,
+            shard.peers as f64,
+            n as f64,
+        ]);
+        let layout = Tensor::<B, 1>::from_floats(layout, &device)
+            .cast(compute)
+            .reshape([1, STATS]);
+        let slots = Tensor::<B, 3>::zeros([shard.peers, n + 1, STATS], (&device, compute))
+            .slice_assign(
+                [shard.rank..shard.rank + 1, 0..n + 1, 0..STATS],
+                Tensor::cat(vec![stats, layout], 0).unsqueeze_dim(0),
+            );
+        let all = sum_across(shard.peer, slots, "all-gather of the row statistics")?;
+        if check {
+            check_layout(
+                all.clone().slice([0..shard.peers, n..n + 1, 0..5]),
+                shard,
+                n,
+            )?;
+        }
+        Ok(Gathered {
+            all,
+            peers: shard.peers,
+            n,
+        })
+    }
+
+    /// The soft term (`T²`-scaled if configured) per row and its gradient: the divergence `D`
+    /// and `H = Σ_k h_k` over the whole vocabulary from the statistics for the KLs, otherwise
+    /// from a second exchange of this shard's part of both row sums.
+    fn soft_term(
+        &self,
+        all: &Gathered<B>,
+        params: &DistillParams,
+        shard: &VocabShard,
+        with_grad: bool,
+    ) -> Result<Term<B>, DistillError> {
+        let [n, _] = self.z.dims();
+        let (t, inv_t) = (params.temperature, params.temperature.recip());
+        let student_t = merge(all.column(0), all.column(1), t);
+        let teacher_t = merge(all.column(3), all.column(4), t);
+        let log_q = self.z.clone().mul_scalar(inv_t) - student_t.lse.clone();
+        let log_p = self.u.clone().mul_scalar(inv_t) - teacher_t.lse.clone();
+        // `Σ_p (gap_p + ((m^w_p − m^w) − (m^o_p − m^o))/T · S^w_p) · share^w_p` for the
+        // weighting model `w` (the teacher for forward KL) and the other `o`; a shard of `−∞`
+        // only has `S_p = 0` and contributes nothing.
+        let kl_part =
+            |weights: &Merged<B>, w_max: usize, w_sum: usize, other: &Merged<B>, o_max: usize| {
+                let local = |c: usize, global: &Tensor<B, 2>| {
+                    let maxima = all.column(c);
+                    let finite = maxima.clone().is_finite();
+                    (maxima - global.clone().unsqueeze_dim::<3>(0))
+                        .mask_fill(finite.bool_not(), 0.0)
+                };
+                let shift =
+                    (local(w_max, &weights.max) - local(o_max, &other.max)).mul_scalar(inv_t);
+                ((all.column(8) + shift * all.column(w_sum)) * weights.share.clone())
+                    .sum_dim(0)
+                    .reshape([n, 1])
+            };
+        let h = || sensitivity(params.divergence, log_p.clone(), log_q.clone());
+        let (divergence, h_total, h) = match params.divergence {
+            Divergence::ForwardKl => (
+                kl_part(&teacher_t, 3, 4, &student_t, 0) - teacher_t.log_sum.clone()
+                    + student_t.log_sum.clone(),
+                Tensor::full([n, 1], -1.0, (&self.z.device(), self.z.dtype())),
+                with_grad.then(h),
+            ),
+            Divergence::ReverseKl => {
+                let kl = kl_part(&student_t, 0, 1, &teacher_t, 3) - student_t.log_sum.clone()
+                    + teacher_t.log_sum.clone();
+                (kl.clone(), kl.add_scalar(1.0), with_grad.then(h))
+            }
+            _ => {
+                let h = h();
+                let partial = Tensor::cat(
+                    vec![
+                        divergence_rows(params.divergence, log_p.clone(), log_q.clone())
+                            .unsqueeze_dim(1),
+                        h.clone().sum_dim(1),
+                    ],
+                    1,
+                );
+                let sums = sum_across(shard.peer, partial, "all-reduce of the row sums")?;
+                let (d, total) = (sums.clone().slice([0..n, 0..1]), sums.slice([0..n, 1..2]));
+                (d, total, with_grad.then_some(h))
+            }
+        };
+        let factor = params.soft_factor();
+        let soft_grad = h.map(|h| (h - log_q.exp() * h_total).mul_scalar(factor / t));
+        Ok((divergence.mul_scalar(factor), soft_grad))
+    }
+
+    /// The hard term per row from the merged statistics at temperature 1, and its gradient
+    /// where it is asked and weighs (`α < 1`); `None` without targets.
+    fn hard_term(
+        &self,
+        all: &Gathered<B>,
+        params: &DistillParams,
+        with_grad: bool,
+    ) -> Option<Term<B>> {
+        let (owned, index) = self.owned_target.clone()?;
+        let [n, _] = self.z.dims();
+        let smoothing = params.label_smoothing;
+        let lse_one = merge(all.column(0), all.column(2), 1.0).lse;
+        let target_logit = all.column(5).sum_dim(0).reshape([n, 1]);
+        let mut hard = lse_one.clone() - target_logit.mul_scalar(1.0 - smoothing);
+        let count = || all.column(7).sum_dim(0).reshape([n, 1]);
+        if smoothing > 0.0 {
+            let mean = all.column(6).sum_dim(0).reshape([n, 1]) / count();
+            hard = hard - mean.mul_scalar(smoothing);
+        }
+        let hard_grad = (with_grad && params.alpha < 1.0).then(|| {
+            let weight =
+                Tensor::<B, 2>::full([n, 1], smoothing - 1.0, (&self.z.device(), self.z.dtype()))
+                    .mask_fill(owned.bool_not(), 0.0);
+            let mut g =
+                (self.z.clone() - lse_one)
+                    .exp()
+                    .scatter(1, index, weight, IndexingUpdateOp::Add);
+            if let Some(padding) = self.padding.clone() {
+                let uniform = self.z.ones_like().mask_fill(padding, 0.0) / count();
+                g = g - uniform.mul_scalar(smoothing);
+            }
+            g
+        });
+        Some((hard, hard_grad))
+    }
+
+    /// The α-mix (a term of weight 0 is skipped, so that an infinite term cannot give NaN),
+    /// the ignored rows (0) and the rows whose target is outside the vocabulary (NaN), the
+    /// reduction, in the dtype of the backend's fused losses for these logits (f32 for half
+    /// precision on the CubeCL backends, as `forward`).
+    fn finish(
+        self,
+        (soft, soft_grad): Term<B>,
+        hard: Option<Term<B>>,
+        params: &DistillParams,
+        shard: &VocabShard,
+    ) -> FusedOutput<B> {
+        let [n, v] = self.z.dims();
+        let loss_dtype = B::fused_loss_dtype(self.logits_dtype);
+        let reduce = |rows: Tensor<B, 2>, ignored: Option<Tensor<B, 1, Bool>>| {
+            reduce_rows(rows.reshape([n]), ignored, params.reduction)
+                .cast(loss_dtype)
+                .into_primitive()
+                .tensor()
+        };
+        let (Some(targets), Some((hard, hard_grad))) = (self.targets, hard) else {
+            let grad = soft_grad.map(|g| scale_rows(g, None, params, n, self.logits_dtype));
+            return FusedOutput {
+                parts: DistillParts {
+                    loss: reduce(soft.clone(), None),
+                    soft: reduce(soft, None),
+                    hard: None,
+                },
+                grad,
+            };
+        };
+        let alpha = params.alpha;
+        let mix = |s: Tensor<B, 2>, h: Tensor<B, 2>| match alpha {
+            1.0 => s,
+            0.0 => h,
+            _ => s.mul_scalar(alpha) + h.mul_scalar(1.0 - alpha),
+        };
+        let ignored = ignored_rows(Some(&targets), params.ignore_index);
+        let out_of_range = targets
+            .clone()
+            .lower_elem(0)
+            .bool_or(targets.greater_equal_elem(shard.vocab as i64));
+        let bad = match ignored.clone() {
+            Some(ignored) => out_of_range.bool_and(ignored.bool_not()),
+            None => out_of_range,
+        };
+        let skipped = match ignored.clone() {
+            Some(ignored) => ignored.bool_or(bad.clone()),
+            None => bad.clone(),
+        }
+        .unsqueeze_dim::<2>(1);
+        let mask = |rows: Tensor<B, 2>| {
+            let rows = match ignored.clone() {
+                Some(ignored) => rows.mask_fill(ignored.unsqueeze_dim(1), 0.0),
+                None => rows,
+            };
+            rows.mask_fill(bad.clone().unsqueeze_dim(1), f64::NAN)
+        };
+        let loss = mask(mix(soft.clone(), hard.clone()));
+        let grad = soft_grad.map(|sg| {
+            let g = match hard_grad {
+                Some(hg) => mix(sg, hg),
+                None => sg,
+            };
+            let g = g.mask_fill(skipped.expand([n, v]), 0.0);
+            scale_rows(g, ignored.clone(), params, n, self.logits_dtype)
+        });
+        FusedOutput {
             parts: DistillParts {
-                loss: reduce(soft.clone(), None),
-                soft: reduce(soft, None),
-                hard: None,
+                loss: reduce(loss, ignored.clone()),
+                soft: reduce(mask(soft), ignored.clone()),
+                hard: Some(reduce(mask(hard), ignored)),
             },
             grad,
-        });
-    };
-
-    // The hard term from the merged statistics at temperature 1.
-    let (owned, index) = owned_target.expect("targets were given");
-    let lse_one = merge(column(0), column(2), 1.0).lse;
-    let target_logit = column(5).sum_dim(0).reshape([n, 1]);
-    let mut hard = lse_one.clone() - target_logit.mul_scalar(1.0 - smoothing);
-    if smoothing > 0.0 {
-        let mean = column(6).sum_dim(0).reshape([n, 1]) / column(7).sum_dim(0).reshape([n, 1]);
-        hard = hard - mean.mul_scalar(smoothing);
-    }
-    let hard_grad = (with_grad && params.alpha < 1.0).then(|| {
-        let weight = Tensor::<B, 2>::full([n, 1], smoothing - 1.0, (&device, compute))
-            .mask_fill(owned.bool_not(), 0.0);
-        let mut g = (z.clone() - lse_one)
-            .exp()
-            .scatter(1, index, weight, IndexingUpdateOp::Add);
-        if let Some(padding) = padding {
-            let count = column(7).sum_dim(0).reshape([n, 1]);
-            let uniform = z.ones_like().mask_fill(padding, 0.0) / count;
-            g = g - uniform.mul_scalar(smoothing);
         }
-        g
-    });
-
-    // α-mix (a term of weight 0 is skipped, so that an infinite term cannot give NaN), then the
-    // ignored rows (0) and the rows whose target is outside the vocabulary (NaN).
-    let alpha = params.alpha;
-    let mix = |s: Tensor<B, 2>, h: Tensor<B, 2>| match alpha {
-        1.0 => s,
-        0.0 => h,
-        _ => s.mul_scalar(alpha) + h.mul_scalar(1.0 - alpha),
-    };
-    let ignored = ignored_rows(Some(&targets), params.ignore_index);
-    let out_of_range = targets
-        .clone()
-        .lower_elem(0)
-        .bool_or(targets.clone().greater_equal_elem(shard.vocab as i64));
-    let bad = match ignored.clone() {
-        Some(ignored) => out_of_range.bool_and(ignored.bool_not()),
-        None => out_of_range,
-    };
-    let skipped = match ignored.clone() {
-        Some(ignored) => ignored.bool_or(bad.clone()),
-        None => bad.clone(),
     }
-    .unsqueeze_dim::<2>(1);
-    let mask = |rows: Tensor<B, 2>| {
-        let rows = match ignored.clone() {
-            Some(ignored) => rows.mask_fill(ignored.unsqueeze_dim(1), 0.0),
-            None => rows,
-        };
-        rows.mask_fill(bad.clone().unsqueeze_dim(1), f64::NAN)
-    };
-    let loss = mask(mix(soft.clone(), hard.clone()));
-    let grad = soft_grad.map(|sg| {
-        let g = match hard_grad {
-            Some(hg) => mix(sg, hg),
-            None => sg,
-        };
-        let g = g.mask_fill(skipped.expand([n, v]), 0.0);
-        scale_rows(g, ignored.clone(), params, n, logits_dtype)
-    });
-    Ok(FusedOutput {
-        parts: DistillParts {
-            loss: reduce(loss, ignored.clone()),
-            soft: reduce(mask(soft), ignored.clone()),
-            hard: Some(reduce(mask(hard), ignored)),
-        },
-        grad,
-    })
 }
 
 /// Every peer's `[offset, width, vocab, peers, rows]` (a `[P, 1, 5]` slice of the gathered

@@ -66,8 +66,8 @@ mod validation;
 mod vocab;
 
 pub use backend::{
-    DistillBackend, DistillParts, FusedOutput, LinearGrads, LinearOutput, LinearSetup, LinearSide,
-    SparseInputs, SparseSetup, reference_loss,
+    DistillBackend, DistillParts, FusedOutput, LinearGrads, LinearOutput, LinearRun, LinearSetup,
+    LinearSide, LogitsRun, SparseInputs, SparseLinearRun, SparseSetup, reference_loss,
 };
 pub use divergence::Divergence;
 pub use error::DistillError;

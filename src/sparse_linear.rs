@@ -16,8 +16,8 @@ use burn::nn::Linear;
 use burn::tensor::{Bool, Int, Tensor, backend::Backend, ops::IntTensor};
 
 use crate::{
-    DistillBackend, DistillError, DistillOutput, DistillParams, DistillParts, Kernel,
-    SparseDistillLoss, SparseInputs, SparseSetup, SparseTeacher,
+    DistillBackend, DistillError, DistillOutput, DistillParams, Kernel, SparseDistillLoss,
+    SparseInputs, SparseSetup, SparseTeacher,
     error::or_panic,
     linear::{self, ChunkTeacher, LinearOutput, LinearSetup, LinearSide, float},
     loss::check_row_targets,
@@ -69,6 +69,32 @@ impl<B: Backend> ChunkTeacher<B> for SparseChunks<B> {
             mask: self.mask.clone().map(|m| m.slice(rows).into_primitive()),
         };
         (zs, chunk)
+    }
+}
+
+/// The sparse fused-linear loss's chunks on a backend: its fused-linear sparse kernel (the host
+/// loop of NdArray and Flex) where it has one, [`chunked`] otherwise.
+pub(crate) struct SparseRun;
+
+impl crate::SparseLinearRun for SparseRun {
+    fn run<B: DistillBackend>(
+        &self,
+        student: LinearSide<B>,
+        teacher: SparseInputs<B>,
+        targets: Option<IntTensor<B>>,
+        setup: &LinearSetup,
+        sparse: SparseSetup,
+        with_grad: bool,
+    ) -> Option<LinearOutput<B>> {
+        let kernel = B::distill_sparse_linear_chunked(
+            student.clone(),
+            teacher.clone(),
+            targets.clone(),
+            setup,
+            sparse,
+            with_grad,
+        );
+        kernel.or_else(|| chunked::<B>(student, teacher, targets, setup, sparse, with_grad))
     }
 }
 
@@ -278,7 +304,8 @@ impl SparseDistillLoss {
             log_probs: teacher.log_probs.clone().detach().into_primitive().tensor(),
             mask: teacher.mask.clone().map(Tensor::into_primitive),
         };
-        let parts = B::distill_sparse_linear(
+        let parts = B::distill_sparse_linear_tracked(
+            &SparseRun,
             student,
             inputs,
             targets.clone().map(Tensor::into_primitive),
@@ -314,16 +341,4 @@ impl SparseDistillLoss {
         };
         Ok(output.with_check(target_check).with_check(teacher_check))
     }
-}
-
-/// The parts of a chunked sparse loss without gradients ([`DistillBackend`]'s default).
-pub(crate) fn parts<B: DistillBackend>(
-    student: LinearSide<B>,
-    teacher: SparseInputs<B>,
-    targets: Option<IntTensor<B>>,
-    setup: &LinearSetup,
-    sparse: SparseSetup,
-) -> Option<DistillParts<B>> {
-    B::distill_sparse_linear_chunked(student, teacher, targets, setup, sparse, false)
-        .map(|(parts, _)| parts)
 }

@@ -18,10 +18,8 @@ use burn::tensor::{
 };
 
 use super::{DistillBackend, DistillParams, DistillParts, FusedOutput, SparseInputs, SparseSetup};
-use super::{LinearGrads, LinearSetup, LinearSide};
-#[cfg(feature = "collective")]
+use super::{LinearGrads, LinearRun, LinearSetup, LinearSide, LogitsRun, SparseLinearRun};
 use crate::DistillError;
-use crate::linear;
 
 /// Backward of a fused loss with `N` differentiable inputs: the gradients computed by the
 /// forward pass (one per input, in order), times the upstream gradient.
@@ -231,64 +229,64 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
         })
     }
 
-    /// The vocabulary-parallel loss on `B` (where the peers registered with burn-collective)
-    /// as a tracked op of the student shard; the backward only scales the gradient computed
-    /// in the forward, so it communicates nothing.
-    #[cfg(feature = "collective")]
-    fn distill_vocab_parallel(
+    /// `run` on `B` (for the vocabulary-parallel loss, where the peers registered with
+    /// burn-collective) as a tracked op of the student's logits; the backward only scales the
+    /// gradient computed in the forward, so it communicates nothing.
+    fn distill_logits_tracked<R: LogitsRun>(
+        run: &R,
         student: FloatTensor<Self>,
         teacher: FloatTensor<Self>,
         targets: Option<IntTensor<Self>>,
         params: &DistillParams,
-        shard: &crate::VocabShard,
-        check: bool,
         with_grad: bool,
-    ) -> Result<FusedOutput<Self>, crate::DistillError> {
+    ) -> Result<FusedOutput<Self>, DistillError> {
         let mut error = None;
         let out = fused_student(&student, with_grad, |student, with_grad| {
-            B::distill_vocab_parallel(
-                student,
-                teacher.primitive,
-                targets,
-                params,
-                shard,
-                check,
-                with_grad,
-            )
-            .map_err(|e| error = Some(e))
-            .ok()
+            run.run::<B>(student, teacher.primitive, targets, params, with_grad)
+                .map_err(|e| error = Some(e))
+                .ok()
         });
-        // `None` only comes from an error of `B`'s loss, recorded in `error`.
+        // `None` only comes from an error of `run`, recorded in `error`.
         out.ok_or_else(|| {
             error.unwrap_or_else(|| DistillError::Collective {
-                operation: "vocabulary-parallel loss".into(),
+                operation: "tracked loss".into(),
                 message: "no output".into(),
             })
         })
     }
 
-    /// Chunk by chunk on `B` with the student's gradients produced in the forward (one op with
-    /// the hidden states, the weight and the bias as inputs); the logits materialised through
-    /// autodiff where `B` has no fused kernel for them, or for `Reduction::PerRow`.
-    fn distill_linear(
+    /// `run` chunk by chunk on `B`, with the student's gradients produced in the forward (one
+    /// op with the hidden states and, where trained, the weight and the bias as inputs).
+    fn distill_linear_tracked<R: LinearRun>(
+        run: &R,
         student: LinearSide<Self>,
         teacher: LinearSide<Self>,
         targets: Option<IntTensor<Self>>,
         setup: &LinearSetup,
-    ) -> DistillParts<Self> {
+    ) -> Result<Option<DistillParts<Self>>, DistillError> {
         let (s, t) = (inner_side(&student), inner_side(&teacher));
         let setup = &tracked_setup(&student, setup);
-        let run = |tracked: bool| {
-            let (parts, grads) = B::distill_linear_chunked(s, t, targets.clone(), setup, tracked)?;
-            Some((parts, grads.map(LinearGrads::into_vec).unwrap_or_default()))
-        };
-        linear_op(&student, setup, run)
-            .unwrap_or_else(|| linear::materialised::<Self>(student, teacher, targets, setup))
+        let mut error = None;
+        let out = linear_op(&student, setup, |tracked| {
+            match run.run::<B>(s, t, targets, setup, tracked) {
+                Ok(out) => {
+                    out.map(|(parts, g)| (parts, g.map(LinearGrads::into_vec).unwrap_or_default()))
+                }
+                Err(e) => {
+                    error = Some(e);
+                    None
+                }
+            }
+        });
+        match error {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
     }
 
-    /// The fused-linear sparse loss on `B`, as one op of the student's hidden states and (where
-    /// trained) head weight and bias, gradients computed chunk by chunk in the forward pass.
-    fn distill_sparse_linear(
+    /// [`Self::distill_linear_tracked`] against a sparse teacher.
+    fn distill_sparse_linear_tracked<R: SparseLinearRun>(
+        run: &R,
         student: LinearSide<Self>,
         teacher: SparseInputs<Self>,
         targets: Option<IntTensor<Self>>,
@@ -302,55 +300,9 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
             mask: teacher.mask,
         };
         let setup = &tracked_setup(&student, setup);
-        let run = |tracked: bool| {
-            let (parts, grads) =
-                B::distill_sparse_linear_chunked(s, t, targets, setup, sparse, tracked)?;
+        linear_op(&student, setup, |tracked| {
+            let (parts, grads) = run.run::<B>(s, t, targets, setup, sparse, tracked)?;
             Some((parts, grads.map(LinearGrads::into_vec).unwrap_or_default()))
-        };
-        linear_op(&student, setup, run)
-    }
-
-    /// The vocabulary-parallel fused-linear loss on `B`, as one op of the student's hidden
-    /// states, head weight and bias (gradients computed in the forward).
-    #[cfg(feature = "collective")]
-    fn distill_linear_vocab_parallel(
-        student: LinearSide<Self>,
-        teacher: LinearSide<Self>,
-        targets: Option<IntTensor<Self>>,
-        setup: &LinearSetup,
-        shard: &crate::VocabShard,
-        check: bool,
-    ) -> Result<DistillParts<Self>, DistillError> {
-        let (s, t) = (inner_side(&student), inner_side(&teacher));
-        let setup = &tracked_setup(&student, setup);
-        let mut error = None;
-        let run = |tracked: bool| match crate::parallel::linear_vocab_parallel::<B>(
-            s, t, targets, setup, shard, check, tracked,
-        ) {
-            Ok(Some((parts, grads))) => {
-                Some((parts, grads.map(LinearGrads::into_vec).unwrap_or_default()))
-            }
-            Ok(None) => {
-                error = Some(DistillError::invalid(
-                    "reduction",
-                    "PerRow",
-                    "Mean, Sum or Normalized for a trained vocabulary-parallel \
-                         fused-linear loss (per-row upstream weights are only known in the \
-                         backward pass)",
-                ));
-                None
-            }
-            Err(e) => {
-                error = Some(e);
-                None
-            }
-        };
-        let out = linear_op(&student, setup, run);
-        out.ok_or_else(|| {
-            error.unwrap_or_else(|| DistillError::Collective {
-                operation: "vocabulary-parallel fused-linear loss".into(),
-                message: "no output".into(),
-            })
         })
     }
 }

@@ -15,7 +15,7 @@ use crate::kernel::{
     sparse_cpu,
 };
 use crate::{
-    DistillBackend, Kernel, LinearGrads, LinearOutput, LinearSetup, LinearSide, Reduction, linear,
+    DistillBackend, Kernel, LinearGrads, LinearOutput, LinearSetup, LinearSide, Reduction,
 };
 use std::borrow::Cow;
 
@@ -281,9 +281,9 @@ macro_rules! host_kernels {
 pub(super) use host_kernels;
 
 /// [`DistillBackend::distill_linear_chunked`] of a CPU backend: the host loop of
-/// [`linear_cpu::linear_rows`] for f32 and f64 with the fused kernel; the generic chunks for
-/// `Kernel::Reference`, other dtypes and zero-width hidden states; `None` for
-/// `Reduction::PerRow` with a gradient.
+/// [`linear_cpu::linear_rows`] for f32 and f64 with the fused kernel; `None` otherwise (the loss
+/// then runs its composed chunks): `Kernel::Reference`, other dtypes, zero-width hidden states,
+/// and `Reduction::PerRow` with a gradient.
 pub(super) fn linear_chunked<B: HostFloats>(
     student: LinearSide<B>,
     teacher: LinearSide<B>,
@@ -325,22 +325,18 @@ pub(super) fn linear_chunked<B: HostFloats>(
             })
         };
     }
-    let host = match student.hidden.dtype() {
+    match student.hidden.dtype() {
         _ if generic => None,
         DType::F32 => host!(f32),
         DType::F64 => host!(f64),
         _ => None,
-    };
-    match host {
-        Some(out) => Some(out),
-        None => linear::chunked::<B>(student, teacher, targets, setup, with_grad),
     }
 }
 
 /// [`DistillBackend::distill_sparse_linear_chunked`] of a CPU backend: the host loop of
-/// [`linear_cpu::linear_rows`] around the sparse row kernel for f32 and f64; the generic chunks
-/// otherwise; `None` where no fused sparse kernel applies (`Kernel::Reference`, another dtype,
-/// `Reduction::PerRow` with a gradient).
+/// [`linear_cpu::linear_rows`] around the sparse row kernel for f32 and f64; `None` otherwise
+/// (the loss then runs its composed chunks, or materialises the logits where no fused sparse
+/// kernel applies: `Kernel::Reference`, another dtype, `Reduction::PerRow` with a gradient).
 pub(super) fn sparse_linear_chunked<B: HostFloats>(
     student: LinearSide<B>,
     teacher: SparseInputs<B>,
@@ -358,9 +354,7 @@ pub(super) fn sparse_linear_chunked<B: HostFloats>(
         return None;
     }
     if student.weight.shape()[0] == 0 {
-        return crate::sparse_linear::chunked::<B>(
-            student, teacher, targets, setup, sparse, with_grad,
-        );
+        return None;
     }
     let n = student.hidden.shape()[0];
     let vocab = student.weight.shape()[1];

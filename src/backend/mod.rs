@@ -17,9 +17,8 @@ use burn::tensor::{
 };
 
 use crate::{
-    Kernel,
+    DistillError, Kernel,
     kernel::reference,
-    linear,
     reduction::{ignored_rows, reduce_rows},
 };
 
@@ -104,6 +103,53 @@ impl SparseSetup {
     }
 }
 
+/// A fused-linear loss run on the backend that holds the values, producing the gradients of
+/// the student's differentiable inputs in its forward pass. The losses implement it (the
+/// kernel where the backend has one, the composed chunk loop otherwise); the backend's tracked
+/// methods run it, on `B` itself or on the inner backend of `Autodiff<B>`, which wraps the
+/// result in one backward op. The backend layer thus never imports a loss.
+pub trait LinearRun {
+    /// The loss parts and, with `with_grad`, the student's gradients; `Ok(None)` where this
+    /// run cannot produce them (`Reduction::PerRow` with a gradient, no fused kernel for a
+    /// gradient): the caller then materialises the logits, or reports why not.
+    fn run<B: DistillBackend>(
+        &self,
+        student: LinearSide<B>,
+        teacher: LinearSide<B>,
+        targets: Option<IntTensor<B>>,
+        setup: &LinearSetup,
+        with_grad: bool,
+    ) -> Result<Option<LinearOutput<B>>, DistillError>;
+}
+
+/// [`LinearRun`] against a sparse teacher.
+pub trait SparseLinearRun {
+    /// As [`LinearRun::run`]; `None` where no fused sparse kernel applies.
+    fn run<B: DistillBackend>(
+        &self,
+        student: LinearSide<B>,
+        teacher: SparseInputs<B>,
+        targets: Option<IntTensor<B>>,
+        setup: &LinearSetup,
+        sparse: SparseSetup,
+        with_grad: bool,
+    ) -> Option<LinearOutput<B>>;
+}
+
+/// A loss of `[N, V]` logits run on the backend that holds the values, producing the gradient
+/// of the student's logits in its forward pass (as [`LinearRun`]: the vocabulary-parallel loss).
+pub trait LogitsRun {
+    /// The reduced loss and parts and, with `with_grad`, the gradient.
+    fn run<B: DistillBackend>(
+        &self,
+        student: FloatTensor<B>,
+        teacher: FloatTensor<B>,
+        targets: Option<IntTensor<B>>,
+        params: &DistillParams,
+        with_grad: bool,
+    ) -> Result<FusedOutput<B>, DistillError>;
+}
+
 /// A backend that can compute distillation losses.
 ///
 /// This is the extension point of the crate (in the style of `burn-vision`'s `VisionBackend`):
@@ -183,49 +229,18 @@ pub trait DistillBackend: Backend {
         None
     }
 
-    /// The vocabulary-parallel loss of this peer's `[N, V_p]` shards (see
-    /// [`DistillLoss::forward_vocab_parallel`](crate::DistillLoss::forward_vocab_parallel)):
-    /// the reduced loss and parts, equal on every peer, and, when `with_grad`, the gradient
-    /// with respect to this shard's student logits. The default computes it with burn tensor
-    /// ops on this backend, exchanging `O(N)` row statistics through burn-collective on this
-    /// backend; `Autodiff<B>` runs it on `B` as one tracked op. With `check`, the shards'
-    /// layout is verified after the first exchange (a read of `5·P` numbers to the host).
-    #[cfg(feature = "collective")]
-    fn distill_vocab_parallel(
+    /// Runs `run`, a loss of `[N, V]` logits that produces its own gradient (the
+    /// vocabulary-parallel loss), as one tracked op of the student's logits: on this backend
+    /// by default; `Autodiff<B>` runs it on `B` and scales the gradient in the backward pass.
+    fn distill_logits_tracked<R: LogitsRun>(
+        run: &R,
         student: FloatTensor<Self>,
         teacher: FloatTensor<Self>,
         targets: Option<IntTensor<Self>>,
         params: &DistillParams,
-        shard: &crate::VocabShard,
-        check: bool,
         with_grad: bool,
-    ) -> Result<FusedOutput<Self>, crate::DistillError> {
-        crate::parallel::vocab_parallel::<Self>(
-            student, teacher, targets, params, shard, check, with_grad,
-        )
-    }
-
-    /// The vocabulary-parallel fused-linear loss (see
-    /// [`DistillLoss::forward_linear_vocab_parallel`](crate::DistillLoss::forward_linear_vocab_parallel)):
-    /// chunks of rows of this peer's head slice through the vocabulary-parallel loss. The
-    /// default runs on this backend without gradients; `Autodiff<B>` adds the student's.
-    #[cfg(feature = "collective")]
-    fn distill_linear_vocab_parallel(
-        student: LinearSide<Self>,
-        teacher: LinearSide<Self>,
-        targets: Option<IntTensor<Self>>,
-        setup: &LinearSetup,
-        shard: &crate::VocabShard,
-        check: bool,
-    ) -> Result<DistillParts<Self>, crate::DistillError> {
-        crate::parallel::linear_vocab_parallel::<Self>(
-            student, teacher, targets, setup, shard, check, false,
-        )
-        .map(|out| out.map(|(parts, _)| parts))?
-        .ok_or_else(|| crate::DistillError::Collective {
-            operation: "vocabulary-parallel fused-linear loss".into(),
-            message: "no output".into(),
-        })
+    ) -> Result<FusedOutput<Self>, DistillError> {
+        run.run::<Self>(student, teacher, targets, params, with_grad)
     }
 
     /// The backward step of the fused kernel: `grad · upstream`, where `upstream` is the
@@ -244,60 +259,54 @@ pub trait DistillBackend: Backend {
         Self::float_mul(grad, upstream.into_primitive().tensor())
     }
 
-    /// The fused-linear loss (see [`DistillLoss::forward_linear`](crate::DistillLoss::forward_linear)):
-    /// the loss of `student.hidden · W_s + b_s` against `teacher.hidden · W_t + b_t`, computed
-    /// `setup.chunk_rows()` rows at a time. The default runs the chunks on this backend (with
-    /// its fused kernel where it has one); `Autodiff<B>` adds the student's gradients.
-    fn distill_linear(
+    /// Runs `run`, a fused-linear loss (see
+    /// [`DistillLoss::forward_linear`](crate::DistillLoss::forward_linear)), as one tracked op
+    /// of the student's hidden states and (where trained) head weight and bias: on this backend
+    /// without gradients by default; `Autodiff<B>` runs it on `B` with the gradients computed
+    /// chunk by chunk in the forward pass. `Ok(None)` where `run` gives none (the loss then
+    /// materialises the logits).
+    fn distill_linear_tracked<R: LinearRun>(
+        run: &R,
         student: LinearSide<Self>,
         teacher: LinearSide<Self>,
         targets: Option<IntTensor<Self>>,
         setup: &LinearSetup,
-    ) -> DistillParts<Self> {
-        match Self::distill_linear_chunked(
-            student.clone(),
-            teacher.clone(),
-            targets.clone(),
-            setup,
-            false,
-        ) {
-            Some((parts, _)) => parts,
-            None => linear::materialised::<Self>(student, teacher, targets, setup),
-        }
+    ) -> Result<Option<DistillParts<Self>>, DistillError> {
+        Ok(run
+            .run::<Self>(student, teacher, targets, setup, false)?
+            .map(|(parts, _)| parts))
     }
 
-    /// The fused-linear sparse-teacher loss (see
-    /// [`SparseDistillLoss::forward_linear`](crate::SparseDistillLoss::forward_linear)): the
-    /// loss of `student.hidden · W + b` against a sparse teacher, `setup.chunk_rows()` rows at
-    /// a time through [`DistillBackend::distill_sparse_fused`]; `None` where that kernel does
-    /// not apply (the loss then materialises the logits). `setup.logit_softcap()` caps the
-    /// student's logits (never the teacher's log-probabilities). The default runs the chunks on
-    /// this backend without gradients; `Autodiff<B>` adds the student's.
-    fn distill_sparse_linear(
+    /// [`DistillBackend::distill_linear_tracked`] against a sparse teacher (see
+    /// [`SparseDistillLoss::forward_linear`](crate::SparseDistillLoss::forward_linear)); `None`
+    /// where no fused sparse kernel applies (the loss then materialises the logits).
+    fn distill_sparse_linear_tracked<R: SparseLinearRun>(
+        run: &R,
         student: LinearSide<Self>,
         teacher: SparseInputs<Self>,
         targets: Option<IntTensor<Self>>,
         setup: &LinearSetup,
         sparse: SparseSetup,
     ) -> Option<DistillParts<Self>> {
-        crate::sparse_linear::parts::<Self>(student, teacher, targets, setup, sparse)
+        run.run::<Self>(student, teacher, targets, setup, sparse, false)
+            .map(|(parts, _)| parts)
     }
 
-    /// The chunks of the fused-linear sparse loss on this backend: the loss parts and, with
-    /// `with_grad`, the student's gradients, computed `setup.chunk_rows()` kept rows at a time
-    /// against the teacher's rows; `None` where no fused sparse kernel applies (the caller then
-    /// materialises the logits). The default runs burn tensor ops per chunk around
-    /// [`DistillBackend::distill_sparse_fused`]; NdArray and Flex run the host loop of the
-    /// dense fused-linear loss around their sparse row kernel.
+    /// The fused-linear sparse kernel: the loss parts and, with `with_grad`, the student's
+    /// gradients, computed `setup.chunk_rows()` kept rows at a time against the teacher's rows;
+    /// `None` where this backend has no such kernel for these inputs (the default: the loss
+    /// then runs its composed chunk loop around [`DistillBackend::distill_sparse_fused`]).
+    /// NdArray and Flex run the host loop of the dense fused-linear loss around their sparse
+    /// row kernel.
     fn distill_sparse_linear_chunked(
-        student: LinearSide<Self>,
-        teacher: SparseInputs<Self>,
-        targets: Option<IntTensor<Self>>,
-        setup: &LinearSetup,
-        sparse: SparseSetup,
-        with_grad: bool,
+        _student: LinearSide<Self>,
+        _teacher: SparseInputs<Self>,
+        _targets: Option<IntTensor<Self>>,
+        _setup: &LinearSetup,
+        _sparse: SparseSetup,
+        _with_grad: bool,
     ) -> Option<LinearOutput<Self>> {
-        crate::sparse_linear::chunked::<Self>(student, teacher, targets, setup, sparse, with_grad)
+        None
     }
 
     /// The default memory budget of the fused-linear losses' chunks (see
@@ -307,21 +316,20 @@ pub trait DistillBackend: Backend {
         64 << 20
     }
 
-    /// The chunks of the fused-linear loss on this backend: the loss parts and, with
-    /// `with_grad`, the student's gradients (hidden states, head weight and bias), computed
-    /// `setup.chunk_rows()` kept rows at a time; `None` where that cannot be done (a gradient
-    /// without a fused kernel for the logits, or `Reduction::PerRow` with a gradient), and the
-    /// caller then materialises the logits. The default runs burn tensor ops per chunk around
-    /// [`DistillBackend::distill_fused`]; NdArray and Flex run one host loop with buffers
-    /// allocated once and GEMMs that accumulate in place.
+    /// The fused-linear kernel: the loss parts and, with `with_grad`, the student's gradients
+    /// (hidden states, head weight and bias), computed `setup.chunk_rows()` kept rows at a
+    /// time; `None` where this backend has no such kernel for these inputs (the default: the
+    /// loss then runs its composed chunk loop around [`DistillBackend::distill_fused`]).
+    /// NdArray and Flex run one host loop with buffers allocated once and GEMMs that
+    /// accumulate in place.
     fn distill_linear_chunked(
-        student: LinearSide<Self>,
-        teacher: LinearSide<Self>,
-        targets: Option<IntTensor<Self>>,
-        setup: &LinearSetup,
-        with_grad: bool,
+        _student: LinearSide<Self>,
+        _teacher: LinearSide<Self>,
+        _targets: Option<IntTensor<Self>>,
+        _setup: &LinearSetup,
+        _with_grad: bool,
     ) -> Option<LinearOutput<Self>> {
-        linear::chunked::<Self>(student, teacher, targets, setup, with_grad)
+        None
     }
 
     /// The reduced loss and its parts of `[N, V]` student and teacher logits against optional

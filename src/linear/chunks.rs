@@ -49,6 +49,30 @@ pub(crate) fn logits<B: Backend>(
     }
 }
 
+/// The fused-linear loss's chunks on a backend: its fused-linear kernel (the host loop of
+/// NdArray and Flex) where it has one, [`chunked`] otherwise.
+pub(crate) struct Chunks;
+
+impl crate::LinearRun for Chunks {
+    fn run<B: DistillBackend>(
+        &self,
+        student: LinearSide<B>,
+        teacher: LinearSide<B>,
+        targets: Option<IntTensor<B>>,
+        setup: &LinearSetup,
+        with_grad: bool,
+    ) -> Result<Option<LinearOutput<B>>, crate::DistillError> {
+        let kernel = B::distill_linear_chunked(
+            student.clone(),
+            teacher.clone(),
+            targets.clone(),
+            setup,
+            with_grad,
+        );
+        Ok(kernel.or_else(|| chunked::<B>(student, teacher, targets, setup, with_grad)))
+    }
+}
+
 /// The loss (and, with `with_grad`, the student's gradients) chunk by chunk on backend `B`.
 ///
 /// Ignored rows are dropped before the matmuls (one read of the targets to the host). Returns

@@ -29,7 +29,8 @@ mod chunks;
 pub(crate) use crate::backend::{LinearGrads, LinearOutput, LinearSetup, LinearSide};
 #[cfg(feature = "collective")]
 pub(crate) use chunks::DenseChunks;
-pub(crate) use chunks::{ChunkTeacher, chunked, chunked_with, float, logits, materialised};
+pub(crate) use chunks::{ChunkTeacher, chunked_with, float, logits};
+use chunks::{Chunks, materialised};
 
 /// The student's and teacher's sides of a fused-linear loss, checked: `[N, H]` hidden states
 /// matching their heads' input width, one number of rows; the teacher detached.
@@ -266,12 +267,17 @@ impl DistillLoss {
             weight_grad: self.linear_head_grad,
             bias_grad: self.linear_head_grad,
         };
-        let parts = B::distill_linear(
-            student,
-            teacher,
-            targets.map(Tensor::into_primitive),
+        let targets = targets.map(Tensor::into_primitive);
+        let tracked = B::distill_linear_tracked(
+            &Chunks,
+            student.clone(),
+            teacher.clone(),
+            targets.clone(),
             &setup,
-        );
+        )?;
+        // No fused kernel for a gradient, or `Reduction::PerRow` with one: the logits,
+        // through the backend's own ops (and so through autodiff).
+        let parts = tracked.unwrap_or_else(|| materialised::<B>(student, teacher, targets, &setup));
         Ok(DistillOutput::from(parts).with_check(check))
     }
 }

@@ -112,8 +112,8 @@ fn sensitivity<B: Backend>(
 /// peer then fails alike when the shards overlap, leave a gap or disagree on the vocabulary,
 /// the peer count or the rows.
 ///
-/// The default body of [`DistillBackend::distill_vocab_parallel`]; runs on any backend with
-/// burn tensor ops, exchanging through burn-collective on `B`.
+/// Run by the backend as a tracked op ([`DistillBackend::distill_logits_tracked`]); runs on any
+/// backend with burn tensor ops, exchanging through burn-collective on `B`.
 pub fn vocab_parallel<B: DistillBackend>(
     student: FloatTensor<B>,
     teacher: FloatTensor<B>,

@@ -298,13 +298,16 @@ impl DistillLoss {
             ));
         }
         let check = self.check_shard("student_shard", v, n, targets.as_ref(), shard)?;
-        let out = B::distill_vocab_parallel(
+        let run = VocabParallel {
+            shard,
+            check: self.validation == Validation::Eager,
+        };
+        let out = B::distill_logits_tracked(
+            &run,
             self.soft_cap(student_shard).into_primitive().tensor(),
             self.soft_cap(teacher_shard).into_primitive().tensor(),
             targets.map(Tensor::into_primitive),
             &self.params,
-            shard,
-            self.validation == Validation::Eager,
             false,
         )?;
         Ok(DistillOutput::from(out.parts).with_check(check))
@@ -388,21 +391,70 @@ impl DistillLoss {
             weight_grad: self.linear_head_grad,
             bias_grad: self.linear_head_grad,
         };
-        let parts = B::distill_linear_vocab_parallel(
-            student,
-            teacher,
-            targets.map(Tensor::into_primitive),
-            &setup,
+        let run = LinearVocabParallel {
             shard,
-            self.validation == Validation::Eager,
-        )?;
+            check: self.validation == Validation::Eager,
+        };
+        let targets = targets.map(Tensor::into_primitive);
+        let parts = B::distill_linear_tracked(&run, student, teacher, targets, &setup)?
+            .ok_or_else(|| {
+                DistillError::invalid(
+                    "reduction",
+                    "PerRow",
+                    "Mean, Sum or Normalized for a trained vocabulary-parallel fused-linear \
+                     loss (per-row upstream weights are only known in the backward pass)",
+                )
+            })?;
         Ok(DistillOutput::from(parts).with_check(check))
+    }
+}
+
+/// The vocabulary-parallel loss of one peer's shards, run by the backend as a tracked op.
+struct VocabParallel<'a> {
+    shard: &'a VocabShard,
+    check: bool,
+}
+
+impl crate::LogitsRun for VocabParallel<'_> {
+    fn run<B: DistillBackend>(
+        &self,
+        student: FloatTensor<B>,
+        teacher: FloatTensor<B>,
+        targets: Option<IntTensor<B>>,
+        params: &DistillParams,
+        with_grad: bool,
+    ) -> Result<FusedOutput<B>, DistillError> {
+        vocab_parallel::<B>(
+            student, teacher, targets, params, self.shard, self.check, with_grad,
+        )
+    }
+}
+
+/// The vocabulary-parallel fused-linear loss of one peer's head slices, run by the backend as
+/// a tracked op.
+struct LinearVocabParallel<'a> {
+    shard: &'a VocabShard,
+    check: bool,
+}
+
+impl crate::LinearRun for LinearVocabParallel<'_> {
+    fn run<B: DistillBackend>(
+        &self,
+        student: LinearSide<B>,
+        teacher: LinearSide<B>,
+        targets: Option<IntTensor<B>>,
+        setup: &LinearSetup,
+        with_grad: bool,
+    ) -> Result<Option<LinearOutput<B>>, DistillError> {
+        linear_vocab_parallel::<B>(
+            student, teacher, targets, setup, self.shard, self.check, with_grad,
+        )
     }
 }
 
 /// The vocabulary-parallel fused-linear loss on `B`: chunks of rows through
 /// [`vocab_parallel`], then the hidden-state gradient summed across the peers. `Ok(None)` as
-/// for [`linear::chunked`] (a gradient with `Reduction::PerRow`).
+/// for the fused-linear chunks (a gradient with `Reduction::PerRow`).
 pub(crate) fn linear_vocab_parallel<B: DistillBackend>(
     student: LinearSide<B>,
     teacher: LinearSide<B>,

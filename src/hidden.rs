@@ -4,7 +4,7 @@ use burn::{
     config::Config,
     module::Module,
     nn::{Linear, LinearConfig},
-    tensor::{Bool, Tensor, backend::Backend},
+    tensor::{Bool, DType, FloatDType, Tensor, backend::Backend},
 };
 use serde::{Deserialize, Serialize};
 
@@ -176,7 +176,14 @@ impl<B: Backend> HiddenStateLoss<B> {
                 cos.neg().add_scalar(1.0).squeeze_dim(1)
             }
         };
-        Ok(match mask {
+        // The mean in f32 for half-precision rows (an f16 count overflows at 65,504), summed
+        // pairwise (burn 0.21's `sum` on wgpu drops elements past about 65,532).
+        let dtype = rows.dtype();
+        let rows = match dtype {
+            DType::F16 | DType::BF16 => rows.cast(FloatDType::F32),
+            _ => rows,
+        };
+        let mean = match mask {
             None => {
                 let n = rows.dims()[0];
                 pairwise_sum(rows) / n as f64
@@ -186,6 +193,7 @@ impl<B: Backend> HiddenStateLoss<B> {
                 let kept = pairwise_sum(rows.ones_like().mask_fill(dropped.clone(), 0.0));
                 pairwise_sum(rows.mask_fill(dropped, 0.0)) / kept.clamp_min(1.0)
             }
-        })
+        };
+        Ok(mean.cast(FloatDType::from(dtype)))
     }
 }

@@ -114,18 +114,18 @@ fn wgpu_f16_fused_linear_under_a_loss_scale() {
     }
 }
 
-/// The bias gradient of a chunk of 100,000 rows on wgpu, against NdArray's: summed over the rows
-/// pairwise (burn 0.21's column `sum_dim(0)` on wgpu drops rows past about 65,532, a third of
-/// every entry here).
+/// The head's gradients from a chunk of 100,000 rows on wgpu, against NdArray's: the bias
+/// gradient as a product `1ᵀ g`, like the weight's `hᵀ g` (burn 0.21's column `sum_dim(0)` on
+/// wgpu drops rows past about 65,532: a third of every bias entry here).
 #[cfg(feature = "wgpu")]
 #[test]
-fn wgpu_bias_gradient_over_many_rows() {
+fn wgpu_head_gradients_over_many_rows() {
     use burn::tensor::{Int, Tensor, TensorData, backend::AutodiffBackend};
     use burn_distill::testing::{mismatches, values};
     use burn_distill::{DistillBackend, DistillLossConfig, Reduction};
     use common::linear::{head, wave};
 
-    fn bias_grad<B>(device: &B::Device) -> Vec<f64>
+    fn head_grads<B>(device: &B::Device) -> (Vec<f64>, Vec<f64>)
     where
         B: AutodiffBackend + DistillBackend,
     {
@@ -146,14 +146,23 @@ fn wgpu_bias_gradient_over_many_rows() {
         let value = loss.forward_linear(hidden(0.53).require_grad(), &sh, hidden(0.29), &th, y);
         let grads = value.mul_scalar(0.5).backward();
         let bias = sh.bias.as_ref().expect("a bias");
-        values(bias.val().grad(&grads).expect("bias gradient"))
+        let weight = values(sh.weight.val().grad(&grads).expect("weight gradient"));
+        (
+            values(bias.val().grad(&grads).expect("bias gradient")),
+            weight,
+        )
     }
-    let cpu = bias_grad::<Autodiff<burn::backend::NdArray>>(&Default::default());
-    let gpu = bias_grad::<Autodiff<burn::backend::Wgpu>>(&burn_distill::testing::wgpu_device());
+    let cpu = head_grads::<Autodiff<burn::backend::NdArray>>(&Default::default());
+    let gpu = head_grads::<Autodiff<burn::backend::Wgpu>>(&burn_distill::testing::wgpu_device());
     // Sums of 100,000 f32 terms in two orders (measured 6.4e-6 of the largest entry apart); a
     // sum that drops rows is off by about a third.
-    let largest = cpu.iter().fold(0f64, |m, g| m.max(g.abs()));
-    assert!(largest > 1_000.0, "a real gradient: {cpu:?}");
-    let failures = mismatches("grad bias", &gpu, &cpu, 4e-5 * largest, 0.0);
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    for (what, cpu, gpu) in [
+        ("grad bias", &cpu.0, &gpu.0),
+        ("grad weight", &cpu.1, &gpu.1),
+    ] {
+        let largest = cpu.iter().fold(0f64, |m, g| m.max(g.abs()));
+        assert!(largest > 1_000.0, "{what}: a real gradient: {cpu:?}");
+        let failures = mismatches(what, gpu, cpu, 4e-5 * largest, 0.0);
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
 }

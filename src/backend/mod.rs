@@ -264,7 +264,8 @@ pub trait DistillBackend: Backend {
     /// of the student's hidden states and (where trained) head weight and bias: on this backend
     /// without gradients by default; `Autodiff<B>` runs it on `B` with the gradients computed
     /// chunk by chunk in the forward pass. `Ok(None)` where `run` gives none (the loss then
-    /// materialises the logits).
+    /// materialises the logits, or says why it cannot: the vocabulary-parallel loss with
+    /// `Reduction::PerRow` and a gradient).
     fn distill_linear_tracked<R: LinearRun>(
         run: &R,
         student: LinearSide<Self>,

@@ -7,10 +7,7 @@ use burn::tensor::{
     ops::FloatTensor, ops::IntTensor,
 };
 
-use crate::{
-    DistillBackend, DistillParams, DistillParts, FusedOutput, Kernel, Reduction,
-    reduction::pairwise_sum_rows,
-};
+use crate::{DistillBackend, DistillParams, DistillParts, FusedOutput, Kernel, Reduction};
 
 use super::{LinearGrads, LinearOutput, LinearSetup, LinearSide};
 
@@ -354,7 +351,11 @@ impl<B: Backend> StudentGrads<B> {
             });
         }
         if self.has_bias && self.setup.bias_grad {
-            let gb = pairwise_sum_rows(g).squeeze_dim(0);
+            // `1ᵀ g`, a product like `∂W`'s: no `[c, V]` temporary, and no reduce kernel
+            // (burn 0.21's column `sum_dim(0)` on wgpu drops rows past about 65,532).
+            let [c, v] = g.dims();
+            let ones = Tensor::<B, 2>::ones([1, c], (&g.device(), g.dtype()));
+            let gb = ones.matmul(g).reshape([v]);
             self.grad_b = Some(match self.grad_b.take() {
                 None => gb,
                 Some(acc) => acc + gb,

@@ -66,8 +66,9 @@ mod validation;
 mod vocab;
 
 pub use backend::{
-    DistillBackend, DistillParts, FusedOutput, LinearGrads, LinearOutput, LinearRun, LinearSetup,
-    LinearSide, LogitsRun, SparseInputs, SparseLinearRun, SparseSetup, reference_loss,
+    DenseCall, DistillBackend, DistillParts, FusedOutput, KernelCall, LinearCall, LinearGrads,
+    LinearOutput, LinearRun, LinearSetup, LinearSide, LogitsRun, SparseCall, SparseInputs,
+    SparseLinearCall, SparseLinearRun, SparseSetup, reference_loss,
 };
 pub use divergence::Divergence;
 pub use error::DistillError;

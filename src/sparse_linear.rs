@@ -13,11 +13,11 @@
 //! gradient) the logits are materialised and the composed path runs.
 
 use burn::nn::Linear;
-use burn::tensor::{Bool, Int, Tensor, backend::Backend, ops::IntTensor};
+use burn::tensor::{Bool, Int, Tensor, backend::Backend};
 
 use crate::{
-    DistillBackend, DistillError, DistillOutput, DistillParams, Kernel, SparseDistillLoss,
-    SparseInputs, SparseSetup, SparseTeacher,
+    DistillBackend, DistillError, DistillOutput, Kernel, SparseDistillLoss, SparseInputs,
+    SparseLinearCall, SparseSetup, SparseTeacher,
     error::or_panic,
     linear::{self, ChunkTeacher, LinearOutput, LinearSetup, LinearSide, float},
     loss::check_row_targets,
@@ -30,6 +30,7 @@ pub(crate) struct SparseChunks<B: Backend> {
     indices: Tensor<B, 2, Int>,
     log_probs: Tensor<B, 2>,
     mask: Option<Tensor<B, 2, Bool>>,
+    setup: SparseSetup,
 }
 
 impl<B: Backend> SparseChunks<B> {
@@ -38,6 +39,7 @@ impl<B: Backend> SparseChunks<B> {
             indices: Tensor::from_primitive(teacher.indices),
             log_probs: float::<B, 2>(teacher.log_probs),
             mask: teacher.mask.map(Tensor::from_primitive),
+            setup: teacher.setup,
         }
     }
 }
@@ -50,6 +52,7 @@ impl<B: Backend> ChunkTeacher<B> for SparseChunks<B> {
             indices: self.indices.select(0, index.clone()),
             log_probs: self.log_probs.select(0, index.clone()),
             mask: self.mask.map(|m| m.select(0, index.clone())),
+            setup: self.setup,
         }
     }
 
@@ -67,6 +70,7 @@ impl<B: Backend> ChunkTeacher<B> for SparseChunks<B> {
                 .into_primitive()
                 .tensor(),
             mask: self.mask.clone().map(|m| m.slice(rows).into_primitive()),
+            setup: self.setup,
         };
         (zs, chunk)
     }
@@ -77,50 +81,24 @@ impl<B: Backend> ChunkTeacher<B> for SparseChunks<B> {
 pub(crate) struct SparseRun;
 
 impl crate::SparseLinearRun for SparseRun {
-    fn run<B: DistillBackend>(
-        &self,
-        student: LinearSide<B>,
-        teacher: SparseInputs<B>,
-        targets: Option<IntTensor<B>>,
-        setup: &LinearSetup,
-        sparse: SparseSetup,
-        with_grad: bool,
-    ) -> Option<LinearOutput<B>> {
-        let kernel = B::distill_sparse_linear_chunked(
-            student.clone(),
-            teacher.clone(),
-            targets.clone(),
-            setup,
-            sparse,
-            with_grad,
-        );
-        kernel.or_else(|| chunked::<B>(student, teacher, targets, setup, sparse, with_grad))
+    fn run<B: DistillBackend>(&self, call: SparseLinearCall<B>) -> Option<LinearOutput<B>> {
+        B::distill_sparse_linear_chunked(call.clone()).or_else(|| chunked::<B>(call))
     }
 }
 
 /// The sparse loss (and, with `with_grad`, the student's gradients) chunk by chunk on `B`;
 /// `None` where `B` has no fused sparse kernel for these logits and `k`, for
 /// `Kernel::Reference`, and for `Reduction::PerRow` with a gradient.
-pub(crate) fn chunked<B: DistillBackend>(
-    student: LinearSide<B>,
-    teacher: SparseInputs<B>,
-    targets: Option<IntTensor<B>>,
-    setup: &LinearSetup,
-    sparse: SparseSetup,
-    with_grad: bool,
-) -> Option<LinearOutput<B>> {
+pub(crate) fn chunked<B: DistillBackend>(call: SparseLinearCall<B>) -> Option<LinearOutput<B>> {
     use burn::tensor::TensorMetadata;
-    let k = teacher.indices.shape()[1];
-    if setup.kernel == Kernel::Reference || !B::has_sparse_fused_kernel(student.hidden.dtype(), k) {
+    let k = call.teacher.indices.shape()[1];
+    let dtype = call.student.hidden.dtype();
+    if call.settings.kernel == Kernel::Reference || !B::has_sparse_fused_kernel(dtype, k) {
         return None;
     }
-    let chunk_loss = |zs, t, y, params: &DistillParams| {
-        Ok::<_, std::convert::Infallible>(B::distill_sparse_fused(
-            zs, t, y, params, sparse, with_grad,
-        ))
-    };
-    let teacher = SparseChunks::new(teacher);
-    match linear::chunked_with(student, teacher, targets, setup, with_grad, chunk_loss) {
+    let call = call.map(|s, t, y| (s, SparseChunks::new(t), y));
+    let chunk_loss = |chunk| Ok::<_, std::convert::Infallible>(B::distill_sparse_fused(chunk));
+    match linear::chunked_with(call, chunk_loss) {
         Ok(out) => out,
         Err(never) => match never {},
     }
@@ -286,32 +264,18 @@ impl SparseDistillLoss {
                 .as_ref()
                 .map(|b| b.val().into_primitive().tensor()),
         };
+        // Two `[c, V]` buffers per chunk, the student's logits and their gradient (and the
+        // pre-cap logits under a cap).
+        let rows = (self.dense).linear_chunk_rows_with::<B>(v, if cap.is_some() { 3 } else { 2 });
         let setup = LinearSetup {
             params: self.params,
             kernel: self.kernel,
             vocab_mismatch: crate::VocabMismatch::Error,
-            // Two `[c, V]` buffers per chunk, the student's logits and their gradient (and the
-            // pre-cap logits under a cap).
-            chunk_rows: self
-                .dense
-                .linear_chunk_rows_with::<B>(v, if cap.is_some() { 3 } else { 2 }),
-            logit_softcap: cap,
-            weight_grad: self.dense.linear_head_grad,
-            bias_grad: self.dense.linear_head_grad,
+            ..self.dense.linear_setup(rows)
         };
-        let inputs = SparseInputs {
-            indices: teacher.indices.clone().into_primitive(),
-            log_probs: teacher.log_probs.clone().detach().into_primitive().tensor(),
-            mask: teacher.mask.clone().map(Tensor::into_primitive),
-        };
-        let parts = B::distill_sparse_linear_tracked(
-            &SparseRun,
-            student,
-            inputs,
-            targets.clone().map(Tensor::into_primitive),
-            &setup,
-            self.sparse_setup(),
-        );
+        let y = targets.clone().map(Tensor::into_primitive);
+        let call = SparseLinearCall::new(student, self.sparse_inputs(&teacher), y, setup);
+        let parts = B::distill_sparse_linear_tracked(&SparseRun, call);
         let Some(parts) = parts else {
             // No fused sparse kernel here: the logits, through the composed path (a frozen or
             // tied head gets no gradient here either).

@@ -12,13 +12,11 @@ use burn::backend::autodiff::{
     grads::Gradients,
     ops::{Backward, Ops, OpsKind},
 };
-use burn::tensor::{
-    DType, TensorMetadata,
-    ops::{FloatTensor, IntTensor},
-};
+use burn::tensor::{DType, TensorMetadata, ops::FloatTensor};
 
-use super::{DistillBackend, DistillParams, DistillParts, FusedOutput, SparseInputs, SparseSetup};
-use super::{LinearGrads, LinearRun, LinearSetup, LinearSide, LogitsRun, SparseLinearRun};
+use super::{DenseCall, DistillBackend, DistillParts, FusedOutput, KernelCall, SparseCall};
+use super::{LinearCall, LinearGrads, LinearOutput, LinearRun, LinearSetup, LinearSide};
+use super::{LogitsRun, SparseInputs, SparseLinearCall, SparseLinearRun};
 use crate::DistillError;
 
 /// Backward of a fused loss with `N` differentiable inputs: the gradients computed by the
@@ -121,19 +119,21 @@ where
 }
 
 /// A fused loss whose only differentiable input is the student's logits (dense or sparse):
-/// `run(student, with_grad)` on `B`, as a tracked op; `with_grad` also returns the gradient.
-fn fused_student<B, C>(
-    student: &FloatTensor<Autodiff<B, C>>,
-    with_grad: bool,
-    run: impl FnOnce(FloatTensor<B>, bool) -> Option<FusedOutput<B>>,
+/// `kernel(call)` on `B`, as a tracked op; `call.with_grad` also returns the gradient.
+fn fused_student<B, C, T, P>(
+    call: KernelCall<Autodiff<B, C>, FloatTensor<Autodiff<B, C>>, T, P>,
+    kernel: impl FnOnce(KernelCall<B, FloatTensor<B>, T, P>) -> Option<FusedOutput<B>>,
 ) -> Option<FusedOutput<Autodiff<B, C>>>
 where
     B: DistillBackend,
     C: CheckpointStrategy,
 {
+    let student = call.student.clone();
+    let with_grad = call.with_grad;
+    let call = call.map(|s, t, y| (s.primitive, t, y));
     let mut grad = None;
-    let parts = fused_op::<B, C, 1>([student], |tracked| {
-        let out = run(student.primitive.clone(), tracked || with_grad)?;
+    let parts = fused_op::<B, C, 1>([&student], |tracked| {
+        let out = kernel(call.with_grad(tracked || with_grad))?;
         if with_grad {
             grad = out.grad.clone();
         }
@@ -150,32 +150,57 @@ where
     })
 }
 
-/// The inner backend's view of one side of a fused-linear loss.
-fn inner_side<B: DistillBackend, C: CheckpointStrategy>(
-    side: &LinearSide<Autodiff<B, C>>,
-) -> LinearSide<B> {
-    LinearSide {
-        hidden: side.hidden.primitive.clone(),
-        weight: side.weight.primitive.clone(),
-        bias: side.bias.as_ref().map(|b| b.primitive.clone()),
+/// The inner backend's view of a sparse teacher (a constant).
+fn inner_sparse<B: DistillBackend, C: CheckpointStrategy>(
+    teacher: SparseInputs<Autodiff<B, C>>,
+) -> SparseInputs<B> {
+    SparseInputs {
+        indices: teacher.indices,
+        log_probs: teacher.log_probs.primitive,
+        mask: teacher.mask,
+        setup: teacher.setup,
     }
 }
 
-/// A fused-linear loss as an op of the student's hidden states and, where `setup` computes
-/// their gradients, its weight and bias.
-fn linear_op<B: DistillBackend, C: CheckpointStrategy>(
-    student: &LinearSide<Autodiff<B, C>>,
-    setup: &LinearSetup,
-    run: impl FnOnce(bool) -> Option<(DistillParts<B>, Vec<FloatTensor<B>>)>,
-) -> Option<DistillParts<Autodiff<B, C>>> {
+/// The inner backend's view of one side of a fused-linear loss.
+fn inner_side<B: DistillBackend, C: CheckpointStrategy>(
+    side: LinearSide<Autodiff<B, C>>,
+) -> LinearSide<B> {
+    LinearSide {
+        hidden: side.hidden.primitive,
+        weight: side.weight.primitive,
+        bias: side.bias.map(|b| b.primitive),
+    }
+}
+
+/// A fused-linear loss as an op of the student's hidden states and, where the setup computes
+/// their gradients (and the head is trained, see `tracked_setup`), its weight and bias: `run`
+/// on `B` with the teacher's inputs as `teacher` gives them.
+fn linear_op<B, C, T, T2>(
+    call: KernelCall<Autodiff<B, C>, LinearSide<Autodiff<B, C>>, T, LinearSetup>,
+    teacher: impl FnOnce(T) -> T2,
+    run: impl FnOnce(KernelCall<B, LinearSide<B>, T2, LinearSetup>) -> Option<LinearOutput<B>>,
+) -> Option<DistillParts<Autodiff<B, C>>>
+where
+    B: DistillBackend,
+    C: CheckpointStrategy,
+{
+    let student = call.student.clone();
+    let setup = tracked_setup(&student, &call.settings);
+    let mut call = call.map(|s, t, y| (inner_side(s), teacher(t), y));
+    call.settings = setup;
+    let forward = |tracked: bool| {
+        let (parts, grads) = run(call.with_grad(tracked))?;
+        Some((parts, grads.map(LinearGrads::into_vec).unwrap_or_default()))
+    };
     let h = &student.hidden;
     let w = setup.weight_grad.then_some(&student.weight);
     let b = student.bias.as_ref().filter(|_| setup.bias_grad);
     match (w, b) {
-        (Some(w), Some(b)) => fused_op::<B, C, 3>([h, w, b], run),
-        (Some(w), None) => fused_op::<B, C, 2>([h, w], run),
-        (None, Some(b)) => fused_op::<B, C, 2>([h, b], run),
-        (None, None) => fused_op::<B, C, 1>([h], run),
+        (Some(w), Some(b)) => fused_op::<B, C, 3>([h, w, b], forward),
+        (Some(w), None) => fused_op::<B, C, 2>([h, w], forward),
+        (None, Some(b)) => fused_op::<B, C, 2>([h, b], forward),
+        (None, None) => fused_op::<B, C, 1>([h], forward),
     }
 }
 
@@ -198,35 +223,16 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
 
     /// The fused kernel of `B` as a tracked op of the student (see `fused_op`); the default
     /// [`DistillBackend::distill_loss`] then differentiates through it.
-    fn distill_fused(
-        student: FloatTensor<Self>,
-        teacher: FloatTensor<Self>,
-        targets: Option<IntTensor<Self>>,
-        params: &DistillParams,
-        with_grad: bool,
-    ) -> Option<FusedOutput<Self>> {
-        fused_student(&student, with_grad, |student, with_grad| {
-            B::distill_fused(student, teacher.primitive, targets, params, with_grad)
-        })
+    fn distill_fused(call: DenseCall<Self>) -> Option<FusedOutput<Self>> {
+        fused_student(call.map(|s, t, y| (s, t.primitive, y)), B::distill_fused)
     }
 
     /// The sparse kernel of `B` as a tracked op of the student (the teacher is a constant).
-    fn distill_sparse_fused(
-        student: FloatTensor<Self>,
-        teacher: SparseInputs<Self>,
-        targets: Option<IntTensor<Self>>,
-        params: &DistillParams,
-        setup: SparseSetup,
-        with_grad: bool,
-    ) -> Option<FusedOutput<Self>> {
-        let teacher = SparseInputs::<B> {
-            indices: teacher.indices,
-            log_probs: teacher.log_probs.primitive,
-            mask: teacher.mask,
-        };
-        fused_student(&student, with_grad, |student, with_grad| {
-            B::distill_sparse_fused(student, teacher, targets, params, setup, with_grad)
-        })
+    fn distill_sparse_fused(call: SparseCall<Self>) -> Option<FusedOutput<Self>> {
+        fused_student(
+            call.map(|s, t, y| (s, inner_sparse(t), y)),
+            B::distill_sparse_fused,
+        )
     }
 
     /// `run` on `B` (for the vocabulary-parallel loss, where the peers registered with
@@ -234,17 +240,12 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
     /// gradient computed in the forward, so it communicates nothing.
     fn distill_logits_tracked<R: LogitsRun>(
         run: &R,
-        student: FloatTensor<Self>,
-        teacher: FloatTensor<Self>,
-        targets: Option<IntTensor<Self>>,
-        params: &DistillParams,
-        with_grad: bool,
+        call: DenseCall<Self>,
     ) -> Result<FusedOutput<Self>, DistillError> {
         let mut error = None;
-        let out = fused_student(&student, with_grad, |student, with_grad| {
-            run.run::<B>(student, teacher.primitive, targets, params, with_grad)
-                .map_err(|e| error = Some(e))
-                .ok()
+        let call = call.map(|s, t, y| (s, t.primitive, y));
+        let out = fused_student(call, |call| {
+            run.run::<B>(call).map_err(|e| error = Some(e)).ok()
         });
         // `None` only comes from an error of `run`, recorded in `error`.
         out.ok_or_else(|| {
@@ -259,23 +260,14 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
     /// op with the hidden states and, where trained, the weight and the bias as inputs).
     fn distill_linear_tracked<R: LinearRun>(
         run: &R,
-        student: LinearSide<Self>,
-        teacher: LinearSide<Self>,
-        targets: Option<IntTensor<Self>>,
-        setup: &LinearSetup,
+        call: LinearCall<Self>,
     ) -> Result<Option<DistillParts<Self>>, DistillError> {
-        let (s, t) = (inner_side(&student), inner_side(&teacher));
-        let setup = &tracked_setup(&student, setup);
         let mut error = None;
-        let out = linear_op(&student, setup, |tracked| {
-            match run.run::<B>(s, t, targets, setup, tracked) {
-                Ok(out) => {
-                    out.map(|(parts, g)| (parts, g.map(LinearGrads::into_vec).unwrap_or_default()))
-                }
-                Err(e) => {
-                    error = Some(e);
-                    None
-                }
+        let out = linear_op(call, inner_side, |call| match run.run::<B>(call) {
+            Ok(out) => out,
+            Err(e) => {
+                error = Some(e);
+                None
             }
         });
         match error {
@@ -287,22 +279,8 @@ impl<B: DistillBackend, C: CheckpointStrategy> DistillBackend for Autodiff<B, C>
     /// [`Self::distill_linear_tracked`] against a sparse teacher.
     fn distill_sparse_linear_tracked<R: SparseLinearRun>(
         run: &R,
-        student: LinearSide<Self>,
-        teacher: SparseInputs<Self>,
-        targets: Option<IntTensor<Self>>,
-        setup: &LinearSetup,
-        sparse: SparseSetup,
+        call: SparseLinearCall<Self>,
     ) -> Option<DistillParts<Self>> {
-        let s = inner_side(&student);
-        let t = SparseInputs::<B> {
-            indices: teacher.indices,
-            log_probs: teacher.log_probs.primitive,
-            mask: teacher.mask,
-        };
-        let setup = &tracked_setup(&student, setup);
-        linear_op(&student, setup, |tracked| {
-            let (parts, grads) = run.run::<B>(s, t, targets, setup, sparse, tracked)?;
-            Some((parts, grads.map(LinearGrads::into_vec).unwrap_or_default()))
-        })
+        linear_op(call, inner_sparse, |call| run.run::<B>(call))
     }
 }

@@ -7,7 +7,8 @@ use burn::tensor::{
     ops::{FloatTensor, IntTensor},
 };
 
-use super::{DistillParams, DistillParts, FusedOutput, SparseInputs, SparseSetup};
+use super::{DenseCall, DistillParams, DistillParts, FusedOutput, KernelCall, SparseCall};
+use super::{LinearCall, SparseInputs, SparseLinearCall};
 use crate::kernel::{
     cpu,
     linear_cpu::{self, Gemm, HostChunkTeacher, HostPlan, HostSide},
@@ -19,23 +20,6 @@ use crate::{
 };
 use std::borrow::Cow;
 
-/// Runs the CPU kernel on row-major slices, reduces on the host and wraps the outputs as
-/// tensors of `B`.
-fn fused_on_slices<B: Backend, R: Real>(
-    student: &[R],
-    teacher: &[R],
-    [n, v]: [usize; 2],
-    targets: Option<IntTensor<B>>,
-    params: &DistillParams,
-    with_grad: bool,
-    device: &B::Device,
-) -> FusedOutput<B> {
-    let targets = host_targets::<B>(targets);
-    let has_targets = targets.is_some();
-    let out = cpu::distill_rows(student, teacher, v, targets.as_deref(), params, with_grad);
-    output_of_rows(out, [n, v], has_targets, params, device)
-}
-
 /// Targets on the host.
 fn host_targets<B: Backend>(targets: Option<IntTensor<B>>) -> Option<Vec<i64>> {
     targets.map(|t| {
@@ -44,40 +28,6 @@ fn host_targets<B: Backend>(targets: Option<IntTensor<B>>) -> Option<Vec<i64>> {
             .iter::<i64>()
             .collect()
     })
-}
-
-/// Runs the fused sparse-teacher kernel on a row-major student slice (the `[N, k]` teacher is
-/// read to the host: it is small).
-#[allow(clippy::too_many_arguments)]
-fn sparse_on_slices<B: Backend, R: Real>(
-    student: &[R],
-    [n, v]: [usize; 2],
-    teacher: SparseInputs<B>,
-    targets: Option<IntTensor<B>>,
-    params: &DistillParams,
-    setup: SparseSetup,
-    with_grad: bool,
-    device: &B::Device,
-) -> FusedOutput<B> {
-    let (k, indices, log_probs, valid) = host_sparse::<B>(teacher, n);
-    let targets = host_targets::<B>(targets);
-    let host = sparse_cpu::HostTeacher {
-        k,
-        indices: &indices,
-        log_probs: &log_probs,
-        valid: &valid,
-    };
-    let out = sparse_cpu::sparse_rows(
-        student,
-        v,
-        &host,
-        targets.as_deref(),
-        params,
-        setup.tail,
-        setup.generation_temperature,
-        with_grad,
-    );
-    output_of_rows(out, [n, v], targets.is_some(), params, device)
 }
 
 /// The `[N, k]` sparse teacher on the host: `k`, indices, log-probabilities, validity.
@@ -115,78 +65,75 @@ pub(super) trait HostFloats: DistillBackend {
 }
 
 /// [`DistillBackend::distill_fused`] of a CPU backend: the dense row kernel in f32 or f64.
-pub(super) fn fused<B: HostFloats>(
-    student: FloatTensor<B>,
-    teacher: FloatTensor<B>,
-    targets: Option<IntTensor<B>>,
-    params: &DistillParams,
-    with_grad: bool,
-) -> Option<FusedOutput<B>> {
-    fn run<B: HostFloats, R: Real>(
-        student: &FloatTensor<B>,
-        teacher: &FloatTensor<B>,
-        targets: Option<IntTensor<B>>,
-        params: &DistillParams,
-        with_grad: bool,
-    ) -> Option<FusedOutput<B>> {
-        let shape = student.shape();
-        let (s, t) = (B::row_major::<R>(student)?, B::row_major::<R>(teacher)?);
-        let device = B::float_device(student);
-        Some(fused_on_slices::<B, R>(
-            &s,
-            &t,
-            [shape[0], shape[1]],
-            targets,
+pub(super) fn fused<B: HostFloats>(call: DenseCall<B>) -> Option<FusedOutput<B>> {
+    fn run<B: HostFloats, R: Real>(call: DenseCall<B>) -> Option<FusedOutput<B>> {
+        let (s, t) = (
+            B::row_major::<R>(&call.student)?,
+            B::row_major::<R>(&call.teacher)?,
+        );
+        let ([n, v], device) = dims_and_device::<B>(&call.student);
+        let targets = host_targets::<B>(call.targets);
+        let params = &call.settings;
+        let out = cpu::distill_rows(&s, &t, v, targets.as_deref(), params, call.with_grad);
+        Some(output_of_rows(
+            out,
+            [n, v],
+            targets.is_some(),
             params,
-            with_grad,
             &device,
         ))
     }
-    match (student.dtype(), teacher.dtype()) {
-        (DType::F32, DType::F32) => run::<B, f32>(&student, &teacher, targets, params, with_grad),
-        (DType::F64, DType::F64) => run::<B, f64>(&student, &teacher, targets, params, with_grad),
+    match (call.student.dtype(), call.teacher.dtype()) {
+        (DType::F32, DType::F32) => run::<B, f32>(call),
+        (DType::F64, DType::F64) => run::<B, f64>(call),
         _ => None,
     }
 }
 
 /// [`DistillBackend::distill_sparse_fused`] of a CPU backend: the sparse row kernel in f32 or
-/// f64.
-pub(super) fn sparse_fused<B: HostFloats>(
-    student: FloatTensor<B>,
-    teacher: SparseInputs<B>,
-    targets: Option<IntTensor<B>>,
-    params: &DistillParams,
-    setup: SparseSetup,
-    with_grad: bool,
-) -> Option<FusedOutput<B>> {
-    #[allow(clippy::too_many_arguments)]
-    fn run<B: HostFloats, R: Real>(
-        student: &FloatTensor<B>,
-        teacher: SparseInputs<B>,
-        targets: Option<IntTensor<B>>,
-        params: &DistillParams,
-        setup: SparseSetup,
-        with_grad: bool,
-    ) -> Option<FusedOutput<B>> {
-        let shape = student.shape();
-        let s = B::row_major::<R>(student)?;
-        let device = B::float_device(student);
-        Some(sparse_on_slices::<B, R>(
+/// f64 (the `[N, k]` teacher is read to the host: it is small).
+pub(super) fn sparse_fused<B: HostFloats>(call: SparseCall<B>) -> Option<FusedOutput<B>> {
+    fn run<B: HostFloats, R: Real>(call: SparseCall<B>) -> Option<FusedOutput<B>> {
+        let s = B::row_major::<R>(&call.student)?;
+        let ([n, v], device) = dims_and_device::<B>(&call.student);
+        let setup = call.teacher.setup;
+        let (k, indices, log_probs, valid) = host_sparse::<B>(call.teacher, n);
+        let targets = host_targets::<B>(call.targets);
+        let host = sparse_cpu::HostTeacher {
+            k,
+            indices: &indices,
+            log_probs: &log_probs,
+            valid: &valid,
+        };
+        let params = &call.settings;
+        let out = sparse_cpu::sparse_rows(
             &s,
-            [shape[0], shape[1]],
-            teacher,
-            targets,
+            v,
+            &host,
+            targets.as_deref(),
             params,
-            setup,
-            with_grad,
+            (setup.tail, setup.generation_temperature),
+            call.with_grad,
+        );
+        Some(output_of_rows(
+            out,
+            [n, v],
+            targets.is_some(),
+            params,
             &device,
         ))
     }
-    match student.dtype() {
-        DType::F32 => run::<B, f32>(&student, teacher, targets, params, setup, with_grad),
-        DType::F64 => run::<B, f64>(&student, teacher, targets, params, setup, with_grad),
+    match call.student.dtype() {
+        DType::F32 => run::<B, f32>(call),
+        DType::F64 => run::<B, f64>(call),
         _ => None,
     }
+}
+
+/// `[N, V]` and the device of a tensor.
+fn dims_and_device<B: Backend>(tensor: &FloatTensor<B>) -> ([usize; 2], B::Device) {
+    let shape = tensor.shape();
+    ([shape[0], shape[1]], B::float_device(tensor))
 }
 
 /// [`DistillBackend::distill_scale_grad`] of a CPU backend: in place where the gradient is not
@@ -222,29 +169,16 @@ macro_rules! host_kernels {
             super::cpu::CPU_DTYPES
         }
 
-        fn distill_fused(
-            student: burn::tensor::ops::FloatTensor<Self>,
-            teacher: burn::tensor::ops::FloatTensor<Self>,
-            targets: Option<burn::tensor::ops::IntTensor<Self>>,
-            params: &crate::DistillParams,
-            with_grad: bool,
-        ) -> Option<crate::FusedOutput<Self>> {
-            super::cpu::fused::<Self>(student, teacher, targets, params, with_grad)
+        fn distill_fused(call: crate::DenseCall<Self>) -> Option<crate::FusedOutput<Self>> {
+            super::cpu::fused::<Self>(call)
         }
 
         fn has_sparse_fused_kernel(dtype: burn::tensor::DType, _k: usize) -> bool {
             super::cpu::CPU_DTYPES.contains(&dtype)
         }
 
-        fn distill_sparse_fused(
-            student: burn::tensor::ops::FloatTensor<Self>,
-            teacher: super::SparseInputs<Self>,
-            targets: Option<burn::tensor::ops::IntTensor<Self>>,
-            params: &crate::DistillParams,
-            setup: super::SparseSetup,
-            with_grad: bool,
-        ) -> Option<crate::FusedOutput<Self>> {
-            super::cpu::sparse_fused::<Self>(student, teacher, targets, params, setup, with_grad)
+        fn distill_sparse_fused(call: crate::SparseCall<Self>) -> Option<crate::FusedOutput<Self>> {
+            super::cpu::sparse_fused::<Self>(call)
         }
 
         fn distill_scale_grad(
@@ -255,26 +189,15 @@ macro_rules! host_kernels {
         }
 
         fn distill_linear_chunked(
-            student: crate::LinearSide<Self>,
-            teacher: crate::LinearSide<Self>,
-            targets: Option<burn::tensor::ops::IntTensor<Self>>,
-            setup: &crate::LinearSetup,
-            with_grad: bool,
+            call: crate::LinearCall<Self>,
         ) -> Option<crate::LinearOutput<Self>> {
-            super::cpu::linear_chunked::<Self>(student, teacher, targets, setup, with_grad)
+            super::cpu::linear_chunked::<Self>(call)
         }
 
         fn distill_sparse_linear_chunked(
-            student: crate::LinearSide<Self>,
-            teacher: super::SparseInputs<Self>,
-            targets: Option<burn::tensor::ops::IntTensor<Self>>,
-            setup: &crate::LinearSetup,
-            sparse: super::SparseSetup,
-            with_grad: bool,
+            call: crate::SparseLinearCall<Self>,
         ) -> Option<crate::LinearOutput<Self>> {
-            super::cpu::sparse_linear_chunked::<Self>(
-                student, teacher, targets, setup, sparse, with_grad,
-            )
+            super::cpu::sparse_linear_chunked::<Self>(call)
         }
     };
 }
@@ -284,51 +207,39 @@ pub(super) use host_kernels;
 /// [`linear_cpu::linear_rows`] for f32 and f64 with the fused kernel; `None` otherwise (the loss
 /// then runs its composed chunks): `Kernel::Reference`, other dtypes, zero-width hidden states,
 /// and `Reduction::PerRow` with a gradient.
-pub(super) fn linear_chunked<B: HostFloats>(
-    student: LinearSide<B>,
-    teacher: LinearSide<B>,
-    targets: Option<IntTensor<B>>,
-    setup: &LinearSetup,
-    with_grad: bool,
-) -> Option<LinearOutput<B>> {
-    let zero_width = [&student.weight, &teacher.weight]
+pub(super) fn linear_chunked<B: HostFloats>(call: LinearCall<B>) -> Option<LinearOutput<B>> {
+    let setup = call.settings;
+    let zero_width = [&call.student.weight, &call.teacher.weight]
         .iter()
         .any(|w| w.shape()[0] == 0);
-    let generic = setup.kernel == Kernel::Reference || zero_width;
-    if !generic && with_grad && setup.params.reduction == Reduction::PerRow {
+    if setup.kernel == Kernel::Reference || zero_width {
+        return None;
+    }
+    if call.with_grad && setup.params.reduction == Reduction::PerRow {
         // Each row's upstream weight is only known in the backward pass: the caller
         // materialises the logits.
         return None;
     }
-    let aligned = || {
-        setup
-            .vocab_mismatch
-            .aligned_width(
-                student.weight.shape()[1],
-                teacher.weight.shape()[1],
-                setup.params.divergence,
-            )
-            .unwrap_or_else(|e| panic!("burn-distill: {e} (checked before the chunks)"))
-    };
-    macro_rules! host {
-        ($r:ty) => {
-            host_sides::<B, $r>(&teacher).and_then(|t| {
-                let mut t = linear_cpu::DenseHostTeacher::new(host_side(&t), setup.logit_softcap);
-                linear_host::<B, $r>(
-                    &student,
-                    &mut t,
-                    aligned(),
-                    targets.clone(),
-                    setup,
-                    with_grad,
-                )
-            })
-        };
+    let aligned = setup
+        .vocab_mismatch
+        .aligned_width(
+            call.student.weight.shape()[1],
+            call.teacher.weight.shape()[1],
+            setup.params.divergence,
+        )
+        .unwrap_or_else(|e| panic!("burn-distill: {e} (checked before the chunks)"));
+    fn host<B: HostFloats, R: Gemm>(
+        call: &LinearCall<B>,
+        aligned: usize,
+    ) -> Option<LinearOutput<B>> {
+        let t = host_sides::<B, R>(&call.teacher)?;
+        let mut teacher =
+            linear_cpu::DenseHostTeacher::new(host_side(&t), call.settings.logit_softcap);
+        linear_host::<B, R, _>(call.with_teacher(&mut teacher), aligned)
     }
-    match student.hidden.dtype() {
-        _ if generic => None,
-        DType::F32 => host!(f32),
-        DType::F64 => host!(f64),
+    match call.student.hidden.dtype() {
+        DType::F32 => host::<B, f32>(&call, aligned),
+        DType::F64 => host::<B, f64>(&call, aligned),
         _ => None,
     }
 }
@@ -338,28 +249,22 @@ pub(super) fn linear_chunked<B: HostFloats>(
 /// (the loss then runs its composed chunks, or materialises the logits where no fused sparse
 /// kernel applies: `Kernel::Reference`, another dtype, `Reduction::PerRow` with a gradient).
 pub(super) fn sparse_linear_chunked<B: HostFloats>(
-    student: LinearSide<B>,
-    teacher: SparseInputs<B>,
-    targets: Option<IntTensor<B>>,
-    setup: &LinearSetup,
-    sparse: SparseSetup,
-    with_grad: bool,
+    call: SparseLinearCall<B>,
 ) -> Option<LinearOutput<B>> {
-    let dtype = student.hidden.dtype();
-    let k = teacher.indices.shape()[1];
+    let (setup, dtype) = (call.settings, call.student.hidden.dtype());
+    let k = call.teacher.indices.shape()[1];
     if setup.kernel == Kernel::Reference
         || !B::has_sparse_fused_kernel(dtype, k)
-        || (with_grad && setup.params.reduction == Reduction::PerRow)
+        || (call.with_grad && setup.params.reduction == Reduction::PerRow)
+        || call.student.weight.shape()[0] == 0
     {
         return None;
     }
-    if student.weight.shape()[0] == 0 {
-        return None;
-    }
-    let n = student.hidden.shape()[0];
-    let vocab = student.weight.shape()[1];
-    let (k, indices, log_probs, valid) = host_sparse::<B>(teacher, n);
-    let mut host_teacher = linear_cpu::SparseHostTeacher::new(
+    let n = call.student.hidden.shape()[0];
+    let vocab = call.student.weight.shape()[1];
+    let sparse = call.teacher.setup;
+    let (k, indices, log_probs, valid) = host_sparse::<B>(call.teacher.clone(), n);
+    let mut teacher = linear_cpu::SparseHostTeacher::new(
         sparse_cpu::HostTeacher {
             k,
             indices: &indices,
@@ -368,17 +273,9 @@ pub(super) fn sparse_linear_chunked<B: HostFloats>(
         },
         (sparse.tail, sparse.generation_temperature),
     );
-    let mut run = |f64: bool| {
-        let (t, y) = (&mut host_teacher, targets.clone());
-        if f64 {
-            linear_host::<B, f64>(&student, t, vocab, y, setup, with_grad)
-        } else {
-            linear_host::<B, f32>(&student, t, vocab, y, setup, with_grad)
-        }
-    };
     match dtype {
-        DType::F32 => run(false),
-        DType::F64 => run(true),
+        DType::F32 => linear_host::<B, f32, _>(call.with_teacher(&mut teacher), vocab),
+        DType::F64 => linear_host::<B, f64, _>(call.with_teacher(&mut teacher), vocab),
         _ => None,
     }
 }
@@ -414,41 +311,27 @@ fn host_side<'a, R: Real>((h, w, b, [width, vocab]): &'a Slices<'_, R>) -> HostS
 
 /// [`linear_on_slices`] on the student's tensors read as `R`; `None` where one of them holds
 /// another type.
-fn linear_host<B: HostFloats, R: Gemm>(
-    student: &LinearSide<B>,
-    teacher: &mut impl HostChunkTeacher<R>,
+fn linear_host<B: HostFloats, R: Gemm, T: HostChunkTeacher<R>>(
+    call: KernelCall<B, &LinearSide<B>, &mut T, LinearSetup>,
     aligned: usize,
-    targets: Option<IntTensor<B>>,
-    setup: &LinearSetup,
-    with_grad: bool,
 ) -> Option<LinearOutput<B>> {
-    let s = host_sides::<B, R>(student)?;
-    let device = B::float_device(&student.hidden);
-    Some(linear_on_slices::<B, R>(
-        host_side(&s),
-        teacher,
-        aligned,
-        targets,
-        setup,
-        with_grad,
-        &device,
-    ))
+    let s = host_sides::<B, R>(call.student)?;
+    let device = B::float_device(&call.student.hidden);
+    let call = call.map(|_, t, y| (host_side(&s), t, y));
+    Some(linear_on_slices::<B, R, T>(call, aligned, &device))
 }
 
 /// The fused-linear loss on host slices ([`linear_cpu::linear_rows`]) with the fused kernel,
 /// its outputs wrapped as tensors of `B` (not for `Reduction::PerRow` with a gradient).
-fn linear_on_slices<B: Backend, R: Gemm>(
-    student: HostSide<'_, R>,
-    teacher: &mut impl HostChunkTeacher<R>,
+fn linear_on_slices<B: Backend, R: Gemm, T: HostChunkTeacher<R>>(
+    call: KernelCall<B, HostSide<'_, R>, &mut T, LinearSetup>,
     aligned: usize,
-    targets: Option<IntTensor<B>>,
-    setup: &LinearSetup,
-    with_grad: bool,
     device: &B::Device,
 ) -> LinearOutput<B> {
+    let (student, setup) = (call.student, call.settings);
     let params = setup.params;
     let n = student.hidden.len() / student.width;
-    let targets = host_targets::<B>(targets);
+    let targets = host_targets::<B>(call.targets);
     let kept: Vec<usize> = match (&targets, params.ignore_index) {
         (Some(t), Some(ignore)) => (0..n).filter(|&i| t[i] != ignore).collect(),
         _ => (0..n).collect(),
@@ -462,11 +345,11 @@ fn linear_on_slices<B: Backend, R: Gemm>(
         aligned,
         cap: setup.logit_softcap,
         chunk: setup.chunk_rows,
-        with_grad,
+        with_grad: call.with_grad,
         weight_grad: setup.weight_grad,
         bias_grad: setup.bias_grad,
     };
-    let (rows, grads) = linear_cpu::linear_rows(student, teacher, &plan);
+    let (rows, grads) = linear_cpu::linear_rows(student, call.teacher, &plan);
     let column = |f: fn(&cpu::RowOut<R>) -> R| {
         let data = match chunk_params.reduction.factor(m) {
             None => {

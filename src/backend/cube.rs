@@ -2,9 +2,7 @@
 //! and [`crate::kernel::sparse_cube`] (sparse teacher), and the reduction of their row
 //! outputs, on the device.
 
-use burn::tensor::{
-    DType, Int, Shape, Tensor as BurnTensor, TensorPrimitive, ops::FloatTensor, ops::IntTensor,
-};
+use burn::tensor::{DType, Int, Shape, Tensor as BurnTensor, TensorPrimitive};
 use burn_cubecl::{
     BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement, kernel::into_contiguous,
     ops::numeric::empty_device_dtype, tensor::CubeTensor,
@@ -13,7 +11,8 @@ use cubecl::{
     ir::AddressType, prelude::*, server::CubeCountSelection, tensor_vector_size_parallel,
 };
 
-use super::{DistillBackend, DistillParams, DistillParts, FusedOutput, SparseInputs, SparseSetup};
+use super::{DenseCall, DistillBackend, DistillParams, DistillParts, FusedOutput, KernelCall};
+use super::{SparseCall, SparseSetup};
 use crate::kernel::cube::{BLOCK, DivKind, distill_kernel};
 use crate::kernel::sparse_cube::{TailKind, sparse_kernel};
 use crate::reduction::{ignored_rows, pairwise_sum};
@@ -109,17 +108,24 @@ fn ignore_value(params: &DistillParams) -> i32 {
         .clamp(i32::MIN as i64, i32::MAX as i64) as i32
 }
 
+/// A kernel call on CubeCL tensors (the backend type only names the tensors: `i32` targets);
+/// `T` is the teacher's inputs.
+type CubeCall<R, T> = KernelCall<CubeBackend<R, f32, i32, u8>, CubeTensor<R>, T, DistillParams>;
+
 /// Launches the kernel. `targets` must hold `[N]` class indices (or be `None`); `scale` is the
 /// `[1]` f32 factor of the reduction that the gradient is multiplied by. Row outputs are f32,
 /// the gradient has the logits' dtype.
 pub(crate) fn launch<R: CubeRuntime>(
-    student: CubeTensor<R>,
-    teacher: CubeTensor<R>,
-    targets: Option<CubeTensor<R>>,
+    call: CubeCall<R, CubeTensor<R>>,
     scale: CubeTensor<R>,
-    params: &DistillParams,
-    with_grad: bool,
 ) -> CubeRows<R> {
+    let KernelCall {
+        student,
+        teacher,
+        targets,
+        settings: ref params,
+        with_grad,
+    } = call;
     let student = into_contiguous(student);
     let teacher = into_contiguous(teacher);
     let outputs = RowOutputs::new(&student, with_grad);
@@ -250,29 +256,15 @@ where
         512 << 20
     }
 
-    fn distill_fused(
-        student: FloatTensor<Self>,
-        teacher: FloatTensor<Self>,
-        targets: Option<IntTensor<Self>>,
-        params: &DistillParams,
-        with_grad: bool,
-    ) -> Option<FusedOutput<Self>> {
-        if !Self::has_fused_kernel(&student, &teacher)
-            || !Self::fused_kernel_fits(student.meta.shape().dims::<2>(), &student.device)
-        {
+    fn distill_fused(call: DenseCall<Self>) -> Option<FusedOutput<Self>> {
+        if !Self::has_fused_kernel(&call.student, &call.teacher) || !fits(&call.student) {
             return None;
         }
-        let targets = targets.map(as_i32::<R, F, I, BT, 1>);
-        let reduction = Reduced::<R, F, I, BT>::new(&student, targets.as_ref(), params);
-        let has_targets = targets.is_some();
-        let rows = launch::<R>(
-            student,
-            teacher,
-            targets,
-            reduction.scale(),
-            params,
-            with_grad,
-        );
+        let call: CubeCall<R, _> = call.map(|s, t, y| (s, t, y.map(as_i32::<R, F, I, BT, 1>)));
+        let reduction =
+            Reduced::<R, F, I, BT>::new(&call.student, call.targets.as_ref(), &call.settings);
+        let has_targets = call.targets.is_some();
+        let rows = launch::<R>(call, reduction.scale());
         Some(reduction.finish(rows, has_targets))
     }
 
@@ -282,41 +274,34 @@ where
         Self::fused_kernel_dtypes().contains(&dtype) && k <= MAX_SPARSE_K
     }
 
-    fn distill_sparse_fused(
-        student: FloatTensor<Self>,
-        teacher: SparseInputs<Self>,
-        targets: Option<IntTensor<Self>>,
-        params: &DistillParams,
-        setup: SparseSetup,
-        with_grad: bool,
-    ) -> Option<FusedOutput<Self>> {
-        if !Self::has_sparse_fused_kernel(student.dtype, teacher.indices.meta.shape()[1])
-            || !Self::fused_kernel_fits(student.meta.shape().dims::<2>(), &student.device)
-        {
+    fn distill_sparse_fused(call: SparseCall<Self>) -> Option<FusedOutput<Self>> {
+        let k = call.teacher.indices.meta.shape()[1];
+        if !Self::has_sparse_fused_kernel(call.student.dtype, k) || !fits(&call.student) {
             return None;
         }
-        let indices = teacher.indices.clone();
-        let log_probs = teacher.folded_log_probs();
-        // A NaN log-probability as +∞: the kernel's "above 0" test then makes its row NaN
-        // (a comparison with NaN is false, and the entry would pass for missing).
-        let log_probs = log_probs
-            .clone()
-            .mask_fill(log_probs.is_nan(), f32::INFINITY);
-        let targets = targets.map(as_i32::<R, F, I, BT, 1>);
-        let reduction = Reduced::<R, F, I, BT>::new(&student, targets.as_ref(), params);
-        let has_targets = targets.is_some();
-        let rows = launch_sparse::<R>(
-            student,
-            as_i32::<R, F, I, BT, 2>(indices),
-            log_probs.into_primitive().tensor(),
-            targets,
-            reduction.scale(),
-            params,
-            setup,
-            with_grad,
-        );
+        let call: CubeCall<R, _> = call.map(|s, t, y| {
+            let indices = as_i32::<R, F, I, BT, 2>(t.indices.clone());
+            let setup = t.setup;
+            let log_probs = t.folded_log_probs();
+            // A NaN log-probability as +∞: the kernel's "above 0" test then makes its row NaN
+            // (a comparison with NaN is false, and the entry would pass for missing).
+            let log_probs = log_probs
+                .clone()
+                .mask_fill(log_probs.is_nan(), f32::INFINITY);
+            let teacher = (indices, log_probs.into_primitive().tensor(), setup);
+            (s, teacher, y.map(as_i32::<R, F, I, BT, 1>))
+        });
+        let reduction =
+            Reduced::<R, F, I, BT>::new(&call.student, call.targets.as_ref(), &call.settings);
+        let has_targets = call.targets.is_some();
+        let rows = launch_sparse::<R>(call, reduction.scale());
         Some(reduction.finish(rows, has_targets))
     }
+}
+
+/// Can the kernels run on these `[N, V]` logits on their device?
+fn fits<R: CubeRuntime>(student: &CubeTensor<R>) -> bool {
+    kernel_fits::<R>(student.meta.shape().dims::<2>(), &student.device)
 }
 
 /// Class and token indices as the kernels' `i32`: a wider int is clamped first, so that a
@@ -344,15 +329,16 @@ pub(crate) const MAX_SPARSE_K: usize = 512;
 /// log-probabilities (`−∞` where missing).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn launch_sparse<R: CubeRuntime>(
-    student: CubeTensor<R>,
-    indices: CubeTensor<R>,
-    log_probs: CubeTensor<R>,
-    targets: Option<CubeTensor<R>>,
+    call: CubeCall<R, (CubeTensor<R>, CubeTensor<R>, SparseSetup)>,
     scale: CubeTensor<R>,
-    params: &DistillParams,
-    setup: SparseSetup,
-    with_grad: bool,
 ) -> CubeRows<R> {
+    let KernelCall {
+        student,
+        teacher: (indices, log_probs, setup),
+        targets,
+        settings: ref params,
+        with_grad,
+    } = call;
     let student = into_contiguous(student);
     let n = student.meta.shape()[0];
     let k = indices.meta.shape()[1];

@@ -5,7 +5,7 @@ use core::marker::PhantomData;
 
 use burn::tensor::{
     DType, Int, Shape, Tensor, TensorMetadata,
-    ops::{FloatTensor, FloatTensorOps, IntTensor},
+    ops::{FloatTensor, FloatTensorOps},
 };
 use burn_fusion::{
     Fusion, FusionBackend, FusionRuntime,
@@ -14,7 +14,8 @@ use burn_fusion::{
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
 use crate::{
-    DistillBackend, DistillParams, DistillParts, FusedOutput, Reduction, SparseInputs, SparseSetup,
+    DenseCall, DistillBackend, DistillParams, DistillParts, FusedOutput, KernelCall, Reduction,
+    SparseCall, SparseInputs, SparseSetup,
 };
 
 /// Which kernel a custom operation runs.
@@ -52,25 +53,20 @@ impl<B: FusionBackend + DistillBackend> Operation<B::FusionRuntime> for FusedOp<
         let device = B::float_device(&student);
         // Registered only after `B::has_fused_kernel` (`has_sparse_fused_kernel`) accepted the
         // same inputs (it depends on their dtypes, and `k`, alone).
+        let call = KernelCall::<B, _, _, _>::new(student, (), targets, self.params);
+        let call = call.with_grad(self.with_grad);
         let out = match self.teacher {
-            Teacher::Dense => {
-                let teacher = handles.get_float_tensor::<B>(&inputs[1]);
-                B::distill_fused(student, teacher, targets, &self.params, self.with_grad)
-            }
+            Teacher::Dense => B::distill_fused(
+                call.map(|s, (), y| (s, handles.get_float_tensor::<B>(&inputs[1]), y)),
+            ),
             Teacher::Sparse(setup) => {
                 let teacher = SparseInputs {
                     indices: handles.get_int_tensor::<B>(&inputs[1]),
                     log_probs: handles.get_float_tensor::<B>(&inputs[2]),
                     mask: None,
-                };
-                B::distill_sparse_fused(
-                    student,
-                    teacher,
-                    targets,
-                    &self.params,
                     setup,
-                    self.with_grad,
-                )
+                };
+                B::distill_sparse_fused(call.map(|s, (), y| (s, teacher, y)))
             }
         }
         .unwrap_or_else(|| {
@@ -94,13 +90,16 @@ impl<B: FusionBackend + DistillBackend> Operation<B::FusionRuntime> for FusedOp<
 /// teacher's `inputs` (targets, or zeros in their place, appended) and returns its outputs.
 fn register<B: FusionBackend + DistillBackend>(
     name: &'static str,
-    student: FloatTensor<Fusion<B>>,
-    inputs: Vec<burn_fusion::FusionTensor<B::FusionRuntime>>,
-    targets: Option<IntTensor<Fusion<B>>>,
+    call: KernelCall<Fusion<B>, FloatTensor<Fusion<B>>, Vec<FloatTensor<Fusion<B>>>, DistillParams>,
     teacher: Teacher,
-    params: &DistillParams,
-    with_grad: bool,
 ) -> FusedOutput<Fusion<B>> {
+    let KernelCall {
+        student,
+        teacher: inputs,
+        targets,
+        settings: params,
+        with_grad,
+    } = call;
     let dims = student.shape();
     let (n, v) = (dims[0], dims[1]);
     let client = student.client.clone();
@@ -113,14 +112,14 @@ fn register<B: FusionBackend + DistillBackend>(
     let mut all = vec![student];
     all.extend(inputs);
     all.push(targets);
-    let outputs = output_irs::<B>(&client, [n, v], dtype, params, with_grad);
+    let outputs = output_irs::<B>(&client, [n, v], dtype, &params, with_grad);
     let streams = OperationStreams::with_inputs(all.iter());
     let irs: Vec<TensorIr> = all.into_iter().map(|t| t.into_ir()).collect();
     let desc = CustomOpIr::new(name, &irs, &outputs);
     let op = FusedOp::<B> {
         desc: desc.clone(),
         teacher,
-        params: *params,
+        params,
         has_targets,
         with_grad,
         _backend: PhantomData,
@@ -193,54 +192,35 @@ fn fused_output<B: FusionBackend>(
 impl<B: FusionBackend + DistillBackend> DistillBackend for Fusion<B> {
     inner_capabilities!(B);
 
-    fn distill_fused(
-        student: FloatTensor<Self>,
-        teacher: FloatTensor<Self>,
-        targets: Option<IntTensor<Self>>,
-        params: &DistillParams,
-        with_grad: bool,
-    ) -> Option<FusedOutput<Self>> {
-        let dims = student.shape();
-        if !Self::has_fused_kernel(&student, &teacher)
-            || !B::fused_kernel_fits([dims[0], dims[1]], &Self::float_device(&student))
-        {
+    fn distill_fused(call: DenseCall<Self>) -> Option<FusedOutput<Self>> {
+        if !Self::has_fused_kernel(&call.student, &call.teacher) || !fits::<B>(&call.student) {
             return None;
         }
-        Some(register::<B>(
-            "burn_distill_fused",
-            student,
-            vec![teacher],
-            targets,
-            Teacher::Dense,
-            params,
-            with_grad,
-        ))
+        let call = call.map(|s, t, y| (s, vec![t], y));
+        Some(register::<B>("burn_distill_fused", call, Teacher::Dense))
     }
 
-    fn distill_sparse_fused(
-        student: FloatTensor<Self>,
-        teacher: SparseInputs<Self>,
-        targets: Option<IntTensor<Self>>,
-        params: &DistillParams,
-        setup: SparseSetup,
-        with_grad: bool,
-    ) -> Option<FusedOutput<Self>> {
-        let dims = student.shape();
-        if !B::has_sparse_fused_kernel(student.dtype(), teacher.indices.shape()[1])
-            || !B::fused_kernel_fits([dims[0], dims[1]], &Self::float_device(&student))
-        {
+    fn distill_sparse_fused(call: SparseCall<Self>) -> Option<FusedOutput<Self>> {
+        let k = call.teacher.indices.shape()[1];
+        if !B::has_sparse_fused_kernel(call.student.dtype(), k) || !fits::<B>(&call.student) {
             return None;
         }
-        let indices = teacher.indices.clone();
-        let log_probs = teacher.folded_log_probs().into_primitive().tensor();
+        let setup = call.teacher.setup;
+        let call = call.map(|s, t, y| {
+            let indices = t.indices.clone();
+            let log_probs = t.folded_log_probs().into_primitive().tensor();
+            (s, vec![indices, log_probs], y)
+        });
         Some(register::<B>(
             "burn_distill_sparse",
-            student,
-            vec![indices, log_probs],
-            targets,
+            call,
             Teacher::Sparse(setup),
-            params,
-            with_grad,
         ))
     }
+}
+
+/// Can `B`'s kernels run on these `[N, V]` logits?
+fn fits<B: FusionBackend + DistillBackend>(student: &FloatTensor<Fusion<B>>) -> bool {
+    let dims = student.shape();
+    B::fused_kernel_fits([dims[0], dims[1]], &Fusion::<B>::float_device(student))
 }

@@ -13,7 +13,7 @@
 use burn::tensor::{
     DType, Int, Tensor, TensorMetadata, TensorPrimitive,
     backend::Backend,
-    ops::{BoolTensor, FloatTensor, IntTensor},
+    ops::{FloatTensor, IntTensor},
 };
 
 use crate::{
@@ -23,6 +23,9 @@ use crate::{
 };
 
 pub use crate::params::DistillParams;
+pub use call::{
+    DenseCall, KernelCall, LinearCall, SparseCall, SparseInputs, SparseLinearCall, SparseSetup,
+};
 pub use linear_io::{LinearGrads, LinearOutput, LinearSetup, LinearSide};
 
 /// The reduced loss and its parts, as backend primitives: `[1]` for `Mean`, `Sum` and
@@ -49,60 +52,6 @@ pub struct FusedOutput<B: Backend> {
     pub grad: Option<FloatTensor<B>>,
 }
 
-/// A sparse teacher as backend primitives: `[N, k]` indices, log-probabilities at `T_gen` and
-/// an optional validity mask (`−∞` log-probabilities are missing entries too).
-#[derive(Clone, Debug)]
-pub struct SparseInputs<B: Backend> {
-    /// `[N, k]` token indices.
-    pub indices: IntTensor<B>,
-    /// `[N, k]` log-probabilities.
-    pub log_probs: FloatTensor<B>,
-    /// `[N, k]` validity.
-    pub mask: Option<BoolTensor<B>>,
-}
-
-impl<B: Backend> SparseInputs<B> {
-    /// The log-probabilities in f32 with the mask folded in (a `false` entry as `−∞`): one
-    /// float input for a kernel instead of a float and a bool one.
-    pub fn folded_log_probs(self) -> Tensor<B, 2> {
-        let log_probs =
-            Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(self.log_probs)).cast(DType::F32);
-        match self.mask {
-            Some(mask) => log_probs.mask_fill(
-                Tensor::<B, 2, burn::tensor::Bool>::from_primitive(mask).bool_not(),
-                f32::NEG_INFINITY,
-            ),
-            None => log_probs,
-        }
-    }
-}
-
-/// The settings of a sparse-teacher loss beyond [`DistillParams`].
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct SparseSetup {
-    pub(crate) tail: crate::TailPolicy,
-    pub(crate) generation_temperature: f64,
-}
-
-impl SparseSetup {
-    /// The settings of a sparse-teacher loss (for backends implementing
-    /// [`DistillBackend::distill_sparse_fused`] and their tests).
-    pub fn new(tail: crate::TailPolicy, generation_temperature: f64) -> Self {
-        Self {
-            tail,
-            generation_temperature,
-        }
-    }
-    /// The tail policy.
-    pub fn tail(&self) -> crate::TailPolicy {
-        self.tail
-    }
-    /// The generation temperature `T_gen` of the log-probabilities.
-    pub fn generation_temperature(&self) -> f64 {
-        self.generation_temperature
-    }
-}
-
 /// A fused-linear loss run on the backend that holds the values, producing the gradients of
 /// the student's differentiable inputs in its forward pass. The losses implement it (the
 /// kernel where the backend has one, the composed chunk loop otherwise); the backend's tracked
@@ -114,40 +63,21 @@ pub trait LinearRun {
     /// gradient): the caller then materialises the logits, or reports why not.
     fn run<B: DistillBackend>(
         &self,
-        student: LinearSide<B>,
-        teacher: LinearSide<B>,
-        targets: Option<IntTensor<B>>,
-        setup: &LinearSetup,
-        with_grad: bool,
+        call: LinearCall<B>,
     ) -> Result<Option<LinearOutput<B>>, DistillError>;
 }
 
 /// [`LinearRun`] against a sparse teacher.
 pub trait SparseLinearRun {
     /// As [`LinearRun::run`]; `None` where no fused sparse kernel applies.
-    fn run<B: DistillBackend>(
-        &self,
-        student: LinearSide<B>,
-        teacher: SparseInputs<B>,
-        targets: Option<IntTensor<B>>,
-        setup: &LinearSetup,
-        sparse: SparseSetup,
-        with_grad: bool,
-    ) -> Option<LinearOutput<B>>;
+    fn run<B: DistillBackend>(&self, call: SparseLinearCall<B>) -> Option<LinearOutput<B>>;
 }
 
 /// A loss of `[N, V]` logits run on the backend that holds the values, producing the gradient
 /// of the student's logits in its forward pass (as [`LinearRun`]: the vocabulary-parallel loss).
 pub trait LogitsRun {
     /// The reduced loss and parts and, with `with_grad`, the gradient.
-    fn run<B: DistillBackend>(
-        &self,
-        student: FloatTensor<B>,
-        teacher: FloatTensor<B>,
-        targets: Option<IntTensor<B>>,
-        params: &DistillParams,
-        with_grad: bool,
-    ) -> Result<FusedOutput<B>, DistillError>;
+    fn run<B: DistillBackend>(&self, call: DenseCall<B>) -> Result<FusedOutput<B>, DistillError>;
 }
 
 /// A backend that can compute distillation losses.
@@ -197,13 +127,7 @@ pub trait DistillBackend: Backend {
     /// The fused kernel: the reduced loss of `[N, V]` logits and, when `with_grad`, its
     /// `[N, V]` gradient with respect to the student logits; `None` where this backend has no
     /// fused kernel for these inputs (the default).
-    fn distill_fused(
-        _student: FloatTensor<Self>,
-        _teacher: FloatTensor<Self>,
-        _targets: Option<IntTensor<Self>>,
-        _params: &DistillParams,
-        _with_grad: bool,
-    ) -> Option<FusedOutput<Self>> {
+    fn distill_fused(_call: DenseCall<Self>) -> Option<FusedOutput<Self>> {
         None
     }
 
@@ -218,14 +142,7 @@ pub trait DistillBackend: Backend {
     /// `with_grad`, its `[N, V]` gradient; `None` where
     /// [`DistillBackend::has_sparse_fused_kernel`] is false (the default: the composed
     /// reference runs).
-    fn distill_sparse_fused(
-        _student: FloatTensor<Self>,
-        _teacher: SparseInputs<Self>,
-        _targets: Option<IntTensor<Self>>,
-        _params: &DistillParams,
-        _setup: SparseSetup,
-        _with_grad: bool,
-    ) -> Option<FusedOutput<Self>> {
+    fn distill_sparse_fused(_call: SparseCall<Self>) -> Option<FusedOutput<Self>> {
         None
     }
 
@@ -234,13 +151,9 @@ pub trait DistillBackend: Backend {
     /// by default; `Autodiff<B>` runs it on `B` and scales the gradient in the backward pass.
     fn distill_logits_tracked<R: LogitsRun>(
         run: &R,
-        student: FloatTensor<Self>,
-        teacher: FloatTensor<Self>,
-        targets: Option<IntTensor<Self>>,
-        params: &DistillParams,
-        with_grad: bool,
+        call: DenseCall<Self>,
     ) -> Result<FusedOutput<Self>, DistillError> {
-        run.run::<Self>(student, teacher, targets, params, with_grad)
+        run.run::<Self>(call)
     }
 
     /// The backward step of the fused kernel: `grad · upstream`, where `upstream` is the
@@ -268,13 +181,10 @@ pub trait DistillBackend: Backend {
     /// `Reduction::PerRow` and a gradient).
     fn distill_linear_tracked<R: LinearRun>(
         run: &R,
-        student: LinearSide<Self>,
-        teacher: LinearSide<Self>,
-        targets: Option<IntTensor<Self>>,
-        setup: &LinearSetup,
+        call: LinearCall<Self>,
     ) -> Result<Option<DistillParts<Self>>, DistillError> {
         Ok(run
-            .run::<Self>(student, teacher, targets, setup, false)?
+            .run::<Self>(call.with_grad(false))?
             .map(|(parts, _)| parts))
     }
 
@@ -283,13 +193,9 @@ pub trait DistillBackend: Backend {
     /// where no fused sparse kernel applies (the loss then materialises the logits).
     fn distill_sparse_linear_tracked<R: SparseLinearRun>(
         run: &R,
-        student: LinearSide<Self>,
-        teacher: SparseInputs<Self>,
-        targets: Option<IntTensor<Self>>,
-        setup: &LinearSetup,
-        sparse: SparseSetup,
+        call: SparseLinearCall<Self>,
     ) -> Option<DistillParts<Self>> {
-        run.run::<Self>(student, teacher, targets, setup, sparse, false)
+        run.run::<Self>(call.with_grad(false))
             .map(|(parts, _)| parts)
     }
 
@@ -299,14 +205,7 @@ pub trait DistillBackend: Backend {
     /// then runs its composed chunk loop around [`DistillBackend::distill_sparse_fused`]).
     /// NdArray and Flex run the host loop of the dense fused-linear loss around their sparse
     /// row kernel.
-    fn distill_sparse_linear_chunked(
-        _student: LinearSide<Self>,
-        _teacher: SparseInputs<Self>,
-        _targets: Option<IntTensor<Self>>,
-        _setup: &LinearSetup,
-        _sparse: SparseSetup,
-        _with_grad: bool,
-    ) -> Option<LinearOutput<Self>> {
+    fn distill_sparse_linear_chunked(_call: SparseLinearCall<Self>) -> Option<LinearOutput<Self>> {
         None
     }
 
@@ -323,13 +222,7 @@ pub trait DistillBackend: Backend {
     /// loss then runs its composed chunk loop around [`DistillBackend::distill_fused`]).
     /// NdArray and Flex run one host loop with buffers allocated once and GEMMs that
     /// accumulate in place.
-    fn distill_linear_chunked(
-        _student: LinearSide<Self>,
-        _teacher: LinearSide<Self>,
-        _targets: Option<IntTensor<Self>>,
-        _setup: &LinearSetup,
-        _with_grad: bool,
-    ) -> Option<LinearOutput<Self>> {
+    fn distill_linear_chunked(_call: LinearCall<Self>) -> Option<LinearOutput<Self>> {
         None
     }
 
@@ -344,13 +237,12 @@ pub trait DistillBackend: Backend {
     ) -> DistillParts<Self> {
         if kernel != Kernel::Reference
             && Self::has_fused_kernel(&student, &teacher)
-            && let Some(out) = Self::distill_fused(
+            && let Some(out) = Self::distill_fused(DenseCall::new(
                 student.clone(),
                 teacher.clone(),
                 targets.clone(),
-                params,
-                false,
-            )
+                *params,
+            ))
         {
             return out.parts;
         }
@@ -416,6 +308,7 @@ macro_rules! inner_capabilities {
 }
 
 mod autodiff;
+mod call;
 #[cfg(any(feature = "ndarray", feature = "flex"))]
 mod cpu;
 #[cfg(any(feature = "wgpu", feature = "cuda"))]

@@ -4,9 +4,10 @@
 
 use burn::tensor::{
     BasicOps, IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive, backend::Backend,
-    ops::FloatTensor, ops::IntTensor,
+    ops::FloatTensor,
 };
 
+use crate::{DenseCall, KernelCall, LinearCall};
 use crate::{DistillBackend, DistillParams, DistillParts, FusedOutput, Kernel, Reduction};
 
 use super::{LinearGrads, LinearOutput, LinearSetup, LinearSide};
@@ -53,20 +54,9 @@ pub(crate) struct Chunks;
 impl crate::LinearRun for Chunks {
     fn run<B: DistillBackend>(
         &self,
-        student: LinearSide<B>,
-        teacher: LinearSide<B>,
-        targets: Option<IntTensor<B>>,
-        setup: &LinearSetup,
-        with_grad: bool,
+        call: LinearCall<B>,
     ) -> Result<Option<LinearOutput<B>>, crate::DistillError> {
-        let kernel = B::distill_linear_chunked(
-            student.clone(),
-            teacher.clone(),
-            targets.clone(),
-            setup,
-            with_grad,
-        );
-        Ok(kernel.or_else(|| chunked::<B>(student, teacher, targets, setup, with_grad)))
+        Ok(B::distill_linear_chunked(call.clone()).or_else(|| chunked::<B>(call)))
     }
 }
 
@@ -76,29 +66,28 @@ impl crate::LinearRun for Chunks {
 /// `None` when a gradient is asked and `B` has no fused kernel for the logits, or for
 /// `Reduction::PerRow` with a gradient (each row's upstream weight is only known in the
 /// backward pass); the caller then materialises the logits.
-pub(crate) fn chunked<B: DistillBackend>(
-    student: LinearSide<B>,
-    teacher: LinearSide<B>,
-    targets: Option<IntTensor<B>>,
-    setup: &LinearSetup,
-    with_grad: bool,
-) -> Option<LinearOutput<B>> {
-    let fused = |zs: FloatTensor<B>, zt, y, params: &DistillParams| {
-        Ok::<_, std::convert::Infallible>(
-            if setup.kernel != Kernel::Reference && B::has_fused_kernel(&zs, &zt) {
-                B::distill_fused(zs, zt, y, params, with_grad)
-            } else if with_grad {
-                None
-            } else {
-                Some(FusedOutput {
-                    parts: B::distill_loss(zs, zt, y, params, Kernel::Reference),
-                    grad: None,
-                })
-            },
-        )
+pub(crate) fn chunked<B: DistillBackend>(call: LinearCall<B>) -> Option<LinearOutput<B>> {
+    let setup = call.settings;
+    let chunk_loss = |chunk: DenseCall<B>| {
+        let fused = setup.kernel != Kernel::Reference
+            && B::has_fused_kernel(&chunk.student, &chunk.teacher);
+        Ok::<_, std::convert::Infallible>(if fused {
+            B::distill_fused(chunk)
+        } else if chunk.with_grad {
+            None
+        } else {
+            let parts = B::distill_loss(
+                chunk.student,
+                chunk.teacher,
+                chunk.targets,
+                &chunk.settings,
+                Kernel::Reference,
+            );
+            Some(FusedOutput { parts, grad: None })
+        })
     };
-    let teacher = DenseChunks::new(teacher, setup);
-    match chunked_with(student, teacher, targets, setup, with_grad, fused) {
+    let call = call.map(|s, t, y| (s, DenseChunks::new(t, &setup), y));
+    match chunked_with(call, chunk_loss) {
         Ok(out) => out,
         Err(never) => match never {},
     }
@@ -391,22 +380,16 @@ impl<B: Backend> StudentGrads<B> {
 }
 
 /// [`chunked`] with the loss of each chunk's `[c, V]` student logits against the teacher's
-/// chunk given by `chunk_loss(student, teacher, targets, params)` (its gradient asked for when
-/// `with_grad`): `Ok(None)` where it cannot (the caller then materialises the logits), `Err`
+/// chunk given by `chunk_loss(call)` (its gradient asked for when `call.with_grad`): `Ok(None)` where it cannot (the caller then materialises the logits), `Err`
 /// to stop.
 pub(crate) fn chunked_with<B: DistillBackend, E, C: ChunkTeacher<B>>(
-    student: LinearSide<B>,
-    teacher: C,
-    targets: Option<IntTensor<B>>,
-    setup: &LinearSetup,
-    with_grad: bool,
+    call: KernelCall<B, LinearSide<B>, C, LinearSetup>,
     mut chunk_loss: impl FnMut(
-        FloatTensor<B>,
-        C::Chunk,
-        Option<IntTensor<B>>,
-        &DistillParams,
+        KernelCall<B, FloatTensor<B>, C::Chunk, DistillParams>,
     ) -> Result<Option<FusedOutput<B>>, E>,
 ) -> Result<Option<LinearOutput<B>>, E> {
+    let (student, teacher) = (call.student, call.teacher);
+    let (setup, with_grad) = (&call.settings, call.with_grad);
     let params = setup.params;
     let per_row = params.reduction == Reduction::PerRow;
     if with_grad && per_row {
@@ -415,7 +398,7 @@ pub(crate) fn chunked_with<B: DistillBackend, E, C: ChunkTeacher<B>>(
     let (hs, ws) = (float::<B, 2>(student.hidden), float::<B, 2>(student.weight));
     let bs = student.bias.map(float::<B, 1>);
     let device = hs.device();
-    let targets = targets.map(Tensor::<B, 1, Int>::from_primitive);
+    let targets = call.targets.map(Tensor::<B, 1, Int>::from_primitive);
     let has_hard = targets.is_some();
 
     let kept = KeptRows::new(hs.dims()[0], targets.as_ref(), params.ignore_index, &device);
@@ -443,7 +426,9 @@ pub(crate) fn chunked_with<B: DistillBackend, E, C: ChunkTeacher<B>>(
         let (zs, tanh_s) = soft_cap(logits(hs_c.clone(), &ws, &bs), setup.logit_softcap);
         let (zs, zt) = teacher.chunk(r0..r1, zs);
         let y = targets_k.clone().map(|t| t.slice(r0..r1).into_primitive());
-        let Some(out) = chunk_loss(zs.into_primitive().tensor(), zt, y, &chunk_params)? else {
+        let zs = zs.into_primitive().tensor();
+        let chunk_call = KernelCall::new(zs, zt, y, chunk_params).with_grad(with_grad);
+        let Some(out) = chunk_loss(chunk_call)? else {
             return Ok(None);
         };
         sums.add(out.parts);
@@ -457,12 +442,8 @@ pub(crate) fn chunked_with<B: DistillBackend, E, C: ChunkTeacher<B>>(
 
 /// The same loss with the logits materialised (`[N, V]`), through the backend's own ops (and so
 /// through autodiff): the fallback where no fused kernel applies, and the oracle of the tests.
-pub(crate) fn materialised<B: DistillBackend>(
-    student: LinearSide<B>,
-    teacher: LinearSide<B>,
-    targets: Option<IntTensor<B>>,
-    setup: &LinearSetup,
-) -> DistillParts<B> {
+pub(crate) fn materialised<B: DistillBackend>(call: LinearCall<B>) -> DistillParts<B> {
+    let setup = &call.settings;
     let side = |s: LinearSide<B>, weight_grad: bool, bias_grad: bool| {
         // A frozen or tied head gets no gradient here either.
         let weight = float::<B, 2>(s.weight);
@@ -474,8 +455,8 @@ pub(crate) fn materialised<B: DistillBackend>(
         let z = logits(float::<B, 2>(s.hidden), &weight, &bias);
         soft_cap(z, setup.logit_softcap).0
     };
-    let zs = side(student, setup.weight_grad, setup.bias_grad);
-    let zt = side(teacher, false, false);
+    let zs = side(call.student, setup.weight_grad, setup.bias_grad);
+    let zt = side(call.teacher, false, false);
     let (zs, zt) = setup
         .vocab_mismatch
         .align(zs, zt, setup.params.divergence)
@@ -483,7 +464,7 @@ pub(crate) fn materialised<B: DistillBackend>(
     B::distill_loss(
         zs.into_primitive().tensor(),
         zt.detach().into_primitive().tensor(),
-        targets,
+        call.targets,
         &setup.params,
         setup.kernel,
     )

@@ -26,6 +26,7 @@ use crate::{
 
 mod chunks;
 
+use crate::LinearCall;
 pub(crate) use crate::backend::{LinearGrads, LinearOutput, LinearSetup, LinearSide};
 #[cfg(feature = "collective")]
 pub(crate) use chunks::DenseChunks;
@@ -85,6 +86,19 @@ pub(crate) fn linear_sides<B: Backend>(
 }
 
 impl DistillLoss {
+    /// How this loss's fused-linear forms run, `chunk_rows` kept rows at a time.
+    pub(crate) fn linear_setup(&self, chunk_rows: usize) -> LinearSetup {
+        LinearSetup {
+            params: self.params,
+            kernel: self.kernel,
+            vocab_mismatch: self.vocab_mismatch,
+            chunk_rows,
+            logit_softcap: self.logit_softcap,
+            weight_grad: self.linear_head_grad,
+            bias_grad: self.linear_head_grad,
+        }
+    }
+
     /// The loss from hidden states and LM heads, without ever holding the `[N, V]` logits:
     /// `forward(student_hidden · W_s + b_s, teacher_hidden · W_t + b_t, targets)`, computed
     /// chunk by chunk of rows (see [`DistillLossConfig::linear_chunk_rows`]). Ignored rows are
@@ -258,26 +272,13 @@ impl DistillLoss {
             )?,
             None => None,
         };
-        let setup = LinearSetup {
-            params: self.params,
-            kernel: self.kernel,
-            vocab_mismatch: self.vocab_mismatch,
-            chunk_rows: self.linear_chunk_rows::<B>(vs.max(vt)),
-            logit_softcap: self.logit_softcap,
-            weight_grad: self.linear_head_grad,
-            bias_grad: self.linear_head_grad,
-        };
+        let setup = self.linear_setup(self.linear_chunk_rows::<B>(vs.max(vt)));
         let targets = targets.map(Tensor::into_primitive);
-        let tracked = B::distill_linear_tracked(
-            &Chunks,
-            student.clone(),
-            teacher.clone(),
-            targets.clone(),
-            &setup,
-        )?;
+        let call = LinearCall::new(student, teacher, targets, setup);
+        let tracked = B::distill_linear_tracked(&Chunks, call.clone())?;
         // No fused kernel for a gradient, or `Reduction::PerRow` with one: the logits,
         // through the backend's own ops (and so through autodiff).
-        let parts = tracked.unwrap_or_else(|| materialised::<B>(student, teacher, targets, &setup));
+        let parts = tracked.unwrap_or_else(|| materialised::<B>(call));
         Ok(DistillOutput::from(parts).with_check(check))
     }
 }

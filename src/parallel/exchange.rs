@@ -115,15 +115,12 @@ fn sensitivity<B: Backend>(
 /// Run by the backend as a tracked op ([`DistillBackend::distill_logits_tracked`]); runs on any
 /// backend with burn tensor ops, exchanging through burn-collective on `B`.
 pub fn vocab_parallel<B: DistillBackend>(
-    student: FloatTensor<B>,
-    teacher: FloatTensor<B>,
-    targets: Option<IntTensor<B>>,
-    params: &DistillParams,
+    call: DenseCall<B>,
     shard: &VocabShard,
     check: bool,
-    with_grad: bool,
 ) -> Result<FusedOutput<B>, DistillError> {
-    let rows = ShardRows::<B>::new(student, teacher, targets, params, shard);
+    let (params, with_grad) = (&call.settings, call.with_grad);
+    let rows = ShardRows::<B>::new(call.student, call.teacher, call.targets, params, shard);
     // 1. This shard's online-softmax statistics, gathered from every peer.
     let stats = rows.statistics(params);
     let all = rows.gather(stats, shard, check)?;

@@ -42,10 +42,10 @@ use burn::tensor::{
 
 use burn::nn::Linear;
 
-use crate::linear::{self, LinearGrads, LinearOutput, LinearSetup, LinearSide, linear_sides};
+use crate::linear::{self, LinearGrads, LinearOutput, linear_sides};
 use crate::{
-    DistillBackend, DistillError, DistillLoss, DistillOutput, DistillParams, DistillParts,
-    Divergence, FusedOutput, Validation,
+    DenseCall, DistillBackend, DistillError, DistillLoss, DistillOutput, DistillParams,
+    DistillParts, Divergence, FusedOutput, LinearCall, Validation,
     error::or_panic,
     kernel::reference::divergence_rows,
     loss::check_row_targets,
@@ -302,14 +302,13 @@ impl DistillLoss {
             shard,
             check: self.validation == Validation::Eager,
         };
-        let out = B::distill_logits_tracked(
-            &run,
+        let call = DenseCall::new(
             self.soft_cap(student_shard).into_primitive().tensor(),
             self.soft_cap(teacher_shard).into_primitive().tensor(),
             targets.map(Tensor::into_primitive),
-            &self.params,
-            false,
-        )?;
+            self.params,
+        );
+        let out = B::distill_logits_tracked(&run, call)?;
         Ok(DistillOutput::from(out.parts).with_check(check))
     }
 }
@@ -382,29 +381,21 @@ impl DistillLoss {
             ));
         }
         let check = self.check_shard("student_head", vs, n, targets.as_ref(), shard)?;
-        let setup = LinearSetup {
-            params: self.params,
-            kernel: self.kernel,
-            vocab_mismatch: self.vocab_mismatch,
-            chunk_rows: self.linear_chunk_rows_with::<B>(shard.vocab.div_ceil(shard.peers), 12),
-            logit_softcap: self.logit_softcap,
-            weight_grad: self.linear_head_grad,
-            bias_grad: self.linear_head_grad,
-        };
+        let rows = self.linear_chunk_rows_with::<B>(shard.vocab.div_ceil(shard.peers), 12);
         let run = LinearVocabParallel {
             shard,
             check: self.validation == Validation::Eager,
         };
         let targets = targets.map(Tensor::into_primitive);
-        let parts = B::distill_linear_tracked(&run, student, teacher, targets, &setup)?
-            .ok_or_else(|| {
-                DistillError::invalid(
-                    "reduction",
-                    "PerRow",
-                    "Mean, Sum or Normalized for a trained vocabulary-parallel fused-linear \
+        let call = LinearCall::new(student, teacher, targets, self.linear_setup(rows));
+        let parts = B::distill_linear_tracked(&run, call)?.ok_or_else(|| {
+            DistillError::invalid(
+                "reduction",
+                "PerRow",
+                "Mean, Sum or Normalized for a trained vocabulary-parallel fused-linear \
                      loss (per-row upstream weights are only known in the backward pass)",
-                )
-            })?;
+            )
+        })?;
         Ok(DistillOutput::from(parts).with_check(check))
     }
 }
@@ -416,17 +407,8 @@ struct VocabParallel<'a> {
 }
 
 impl crate::LogitsRun for VocabParallel<'_> {
-    fn run<B: DistillBackend>(
-        &self,
-        student: FloatTensor<B>,
-        teacher: FloatTensor<B>,
-        targets: Option<IntTensor<B>>,
-        params: &DistillParams,
-        with_grad: bool,
-    ) -> Result<FusedOutput<B>, DistillError> {
-        vocab_parallel::<B>(
-            student, teacher, targets, params, self.shard, self.check, with_grad,
-        )
+    fn run<B: DistillBackend>(&self, call: DenseCall<B>) -> Result<FusedOutput<B>, DistillError> {
+        vocab_parallel::<B>(call, self.shard, self.check)
     }
 }
 
@@ -440,15 +422,9 @@ struct LinearVocabParallel<'a> {
 impl crate::LinearRun for LinearVocabParallel<'_> {
     fn run<B: DistillBackend>(
         &self,
-        student: LinearSide<B>,
-        teacher: LinearSide<B>,
-        targets: Option<IntTensor<B>>,
-        setup: &LinearSetup,
-        with_grad: bool,
+        call: LinearCall<B>,
     ) -> Result<Option<LinearOutput<B>>, DistillError> {
-        linear_vocab_parallel::<B>(
-            student, teacher, targets, setup, self.shard, self.check, with_grad,
-        )
+        linear_vocab_parallel::<B>(call, self.shard, self.check)
     }
 }
 
@@ -456,27 +432,18 @@ impl crate::LinearRun for LinearVocabParallel<'_> {
 /// [`vocab_parallel`], then the hidden-state gradient summed across the peers. `Ok(None)` as
 /// for the fused-linear chunks (a gradient with `Reduction::PerRow`).
 pub(crate) fn linear_vocab_parallel<B: DistillBackend>(
-    student: LinearSide<B>,
-    teacher: LinearSide<B>,
-    targets: Option<IntTensor<B>>,
-    setup: &LinearSetup,
+    call: LinearCall<B>,
     shard: &VocabShard,
     check: bool,
-    with_grad: bool,
 ) -> Result<Option<LinearOutput<B>>, DistillError> {
     // The shards' layout is checked with the first chunk.
     let mut check = check;
-    let out = linear::chunked_with(
-        student,
-        linear::DenseChunks::new(teacher, setup),
-        targets,
-        setup,
-        with_grad,
-        |zs, zt, y, params| {
-            let first = std::mem::replace(&mut check, false);
-            vocab_parallel::<B>(zs, zt, y, params, shard, first, with_grad).map(Some)
-        },
-    )?;
+    let setup = call.settings;
+    let call = call.map(|s, t, y| (s, linear::DenseChunks::new(t, &setup), y));
+    let out = linear::chunked_with(call, |chunk| {
+        let first = std::mem::replace(&mut check, false);
+        vocab_parallel::<B>(chunk, shard, first).map(Some)
+    })?;
     let Some((parts, grads)) = out else {
         return Ok(None);
     };

@@ -3,7 +3,7 @@
 
 use crate::{
     DistillBackend, DistillError, DistillLossConfig, DistillOutput, DistillParams, Divergence,
-    Kernel, Validation,
+    Kernel, SparseCall, Validation,
     backend::{SparseInputs, SparseSetup},
     error::or_panic,
     kernel::reference::{divergence_rows, gather_columns, mix_rows, scale_soft},
@@ -159,10 +159,13 @@ pub struct SparseDistillLoss {
 
 impl SparseDistillLoss {
     /// The settings of the sparse kernels.
-    pub(crate) fn sparse_setup(&self) -> SparseSetup {
-        SparseSetup {
-            tail: self.tail,
-            generation_temperature: self.generation_temperature,
+    /// `teacher` as a kernel's inputs (detached), read with this loss's tail policy and `T_gen`.
+    pub(crate) fn sparse_inputs<B: Backend>(&self, teacher: &SparseTeacher<B>) -> SparseInputs<B> {
+        SparseInputs {
+            indices: teacher.indices.clone().into_primitive(),
+            log_probs: teacher.log_probs.clone().detach().into_primitive().tensor(),
+            mask: teacher.mask.clone().map(Tensor::into_primitive),
+            setup: SparseSetup::new(self.tail, self.generation_temperature),
         }
     }
 
@@ -271,21 +274,12 @@ impl SparseDistillLoss {
         let ignored = ignored_rows(targets.as_ref(), self.params.ignore_index);
         let fused = match self.kernel {
             Kernel::Reference => None,
-            _ => B::distill_sparse_fused(
+            _ => B::distill_sparse_fused(SparseCall::new(
                 student_logits.clone().into_primitive().tensor(),
-                SparseInputs {
-                    indices: teacher.indices.clone().into_primitive(),
-                    log_probs: teacher.log_probs.clone().detach().into_primitive().tensor(),
-                    mask: teacher.mask.clone().map(Tensor::into_primitive),
-                },
+                self.sparse_inputs(&teacher),
                 targets.clone().map(Tensor::into_primitive),
-                &self.params,
-                SparseSetup {
-                    tail: self.tail,
-                    generation_temperature: self.generation_temperature,
-                },
-                false,
-            ),
+                self.params,
+            )),
         };
         if fused.is_none() && self.kernel == Kernel::Fused {
             return Err(DistillError::invalid(

@@ -55,19 +55,16 @@ struct Scratch<R> {
 }
 
 /// Row losses (and, with `with_grad`, the gradient of the reduced loss) of `[N, V]` student
-/// logits against a sparse teacher.
-#[allow(clippy::too_many_arguments)]
+/// logits against a sparse teacher (`teacher_setup`: the tail policy and `T_gen`).
 pub fn sparse_rows<R: Real>(
     student: &[R],
     v: usize,
     teacher: &HostTeacher<'_>,
     targets: Option<&[i64]>,
     params: &DistillParams,
-    tail: TailPolicy,
-    generation_temperature: f64,
+    teacher_setup: (TailPolicy, f64),
     with_grad: bool,
 ) -> CpuRows<R> {
-    let teacher_setup = (tail, generation_temperature);
     if with_grad {
         let mut grad = cpu::zeroed_grad::<R>(student.len());
         let (rows, kept) = sparse_rows_into(

@@ -61,6 +61,41 @@ impl DistillError {
     }
 }
 
+/// `dims` of `[N, V]` logits named `argument` (`columns` names `V`), or an error where a side
+/// is empty.
+pub(crate) fn non_empty(
+    argument: &str,
+    [n, v]: [usize; 2],
+    columns: &str,
+) -> Result<[usize; 2], DistillError> {
+    if n == 0 || v == 0 {
+        return Err(DistillError::invalid(
+            argument,
+            format!("shape [{n}, {v}]"),
+            format!("a non-empty [N, {columns}] tensor (N >= 1 rows, {columns} >= 1 columns)"),
+        ));
+    }
+    Ok([n, v])
+}
+
+/// `dims` of `argument` must equal `expected`, the shape of `reference` (`note` adds why).
+pub(crate) fn same_dims<const D: usize>(
+    argument: &str,
+    dims: [usize; D],
+    reference: &str,
+    expected: [usize; D],
+    note: &str,
+) -> Result<(), DistillError> {
+    if dims == expected {
+        return Ok(());
+    }
+    Err(DistillError::invalid(
+        argument,
+        format!("shape {dims:?}"),
+        format!("the {reference} shape {expected:?}{note}"),
+    ))
+}
+
 /// Unwraps a result, panicking with the error's message (burn's convention for bad input).
 pub(crate) fn or_panic<T>(result: Result<T, DistillError>) -> T {
     result.unwrap_or_else(|e| panic!("burn-distill: {e}"))

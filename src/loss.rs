@@ -9,7 +9,7 @@ use burn::{
 use crate::{
     DistillBackend, DistillError, DistillParams, Divergence, Kernel, Reduction, Validation,
     VocabMismatch,
-    error::or_panic,
+    error::{non_empty, or_panic, same_dims},
     softmax::check_temperature,
     validation::{DeviceCheck, index_check, validate},
 };
@@ -433,13 +433,14 @@ impl DistillLoss {
             self.params.divergence,
         )?;
         let [b, t, v] = student_logits.dims();
-        if teacher_logits.dims() != [b, t, v] {
-            return Err(DistillError::invalid(
-                "teacher_logits",
-                format!("shape {:?}", teacher_logits.dims()),
-                format!("the student_logits shape [{b}, {t}, {v}]"),
-            ));
-        }
+        let teacher_dims = teacher_logits.dims();
+        same_dims(
+            "teacher_logits",
+            teacher_dims,
+            "student_logits",
+            [b, t, v],
+            "",
+        )?;
         if let Some(targets) = &targets {
             check_seq_targets(targets, b, t)?;
         }
@@ -486,20 +487,9 @@ impl DistillLoss {
             self.vocab_mismatch
                 .align(student_logits, teacher_logits, self.params.divergence)?;
         let [n, v] = student_logits.dims();
-        if n == 0 || v == 0 {
-            return Err(DistillError::invalid(
-                "student_logits",
-                format!("shape [{n}, {v}]"),
-                "a non-empty [N, V] tensor (N rows, V >= 1 classes)",
-            ));
-        }
-        if teacher_logits.dims() != [n, v] {
-            return Err(DistillError::invalid(
-                "teacher_logits",
-                format!("shape {:?}", teacher_logits.dims()),
-                format!("the student_logits shape [{n}, {v}]"),
-            ));
-        }
+        non_empty("student_logits", [n, v], "V")?;
+        let teacher_dims = teacher_logits.dims();
+        same_dims("teacher_logits", teacher_dims, "student_logits", [n, v], "")?;
         let check = match &targets {
             Some(targets) => {
                 check_row_targets(targets, [n, v], self.validation, self.params.ignore_index)?

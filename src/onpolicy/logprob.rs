@@ -64,13 +64,7 @@ pub(crate) fn log_probs_parts<B: DistillBackend>(
     validation: Validation,
 ) -> Result<(Tensor<B, 1>, Option<DeviceCheck<B>>), DistillError> {
     let [n, v] = logits.dims();
-    if n == 0 || v == 0 {
-        return Err(DistillError::invalid(
-            "student_logits",
-            format!("shape [{n}, {v}]"),
-            "a non-empty [N, V] tensor",
-        ));
-    }
+    crate::error::non_empty("student_logits", [n, v], "V")?;
     if tokens.dims() != [n] {
         return Err(DistillError::invalid(
             "tokens",

@@ -46,7 +46,7 @@ use crate::linear::{self, LinearGrads, LinearOutput, linear_sides};
 use crate::{
     DenseCall, DistillBackend, DistillError, DistillLoss, DistillOutput, DistillParams,
     DistillParts, Divergence, FusedOutput, LinearCall, Validation,
-    error::or_panic,
+    error::{non_empty, or_panic, same_dims},
     kernel::reference::divergence_rows,
     loss::check_row_targets,
     reduction::{ignored_rows, reduce_rows},
@@ -283,20 +283,15 @@ impl DistillLoss {
         shard: &VocabShard,
     ) -> Result<DistillOutput<B>, DistillError> {
         let [n, v] = student_shard.dims();
-        if n == 0 || v == 0 {
-            return Err(DistillError::invalid(
-                "student_shard",
-                format!("shape [{n}, {v}]"),
-                "a non-empty [N, V_p] tensor",
-            ));
-        }
-        if teacher_shard.dims() != [n, v] {
-            return Err(DistillError::invalid(
-                "teacher_shard",
-                format!("shape {:?}", teacher_shard.dims()),
-                format!("the student_shard shape [{n}, {v}] (both models sharded alike)"),
-            ));
-        }
+        non_empty("student_shard", [n, v], "V_p")?;
+        let note = " (both models sharded alike)";
+        same_dims(
+            "teacher_shard",
+            teacher_shard.dims(),
+            "student_shard",
+            [n, v],
+            note,
+        )?;
         let check = self.check_shard("student_shard", v, n, targets.as_ref(), shard)?;
         let run = VocabParallel {
             shard,

@@ -5,7 +5,7 @@ use crate::{
     DistillBackend, DistillError, DistillLossConfig, DistillOutput, DistillParams, Divergence,
     Kernel, SparseCall, Validation,
     backend::{SparseInputs, SparseSetup},
-    error::or_panic,
+    error::{non_empty, or_panic},
     kernel::reference::{divergence_rows, gather_columns, mix_rows, scale_soft},
     loss::{check_row_targets, check_seq_targets},
     reduction::{count, ignored_rows, pairwise_sum, reduce_rows},
@@ -256,13 +256,7 @@ impl SparseDistillLoss {
         targets: Option<Tensor<B, 1, Int>>,
     ) -> Result<DistillOutput<B>, DistillError> {
         let [n, v] = student_logits.dims();
-        if n == 0 || v == 0 {
-            return Err(DistillError::invalid(
-                "student_logits",
-                format!("shape [{n}, {v}]"),
-                "a non-empty [N, V] tensor",
-            ));
-        }
+        non_empty("student_logits", [n, v], "V")?;
         check_shapes(&teacher, n)?;
         let student_logits = self.dense.soft_cap(student_logits);
         let target_check = match &targets {

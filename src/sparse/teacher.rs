@@ -41,13 +41,8 @@ impl<B: Backend> SparseTeacher<B> {
         log_probs: Tensor<B, 3>,
     ) -> Result<Self, DistillError> {
         let [b, t, k] = indices.dims();
-        if log_probs.dims() != [b, t, k] {
-            return Err(DistillError::invalid(
-                "log_probs",
-                format!("shape {:?}", log_probs.dims()),
-                format!("the indices shape [{b}, {t}, {k}] (batch, sequence, top-k)"),
-            ));
-        }
+        let note = " (batch, sequence, top-k)";
+        crate::error::same_dims("log_probs", log_probs.dims(), "indices", [b, t, k], note)?;
         Ok(Self::new(
             indices.reshape([b * t, k]),
             log_probs.reshape([b * t, k]),

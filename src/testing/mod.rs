@@ -202,12 +202,19 @@ pub fn run_case<B: AutodiffBackend + DistillBackend>(
     case: &Case,
     device: &B::Device,
 ) -> (Vec<f64>, Vec<f64>) {
-    let student = tensor2::<B>(&case.student, case.shape, device).require_grad();
     let teacher = tensor2::<B>(&case.teacher, case.shape, device);
-    let value = match &case.targets {
-        Some(t) => loss.forward(student.clone(), teacher, ints::<B>(t, device)),
-        None => loss.forward_soft(student.clone(), teacher),
-    };
+    let targets = case.targets.as_ref().map(|t| ints::<B>(t, device));
+    let student = tensor2::<B>(&case.student, case.shape, device);
+    loss_and_grad(student, |s| loss.forward_parts(s, teacher, targets).loss)
+}
+
+/// The values of `loss(student)` and the student's gradient (of their sum).
+pub fn loss_and_grad<B: AutodiffBackend>(
+    student: Tensor<B, 2>,
+    loss: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 1>,
+) -> (Vec<f64>, Vec<f64>) {
+    let student = student.require_grad();
+    let value = loss(student.clone());
     let grads = value.clone().sum().backward();
     let grad = student.grad(&grads).expect("student has a gradient");
     (values(value), values(grad))
@@ -327,57 +334,32 @@ macro_rules! conformance_tests {
             #[allow(unused_imports)]
             use super::*;
 
-            #[test]
-            fn golden_auto() {
-                $crate::testing::assert_golden::<$backend>(&$device, $crate::Kernel::Auto);
-            }
-
-            #[test]
-            fn golden_reference() {
-                $crate::testing::assert_golden::<$backend>(&$device, $crate::Kernel::Reference);
-            }
-
-            #[test]
-            fn sparse_golden() {
-                $crate::testing::sparse::assert_sparse_golden::<$backend>(
-                    &$device,
+            $crate::conformance_tests!(@tests $backend, $device;
+                golden_auto: assert_golden[$crate::Kernel::Auto];
+                golden_reference: assert_golden[$crate::Kernel::Reference];
+                sparse_golden: sparse::assert_sparse_golden[
                     $crate::testing::LOSS_TOL,
-                    $crate::testing::GRAD_TOL,
-                );
-            }
-
-            #[test]
-            fn validation_dense() {
-                $crate::testing::validation::assert_dense::<$backend>(&$device);
-            }
-
-            #[test]
-            fn validation_sparse() {
-                $crate::testing::validation::assert_sparse::<$backend>(&$device);
-            }
-
-            #[test]
-            fn sampled_token_golden() {
-                $crate::testing::onpolicy::assert_sampled_golden::<$backend>(
-                    &$device,
-                    $crate::Kernel::Auto,
-                );
-                $crate::testing::onpolicy::assert_sampled_golden::<$backend>(
-                    &$device,
-                    $crate::Kernel::Reference,
-                );
-            }
-
-            #[test]
-            fn cross_tokenizer_golden() {
-                $crate::testing::onpolicy::assert_cross_golden::<$backend>(&$device);
-            }
-
-            #[test]
-            fn fused_matches_reference() {
-                $crate::testing::parity::sweep::<$backend>(&$device, &[1, 2, 3, 17, 1024, 1031]);
-            }
+                    $crate::testing::GRAD_TOL
+                ];
+                validation_dense: validation::assert_dense[];
+                validation_sparse: validation::assert_sparse[];
+                sampled_token_golden_auto: onpolicy::assert_sampled_golden[$crate::Kernel::Auto];
+                sampled_token_golden_reference:
+                    onpolicy::assert_sampled_golden[$crate::Kernel::Reference];
+                cross_tokenizer_golden: onpolicy::assert_cross_golden[];
+                fused_matches_reference: parity::sweep[&[1, 2, 3, 17, 1024, 1031]];
+            );
         }
+    };
+    // One `#[test]` a line: `name: function in crate::testing[further arguments];`, each
+    // called as `function::<$backend>(&$device, arguments…)`.
+    (@tests $backend:ty, $device:expr; $($test:ident: $($f:ident)::+ [$($arg:expr),*];)*) => {
+        $(
+            #[test]
+            fn $test() {
+                $crate::testing::$($f)::+::<$backend>(&$device $(, $arg)*);
+            }
+        )*
     };
 }
 

@@ -144,9 +144,8 @@ pub fn assert_sampled_golden<B>(device: &B::Device, kernel: Kernel)
 where
     B: AutodiffBackend + DistillBackend,
 {
-    let cases = file().sampled;
-    let mut failures = Vec::new();
-    for case in &cases {
+    let what = format!("sampled-token ({kernel:?})");
+    assert_all(&what, &file().sampled, |case| {
         let c = &case.config;
         let loss = SampledTokenLossConfig::new()
             .with_estimator(match c.estimator.as_str() {
@@ -176,14 +175,16 @@ where
         let out = loss
             .try_forward_parts(logits.clone(), sampled)
             .unwrap_or_else(|e| panic!("{}: {e}", case.name));
-        failures.extend(
-            case.expected
-                .compare(&case.name, out.loss, &logits, case.upstream),
-        );
-    }
+        (case.expected).compare(&case.name, out.loss, &logits, case.upstream)
+    });
+}
+
+/// Runs `check` on every case (it gives the case's mismatches) and fails with all of them.
+fn assert_all<C>(what: &str, cases: &[C], check: impl Fn(&C) -> Vec<String>) {
+    let failures: Vec<String> = cases.iter().flat_map(check).collect();
     assert!(
         failures.is_empty(),
-        "sampled-token golden mismatches ({kernel:?}):\n{}",
+        "{what} golden mismatches:\n{}",
         failures.join("\n")
     );
 }
@@ -194,9 +195,7 @@ pub fn assert_cross_golden<B>(device: &B::Device)
 where
     B: AutodiffBackend,
 {
-    let cases = file().cross;
-    let mut failures = Vec::new();
-    for case in &cases {
+    assert_all("cross-tokenizer", &file().cross, |case| {
         let c = &case.config;
         let loss = CrossTokenizerLossConfig::new()
             .with_student_temperature(c.student_temperature)
@@ -252,14 +251,6 @@ where
         let out = loss
             .try_forward_parts(student, teacher, &alignment, vocab.as_ref())
             .unwrap_or_else(|e| panic!("{}: {e}", case.name));
-        failures.extend(
-            case.expected
-                .compare(&case.name, out.loss, &logits, case.upstream),
-        );
-    }
-    assert!(
-        failures.is_empty(),
-        "cross-tokenizer golden mismatches:\n{}",
-        failures.join("\n")
-    );
+        (case.expected).compare(&case.name, out.loss, &logits, case.upstream)
+    });
 }

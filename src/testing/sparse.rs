@@ -5,7 +5,8 @@ use burn::tensor::{Bool, Int, Tensor, TensorData, backend::AutodiffBackend, back
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{compare, ints, numbers, tensor2, values};
+use super::{compare, ints, loss_and_grad, numbers, tensor2};
+use crate::error::or_panic;
 use crate::{
     DistillBackend, Kernel, SparseDistillLoss, SparseDistillLossConfig, SparseTeacher,
     StudentSupport, TailPolicy,
@@ -76,15 +77,10 @@ impl SparseCase {
         loss: &SparseDistillLoss,
         device: &B::Device,
     ) -> (Vec<f64>, Vec<f64>) {
-        let student = tensor2::<B>(&self.student, self.shape, device).require_grad();
         let teacher = self.teacher::<B>(device);
-        let value = match &self.targets {
-            Some(t) => loss.forward(student.clone(), teacher, ints::<B>(t, device)),
-            None => loss.forward_soft(student.clone(), teacher),
-        };
-        let grads = value.clone().sum().backward();
-        let grad = student.grad(&grads).expect("student has a gradient");
-        (values(value), values(grad))
+        let targets = self.targets.as_ref().map(|t| ints::<B>(t, device));
+        let forward = |s| or_panic(loss.try_forward_parts(s, teacher, targets)).loss;
+        loss_and_grad(tensor2::<B>(&self.student, self.shape, device), forward)
     }
 }
 

@@ -176,15 +176,11 @@ fn inner_side<B: DistillBackend, C: CheckpointStrategy>(
 /// A fused-linear loss as an op of the student's hidden states and, where the setup computes
 /// their gradients (and the head is trained, see `tracked_setup`), its weight and bias: `run`
 /// on `B` with the teacher's inputs as `teacher` gives them.
-fn linear_op<B, C, T, T2>(
+fn linear_op<B: DistillBackend, C: CheckpointStrategy, T, T2>(
     call: KernelCall<Autodiff<B, C>, LinearSide<Autodiff<B, C>>, T, LinearSetup>,
     teacher: impl FnOnce(T) -> T2,
     run: impl FnOnce(KernelCall<B, LinearSide<B>, T2, LinearSetup>) -> Option<LinearOutput<B>>,
-) -> Option<DistillParts<Autodiff<B, C>>>
-where
-    B: DistillBackend,
-    C: CheckpointStrategy,
-{
+) -> Option<DistillParts<Autodiff<B, C>>> {
     let student = call.student.clone();
     let setup = tracked_setup(&student, &call.settings);
     let mut call = call.map(|s, t, y| (inner_side(s), teacher(t), y));

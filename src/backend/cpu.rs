@@ -71,16 +71,15 @@ pub(super) fn fused<B: HostFloats>(call: DenseCall<B>) -> Option<FusedOutput<B>>
             B::row_major::<R>(&call.student)?,
             B::row_major::<R>(&call.teacher)?,
         );
-        let ([n, v], device) = dims_and_device::<B>(&call.student);
+        let v = call.student.shape()[1];
         let targets = host_targets::<B>(call.targets);
         let params = &call.settings;
         let out = cpu::distill_rows(&s, &t, v, targets.as_deref(), params, call.with_grad);
         Some(output_of_rows(
             out,
-            [n, v],
+            &call.student,
             targets.is_some(),
             params,
-            &device,
         ))
     }
     match (call.student.dtype(), call.teacher.dtype()) {
@@ -95,7 +94,7 @@ pub(super) fn fused<B: HostFloats>(call: DenseCall<B>) -> Option<FusedOutput<B>>
 pub(super) fn sparse_fused<B: HostFloats>(call: SparseCall<B>) -> Option<FusedOutput<B>> {
     fn run<B: HostFloats, R: Real>(call: SparseCall<B>) -> Option<FusedOutput<B>> {
         let s = B::row_major::<R>(&call.student)?;
-        let ([n, v], device) = dims_and_device::<B>(&call.student);
+        let [n, v] = [call.student.shape()[0], call.student.shape()[1]];
         let setup = call.teacher.setup;
         let (k, indices, log_probs, valid) = host_sparse::<B>(call.teacher, n);
         let targets = host_targets::<B>(call.targets);
@@ -106,21 +105,16 @@ pub(super) fn sparse_fused<B: HostFloats>(call: SparseCall<B>) -> Option<FusedOu
             valid: &valid,
         };
         let params = &call.settings;
-        let out = sparse_cpu::sparse_rows(
-            &s,
-            v,
-            &host,
-            targets.as_deref(),
-            params,
-            (setup.tail, setup.generation_temperature),
-            call.with_grad,
-        );
+        let teacher_setup = (setup.tail, setup.generation_temperature);
+        let y = targets.as_deref();
+        let out = cpu::rows_with(s.len(), call.with_grad, |grad| {
+            sparse_cpu::sparse_rows_into(&s, v, &host, y, params, teacher_setup, grad)
+        });
         Some(output_of_rows(
             out,
-            [n, v],
+            &call.student,
             targets.is_some(),
             params,
-            &device,
         ))
     }
     match call.student.dtype() {
@@ -128,12 +122,6 @@ pub(super) fn sparse_fused<B: HostFloats>(call: SparseCall<B>) -> Option<FusedOu
         DType::F64 => run::<B, f64>(call),
         _ => None,
     }
-}
-
-/// `[N, V]` and the device of a tensor.
-fn dims_and_device<B: Backend>(tensor: &FloatTensor<B>) -> ([usize; 2], B::Device) {
-    let shape = tensor.shape();
-    ([shape[0], shape[1]], B::float_device(tensor))
 }
 
 /// [`DistillBackend::distill_scale_grad`] of a CPU backend: in place where the gradient is not
@@ -384,14 +372,16 @@ fn linear_on_slices<B: Backend, R: Gemm, T: HostChunkTeacher<R>>(
     (parts, grads)
 }
 
-/// The kernel's rows reduced on the host (in f64) and wrapped as tensors of `B`.
+/// The kernel's rows reduced on the host (in f64) and wrapped as tensors of `B`, on the
+/// device of the `[N, V]` `student` logits.
 fn output_of_rows<B: Backend, R: Real>(
     out: cpu::CpuRows<R>,
-    [n, v]: [usize; 2],
+    student: &FloatTensor<B>,
     has_targets: bool,
     params: &DistillParams,
-    device: &B::Device,
 ) -> FusedOutput<B> {
+    let [n, v] = [student.shape()[0], student.shape()[1]];
+    let device = &B::float_device(student);
     let column = |f: fn(&cpu::RowOut<R>) -> R| {
         let data = match params.reduction.factor(out.kept) {
             None => TensorData::new(out.rows.iter().map(f).collect::<Vec<R>>(), [n]),

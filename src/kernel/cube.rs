@@ -17,12 +17,108 @@ use cubecl::prelude::*;
 
 pub(crate) use super::cube_row::DivKind;
 use super::cube_row::{
-    GradWeights, Online, RowStats, column_grad, column_term, finish_row, hard_grad, row_max,
-    row_sum, row_target, soft_logit_grad,
+    GradWeights, Online, RowStats, column_grad, column_term, finish_row, logit_grad, row_max,
+    row_sum, row_target, soft_logit_grad, zero_vector,
 };
 
 /// Units per cube: one row of up to `BLOCK` units, or several rows of fewer when V is small.
 pub(crate) const BLOCK: u32 = 256;
+
+/// Row losses, soft and hard terms (in f32 whatever the logits' dtype), and optionally the
+/// gradient (in `G`: the logits' dtype, or f32 for f16 logits, so that entries below f16's
+/// range survive until the upstream gradient, e.g. a loss scale, is applied). `scale` is the
+/// f32 factor of the reduction.
+///
+/// A cube holds `CUBE_DIM_Y` rows of `CUBE_DIM_X` units each (several rows per cube when V is
+/// small); its rows start at `CUBE_POS · CUBE_DIM_Y`, so the launch may spread cubes over a
+/// 2-D or 3-D cube count (wgpu caps one dimension at 65,535 workgroups). Logits are read and
+/// the gradient written as vectors of `N` elements (`V` a multiple of `N`, rows contiguous).
+/// Every unit reaches every barrier: rows past the last, ignored rows and rows with a bad
+/// target run their loops zero times and write nothing (or zeros, NaN) instead of returning.
+/// Specialised at compile time for the divergence, the presence of targets and of an ignore
+/// index, the gradient and the vector width.
+// `x - x` and `0 / 0` below build 0 and NaN from runtime values (WGSL has no NaN literal);
+// `if comptime { if runtime {} }` stays nested so that the outer test is resolved at compile time.
+#[allow(clippy::eq_op, clippy::collapsible_if)]
+#[cube(launch, address_type = "dynamic")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn distill_kernel<F: Float, I: Numeric, G: Float, N: Size>(
+    student: &Tensor<Vector<F, N>>,
+    teacher: &Tensor<Vector<F, N>>,
+    targets: &Tensor<I>,
+    scale: &Tensor<f32>,
+    loss: &mut Tensor<f32>,
+    soft: &mut Tensor<f32>,
+    hard: &mut Tensor<f32>,
+    grad: &mut Tensor<Vector<G, N>>,
+    inv_t: f32,
+    t2: f32,
+    alpha: f32,
+    eps: f32,
+    mix: f32,
+    ignore: i32,
+    #[comptime] kind: DivKind,
+    #[comptime] labeled: bool,
+    #[comptime] with_ignore: bool,
+    #[comptime] with_grad: bool,
+    #[define(F, I, G)] _dtypes: [StorageType; 3],
+) {
+    let n = loss.shape(0);
+    // Whole cubes past the last row leave (a condition uniform over the cube).
+    if CUBE_POS * (CUBE_DIM_Y as usize) >= n {
+        terminate!();
+    }
+    let row = CUBE_POS * (CUBE_DIM_Y as usize) + UNIT_POS_Y as usize;
+    let in_range = row < n;
+    let safe_row = select(in_range, row, n - 1);
+    let unit = UNIT_POS_X as usize;
+    let width = student.vector_size();
+    let v = student.shape(1);
+    let vectors = v / width;
+    let s_base = safe_row * (student.stride(0) / width);
+    let t_base = safe_row * (teacher.stride(0) / width);
+    let g_base = safe_row * (grad.stride(0) / width);
+    let mut smem = SharedMemory::<f32>::new(256usize);
+
+    let target = row_target(targets, safe_row, v, ignore, labeled, with_ignore);
+    let live = in_range && !target.skip && !target.bad;
+    // The loops of a row that is not live run zero times; the reductions still see every unit.
+    let len = select(live, vectors, 0);
+
+    // Pass 1 (online softmax) and, for forward KL, the divergence; a second pass for the
+    // other divergences, with Σ q·∂D/∂q.
+    let fkl = comptime!(kind == DivKind::ForwardKl);
+    let mut div = f32::new(0.0);
+    let stats = online_pass(
+        student, teacher, s_base, t_base, len, inv_t, &mut smem, &mut div, fkl,
+    );
+    let mut sqg = f32::new(0.0);
+    if !fkl {
+        div = divergence_pass(
+            student, teacher, s_base, t_base, len, &stats, inv_t, mix, &mut smem, &mut sqg, kind,
+        );
+    }
+
+    // The row's loss, and the gradient of the reduced loss (zeros on ignored and bad rows).
+    let safe_class = select(live, target.class as usize, 0);
+    // 0 for ignored rows, NaN for out-of-range targets (WGSL has no NaN literal).
+    let zero = inv_t - inv_t;
+    let fallback = select(target.bad, zero / zero, zero);
+    let (first, soft_value, soft_scale, factor) =
+        (in_range && unit == 0, t2 * div, t2 * inv_t, scale[0]);
+    let weights = finish_row(
+        student, s_base, safe_class, &stats, loss, soft, hard, row, first, live, fallback,
+        soft_value, soft_scale, alpha, eps, factor, div, sqg, labeled,
+    );
+    if with_grad {
+        if in_range {
+            gradient_pass(
+                student, teacher, grad, s_base, t_base, g_base, live, safe_class, &stats, &weights,
+                inv_t, mix, kind,
+            );
+        }
+    }
+}
 
 /// Pass 1 of the dense kernel: over this unit's `len` vectors the student's online softmax
 /// ([`Online`]) and the teacher's maximum `mt` and `sum_t = Σ e^{(t−mt)/T}`, with, for forward
@@ -147,7 +243,7 @@ fn gradient_pass<F: Float, G: Float, N: Size>(
     let vectors = student.shape(1) / width;
     let mut jv = UNIT_POS_X as usize;
     while jv < vectors {
-        let mut out = Vector::<G, N>::empty();
+        let mut out = zero_vector::<G, N>(width);
         if live {
             let sv = student[s_base + jv];
             let tv = teacher[t_base + jv];
@@ -159,141 +255,12 @@ fn gradient_pass<F: Float, G: Float, N: Size>(
                 let q = lq.exp();
                 let p = lp.exp();
                 let soft = soft_logit_grad(q, p, lq, lp, weights.div, weights.sqg, mix, kind);
-                let mut value = weights.ca * soft;
-                if weights.cb != 0.0 {
-                    let at_class = jv * width + l == class;
-                    let h = hard_grad(
-                        s,
-                        stats.ms,
-                        stats.lse_1,
-                        weights.eps,
-                        weights.eps_f,
-                        at_class,
-                    );
-                    value += weights.cb * h;
-                }
+                let at_class = jv * width + l == class;
+                let value = logit_grad(weights, s, stats.ms, stats.lse_1, soft, at_class);
                 out[l] = G::cast_from(value);
-            }
-        } else {
-            #[unroll]
-            for l in 0..width {
-                out[l] = G::cast_from(0.0f32);
             }
         }
         grad[g_base + jv] = out;
         jv += CUBE_DIM_X as usize;
-    }
-}
-
-/// Row losses, soft and hard terms (in f32 whatever the logits' dtype), and optionally the
-/// gradient (in `G`: the logits' dtype, or f32 for f16 logits, so that entries below f16's
-/// range survive until the upstream gradient, e.g. a loss scale, is applied). `scale` is the
-/// f32 factor of the reduction.
-///
-/// A cube holds `CUBE_DIM_Y` rows of `CUBE_DIM_X` units each (several rows per cube when V is
-/// small); its rows start at `CUBE_POS · CUBE_DIM_Y`, so the launch may spread cubes over a
-/// 2-D or 3-D cube count (wgpu caps one dimension at 65,535 workgroups). Logits are read and
-/// the gradient written as vectors of `N` elements (`V` a multiple of `N`, rows contiguous).
-/// Every unit reaches every barrier: rows past the last, ignored rows and rows with a bad
-/// target run their loops zero times and write nothing (or zeros, NaN) instead of returning.
-/// Specialised at compile time for the divergence, the presence of targets and of an ignore
-/// index, the gradient and the vector width.
-// `x - x` and `0 / 0` below build 0 and NaN from runtime values (WGSL has no NaN literal);
-// `if comptime { if runtime {} }` stays nested so that the outer test is resolved at compile time.
-#[allow(clippy::eq_op, clippy::collapsible_if)]
-#[cube(launch, address_type = "dynamic")]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn distill_kernel<F: Float, I: Numeric, G: Float, N: Size>(
-    student: &Tensor<Vector<F, N>>,
-    teacher: &Tensor<Vector<F, N>>,
-    targets: &Tensor<I>,
-    scale: &Tensor<f32>,
-    loss: &mut Tensor<f32>,
-    soft: &mut Tensor<f32>,
-    hard: &mut Tensor<f32>,
-    grad: &mut Tensor<Vector<G, N>>,
-    inv_t: f32,
-    t2: f32,
-    alpha: f32,
-    eps: f32,
-    mix: f32,
-    ignore: i32,
-    #[comptime] kind: DivKind,
-    #[comptime] with_targets: bool,
-    #[comptime] with_ignore: bool,
-    #[comptime] with_grad: bool,
-    #[define(F, I, G)] _dtypes: [StorageType; 3],
-) {
-    let n = loss.shape(0);
-    // Whole cubes past the last row leave (a condition uniform over the cube).
-    if CUBE_POS * (CUBE_DIM_Y as usize) >= n {
-        terminate!();
-    }
-    let row = CUBE_POS * (CUBE_DIM_Y as usize) + UNIT_POS_Y as usize;
-    let in_range = row < n;
-    let safe_row = select(in_range, row, n - 1);
-    let unit = UNIT_POS_X as usize;
-    let width = student.vector_size();
-    let v = student.shape(1);
-    let vectors = v / width;
-    let s_base = safe_row * (student.stride(0) / width);
-    let t_base = safe_row * (teacher.stride(0) / width);
-    let g_base = safe_row * (grad.stride(0) / width);
-    let mut smem = SharedMemory::<f32>::new(256usize);
-
-    let target = row_target(targets, safe_row, v, ignore, with_targets, with_ignore);
-    let live = in_range && !target.skip && !target.bad;
-    // The loops of a row that is not live run zero times; the reductions still see every unit.
-    let len = select(live, vectors, 0);
-
-    // Pass 1 (online softmax) and, for forward KL, the divergence; a second pass for the
-    // other divergences, with Σ q·∂D/∂q.
-    let fkl = comptime!(kind == DivKind::ForwardKl);
-    let mut div = f32::new(0.0);
-    let stats = online_pass(
-        student, teacher, s_base, t_base, len, inv_t, &mut smem, &mut div, fkl,
-    );
-    let mut sqg = f32::new(0.0);
-    if !fkl {
-        div = divergence_pass(
-            student, teacher, s_base, t_base, len, &stats, inv_t, mix, &mut smem, &mut sqg, kind,
-        );
-    }
-
-    // The row's loss, and the gradient of the reduced loss (zeros on ignored and bad rows).
-    let safe_class = select(live, target.class as usize, 0);
-    // 0 for ignored rows, NaN for out-of-range targets (WGSL has no NaN literal).
-    let zero = inv_t - inv_t;
-    let fallback = select(target.bad, zero / zero, zero);
-    let (first, soft_value, soft_scale, factor) =
-        (in_range && unit == 0, t2 * div, t2 * inv_t, scale[0]);
-    let weights = finish_row(
-        student,
-        s_base,
-        safe_class,
-        &stats,
-        loss,
-        soft,
-        hard,
-        row,
-        first,
-        live,
-        fallback,
-        soft_value,
-        soft_scale,
-        alpha,
-        eps,
-        factor,
-        div,
-        sqg,
-        with_targets,
-    );
-    if with_grad {
-        if in_range {
-            gradient_pass(
-                student, teacher, grad, s_base, t_base, g_base, live, safe_class, &stats, &weights,
-                inv_t, mix, kind,
-            );
-        }
     }
 }

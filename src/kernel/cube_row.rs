@@ -34,10 +34,23 @@ impl DivKind {
     }
 }
 
-/// Sum of `value` over the `CUBE_DIM_X` units of this unit's row (a shared-memory tree in the
-/// row's segment; every unit of the row gets the result). Every unit of the cube must call it.
+/// Sum of `value` over the `CUBE_DIM_X` units of this unit's row (every unit of the row gets
+/// the result). Every unit of the cube must call it.
 #[cube]
 pub(crate) fn row_sum(smem: &mut SharedMemory<f32>, value: f32) -> f32 {
+    row_reduce(smem, value, false)
+}
+
+/// Maximum of `value` over the units of this unit's row (as [`row_sum`]).
+#[cube]
+pub(crate) fn row_max(smem: &mut SharedMemory<f32>, value: f32) -> f32 {
+    row_reduce(smem, value, true)
+}
+
+/// The sum, or with `max` the maximum, of `value` over the units of this unit's row: a
+/// shared-memory tree in the row's segment.
+#[cube]
+fn row_reduce(smem: &mut SharedMemory<f32>, value: f32, #[comptime] max: bool) -> f32 {
     let unit = UNIT_POS_X as usize;
     let base = UNIT_POS_Y as usize * CUBE_DIM_X as usize;
     smem[base + unit] = value;
@@ -46,29 +59,13 @@ pub(crate) fn row_sum(smem: &mut SharedMemory<f32>, value: f32) -> f32 {
     let mut stride = CUBE_DIM_X as usize / 2;
     while stride > 0 {
         if unit < stride {
-            smem[base + unit] = smem[base + unit] + smem[base + unit + stride];
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    let total = smem[base];
-    sync_cube();
-    total
-}
-
-/// Maximum of `value` over the units of this unit's row (as [`row_sum`]).
-#[cube]
-pub(crate) fn row_max(smem: &mut SharedMemory<f32>, value: f32) -> f32 {
-    let unit = UNIT_POS_X as usize;
-    let base = UNIT_POS_Y as usize * CUBE_DIM_X as usize;
-    smem[base + unit] = value;
-    sync_cube();
-    let mut stride = CUBE_DIM_X as usize / 2;
-    while stride > 0 {
-        if unit < stride {
             let other = smem[base + unit + stride];
-            if other > smem[base + unit] {
-                smem[base + unit] = other;
+            if max {
+                if other > smem[base + unit] {
+                    smem[base + unit] = other;
+                }
+            } else {
+                smem[base + unit] = smem[base + unit] + other;
             }
         }
         sync_cube();
@@ -225,13 +222,13 @@ pub(crate) fn row_target<I: Numeric>(
     row: usize,
     v: usize,
     ignore: i32,
-    #[comptime] with_targets: bool,
+    #[comptime] labeled: bool,
     #[comptime] with_ignore: bool,
 ) -> Target {
     let class = i32::cast_from(targets[row * targets.stride(0)]);
     let mut skip = false;
     let mut bad = false;
-    if with_targets {
+    if labeled {
         if with_ignore {
             skip = class == ignore;
         }
@@ -384,6 +381,35 @@ pub(crate) fn hard_grad(s: f32, ms: f32, lse_1: f32, eps: f32, eps_f: f32, at_cl
     h
 }
 
+/// The gradient of the reduced loss at one logit `s`: `ca · soft` plus, where the hard term
+/// counts (`cb ≠ 0`), `cb · ∂hard/∂s`.
+#[cube]
+pub(crate) fn logit_grad(
+    weights: &GradWeights,
+    s: f32,
+    ms: f32,
+    lse_1: f32,
+    soft: f32,
+    at_class: bool,
+) -> f32 {
+    let mut value = weights.ca * soft;
+    if weights.cb != 0.0 {
+        value += weights.cb * hard_grad(s, ms, lse_1, weights.eps, weights.eps_f, at_class);
+    }
+    value
+}
+
+/// A vector of zeros: the gradient of a row that is not live.
+#[cube]
+pub(crate) fn zero_vector<G: Float, N: Size>(#[comptime] width: usize) -> Vector<G, N> {
+    let mut out = Vector::<G, N>::empty();
+    #[unroll]
+    for l in 0..width {
+        out[l] = G::cast_from(0.0f32);
+    }
+    out
+}
+
 /// A row's softmax statistics after the online pass; every unit of the row holds them.
 #[derive(CubeType, Clone, Copy)]
 pub(crate) struct RowStats {
@@ -443,12 +469,12 @@ pub(crate) fn finish_row<F: Float, N: Size>(
     factor: f32,
     div: f32,
     sqg: f32,
-    #[comptime] with_targets: bool,
+    #[comptime] labeled: bool,
 ) -> GradWeights {
     let mut hard_value = f32::new(0.0);
     let mut a = f32::new(1.0);
     let mut b = f32::new(0.0);
-    if with_targets {
+    if labeled {
         a = alpha;
         b = 1.0 - alpha;
         hard_value = hard_term(student, s_base, class, stats, eps);

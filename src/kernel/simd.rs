@@ -95,6 +95,45 @@ pub(super) fn selected_isa() -> Isa {
         .unwrap_or(available[0])
 }
 
+/// A kernel call compiled once per instruction set: [`on_isa`] calls `run` from a
+/// `#[target_feature]` function, into which the `#[inline(always)]` body is inlined.
+pub(super) trait IsaKernel {
+    /// What the call returns.
+    type Out;
+    /// The work (to be `#[inline(always)]`, and so compiled for its caller's features).
+    fn run(self) -> Self::Out;
+}
+
+/// `kernel.run()` compiled for `isa` (one that [`selected_isa`] returned on this CPU).
+pub(super) fn on_isa<K: IsaKernel>(isa: Isa, kernel: K) -> K::Out {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `selected_isa` only returns instruction sets whose every enabled feature
+        // `Isa::available` detected on this CPU.
+        Isa::Avx512 => unsafe { on_avx512(kernel) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { on_avx2(kernel) },
+        _ => kernel.run(),
+    }
+}
+
+/// # Safety
+/// The CPU must support every feature enabled here (as [`Isa::available`] checks).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2,fma,bmi2")]
+unsafe fn on_avx512<K: IsaKernel>(kernel: K) -> K::Out {
+    kernel.run()
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA (as [`Isa::available`] checks).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn on_avx2<K: IsaKernel>(kernel: K) -> K::Out {
+    kernel.run()
+}
+
 /// `Σ f(x_j)` with `LANES` independent accumulators (so that the sum vectorizes; keep `f`
 /// simple).
 #[inline(always)]

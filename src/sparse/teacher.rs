@@ -100,19 +100,10 @@ impl<B: Backend> SparseTeacher<B> {
 
     /// Indices and log-probabilities on the host, row-major.
     pub(crate) fn to_host(&self) -> (Vec<i64>, Vec<f32>) {
-        let indices = self
-            .indices
-            .to_data()
-            .convert::<i64>()
-            .to_vec()
-            .expect("i64 indices");
-        let log_probs = self
-            .log_probs
-            .to_data()
-            .convert::<f32>()
-            .to_vec()
-            .expect("f32 values");
-        (indices, log_probs)
+        fn host<E: burn::tensor::Element>(data: burn::tensor::TensorData) -> Vec<E> {
+            data.convert::<E>().to_vec().expect("values converted to E")
+        }
+        (host(self.indices.to_data()), host(self.log_probs.to_data()))
     }
 
     /// The mask on the host, row-major, if any.

@@ -20,11 +20,11 @@ use rayon::prelude::*;
 
 use super::real::Real;
 pub use super::simd::{Isa, force_isa, zeroed_grad};
-pub(super) use super::simd::{lane_max, lane_sum, selected_isa};
+pub(super) use super::simd::{IsaKernel, lane_max, lane_sum, on_isa, selected_isa};
 use crate::DistillParams;
 
 mod row;
-use row::row_body;
+use row::{RowCall, RowInputs};
 
 /// The target of one row.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -106,8 +106,19 @@ pub fn distill_rows<R: Real>(
     params: &DistillParams,
     with_grad: bool,
 ) -> CpuRows<R> {
-    let mut grad = with_grad.then(|| zeroed_grad::<R>(student.len()));
-    let (rows, kept) = distill_rows_into(student, teacher, v, targets, params, grad.as_deref_mut());
+    rows_with(student.len(), with_grad, |grad| {
+        distill_rows_into(student, teacher, v, targets, params, grad)
+    })
+}
+
+/// `rows(grad)` with a fresh zeroed gradient buffer of `len` elements when `with_grad`.
+pub fn rows_with<R: Real>(
+    len: usize,
+    with_grad: bool,
+    rows: impl FnOnce(Option<&mut [R]>) -> (Vec<RowOut<R>>, usize),
+) -> CpuRows<R> {
+    let mut grad = with_grad.then(|| zeroed_grad::<R>(len));
+    let (rows, kept) = rows(grad.as_deref_mut());
     CpuRows { rows, kept, grad }
 }
 
@@ -133,7 +144,24 @@ pub fn distill_rows_into<R: Real>(
     // The gradient of the reduced loss: each row's gradient times the reduction's factor
     // (1 per row for `PerRow`).
     let grad_scale = params.reduction.factor(kept).unwrap_or(1.0);
-    let inputs = |i: usize| (&student[i * v..(i + 1) * v], &teacher[i * v..(i + 1) * v]);
+    let inputs = |i: usize| RowInputs {
+        s: &student[i * v..(i + 1) * v],
+        t: &teacher[i * v..(i + 1) * v],
+        target: target(i),
+        params,
+        grad_scale,
+    };
+    let run = |scratch: &mut Scratch<R>, i: usize, grad: Option<&mut [R]>| {
+        let inputs = inputs(i);
+        on_isa(
+            isa,
+            RowCall {
+                inputs,
+                scratch,
+                grad,
+            },
+        )
+    };
     let rows = match grad {
         Some(grad) => {
             assert_eq!(grad.len(), n * v, "[N, V] gradient");
@@ -141,81 +169,16 @@ pub fn distill_rows_into<R: Real>(
                 .enumerate()
                 .map_init(
                     || Scratch::new(v),
-                    |scratch, (i, g)| {
-                        let (s, t) = inputs(i);
-                        row(isa, s, t, target(i), params, grad_scale, scratch, Some(g))
-                    },
+                    |scratch, (i, g)| run(scratch, i, Some(g)),
                 )
                 .collect()
         }
         None => (0..n)
             .into_par_iter()
-            .map_init(
-                || Scratch::new(v),
-                |scratch, i| {
-                    let (s, t) = inputs(i);
-                    row(isa, s, t, target(i), params, grad_scale, scratch, None)
-                },
-            )
+            .map_init(|| Scratch::new(v), |scratch, i| run(scratch, i, None))
             .collect(),
     };
     (rows, kept)
-}
-
-/// One row, on the given instruction set (one [`selected_isa`] of this CPU).
-#[allow(clippy::too_many_arguments)]
-fn row<R: Real>(
-    isa: Isa,
-    s: &[R],
-    t: &[R],
-    target: RowTarget,
-    params: &DistillParams,
-    grad_scale: f64,
-    scratch: &mut Scratch<R>,
-    grad: Option<&mut [R]>,
-) -> RowOut<R> {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `selected_isa` only returns instruction sets whose every enabled feature
-        // `Isa::available` detected on this CPU.
-        Isa::Avx512 => unsafe { row_avx512(s, t, target, params, grad_scale, scratch, grad) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Isa::Avx2 => unsafe { row_avx2(s, t, target, params, grad_scale, scratch, grad) },
-        _ => row_body(s, t, target, params, grad_scale, scratch, grad),
-    }
-}
-
-/// # Safety
-/// The CPU must support every feature enabled here (as [`Isa::available`] checks).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2,fma,bmi2")]
-unsafe fn row_avx512<R: Real>(
-    s: &[R],
-    t: &[R],
-    target: RowTarget,
-    params: &DistillParams,
-    grad_scale: f64,
-    scratch: &mut Scratch<R>,
-    grad: Option<&mut [R]>,
-) -> RowOut<R> {
-    row_body(s, t, target, params, grad_scale, scratch, grad)
-}
-
-/// # Safety
-/// The CPU must support AVX2 and FMA (as [`Isa::available`] checks).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn row_avx2<R: Real>(
-    s: &[R],
-    t: &[R],
-    target: RowTarget,
-    params: &DistillParams,
-    grad_scale: f64,
-    scratch: &mut Scratch<R>,
-    grad: Option<&mut [R]>,
-) -> RowOut<R> {
-    row_body(s, t, target, params, grad_scale, scratch, grad)
 }
 
 /// The dense row kernel on short rows at the baseline instruction set (the sparse kernel's
@@ -235,14 +198,19 @@ impl<R: Real> SmallRow<R> {
         params: &DistillParams,
         grad: &mut [R],
     ) -> RowOut<R> {
-        row_body(
+        let inputs = RowInputs {
+            target: RowTarget::NoLabel,
+            grad_scale: 1.0,
             s,
             t,
-            RowTarget::NoLabel,
             params,
-            1.0,
-            &mut self.0,
-            Some(grad),
-        )
+        };
+        let scratch = &mut self.0;
+        RowCall {
+            inputs,
+            scratch,
+            grad: Some(grad),
+        }
+        .run()
     }
 }

@@ -3,7 +3,7 @@
 
 use super::super::real::Real;
 use super::super::simd::{lane_max, lane_sum, lane_sum_map, lane_sum_zip3, pow_const, select};
-use super::{RowOut, RowTarget, Scratch};
+use super::{IsaKernel, RowOut, RowTarget, Scratch};
 use crate::{DistillParams, Divergence};
 
 /// Calls `$body` with `$K` bound to the constant `k ∈ 2..=8` (loops that use `pow_const::<K>`
@@ -52,16 +52,43 @@ struct RowSums<R> {
 // The loops below index slices that all have the row's length `v`, with no cross-element
 // dependency, so that LLVM vectorizes them; sums go through scratch rows and `lane_sum`. Every
 // phase is `inline(always)`, so that it is compiled for the instruction set of its caller.
+/// The inputs of one row of the dense kernel: `[V]` student and teacher logits, the target,
+/// the parameters and the reduction's factor of the gradient.
+#[derive(Clone, Copy)]
+pub(super) struct RowInputs<'a, R> {
+    pub(super) s: &'a [R],
+    pub(super) t: &'a [R],
+    pub(super) target: RowTarget,
+    pub(super) params: &'a DistillParams,
+    pub(super) grad_scale: f64,
+}
+
+/// One row of the dense kernel: its inputs, scratch rows and, if asked, the row's gradient.
+pub(super) struct RowCall<'a, R> {
+    pub(super) inputs: RowInputs<'a, R>,
+    pub(super) scratch: &'a mut Scratch<R>,
+    pub(super) grad: Option<&'a mut [R]>,
+}
+
+impl<R: Real> IsaKernel for RowCall<'_, R> {
+    type Out = RowOut<R>;
+
+    #[inline(always)]
+    fn run(self) -> RowOut<R> {
+        row_body(self)
+    }
+}
+
 #[inline(always)]
-pub(super) fn row_body<R: Real>(
-    s: &[R],
-    t: &[R],
-    target: RowTarget,
-    params: &DistillParams,
-    grad_scale: f64,
-    scratch: &mut Scratch<R>,
-    grad: Option<&mut [R]>,
-) -> RowOut<R> {
+fn row_body<R: Real>(call: RowCall<'_, R>) -> RowOut<R> {
+    let RowInputs {
+        s,
+        t,
+        target,
+        params,
+        grad_scale,
+    } = call.inputs;
+    let (scratch, grad) = (call.scratch, call.grad);
     let v = s.len();
     let class = match target {
         RowTarget::Ignored | RowTarget::Bad => {
@@ -204,14 +231,8 @@ fn soft_divergence<R: Real>(
 ) -> (R, R) {
     let v = s.len();
     let (d1, d2) = (&mut d1[..v], &mut d2[..v]);
-    let RowSums {
-        inv_t,
-        inv_ss,
-        inv_st,
-        cs,
-        ct,
-        ..
-    } = *sums;
+    let (inv_t, inv_ss, inv_st) = (sums.inv_t, sums.inv_ss, sums.inv_st);
+    let (cs, ct) = (sums.cs, sums.ct);
     match divergence {
         // Σ_j p_j (log p_j − log q_j) = (1/T) Σ_j p_j (t_j − s_j) − ct + cs, as Σ_j p_j = 1:
         // one sum over the row, nothing stored.

@@ -20,7 +20,7 @@
 
 use rayon::prelude::*;
 
-use super::cpu::{self, CpuRows, Isa, RowOut, RowTarget};
+use super::cpu::{self, IsaKernel, RowOut, RowTarget};
 use super::real::Real;
 use crate::{DistillParams, Reduction, TailPolicy};
 
@@ -54,47 +54,10 @@ struct Scratch<R> {
     small: cpu::SmallRow<R>,
 }
 
-/// Row losses (and, with `with_grad`, the gradient of the reduced loss) of `[N, V]` student
-/// logits against a sparse teacher (`teacher_setup`: the tail policy and `T_gen`).
-pub fn sparse_rows<R: Real>(
-    student: &[R],
-    v: usize,
-    teacher: &HostTeacher<'_>,
-    targets: Option<&[i64]>,
-    params: &DistillParams,
-    teacher_setup: (TailPolicy, f64),
-    with_grad: bool,
-) -> CpuRows<R> {
-    if with_grad {
-        let mut grad = cpu::zeroed_grad::<R>(student.len());
-        let (rows, kept) = sparse_rows_into(
-            student,
-            v,
-            teacher,
-            targets,
-            params,
-            teacher_setup,
-            Some(&mut grad),
-        );
-        CpuRows {
-            rows,
-            kept,
-            grad: Some(grad),
-        }
-    } else {
-        let (rows, kept) =
-            sparse_rows_into(student, v, teacher, targets, params, teacher_setup, None);
-        CpuRows {
-            rows,
-            kept,
-            grad: None,
-        }
-    }
-}
-
-/// [`sparse_rows`] writing the gradient into `grad` (`[N·V]`, every entry overwritten, so a
-/// buffer can be reused across calls): the per-row outputs and the number of rows kept.
-/// `(tail, generation_temperature)` as the sparse loss's.
+/// Row losses of `[N, V]` student logits against a sparse teacher, writing the gradient of the
+/// reduced loss into `grad` (`[N·V]`, every entry overwritten, so a buffer can be reused across
+/// calls): the per-row outputs and the number of rows kept. `(tail, generation_temperature)`
+/// as the sparse loss's.
 pub fn sparse_rows_into<R: Real>(
     student: &[R],
     v: usize,
@@ -158,7 +121,13 @@ pub fn sparse_rows_into<R: Real>(
             ratio,
             grad_scale,
         };
-        row.run(isa, &ctx, scratch, g)
+        let call = RowCall {
+            row: &row,
+            ctx: &ctx,
+            scratch,
+            grad: g,
+        };
+        cpu::on_isa(isa, call)
     };
     let rows = match grad {
         Some(grad) => {
@@ -194,53 +163,24 @@ struct Row<'a, R> {
     target: RowTarget,
 }
 
+/// One call of a sparse row, run on an instruction set by [`on_isa`].
+struct RowCall<'a, 'b, R> {
+    row: &'a Row<'b, R>,
+    ctx: &'a Ctx<'a>,
+    scratch: &'a mut Scratch<R>,
+    grad: Option<&'a mut [R]>,
+}
+
+impl<R: Real> IsaKernel for RowCall<'_, '_, R> {
+    type Out = RowOut<R>;
+
+    #[inline(always)]
+    fn run(self) -> RowOut<R> {
+        self.row.body(self.ctx, self.scratch, self.grad)
+    }
+}
+
 impl<R: Real> Row<'_, R> {
-    /// The row on the given instruction set (one that `cpu::selected_isa` detected).
-    fn run(
-        &self,
-        isa: Isa,
-        ctx: &Ctx<'_>,
-        scratch: &mut Scratch<R>,
-        grad: Option<&mut [R]>,
-    ) -> RowOut<R> {
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `selected_isa` only returns instruction sets whose every enabled feature
-            // was detected on this CPU.
-            Isa::Avx512 => unsafe { self.run_avx512(ctx, scratch, grad) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
-            Isa::Avx2 => unsafe { self.run_avx2(ctx, scratch, grad) },
-            _ => self.body(ctx, scratch, grad),
-        }
-    }
-
-    /// # Safety
-    /// The CPU must support every feature enabled here.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2,fma,bmi2")]
-    unsafe fn run_avx512(
-        &self,
-        ctx: &Ctx<'_>,
-        scratch: &mut Scratch<R>,
-        grad: Option<&mut [R]>,
-    ) -> RowOut<R> {
-        self.body(ctx, scratch, grad)
-    }
-
-    /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn run_avx2(
-        &self,
-        ctx: &Ctx<'_>,
-        scratch: &mut Scratch<R>,
-        grad: Option<&mut [R]>,
-    ) -> RowOut<R> {
-        self.body(ctx, scratch, grad)
-    }
-
     #[inline(always)]
     fn body(&self, ctx: &Ctx<'_>, scratch: &mut Scratch<R>, grad: Option<&mut [R]>) -> RowOut<R> {
         let class = match self.target {

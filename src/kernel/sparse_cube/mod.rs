@@ -27,8 +27,8 @@
 use cubecl::prelude::*;
 
 use super::cube_row::{
-    DivKind, GradWeights, Online, RowStats, column_grad, column_term, finish_row, hard_grad,
-    row_max, row_sum, row_target, soft_logit_grad,
+    DivKind, GradWeights, Online, RowStats, column_grad, column_term, finish_row, logit_grad,
+    row_max, row_sum, row_target, soft_logit_grad, zero_vector,
 };
 use crate::tail::TAIL_FLOOR;
 
@@ -288,7 +288,7 @@ fn gradient_pass<F: Float, G: Float, N: Size>(
     let mut cursor = u32::new(0);
     let mut jv = UNIT_POS_X as usize;
     while jv < vectors {
-        let mut out = Vector::<G, N>::empty();
+        let mut out = zero_vector::<G, N>(width);
         if live {
             let sv = student[s_base + jv];
             #[unroll]
@@ -309,24 +309,8 @@ fn gradient_pass<F: Float, G: Float, N: Size>(
                 if comptime!(tail == TailKind::FullVocab) {
                     soft_grad += ((s - stats.ms) * inv_t - stats.lse_s).exp();
                 }
-                let mut value = weights.ca * soft_grad;
-                if weights.cb != 0.0 {
-                    let h = hard_grad(
-                        s,
-                        stats.ms,
-                        stats.lse_1,
-                        weights.eps,
-                        weights.eps_f,
-                        j == class,
-                    );
-                    value += weights.cb * h;
-                }
+                let value = logit_grad(weights, s, stats.ms, stats.lse_1, soft_grad, j == class);
                 out[l] = G::cast_from(value);
-            }
-        } else {
-            #[unroll]
-            for l in 0..width {
-                out[l] = G::cast_from(0.0f32);
             }
         }
         grad[g_base + jv] = out;
@@ -361,7 +345,7 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric, G: Float, N: Size>(
     ignore: i32,
     #[comptime] kind: DivKind,
     #[comptime] tail: TailKind,
-    #[comptime] with_targets: bool,
+    #[comptime] labeled: bool,
     #[comptime] with_ignore: bool,
     #[comptime] with_grad: bool,
     #[comptime] k: usize,
@@ -381,7 +365,7 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric, G: Float, N: Size>(
     let mut smem = SharedMemory::<f32>::new(256usize);
     let mut entries = Entries::new(k);
 
-    let target = row_target(targets, row, v, ignore, with_targets, with_ignore);
+    let target = row_target(targets, row, v, ignore, labeled, with_ignore);
 
     // 1. The entries: validity, range (and log-probabilities above 0), mass, ranks.
     let mut mass = f32::new(0.0);
@@ -435,25 +419,8 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric, G: Float, N: Size>(
     let safe_class = select(live, target.class as usize, 0);
     let (first, fallback, factor) = (UNIT_POS_X == 0, select(target.skip, zero, nan), scale[0]);
     let weights = finish_row(
-        student,
-        s_base,
-        safe_class,
-        &stats,
-        loss,
-        soft,
-        hard,
-        row,
-        first,
-        live,
-        fallback,
-        soft_value,
-        soft_scale,
-        alpha,
-        eps,
-        factor,
-        div,
-        zero,
-        with_targets,
+        student, s_base, safe_class, &stats, loss, soft, hard, row, first, live, fallback,
+        soft_value, soft_scale, alpha, eps, factor, div, zero, labeled,
     );
     if with_grad {
         gradient_pass(

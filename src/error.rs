@@ -100,3 +100,33 @@ pub(crate) fn same_dims<const D: usize>(
 pub(crate) fn or_panic<T>(result: Result<T, DistillError>) -> T {
     result.unwrap_or_else(|e| panic!("burn-distill: {e}"))
 }
+
+/// The panicking forms of a loss's methods (burn's convention for bad input), each declared
+/// as the fallible call it unwraps: an entry
+///
+/// ```text
+/// /// Docs.
+/// pub fn forward<B: DistillBackend>(&self, x: Tensor<B, 2>) -> Tensor<B, 1> {
+///     self.try_forward_parts(x, None).loss
+/// }
+/// ```
+///
+/// becomes that method with the body `or_panic(self.try_forward_parts(x, None)).loss`: the
+/// error's message is the panic's. The `try_` method holds the logic and the checks.
+macro_rules! panicking {
+    ($(
+        $(#[$attr:meta])*
+        pub fn $name:ident $(<$b:ident: $bound:path>)? (&self $(, $arg:ident: $ty:ty)* $(,)?)
+            -> $ret:ty {
+            self.$try:ident($($call:expr),* $(,)?) $(.$field:ident)?
+        }
+    )*) => {
+        $(
+            $(#[$attr])*
+            pub fn $name $(<$b: $bound>)? (&self $(, $arg: $ty)*) -> $ret {
+                $crate::error::or_panic(self.$try($($call),*)) $(.$field)?
+            }
+        )*
+    };
+}
+pub(crate) use panicking;

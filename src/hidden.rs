@@ -8,7 +8,7 @@ use burn::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{DistillError, error::or_panic, reduction::pairwise_sum};
+use crate::{DistillError, error::panicking, reduction::pairwise_sum};
 
 /// The distance between a student's and a teacher's hidden state, per row.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,12 +57,14 @@ pub struct HiddenStateLossConfig {
 }
 
 impl HiddenStateLossConfig {
-    /// Builds the loss (with its projection, a trainable `Linear`, when needed).
-    ///
-    /// # Panics
-    /// If a width is 0, with the message of [`HiddenStateLossConfig::try_init`].
-    pub fn init<B: Backend>(&self, device: &B::Device) -> HiddenStateLoss<B> {
-        or_panic(self.try_init(device))
+    panicking! {
+        /// Builds the loss (with its projection, a trainable `Linear`, when needed).
+        ///
+        /// # Panics
+        /// If a width is 0, with the message of [`HiddenStateLossConfig::try_init`].
+        pub fn init<B: Backend>(&self, device: &B::Device) -> HiddenStateLoss<B> {
+            self.try_init(device)
+        }
     }
 
     /// [`HiddenStateLossConfig::init`] that returns an error instead of panicking.
@@ -108,17 +110,15 @@ pub struct HiddenStateLoss<B: Backend> {
 }
 
 impl<B: Backend> HiddenStateLoss<B> {
-    /// `[1]` loss of `[N, H_s]` student and `[N, H_t]` teacher hidden states.
-    ///
-    /// # Panics
-    /// On bad shapes, with the message of [`HiddenStateLoss::try_forward`].
-    pub fn forward(
-        &self,
-        student: Tensor<B, 2>,
-        teacher: Tensor<B, 2>,
-        mask: Option<Tensor<B, 1, Bool>>,
-    ) -> Tensor<B, 1> {
-        or_panic(self.try_forward(student, teacher, mask))
+    panicking! {
+        /// `[1]` loss of `[N, H_s]` student and `[N, H_t]` teacher hidden states.
+        ///
+        /// # Panics
+        /// On bad shapes, with the message of [`HiddenStateLoss::try_forward`].
+        pub fn forward(&self, student: Tensor<B, 2>, teacher: Tensor<B, 2>,
+            mask: Option<Tensor<B, 1, Bool>>) -> Tensor<B, 1> {
+            self.try_forward(student, teacher, mask)
+        }
     }
 
     /// [`HiddenStateLoss::forward`] that returns an error naming the bad argument.

@@ -9,7 +9,7 @@ use burn::{
 use crate::{
     DistillBackend, DistillError, DistillParams, Divergence, Kernel, Reduction, Validation,
     VocabMismatch,
-    error::{non_empty, or_panic, same_dims},
+    error::{non_empty, panicking, same_dims},
     softmax::check_temperature,
     validation::{DeviceCheck, index_check, validate},
 };
@@ -100,12 +100,14 @@ pub struct DistillLossConfig {
 }
 
 impl DistillLossConfig {
-    /// Validates the configuration and builds the loss.
-    ///
-    /// # Panics
-    /// With the message of [`DistillLossConfig::try_init`]'s error.
-    pub fn init(&self) -> DistillLoss {
-        or_panic(self.try_init())
+    panicking! {
+        /// Validates the configuration and builds the loss.
+        ///
+        /// # Panics
+        /// With the message of [`DistillLossConfig::try_init`]'s error.
+        pub fn init(&self) -> DistillLoss {
+            self.try_init()
+        }
     }
 
     /// Validates the configuration and builds the loss, or says which value is wrong.
@@ -324,13 +326,15 @@ impl DistillLoss {
             .max(1)
     }
 
-    /// The same loss with another reduction, e.g. [`Reduction::Normalized`] with this step's
-    /// token count for gradient accumulation (cheap: the loss holds no tensors).
-    ///
-    /// # Panics
-    /// If the reduction is invalid (`Normalized { items: 0 }`).
-    pub fn with_reduction(&self, reduction: Reduction) -> Self {
-        or_panic(self.try_with_reduction(reduction))
+    panicking! {
+        /// The same loss with another reduction, e.g. [`Reduction::Normalized`] with this step's
+        /// token count for gradient accumulation (cheap: the loss holds no tensors).
+        ///
+        /// # Panics
+        /// If the reduction is invalid (`Normalized { items: 0 }`).
+        pub fn with_reduction(&self, reduction: Reduction) -> Self {
+            self.try_with_reduction(reduction)
+        }
     }
 
     /// [`DistillLoss::with_reduction`] that returns an error instead of panicking.
@@ -342,19 +346,17 @@ impl DistillLoss {
         })
     }
 
-    /// Full loss (soft and hard terms) of `[N, V]` logits against `[N]` targets.
-    ///
-    /// Returns `[1]` for `Mean`, `Sum` and `Normalized`, `[N]` for `PerRow`.
-    ///
-    /// # Panics
-    /// On bad shapes or out-of-range targets, with the message of [`DistillLoss::try_forward`].
-    pub fn forward<B: DistillBackend>(
-        &self,
-        student_logits: Tensor<B, 2>,
-        teacher_logits: Tensor<B, 2>,
-        targets: Tensor<B, 1, Int>,
-    ) -> Tensor<B, 1> {
-        or_panic(self.try_forward(student_logits, teacher_logits, targets))
+    panicking! {
+        /// Full loss (soft and hard terms) of `[N, V]` logits against `[N]` targets.
+        ///
+        /// Returns `[1]` for `Mean`, `Sum` and `Normalized`, `[N]` for `PerRow`.
+        ///
+        /// # Panics
+        /// On bad shapes or out-of-range targets, with the message of [`DistillLoss::try_forward`].
+        pub fn forward<B: DistillBackend>(&self, student_logits: Tensor<B, 2>,
+            teacher_logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+            self.try_forward(student_logits, teacher_logits, targets)
+        }
     }
 
     /// [`DistillLoss::forward`] that returns an error instead of panicking.
@@ -368,56 +370,44 @@ impl DistillLoss {
             .map(|out| out.loss)
     }
 
-    /// Soft term only (no labels) of `[N, V]` logits: every row counts.
-    ///
-    /// # Panics
-    /// If the shapes differ or are empty.
-    pub fn forward_soft<B: DistillBackend>(
-        &self,
-        student_logits: Tensor<B, 2>,
-        teacher_logits: Tensor<B, 2>,
-    ) -> Tensor<B, 1> {
-        or_panic(self.try_forward_parts(student_logits, teacher_logits, None)).loss
-    }
+    panicking! {
+        /// Soft term only (no labels) of `[N, V]` logits: every row counts.
+        ///
+        /// # Panics
+        /// If the shapes differ or are empty.
+        pub fn forward_soft<B: DistillBackend>(&self, student_logits: Tensor<B, 2>,
+            teacher_logits: Tensor<B, 2>) -> Tensor<B, 1> {
+            self.try_forward_parts(student_logits, teacher_logits, None).loss
+        }
 
-    /// The loss and its soft and hard parts, from one computation.
-    ///
-    /// # Panics
-    /// As [`DistillLoss::forward`].
-    pub fn forward_parts<B: DistillBackend>(
-        &self,
-        student_logits: Tensor<B, 2>,
-        teacher_logits: Tensor<B, 2>,
-        targets: Option<Tensor<B, 1, Int>>,
-    ) -> DistillOutput<B> {
-        or_panic(self.try_forward_parts(student_logits, teacher_logits, targets))
-    }
+        /// The loss and its soft and hard parts, from one computation.
+        ///
+        /// # Panics
+        /// As [`DistillLoss::forward`].
+        pub fn forward_parts<B: DistillBackend>(&self, student_logits: Tensor<B, 2>,
+            teacher_logits: Tensor<B, 2>, targets: Option<Tensor<B, 1, Int>>) -> DistillOutput<B> {
+            self.try_forward_parts(student_logits, teacher_logits, targets)
+        }
 
-    /// Sequence form: `[B, T, V]` logits against `[B, T]` targets (prompt or padding tokens
-    /// set to the ignore index). `Mean` averages over the non-ignored tokens of the whole
-    /// batch; `PerRow` returns the `B·T` token losses flattened row-major (reshape to `[B, T]`).
-    ///
-    /// # Panics
-    /// As [`DistillLoss::forward`].
-    pub fn forward_seq<B: DistillBackend>(
-        &self,
-        student_logits: Tensor<B, 3>,
-        teacher_logits: Tensor<B, 3>,
-        targets: Tensor<B, 2, Int>,
-    ) -> Tensor<B, 1> {
-        or_panic(self.try_forward_seq_parts(student_logits, teacher_logits, Some(targets))).loss
-    }
+        /// Sequence form: `[B, T, V]` logits against `[B, T]` targets (prompt or padding tokens
+        /// set to the ignore index). `Mean` averages over the non-ignored tokens of the whole
+        /// batch; `PerRow` returns the `B·T` token losses flattened row-major (reshape to `[B, T]`).
+        ///
+        /// # Panics
+        /// As [`DistillLoss::forward`].
+        pub fn forward_seq<B: DistillBackend>(&self, student_logits: Tensor<B, 3>,
+            teacher_logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+            self.try_forward_seq_parts(student_logits, teacher_logits, Some(targets)).loss
+        }
 
-    /// Sequence form of [`DistillLoss::forward_soft`]: `[B, T, V]` logits, every token counts.
-    ///
-    /// # Panics
-    /// If the shapes differ or are empty.
-    pub fn forward_seq_soft<B: DistillBackend>(
-        &self,
-        student_logits: Tensor<B, 3>,
-        teacher_logits: Tensor<B, 3>,
-    ) -> Tensor<B, 1> {
-        or_panic(self.try_forward_seq_parts(student_logits, teacher_logits, None)).loss
+        /// Sequence form of [`DistillLoss::forward_soft`]: `[B, T, V]` logits, every token counts.
+        ///
+        /// # Panics
+        /// If the shapes differ or are empty.
+        pub fn forward_seq_soft<B: DistillBackend>(&self, student_logits: Tensor<B, 3>,
+            teacher_logits: Tensor<B, 3>) -> Tensor<B, 1> {
+            self.try_forward_seq_parts(student_logits, teacher_logits, None).loss
+        }
     }
 
     /// Sequence form of [`DistillLoss::try_forward_parts`].

@@ -18,7 +18,7 @@ use burn::tensor::{Bool, Int, Tensor, backend::Backend};
 use crate::{
     DistillBackend, DistillError, DistillOutput, Kernel, SparseDistillLoss, SparseInputs,
     SparseLinearCall, SparseSetup, SparseTeacher,
-    error::or_panic,
+    error::panicking,
     linear::{self, ChunkTeacher, LinearOutput, LinearSetup, LinearSide, float},
     loss::check_row_targets,
     reduction::{count, ignored_rows},
@@ -105,95 +105,74 @@ pub(crate) fn chunked<B: DistillBackend>(call: SparseLinearCall<B>) -> Option<Li
 }
 
 impl SparseDistillLoss {
-    /// The sparse loss from the student's hidden states and LM head, without ever holding its
-    /// `[N, V]` logits: `forward(student_hidden · W + b, teacher, targets)`, computed chunk by
-    /// chunk of rows (the dense loss's `linear_chunk_rows` / `linear_chunk_bytes`, two `[c, V]`
-    /// buffers per chunk). Every tail policy, divergence, reduction, `T_gen`, ignore index and
-    /// validation mode of [`SparseDistillLoss::forward`] applies; gradients reach
-    /// `student_hidden` and the head's weight and bias (not with `linear_head_grad(false)`,
-    /// or a frozen head).
-    ///
-    /// # Shapes
-    /// - `student_hidden`: `[N, H]`, `student_head`: `Linear` `H → V`
-    /// - `teacher`: `N` rows of `k` entries; `targets`: `[N]`
-    /// - output as [`SparseDistillLoss::forward`]
-    ///
-    /// ```
-    /// use burn::backend::{Autodiff, NdArray};
-    /// use burn::nn::LinearConfig;
-    /// use burn::tensor::{Int, Tensor};
-    /// use burn_distill::{DistillLossConfig, SparseDistillLossConfig, SparseTeacher};
-    ///
-    /// type B = Autodiff<NdArray>;
-    /// let device = Default::default();
-    /// let head = LinearConfig::new(2, 5).init::<B>(&device);
-    /// let hidden = Tensor::<B, 2>::from_floats([[1.0, -0.5], [0.3, 2.0]], &device).require_grad();
-    /// let teacher = SparseTeacher::new(
-    ///     Tensor::<B, 2, Int>::from_ints([[0, 3], [2, 4]], &device),
-    ///     Tensor::<B, 2>::from_floats([[-0.2, -2.0], [-0.5, -1.5]], &device),
-    /// );
-    /// let targets = Tensor::<B, 1, Int>::from_ints([0, 2], &device);
-    /// let loss = SparseDistillLossConfig::new(DistillLossConfig::new().with_linear_chunk_rows(Some(1))).init();
-    ///
-    /// let fused = loss.forward_linear(hidden.clone(), &head, teacher.clone(), targets.clone());
-    /// let logits = loss.forward(head.forward(hidden.clone()), teacher, targets);
-    /// let (a, b) = (fused.clone().into_scalar(), logits.into_scalar());
-    /// assert!((a - b).abs() < 1e-5 && a > 0.0);
-    /// let grads = fused.backward();
-    /// assert_eq!(head.weight.val().grad(&grads).unwrap().dims(), [2, 5]);
-    /// assert_eq!(hidden.grad(&grads).unwrap().dims(), [2, 2]);
-    /// ```
-    ///
-    /// # Panics
-    /// On bad input, with the message of [`SparseDistillLoss::try_forward_linear_parts`].
-    pub fn forward_linear<B: DistillBackend>(
-        &self,
-        student_hidden: Tensor<B, 2>,
-        student_head: &Linear<B>,
-        teacher: SparseTeacher<B>,
-        targets: Tensor<B, 1, Int>,
-    ) -> Tensor<B, 1> {
-        or_panic(self.try_forward_linear_parts(
-            student_hidden,
-            student_head,
-            teacher,
-            Some(targets),
-        ))
-        .loss
-    }
+    panicking! {
+        /// The sparse loss from the student's hidden states and LM head, without ever holding its
+        /// `[N, V]` logits: `forward(student_hidden · W + b, teacher, targets)`, computed chunk by
+        /// chunk of rows (the dense loss's `linear_chunk_rows` / `linear_chunk_bytes`, two `[c, V]`
+        /// buffers per chunk). Every tail policy, divergence, reduction, `T_gen`, ignore index and
+        /// validation mode of [`SparseDistillLoss::forward`] applies; gradients reach
+        /// `student_hidden` and the head's weight and bias (not with `linear_head_grad(false)`,
+        /// or a frozen head).
+        ///
+        /// # Shapes
+        /// - `student_hidden`: `[N, H]`, `student_head`: `Linear` `H → V`
+        /// - `teacher`: `N` rows of `k` entries; `targets`: `[N]`
+        /// - output as [`SparseDistillLoss::forward`]
+        ///
+        /// ```
+        /// use burn::backend::{Autodiff, NdArray};
+        /// use burn::nn::LinearConfig;
+        /// use burn::tensor::{Int, Tensor};
+        /// use burn_distill::{DistillLossConfig, SparseDistillLossConfig, SparseTeacher};
+        ///
+        /// type B = Autodiff<NdArray>;
+        /// let device = Default::default();
+        /// let head = LinearConfig::new(2, 5).init::<B>(&device);
+        /// let hidden = Tensor::<B, 2>::from_floats([[1.0, -0.5], [0.3, 2.0]], &device).require_grad();
+        /// let teacher = SparseTeacher::new(
+        ///     Tensor::<B, 2, Int>::from_ints([[0, 3], [2, 4]], &device),
+        ///     Tensor::<B, 2>::from_floats([[-0.2, -2.0], [-0.5, -1.5]], &device),
+        /// );
+        /// let targets = Tensor::<B, 1, Int>::from_ints([0, 2], &device);
+        /// let loss = SparseDistillLossConfig::new(DistillLossConfig::new().with_linear_chunk_rows(Some(1))).init();
+        ///
+        /// let fused = loss.forward_linear(hidden.clone(), &head, teacher.clone(), targets.clone());
+        /// let logits = loss.forward(head.forward(hidden.clone()), teacher, targets);
+        /// let (a, b) = (fused.clone().into_scalar(), logits.into_scalar());
+        /// assert!((a - b).abs() < 1e-5 && a > 0.0);
+        /// let grads = fused.backward();
+        /// assert_eq!(head.weight.val().grad(&grads).unwrap().dims(), [2, 5]);
+        /// assert_eq!(hidden.grad(&grads).unwrap().dims(), [2, 2]);
+        /// ```
+        ///
+        /// # Panics
+        /// On bad input, with the message of [`SparseDistillLoss::try_forward_linear_parts`].
+        pub fn forward_linear<B: DistillBackend>(&self, student_hidden: Tensor<B, 2>,
+            student_head: &Linear<B>, teacher: SparseTeacher<B>, targets: Tensor<B, 1, Int>
+        ) -> Tensor<B, 1> {
+            self.try_forward_linear_parts(student_hidden, student_head, teacher, Some(targets)).loss
+        }
 
-    /// [`SparseDistillLoss::forward_linear`] without labels (soft term only).
-    ///
-    /// # Panics
-    /// As [`SparseDistillLoss::forward_linear`].
-    pub fn forward_linear_soft<B: DistillBackend>(
-        &self,
-        student_hidden: Tensor<B, 2>,
-        student_head: &Linear<B>,
-        teacher: SparseTeacher<B>,
-    ) -> Tensor<B, 1> {
-        or_panic(self.try_forward_linear_parts(student_hidden, student_head, teacher, None)).loss
-    }
+        /// [`SparseDistillLoss::forward_linear`] without labels (soft term only).
+        ///
+        /// # Panics
+        /// As [`SparseDistillLoss::forward_linear`].
+        pub fn forward_linear_soft<B: DistillBackend>(&self, student_hidden: Tensor<B, 2>,
+            student_head: &Linear<B>, teacher: SparseTeacher<B>) -> Tensor<B, 1> {
+            self.try_forward_linear_parts(student_hidden, student_head, teacher, None).loss
+        }
 
-    /// Sequence form of [`SparseDistillLoss::forward_linear`]: `[B, T, H]` hidden states, a
-    /// teacher of `B·T` rows and `[B, T]` targets.
-    ///
-    /// # Panics
-    /// As [`SparseDistillLoss::forward_linear`].
-    pub fn forward_linear_seq<B: DistillBackend>(
-        &self,
-        student_hidden: Tensor<B, 3>,
-        student_head: &Linear<B>,
-        teacher: SparseTeacher<B>,
-        targets: Tensor<B, 2, Int>,
-    ) -> Tensor<B, 1> {
-        or_panic(self.try_forward_linear_seq_parts(
-            student_hidden,
-            student_head,
-            teacher,
-            Some(targets),
-        ))
-        .loss
+        /// Sequence form of [`SparseDistillLoss::forward_linear`]: `[B, T, H]` hidden states, a
+        /// teacher of `B·T` rows and `[B, T]` targets.
+        ///
+        /// # Panics
+        /// As [`SparseDistillLoss::forward_linear`].
+        pub fn forward_linear_seq<B: DistillBackend>(&self, student_hidden: Tensor<B, 3>,
+            student_head: &Linear<B>, teacher: SparseTeacher<B>, targets: Tensor<B, 2, Int>
+        ) -> Tensor<B, 1> {
+            self.try_forward_linear_seq_parts(student_hidden, student_head, teacher, Some(targets)
+            ).loss
+        }
     }
 
     /// Sequence form of [`SparseDistillLoss::try_forward_linear_parts`].

@@ -118,10 +118,15 @@ where
     }
 }
 
+/// A call of `Autodiff<B, C>` with `[N, V]` student logits.
+type LogitsCall<B, C, T, P> = KernelCall<Autodiff<B, C>, FloatTensor<Autodiff<B, C>>, T, P>;
+/// A call of `Autodiff<B, C>` with the student's hidden states and head.
+type HiddenCall<B, C, T> = KernelCall<Autodiff<B, C>, LinearSide<Autodiff<B, C>>, T, LinearSetup>;
+
 /// A fused loss whose only differentiable input is the student's logits (dense or sparse):
 /// `kernel(call)` on `B`, as a tracked op; `call.with_grad` also returns the gradient.
 fn fused_student<B, C, T, P>(
-    call: KernelCall<Autodiff<B, C>, FloatTensor<Autodiff<B, C>>, T, P>,
+    call: LogitsCall<B, C, T, P>,
     kernel: impl FnOnce(KernelCall<B, FloatTensor<B>, T, P>) -> Option<FusedOutput<B>>,
 ) -> Option<FusedOutput<Autodiff<B, C>>>
 where
@@ -177,7 +182,7 @@ fn inner_side<B: DistillBackend, C: CheckpointStrategy>(
 /// their gradients (and the head is trained, see `tracked_setup`), its weight and bias: `run`
 /// on `B` with the teacher's inputs as `teacher` gives them.
 fn linear_op<B: DistillBackend, C: CheckpointStrategy, T, T2>(
-    call: KernelCall<Autodiff<B, C>, LinearSide<Autodiff<B, C>>, T, LinearSetup>,
+    call: HiddenCall<B, C, T>,
     teacher: impl FnOnce(T) -> T2,
     run: impl FnOnce(KernelCall<B, LinearSide<B>, T2, LinearSetup>) -> Option<LinearOutput<B>>,
 ) -> Option<DistillParts<Autodiff<B, C>>> {

@@ -86,11 +86,15 @@ impl<B: FusionBackend + DistillBackend> Operation<B::FusionRuntime> for FusedOp<
     }
 }
 
+/// A call of `Fusion<B>`: the student's logits and the teacher's inputs of the custom operation.
+type FusionCall<B> =
+    KernelCall<Fusion<B>, FloatTensor<Fusion<B>>, Vec<FloatTensor<Fusion<B>>>, DistillParams>;
+
 /// Registers the custom operation of `teacher`'s kernel on `[N, V]` `student` logits with the
 /// teacher's `inputs` (targets, or zeros in their place, appended) and returns its outputs.
 fn register<B: FusionBackend + DistillBackend>(
     name: &'static str,
-    call: KernelCall<Fusion<B>, FloatTensor<Fusion<B>>, Vec<FloatTensor<Fusion<B>>>, DistillParams>,
+    call: FusionCall<B>,
     teacher: Teacher,
 ) -> FusedOutput<Fusion<B>> {
     let KernelCall {

@@ -9,7 +9,7 @@ use burn::{
 use super::{MergePlan, SpanAlignment, VocabMatch, align::MERGE_FLOOR};
 use crate::{
     DistillError, Reduction, Validation,
-    error::or_panic,
+    error::panicking,
     kernel::reference::gather_columns,
     reduction::pairwise_sum,
     softmax::check_temperature,
@@ -61,12 +61,14 @@ pub struct CrossTokenizerLossConfig {
 }
 
 impl CrossTokenizerLossConfig {
-    /// Validates the configuration and builds the loss.
-    ///
-    /// # Panics
-    /// With the message of [`CrossTokenizerLossConfig::try_init`]'s error.
-    pub fn init(&self) -> CrossTokenizerLoss {
-        or_panic(self.try_init())
+    panicking! {
+        /// Validates the configuration and builds the loss.
+        ///
+        /// # Panics
+        /// With the message of [`CrossTokenizerLossConfig::try_init`]'s error.
+        pub fn init(&self) -> CrossTokenizerLoss {
+            self.try_init()
+        }
     }
 
     /// Validates the configuration and builds the loss, or says which value is wrong.
@@ -194,31 +196,24 @@ impl CrossTokenizerLoss {
         &self.config
     }
 
-    /// The ULD loss (sorted L1).
-    ///
-    /// # Panics
-    /// On bad input, with the message of [`CrossTokenizerLoss::try_forward_parts`].
-    pub fn forward<B: Backend>(
-        &self,
-        student: TokenRows<B>,
-        teacher: TokenRows<B>,
-        alignment: &SpanAlignment,
-    ) -> Tensor<B, 1> {
-        or_panic(self.try_forward_parts(student, teacher, alignment, None)).loss
-    }
+    panicking! {
+        /// The ULD loss (sorted L1).
+        ///
+        /// # Panics
+        /// On bad input, with the message of [`CrossTokenizerLoss::try_forward_parts`].
+        pub fn forward<B: Backend>(&self, student: TokenRows<B>, teacher: TokenRows<B>,
+            alignment: &SpanAlignment) -> Tensor<B, 1> {
+            self.try_forward_parts(student, teacher, alignment, None).loss
+        }
 
-    /// GOLD's hybrid loss: the matched vocabulary compared directly, the rest by sorted L1.
-    ///
-    /// # Panics
-    /// As [`CrossTokenizerLoss::forward`].
-    pub fn forward_hybrid<B: Backend>(
-        &self,
-        student: TokenRows<B>,
-        teacher: TokenRows<B>,
-        alignment: &SpanAlignment,
-        vocab: &VocabMatch,
-    ) -> Tensor<B, 1> {
-        or_panic(self.try_forward_parts(student, teacher, alignment, Some(vocab))).loss
+        /// GOLD's hybrid loss: the matched vocabulary compared directly, the rest by sorted L1.
+        ///
+        /// # Panics
+        /// As [`CrossTokenizerLoss::forward`].
+        pub fn forward_hybrid<B: Backend>(&self, student: TokenRows<B>, teacher: TokenRows<B>,
+            alignment: &SpanAlignment, vocab: &VocabMatch) -> Tensor<B, 1> {
+            self.try_forward_parts(student, teacher, alignment, Some(vocab)).loss
+        }
     }
 
     /// The loss (hybrid with a `vocab` match, ULD without), its terms and queued checks, or an

@@ -213,16 +213,24 @@ pub struct HostGrads<R> {
 /// student's `[c, aligned]` logits and, when asked, `∂loss/∂z_s` written into every entry of
 /// `grad`.
 pub trait HostChunkTeacher<R: Real> {
-    /// The rows `kept` (row indices of the batch) against the student's logits `zs`.
-    fn rows(
-        &mut self,
-        kept: &[usize],
-        zs: &[R],
-        aligned: usize,
-        targets: Option<&[i64]>,
-        params: &DistillParams,
-        grad: Option<&mut [R]>,
-    ) -> Vec<RowOut<R>>;
+    /// The chunk's rows against the student's logits, the gradient written into `grad`.
+    fn rows(&mut self, chunk: Chunk<'_, R>, grad: Option<&mut [R]>) -> Vec<RowOut<R>>;
+}
+
+/// One chunk of the host loop: the rows `kept` (row indices of the batch), the student's
+/// `[c, aligned]` logits `zs` of those rows, their targets and the chunk's parameters.
+#[derive(Clone, Copy)]
+pub struct Chunk<'a, R> {
+    /// Row indices of the batch.
+    pub kept: &'a [usize],
+    /// `[c, aligned]` student logits.
+    pub zs: &'a [R],
+    /// The loss's vocabulary width.
+    pub aligned: usize,
+    /// `[c]` targets.
+    pub targets: Option<&'a [i64]>,
+    /// The parameters (the reduction's factor over all kept rows).
+    pub params: &'a DistillParams,
 }
 
 /// A dense teacher on the host: its hidden states and head, each chunk's logits formed (capped
@@ -247,15 +255,8 @@ impl<'a, R: Real> DenseHostTeacher<'a, R> {
 }
 
 impl<R: Gemm> HostChunkTeacher<R> for DenseHostTeacher<'_, R> {
-    fn rows(
-        &mut self,
-        kept: &[usize],
-        zs: &[R],
-        aligned: usize,
-        targets: Option<&[i64]>,
-        params: &DistillParams,
-        grad: Option<&mut [R]>,
-    ) -> Vec<RowOut<R>> {
+    fn rows(&mut self, chunk: Chunk<'_, R>, grad: Option<&mut [R]>) -> Vec<RowOut<R>> {
+        let (kept, aligned) = (chunk.kept, chunk.aligned);
         let (c, width) = (kept.len(), self.side.width);
         grow(&mut self.hidden, c * width);
         grow(&mut self.logits, c * aligned);
@@ -263,7 +264,7 @@ impl<R: Gemm> HostChunkTeacher<R> for DenseHostTeacher<'_, R> {
         gather(self.side.hidden, width, kept, hidden);
         let zt = &mut self.logits[..c * aligned];
         logits(&self.side, hidden, aligned, self.cap, zt);
-        cpu::distill_rows_into(zs, zt, aligned, targets, params, grad).0
+        cpu::distill_rows_into(chunk.zs, zt, aligned, chunk.targets, chunk.params, grad).0
     }
 }
 
@@ -291,33 +292,32 @@ impl<'a> SparseHostTeacher<'a> {
 }
 
 impl<R: Real> HostChunkTeacher<R> for SparseHostTeacher<'_> {
-    fn rows(
-        &mut self,
-        kept: &[usize],
-        zs: &[R],
-        aligned: usize,
-        targets: Option<&[i64]>,
-        params: &DistillParams,
-        grad: Option<&mut [R]>,
-    ) -> Vec<RowOut<R>> {
+    fn rows(&mut self, chunk: Chunk<'_, R>, grad: Option<&mut [R]>) -> Vec<RowOut<R>> {
         let k = self.teacher.k;
         let (indices, log_probs, valid) = (&mut self.indices, &mut self.log_probs, &mut self.valid);
         indices.clear();
         log_probs.clear();
         valid.clear();
-        for &i in kept {
+        for &i in chunk.kept {
             let entries = i * k..(i + 1) * k;
             indices.extend_from_slice(&self.teacher.indices[entries.clone()]);
             log_probs.extend_from_slice(&self.teacher.log_probs[entries.clone()]);
             valid.extend_from_slice(&self.teacher.valid[entries]);
         }
-        let chunk = HostTeacher {
+        let teacher = HostTeacher {
             k,
             indices,
             log_probs,
             valid,
         };
-        sparse_cpu::sparse_rows_into(zs, aligned, &chunk, targets, params, self.setup, grad).0
+        let Chunk {
+            zs,
+            aligned,
+            targets,
+            params,
+            ..
+        } = chunk;
+        sparse_cpu::sparse_rows_into(zs, aligned, &teacher, targets, params, self.setup, grad).0
     }
 }
 
@@ -381,13 +381,19 @@ pub fn linear_rows<R: Gemm>(
         if let Some(t) = plan.targets {
             targets.extend(kept.iter().map(|&i| t[i]));
         }
-        let y = plan.targets.map(|_| targets.as_slice());
+        let chunk = Chunk {
+            kept,
+            zs,
+            aligned: va,
+            targets: plan.targets.map(|_| targets.as_slice()),
+            params: plan.params,
+        };
         let Some(grads) = grads.as_mut() else {
-            rows.extend(teacher.rows(kept, zs, va, y, plan.params, None));
+            rows.extend(teacher.rows(chunk, None));
             continue;
         };
         let g = &mut g[..c * va];
-        rows.extend(teacher.rows(kept, zs, va, y, plan.params, Some(g)));
+        rows.extend(teacher.rows(chunk, Some(g)));
         if let Some(cap) = plan.cap {
             // `∂(c · tanh(z / c))/∂z = 1 − tanh²(z / c)`, with `tanh(z / c)` = capped `z` / c.
             let inv = R::of(cap.recip());
@@ -509,12 +515,19 @@ mod tests {
             .collect()
     }
 
+    /// `A` (`[m, k]`, `sin` of a ramp of step `sa`), `B` (`[k, n]`, `cos`, step `sb`) and
+    /// `A B`.
+    fn problem([m, k, n]: [usize; 3], [sa, sb]: [f64; 2]) -> [Vec<f64>; 3] {
+        let a: Vec<f64> = (0..m * k).map(|i| (i as f64 * sa).sin()).collect();
+        let b: Vec<f64> = (0..k * n).map(|i| (i as f64 * sb).cos()).collect();
+        let want = naive(&a, &b, [m, k, n]);
+        [a, b, want]
+    }
+
     #[test]
     fn gemm_views_follow_their_strides() {
         let (m, k, n) = (3, 5, 4);
-        let a: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.7).sin()).collect();
-        let b: Vec<f64> = (0..k * n).map(|i| (i as f64 * 1.3).cos()).collect();
-        let want = naive(&a, &b, [m, k, n]);
+        let [a, b, want] = problem([m, k, n], [0.7, 1.3]);
         // Plain, then `Aᵀᵀ` through a transposed copy, accumulating (β = 1) on top of `A B`.
         let mut c = vec![0.0; m * n];
         f64::gemm(
@@ -554,9 +567,7 @@ mod tests {
         // `B` larger than `A`: computed as `Cᵀ = Bᵀ Aᵀ` into the transposed output view, with
         // `β = 1` on a strided output (row stride 9 for 7 columns).
         let (m, k, n) = (2, 3, 7);
-        let a: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.9).sin()).collect();
-        let b: Vec<f64> = (0..k * n).map(|i| (i as f64 * 0.4).cos()).collect();
-        let want = naive(&a, &b, [m, k, n]);
+        let [a, b, want] = problem([m, k, n], [0.9, 0.4]);
         let mut c = vec![1.0; m * 9];
         gemm(
             View::row_major(&a, m, k, k),

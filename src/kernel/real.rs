@@ -48,11 +48,26 @@ pub trait Real:
     }
 }
 
+/// The members of [`Real`] that `f32` and `f64` implement alike, from their own methods.
+macro_rules! real_common {
+    ($t:ident) => {
+        const ZERO: Self = 0.0;
+        const ONE: Self = 1.0;
+        const NEG_INFINITY: Self = $t::NEG_INFINITY;
+        const NAN: Self = $t::NAN;
+        #[inline(always)]
+        fn ln(self) -> Self {
+            $t::ln(self)
+        }
+        #[inline(always)]
+        fn is_finite(self) -> bool {
+            $t::is_finite(self)
+        }
+    };
+}
+
 impl Real for f64 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    const NEG_INFINITY: Self = f64::NEG_INFINITY;
-    const NAN: Self = f64::NAN;
+    real_common!(f64);
     #[inline(always)]
     fn of(x: f64) -> Self {
         x
@@ -65,21 +80,10 @@ impl Real for f64 {
     fn exp(self) -> Self {
         f64::exp(self)
     }
-    #[inline(always)]
-    fn ln(self) -> Self {
-        f64::ln(self)
-    }
-    #[inline(always)]
-    fn is_finite(self) -> bool {
-        f64::is_finite(self)
-    }
 }
 
 impl Real for f32 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    const NEG_INFINITY: Self = f32::NEG_INFINITY;
-    const NAN: Self = f32::NAN;
+    real_common!(f32);
     #[inline(always)]
     fn of(x: f64) -> Self {
         x as f32
@@ -91,14 +95,6 @@ impl Real for f32 {
     #[inline(always)]
     fn exp(self) -> Self {
         exp_f32(self)
-    }
-    #[inline(always)]
-    fn ln(self) -> Self {
-        f32::ln(self)
-    }
-    #[inline(always)]
-    fn is_finite(self) -> bool {
-        f32::is_finite(self)
     }
 }
 

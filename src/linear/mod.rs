@@ -20,7 +20,7 @@ use burn::nn::Linear;
 use burn::tensor::{Int, Tensor, backend::Backend};
 
 use crate::{
-    DistillBackend, DistillError, DistillLoss, DistillOutput, Kernel, error::or_panic,
+    DistillBackend, DistillError, DistillLoss, DistillOutput, Kernel, error::panicking,
     loss::check_row_targets,
 };
 
@@ -99,107 +99,77 @@ impl DistillLoss {
         }
     }
 
-    /// The loss from hidden states and LM heads, without ever holding the `[N, V]` logits:
-    /// `forward(student_hidden · W_s + b_s, teacher_hidden · W_t + b_t, targets)`, computed
-    /// chunk by chunk of rows (see [`DistillLossConfig::linear_chunk_rows`]). Ignored rows are
-    /// dropped before the matmuls. Gradients reach `student_hidden` and the student head's
-    /// weight and bias; the teacher and its head get none.
-    ///
-    /// # Shapes
-    /// - `student_hidden`: `[N, H_s]`, `student_head`: `Linear` `H_s → V_s`
-    /// - `teacher_hidden`: `[N, H_t]`, `teacher_head`: `Linear` `H_t → V_t` (`V_t ≠ V_s` only
-    ///   with a [`VocabMismatch`](crate::VocabMismatch) policy)
-    /// - `targets`: `[N]`; output as [`DistillLoss::forward`]
-    ///
-    /// ```
-    /// use burn::backend::{Autodiff, NdArray};
-    /// use burn::nn::LinearConfig;
-    /// use burn::tensor::{Int, Tensor};
-    /// use burn_distill::DistillLossConfig;
-    ///
-    /// type B = Autodiff<NdArray>;
-    /// let device = Default::default();
-    /// let student_head = LinearConfig::new(2, 3).init::<B>(&device);
-    /// let teacher_head = LinearConfig::new(4, 3).init::<B>(&device);
-    /// let hs = Tensor::<B, 2>::from_floats([[1.0, -0.5], [0.3, 2.0]], &device).require_grad();
-    /// let ht = Tensor::<B, 2>::from_floats([[0.2, 1.0, -1.0, 0.5], [1.5, 0.0, 0.4, -0.3]], &device);
-    /// let targets = Tensor::<B, 1, Int>::from_ints([2, 0], &device);
-    /// // One row per chunk here; by default from a 64 MiB budget.
-    /// let loss = DistillLossConfig::new().with_linear_chunk_rows(Some(1)).init();
-    ///
-    /// let fused = loss.forward_linear(hs.clone(), &student_head, ht.clone(), &teacher_head, targets.clone());
-    /// let logits = loss.forward(student_head.forward(hs.clone()), teacher_head.forward(ht), targets);
-    /// let (a, b) = (fused.clone().into_scalar(), logits.into_scalar());
-    /// assert!((a - b).abs() < 1e-5 && a > 0.0);
-    /// let grads = fused.backward();
-    /// assert_eq!(student_head.weight.val().grad(&grads).unwrap().dims(), [2, 3]);
-    /// assert_eq!(hs.grad(&grads).unwrap().dims(), [2, 2]);
-    /// ```
-    ///
-    /// # Panics
-    /// On bad shapes or targets, with the message of [`DistillLoss::try_forward_linear_parts`].
-    ///
-    /// [`DistillLossConfig::linear_chunk_rows`]: crate::DistillLossConfig::linear_chunk_rows
-    pub fn forward_linear<B: DistillBackend>(
-        &self,
-        student_hidden: Tensor<B, 2>,
-        student_head: &Linear<B>,
-        teacher_hidden: Tensor<B, 2>,
-        teacher_head: &Linear<B>,
-        targets: Tensor<B, 1, Int>,
-    ) -> Tensor<B, 1> {
-        or_panic(self.try_forward_linear_parts(
-            student_hidden,
-            student_head,
-            teacher_hidden,
-            teacher_head,
-            Some(targets),
-        ))
-        .loss
-    }
+    panicking! {
+        /// The loss from hidden states and LM heads, without ever holding the `[N, V]` logits:
+        /// `forward(student_hidden · W_s + b_s, teacher_hidden · W_t + b_t, targets)`, computed
+        /// chunk by chunk of rows (see [`DistillLossConfig::linear_chunk_rows`]). Ignored rows are
+        /// dropped before the matmuls. Gradients reach `student_hidden` and the student head's
+        /// weight and bias; the teacher and its head get none.
+        ///
+        /// # Shapes
+        /// - `student_hidden`: `[N, H_s]`, `student_head`: `Linear` `H_s → V_s`
+        /// - `teacher_hidden`: `[N, H_t]`, `teacher_head`: `Linear` `H_t → V_t` (`V_t ≠ V_s` only
+        ///   with a [`VocabMismatch`](crate::VocabMismatch) policy)
+        /// - `targets`: `[N]`; output as [`DistillLoss::forward`]
+        ///
+        /// ```
+        /// use burn::backend::{Autodiff, NdArray};
+        /// use burn::nn::LinearConfig;
+        /// use burn::tensor::{Int, Tensor};
+        /// use burn_distill::DistillLossConfig;
+        ///
+        /// type B = Autodiff<NdArray>;
+        /// let device = Default::default();
+        /// let student_head = LinearConfig::new(2, 3).init::<B>(&device);
+        /// let teacher_head = LinearConfig::new(4, 3).init::<B>(&device);
+        /// let hs = Tensor::<B, 2>::from_floats([[1.0, -0.5], [0.3, 2.0]], &device).require_grad();
+        /// let ht = Tensor::<B, 2>::from_floats([[0.2, 1.0, -1.0, 0.5], [1.5, 0.0, 0.4, -0.3]], &device);
+        /// let targets = Tensor::<B, 1, Int>::from_ints([2, 0], &device);
+        /// // One row per chunk here; by default from a 64 MiB budget.
+        /// let loss = DistillLossConfig::new().with_linear_chunk_rows(Some(1)).init();
+        ///
+        /// let fused = loss.forward_linear(hs.clone(), &student_head, ht.clone(), &teacher_head, targets.clone());
+        /// let logits = loss.forward(student_head.forward(hs.clone()), teacher_head.forward(ht), targets);
+        /// let (a, b) = (fused.clone().into_scalar(), logits.into_scalar());
+        /// assert!((a - b).abs() < 1e-5 && a > 0.0);
+        /// let grads = fused.backward();
+        /// assert_eq!(student_head.weight.val().grad(&grads).unwrap().dims(), [2, 3]);
+        /// assert_eq!(hs.grad(&grads).unwrap().dims(), [2, 2]);
+        /// ```
+        ///
+        /// # Panics
+        /// On bad shapes or targets, with the message of [`DistillLoss::try_forward_linear_parts`].
+        ///
+        /// [`DistillLossConfig::linear_chunk_rows`]: crate::DistillLossConfig::linear_chunk_rows
+        pub fn forward_linear<B: DistillBackend>(&self, student_hidden: Tensor<B, 2>,
+            student_head: &Linear<B>, teacher_hidden: Tensor<B, 2>, teacher_head: &Linear<B>,
+            targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+            self.try_forward_linear_parts(student_hidden, student_head, teacher_hidden,
+                teacher_head, Some(targets)).loss
+        }
 
-    /// [`DistillLoss::forward_linear`] without labels (soft term only; every row counts).
-    ///
-    /// # Panics
-    /// As [`DistillLoss::forward_linear`].
-    pub fn forward_linear_soft<B: DistillBackend>(
-        &self,
-        student_hidden: Tensor<B, 2>,
-        student_head: &Linear<B>,
-        teacher_hidden: Tensor<B, 2>,
-        teacher_head: &Linear<B>,
-    ) -> Tensor<B, 1> {
-        or_panic(self.try_forward_linear_parts(
-            student_hidden,
-            student_head,
-            teacher_hidden,
-            teacher_head,
-            None,
-        ))
-        .loss
-    }
+        /// [`DistillLoss::forward_linear`] without labels (soft term only; every row counts).
+        ///
+        /// # Panics
+        /// As [`DistillLoss::forward_linear`].
+        pub fn forward_linear_soft<B: DistillBackend>(&self, student_hidden: Tensor<B, 2>,
+            student_head: &Linear<B>, teacher_hidden: Tensor<B, 2>, teacher_head: &Linear<B>
+        ) -> Tensor<B, 1> {
+            self.try_forward_linear_parts(student_hidden, student_head, teacher_hidden,
+                teacher_head, None).loss
+        }
 
-    /// Sequence form of [`DistillLoss::forward_linear`]: `[B, T, H]` hidden states and
-    /// `[B, T]` targets.
-    ///
-    /// # Panics
-    /// As [`DistillLoss::forward_linear`].
-    pub fn forward_linear_seq<B: DistillBackend>(
-        &self,
-        student_hidden: Tensor<B, 3>,
-        student_head: &Linear<B>,
-        teacher_hidden: Tensor<B, 3>,
-        teacher_head: &Linear<B>,
-        targets: Tensor<B, 2, Int>,
-    ) -> Tensor<B, 1> {
-        or_panic(self.try_forward_linear_seq_parts(
-            student_hidden,
-            student_head,
-            teacher_hidden,
-            teacher_head,
-            Some(targets),
-        ))
-        .loss
+        /// Sequence form of [`DistillLoss::forward_linear`]: `[B, T, H]` hidden states and
+        /// `[B, T]` targets.
+        ///
+        /// # Panics
+        /// As [`DistillLoss::forward_linear`].
+        pub fn forward_linear_seq<B: DistillBackend>(&self, student_hidden: Tensor<B, 3>,
+            student_head: &Linear<B>, teacher_hidden: Tensor<B, 3>, teacher_head: &Linear<B>,
+            targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+            self.try_forward_linear_seq_parts(student_hidden, student_head, teacher_hidden,
+                teacher_head, Some(targets)).loss
+        }
     }
 
     /// Sequence form of [`DistillLoss::try_forward_linear_parts`].

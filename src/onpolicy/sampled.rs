@@ -14,7 +14,7 @@ use super::{
 };
 use crate::{
     DistillBackend, DistillError, Kernel, Reduction, Validation,
-    error::or_panic,
+    error::{or_panic, panicking},
     reduction::reduce_rows,
     validation::{DeviceCheck, validate},
 };
@@ -81,12 +81,14 @@ pub struct SampledTokenLossConfig {
 }
 
 impl SampledTokenLossConfig {
-    /// Validates the configuration and builds the loss.
-    ///
-    /// # Panics
-    /// With the message of [`SampledTokenLossConfig::try_init`]'s error.
-    pub fn init(&self) -> SampledTokenLoss {
-        or_panic(self.try_init())
+    panicking! {
+        /// Validates the configuration and builds the loss.
+        ///
+        /// # Panics
+        /// With the message of [`SampledTokenLossConfig::try_init`]'s error.
+        pub fn init(&self) -> SampledTokenLoss {
+            self.try_init()
+        }
     }
 
     /// Validates the configuration and builds the loss, or says which value is wrong.

@@ -46,7 +46,7 @@ use crate::linear::{self, LinearGrads, LinearOutput, linear_sides};
 use crate::{
     DenseCall, DistillBackend, DistillError, DistillLoss, DistillOutput, DistillParams,
     DistillParts, Divergence, FusedOutput, LinearCall, Validation,
-    error::{non_empty, or_panic, same_dims},
+    error::{non_empty, panicking, same_dims},
     kernel::reference::divergence_rows,
     loss::check_row_targets,
     reduction::{ignored_rows, reduce_rows},
@@ -185,92 +185,80 @@ impl VocabShard {
 }
 
 impl DistillLoss {
-    /// The full loss (soft and hard terms) of logits sharded along the vocabulary: this peer's
-    /// `[N, V_p]` student and teacher columns `shard.offset() .. shard.offset() + V_p`, and the
-    /// `[N]` targets (global class indices, the same on every peer).
-    ///
-    /// Every peer calls it with its own shard and gets the loss of the whole vocabulary (equal
-    /// on every peer, and to [`DistillLoss::forward`] on the unsharded logits within float
-    /// rounding); `backward` gives each peer the gradient of its own shard, without
-    /// communicating. Settings as for `forward`, except the vocabulary alignment (the shards
-    /// have one width) and [`Kernel`](crate::Kernel) (composed tensor ops on each shard).
-    ///
-    /// Peers must have registered with `burn::collective::register` (the inner backend for
-    /// `Autodiff<B>`) and call this in the same order, with the same targets, configuration
-    /// and number of rows.
-    ///
-    /// # Errors
-    /// Checks of this peer's own inputs (shapes, targets) fail before anything is exchanged;
-    /// as with any collective, a peer that fails alone leaves the others waiting in the
-    /// all-reduce, so validate the setup before the training loop. With [`Validation::Eager`]
-    /// (the default), the shards' layout is checked after the first exchange on every peer alike
-    /// (shards that overlap, leave a gap, or disagree on the vocabulary or the peer count fail
-    /// on every peer, naming the shards): one read of `5·P` numbers back to the host.
-    ///
-    /// ```
-    /// use burn::backend::{Autodiff, NdArray};
-    /// use burn::collective::{CollectiveConfig, PeerId, finish_collective, register};
-    /// use burn::tensor::{Int, Tensor};
-    /// use burn_distill::{DistillLossConfig, VocabShard};
-    ///
-    /// type B = Autodiff<NdArray>;
-    /// let device = Default::default();
-    /// // One peer holding the whole vocabulary (every peer of a real run does the same with
-    /// // its own shard, after registering with `with_num_devices(P)`).
-    /// let peer = PeerId::from(0);
-    /// register::<NdArray>(peer, device, CollectiveConfig::default().with_num_devices(1))
-    ///     .unwrap();
-    /// let shard = VocabShard::balanced(peer, 0, 1, 3).unwrap();
-    /// let student = Tensor::<B, 2>::from_floats([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]], &device)
-    ///     .require_grad();
-    /// let teacher = Tensor::<B, 2>::from_floats([[0.5, 3.0, 0.0], [0.2, -2.0, 4.0]], &device);
-    /// let targets = Tensor::<B, 1, Int>::from_ints([1, 2], &device);
-    ///
-    /// let loss = DistillLossConfig::new().with_temperature(2.0).with_alpha(0.9).init();
-    /// let value = loss.forward_vocab_parallel(student.clone(), teacher, targets, &shard);
-    /// let grads = value.backward();
-    /// finish_collective::<NdArray>(peer).unwrap();
-    /// // α·T²·KL(p‖q) + (1 − α)·CE averaged over the rows, as `forward` (computed in f64).
-    /// assert!((value.into_scalar() - 0.206_432).abs() < 1e-5);
-    /// assert_eq!(student.grad(&grads).unwrap().dims(), [2, 3]);
-    /// ```
-    ///
-    /// # Shapes
-    /// - `student_shard`, `teacher_shard`: `[N, V_p]`
-    /// - `targets`: `[N]` class indices in `[0, vocab)` or the ignore index
-    /// - output: `[1]` (`Mean`, `Sum`, `Normalized`) or `[N]` (`PerRow`)
-    ///
-    /// # Panics
-    /// On bad shapes, out-of-range targets or a failed collective operation, with the message of
-    /// [`DistillLoss::try_forward_vocab_parallel_parts`].
-    pub fn forward_vocab_parallel<B: DistillBackend>(
-        &self,
-        student_shard: Tensor<B, 2>,
-        teacher_shard: Tensor<B, 2>,
-        targets: Tensor<B, 1, Int>,
-        shard: &VocabShard,
-    ) -> Tensor<B, 1> {
-        or_panic(self.try_forward_vocab_parallel_parts(
-            student_shard,
-            teacher_shard,
-            Some(targets),
-            shard,
-        ))
-        .loss
-    }
+    panicking! {
+        /// The full loss (soft and hard terms) of logits sharded along the vocabulary: this peer's
+        /// `[N, V_p]` student and teacher columns `shard.offset() .. shard.offset() + V_p`, and the
+        /// `[N]` targets (global class indices, the same on every peer).
+        ///
+        /// Every peer calls it with its own shard and gets the loss of the whole vocabulary (equal
+        /// on every peer, and to [`DistillLoss::forward`] on the unsharded logits within float
+        /// rounding); `backward` gives each peer the gradient of its own shard, without
+        /// communicating. Settings as for `forward`, except the vocabulary alignment (the shards
+        /// have one width) and [`Kernel`](crate::Kernel) (composed tensor ops on each shard).
+        ///
+        /// Peers must have registered with `burn::collective::register` (the inner backend for
+        /// `Autodiff<B>`) and call this in the same order, with the same targets, configuration
+        /// and number of rows.
+        ///
+        /// # Errors
+        /// Checks of this peer's own inputs (shapes, targets) fail before anything is exchanged;
+        /// as with any collective, a peer that fails alone leaves the others waiting in the
+        /// all-reduce, so validate the setup before the training loop. With [`Validation::Eager`]
+        /// (the default), the shards' layout is checked after the first exchange on every peer alike
+        /// (shards that overlap, leave a gap, or disagree on the vocabulary or the peer count fail
+        /// on every peer, naming the shards): one read of `5·P` numbers back to the host.
+        ///
+        /// ```
+        /// use burn::backend::{Autodiff, NdArray};
+        /// use burn::collective::{CollectiveConfig, PeerId, finish_collective, register};
+        /// use burn::tensor::{Int, Tensor};
+        /// use burn_distill::{DistillLossConfig, VocabShard};
+        ///
+        /// type B = Autodiff<NdArray>;
+        /// let device = Default::default();
+        /// // One peer holding the whole vocabulary (every peer of a real run does the same with
+        /// // its own shard, after registering with `with_num_devices(P)`).
+        /// let peer = PeerId::from(0);
+        /// register::<NdArray>(peer, device, CollectiveConfig::default().with_num_devices(1))
+        ///     .unwrap();
+        /// let shard = VocabShard::balanced(peer, 0, 1, 3).unwrap();
+        /// let student = Tensor::<B, 2>::from_floats([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]], &device)
+        ///     .require_grad();
+        /// let teacher = Tensor::<B, 2>::from_floats([[0.5, 3.0, 0.0], [0.2, -2.0, 4.0]], &device);
+        /// let targets = Tensor::<B, 1, Int>::from_ints([1, 2], &device);
+        ///
+        /// let loss = DistillLossConfig::new().with_temperature(2.0).with_alpha(0.9).init();
+        /// let value = loss.forward_vocab_parallel(student.clone(), teacher, targets, &shard);
+        /// let grads = value.backward();
+        /// finish_collective::<NdArray>(peer).unwrap();
+        /// // α·T²·KL(p‖q) + (1 − α)·CE averaged over the rows, as `forward` (computed in f64).
+        /// assert!((value.into_scalar() - 0.206_432).abs() < 1e-5);
+        /// assert_eq!(student.grad(&grads).unwrap().dims(), [2, 3]);
+        /// ```
+        ///
+        /// # Shapes
+        /// - `student_shard`, `teacher_shard`: `[N, V_p]`
+        /// - `targets`: `[N]` class indices in `[0, vocab)` or the ignore index
+        /// - output: `[1]` (`Mean`, `Sum`, `Normalized`) or `[N]` (`PerRow`)
+        ///
+        /// # Panics
+        /// On bad shapes, out-of-range targets or a failed collective operation, with the message of
+        /// [`DistillLoss::try_forward_vocab_parallel_parts`].
+        pub fn forward_vocab_parallel<B: DistillBackend>(&self, student_shard: Tensor<B, 2>,
+            teacher_shard: Tensor<B, 2>, targets: Tensor<B, 1, Int>, shard: &VocabShard
+        ) -> Tensor<B, 1> {
+            self.try_forward_vocab_parallel_parts(student_shard, teacher_shard, Some(targets), shard
+            ).loss
+        }
 
-    /// [`DistillLoss::forward_vocab_parallel`] without labels: the soft term only.
-    ///
-    /// # Panics
-    /// As [`DistillLoss::forward_vocab_parallel`].
-    pub fn forward_vocab_parallel_soft<B: DistillBackend>(
-        &self,
-        student_shard: Tensor<B, 2>,
-        teacher_shard: Tensor<B, 2>,
-        shard: &VocabShard,
-    ) -> Tensor<B, 1> {
-        or_panic(self.try_forward_vocab_parallel_parts(student_shard, teacher_shard, None, shard))
-            .loss
+        /// [`DistillLoss::forward_vocab_parallel`] without labels: the soft term only.
+        ///
+        /// # Panics
+        /// As [`DistillLoss::forward_vocab_parallel`].
+        pub fn forward_vocab_parallel_soft<B: DistillBackend>(&self, student_shard: Tensor<B, 2>,
+            teacher_shard: Tensor<B, 2>, shard: &VocabShard) -> Tensor<B, 1> {
+            self.try_forward_vocab_parallel_parts(student_shard, teacher_shard, None, shard).loss
+        }
     }
 
     /// The vocabulary-parallel loss and its parts, or an error naming the bad argument (or the
@@ -309,48 +297,37 @@ impl DistillLoss {
 }
 
 impl DistillLoss {
-    /// The fused-linear loss of a vocabulary-parallel LM head: this peer's slice of both heads
-    /// (`Linear` layers `H → V_p` for columns `shard.offset() .. + V_p`), the `[N, H]` hidden
-    /// states (the same on every peer) and `[N]` targets; the loss of the whole vocabulary, as
-    /// [`DistillLoss::forward_linear`] on the unsharded heads, with logits computed
-    /// `chunk_rows × V_p` at a time (never `[N, V]`; the chunk size comes from
-    /// `linear_chunk_rows` or from `linear_chunk_bytes` for the widest shard, counting the
-    /// dozen `[c, V_p]` buffers of the composed shard loss). The chunks follow the kept rows,
-    /// so the targets must be the same on every peer, and every peer must agree on whether the
-    /// student is trained (that adds the hidden-state all-reduce). The loss runs as composed
-    /// burn ops on each shard whatever the [`Kernel`](crate::Kernel) setting.
-    ///
-    /// Gradients: the student head's weight and bias get their columns' gradient; the student's
-    /// hidden states get the full `∂loss/∂h`, summed over the peers' head slices by one more
-    /// all-reduce of `N·H` floats (what Megatron's column-parallel input operator does in its
-    /// backward), so a trunk replicated on every peer receives the exact gradient.
-    ///
-    /// # Shapes
-    /// - `student_hidden`: `[N, H_s]`, `student_head`: `Linear` `H_s → V_p`
-    /// - `teacher_hidden`: `[N, H_t]`, `teacher_head`: `Linear` `H_t → V_p`
-    /// - `targets`: `[N]` global class indices; output as [`DistillLoss::forward`]
-    ///
-    /// # Panics
-    /// As [`DistillLoss::forward_vocab_parallel`]; also for `Reduction::PerRow` when the student
-    /// is trained.
-    pub fn forward_linear_vocab_parallel<B: DistillBackend>(
-        &self,
-        student_hidden: Tensor<B, 2>,
-        student_head: &Linear<B>,
-        teacher_hidden: Tensor<B, 2>,
-        teacher_head: &Linear<B>,
-        targets: Tensor<B, 1, Int>,
-        shard: &VocabShard,
-    ) -> Tensor<B, 1> {
-        or_panic(self.try_forward_linear_vocab_parallel_parts(
-            student_hidden,
-            student_head,
-            teacher_hidden,
-            teacher_head,
-            Some(targets),
-            shard,
-        ))
-        .loss
+    panicking! {
+        /// The fused-linear loss of a vocabulary-parallel LM head: this peer's slice of both heads
+        /// (`Linear` layers `H → V_p` for columns `shard.offset() .. + V_p`), the `[N, H]` hidden
+        /// states (the same on every peer) and `[N]` targets; the loss of the whole vocabulary, as
+        /// [`DistillLoss::forward_linear`] on the unsharded heads, with logits computed
+        /// `chunk_rows × V_p` at a time (never `[N, V]`; the chunk size comes from
+        /// `linear_chunk_rows` or from `linear_chunk_bytes` for the widest shard, counting the
+        /// dozen `[c, V_p]` buffers of the composed shard loss). The chunks follow the kept rows,
+        /// so the targets must be the same on every peer, and every peer must agree on whether the
+        /// student is trained (that adds the hidden-state all-reduce). The loss runs as composed
+        /// burn ops on each shard whatever the [`Kernel`](crate::Kernel) setting.
+        ///
+        /// Gradients: the student head's weight and bias get their columns' gradient; the student's
+        /// hidden states get the full `∂loss/∂h`, summed over the peers' head slices by one more
+        /// all-reduce of `N·H` floats (what Megatron's column-parallel input operator does in its
+        /// backward), so a trunk replicated on every peer receives the exact gradient.
+        ///
+        /// # Shapes
+        /// - `student_hidden`: `[N, H_s]`, `student_head`: `Linear` `H_s → V_p`
+        /// - `teacher_hidden`: `[N, H_t]`, `teacher_head`: `Linear` `H_t → V_p`
+        /// - `targets`: `[N]` global class indices; output as [`DistillLoss::forward`]
+        ///
+        /// # Panics
+        /// As [`DistillLoss::forward_vocab_parallel`]; also for `Reduction::PerRow` when the student
+        /// is trained.
+        pub fn forward_linear_vocab_parallel<B: DistillBackend>(&self, student_hidden: Tensor<B, 2>,
+            student_head: &Linear<B>, teacher_hidden: Tensor<B, 2>, teacher_head: &Linear<B>,
+            targets: Tensor<B, 1, Int>, shard: &VocabShard) -> Tensor<B, 1> {
+            self.try_forward_linear_vocab_parallel_parts(student_hidden, student_head,
+                teacher_hidden, teacher_head, Some(targets), shard).loss
+        }
     }
 
     /// [`DistillLoss::forward_linear_vocab_parallel`]'s loss and parts (soft only without

@@ -5,7 +5,7 @@ use crate::{
     DistillBackend, DistillError, DistillLossConfig, DistillOutput, DistillParams, Divergence,
     Kernel, SparseCall, Validation,
     backend::{SparseInputs, SparseSetup},
-    error::{non_empty, or_panic},
+    error::{non_empty, or_panic, panicking},
     kernel::reference::{divergence_rows, gather_columns, mix_rows, scale_soft},
     loss::{check_row_targets, check_seq_targets},
     reduction::{count, ignored_rows, pairwise_sum, reduce_rows},
@@ -61,12 +61,14 @@ pub struct SparseDistillLossConfig {
 }
 
 impl SparseDistillLossConfig {
-    /// Validates the configuration and builds the loss.
-    ///
-    /// # Panics
-    /// With the message of [`SparseDistillLossConfig::try_init`]'s error.
-    pub fn init(&self) -> SparseDistillLoss {
-        or_panic(self.try_init())
+    panicking! {
+        /// Validates the configuration and builds the loss.
+        ///
+        /// # Panics
+        /// With the message of [`SparseDistillLossConfig::try_init`]'s error.
+        pub fn init(&self) -> SparseDistillLoss {
+            self.try_init()
+        }
     }
 
     /// Validates the configuration and builds the loss, or says which value is wrong.
@@ -188,45 +190,36 @@ impl SparseDistillLoss {
         self.tail
     }
 
-    /// Full loss of `[N, V]` student logits against a sparse teacher with `N` rows and `[N]`
-    /// targets. Returns `[1]` (`Mean`, `Sum`, `Normalized`) or `[N]` (`PerRow`).
-    ///
-    /// # Panics
-    /// On bad input, with the message of [`SparseDistillLoss::try_forward_parts`].
-    pub fn forward<B: DistillBackend>(
-        &self,
-        student_logits: Tensor<B, 2>,
-        teacher: SparseTeacher<B>,
-        targets: Tensor<B, 1, Int>,
-    ) -> Tensor<B, 1> {
-        or_panic(self.try_forward_parts(student_logits, teacher, Some(targets))).loss
-    }
+    panicking! {
+        /// Full loss of `[N, V]` student logits against a sparse teacher with `N` rows and `[N]`
+        /// targets. Returns `[1]` (`Mean`, `Sum`, `Normalized`) or `[N]` (`PerRow`).
+        ///
+        /// # Panics
+        /// On bad input, with the message of [`SparseDistillLoss::try_forward_parts`].
+        pub fn forward<B: DistillBackend>(&self, student_logits: Tensor<B, 2>,
+            teacher: SparseTeacher<B>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+            self.try_forward_parts(student_logits, teacher, Some(targets)).loss
+        }
 
-    /// Soft term only: every row counts.
-    ///
-    /// # Panics
-    /// As [`SparseDistillLoss::forward`].
-    pub fn forward_soft<B: DistillBackend>(
-        &self,
-        student_logits: Tensor<B, 2>,
-        teacher: SparseTeacher<B>,
-    ) -> Tensor<B, 1> {
-        or_panic(self.try_forward_parts(student_logits, teacher, None)).loss
-    }
+        /// Soft term only: every row counts.
+        ///
+        /// # Panics
+        /// As [`SparseDistillLoss::forward`].
+        pub fn forward_soft<B: DistillBackend>(&self, student_logits: Tensor<B, 2>,
+            teacher: SparseTeacher<B>) -> Tensor<B, 1> {
+            self.try_forward_parts(student_logits, teacher, None).loss
+        }
 
-    /// Sequence form: `[B, T, V]` student logits, a teacher of `B·T` rows (see
-    /// [`SparseTeacher::from_seq`]) and `[B, T]` targets (prompt and padding tokens set to the
-    /// ignore index).
-    ///
-    /// # Panics
-    /// As [`SparseDistillLoss::forward`].
-    pub fn forward_seq<B: DistillBackend>(
-        &self,
-        student_logits: Tensor<B, 3>,
-        teacher: SparseTeacher<B>,
-        targets: Tensor<B, 2, Int>,
-    ) -> Tensor<B, 1> {
-        or_panic(self.try_forward_seq_parts(student_logits, teacher, Some(targets))).loss
+        /// Sequence form: `[B, T, V]` student logits, a teacher of `B·T` rows (see
+        /// [`SparseTeacher::from_seq`]) and `[B, T]` targets (prompt and padding tokens set to the
+        /// ignore index).
+        ///
+        /// # Panics
+        /// As [`SparseDistillLoss::forward`].
+        pub fn forward_seq<B: DistillBackend>(&self, student_logits: Tensor<B, 3>,
+            teacher: SparseTeacher<B>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+            self.try_forward_seq_parts(student_logits, teacher, Some(targets)).loss
+        }
     }
 
     /// Sequence form of [`SparseDistillLoss::try_forward_parts`]: `[B, T, V]` student logits,

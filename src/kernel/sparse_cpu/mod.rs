@@ -272,8 +272,10 @@ impl<R: Real> Row<'_, R> {
                 class,
                 hard,
                 soft: &soft,
+                entries,
+                student: &student,
             };
-            self.gradient(ctx, entries, &student, &terms, scratch, g);
+            self.gradient(ctx, &terms, scratch, g);
         }
         RowOut {
             loss: R::of(loss),

@@ -205,12 +205,11 @@ impl<R: Real> Row<'_, R> {
     pub(super) fn gradient(
         &self,
         ctx: &Ctx<'_>,
-        entries: &[(usize, f64)],
-        student: &Student<R>,
-        terms: &Terms<'_>,
+        terms: &Terms<'_, R>,
         scratch: &mut Scratch<R>,
         g: &mut [R],
     ) {
+        let (entries, student) = (terms.entries, terms.student);
         let (params, tail, z) = (ctx.params, ctx.tail, self.z);
         let v = z.len();
         let (t, soft_factor) = (params.temperature, params.soft_factor());
@@ -338,10 +337,13 @@ pub(super) struct Soft {
 }
 
 /// What the gradient needs of the terms.
-pub(super) struct Terms<'a> {
+pub(super) struct Terms<'a, R> {
     pub(super) class: Option<usize>,
     pub(super) hard: Option<Hard>,
     pub(super) soft: &'a Soft,
+    /// The row's valid entries (column, teacher log-probability).
+    pub(super) entries: &'a [(usize, f64)],
+    pub(super) student: &'a Student<R>,
 }
 
 impl<R: Real> Scratch<R> {

@@ -339,34 +339,6 @@ pub(crate) fn mix_terms(a: f32, soft: f32, b: f32, hard: f32) -> f32 {
     value
 }
 
-/// Writes row `row`'s loss, soft and hard terms (by one unit): the values when the row is
-/// live, `fallback` in all three otherwise (0 for an ignored row, NaN for bad input).
-#[cube]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn write_row(
-    loss: &mut Tensor<f32>,
-    soft: &mut Tensor<f32>,
-    hard: &mut Tensor<f32>,
-    row: usize,
-    live: bool,
-    row_loss: f32,
-    soft_value: f32,
-    hard_value: f32,
-    fallback: f32,
-) {
-    let mut l = fallback;
-    let mut s = fallback;
-    let mut h = fallback;
-    if live {
-        l = row_loss;
-        s = soft_value;
-        h = hard_value;
-    }
-    loss[row] = l;
-    soft[row] = s;
-    hard[row] = h;
-}
-
 /// `∂hard/∂s_j` of one logit: `softmax(s)_j − ε/F` on the finite logits (`eps_f = ε/F`),
 /// minus `1 − ε` at the target.
 #[cube]
@@ -481,9 +453,18 @@ pub(crate) fn finish_row<F: Float, N: Size>(
     }
     let row_loss = mix_terms(a, soft_value, b, hard_value);
     if write {
-        write_row(
-            loss, soft, hard, row, live, row_loss, soft_value, hard_value, fallback,
-        );
+        // The row's values when it is live, `fallback` in all three otherwise.
+        let mut l = fallback;
+        let mut s = fallback;
+        let mut h = fallback;
+        if live {
+            l = row_loss;
+            s = soft_value;
+            h = hard_value;
+        }
+        loss[row] = l;
+        soft[row] = s;
+        hard[row] = h;
     }
     GradWeights {
         ca: a * soft_scale * factor,

@@ -54,11 +54,13 @@ impl Entries {
     }
 }
 
-/// Step 1: the row's entries into `entries`, checked. Returns the count of valid entries;
-/// `mass` gets their `Σ e^ℓ` and `bad` whether the teacher row is not a distribution: an
-/// index outside `[0, v)` or seen twice, a log-probability above 1e-3 or, with the tail
-/// bucket, a mass above 1 + 1e-3 (the checks' rounding allowance, `crate::tail::ROUNDING`).
-/// Every unit of the cube must call it.
+/// Step 1: the row's entries into `entries`, checked. This unit's entries go into shared
+/// memory: `entry_index` (the index, or `none` for a missing entry) and `entry_w = r·ℓ`; then
+/// they are ranked ([`rank_entries`]). Returns the count of valid entries; `mass` gets their
+/// `Σ e^ℓ` and `bad` whether the teacher row is not a distribution: an index outside `[0, v)`
+/// or seen twice, a log-probability above 1e-3 or, with the tail bucket, a mass above
+/// 1 + 1e-3 (the checks' rounding allowance, `crate::tail::ROUNDING`). Every unit of the cube
+/// must call it.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 pub(super) fn check_entries<I: Numeric>(
@@ -72,45 +74,6 @@ pub(super) fn check_entries<I: Numeric>(
     mass: &mut f32,
     bad: &mut bool,
     #[comptime] tail: TailKind,
-    #[comptime] k: usize,
-) -> u32 {
-    let mut bad_entries = f32::new(0.0);
-    let count = read_entries(
-        indices,
-        log_probs,
-        row,
-        v,
-        ratio,
-        entries,
-        smem,
-        &mut bad_entries,
-        mass,
-        k,
-    );
-    let duplicates = rank_entries(entries, count, smem, k);
-    *bad = bad_entries > 0.0 || duplicates > 0.0;
-    if comptime!(tail == TailKind::Bucket) {
-        *bad = *bad || *mass > 1.001f32;
-    }
-    count
-}
-
-/// Step 1a: this unit's entries of the row into shared memory: `entry_index` (the index, or
-/// `none` for a missing entry) and `entry_w = r·ℓ`. Returns the row's count of valid entries;
-/// `bad` gets the row's count of bad ones (an index outside `[0, v)`, a log-probability above
-/// 1e-3) and `mass` the valid entries' `Σ e^ℓ`. Every unit of the cube must call it.
-#[cube]
-#[allow(clippy::too_many_arguments)]
-fn read_entries<I: Numeric>(
-    indices: &Tensor<I>,
-    log_probs: &Tensor<f32>,
-    row: usize,
-    v: usize,
-    ratio: f32,
-    entries: &mut Entries,
-    smem: &mut SharedMemory<f32>,
-    bad: &mut f32,
-    mass: &mut f32,
     #[comptime] k: usize,
 ) -> u32 {
     let mut valid = f32::new(0.0);
@@ -137,12 +100,18 @@ fn read_entries<I: Numeric>(
         entries.w[e] = ratio * lp;
         e += CUBE_DIM_X as usize;
     }
-    *bad = row_sum(smem, unit_bad);
+    let bad_entries = row_sum(smem, unit_bad);
     *mass = row_sum(smem, unit_mass);
-    u32::cast_from(row_sum(smem, valid))
+    let count = u32::cast_from(row_sum(smem, valid));
+    let duplicates = rank_entries(entries, count, smem, k);
+    *bad = bad_entries > 0.0 || duplicates > 0.0;
+    if comptime!(tail == TailKind::Bucket) {
+        *bad = *bad || *mass > 1.001f32;
+    }
+    count
 }
 
-/// Step 1b: the valid indices sorted (`sorted`, with the entry each came from in
+/// The valid indices sorted (`sorted`, with the entry each came from in
 /// `sorted_entry`): a valid entry's rank is its position among the `count` valid indices, the
 /// missing ones come after them. Returns the row's count of indices seen twice (duplicates
 /// share a rank; their row is NaN, whatever the sorted copy holds). Every unit must call it.

@@ -391,7 +391,8 @@ impl DistillLoss {
 
         /// Sequence form: `[B, T, V]` logits against `[B, T]` targets (prompt or padding tokens
         /// set to the ignore index). `Mean` averages over the non-ignored tokens of the whole
-        /// batch; `PerRow` returns the `B·T` token losses flattened row-major (reshape to `[B, T]`).
+        /// batch; `PerRow` returns the `B·T` token losses flattened row-major (reshape them to
+        /// `[B, T]`).
         ///
         /// # Panics
         /// As [`DistillLoss::forward`].

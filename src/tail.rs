@@ -26,12 +26,12 @@ pub const TAIL_FLOOR: f64 = 1e-6;
 pub enum StudentSupport {
     /// The student's full-vocabulary log-probabilities `log softmax(z_s / T)[j]` at the
     /// teacher's top-k indices (DistillKit's convention). They sum to less than one over the
-    /// k tokens, so only [`Divergence::ForwardKl`](crate::Divergence::ForwardKl) is defined; the loss still pulls the
-    /// student's mass outside the top-k towards zero.
+    /// k tokens, so only [`Divergence::ForwardKl`](crate::Divergence::ForwardKl) is defined; the
+    /// loss still pulls the student's mass outside the top-k towards zero.
     FullVocab,
     /// The student renormalised over the same k tokens, `softmax_K(z_s / T)` (Megatron-LM's
-    /// convention): a proper distribution on K, so every [`Divergence`](crate::Divergence) applies; the student's
-    /// mass outside K gets no gradient.
+    /// convention): a proper distribution on K, so every [`Divergence`](crate::Divergence) applies;
+    /// the student's mass outside K gets no gradient.
     TopK,
 }
 

@@ -203,9 +203,9 @@ const VECTORS_PER_UNIT: usize = 8;
 ///
 /// Logits move as vectors of the widest width the device prefers for this dtype that divides
 /// V (4 elements on wgpu; 1 for an odd V). A row's units are `V / width / VECTORS_PER_UNIT`
-/// rounded up to a power of two, at most [`BLOCK`], and a cube holds `BLOCK / units` rows, so that a small vocabulary
-/// does not leave most of a 256-unit cube idle. The cubes are spread over as many dimensions as
-/// the device needs (wgpu allows 65,535 workgroups per dimension).
+/// rounded up to a power of two, at most [`BLOCK`], and a cube holds `BLOCK / units` rows, so that
+/// a small vocabulary does not leave most of a 256-unit cube idle. The cubes are spread over as
+/// many dimensions as the device needs (wgpu allows 65,535 workgroups per dimension).
 pub(crate) fn layout<R: CubeRuntime>(student: &CubeTensor<R>) -> (CubeDim, CubeCount, usize) {
     let [n, v] = student.meta.shape().dims::<2>();
     let width = vector_width(student);

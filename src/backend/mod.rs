@@ -29,7 +29,8 @@ pub use call::{
 pub use linear_io::{LinearGrads, LinearOutput, LinearSetup, LinearSide};
 
 /// The reduced loss and its parts, as backend primitives: `[1]` for `Mean`, `Sum` and
-/// `Normalized`, `[N]` for `PerRow` (row values: `0` for ignored rows, NaN for rows whose target is out of range).
+/// `Normalized`, `[N]` for `PerRow` (row values: `0` for ignored rows, NaN for rows whose target is
+/// out of range).
 #[derive(Debug, Clone)]
 pub struct DistillParts<B: Backend> {
     /// `α·soft + (1 − α)·hard` (`soft` without targets), differentiable with respect to the

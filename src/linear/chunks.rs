@@ -380,8 +380,8 @@ impl<B: Backend> StudentGrads<B> {
 }
 
 /// [`chunked`] with the loss of each chunk's `[c, V]` student logits against the teacher's
-/// chunk given by `chunk_loss(call)` (its gradient asked for when `call.with_grad`): `Ok(None)` where it cannot (the caller then materialises the logits), `Err`
-/// to stop.
+/// chunk given by `chunk_loss(call)` (its gradient asked for when `call.with_grad`): `Ok(None)`
+/// where it cannot (the caller then materialises the logits), `Err` to stop.
 pub(crate) fn chunked_with<B: DistillBackend, E, C: ChunkTeacher<B>>(
     call: KernelCall<B, LinearSide<B>, C, LinearSetup>,
     mut chunk_loss: impl FnMut(

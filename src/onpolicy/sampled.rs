@@ -135,8 +135,9 @@ impl SampledTokenLossConfig {
 /// The sampled-token (on-policy) distillation loss.
 ///
 /// The student sampled token `y_t` at position `t`; the teacher returned `log π_t(y_t)` only.
-/// With `log π_s(y_t) = log softmax(z_t)[y_t]` (fused: [`token_log_probs`](super::token_log_probs)),
-/// `d_t = log π_t(y_t) − log π_s(y_t)`, `m_t` the mask and `⌊·⌋` a detached value:
+/// With `log π_s(y_t) = log softmax(z_t)[y_t]` (fused:
+/// [`token_log_probs`](super::token_log_probs)), `d_t = log π_t(y_t) − log π_s(y_t)`, `m_t` the
+/// mask and `⌊·⌋` a detached value:
 ///
 /// ```text
 /// K1:  a_t = log π_t(y_t) − log π_old(y_t)                       (π_old: the sampler; ⌊π_s⌋ if none)

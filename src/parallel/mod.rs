@@ -171,10 +171,10 @@ impl VocabShard {
     }
 
     /// The floats each peer contributes to the all-reduces of one call over `rows` rows:
-    /// `P·(rows + 1)·9` for the row statistics (and one row of layout per peer), plus `rows·2` for the row sums of the divergences
-    /// that need a second exchange (JSD, skew KLs, TVD): `O(N)`, independent of the
-    /// vocabulary. Multiply by the size of the dtype (4 for f32, 8 for f64) for bytes; a ring
-    /// all-reduce moves about twice that per peer.
+    /// `P·(rows + 1)·9` for the row statistics (and one row of layout per peer), plus `rows·2` for
+    /// the row sums of the divergences that need a second exchange (JSD, skew KLs, TVD): `O(N)`,
+    /// independent of the vocabulary. Multiply by the size of the dtype (4 for f32, 8 for f64) for
+    /// bytes; a ring all-reduce moves about twice that per peer.
     pub fn exchanged_floats(&self, rows: usize, divergence: Divergence) -> usize {
         let second = match divergence {
             Divergence::ForwardKl | Divergence::ReverseKl => 0,
@@ -204,9 +204,9 @@ impl DistillLoss {
         /// Checks of this peer's own inputs (shapes, targets) fail before anything is exchanged;
         /// as with any collective, a peer that fails alone leaves the others waiting in the
         /// all-reduce, so validate the setup before the training loop. With [`Validation::Eager`]
-        /// (the default), the shards' layout is checked after the first exchange on every peer alike
-        /// (shards that overlap, leave a gap, or disagree on the vocabulary or the peer count fail
-        /// on every peer, naming the shards): one read of `5·P` numbers back to the host.
+        /// (the default), the shards' layout is checked after the first exchange on every peer
+        /// alike (shards that overlap, leave a gap, or disagree on the vocabulary or the peer count
+        /// fail on every peer, naming the shards): one read of `5·P` numbers back to the host.
         ///
         /// ```
         /// use burn::backend::{Autodiff, NdArray};
@@ -242,8 +242,8 @@ impl DistillLoss {
         /// - output: `[1]` (`Mean`, `Sum`, `Normalized`) or `[N]` (`PerRow`)
         ///
         /// # Panics
-        /// On bad shapes, out-of-range targets or a failed collective operation, with the message of
-        /// [`DistillLoss::try_forward_vocab_parallel_parts`].
+        /// On bad shapes, out-of-range targets or a failed collective operation, with the message
+        /// of [`DistillLoss::try_forward_vocab_parallel_parts`].
         pub fn forward_vocab_parallel<B: DistillBackend>(&self, student_shard: Tensor<B, 2>,
             teacher_shard: Tensor<B, 2>, targets: Tensor<B, 1, Int>, shard: &VocabShard
         ) -> Tensor<B, 1> {
@@ -320,8 +320,8 @@ impl DistillLoss {
         /// - `targets`: `[N]` global class indices; output as [`DistillLoss::forward`]
         ///
         /// # Panics
-        /// As [`DistillLoss::forward_vocab_parallel`]; also for `Reduction::PerRow` when the student
-        /// is trained.
+        /// As [`DistillLoss::forward_vocab_parallel`]; also for `Reduction::PerRow` when the
+        /// student is trained.
         pub fn forward_linear_vocab_parallel<B: DistillBackend>(&self, student_hidden: Tensor<B, 2>,
             student_head: &Linear<B>, teacher_hidden: Tensor<B, 2>, teacher_head: &Linear<B>,
             targets: Tensor<B, 1, Int>, shard: &VocabShard) -> Tensor<B, 1> {

@@ -141,7 +141,8 @@ impl SparseDistillLossConfig {
 /// assert_eq!(student.grad(&grads).unwrap().dims(), [1, 4]);
 /// ```
 ///
-/// It is a (parameter-free) burn [`Module`](burn::module::Module), like [`DistillLoss`](crate::DistillLoss).
+/// It is a (parameter-free) burn [`Module`](burn::module::Module), like
+/// [`DistillLoss`](crate::DistillLoss).
 #[derive(Module, Clone, Debug)]
 pub struct SparseDistillLoss {
     #[module(skip)]

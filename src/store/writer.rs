@@ -121,8 +121,8 @@ impl TeacherStoreWriter {
 
     /// Appends rows given on the host: `indices` and `log_probs` hold `k` entries per row,
     /// row-major. Indices must lie in `[0, V)`; log-probabilities must be `≤ 0` (up to 1e-3 of
-    /// rounding, as the sparse loss accepts) or `−∞` (a missing entry); otherwise nothing is appended and the error names
-    /// the row (counted from the start of the store) and the value.
+    /// rounding, as the sparse loss accepts) or `−∞` (a missing entry); otherwise nothing is
+    /// appended and the error names the row (counted from the start of the store) and the value.
     pub fn append_rows(&mut self, indices: &[i64], log_probs: &[f32]) -> Result<(), StoreError> {
         self.check_poisoned()?;
         let k = self.config.k;

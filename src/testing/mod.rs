@@ -318,7 +318,8 @@ where
 
 /// The conformance suites of [`crate::testing`] as `#[test]` functions for one backend, in a
 /// module of the given name: golden (dense, with `Kernel::Auto` and `Kernel::Reference`),
-/// sparse golden, validation, and fused-against-reference parity (vocabularies 1 to 1031, each vector width).
+/// sparse golden, validation, and fused-against-reference parity (vocabularies 1 to 1031, each
+/// vector width).
 ///
 /// `$backend` is an `AutodiffBackend + DistillBackend` whose inner backend is a
 /// `DistillBackend`; `$device` an expression giving its device.

@@ -112,7 +112,10 @@ pub(crate) fn or_panic<T>(result: Result<T, DistillError>) -> T {
 /// ```
 ///
 /// becomes that method with the body `or_panic(self.try_forward_parts(x, None)).loss`: the
-/// error's message is the panic's. The `try_` method holds the logic and the checks.
+/// error's message is the panic's. The `try_` method holds the logic and the checks. An entry
+/// is a `pub fn` of `&self` with at most one generic parameter of one bound, no `where`
+/// clause, and a body of one `self.` call with at most one field read after it. rustfmt does
+/// not format inside the macro: entries are wrapped by hand at 100 columns.
 macro_rules! panicking {
     ($(
         $(#[$attr:meta])*

@@ -112,9 +112,9 @@ fn ignore_value(params: &DistillParams) -> i32 {
 /// `T` is the teacher's inputs.
 type CubeCall<R, T> = KernelCall<CubeBackend<R, f32, i32, u8>, CubeTensor<R>, T, DistillParams>;
 
-/// Launches the kernel. `targets` must hold `[N]` class indices (or be `None`); `scale` is the
-/// `[1]` f32 factor of the reduction that the gradient is multiplied by. Row outputs are f32,
-/// the gradient has the logits' dtype.
+/// Launches the kernel. `call.targets` must hold `[N]` `i32` class indices (or be `None`);
+/// `scale` is the `[1]` f32 factor of the reduction that the gradient is multiplied by. Row
+/// outputs are f32, the gradient has the logits' dtype.
 pub(crate) fn launch<R: CubeRuntime>(
     call: CubeCall<R, CubeTensor<R>>,
     scale: CubeTensor<R>,
@@ -327,7 +327,6 @@ pub(crate) const MAX_SPARSE_K: usize = 512;
 
 /// Launches the sparse kernel (see [`launch`]): `[N, k]` indices, `[N, k]` f32
 /// log-probabilities (`−∞` where missing).
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn launch_sparse<R: CubeRuntime>(
     call: CubeCall<R, (CubeTensor<R>, CubeTensor<R>, SparseSetup)>,
     scale: CubeTensor<R>,

@@ -200,8 +200,9 @@ pub trait DistillBackend: Backend {
             .map(|(parts, _)| parts)
     }
 
-    /// The fused-linear sparse kernel: the loss parts and, with `with_grad`, the student's
-    /// gradients, computed `setup.chunk_rows()` kept rows at a time against the teacher's rows;
+    /// The fused-linear sparse kernel: the loss parts and, with `call.with_grad`, the student's
+    /// gradients, computed `call.settings.chunk_rows()` kept rows at a time against the
+    /// teacher's rows;
     /// `None` where this backend has no such kernel for these inputs (the default: the loss
     /// then runs its composed chunk loop around [`DistillBackend::distill_sparse_fused`]).
     /// NdArray and Flex run the host loop of the dense fused-linear loss around their sparse
@@ -217,9 +218,9 @@ pub trait DistillBackend: Backend {
         64 << 20
     }
 
-    /// The fused-linear kernel: the loss parts and, with `with_grad`, the student's gradients
-    /// (hidden states, head weight and bias), computed `setup.chunk_rows()` kept rows at a
-    /// time; `None` where this backend has no such kernel for these inputs (the default: the
+    /// The fused-linear kernel: the loss parts and, with `call.with_grad`, the student's
+    /// gradients (hidden states, head weight and bias), computed `call.settings.chunk_rows()`
+    /// kept rows at a time; `None` where this backend has no such kernel for these inputs (the default: the
     /// loss then runs its composed chunk loop around [`DistillBackend::distill_fused`]).
     /// NdArray and Flex run one host loop with buffers allocated once and GEMMs that
     /// accumulate in place.

@@ -161,7 +161,6 @@ pub struct SparseDistillLoss {
 }
 
 impl SparseDistillLoss {
-    /// The settings of the sparse kernels.
     /// `teacher` as a kernel's inputs (detached), read with this loss's tail policy and `T_gen`.
     pub(crate) fn sparse_inputs<B: Backend>(&self, teacher: &SparseTeacher<B>) -> SparseInputs<B> {
         SparseInputs {

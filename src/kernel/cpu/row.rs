@@ -49,9 +49,6 @@ struct RowSums<R> {
     unit: Unit,
 }
 
-// The loops below index slices that all have the row's length `v`, with no cross-element
-// dependency, so that LLVM vectorizes them; sums go through scratch rows and `lane_sum`. Every
-// phase is `inline(always)`, so that it is compiled for the instruction set of its caller.
 /// The inputs of one row of the dense kernel: `[V]` student and teacher logits, the target,
 /// the parameters and the reduction's factor of the gradient.
 #[derive(Clone, Copy)]
@@ -79,6 +76,9 @@ impl<R: Real> IsaKernel for RowCall<'_, R> {
     }
 }
 
+// The loops below index slices that all have the row's length `v`, with no cross-element
+// dependency, so that LLVM vectorizes them; sums go through scratch rows and `lane_sum`. Every
+// phase is `inline(always)`, so that it is compiled for the instruction set of its caller.
 #[inline(always)]
 fn row_body<R: Real>(call: RowCall<'_, R>) -> RowOut<R> {
     let RowInputs {

@@ -481,12 +481,7 @@ impl DistillLoss {
         non_empty("student_logits", [n, v], "V")?;
         let teacher_dims = teacher_logits.dims();
         same_dims("teacher_logits", teacher_dims, "student_logits", [n, v], "")?;
-        let check = match &targets {
-            Some(targets) => {
-                check_row_targets(targets, [n, v], self.validation, self.params.ignore_index)?
-            }
-            None => None,
-        };
+        let check = self.check_targets(targets.as_ref(), [n, v])?;
 
         let (student, teacher) = (
             student_logits.into_primitive().tensor(),
@@ -529,6 +524,19 @@ pub(crate) fn check_seq_targets<B: Backend>(
         format!("shape {:?}", targets.dims()),
         format!("shape [{batch}, {seq}] (batch, sequence of the logits)"),
     ))
+}
+
+impl DistillLoss {
+    /// Optional `[N]` targets of `[N, classes]` logits, checked as [`check_row_targets`] with
+    /// this loss's validation mode and ignore index.
+    pub(crate) fn check_targets<B: Backend>(
+        &self,
+        targets: Option<&Tensor<B, 1, Int>>,
+        dims: [usize; 2],
+    ) -> Result<Option<DeviceCheck<B>>, DistillError> {
+        let (validation, ignore) = (self.validation, self.params.ignore_index);
+        targets.map_or(Ok(None), |t| check_row_targets(t, dims, validation, ignore))
+    }
 }
 
 /// `[N]` targets of `[N, V]` logits: the shape now, the values as `validation` says (the

@@ -20,7 +20,6 @@ use crate::{
     SparseLinearCall, SparseSetup, SparseTeacher,
     error::panicking,
     linear::{self, ChunkTeacher, LinearOutput, LinearSetup, LinearSide, float},
-    loss::check_row_targets,
     reduction::{count, ignored_rows},
     validation::DeviceCheck,
 };
@@ -216,7 +215,7 @@ impl SparseDistillLoss {
         let dtype = student_hidden.dtype();
         let k = teacher.dims()[1];
         let device = student_hidden.device();
-        if self.kernel == Kernel::Fused && !B::has_sparse_fused_kernel(dtype, k) {
+        if self.dense.kernel == Kernel::Fused && !B::has_sparse_fused_kernel(dtype, k) {
             return Err(DistillError::invalid(
                 "kernel",
                 "Kernel::Fused",
@@ -228,12 +227,7 @@ impl SparseDistillLoss {
             ));
         }
         self.check_teacher_shapes(&teacher, n)?;
-        let target_check = match &targets {
-            Some(targets) => {
-                check_row_targets(targets, [n, v], self.validation, self.params.ignore_index)?
-            }
-            None => None,
-        };
+        let target_check = self.dense.check_targets(targets.as_ref(), [n, v])?;
         let cap = self.dense.logit_softcap;
         let student = LinearSide {
             hidden: student_hidden.clone().into_primitive().tensor(),
@@ -247,8 +241,6 @@ impl SparseDistillLoss {
         // pre-cap logits under a cap).
         let rows = (self.dense).linear_chunk_rows_with::<B>(v, if cap.is_some() { 3 } else { 2 });
         let setup = LinearSetup {
-            params: self.params,
-            kernel: self.kernel,
             vocab_mismatch: crate::VocabMismatch::Error,
             ..self.dense.linear_setup(rows)
         };
@@ -271,16 +263,16 @@ impl SparseDistillLoss {
         };
         let output = DistillOutput::from(parts);
         // The fused kernels make a row with a bad teacher NaN: the NaN count is the check.
-        let teacher_check = if self.validation == crate::Validation::Off {
+        let teacher_check = if self.dense.validation == crate::Validation::Off {
             None
         } else {
             let bad = count(output.loss.clone().is_nan()) + count(output.soft.clone().is_nan());
-            let ignored = ignored_rows(targets.as_ref(), self.params.ignore_index);
+            let ignored = ignored_rows(targets.as_ref(), self.dense.params.ignore_index);
             let tail = self.tail;
             DeviceCheck::new(bad, move |_| {
                 crate::sparse::first_bad_entry(&teacher, ignored.clone(), v, tail)
             })
-            .apply(self.validation)?
+            .apply(self.dense.validation)?
         };
         Ok(output.with_check(target_check).with_check(teacher_check))
     }

@@ -19,10 +19,7 @@
 use burn::nn::Linear;
 use burn::tensor::{Int, Tensor, backend::Backend};
 
-use crate::{
-    DistillBackend, DistillError, DistillLoss, DistillOutput, Kernel, error::panicking,
-    loss::check_row_targets,
-};
+use crate::{DistillBackend, DistillError, DistillLoss, DistillOutput, Kernel, error::panicking};
 
 mod chunks;
 
@@ -233,15 +230,7 @@ impl DistillLoss {
                 ),
             ));
         }
-        let check = match &targets {
-            Some(targets) => check_row_targets(
-                targets,
-                [n, classes],
-                self.validation,
-                self.params.ignore_index,
-            )?,
-            None => None,
-        };
+        let check = self.check_targets(targets.as_ref(), [n, classes])?;
         let setup = self.linear_setup(self.linear_chunk_rows::<B>(vs.max(vt)));
         let targets = targets.map(Tensor::into_primitive);
         let call = LinearCall::new(student, teacher, targets, setup);

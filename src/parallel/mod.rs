@@ -48,7 +48,6 @@ use crate::{
     DistillParts, Divergence, FusedOutput, LinearCall, Validation,
     error::{non_empty, panicking, same_dims},
     kernel::reference::divergence_rows,
-    loss::check_row_targets,
     reduction::{ignored_rows, reduce_rows},
     validation::DeviceCheck,
 };
@@ -454,14 +453,6 @@ impl DistillLoss {
                 format!("columns inside the vocabulary of {} columns", shard.vocab),
             ));
         }
-        match targets {
-            Some(targets) => check_row_targets(
-                targets,
-                [rows, shard.vocab],
-                self.validation,
-                self.params.ignore_index,
-            ),
-            None => Ok(None),
-        }
+        self.check_targets(targets, [rows, shard.vocab])
     }
 }

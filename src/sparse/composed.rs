@@ -13,7 +13,7 @@ impl SparseDistillLoss {
         teacher: SparseTeacher<B>,
     ) -> (Tensor<B, 1>, Tensor<B, 1, Bool>) {
         let neg_inf = f64::NEG_INFINITY;
-        let t = self.params.temperature;
+        let t = self.dense.params.temperature;
         let [n, k] = teacher.dims();
         let v = student.dims()[1];
         let log_probs = teacher.log_probs.detach();
@@ -112,9 +112,9 @@ impl SparseDistillLoss {
                 (log_p, Tensor::cat(vec![at_k, outside], 1) - lse)
             }
         };
-        let soft = divergence_rows(self.params.divergence, log_p, log_q);
+        let soft = divergence_rows(self.dense.params.divergence, log_p, log_q);
         let broken = out_of_range_rows.bool_or(not_a_teacher).squeeze_dim(1);
-        let soft = scale_soft(soft, &self.params)
+        let soft = scale_soft(soft, &self.dense.params)
             .mask_fill(empty.squeeze_dim(1), f64::NAN)
             .mask_fill(broken.clone(), f64::NAN);
         (soft, broken)

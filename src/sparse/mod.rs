@@ -7,7 +7,7 @@ use crate::{
     backend::{SparseInputs, SparseSetup},
     error::{non_empty, or_panic, panicking},
     kernel::reference::{divergence_rows, gather_columns, mix_rows, scale_soft},
-    loss::{check_row_targets, check_seq_targets},
+    loss::check_seq_targets,
     reduction::{count, ignored_rows, pairwise_sum, reduce_rows},
     softmax::check_temperature,
     validation::DeviceCheck,
@@ -90,11 +90,8 @@ impl SparseDistillLossConfig {
             ));
         }
         Ok(SparseDistillLoss {
-            params: *dense.params(),
-            validation: self.loss.validation,
             tail: self.tail,
             generation_temperature: self.generation_temperature,
-            kernel: self.loss.kernel,
             dense,
         })
     }
@@ -146,16 +143,11 @@ impl SparseDistillLossConfig {
 #[derive(Module, Clone, Debug)]
 pub struct SparseDistillLoss {
     #[module(skip)]
-    pub(crate) params: DistillParams,
-    #[module(skip)]
-    pub(crate) validation: Validation,
-    #[module(skip)]
     pub(crate) tail: TailPolicy,
     #[module(skip)]
     generation_temperature: f64,
-    #[module(skip)]
-    pub(crate) kernel: Kernel,
-    /// The dense loss of the same configuration (the fused-linear chunk settings).
+    /// The dense loss of the same configuration: its parameters, validation mode, kernel
+    /// choice and fused-linear chunk settings.
     #[module(skip)]
     pub(crate) dense: crate::DistillLoss,
 }
@@ -182,7 +174,7 @@ impl SparseDistillLoss {
 
     /// The validated parameters shared with the dense loss.
     pub fn params(&self) -> &DistillParams {
-        &self.params
+        &self.dense.params
     }
 
     /// The tail policy.
@@ -252,23 +244,18 @@ impl SparseDistillLoss {
         non_empty("student_logits", [n, v], "V")?;
         check_shapes(&teacher, n)?;
         let student_logits = self.dense.soft_cap(student_logits);
-        let target_check = match &targets {
-            Some(targets) => {
-                check_row_targets(targets, [n, v], self.validation, self.params.ignore_index)?
-            }
-            None => None,
-        };
-        let ignored = ignored_rows(targets.as_ref(), self.params.ignore_index);
-        let fused = match self.kernel {
+        let target_check = self.dense.check_targets(targets.as_ref(), [n, v])?;
+        let ignored = ignored_rows(targets.as_ref(), self.dense.params.ignore_index);
+        let fused = match self.dense.kernel {
             Kernel::Reference => None,
             _ => B::distill_sparse_fused(SparseCall::new(
                 student_logits.clone().into_primitive().tensor(),
                 self.sparse_inputs(&teacher),
                 targets.clone().map(Tensor::into_primitive),
-                self.params,
+                self.dense.params,
             )),
         };
-        if fused.is_none() && self.kernel == Kernel::Fused {
+        if fused.is_none() && self.dense.kernel == Kernel::Fused {
             return Err(DistillError::invalid(
                 "kernel",
                 "Kernel::Fused",
@@ -282,7 +269,7 @@ impl SparseDistillLoss {
         }
         // The teacher's check: the fused kernels find bad entries themselves (the row is NaN),
         // so a NaN loss is all there is to count; the composed path counts with tensor ops.
-        let checked = self.validation != Validation::Off;
+        let checked = self.dense.validation != Validation::Off;
         let (output, bad) = match fused {
             Some(out) => {
                 let output = DistillOutput::from(out.parts);
@@ -296,7 +283,7 @@ impl SparseDistillLoss {
             None => {
                 let bad = checked.then(|| self.bad_entries(&teacher, ignored.clone(), v));
                 let (soft, broken) = self.soft_rows(student_logits.clone(), teacher.clone());
-                let mut rows = mix_rows(soft, student_logits, targets, &self.params);
+                let mut rows = mix_rows(soft, student_logits, targets, &self.dense.params);
                 // A kept row whose teacher is not a distribution is NaN whole (whatever α), as
                 // in the fused kernels, with a zero gradient.
                 let broken = match &ignored {
@@ -305,7 +292,7 @@ impl SparseDistillLoss {
                 };
                 rows.loss = rows.loss.mask_fill(broken.clone(), f64::NAN);
                 rows.hard = rows.hard.map(|h| h.mask_fill(broken, f64::NAN));
-                let reduce = |t| reduce_rows(t, ignored.clone(), self.params.reduction);
+                let reduce = |t| reduce_rows(t, ignored.clone(), self.dense.params.reduction);
                 let output = DistillOutput {
                     loss: reduce(rows.loss),
                     soft: reduce(rows.soft),
@@ -322,7 +309,7 @@ impl SparseDistillLoss {
                 DeviceCheck::new(bad, move |_| {
                     first_bad_entry(&teacher, ignored.clone(), v, tail)
                 })
-                .apply(self.validation)?
+                .apply(self.dense.validation)?
             }
         };
         Ok(output.with_check(target_check).with_check(teacher_check))

@@ -35,7 +35,8 @@ pub fn distill_rows<B: Backend>(
     let t = params.temperature;
     let log_q = temperature_log_softmax(student.clone(), t, 1);
     let log_p = temperature_log_softmax(teacher.detach(), t, 1);
-    let soft = scale_soft(divergence_rows(params.divergence, log_p, log_q), params);
+    let soft = divergence_rows(params.divergence, Probs::new(log_p, log_q));
+    let soft = scale_soft(soft, params);
     mix_rows(soft, student, targets, params)
 }
 
@@ -106,15 +107,32 @@ pub fn mix_rows<B: Backend>(
     }
 }
 
-/// `[N]` divergence per row between the teacher (`log_p`) and the student (`log_q`), both
-/// `[N, V]` log-probabilities. See [`Divergence`] for the formulas.
-pub fn divergence_rows<B: Backend>(
-    divergence: Divergence,
-    log_p: Tensor<B, 2>,
-    log_q: Tensor<B, 2>,
-) -> Tensor<B, 1> {
-    let p = log_p.clone().exp();
-    let q = log_q.clone().exp();
+/// The teacher's (`p`) and the student's (`q`) `[N, V]` log-probabilities and probabilities,
+/// each exponential taken once for every function of the pair that needs them.
+#[derive(Clone, Debug)]
+pub struct Probs<B: Backend> {
+    /// `log p`.
+    pub log_p: Tensor<B, 2>,
+    /// `log q`.
+    pub log_q: Tensor<B, 2>,
+    /// `p = e^{log p}`.
+    pub p: Tensor<B, 2>,
+    /// `q = e^{log q}`.
+    pub q: Tensor<B, 2>,
+}
+
+impl<B: Backend> Probs<B> {
+    /// The teacher's `log_p` and the student's `log_q`, with their exponentials.
+    pub fn new(log_p: Tensor<B, 2>, log_q: Tensor<B, 2>) -> Self {
+        let (p, q) = (log_p.clone().exp(), log_q.clone().exp());
+        Self { log_p, log_q, p, q }
+    }
+}
+
+/// `[N]` divergence per row between the teacher (`p`) and the student (`q`). See
+/// [`Divergence`] for the formulas.
+pub fn divergence_rows<B: Backend>(divergence: Divergence, probs: Probs<B>) -> Tensor<B, 1> {
+    let Probs { log_p, log_q, p, q } = probs;
     let rows = match divergence {
         Divergence::ForwardKl => weighted_log_ratio(p, log_p, log_q),
         Divergence::ReverseKl => weighted_log_ratio(q, log_q, log_p),

@@ -69,13 +69,8 @@ fn merge<B: Backend>(maxima: Tensor<B, 3>, sums: Tensor<B, 3>, t: f64) -> Merged
 /// skew reverse KL(λ) h = q (log q − log m + 1 − λ q / m),     m = (1 − λ) p + λ q
 /// TVD                h = ½ q sign(q − p)
 /// ```
-fn sensitivity<B: Backend>(
-    divergence: Divergence,
-    log_p: Tensor<B, 2>,
-    log_q: Tensor<B, 2>,
-) -> Tensor<B, 2> {
-    let p = log_p.clone().exp();
-    let q = log_q.clone().exp();
+fn sensitivity<B: Backend>(divergence: Divergence, probs: Probs<B>) -> Tensor<B, 2> {
+    let Probs { log_p, log_q, p, q } = probs;
     let absent = q.clone().lower_equal_elem(0.0);
     // `log m` and `1/m` where the mixture `m > 0` (wherever `q > 0`).
     let mixture = |m: Tensor<B, 2>| {
@@ -341,7 +336,8 @@ impl<B: DistillBackend> ShardRows<B> {
                     .sum_dim(0)
                     .reshape([n, 1])
             };
-        let h = || sensitivity(params.divergence, log_p.clone(), log_q.clone());
+        let probs = || Probs::new(log_p.clone(), log_q.clone());
+        let h = || sensitivity(params.divergence, probs());
         let (divergence, h_total, h) = match params.divergence {
             Divergence::ForwardKl => (
                 kl_part(&teacher_t, 3, 4, &student_t, 0) - teacher_t.log_sum.clone()
@@ -355,11 +351,12 @@ impl<B: DistillBackend> ShardRows<B> {
                 (kl.clone(), kl.add_scalar(1.0), with_grad.then(h))
             }
             _ => {
-                let h = h();
+                // One pair of exponentials for the divergence and its sensitivity.
+                let probs = probs();
+                let h = sensitivity(params.divergence, probs.clone());
                 let partial = Tensor::cat(
                     vec![
-                        divergence_rows(params.divergence, log_p.clone(), log_q.clone())
-                            .unsqueeze_dim(1),
+                        divergence_rows(params.divergence, probs).unsqueeze_dim(1),
                         h.clone().sum_dim(1),
                     ],
                     1,

@@ -47,7 +47,7 @@ use crate::{
     DenseCall, DistillBackend, DistillError, DistillLoss, DistillOutput, DistillParams,
     DistillParts, Divergence, FusedOutput, LinearCall, Validation,
     error::{non_empty, panicking, same_dims},
-    kernel::reference::divergence_rows,
+    kernel::reference::{Probs, divergence_rows},
     reduction::{ignored_rows, reduce_rows},
     validation::DeviceCheck,
 };

@@ -112,7 +112,7 @@ impl SparseDistillLoss {
                 (log_p, Tensor::cat(vec![at_k, outside], 1) - lse)
             }
         };
-        let soft = divergence_rows(self.dense.params.divergence, log_p, log_q);
+        let soft = divergence_rows(self.dense.params.divergence, Probs::new(log_p, log_q));
         let broken = out_of_range_rows.bool_or(not_a_teacher).squeeze_dim(1);
         let soft = scale_soft(soft, &self.dense.params)
             .mask_fill(empty.squeeze_dim(1), f64::NAN)

@@ -6,7 +6,7 @@ use crate::{
     Kernel, SparseCall, Validation,
     backend::{SparseInputs, SparseSetup},
     error::{non_empty, or_panic, panicking},
-    kernel::reference::{divergence_rows, gather_columns, mix_rows, scale_soft},
+    kernel::reference::{Probs, divergence_rows, gather_columns, mix_rows, scale_soft},
     loss::check_seq_targets,
     reduction::{count, ignored_rows, pairwise_sum, reduce_rows},
     softmax::check_temperature,

@@ -21,7 +21,8 @@ LAYERS = [
                 "testing", "onpolicy", "cross"]),
     ("backend", ["backend"]),
     ("kernel", ["kernel", "softmax"]),
-    ("types", ["divergence", "reduction", "vocab", "validation", "error", "params", "tail"]),
+    ("types", ["divergence", "reduction", "vocab", "validation", "error", "params", "tail",
+               "rank"]),
 ]
 # Upward imports that remain (none since the trait's composed defaults became tracked runs the
 # losses implement). The check fails on any upward import, and on an entry here that is gone.

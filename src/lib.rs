@@ -55,6 +55,7 @@ pub mod onpolicy;
 #[cfg(feature = "collective")]
 mod parallel;
 mod params;
+mod rank;
 mod reduction;
 mod softmax;
 mod sparse;
@@ -81,6 +82,7 @@ pub use loss::{DistillLoss, DistillLossConfig, DistillOutput};
 #[cfg(feature = "collective")]
 pub use parallel::{VocabShard, vocab_parallel};
 pub use params::DistillParams;
+pub use rank::{Rank, RankTargets, TokenRank};
 pub use reduction::Reduction;
 pub use softmax::{
     temperature_log_softmax, temperature_softmax, try_temperature_log_softmax,

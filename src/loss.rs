@@ -10,6 +10,7 @@ use crate::{
     DistillBackend, DistillError, DistillParams, Divergence, Kernel, Reduction, Validation,
     VocabMismatch,
     error::{non_empty, panicking, same_dims},
+    rank::{Rank, RankTargets, TokenRank, flatten, flatten_like},
     softmax::check_temperature,
     validation::{DeviceCheck, index_check, validate},
 };
@@ -398,7 +399,7 @@ impl DistillLoss {
         /// As [`DistillLoss::forward`].
         pub fn forward_seq<B: DistillBackend>(&self, student_logits: Tensor<B, 3>,
             teacher_logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
-            self.try_forward_seq_parts(student_logits, teacher_logits, Some(targets)).loss
+            self.try_forward_parts(student_logits, teacher_logits, Some(targets)).loss
         }
 
         /// Sequence form of [`DistillLoss::forward_soft`]: `[B, T, V]` logits, every token counts.
@@ -407,39 +408,8 @@ impl DistillLoss {
         /// If the shapes differ or are empty.
         pub fn forward_seq_soft<B: DistillBackend>(&self, student_logits: Tensor<B, 3>,
             teacher_logits: Tensor<B, 3>) -> Tensor<B, 1> {
-            self.try_forward_seq_parts(student_logits, teacher_logits, None).loss
+            self.try_forward_parts(student_logits, teacher_logits, None).loss
         }
-    }
-
-    /// Sequence form of [`DistillLoss::try_forward_parts`].
-    pub fn try_forward_seq_parts<B: DistillBackend>(
-        &self,
-        student_logits: Tensor<B, 3>,
-        teacher_logits: Tensor<B, 3>,
-        targets: Option<Tensor<B, 2, Int>>,
-    ) -> Result<DistillOutput<B>, DistillError> {
-        let (student_logits, teacher_logits) = self.vocab_mismatch.align(
-            self.soft_cap(student_logits),
-            self.soft_cap(teacher_logits),
-            self.params.divergence,
-        )?;
-        let [b, t, v] = student_logits.dims();
-        let teacher_dims = teacher_logits.dims();
-        same_dims(
-            "teacher_logits",
-            teacher_dims,
-            "student_logits",
-            [b, t, v],
-            "",
-        )?;
-        if let Some(targets) = &targets {
-            check_seq_targets(targets, b, t)?;
-        }
-        self.rows_parts(
-            student_logits.reshape([b * t, v]),
-            teacher_logits.reshape([b * t, v]),
-            targets.map(|targets| targets.reshape([b * t])),
-        )
     }
 
     /// `c · tanh(z / c)` with this loss's soft-cap `c`, or `z` without one. Before the
@@ -454,12 +424,24 @@ impl DistillLoss {
     }
 
     /// The loss and its parts, or an error naming the bad argument.
-    pub fn try_forward_parts<B: DistillBackend>(
+    ///
+    /// # Shapes
+    /// - rows (`D = 2`): `[N, V]` logits, optional `[N]` targets;
+    /// - sequences (`D = 3`): `[B, T, V]` logits, optional `[B, T]` targets (prompt and
+    ///   padding tokens set to the ignore index), taken as their `B·T` token rows;
+    /// - output: `[1]`, or `[N]` (`[B·T]`, row-major) for `PerRow`.
+    pub fn try_forward_parts<B: DistillBackend, const D: usize>(
         &self,
-        student_logits: Tensor<B, 2>,
-        teacher_logits: Tensor<B, 2>,
-        targets: Option<Tensor<B, 1, Int>>,
-    ) -> Result<DistillOutput<B>, DistillError> {
+        student_logits: Tensor<B, D>,
+        teacher_logits: Tensor<B, D>,
+        targets: Option<RankTargets<B, D>>,
+    ) -> Result<DistillOutput<B>, DistillError>
+    where
+        Rank<D>: TokenRank<B>,
+    {
+        let student_dims = student_logits.dims();
+        let teacher_logits = flatten_like("teacher_logits", teacher_logits, student_dims)?;
+        let (student_logits, targets) = flatten(student_logits, targets)?;
         self.rows_parts(
             self.soft_cap(student_logits),
             self.soft_cap(teacher_logits),
@@ -508,22 +490,6 @@ impl DistillLoss {
         );
         Ok(DistillOutput::from(parts).with_check(check))
     }
-}
-
-/// `[B, T]` targets must match `[B, T, V]` logits.
-pub(crate) fn check_seq_targets<B: Backend>(
-    targets: &Tensor<B, 2, Int>,
-    batch: usize,
-    seq: usize,
-) -> Result<(), DistillError> {
-    if targets.dims() == [batch, seq] {
-        return Ok(());
-    }
-    Err(DistillError::invalid(
-        "targets",
-        format!("shape {:?}", targets.dims()),
-        format!("shape [{batch}, {seq}] (batch, sequence of the logits)"),
-    ))
 }
 
 impl DistillLoss {

@@ -20,6 +20,7 @@ use crate::{
     SparseLinearCall, SparseSetup, SparseTeacher,
     error::panicking,
     linear::{self, ChunkTeacher, LinearOutput, LinearSetup, LinearSide, float},
+    rank::{Rank, RankTargets, TokenRank, flatten},
     reduction::{count, ignored_rows},
     validation::DeviceCheck,
 };
@@ -169,39 +170,29 @@ impl SparseDistillLoss {
         pub fn forward_linear_seq<B: DistillBackend>(&self, student_hidden: Tensor<B, 3>,
             student_head: &Linear<B>, teacher: SparseTeacher<B>, targets: Tensor<B, 2, Int>
         ) -> Tensor<B, 1> {
-            self.try_forward_linear_seq_parts(student_hidden, student_head, teacher, Some(targets)
+            self.try_forward_linear_parts(student_hidden, student_head, teacher, Some(targets)
             ).loss
         }
     }
 
-    /// Sequence form of [`SparseDistillLoss::try_forward_linear_parts`].
-    pub fn try_forward_linear_seq_parts<B: DistillBackend>(
-        &self,
-        student_hidden: Tensor<B, 3>,
-        student_head: &Linear<B>,
-        teacher: SparseTeacher<B>,
-        targets: Option<Tensor<B, 2, Int>>,
-    ) -> Result<DistillOutput<B>, DistillError> {
-        let [b, t, h] = student_hidden.dims();
-        if let Some(targets) = &targets {
-            crate::loss::check_seq_targets(targets, b, t)?;
-        }
-        self.try_forward_linear_parts(
-            student_hidden.reshape([b * t, h]),
-            student_head,
-            teacher,
-            targets.map(|y| y.reshape([b * t])),
-        )
-    }
-
     /// The fused-linear sparse loss and its parts, or an error naming the bad argument.
-    pub fn try_forward_linear_parts<B: DistillBackend>(
+    ///
+    /// # Shapes
+    /// - rows (`D = 2`): `[N, H]` hidden states, a teacher of `N` rows, optional `[N]` targets;
+    /// - sequences (`D = 3`): `[B, T, H]` hidden states, a teacher of `B·T` rows, optional
+    ///   `[B, T]` targets, taken as `B·T` token rows;
+    /// - output: `[1]`, or `[N]` (`[B·T]`, row-major) for `PerRow`.
+    pub fn try_forward_linear_parts<B: DistillBackend, const D: usize>(
         &self,
-        student_hidden: Tensor<B, 2>,
+        student_hidden: Tensor<B, D>,
         student_head: &Linear<B>,
         teacher: SparseTeacher<B>,
-        targets: Option<Tensor<B, 1, Int>>,
-    ) -> Result<DistillOutput<B>, DistillError> {
+        targets: Option<RankTargets<B, D>>,
+    ) -> Result<DistillOutput<B>, DistillError>
+    where
+        Rank<D>: TokenRank<B>,
+    {
+        let (student_hidden, targets) = flatten(student_hidden, targets)?;
         let weight = student_head.weight.val();
         let [n, h] = student_hidden.dims();
         let [wh, v] = weight.dims();
@@ -258,7 +249,7 @@ impl SparseDistillLoss {
                 .as_ref()
                 .map(|b| if frozen { b.val().detach() } else { b.val() });
             let logits = linear::logits(student_hidden, &weight, &bias);
-            let out = self.try_forward_parts(logits, teacher, targets)?;
+            let out = self.try_forward_parts::<B, 2>(logits, teacher, targets)?;
             return Ok(out);
         };
         let output = DistillOutput::from(parts);

@@ -267,14 +267,14 @@ fn seq_shape_mismatches_are_rejected() {
     let device = Default::default();
     let s = Tensor::<B, 3>::zeros([2, 3, 5], &device);
     let err = loss
-        .try_forward_seq_parts(s.clone(), Tensor::zeros([2, 4, 5], &device), None)
+        .try_forward_parts(s.clone(), Tensor::zeros([2, 4, 5], &device), None)
         .unwrap_err();
     assert_mentions(
         &err.to_string(),
         &["teacher_logits", "[2, 4, 5]", "[2, 3, 5]"],
     );
     let err = loss
-        .try_forward_seq_parts(s.clone(), s, Some(Tensor::zeros([3, 2], &device)))
+        .try_forward_parts(s.clone(), s, Some(Tensor::zeros([3, 2], &device)))
         .unwrap_err();
     assert_mentions(&err.to_string(), &["targets", "[3, 2]", "[2, 3]"]);
 }

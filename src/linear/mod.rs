@@ -19,7 +19,11 @@
 use burn::nn::Linear;
 use burn::tensor::{Int, Tensor, backend::Backend};
 
-use crate::{DistillBackend, DistillError, DistillLoss, DistillOutput, Kernel, error::panicking};
+use crate::{
+    DistillBackend, DistillError, DistillLoss, DistillOutput, Kernel,
+    error::panicking,
+    rank::{Rank, RankTargets, TokenRank, flatten, flatten_like},
+};
 
 mod chunks;
 
@@ -164,50 +168,33 @@ impl DistillLoss {
         pub fn forward_linear_seq<B: DistillBackend>(&self, student_hidden: Tensor<B, 3>,
             student_head: &Linear<B>, teacher_hidden: Tensor<B, 3>, teacher_head: &Linear<B>,
             targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
-            self.try_forward_linear_seq_parts(student_hidden, student_head, teacher_hidden,
+            self.try_forward_linear_parts(student_hidden, student_head, teacher_hidden,
                 teacher_head, Some(targets)).loss
         }
     }
 
-    /// Sequence form of [`DistillLoss::try_forward_linear_parts`].
-    pub fn try_forward_linear_seq_parts<B: DistillBackend>(
-        &self,
-        student_hidden: Tensor<B, 3>,
-        student_head: &Linear<B>,
-        teacher_hidden: Tensor<B, 3>,
-        teacher_head: &Linear<B>,
-        targets: Option<Tensor<B, 2, Int>>,
-    ) -> Result<DistillOutput<B>, DistillError> {
-        let [b, t, hs] = student_hidden.dims();
-        let [tb, tt, ht] = teacher_hidden.dims();
-        if [tb, tt] != [b, t] {
-            return Err(DistillError::invalid(
-                "teacher_hidden",
-                format!("shape {:?}", teacher_hidden.dims()),
-                format!("[{b}, {t}, H_t] (the student's batch and sequence)"),
-            ));
-        }
-        if let Some(targets) = &targets {
-            crate::loss::check_seq_targets(targets, b, t)?;
-        }
-        self.try_forward_linear_parts(
-            student_hidden.reshape([b * t, hs]),
-            student_head,
-            teacher_hidden.reshape([b * t, ht]),
-            teacher_head,
-            targets.map(|y| y.reshape([b * t])),
-        )
-    }
-
     /// The fused-linear loss and its parts, or an error naming the bad argument.
-    pub fn try_forward_linear_parts<B: DistillBackend>(
+    ///
+    /// # Shapes
+    /// - rows (`D = 2`): `[N, H_s]` and `[N, H_t]` hidden states, optional `[N]` targets;
+    /// - sequences (`D = 3`): `[B, T, H_s]` and `[B, T, H_t]` hidden states, optional `[B, T]`
+    ///   targets, taken as `B·T` token rows;
+    /// - heads: burn's `Linear` (`[H, V]` weight, optional `[V]` bias);
+    /// - output: `[1]`, or `[N]` (`[B·T]`, row-major) for `PerRow`.
+    pub fn try_forward_linear_parts<B: DistillBackend, const D: usize>(
         &self,
-        student_hidden: Tensor<B, 2>,
+        student_hidden: Tensor<B, D>,
         student_head: &Linear<B>,
-        teacher_hidden: Tensor<B, 2>,
+        teacher_hidden: Tensor<B, D>,
         teacher_head: &Linear<B>,
-        targets: Option<Tensor<B, 1, Int>>,
-    ) -> Result<DistillOutput<B>, DistillError> {
+        targets: Option<RankTargets<B, D>>,
+    ) -> Result<DistillOutput<B>, DistillError>
+    where
+        Rank<D>: TokenRank<B>,
+    {
+        let student_dims = student_hidden.dims();
+        let teacher_hidden = flatten_like("teacher_hidden", teacher_hidden, student_dims)?;
+        let (student_hidden, targets) = flatten(student_hidden, targets)?;
         let vs = student_head.weight.dims()[1];
         let vt = teacher_head.weight.dims()[1];
         // Targets index the aligned vocabulary, as in `forward` on the logits.

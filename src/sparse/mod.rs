@@ -7,7 +7,7 @@ use crate::{
     backend::{SparseInputs, SparseSetup},
     error::{non_empty, or_panic, panicking},
     kernel::reference::{Probs, divergence_rows, gather_columns, mix_rows, scale_soft},
-    loss::check_seq_targets,
+    rank::{Rank, RankTargets, TokenRank, flatten},
     reduction::{count, ignored_rows, pairwise_sum, reduce_rows},
     softmax::check_temperature,
     validation::DeviceCheck,
@@ -210,36 +210,28 @@ impl SparseDistillLoss {
         /// As [`SparseDistillLoss::forward`].
         pub fn forward_seq<B: DistillBackend>(&self, student_logits: Tensor<B, 3>,
             teacher: SparseTeacher<B>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
-            self.try_forward_seq_parts(student_logits, teacher, Some(targets)).loss
+            self.try_forward_parts(student_logits, teacher, Some(targets)).loss
         }
-    }
-
-    /// Sequence form of [`SparseDistillLoss::try_forward_parts`]: `[B, T, V]` student logits,
-    /// a teacher of `B·T` rows and optional `[B, T]` targets.
-    pub fn try_forward_seq_parts<B: DistillBackend>(
-        &self,
-        student_logits: Tensor<B, 3>,
-        teacher: SparseTeacher<B>,
-        targets: Option<Tensor<B, 2, Int>>,
-    ) -> Result<DistillOutput<B>, DistillError> {
-        let [b, t, v] = student_logits.dims();
-        if let Some(targets) = &targets {
-            check_seq_targets(targets, b, t)?;
-        }
-        self.try_forward_parts(
-            student_logits.reshape([b * t, v]),
-            teacher,
-            targets.map(|targets| targets.reshape([b * t])),
-        )
     }
 
     /// The loss with its soft and hard parts, or an error naming the bad argument.
-    pub fn try_forward_parts<B: DistillBackend>(
+    ///
+    /// # Shapes
+    /// - rows (`D = 2`): `[N, V]` student logits, a teacher of `N` rows, optional `[N]`
+    ///   targets;
+    /// - sequences (`D = 3`): `[B, T, V]` student logits, a teacher of `B·T` rows (see
+    ///   [`SparseTeacher::from_seq`]), optional `[B, T]` targets, taken as `B·T` token rows;
+    /// - output: `[1]`, or `[N]` (`[B·T]`, row-major) for `PerRow`.
+    pub fn try_forward_parts<B: DistillBackend, const D: usize>(
         &self,
-        student_logits: Tensor<B, 2>,
+        student_logits: Tensor<B, D>,
         teacher: SparseTeacher<B>,
-        targets: Option<Tensor<B, 1, Int>>,
-    ) -> Result<DistillOutput<B>, DistillError> {
+        targets: Option<RankTargets<B, D>>,
+    ) -> Result<DistillOutput<B>, DistillError>
+    where
+        Rank<D>: TokenRank<B>,
+    {
+        let (student_logits, targets) = flatten(student_logits, targets)?;
         let [n, v] = student_logits.dims();
         non_empty("student_logits", [n, v], "V")?;
         check_shapes(&teacher, n)?;

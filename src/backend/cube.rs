@@ -13,7 +13,7 @@ use cubecl::{
 
 use super::{DenseCall, DistillBackend, DistillParams, DistillParts, FusedOutput, KernelCall};
 use super::{SparseCall, SparseSetup};
-use crate::kernel::cube::{BLOCK, DivKind, distill_kernel};
+use crate::kernel::cube::{BLOCK, DivKind, RowOutLaunch, RowParamsLaunch, RowSpec, distill_kernel};
 use crate::kernel::sparse_cube::{TailKind, sparse_kernel};
 use crate::reduction::{ignored_rows, pairwise_sum};
 
@@ -55,6 +55,16 @@ impl<R: CubeRuntime> RowOutputs<R> {
                 grad_dtype(student.dtype),
             ),
         }
+    }
+
+    /// The kernels' `out` argument (the kernels write these tensors in place).
+    fn arg<G: CubePrimitive>(&self) -> RowOutLaunch<G, R> {
+        RowOutLaunch::new(
+            self.loss.clone().into_tensor_arg(),
+            self.soft.clone().into_tensor_arg(),
+            self.hard.clone().into_tensor_arg(),
+            self.grad.clone().into_tensor_arg(),
+        )
     }
 
     fn into_rows(self, with_grad: bool) -> CubeRows<R> {
@@ -100,12 +110,33 @@ fn targets_or_zeros<R: CubeRuntime>(
     }
 }
 
-/// The ignore index as the kernels' `i32` (any value when there is none).
-fn ignore_value(params: &DistillParams) -> i32 {
-    params
+/// The kernels' run-time settings for `params`, and what they are specialised for.
+fn row_params<R: CubeRuntime>(
+    params: &DistillParams,
+    labeled: bool,
+    with_grad: bool,
+) -> (RowParamsLaunch<R>, RowSpec) {
+    let (kind, mix) = DivKind::of(params.divergence);
+    // The ignore index as an `i32` (any value when there is none).
+    let ignore = params
         .ignore_index
         .unwrap_or(0)
-        .clamp(i32::MIN as i64, i32::MAX as i64) as i32
+        .clamp(i32::MIN as i64, i32::MAX as i64) as i32;
+    let settings = RowParamsLaunch::new(
+        (1.0 / params.temperature) as f32,
+        params.soft_factor() as f32,
+        params.alpha as f32,
+        params.label_smoothing as f32,
+        mix,
+        ignore,
+    );
+    let spec = RowSpec {
+        kind,
+        labeled,
+        with_ignore: params.ignore_index.is_some(),
+        with_grad,
+    };
+    (settings, spec)
 }
 
 /// A kernel call on CubeCL tensors (the backend type only names the tensors: `i32` targets);
@@ -130,7 +161,7 @@ pub(crate) fn launch<R: CubeRuntime>(
     let teacher = into_contiguous(teacher);
     let outputs = RowOutputs::new(&student, with_grad);
     let (has_targets, targets) = targets_or_zeros(targets, &student, DType::I32);
-    let (kind, mix) = DivKind::of(params.divergence);
+    let (row_params, spec) = row_params(params, has_targets, with_grad);
     let dtypes = [
         student.dtype.into(),
         targets.dtype.into(),
@@ -148,20 +179,9 @@ pub(crate) fn launch<R: CubeRuntime>(
         teacher.into_tensor_arg(),
         targets.into_tensor_arg(),
         scale.into_tensor_arg(),
-        outputs.loss.clone().into_tensor_arg(),
-        outputs.soft.clone().into_tensor_arg(),
-        outputs.hard.clone().into_tensor_arg(),
-        outputs.grad.clone().into_tensor_arg(),
-        (1.0 / params.temperature) as f32,
-        params.soft_factor() as f32,
-        params.alpha as f32,
-        params.label_smoothing as f32,
-        mix,
-        ignore_value(params),
-        kind,
-        has_targets,
-        params.ignore_index.is_some(),
-        with_grad,
+        outputs.arg(),
+        row_params,
+        spec,
         dtypes,
     );
     outputs.into_rows(with_grad)
@@ -344,7 +364,7 @@ pub(crate) fn launch_sparse<R: CubeRuntime>(
     let outputs = RowOutputs::new(&student, with_grad);
     // One int dtype for indices and targets (the kernel's `I`).
     let (has_targets, targets) = targets_or_zeros(targets, &student, indices.dtype);
-    let (kind, mix) = DivKind::of(params.divergence);
+    let (row_params, spec) = row_params(params, has_targets, with_grad);
     let dtypes = [
         student.dtype.into(),
         indices.dtype.into(),
@@ -365,22 +385,11 @@ pub(crate) fn launch_sparse<R: CubeRuntime>(
         into_contiguous(log_probs).into_tensor_arg(),
         targets.into_tensor_arg(),
         scale.into_tensor_arg(),
-        outputs.loss.clone().into_tensor_arg(),
-        outputs.soft.clone().into_tensor_arg(),
-        outputs.hard.clone().into_tensor_arg(),
-        outputs.grad.clone().into_tensor_arg(),
-        (1.0 / params.temperature) as f32,
-        params.soft_factor() as f32,
-        params.alpha as f32,
-        params.label_smoothing as f32,
-        mix,
+        outputs.arg(),
+        row_params,
         (setup.generation_temperature / params.temperature) as f32,
-        ignore_value(params),
-        kind,
+        spec,
         TailKind::of(setup.tail),
-        has_targets,
-        params.ignore_index.is_some(),
-        with_grad,
         k,
         dtypes,
     );

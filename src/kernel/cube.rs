@@ -15,10 +15,10 @@
 
 use cubecl::prelude::*;
 
-pub(crate) use super::cube_row::DivKind;
+pub(crate) use super::cube_row::{DivKind, RowOutLaunch, RowParamsLaunch, RowSpec};
 use super::cube_row::{
-    GradWeights, Online, RowStats, column_grad, column_term, finish_row, logit_grad, row_max,
-    row_sum, row_target, soft_logit_grad, zero_vector,
+    GradWeights, Online, RowOut, RowParams, RowStats, column_grad, column_term, finish_row,
+    logit_grad, row_max, row_sum, row_target, soft_logit_grad, zero_vector,
 };
 
 /// Units per cube: one row of up to `BLOCK` units, or several rows of fewer when V is small.
@@ -47,23 +47,14 @@ pub(crate) fn distill_kernel<F: Float, I: Numeric, G: Float, N: Size>(
     teacher: &Tensor<Vector<F, N>>,
     targets: &Tensor<I>,
     scale: &Tensor<f32>,
-    loss: &mut Tensor<f32>,
-    soft: &mut Tensor<f32>,
-    hard: &mut Tensor<f32>,
-    grad: &mut Tensor<Vector<G, N>>,
-    inv_t: f32,
-    t2: f32,
-    alpha: f32,
-    eps: f32,
-    mix: f32,
-    ignore: i32,
-    #[comptime] kind: DivKind,
-    #[comptime] labeled: bool,
-    #[comptime] with_ignore: bool,
-    #[comptime] with_grad: bool,
+    out: &mut RowOut<Vector<G, N>>,
+    params: RowParams,
+    #[comptime] spec: RowSpec,
     #[define(F, I, G)] _dtypes: [StorageType; 3],
 ) {
-    let n = loss.shape(0);
+    let kind = comptime!(spec.kind);
+    let labeled = comptime!(spec.labeled);
+    let n = out.loss.shape(0);
     // Whole cubes past the last row leave (a condition uniform over the cube).
     if CUBE_POS * (CUBE_DIM_Y as usize) >= n {
         terminate!();
@@ -77,10 +68,18 @@ pub(crate) fn distill_kernel<F: Float, I: Numeric, G: Float, N: Size>(
     let vectors = v / width;
     let s_base = safe_row * (student.stride(0) / width);
     let t_base = safe_row * (teacher.stride(0) / width);
-    let g_base = safe_row * (grad.stride(0) / width);
+    let g_base = safe_row * (out.grad.stride(0) / width);
+    let inv_t = params.inv_t;
     let mut smem = SharedMemory::<f32>::new(256usize);
 
-    let target = row_target(targets, safe_row, v, ignore, labeled, with_ignore);
+    let target = row_target(
+        targets,
+        safe_row,
+        v,
+        params.ignore,
+        labeled,
+        comptime!(spec.with_ignore),
+    );
     let live = in_range && !target.skip && !target.bad;
     // The loops of a row that is not live run zero times; the reductions still see every unit.
     let len = select(live, vectors, 0);
@@ -95,7 +94,8 @@ pub(crate) fn distill_kernel<F: Float, I: Numeric, G: Float, N: Size>(
     let mut sqg = f32::new(0.0);
     if !fkl {
         div = divergence_pass(
-            student, teacher, s_base, t_base, len, &stats, inv_t, mix, &mut smem, &mut sqg, kind,
+            student, teacher, s_base, t_base, len, &stats, inv_t, params.mix, &mut smem, &mut sqg,
+            kind,
         );
     }
 
@@ -104,17 +104,21 @@ pub(crate) fn distill_kernel<F: Float, I: Numeric, G: Float, N: Size>(
     // 0 for ignored rows, NaN for out-of-range targets (WGSL has no NaN literal).
     let zero = inv_t - inv_t;
     let fallback = select(target.bad, zero / zero, zero);
-    let (first, soft_value, soft_scale, factor) =
-        (in_range && unit == 0, t2 * div, t2 * inv_t, scale[0]);
-    let weights = finish_row(
-        student, s_base, safe_class, &stats, loss, soft, hard, row, first, live, fallback,
-        soft_value, soft_scale, alpha, eps, factor, div, sqg, labeled,
+    let (first, soft_value, soft_scale, factor) = (
+        in_range && unit == 0,
+        params.t2 * div,
+        params.t2 * inv_t,
+        scale[0],
     );
-    if with_grad {
+    let weights = finish_row(
+        student, s_base, safe_class, &stats, out, row, first, live, fallback, soft_value,
+        soft_scale, &params, factor, div, sqg, labeled,
+    );
+    if comptime!(spec.with_grad) {
         if in_range {
             gradient_pass(
-                student, teacher, grad, s_base, t_base, g_base, live, safe_class, &stats, &weights,
-                inv_t, mix, kind,
+                student, teacher, out, s_base, t_base, g_base, live, safe_class, &stats, &weights,
+                inv_t, params.mix, kind,
             );
         }
     }
@@ -227,7 +231,7 @@ fn divergence_pass<F: Float, N: Size>(
 fn gradient_pass<F: Float, G: Float, N: Size>(
     student: &Tensor<Vector<F, N>>,
     teacher: &Tensor<Vector<F, N>>,
-    grad: &mut Tensor<Vector<G, N>>,
+    out: &mut RowOut<Vector<G, N>>,
     s_base: usize,
     t_base: usize,
     g_base: usize,
@@ -243,7 +247,7 @@ fn gradient_pass<F: Float, G: Float, N: Size>(
     let vectors = student.shape(1) / width;
     let mut jv = UNIT_POS_X as usize;
     while jv < vectors {
-        let mut out = zero_vector::<G, N>(width);
+        let mut vector = zero_vector::<G, N>(width);
         if live {
             let sv = student[s_base + jv];
             let tv = teacher[t_base + jv];
@@ -257,10 +261,10 @@ fn gradient_pass<F: Float, G: Float, N: Size>(
                 let soft = soft_logit_grad(q, p, lq, lp, weights.div, weights.sqg, mix, kind);
                 let at_class = jv * width + l == class;
                 let value = logit_grad(weights, s, stats.ms, stats.lse_1, soft, at_class);
-                out[l] = G::cast_from(value);
+                vector[l] = G::cast_from(value);
             }
         }
-        grad[g_base + jv] = out;
+        out.grad[g_base + jv] = vector;
         jv += CUBE_DIM_X as usize;
     }
 }

@@ -34,6 +34,39 @@ impl DivKind {
     }
 }
 
+/// A kernel's row outputs: `[N]` row losses, soft and hard terms (f32), and the `[N, V]`
+/// gradient as vectors `G` (a `[1, V]` placeholder when the kernel writes none).
+#[derive(CubeLaunch, CubeType)]
+pub(crate) struct RowOut<G: CubePrimitive> {
+    pub loss: Tensor<f32>,
+    pub soft: Tensor<f32>,
+    pub hard: Tensor<f32>,
+    pub grad: Tensor<G>,
+}
+
+/// The loss settings both kernels read at run time: `1/T`, the soft term's factor (`T²` or 1),
+/// `α`, label smoothing `ε`, the divergence's mixture weight (`β`, `λ` or 0) and the ignore
+/// index (any value without one).
+#[derive(CubeLaunch, CubeType, Clone, Copy)]
+pub(crate) struct RowParams {
+    pub inv_t: f32,
+    pub t2: f32,
+    pub alpha: f32,
+    pub eps: f32,
+    pub mix: f32,
+    pub ignore: i32,
+}
+
+/// What both kernels are specialised for at compile time: the divergence, the presence of
+/// targets and of an ignore index, and the gradient.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct RowSpec {
+    pub kind: DivKind,
+    pub labeled: bool,
+    pub with_ignore: bool,
+    pub with_grad: bool,
+}
+
 /// Sum of `value` over the `CUBE_DIM_X` units of this unit's row (every unit of the row gets
 /// the result). Every unit of the cube must call it.
 #[cube]
@@ -422,22 +455,19 @@ pub(crate) struct GradWeights {
 /// gradient: `ca = α·soft_scale·factor` (`soft_scale = T²/T`, or 0), `cb = (1 − α)·factor`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn finish_row<F: Float, N: Size>(
+pub(crate) fn finish_row<F: Float, G: CubePrimitive, N: Size>(
     student: &Tensor<Vector<F, N>>,
     s_base: usize,
     class: usize,
     stats: &RowStats,
-    loss: &mut Tensor<f32>,
-    soft: &mut Tensor<f32>,
-    hard: &mut Tensor<f32>,
+    out: &mut RowOut<G>,
     row: usize,
     write: bool,
     live: bool,
     fallback: f32,
     soft_value: f32,
     soft_scale: f32,
-    alpha: f32,
-    eps: f32,
+    params: &RowParams,
     factor: f32,
     div: f32,
     sqg: f32,
@@ -447,9 +477,9 @@ pub(crate) fn finish_row<F: Float, N: Size>(
     let mut a = f32::new(1.0);
     let mut b = f32::new(0.0);
     if labeled {
-        a = alpha;
-        b = 1.0 - alpha;
-        hard_value = hard_term(student, s_base, class, stats, eps);
+        a = params.alpha;
+        b = 1.0 - params.alpha;
+        hard_value = hard_term(student, s_base, class, stats, params.eps);
     }
     let row_loss = mix_terms(a, soft_value, b, hard_value);
     if write {
@@ -462,15 +492,15 @@ pub(crate) fn finish_row<F: Float, N: Size>(
             s = soft_value;
             h = hard_value;
         }
-        loss[row] = l;
-        soft[row] = s;
-        hard[row] = h;
+        out.loss[row] = l;
+        out.soft[row] = s;
+        out.hard[row] = h;
     }
     GradWeights {
         ca: a * soft_scale * factor,
         cb: b * factor,
-        eps,
-        eps_f: eps / stats.finite,
+        eps: params.eps,
+        eps_f: params.eps / stats.finite,
         div,
         sqg,
     }

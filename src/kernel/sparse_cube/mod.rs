@@ -27,8 +27,8 @@
 use cubecl::prelude::*;
 
 use super::cube_row::{
-    DivKind, GradWeights, Online, RowStats, column_grad, column_term, finish_row, logit_grad,
-    row_max, row_sum, row_target, soft_logit_grad, zero_vector,
+    DivKind, GradWeights, Online, RowOut, RowParams, RowSpec, RowStats, column_grad, column_term,
+    finish_row, logit_grad, row_max, row_sum, row_target, soft_logit_grad, zero_vector,
 };
 use crate::tail::TAIL_FLOOR;
 
@@ -269,7 +269,7 @@ fn virtual_soft(
 #[allow(clippy::too_many_arguments, clippy::collapsible_if)]
 fn gradient_pass<F: Float, G: Float, N: Size>(
     student: &Tensor<Vector<F, N>>,
-    grad: &mut Tensor<Vector<G, N>>,
+    out: &mut RowOut<Vector<G, N>>,
     s_base: usize,
     g_base: usize,
     live: bool,
@@ -288,7 +288,7 @@ fn gradient_pass<F: Float, G: Float, N: Size>(
     let mut cursor = u32::new(0);
     let mut jv = UNIT_POS_X as usize;
     while jv < vectors {
-        let mut out = zero_vector::<G, N>(width);
+        let mut vector = zero_vector::<G, N>(width);
         if live {
             let sv = student[s_base + jv];
             #[unroll]
@@ -310,10 +310,10 @@ fn gradient_pass<F: Float, G: Float, N: Size>(
                     soft_grad += ((s - stats.ms) * inv_t - stats.lse_s).exp();
                 }
                 let value = logit_grad(weights, s, stats.ms, stats.lse_1, soft_grad, j == class);
-                out[l] = G::cast_from(value);
+                vector[l] = G::cast_from(value);
             }
         }
-        grad[g_base + jv] = out;
+        out.grad[g_base + jv] = vector;
         jv += CUBE_DIM_X as usize;
     }
 }
@@ -332,40 +332,38 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric, G: Float, N: Size>(
     log_probs: &Tensor<f32>,
     targets: &Tensor<I>,
     scale: &Tensor<f32>,
-    loss: &mut Tensor<f32>,
-    soft: &mut Tensor<f32>,
-    hard: &mut Tensor<f32>,
-    grad: &mut Tensor<Vector<G, N>>,
-    inv_t: f32,
-    t2: f32,
-    alpha: f32,
-    eps: f32,
-    mix: f32,
+    out: &mut RowOut<Vector<G, N>>,
+    params: RowParams,
     ratio: f32,
-    ignore: i32,
-    #[comptime] kind: DivKind,
+    #[comptime] spec: RowSpec,
     #[comptime] tail: TailKind,
-    #[comptime] labeled: bool,
-    #[comptime] with_ignore: bool,
-    #[comptime] with_grad: bool,
     #[comptime] k: usize,
     #[define(F, I, G)] _dtypes: [StorageType; 3],
 ) {
+    let labeled = comptime!(spec.labeled);
     let row = CUBE_POS;
-    if row >= loss.shape(0) {
+    if row >= out.loss.shape(0) {
         terminate!();
     }
     let v = student.shape(1);
     let width = student.vector_size();
     let s_base = row * (student.stride(0) / width);
-    let g_base = row * (grad.stride(0) / width);
+    let g_base = row * (out.grad.stride(0) / width);
+    let inv_t = params.inv_t;
     let zero = inv_t - inv_t;
     let nan = zero / zero;
     let neg_inf = (zero - 1.0) / zero;
     let mut smem = SharedMemory::<f32>::new(256usize);
     let mut entries = Entries::new(k);
 
-    let target = row_target(targets, row, v, ignore, labeled, with_ignore);
+    let target = row_target(
+        targets,
+        row,
+        v,
+        params.ignore,
+        labeled,
+        comptime!(spec.with_ignore),
+    );
 
     // 1. The entries: validity, range (and log-probabilities above 0), mass, ranks.
     let mut mass = f32::new(0.0);
@@ -409,22 +407,30 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric, G: Float, N: Size>(
         tail,
         k,
     );
-    let div = virtual_soft(&mut entries, &mut smem, mix, neg_inf, kind, tail, k);
+    let div = virtual_soft(
+        &mut entries,
+        &mut smem,
+        params.mix,
+        neg_inf,
+        comptime!(spec.kind),
+        tail,
+        k,
+    );
 
     // The row's loss, and the gradient of the reduced loss. A row without a valid entry has
     // a NaN soft term and no soft gradient; 0 for ignored rows, NaN for a bad target or bad
     // teacher entries.
-    let soft_value = select(count == 0, nan, t2 * div);
-    let soft_scale = select(count == 0, zero, t2 * inv_t);
+    let soft_value = select(count == 0, nan, params.t2 * div);
+    let soft_scale = select(count == 0, zero, params.t2 * inv_t);
     let safe_class = select(live, target.class as usize, 0);
     let (first, fallback, factor) = (UNIT_POS_X == 0, select(target.skip, zero, nan), scale[0]);
     let weights = finish_row(
-        student, s_base, safe_class, &stats, loss, soft, hard, row, first, live, fallback,
-        soft_value, soft_scale, alpha, eps, factor, div, zero, labeled,
+        student, s_base, safe_class, &stats, out, row, first, live, fallback, soft_value,
+        soft_scale, &params, factor, div, zero, labeled,
     );
-    if with_grad {
+    if comptime!(spec.with_grad) {
         gradient_pass(
-            student, grad, s_base, g_base, live, safe_class, &entries, count, &stats, &weights,
+            student, out, s_base, g_base, live, safe_class, &entries, count, &stats, &weights,
             inv_t, tail, k,
         );
     }

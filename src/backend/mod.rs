@@ -261,12 +261,12 @@ pub fn reference_loss<B: Backend>(
 ) -> DistillParts<B> {
     let targets = targets.map(Tensor::<B, 1, Int>::from_primitive);
     let ignored = ignored_rows(targets.as_ref(), params.ignore_index);
-    let rows = reference::distill_rows::<B>(
-        Tensor::from_primitive(TensorPrimitive::Float(student)),
-        Tensor::from_primitive(TensorPrimitive::Float(teacher)),
-        targets,
-        params,
-    );
+    let student = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(student));
+    let teacher = Tensor::from_primitive(TensorPrimitive::Float(teacher));
+    let soft = reference::soft_rows(student.clone(), teacher, params);
+    // Ignored rows 0, rows with an out-of-range target NaN: an unchecked bad target never
+    // gives a plausible-looking loss.
+    let rows = reference::mix_rows(soft, student, targets, params);
     let reduce = |t: Tensor<B, 1>| {
         reduce_rows(t, ignored.clone(), params.reduction)
             .into_primitive()

@@ -21,23 +21,21 @@ pub struct RowTensors<B: Backend> {
     pub hard: Option<Tensor<B, 1>>,
 }
 
-/// Row losses of a batch, computed with burn tensor ops.
-///
-/// `student` and `teacher` are `[N, V]` logits, `targets` `[N]` class indices. Ignored rows
-/// are `0`; rows whose target is out of `[0, V)` (and not ignored) are NaN, so that an
-/// unchecked bad target can never produce a plausible-looking loss.
-pub fn distill_rows<B: Backend>(
+/// `[N]` soft term per row (`T²`-scaled if configured) of `[N, V]` student and teacher
+/// logits, computed with burn tensor ops: `D(softmax(t/T) ‖ softmax(s/T))`, differentiable
+/// with respect to the student (the teacher is detached). [`mix_rows`] adds the hard term.
+pub fn soft_rows<B: Backend>(
     student: Tensor<B, 2>,
     teacher: Tensor<B, 2>,
-    targets: Option<Tensor<B, 1, Int>>,
     params: &DistillParams,
-) -> RowTensors<B> {
+) -> Tensor<B, 1> {
     let t = params.temperature;
-    let log_q = temperature_log_softmax(student.clone(), t, 1);
+    let log_q = temperature_log_softmax(student, t, 1);
     let log_p = temperature_log_softmax(teacher.detach(), t, 1);
-    let soft = divergence_rows(params.divergence, Probs::new(log_p, log_q));
-    let soft = scale_soft(soft, params);
-    mix_rows(soft, student, targets, params)
+    scale_soft(
+        divergence_rows(params.divergence, Probs::new(log_p, log_q)),
+        params,
+    )
 }
 
 /// `soft · T²` if the parameters ask for it.

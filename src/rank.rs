@@ -47,6 +47,10 @@ macro_rules! token_ranks {
                         format!("shape {lead:?} (the leading dimensions of the student's input)"),
                     ));
                 }
+                if $targets == 1 {
+                    // Already flat (a `reshape` would copy a shared NdArray tensor).
+                    return Ok(Tensor::from_primitive(targets.into_primitive()));
+                }
                 Ok(targets.reshape([dims.iter().product::<usize>()]))
             }
         }
@@ -55,8 +59,13 @@ macro_rules! token_ranks {
 
 token_ranks!(2 => 1, 3 => 2);
 
-/// `[d₀, …, d_{D−2}, H]` as `[d₀ ⋯ d_{D−2}, H]` rows.
+/// `[d₀, …, d_{D−2}, H]` as `[d₀ ⋯ d_{D−2}, H]` rows. Rows (`D = 2`) pass through untouched:
+/// a `reshape`, even to the same shape, copies a shared NdArray tensor (and so would cost a
+/// copy of the logits and the fused kernel's in-place gradient).
 pub(crate) fn flat_rows<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, 2> {
+    if D == 2 {
+        return Tensor::from_primitive(x.into_primitive());
+    }
     let dims = x.dims();
     x.reshape([dims[..D - 1].iter().product(), dims[D - 1]])
 }

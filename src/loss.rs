@@ -396,7 +396,8 @@ impl DistillLoss {
         /// `[B, T]`).
         ///
         /// # Panics
-        /// As [`DistillLoss::forward`].
+        /// On bad shapes or out-of-range targets, with the message of
+        /// [`DistillLoss::try_forward_parts`].
         pub fn forward_seq<B: DistillBackend>(&self, student_logits: Tensor<B, 3>,
             teacher_logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
             self.try_forward_parts(student_logits, teacher_logits, Some(targets)).loss

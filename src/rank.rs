@@ -11,25 +11,35 @@ use crate::DistillError;
 pub struct Rank<const D: usize>;
 
 /// What a rank of float inputs implies for the targets: `[N]` class indices for `[N, …]`
-/// rows, `[B, T]` for `[B, T, …]` sequences. Implemented for [`Rank<2>`] and [`Rank<3>`].
-pub trait TokenRank<B: Backend> {
+/// rows, `[B, T]` for `[B, T, …]` sequences. Implemented for [`Rank<2>`] and [`Rank<3>`] only
+/// (sealed).
+pub trait TokenRank<B: Backend>: sealed::Sealed {
     /// The targets of this rank.
     type Targets;
 
-    /// The targets flattened to `[N]` rows, after checking that their shape is `lead` (the
-    /// leading dimensions of the student's input).
+    /// The targets flattened to `[N]` rows: a sequence's after checking that their shape is
+    /// `lead` (the student's batch and sequence); rows as they are (the loss checks them with
+    /// their values).
+    #[doc(hidden)]
     fn flat_targets(
         targets: Self::Targets,
         lead: &[usize],
     ) -> Result<Tensor<B, 1, Int>, DistillError>;
 }
 
+mod sealed {
+    /// Only the ranks this crate implements [`super::TokenRank`] for.
+    pub trait Sealed {}
+    impl Sealed for super::Rank<2> {}
+    impl Sealed for super::Rank<3> {}
+}
+
 /// The targets that go with `D`-rank float inputs: `Tensor<B, 1, Int>` for `D = 2`,
 /// `Tensor<B, 2, Int>` for `D = 3`.
 pub type RankTargets<B, const D: usize> = <Rank<D> as TokenRank<B>>::Targets;
 
-/// `Rank<D>` takes `Tensor<B, D − 1, Int>` targets, checked against the student's leading
-/// dimensions.
+/// `Rank<D>` takes `Tensor<B, D − 1, Int>` targets. A sequence's are checked against the
+/// student's batch and sequence here; rows are left to the loss's own target check.
 macro_rules! token_ranks {
     ($($rank:literal => $targets:literal),*) => {$(
         impl<B: Backend> TokenRank<B> for Rank<$rank> {
@@ -39,17 +49,17 @@ macro_rules! token_ranks {
                 targets: Self::Targets,
                 lead: &[usize],
             ) -> Result<Tensor<B, 1, Int>, DistillError> {
+                if $targets == 1 {
+                    // Already flat (a `reshape` would copy a shared NdArray tensor).
+                    return Ok(Tensor::from_primitive(targets.into_primitive()));
+                }
                 let dims = targets.dims();
                 if dims[..] != *lead {
                     return Err(DistillError::invalid(
                         "targets",
                         format!("shape {dims:?}"),
-                        format!("shape {lead:?} (the leading dimensions of the student's input)"),
+                        format!("shape {lead:?} (the batch and sequence of the student's input)"),
                     ));
-                }
-                if $targets == 1 {
-                    // Already flat (a `reshape` would copy a shared NdArray tensor).
-                    return Ok(Tensor::from_primitive(targets.into_primitive()));
                 }
                 Ok(targets.reshape([dims.iter().product::<usize>()]))
             }
@@ -103,7 +113,11 @@ pub(crate) fn flatten_like<B: Backend, const D: usize>(
         return Err(DistillError::invalid(
             argument,
             format!("shape {dims:?}"),
-            format!("the leading dimensions of the student's shape {student_dims:?}"),
+            format!(
+                "{:?} leading dimensions (the batch and sequence of the student's shape \
+                 {student_dims:?})",
+                &student_dims[..D - 1]
+            ),
         ));
     }
     Ok(flat_rows(teacher))

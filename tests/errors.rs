@@ -273,10 +273,40 @@ fn seq_shape_mismatches_are_rejected() {
         &err.to_string(),
         &["teacher_logits", "[2, 4, 5]", "[2, 3, 5]"],
     );
+    // A transposed batch has the same B·T rows: caught before the tokens are flattened.
+    let err = loss
+        .try_forward_parts(s.clone(), Tensor::zeros([3, 2, 5], &device), None)
+        .unwrap_err();
+    assert_mentions(&err.to_string(), &["teacher_logits", "[3, 2, 5]", "[2, 3]"]);
     let err = loss
         .try_forward_parts(s.clone(), s, Some(Tensor::zeros([3, 2], &device)))
         .unwrap_err();
     assert_mentions(&err.to_string(), &["targets", "[3, 2]", "[2, 3]"]);
+}
+
+#[test]
+fn rows_report_the_teacher_before_the_targets() {
+    // Rows keep their checks' order: the teacher's shape first, then the targets'.
+    let loss = DistillLossConfig::new().init();
+    let err = loss
+        .try_forward_parts(
+            logits(2, 5),
+            logits(3, 5),
+            Some(ints::<B>(&[0, 1, 2], &Default::default())),
+        )
+        .unwrap_err();
+    assert_mentions(&err.to_string(), &["teacher_logits", "[3, 5]", "[2, 5]"]);
+    let err = loss
+        .try_forward_parts(
+            logits(2, 5),
+            logits(2, 5),
+            Some(ints::<B>(&[0, 1, 2], &Default::default())),
+        )
+        .unwrap_err();
+    assert_mentions(
+        &err.to_string(),
+        &["targets", "[3]", "one class index per row"],
+    );
 }
 
 #[test]

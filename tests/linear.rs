@@ -233,4 +233,29 @@ fn bad_shapes_and_targets_are_named() {
         Some(y(vec![0, 1, 2])),
     ));
     assert!(e.contains("teacher_head") && e.contains("11"), "{e}");
+    // Sequences: a transposed teacher batch (same B·T rows) and `[B, T]` targets of
+    // another shape are caught before the tokens are flattened.
+    let e = err(loss.try_forward_linear_parts(
+        hidden(6, 4).reshape([2, 3, 4]),
+        &sh,
+        hidden(6, 6).reshape([3, 2, 6]),
+        &th,
+        None,
+    ));
+    assert!(
+        e.contains("teacher_hidden") && e.contains("[3, 2, 6]"),
+        "{e}"
+    );
+    let targets = Tensor::<B, 2, Int>::from_ints([[0, 1], [2, 0], [1, 2]], &device);
+    let e = err(loss.try_forward_linear_parts(
+        hidden(6, 4).reshape([2, 3, 4]),
+        &sh,
+        hidden(6, 6).reshape([2, 3, 6]),
+        &th,
+        Some(targets),
+    ));
+    assert!(
+        e.contains("targets") && e.contains("[3, 2]") && e.contains("[2, 3]"),
+        "{e}"
+    );
 }

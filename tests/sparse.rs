@@ -451,8 +451,21 @@ mod errors {
             "{m}"
         );
 
-        let m = message(loss.try_forward_parts(student, t, Some(ints::<B>(&[0, 1], &device))));
+        let m = message(loss.try_forward_parts(
+            student.clone(),
+            t.clone(),
+            Some(ints::<B>(&[0, 1], &device)),
+        ));
         assert!(m.contains("targets") && m.contains("shape [2]"), "{m}");
+
+        // A sequence's `[B, T]` targets are checked against the student's batch and sequence.
+        let seq = student.reshape([1, 3, 4]);
+        let targets = Tensor::<B, 2, Int>::from_ints([[0], [1], [2]], &device);
+        let m = message(loss.try_forward_parts(seq, t, Some(targets)));
+        assert!(
+            m.contains("targets") && m.contains("[3, 1]") && m.contains("[1, 3]"),
+            "{m}"
+        );
     }
 
     #[test]

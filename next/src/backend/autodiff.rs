@@ -1,0 +1,81 @@
+//! `Autodiff<B>` over any [`DistillOps`] backend: the fused loss is one backward node whose
+//! state is the gradient the kernel formed in the forward pass; the backward pass scales it by
+//! the upstream gradient ([`DistillOps::distill_scale_grad`]), in place on Flex.
+
+use burn::backend::{
+    AutodiffBackend, Backend,
+    autodiff::{
+        Autodiff,
+        checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
+        grads::Gradients,
+        ops::{Backward, Ops, OpsKind},
+    },
+    tensor::{FloatTensor, IntTensor},
+};
+
+use super::ops::{DenseSettings, DistillOps, FusedRows};
+
+/// The backward node of a fused loss: `∂student = grad · upstream`; the teacher (detached by
+/// contract) gets nothing.
+#[derive(Debug)]
+struct FusedBackward;
+
+impl<B: Backend + DistillOps> Backward<B, 2> for FusedBackward {
+    /// The `[N, V]` gradient of the reduced loss for an upstream gradient of 1.
+    type State = FloatTensor<B>;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let upstream = grads.consume::<B>(&ops.node);
+        if let [Some(student), _] = ops.parents {
+            grads.register::<B>(student.id, B::distill_scale_grad(ops.state, upstream));
+        }
+    }
+}
+
+impl<B: Backend + DistillOps, C: CheckpointStrategy> DistillOps for Autodiff<B, C> {
+    fn distill_dense(
+        student: FloatTensor<Self>,
+        teacher: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        settings: DenseSettings,
+    ) -> FusedRows<Self> {
+        let (student, student_node) = student.into_parts();
+        let (teacher, teacher_node) = teacher.into_parts();
+        let targets = Self::int_inner(targets);
+        let prep = FusedBackward
+            .prepare::<C>([student_node, teacher_node])
+            .compute_bound()
+            .stateful();
+        let (out, loss) = match prep {
+            OpsKind::Tracked(prep) => {
+                let settings = DenseSettings {
+                    with_grad: true,
+                    ..settings
+                };
+                let out = B::distill_dense(student, teacher, targets, settings);
+                let loss = prep.finish(out.grad.clone(), out.loss.clone());
+                (out, loss)
+            }
+            OpsKind::UnTracked(prep) => {
+                let out = B::distill_dense(student, teacher, targets, settings);
+                let loss = prep.finish(out.loss.clone());
+                (out, loss)
+            }
+        };
+        FusedRows {
+            loss,
+            soft: Self::from_inner(out.soft),
+            hard: Self::from_inner(out.hard),
+            grad: Self::from_inner(out.grad),
+        }
+    }
+
+    fn distill_scale_grad(
+        grad: FloatTensor<Self>,
+        upstream: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        // Not differentiable (the backward of a loss): constants of the inner backend.
+        let grad = B::distill_scale_grad(Self::inner(grad), Self::inner(upstream));
+        Self::from_inner(grad)
+    }
+}

@@ -1,0 +1,155 @@
+//! Flex: the CPU kernels of [`crate::kernel::cpu`] on the tensors' host memory, zero-copy for
+//! contiguous inputs; the gradient is written once and scaled in place in the backward pass.
+
+use burn::backend::flex::{Flex, FlexTensor, Layout};
+use burn::tensor::{Bytes, DType, Shape};
+
+use super::ops::{DenseSettings, DistillOps, FusedRows};
+use crate::kernel::{cpu, real::Real};
+
+/// The float dtypes of the CPU kernels.
+pub(super) const CPU_DTYPES: &[DType] = &[DType::F32, DType::F64];
+
+impl DistillOps for Flex {
+    fn distill_dense(
+        student: FlexTensor,
+        teacher: FlexTensor,
+        targets: FlexTensor,
+        settings: DenseSettings,
+    ) -> FusedRows<Flex> {
+        match (student.dtype(), teacher.dtype()) {
+            (DType::F32, DType::F32) => dense::<f32>(student, teacher, targets, settings),
+            (DType::F64, DType::F64) => dense::<f64>(student, teacher, targets, settings),
+            (s, t) => panic!(
+                "burn-distill: the Flex kernel takes f32 or f64 logits of one dtype, got \
+                 student {s:?} and teacher {t:?} (the loss checks this before the call)"
+            ),
+        }
+    }
+
+    fn distill_scale_grad(mut grad: FlexTensor, upstream: FlexTensor) -> FlexTensor {
+        let scale = host_f64(&upstream);
+        let v = grad.layout().shape()[1];
+        fn scale_rows<R: Real>(g: Option<&mut [R]>, v: usize, scale: &[f64]) -> bool {
+            g.map(|g| scale_in_place(g, v, scale)).is_some()
+        }
+        // In place where the gradient is the kernel's own (not shared, contiguous).
+        let done = grad.is_contiguous()
+            && match grad.dtype() {
+                DType::F32 => scale_rows(grad.try_storage_mut::<f32>(), v, &scale),
+                DType::F64 => scale_rows(grad.try_storage_mut::<f64>(), v, &scale),
+                _ => false,
+            };
+        if done {
+            return grad;
+        }
+        let grad = grad.to_contiguous();
+        match grad.dtype() {
+            DType::F32 => scaled_copy::<f32>(&grad, &scale),
+            DType::F64 => scaled_copy::<f64>(&grad, &scale),
+            other => panic!("burn-distill: a Flex gradient of {other:?}, expected f32 or f64"),
+        }
+    }
+}
+
+/// The dense row kernel on `R` logits.
+fn dense<R: Real + bytemuck::Pod>(
+    student: FlexTensor,
+    teacher: FlexTensor,
+    targets: FlexTensor,
+    settings: DenseSettings,
+) -> FusedRows<Flex> {
+    let (student, teacher) = (student.to_contiguous(), teacher.to_contiguous());
+    let [n, v] = [student.layout().shape()[0], student.layout().shape()[1]];
+    let s: &[R] = student
+        .as_slice()
+        .expect("contiguous logits of their dtype");
+    let t: &[R] = teacher
+        .as_slice()
+        .expect("contiguous logits of their dtype");
+    let targets = settings.labels.then(|| host_i64(&targets));
+    let params = &settings.params;
+    let out = cpu::distill_rows(s, t, v, targets.as_deref(), params, settings.with_grad);
+    let column = |f: fn(&cpu::RowOut<R>) -> R| match params.reduction.factor(out.kept) {
+        None => tensor(out.rows.iter().map(f).collect::<Vec<R>>(), [n]),
+        Some(factor) => {
+            // Sum in f64: N row values, exact enough for any N.
+            let sum: f64 = out.rows.iter().map(|r| f(r).to_f64()).sum();
+            tensor(vec![R::of(sum * factor)], [1])
+        }
+    };
+    FusedRows {
+        loss: column(|r| r.loss),
+        soft: column(|r| r.soft),
+        hard: column(|r| r.hard),
+        grad: match out.grad {
+            Some(g) => tensor(g, [n, v]),
+            None => tensor(Vec::<R>::new(), [0, v]),
+        },
+    }
+}
+
+/// A contiguous Flex tensor of `values` (moved, not copied).
+fn tensor<R: Real + bytemuck::Pod, const D: usize>(
+    values: Vec<R>,
+    shape: [usize; D],
+) -> FlexTensor {
+    FlexTensor::new(
+        Bytes::from_elems(values),
+        Layout::contiguous(Shape::new(shape)),
+        R::dtype(),
+    )
+}
+
+/// An int tensor's values (Flex's ints are i32 by default, i64 where asked).
+fn host_i64(t: &FlexTensor) -> Vec<i64> {
+    let t = t.to_contiguous();
+    match t.dtype() {
+        DType::I32 => t
+            .as_slice::<i32>()
+            .expect("i32")
+            .iter()
+            .map(|&x| x as i64)
+            .collect(),
+        DType::I64 => t.as_slice::<i64>().expect("i64").to_vec(),
+        other => panic!("burn-distill: targets of {other:?}, expected i32 or i64"),
+    }
+}
+
+/// A (small) float tensor's values as f64: the upstream gradient, `[1]` or `[N]`.
+fn host_f64(t: &FlexTensor) -> Vec<f64> {
+    let t = t.to_contiguous();
+    match t.dtype() {
+        DType::F32 => t
+            .as_slice::<f32>()
+            .expect("f32")
+            .iter()
+            .map(|&x| x as f64)
+            .collect(),
+        DType::F64 => t.as_slice::<f64>().expect("f64").to_vec(),
+        other => panic!("burn-distill: an upstream gradient of {other:?}, expected f32 or f64"),
+    }
+}
+
+/// `grad[i, :] *= scale[i]` (or `*= scale[0]`) in place, rows in parallel; skipped when every
+/// factor is 1 (the usual `loss.backward()`).
+fn scale_in_place<R: Real>(grad: &mut [R], v: usize, scale: &[f64]) {
+    use rayon::prelude::*;
+    if scale.iter().all(|&s| s == 1.0) || v == 0 {
+        return;
+    }
+    grad.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
+        let f = R::of(if scale.len() == 1 { scale[0] } else { scale[i] });
+        for x in row {
+            *x = *x * f;
+        }
+    });
+}
+
+/// [`scale_in_place`] on a copy (a shared gradient).
+fn scaled_copy<R: Real + bytemuck::Pod>(grad: &FlexTensor, scale: &[f64]) -> FlexTensor {
+    let [n, v] = [grad.layout().shape()[0], grad.layout().shape()[1]];
+    let mut values = grad.as_slice::<R>().expect("contiguous gradient").to_vec();
+    scale_in_place(&mut values, v, scale);
+    tensor(values, [n, v])
+}

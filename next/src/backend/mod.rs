@@ -1,0 +1,130 @@
+//! What a backend implementer needs: the extension trait of the fused kernels
+//! ([`DistillOps`]), its inputs and outputs, and the choice between a backend's kernel and the
+//! composed reference path.
+//!
+//! A training loop never calls anything here: the losses of the crate root dispatch through
+//! it. One home per backend family: `flex.rs` (the CPU kernels on Flex's host memory), and
+//! `autodiff.rs` (the backward node of every fused loss).
+
+use burn::backend::{Dispatch, DispatchDevice};
+use burn::tensor::{DType, Device, Int, Tensor};
+
+use crate::{
+    DistillError, DistillParams, Kernel,
+    kernel::reference,
+    reduction::{ignored_rows, reduce_rows},
+};
+
+mod autodiff;
+#[cfg(feature = "flex")]
+mod flex;
+mod ops;
+
+pub use ops::{DenseSettings, DistillOps, FusedRows};
+
+/// A loss reduced as its parameters say, with its soft and hard parts: `[1]` for `Mean`,
+/// `Sum` and `Normalized`, `[N]` for `PerRow` (row values: `0` for ignored rows, NaN for rows
+/// whose target is out of range).
+#[derive(Debug, Clone)]
+pub struct DistillParts {
+    /// `α·soft + (1 − α)·hard` (`soft` without targets), differentiable with respect to the
+    /// student's inputs only.
+    pub loss: Tensor<1>,
+    /// The soft term (T²-scaled if configured), detached.
+    pub soft: Tensor<1>,
+    /// The hard term, detached; `None` without targets.
+    pub hard: Option<Tensor<1>>,
+}
+
+/// Does the device have a fused dense kernel for logits of `dtype`? Flex: f32 and f64 (with
+/// or without autodiff).
+pub fn has_fused_kernel(device: &Device, dtype: DType) -> bool {
+    fused_dtypes(device.as_dispatch()).contains(&dtype)
+}
+
+/// The logit dtypes of a device's fused dense kernel (none on a backend without one).
+fn fused_dtypes(device: &DispatchDevice) -> &'static [DType] {
+    match device {
+        #[cfg(feature = "flex")]
+        DispatchDevice::Flex(_) => flex::CPU_DTYPES,
+        DispatchDevice::Autodiff(device) => fused_dtypes(&device.clone().inner()),
+        #[allow(unreachable_patterns)]
+        _ => &[],
+    }
+}
+
+/// The dense loss of `[N, V]` rows by the kernel `kernel` asks for: the device's fused kernel
+/// (`Auto` where it has one, `Fused` always, an error where it has none) or the reference.
+pub(crate) fn dense(
+    student: Tensor<2>,
+    teacher: Tensor<2>,
+    targets: Option<Tensor<1, Int>>,
+    params: &DistillParams,
+    kernel: Kernel,
+) -> Result<DistillParts, DistillError> {
+    let (device, dtype) = (student.device(), student.dtype());
+    let fused = has_fused_kernel(&device, dtype) && teacher.dtype() == dtype;
+    match kernel {
+        Kernel::Reference => Ok(reference_loss(student, teacher, targets, params)),
+        Kernel::Auto if !fused => Ok(reference_loss(student, teacher, targets, params)),
+        Kernel::Fused if !fused => Err(DistillError::invalid(
+            "kernel",
+            "Kernel::Fused",
+            format!(
+                "Kernel::Auto or Kernel::Reference: device {device:?} has no fused \
+                 distillation kernel for {dtype:?} student and {:?} teacher logits",
+                teacher.dtype()
+            ),
+        )),
+        _ => Ok(fused_loss(student, teacher, targets, params)),
+    }
+}
+
+/// The dense loss by the device's fused kernel (one pass over the rows; under autodiff the
+/// gradient is formed in that pass).
+fn fused_loss(
+    student: Tensor<2>,
+    teacher: Tensor<2>,
+    targets: Option<Tensor<1, Int>>,
+    params: &DistillParams,
+) -> DistillParts {
+    let labels = targets.is_some();
+    let targets = targets.unwrap_or_else(|| Tensor::<1, Int>::empty([0], &student.device()));
+    let settings = DenseSettings {
+        params: *params,
+        labels,
+        with_grad: false,
+    };
+    let out = <Dispatch as DistillOps>::distill_dense(
+        student.into_dispatch(),
+        teacher.detach().into_dispatch(),
+        targets.into_dispatch(),
+        settings,
+    );
+    DistillParts {
+        loss: Tensor::from_dispatch(out.loss),
+        soft: Tensor::from_dispatch(out.soft),
+        hard: labels.then(|| Tensor::from_dispatch(out.hard)),
+    }
+}
+
+/// The dense loss by the reference implementation (composed tensor ops, differentiable on
+/// every backend through burn's autodiff).
+pub fn reference_loss(
+    student: Tensor<2>,
+    teacher: Tensor<2>,
+    targets: Option<Tensor<1, Int>>,
+    params: &DistillParams,
+) -> DistillParts {
+    let ignored = ignored_rows(targets.as_ref(), params.ignore_index);
+    let soft = reference::soft_rows(student.clone(), teacher, params);
+    // Ignored rows 0, rows with an out-of-range target NaN: an unchecked bad target never
+    // gives a plausible-looking loss.
+    let rows = reference::mix_rows(soft, student, targets, params);
+    let reduce = |t: Tensor<1>| reduce_rows(t, ignored.clone(), params.reduction);
+    DistillParts {
+        loss: reduce(rows.loss),
+        soft: reduce(rows.soft),
+        hard: rows.hard.map(reduce),
+    }
+}

@@ -1,0 +1,64 @@
+//! The extension trait of the fused kernels: burn 0.22's `#[backend_extension]` generates its
+//! `Dispatch` implementation, which routes each call to the backend of the tensors' device.
+
+use burn::backend::{
+    Backend, ExtensionType, backend_extension,
+    tensor::{FloatTensor, IntTensor},
+};
+
+use crate::DistillParams;
+
+/// The settings of one dense kernel call: the loss's parameters, whether the targets are real
+/// (without them the kernel gets an empty `[0]` tensor: the extension macro takes no `Option`
+/// tensors) and whether it forms the gradient.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DenseSettings {
+    /// The validated loss parameters.
+    pub params: DistillParams,
+    /// Are the `targets` real (`false`: soft term only; the targets tensor is `[0]`)?
+    pub labels: bool,
+    /// Form the `[N, V]` gradient of the reduced loss with respect to the student's logits.
+    pub with_grad: bool,
+}
+
+/// What a fused dense kernel returns: the loss and its parts reduced as the parameters say
+/// (`[1]`, or `[N]` for `PerRow`), and the gradient of `loss` with respect to the student's
+/// logits for an upstream gradient of 1 (`[N, V]`; `[0, V]` when not asked for).
+#[derive(ExtensionType, Debug)]
+pub struct FusedRows<B: Backend> {
+    /// `α·soft + (1 − α)·hard` (`soft` without labels).
+    pub loss: FloatTensor<B>,
+    /// The soft term (T²-scaled if configured).
+    pub soft: FloatTensor<B>,
+    /// The hard term (zeros without labels).
+    pub hard: FloatTensor<B>,
+    /// `∂loss/∂student`, or `[0, V]`.
+    pub grad: FloatTensor<B>,
+}
+
+/// The fused kernels of a backend. Implemented for Flex (the CPU kernels) and for
+/// `Autodiff<B>` over any implementation (the gradient formed in the forward pass is the
+/// backward node's state: no second pass over the logits).
+///
+/// Kernels only: the composed reference path is ordinary tensor code
+/// ([`reference_loss`](super::reference_loss)), and which path runs is decided by
+/// [`has_fused_kernel`](super::has_fused_kernel) before any call, so an unlisted backend never
+/// reaches the macro's "not supported" panic.
+#[backend_extension(Autodiff, Flex: cfg(feature = "flex"))]
+pub trait DistillOps: Backend {
+    /// The dense loss of `[N, V]` student and teacher logits against `[N]` targets (`[0]`
+    /// without labels), in one pass over the rows.
+    fn distill_dense(
+        student: FloatTensor<Self>,
+        teacher: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        settings: DenseSettings,
+    ) -> FusedRows<Self>;
+
+    /// `grad · upstream`, the upstream gradient (`[1]`, or `[N]` for a `PerRow` loss)
+    /// broadcast over each row of the `[N, V]` gradient: the backward of the fused losses.
+    fn distill_scale_grad(
+        grad: FloatTensor<Self>,
+        upstream: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+}

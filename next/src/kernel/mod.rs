@@ -1,0 +1,37 @@
+//! The math of the row losses, one module per kernel language; the backend glue that feeds
+//! them tensors lives in `crate::backend`.
+//!
+//! - `reference`: composed burn tensor ops, backend-generic, differentiable through burn's
+//!   autodiff. It is the oracle every other path is tested against.
+//! - `cpu`: the fused CPU row kernel (rayon across rows, runtime-dispatched SIMD), used by
+//!   Flex for f32 and f64 logits.
+
+use serde::{Deserialize, Serialize};
+
+#[cfg(feature = "flex")]
+pub(crate) mod cpu;
+#[cfg(feature = "flex")]
+pub(crate) mod real;
+pub(crate) mod reference;
+#[cfg(feature = "flex")]
+pub(crate) mod simd;
+
+/// Which implementation computes the loss.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Kernel {
+    /// The fused kernel where the backend has one for these inputs, else the reference.
+    #[default]
+    Auto,
+    /// Always the reference implementation (burn tensor ops): the oracle.
+    Reference,
+    /// Always the fused kernel; a clear error where the backend has none.
+    Fused,
+}
+
+/// Hooks for this crate's own tests and benchmarks; not part of the API (no semver promise).
+#[doc(hidden)]
+#[cfg(feature = "flex")]
+pub mod internals {
+    pub use super::cpu::{Isa, force_isa, zeroed_grad};
+}

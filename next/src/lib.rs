@@ -1,0 +1,66 @@
+//! # burn-distill
+//!
+//! Knowledge distillation for the [burn](https://burn.dev) deep-learning framework (0.22):
+//! train a small *student* to match a large *teacher*'s output distribution.
+//!
+//! - [`DistillLossConfig`] / [`DistillLoss`]: the soft loss (teacher and student at
+//!   temperature `T`, scaled by `T²`) in every common [`Divergence`] (forward/reverse KL,
+//!   JSD(β), skew KL, skew reverse KL, TVD), the hard cross-entropy with label smoothing, their
+//!   `α`-mix, `ignore_index` masking for sequences, and [`Reduction`]s, for `[N, V]` rows and
+//!   `[B, T, V]` sequences;
+//! - [`temperature_softmax`] and [`temperature_log_softmax`];
+//! - [`backend`]: what a backend implementer needs (the extension trait of the fused kernels).
+//!
+//! ```
+//! use burn::tensor::{Device, Int, Tensor};
+//! use burn_distill::{DistillLossConfig, Divergence, Reduction};
+//!
+//! let device = Device::default().autodiff();
+//! let student = Tensor::<2>::from_floats([[2.0, 0.5, -1.0]], &device).require_grad();
+//! let teacher = Tensor::<2>::from_floats([[3.0, 1.0, -2.0]], &device);
+//! let targets = Tensor::<1, Int>::from_ints([0], &device);
+//!
+//! let loss = DistillLossConfig::new()
+//!     .with_temperature(4.0)
+//!     .with_alpha(0.9)
+//!     .with_divergence(Divergence::ForwardKl)
+//!     .with_reduction(Reduction::Mean)
+//!     .init();
+//! let value = loss.forward(student.clone(), teacher, targets);
+//! let grads = value.backward();
+//! let grad = student.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
+//! // The student's first logit is pulled up (the teacher and the target both favour it).
+//! assert!(grad[0] < 0.0 && grad.iter().sum::<f32>().abs() < 1e-6);
+//! ```
+#![warn(missing_docs)]
+
+pub mod backend;
+mod divergence;
+mod error;
+mod kernel;
+mod loss;
+mod params;
+mod rank;
+mod reduction;
+mod softmax;
+mod tail;
+pub mod testing;
+mod validation;
+mod vocab;
+
+pub use divergence::Divergence;
+pub use error::DistillError;
+pub use kernel::Kernel;
+#[doc(hidden)]
+#[cfg(feature = "flex")]
+pub use kernel::internals;
+pub use loss::{DistillLoss, DistillLossConfig, DistillOutput};
+pub use params::DistillParams;
+pub use reduction::Reduction;
+pub use softmax::{
+    temperature_log_softmax, temperature_softmax, try_temperature_log_softmax,
+    try_temperature_softmax,
+};
+pub use tail::{StudentSupport, TAIL_FLOOR, TailPolicy};
+pub use validation::Validation;
+pub use vocab::{MASKED_LOGIT, VocabMismatch};

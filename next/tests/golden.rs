@@ -1,0 +1,20 @@
+//! Every case of the golden files (float64 PyTorch references), forward and gradient, on each
+//! enabled device: one line per device through the crate's exported conformance suites
+//! (`burn_distill::conformance_tests!`).
+
+use burn::tensor::Device;
+
+#[test]
+fn golden_files_are_complete() {
+    let cases = burn_distill::testing::golden_cases();
+    assert_eq!(cases.len(), 38);
+    assert!(cases.iter().any(|c| c.student.contains(&f64::NEG_INFINITY)));
+}
+
+#[cfg(feature = "flex")]
+burn_distill::conformance_tests!(flex, Device::flex(), fused);
+
+// wgpu (on CI: Mesa's lavapipe). Without an adapter the tests fail with one line saying how
+// to get one.
+#[cfg(feature = "wgpu")]
+burn_distill::conformance_tests!(wgpu, burn_distill::testing::wgpu_device());

@@ -17,4 +17,4 @@ burn_distill::conformance_tests!(flex, Device::flex(), fused);
 // wgpu (on CI: Mesa's lavapipe). Without an adapter the tests fail with one line saying how
 // to get one.
 #[cfg(feature = "wgpu")]
-burn_distill::conformance_tests!(wgpu, burn_distill::testing::wgpu_device());
+burn_distill::conformance_tests!(wgpu, burn_distill::testing::wgpu_device(), fused);

@@ -37,11 +37,13 @@ impl<B: Backend + DistillOps, C: CheckpointStrategy> DistillOps for Autodiff<B, 
         student: FloatTensor<Self>,
         teacher: FloatTensor<Self>,
         targets: IntTensor<Self>,
+        scale: FloatTensor<Self>,
         settings: DenseSettings,
     ) -> FusedRows<Self> {
         let (student, student_node) = student.into_parts();
         let (teacher, teacher_node) = teacher.into_parts();
         let targets = Self::int_inner(targets);
+        let scale = Self::inner(scale);
         let prep = FusedBackward
             .prepare::<C>([student_node, teacher_node])
             .compute_bound()
@@ -52,12 +54,12 @@ impl<B: Backend + DistillOps, C: CheckpointStrategy> DistillOps for Autodiff<B, 
                     with_grad: true,
                     ..settings
                 };
-                let out = B::distill_dense(student, teacher, targets, settings);
+                let out = B::distill_dense(student, teacher, targets, scale, settings);
                 let loss = prep.finish(out.grad.clone(), out.loss.clone());
                 (out, loss)
             }
             OpsKind::UnTracked(prep) => {
-                let out = B::distill_dense(student, teacher, targets, settings);
+                let out = B::distill_dense(student, teacher, targets, scale, settings);
                 let loss = prep.finish(out.loss.clone());
                 (out, loss)
             }

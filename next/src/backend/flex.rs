@@ -15,6 +15,7 @@ impl DistillOps for Flex {
         student: FlexTensor,
         teacher: FlexTensor,
         targets: FlexTensor,
+        _scale: FlexTensor,
         settings: DenseSettings,
     ) -> FusedRows<Flex> {
         match (student.dtype(), teacher.dtype()) {

@@ -16,6 +16,8 @@ use crate::{
 };
 
 mod autodiff;
+#[cfg(feature = "cube")]
+mod cube;
 #[cfg(feature = "flex")]
 mod flex;
 mod ops;
@@ -36,8 +38,8 @@ pub struct DistillParts {
     pub hard: Option<Tensor<1>>,
 }
 
-/// Does the device have a fused dense kernel for logits of `dtype`? Flex: f32 and f64 (with
-/// or without autodiff).
+/// Does the device have a fused dense kernel for logits of `dtype`? Flex: f32 and f64; the
+/// CubeCL backends (wgpu, CUDA): f32, f16 and bf16 (with or without autodiff).
 pub fn has_fused_kernel(device: &Device, dtype: DType) -> bool {
     fused_dtypes(device.as_dispatch()).contains(&dtype)
 }
@@ -47,6 +49,8 @@ fn fused_dtypes(device: &DispatchDevice) -> &'static [DType] {
     match device {
         #[cfg(feature = "flex")]
         DispatchDevice::Flex(_) => flex::CPU_DTYPES,
+        #[cfg(feature = "cube")]
+        DispatchDevice::Cube(_) => cube::CUBE_DTYPES,
         DispatchDevice::Autodiff(device) => fused_dtypes(&device.clone().inner()),
         #[allow(unreachable_patterns)]
         _ => &[],
@@ -63,7 +67,9 @@ pub(crate) fn dense(
     kernel: Kernel,
 ) -> Result<DistillParts, DistillError> {
     let (device, dtype) = (student.device(), student.dtype());
-    let fused = has_fused_kernel(&device, dtype) && teacher.dtype() == dtype;
+    let fused = has_fused_kernel(&device, dtype)
+        && teacher.dtype() == dtype
+        && fits(&device, student.dims());
     match kernel {
         Kernel::Reference => Ok(reference_loss(student, teacher, targets, params)),
         Kernel::Auto if !fused => Ok(reference_loss(student, teacher, targets, params)),
@@ -80,6 +86,19 @@ pub(crate) fn dense(
     }
 }
 
+/// Can the fused kernel take `[N, V]` logits on this device? The CubeCL kernel addresses with
+/// 32-bit offsets here (`N·V ≤ u32::MAX` elements; beyond, the reference runs); the CPU
+/// kernel takes any size.
+fn fits(device: &Device, [n, v]: [usize; 2]) -> bool {
+    match device.as_dispatch() {
+        #[cfg(feature = "cube")]
+        DispatchDevice::Cube(_) => n.saturating_mul(v) <= u32::MAX as usize,
+        DispatchDevice::Autodiff(inner) => fits(&Device::new(inner.clone().inner()), [n, v]),
+        #[allow(unreachable_patterns)]
+        _ => true,
+    }
+}
+
 /// The dense loss by the device's fused kernel (one pass over the rows; under autodiff the
 /// gradient is formed in that pass).
 fn fused_loss(
@@ -89,6 +108,13 @@ fn fused_loss(
     params: &DistillParams,
 ) -> DistillParts {
     let labels = targets.is_some();
+    let [n, _] = student.dims();
+    let ignored = ignored_rows(targets.as_ref(), params.ignore_index);
+    // The reduction's factor, counted on the device (no read-back), in f32.
+    let scale = params
+        .reduction
+        .factor_tensor(ignored, n, &student.device(), DType::F32)
+        .unwrap_or_else(|| Tensor::ones([1], (&student.device(), DType::F32)));
     let targets = targets.unwrap_or_else(|| Tensor::<1, Int>::empty([0], &student.device()));
     let settings = DenseSettings {
         params: *params,
@@ -99,6 +125,7 @@ fn fused_loss(
         student.into_dispatch(),
         teacher.detach().into_dispatch(),
         targets.into_dispatch(),
+        scale.into_dispatch(),
         settings,
     );
     DistillParts {

@@ -23,8 +23,9 @@ pub struct DenseSettings {
 
 /// What a fused dense kernel returns: the loss and its parts reduced as the parameters say
 /// (`[1]`, or `[N]` for `PerRow`), and the gradient of `loss` with respect to the student's
-/// logits for an upstream gradient of 1 (`[N, V]`; `[0, V]` when not asked for).
+/// logits for an upstream gradient of 1 (`[N, V]`; a placeholder when not asked for).
 #[derive(ExtensionType, Debug)]
+#[extension_type(fusion: cfg(feature = "fusion"))]
 pub struct FusedRows<B: Backend> {
     /// `α·soft + (1 − α)·hard` (`soft` without labels).
     pub loss: FloatTensor<B>,
@@ -32,33 +33,75 @@ pub struct FusedRows<B: Backend> {
     pub soft: FloatTensor<B>,
     /// The hard term (zeros without labels).
     pub hard: FloatTensor<B>,
-    /// `∂loss/∂student`, or `[0, V]`.
+    /// `∂loss/∂student`, or a placeholder (`[0, V]` on Flex, `[1, V]` on CubeCL).
     pub grad: FloatTensor<B>,
 }
 
-/// The fused kernels of a backend. Implemented for Flex (the CPU kernels) and for
-/// `Autodiff<B>` over any implementation (the gradient formed in the forward pass is the
+/// The fused kernels of a backend. Implemented for Flex (the CPU kernels), for CubeCL's
+/// backend (wgpu, CUDA; burn's fusion wrapper registers each call as one custom operation of
+/// its stream) and for `Autodiff<B>` over any implementation (the gradient formed in the forward pass is the
 /// backward node's state: no second pass over the logits).
 ///
 /// Kernels only: the composed reference path is ordinary tensor code
 /// ([`reference_loss`](super::reference_loss)), and which path runs is decided by
 /// [`has_fused_kernel`](super::has_fused_kernel) before any call, so an unlisted backend never
 /// reaches the macro's "not supported" panic.
-#[backend_extension(Autodiff, Flex: cfg(feature = "flex"))]
+#[backend_extension(
+    Autodiff,
+    Flex: cfg(feature = "flex"),
+    Cube: cfg(feature = "cube"),
+    Fusion: cfg(feature = "fusion"),
+)]
 pub trait DistillOps: Backend {
     /// The dense loss of `[N, V]` student and teacher logits against `[N]` targets (`[0]`
-    /// without labels), in one pass over the rows.
+    /// without labels), in one pass over the rows. `scale` is the `[1]` factor of the
+    /// reduction (`1/kept` for `Mean`, counted on the device; 1 for `PerRow`), which the
+    /// gradient carries (the CPU kernel counts its kept rows itself).
+    #[fusion(meta = dense_meta)]
     fn distill_dense(
         student: FloatTensor<Self>,
         teacher: FloatTensor<Self>,
         targets: IntTensor<Self>,
+        scale: FloatTensor<Self>,
         settings: DenseSettings,
     ) -> FusedRows<Self>;
 
     /// `grad · upstream`, the upstream gradient (`[1]`, or `[N]` for a `PerRow` loss)
     /// broadcast over each row of the `[N, V]` gradient: the backward of the fused losses.
+    #[fusion(dtype = grad, shape = grad)]
     fn distill_scale_grad(
         grad: FloatTensor<Self>,
         upstream: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+}
+
+/// The outputs of [`DistillOps::distill_dense`] on CubeCL, before the kernel runs (burn's
+/// fusion wrapper defers it): f32 row values, reduced to `[1]` or `[N]`, and the gradient in
+/// the kernel's gradient dtype.
+#[cfg(feature = "fusion")]
+fn dense_meta(
+    student: &burn::backend::fusion::custom::TensorSpec,
+    _teacher: &burn::backend::fusion::custom::TensorSpec,
+    _targets: &burn::backend::fusion::custom::TensorSpec,
+    _scale: &burn::backend::fusion::custom::TensorSpec,
+    settings: &DenseSettings,
+) -> FusedRowsMetadata {
+    use burn::backend::fusion::custom::TensorSpec;
+    use burn::tensor::{DType, Shape};
+    let [n, v] = [student.shape[0], student.shape[1]];
+    let rows = match settings.params.reduction.factor(1) {
+        None => n,
+        Some(_) => 1,
+    };
+    let row = || TensorSpec::new(Shape::new([rows]), DType::F32);
+    let grad_rows = if settings.with_grad { n } else { 1 };
+    FusedRowsMetadata {
+        loss: row(),
+        soft: row(),
+        hard: row(),
+        grad: TensorSpec::new(
+            Shape::new([grad_rows, v]),
+            super::cube::grad_dtype(student.dtype),
+        ),
+    }
 }

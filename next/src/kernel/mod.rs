@@ -5,11 +5,18 @@
 //!   autodiff. It is the oracle every other path is tested against.
 //! - `cpu`: the fused CPU row kernel (rayon across rows, runtime-dispatched SIMD), used by
 //!   Flex for f32 and f64 logits.
+//! - `cube`: the fused CubeCL kernel (vector loads, one or several rows per cube, shared-memory
+//!   reductions), used by the CubeCL backends (wgpu, CUDA) for f32, f16 and bf16 logits
+//!   (accumulating in f32); `cube_row` holds the `#[cube]` pieces of a row.
 
 use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "flex")]
 pub(crate) mod cpu;
+#[cfg(feature = "cube")]
+pub(crate) mod cube;
+#[cfg(feature = "cube")]
+pub(crate) mod cube_row;
 #[cfg(feature = "flex")]
 pub(crate) mod real;
 pub(crate) mod reference;

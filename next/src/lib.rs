@@ -43,6 +43,7 @@ mod params;
 mod rank;
 mod reduction;
 mod softmax;
+mod sparse;
 mod tail;
 pub mod testing;
 mod validation;
@@ -61,6 +62,7 @@ pub use softmax::{
     temperature_log_softmax, temperature_softmax, try_temperature_log_softmax,
     try_temperature_softmax,
 };
+pub use sparse::{SparseDistillLoss, SparseDistillLossConfig, SparseTeacher};
 pub use tail::{StudentSupport, TAIL_FLOOR, TailPolicy};
 pub use validation::Validation;
 pub use vocab::{MASKED_LOGIT, VocabMismatch};

@@ -499,6 +499,11 @@ impl DistillLoss {
     where
         Rank<D>: TokenRank,
     {
+        crate::rank::same_lead(
+            "teacher_logits",
+            teacher_logits.dims(),
+            student_logits.dims(),
+        )?;
         let (student_logits, teacher_logits) = self.vocab_mismatch.align(
             self.soft_cap(student_logits),
             self.soft_cap(teacher_logits),

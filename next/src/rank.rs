@@ -100,3 +100,25 @@ pub(crate) fn same_shape<const D: usize>(
 ) -> Result<(), DistillError> {
     crate::error::same_dims(argument, dims, reference, expected, "")
 }
+
+/// A sequence's teacher input `argument` (logits or hidden states, whose last dimension may
+/// differ from the student's) must have the student's batch and sequence: flattening would
+/// hide a transposed batch. Rows are checked with their whole shape by the loss.
+pub(crate) fn same_lead<const D: usize>(
+    argument: &str,
+    dims: [usize; D],
+    student_dims: [usize; D],
+) -> Result<(), DistillError> {
+    if D > 2 && dims[..D - 1] != student_dims[..D - 1] {
+        return Err(DistillError::invalid(
+            argument,
+            format!("shape {dims:?}"),
+            format!(
+                "{:?} leading dimensions (the batch and sequence of the student's shape \
+                 {student_dims:?})",
+                &student_dims[..D - 1]
+            ),
+        ));
+    }
+    Ok(())
+}

@@ -3,6 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
+/// How far above 0 a teacher log-probability may lie (f32 rounding of a dominant token), and
+/// how far above 1 the top-k mass may lie with [`TailPolicy::TailBucket`].
+pub(crate) const ROUNDING: f64 = 1e-3;
+
 /// The smallest teacher tail of [`TailPolicy::TailBucket`]: `m = max(1 − Σ_{j∈K} exp(ℓ_j),
 /// TAIL_FLOOR)`.
 ///

@@ -9,6 +9,15 @@ fn golden_files_are_complete() {
     let cases = burn_distill::testing::golden_cases();
     assert_eq!(cases.len(), 38);
     assert!(cases.iter().any(|c| c.student.contains(&f64::NEG_INFINITY)));
+    let sparse = burn_distill::testing::sparse::sparse_cases();
+    assert_eq!(sparse.len(), 24);
+    assert_eq!(
+        sparse
+            .iter()
+            .filter(|c| c.config.loss.logit_softcap.is_some())
+            .count(),
+        3
+    );
 }
 
 #[cfg(feature = "flex")]

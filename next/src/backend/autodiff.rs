@@ -13,7 +13,7 @@ use burn::backend::{
     tensor::{FloatTensor, IntTensor},
 };
 
-use super::ops::{DenseSettings, DistillOps, FusedRows};
+use super::ops::{DenseSettings, DistillOps, FusedRows, SparseSetup};
 
 /// The backward node of a fused loss: `∂student = grad · upstream`; the teacher (detached by
 /// contract) gets nothing.
@@ -32,6 +32,45 @@ impl<B: Backend + DistillOps> Backward<B, 2> for FusedBackward {
     }
 }
 
+/// A fused loss of the tracked `student` (and an untracked second float input, the teacher):
+/// `kernel(student, other, settings)` on the inner backend with the gradient formed where the
+/// student is tracked, its loss the output of one [`FusedBackward`] node.
+fn tracked<B: Backend + DistillOps, C: CheckpointStrategy>(
+    student: FloatTensor<Autodiff<B, C>>,
+    other: FloatTensor<Autodiff<B, C>>,
+    settings: DenseSettings,
+    kernel: impl FnOnce(FloatTensor<B>, FloatTensor<B>, DenseSettings) -> FusedRows<B>,
+) -> FusedRows<Autodiff<B, C>> {
+    let (student, student_node) = student.into_parts();
+    let (other, other_node) = other.into_parts();
+    let prep = FusedBackward
+        .prepare::<C>([student_node, other_node])
+        .compute_bound()
+        .stateful();
+    let (out, loss) = match prep {
+        OpsKind::Tracked(prep) => {
+            let settings = DenseSettings {
+                with_grad: true,
+                ..settings
+            };
+            let out = kernel(student, other, settings);
+            let loss = prep.finish(out.grad.clone(), out.loss.clone());
+            (out, loss)
+        }
+        OpsKind::UnTracked(prep) => {
+            let out = kernel(student, other, settings);
+            let loss = prep.finish(out.loss.clone());
+            (out, loss)
+        }
+    };
+    FusedRows {
+        loss,
+        soft: Autodiff::<B, C>::from_inner(out.soft),
+        hard: Autodiff::<B, C>::from_inner(out.hard),
+        grad: Autodiff::<B, C>::from_inner(out.grad),
+    }
+}
+
 impl<B: Backend + DistillOps, C: CheckpointStrategy> DistillOps for Autodiff<B, C> {
     fn distill_dense(
         student: FloatTensor<Self>,
@@ -40,36 +79,26 @@ impl<B: Backend + DistillOps, C: CheckpointStrategy> DistillOps for Autodiff<B, 
         scale: FloatTensor<Self>,
         settings: DenseSettings,
     ) -> FusedRows<Self> {
-        let (student, student_node) = student.into_parts();
-        let (teacher, teacher_node) = teacher.into_parts();
-        let targets = Self::int_inner(targets);
+        let (targets, scale) = (Self::int_inner(targets), Self::inner(scale));
+        tracked(student, teacher, settings, |s, t, settings| {
+            B::distill_dense(s, t, targets, scale, settings)
+        })
+    }
+
+    fn distill_sparse(
+        student: FloatTensor<Self>,
+        indices: IntTensor<Self>,
+        log_probs: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        scale: FloatTensor<Self>,
+        settings: DenseSettings,
+        setup: SparseSetup,
+    ) -> FusedRows<Self> {
+        let (indices, targets) = (Self::int_inner(indices), Self::int_inner(targets));
         let scale = Self::inner(scale);
-        let prep = FusedBackward
-            .prepare::<C>([student_node, teacher_node])
-            .compute_bound()
-            .stateful();
-        let (out, loss) = match prep {
-            OpsKind::Tracked(prep) => {
-                let settings = DenseSettings {
-                    with_grad: true,
-                    ..settings
-                };
-                let out = B::distill_dense(student, teacher, targets, scale, settings);
-                let loss = prep.finish(out.grad.clone(), out.loss.clone());
-                (out, loss)
-            }
-            OpsKind::UnTracked(prep) => {
-                let out = B::distill_dense(student, teacher, targets, scale, settings);
-                let loss = prep.finish(out.loss.clone());
-                (out, loss)
-            }
-        };
-        FusedRows {
-            loss,
-            soft: Self::from_inner(out.soft),
-            hard: Self::from_inner(out.hard),
-            grad: Self::from_inner(out.grad),
-        }
+        tracked(student, log_probs, settings, |s, lp, settings| {
+            B::distill_sparse(s, indices, lp, targets, scale, settings, setup)
+        })
     }
 
     fn distill_scale_grad(

@@ -12,9 +12,10 @@ use cubecl::{
     ir::AddressType, prelude::*, server::CubeCountSelection, tensor_vector_size_parallel,
 };
 
-use super::ops::{DenseSettings, DistillOps, FusedRows};
+use super::ops::{DenseSettings, DistillOps, FusedRows, SparseSetup};
 use crate::DistillParams;
 use crate::kernel::cube::{BLOCK, DivKind, RowOutLaunch, RowParamsLaunch, RowSpec, distill_kernel};
+use crate::kernel::sparse_cube::{TailKind, sparse_kernel};
 
 /// The logit dtypes of the CubeCL kernel (accumulating in f32).
 pub(super) const CUBE_DTYPES: &[DType] = &[DType::F32, DType::F16, DType::BF16];
@@ -94,6 +95,7 @@ fn row_params(
         mix,
         ignore,
         f32::NAN,
+        f32::NEG_INFINITY,
     );
     let spec = RowSpec {
         kind,
@@ -136,6 +138,52 @@ fn launch(
         outputs.arg(),
         row_params,
         spec,
+        dtypes,
+    );
+    outputs
+}
+
+/// Launches the sparse kernel (see [`launch`]): `[N, k]` `i32` indices, `[N, k]` f32
+/// log-probabilities (`−∞` where missing, `+∞` for a NaN).
+fn launch_sparse(
+    student: CubeTensor,
+    (indices, log_probs): (CubeTensor, CubeTensor),
+    targets: CubeTensor,
+    scale: CubeTensor,
+    settings: &DenseSettings,
+    setup: SparseSetup,
+) -> RowOutputs {
+    let params = &settings.params;
+    let n = student.meta.shape()[0];
+    let k = indices.meta.shape()[1];
+    let outputs = RowOutputs::new(&student, settings.with_grad);
+    let (row_params, spec) = row_params(params, settings.labels, settings.with_grad);
+    let dtypes = [
+        dtype_to_storage_type(student.dtype),
+        dtype_to_storage_type(indices.dtype),
+        dtype_to_storage_type(outputs.grad.dtype),
+    ];
+    let client = student.client.clone();
+    let cube_count = CubeCountSelection::new(&client, n as u32).cube_count();
+    let width = vector_width(&student);
+    let address = address_type(student.meta.shape().dims::<2>());
+    sparse_kernel::launch(
+        &client,
+        cube_count,
+        CubeDim::new_1d(BLOCK),
+        address,
+        width,
+        student.into_tensor_arg(),
+        indices.into_tensor_arg(),
+        log_probs.into_tensor_arg(),
+        targets.into_tensor_arg(),
+        scale.into_tensor_arg(),
+        outputs.arg(),
+        row_params,
+        (setup.generation_temperature / params.temperature) as f32,
+        spec,
+        TailKind::of(setup.tail),
+        k,
         dtypes,
     );
     outputs
@@ -196,29 +244,31 @@ impl DistillOps for CubeBackend {
         settings: DenseSettings,
     ) -> FusedRows<Self> {
         let (student, teacher) = (into_contiguous(student), into_contiguous(teacher));
-        let n = student.meta.shape()[0];
-        let targets = if settings.labels {
-            into_contiguous(as_i32(targets))
-        } else {
-            zeros_client(
-                student.client.clone(),
-                student.device.clone(),
-                Shape::new([n]),
-                DType::I32,
-            )
-        };
+        let targets = kernel_targets(targets, &student, &settings);
         let scale = into_contiguous(Self::float_cast(scale, DType::F32.into()));
         let rows = launch(student, teacher, targets, scale.clone(), &settings);
-        let reduce = |t: CubeTensor| match settings.params.reduction.factor(1) {
-            None => t,
-            Some(_) => Self::float_mul(pairwise_sum(t), scale.clone()),
-        };
-        FusedRows {
-            loss: reduce(rows.loss),
-            soft: reduce(rows.soft),
-            hard: reduce(rows.hard),
-            grad: rows.grad,
-        }
+        rows.reduce(&settings, scale)
+    }
+
+    fn distill_sparse(
+        student: CubeTensor,
+        indices: CubeTensor,
+        log_probs: CubeTensor,
+        targets: CubeTensor,
+        scale: CubeTensor,
+        settings: DenseSettings,
+        setup: SparseSetup,
+    ) -> FusedRows<Self> {
+        type B = CubeBackend;
+        let student = into_contiguous(student);
+        let targets = kernel_targets(targets, &student, &settings);
+        let indices = into_contiguous(as_i32(indices));
+        // f32 log-probabilities (a NaN is already +∞: see `backend::sparse`).
+        let log_probs = into_contiguous(B::float_cast(log_probs, DType::F32.into()));
+        let scale = into_contiguous(B::float_cast(scale, DType::F32.into()));
+        let teacher = (indices, log_probs);
+        let rows = launch_sparse(student, teacher, targets, scale.clone(), &settings, setup);
+        rows.reduce(&settings, scale)
     }
 
     fn distill_scale_grad(grad: CubeTensor, upstream: CubeTensor) -> CubeTensor {
@@ -226,6 +276,41 @@ impl DistillOps for CubeBackend {
         let upstream = Self::float_reshape(upstream, Shape::new([n, 1]));
         let upstream = Self::float_cast(upstream, grad.dtype.into());
         Self::float_mul(grad, upstream)
+    }
+}
+
+/// The kernels' targets: `[N]` contiguous `i32` class indices, or `[N]` zeros without labels
+/// (read and ignored).
+fn kernel_targets(
+    targets: CubeTensor,
+    student: &CubeTensor,
+    settings: &DenseSettings,
+) -> CubeTensor {
+    if settings.labels {
+        return into_contiguous(as_i32(targets));
+    }
+    zeros_client(
+        student.client.clone(),
+        student.device.clone(),
+        Shape::new([student.meta.shape()[0]]),
+        DType::I32,
+    )
+}
+
+impl RowOutputs {
+    /// The rows reduced as the settings say (pairwise sums times the `[1]` factor `scale`;
+    /// as they are for `PerRow`), and the gradient.
+    fn reduce(self, settings: &DenseSettings, scale: CubeTensor) -> FusedRows<CubeBackend> {
+        let reduce = |t: CubeTensor| match settings.params.reduction.factor(1) {
+            None => t,
+            Some(_) => CubeBackend::float_mul(pairwise_sum(t), scale.clone()),
+        };
+        FusedRows {
+            loss: reduce(self.loss),
+            soft: reduce(self.soft),
+            hard: reduce(self.hard),
+            grad: self.grad,
+        }
     }
 }
 

@@ -4,8 +4,8 @@
 use burn::backend::flex::{Flex, FlexTensor, Layout};
 use burn::tensor::{Bytes, DType, Shape};
 
-use super::ops::{DenseSettings, DistillOps, FusedRows};
-use crate::kernel::{cpu, real::Real};
+use super::ops::{DenseSettings, DistillOps, FusedRows, SparseSetup};
+use crate::kernel::{cpu, real::Real, sparse_cpu};
 
 /// The float dtypes of the CPU kernels.
 pub(super) const CPU_DTYPES: &[DType] = &[DType::F32, DType::F64];
@@ -24,6 +24,26 @@ impl DistillOps for Flex {
             (s, t) => panic!(
                 "burn-distill: the Flex kernel takes f32 or f64 logits of one dtype, got \
                  student {s:?} and teacher {t:?} (the loss checks this before the call)"
+            ),
+        }
+    }
+
+    fn distill_sparse(
+        student: FlexTensor,
+        indices: FlexTensor,
+        log_probs: FlexTensor,
+        targets: FlexTensor,
+        _scale: FlexTensor,
+        settings: DenseSettings,
+        setup: SparseSetup,
+    ) -> FusedRows<Flex> {
+        let teacher = (indices, log_probs);
+        match student.dtype() {
+            DType::F32 => sparse::<f32>(student, teacher, targets, settings, setup),
+            DType::F64 => sparse::<f64>(student, teacher, targets, settings, setup),
+            other => panic!(
+                "burn-distill: the Flex kernel takes f32 or f64 logits, got {other:?} (the loss \
+                 checks this before the call)"
             ),
         }
     }
@@ -71,6 +91,49 @@ fn dense<R: Real + bytemuck::Pod>(
     let targets = settings.labels.then(|| host_i64(&targets));
     let params = &settings.params;
     let out = cpu::distill_rows(s, t, v, targets.as_deref(), params, settings.with_grad);
+    finish(out, [n, v], params)
+}
+
+/// The sparse row kernel on `R` logits (the `[N, k]` teacher is read to the host: it is
+/// small).
+fn sparse<R: Real + bytemuck::Pod>(
+    student: FlexTensor,
+    (indices, log_probs): (FlexTensor, FlexTensor),
+    targets: FlexTensor,
+    settings: DenseSettings,
+    setup: SparseSetup,
+) -> FusedRows<Flex> {
+    let student = student.to_contiguous();
+    let [n, v] = [student.layout().shape()[0], student.layout().shape()[1]];
+    let s: &[R] = student
+        .as_slice()
+        .expect("contiguous logits of their dtype");
+    let k = indices.layout().shape()[1];
+    let (indices, log_probs) = (host_i64(&indices), host_f64(&log_probs));
+    // Missing entries are `−∞` (the mask is folded in before the call).
+    let valid = vec![true; n * k];
+    let host = sparse_cpu::HostTeacher {
+        k,
+        indices: &indices,
+        log_probs: &log_probs,
+        valid: &valid,
+    };
+    let targets = settings.labels.then(|| host_i64(&targets));
+    let params = &settings.params;
+    let teacher_setup = (setup.tail, setup.generation_temperature);
+    let y = targets.as_deref();
+    let out = cpu::rows_with(s.len(), settings.with_grad, |grad| {
+        sparse_cpu::sparse_rows_into(s, v, &host, y, params, teacher_setup, grad)
+    });
+    finish(out, [n, v], params)
+}
+
+/// A CPU kernel's rows reduced as `params` say (summed in f64), and its gradient.
+fn finish<R: Real + bytemuck::Pod>(
+    out: cpu::CpuRows<R>,
+    [n, v]: [usize; 2],
+    params: &crate::DistillParams,
+) -> FusedRows<Flex> {
     let column = |f: fn(&cpu::RowOut<R>) -> R| match params.reduction.factor(out.kept) {
         None => tensor(out.rows.iter().map(f).collect::<Vec<R>>(), [n]),
         Some(factor) => {
@@ -117,7 +180,8 @@ fn host_i64(t: &FlexTensor) -> Vec<i64> {
     }
 }
 
-/// A (small) float tensor's values as f64: the upstream gradient, `[1]` or `[N]`.
+/// A (small) float tensor's values as f64: the upstream gradient (`[1]` or `[N]`), a sparse
+/// teacher's log-probabilities.
 fn host_f64(t: &FlexTensor) -> Vec<f64> {
     let t = t.to_contiguous();
     match t.dtype() {
@@ -128,7 +192,8 @@ fn host_f64(t: &FlexTensor) -> Vec<f64> {
             .map(|&x| x as f64)
             .collect(),
         DType::F64 => t.as_slice::<f64>().expect("f64").to_vec(),
-        other => panic!("burn-distill: an upstream gradient of {other:?}, expected f32 or f64"),
+        DType::F16 | DType::BF16 => t.into_data().iter::<f64>().collect(),
+        other => panic!("burn-distill: float values of {other:?}, expected a float dtype"),
     }
 }
 

@@ -22,7 +22,7 @@ mod cube;
 mod flex;
 mod ops;
 
-pub use ops::{DenseSettings, DistillOps, FusedRows};
+pub use ops::{DenseSettings, DistillOps, FusedRows, SparseSetup};
 
 /// A loss reduced as its parameters say, with its soft and hard parts: `[1]` for `Mean`,
 /// `Sum` and `Normalized`, `[N]` for `PerRow` (row values: `0` for ignored rows, NaN for rows
@@ -107,32 +107,127 @@ fn fused_loss(
     targets: Option<Tensor<1, Int>>,
     params: &DistillParams,
 ) -> DistillParts {
-    let labels = targets.is_some();
-    let [n, _] = student.dims();
-    let ignored = ignored_rows(targets.as_ref(), params.ignore_index);
-    // The reduction's factor, counted on the device (no read-back), in f32.
-    let scale = params
-        .reduction
-        .factor_tensor(ignored, n, &student.device(), DType::F32)
-        .unwrap_or_else(|| Tensor::ones([1], (&student.device(), DType::F32)));
-    let targets = targets.unwrap_or_else(|| Tensor::<1, Int>::empty([0], &student.device()));
-    let settings = DenseSettings {
-        params: *params,
-        labels,
-        with_grad: false,
-    };
+    let call = KernelInputs::new(&student, targets, params);
     let out = <Dispatch as DistillOps>::distill_dense(
         student.into_dispatch(),
         teacher.detach().into_dispatch(),
-        targets.into_dispatch(),
-        scale.into_dispatch(),
-        settings,
+        call.targets.into_dispatch(),
+        call.scale.into_dispatch(),
+        call.settings,
     );
-    DistillParts {
-        loss: Tensor::from_dispatch(out.loss),
-        soft: Tensor::from_dispatch(out.soft),
-        hard: labels.then(|| Tensor::from_dispatch(out.hard)),
+    call.settings.parts(out)
+}
+
+/// What every fused kernel takes besides its logits: the targets (`[0]` without labels), the
+/// reduction's `[1]` factor counted on the device (no read-back, f32), and the settings.
+struct KernelInputs {
+    targets: Tensor<1, Int>,
+    scale: Tensor<1>,
+    settings: DenseSettings,
+}
+
+impl KernelInputs {
+    fn new(student: &Tensor<2>, targets: Option<Tensor<1, Int>>, params: &DistillParams) -> Self {
+        let (device, [n, _]) = (student.device(), student.dims());
+        let ignored = ignored_rows(targets.as_ref(), params.ignore_index);
+        let scale = params
+            .reduction
+            .factor_tensor(ignored, n, &device, DType::F32)
+            .unwrap_or_else(|| Tensor::ones([1], (&device, DType::F32)));
+        Self {
+            settings: DenseSettings {
+                params: *params,
+                labels: targets.is_some(),
+                with_grad: false,
+            },
+            targets: targets.unwrap_or_else(|| Tensor::<1, Int>::empty([0], &device)),
+            scale,
+        }
     }
+}
+
+impl DenseSettings {
+    /// A kernel's outputs as the loss and its parts.
+    fn parts(&self, out: FusedRows<Dispatch>) -> DistillParts {
+        DistillParts {
+            loss: Tensor::from_dispatch(out.loss),
+            soft: Tensor::from_dispatch(out.soft),
+            hard: self.labels.then(|| Tensor::from_dispatch(out.hard)),
+        }
+    }
+}
+
+/// Does the device have a fused sparse-teacher kernel for logits of `dtype` and `k` entries
+/// per row? (The CubeCL kernel keeps a row's entries in shared memory: `k ≤ 512`.)
+pub fn has_sparse_fused_kernel(device: &Device, dtype: DType, k: usize) -> bool {
+    has_fused_kernel(device, dtype) && (k <= MAX_SPARSE_K || !is_cube(device.as_dispatch()))
+}
+
+/// The most teacher entries per row of the CubeCL sparse kernel (its shared memory: 24 bytes
+/// each).
+pub const MAX_SPARSE_K: usize = 512;
+
+/// Is this a CubeCL device (with or without autodiff)?
+fn is_cube(device: &DispatchDevice) -> bool {
+    match device {
+        #[cfg(feature = "cube")]
+        DispatchDevice::Cube(_) => true,
+        DispatchDevice::Autodiff(device) => is_cube(&device.clone().inner()),
+        #[allow(unreachable_patterns)]
+        _ => false,
+    }
+}
+
+/// The sparse-teacher loss of `[N, V]` rows by the device's fused kernel, where `kernel`
+/// allows and the device has one; `None` where the loss runs its composed path
+/// (`Kernel::Reference`, or `Auto` without a kernel); an error for `Kernel::Fused` without one.
+pub(crate) fn sparse(
+    student: Tensor<2>,
+    teacher: &crate::SparseTeacher<2>,
+    targets: Option<Tensor<1, Int>>,
+    params: &DistillParams,
+    setup: SparseSetup,
+    kernel: Kernel,
+) -> Result<Option<DistillParts>, DistillError> {
+    let (device, dtype, k) = (student.device(), student.dtype(), teacher.dims()[1]);
+    let fused = has_sparse_fused_kernel(&device, dtype, k) && fits(&device, student.dims());
+    match kernel {
+        Kernel::Reference => return Ok(None),
+        Kernel::Auto if !fused => return Ok(None),
+        Kernel::Fused if !fused => {
+            return Err(DistillError::invalid(
+                "kernel",
+                "Kernel::Fused",
+                format!(
+                    "Kernel::Auto or Kernel::Reference: device {device:?} has no fused \
+                     sparse-teacher kernel for {dtype:?} logits and k = {k}"
+                ),
+            ));
+        }
+        _ => {}
+    }
+    // The mask folded in: a `false` entry as `−∞` (one float input instead of two); a NaN as
+    // `+∞`, which the kernels' "above 0" test makes a NaN row (a comparison with NaN is false,
+    // and the entry would pass for missing).
+    let log_probs = teacher.log_probs.clone().detach();
+    let log_probs = log_probs
+        .clone()
+        .mask_fill(log_probs.is_nan(), f64::INFINITY);
+    let log_probs = match &teacher.mask {
+        Some(mask) => log_probs.mask_fill(mask.clone().bool_not(), f64::NEG_INFINITY),
+        None => log_probs,
+    };
+    let call = KernelInputs::new(&student, targets, params);
+    let out = <Dispatch as DistillOps>::distill_sparse(
+        student.into_dispatch(),
+        teacher.indices.clone().into_dispatch(),
+        log_probs.into_dispatch(),
+        call.targets.into_dispatch(),
+        call.scale.into_dispatch(),
+        call.settings,
+        setup,
+    );
+    Ok(Some(call.settings.parts(out)))
 }
 
 /// The dense loss by the reference implementation (composed tensor ops, differentiable on

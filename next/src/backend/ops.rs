@@ -6,7 +6,7 @@ use burn::backend::{
     tensor::{FloatTensor, IntTensor},
 };
 
-use crate::DistillParams;
+use crate::{DistillParams, TailPolicy};
 
 /// The settings of one dense kernel call: the loss's parameters, whether the targets are real
 /// (without them the kernel gets an empty `[0]` tensor: the extension macro takes no `Option`
@@ -19,6 +19,35 @@ pub struct DenseSettings {
     pub labels: bool,
     /// Form the `[N, V]` gradient of the reduced loss with respect to the student's logits.
     pub with_grad: bool,
+}
+
+/// How a sparse teacher's entries are read: the tail policy and the generation temperature
+/// `T_gen` of its log-probabilities.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SparseSetup {
+    pub(crate) tail: TailPolicy,
+    pub(crate) generation_temperature: f64,
+}
+
+impl SparseSetup {
+    /// The settings of a sparse-teacher loss (for backends implementing
+    /// [`DistillOps::distill_sparse`] and their tests).
+    pub fn new(tail: TailPolicy, generation_temperature: f64) -> Self {
+        Self {
+            tail,
+            generation_temperature,
+        }
+    }
+
+    /// The tail policy.
+    pub fn tail(&self) -> TailPolicy {
+        self.tail
+    }
+
+    /// The generation temperature `T_gen` of the log-probabilities.
+    pub fn generation_temperature(&self) -> f64 {
+        self.generation_temperature
+    }
 }
 
 /// What a fused dense kernel returns: the loss and its parts reduced as the parameters say
@@ -66,6 +95,20 @@ pub trait DistillOps: Backend {
         settings: DenseSettings,
     ) -> FusedRows<Self>;
 
+    /// The loss of `[N, V]` student logits against a sparse teacher: `[N, k]` token indices
+    /// and log-probabilities at `T_gen` (a missing entry: `−∞`; a mask is folded in before the
+    /// call), read as `setup` says; targets and `scale` as in [`DistillOps::distill_dense`].
+    #[fusion(meta = sparse_meta)]
+    fn distill_sparse(
+        student: FloatTensor<Self>,
+        indices: IntTensor<Self>,
+        log_probs: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        scale: FloatTensor<Self>,
+        settings: DenseSettings,
+        setup: SparseSetup,
+    ) -> FusedRows<Self>;
+
     /// `grad · upstream`, the upstream gradient (`[1]`, or `[N]` for a `PerRow` loss)
     /// broadcast over each row of the `[N, V]` gradient: the backward of the fused losses.
     #[fusion(dtype = grad, shape = grad)]
@@ -73,6 +116,21 @@ pub trait DistillOps: Backend {
         grad: FloatTensor<Self>,
         upstream: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+}
+
+/// The outputs of [`DistillOps::distill_sparse`] on CubeCL: as the dense kernel's.
+#[cfg(feature = "fusion")]
+#[allow(clippy::too_many_arguments)]
+fn sparse_meta(
+    student: &burn::backend::fusion::custom::TensorSpec,
+    _indices: &burn::backend::fusion::custom::TensorSpec,
+    log_probs: &burn::backend::fusion::custom::TensorSpec,
+    targets: &burn::backend::fusion::custom::TensorSpec,
+    scale: &burn::backend::fusion::custom::TensorSpec,
+    settings: &DenseSettings,
+    _setup: &SparseSetup,
+) -> FusedRowsMetadata {
+    dense_meta(student, log_probs, targets, scale, settings)
 }
 
 /// The outputs of [`DistillOps::distill_dense`] on CubeCL, before the kernel runs (burn's

@@ -46,8 +46,8 @@ pub(crate) struct RowOut<G: CubePrimitive> {
 
 /// The loss settings both kernels read at run time: `1/T`, the soft term's factor (`T²` or 1),
 /// `α`, label smoothing `ε`, the divergence's mixture weight (`β`, `λ` or 0) and the ignore
-/// index (any value without one), and NaN (the kernel cannot build one: WGSL has no NaN
-/// literal, and CubeCL folds a run-time `0 / 0` into the literal).
+/// index (any value without one), and NaN and `−∞` (the kernel cannot build them: WGSL has no
+/// NaN or infinity literal, and CubeCL folds a run-time `0 / 0` or `−1 / 0` into one).
 #[derive(CubeLaunch, CubeType, Clone, Copy)]
 pub(crate) struct RowParams {
     pub inv_t: f32,
@@ -57,6 +57,7 @@ pub(crate) struct RowParams {
     pub mix: f32,
     pub ignore: i32,
     pub nan: f32,
+    pub neg_inf: f32,
 }
 
 /// What both kernels are specialised for at compile time: the divergence, the presence of
@@ -435,10 +436,7 @@ pub(crate) struct RowStats {
     pub lse_t: f32,
     /// The tail bucket's maximum and `Σ e^{(z−max)/T}` over the columns outside the teacher's
     /// top-k (sparse kernel).
-    // The sparse kernel's (the next step of the port).
-    #[allow(dead_code)]
     pub tail_max: f32,
-    #[allow(dead_code)]
     pub tail_sum: f32,
 }
 

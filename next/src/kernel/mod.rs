@@ -8,6 +8,8 @@
 //! - `cube`: the fused CubeCL kernel (vector loads, one or several rows per cube, shared-memory
 //!   reductions), used by the CubeCL backends (wgpu, CUDA) for f32, f16 and bf16 logits
 //!   (accumulating in f32); `cube_row` holds the `#[cube]` pieces of a row.
+//! - `sparse_cpu`, `sparse_cube`: the fused sparse-teacher kernels (the student row beside the
+//!   `k` teacher entries), Flex and CubeCL.
 
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +24,10 @@ pub(crate) mod real;
 pub(crate) mod reference;
 #[cfg(feature = "flex")]
 pub(crate) mod simd;
+#[cfg(feature = "flex")]
+pub(crate) mod sparse_cpu;
+#[cfg(feature = "cube")]
+pub(crate) mod sparse_cube;
 
 /// Which implementation computes the loss.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

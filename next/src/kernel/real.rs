@@ -39,7 +39,6 @@ pub trait Real:
         if other > self { other } else { self }
     }
     /// Is the value neither infinite nor NaN?
-    #[allow(dead_code)] // the sparse kernel's (the next step of the port)
     fn is_finite(self) -> bool;
     /// Is this logit a class, not padding? (`self > MASKED_LOGIT`: the one padding rule of
     /// [`crate::MASKED_LOGIT`].)

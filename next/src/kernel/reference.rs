@@ -186,3 +186,23 @@ fn safe_log(m: Tensor<2>) -> Tensor<2> {
     let zero = m.clone().lower_equal_elem(0.0);
     m.mask_fill(zero, 1.0).log()
 }
+
+/// `x[i, indices[i, j]]`: `[N, V]` values and `[N, k]` column indices → `[N, k]`.
+///
+/// A `select` on the flattened values where the flat index fits an `i32` (wgpu's and CUDA's
+/// int type), a `gather` beyond: burn-fusion 0.21 (`Wgpu`) computed the gather wrongly after a
+/// row reduction for some shapes (V = 16, k = 1: a tail-bucket loss of 1.0896 for 0.6423; a
+/// cross-tokenizer merge after a softmax), where the select is right.
+pub(crate) fn gather_columns(x: Tensor<2>, indices: Tensor<2, Int>) -> Tensor<2> {
+    let [n, v] = x.dims();
+    let [_, k] = indices.dims();
+    if n * v <= i32::MAX as usize {
+        let rows = Tensor::<1, Int>::arange(0..n as i64, &x.device())
+            .mul_scalar(v as i64)
+            .unsqueeze_dim::<2>(1);
+        let flat = (indices + rows).reshape([n * k]);
+        x.reshape([n * v]).select(0, flat).reshape([n, k])
+    } else {
+        x.gather(1, indices)
+    }
+}

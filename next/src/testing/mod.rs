@@ -22,6 +22,7 @@ use serde_json::Value;
 use crate::{DistillLoss, DistillLossConfig, Divergence, Kernel, Reduction};
 
 pub mod parity;
+pub mod sparse;
 
 #[derive(Deserialize)]
 struct GoldenFile<C> {
@@ -303,7 +304,8 @@ pub fn assert_golden(device: &Device, kernel: Kernel) {
 }
 
 /// The conformance suites of [`crate::testing`] as `#[test]` functions for one device, in a
-/// module of the given name: golden (dense, with `Kernel::Auto` and `Kernel::Reference`).
+/// module of the given name: golden (dense, with `Kernel::Auto` and `Kernel::Reference`),
+/// sparse golden (reference and `Auto`).
 /// With `fused` after the device, also golden with `Kernel::Fused` and fused-against-reference
 /// parity (vocabularies 1 to 1031), for a device that has a fused kernel.
 ///
@@ -325,6 +327,10 @@ macro_rules! conformance_tests {
             $crate::conformance_tests!(@tests $device;
                 golden_auto: assert_golden[$crate::Kernel::Auto];
                 golden_reference: assert_golden[$crate::Kernel::Reference];
+                sparse_golden: sparse::assert_sparse_golden[
+                    $crate::testing::LOSS_TOL,
+                    $crate::testing::GRAD_TOL
+                ];
             );
         }
     };
@@ -337,6 +343,10 @@ macro_rules! conformance_tests {
                 golden_auto: assert_golden[$crate::Kernel::Auto];
                 golden_reference: assert_golden[$crate::Kernel::Reference];
                 golden_fused: assert_golden[$crate::Kernel::Fused];
+                sparse_golden: sparse::assert_sparse_golden[
+                    $crate::testing::LOSS_TOL,
+                    $crate::testing::GRAD_TOL
+                ];
                 fused_matches_reference: parity::sweep[&[1, 2, 3, 17, 1024, 1031]];
             );
         }

@@ -20,8 +20,6 @@ use rayon::prelude::*;
 
 use super::real::Real;
 pub use super::simd::{Isa, force_isa, zeroed_grad};
-// `lane_max`, `lane_sum` and `SmallRow` serve the sparse kernel (the next step of the port).
-#[allow(unused_imports)]
 pub(super) use super::simd::{IsaKernel, lane_max, lane_sum, on_isa, selected_isa};
 use crate::DistillParams;
 
@@ -185,10 +183,8 @@ pub fn distill_rows_into<R: Real>(
 
 /// The dense row kernel on short rows at the baseline instruction set (the sparse kernel's
 /// `k + 1` virtual logits), soft term only.
-#[allow(dead_code)]
 pub(super) struct SmallRow<R>(Scratch<R>);
 
-#[allow(dead_code)]
 impl<R: Real> SmallRow<R> {
     pub(super) fn new(len: usize) -> Self {
         Self(Scratch::new(len))

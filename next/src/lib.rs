@@ -35,15 +35,20 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod cross;
 mod divergence;
 mod error;
+mod hidden;
 mod kernel;
+mod linear;
 mod loss;
+pub mod onpolicy;
 mod params;
 mod rank;
 mod reduction;
 mod softmax;
 mod sparse;
+pub mod store;
 mod tail;
 pub mod testing;
 mod validation;
@@ -51,10 +56,8 @@ mod vocab;
 
 pub use divergence::Divergence;
 pub use error::DistillError;
+pub use hidden::{HiddenLossKind, HiddenStateLoss, HiddenStateLossConfig};
 pub use kernel::Kernel;
-#[doc(hidden)]
-#[cfg(feature = "flex")]
-pub use kernel::internals;
 pub use loss::{DistillLoss, DistillLossConfig, DistillOutput};
 pub use params::DistillParams;
 pub use reduction::Reduction;
@@ -66,3 +69,26 @@ pub use sparse::{SparseDistillLoss, SparseDistillLossConfig, SparseTeacher};
 pub use tail::{StudentSupport, TAIL_FLOOR, TailPolicy};
 pub use validation::Validation;
 pub use vocab::{MASKED_LOGIT, VocabMismatch};
+
+/// Hooks for this crate's own tests and benchmarks; not part of the API (no semver promise).
+#[doc(hidden)]
+pub mod internals {
+    #[cfg(feature = "flex")]
+    pub use crate::kernel::cpu::{Isa, force_isa, zeroed_grad};
+
+    /// Runs of the fused-linear host loop of Flex on this thread so far.
+    #[cfg(feature = "flex")]
+    pub fn host_linear_calls() -> usize {
+        crate::kernel::linear_cpu::HOST_LINEAR_CALLS.with(|calls| calls.get())
+    }
+
+    /// Runs of the fused-linear chunk loop (tensor code) on this thread so far.
+    pub fn chunked_linear_calls() -> usize {
+        crate::linear::CHUNKED_CALLS.with(|calls| calls.get())
+    }
+}
+
+/// The README's examples, compiled and run as doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

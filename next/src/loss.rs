@@ -226,9 +226,9 @@ pub struct DistillLoss {
     #[module(skip)]
     pub(crate) vocab_mismatch: VocabMismatch,
     #[module(skip)]
-    linear_chunk_rows: Option<usize>,
+    pub(crate) linear_chunk_rows: Option<usize>,
     #[module(skip)]
-    linear_chunk_bytes: Option<usize>,
+    pub(crate) linear_chunk_bytes: Option<usize>,
     #[module(skip)]
     pub(crate) logit_softcap: Option<f64>,
     #[module(skip)]

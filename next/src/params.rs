@@ -60,3 +60,16 @@ impl DistillParams {
         self
     }
 }
+
+/// The parameters of every chunk of `m` kept rows: `Mean` becomes `Normalized { items: m }`
+/// (`Sum` when no row is kept), so that each chunk's gradient carries the reduction's factor
+/// (exact: `m` is known on the host).
+pub(crate) fn chunk_params(params: &DistillParams, m: usize) -> DistillParams {
+    match params.reduction {
+        Reduction::Mean if m > 0 => {
+            params.with_reduction(Reduction::Normalized { items: m as u64 })
+        }
+        Reduction::Mean => params.with_reduction(Reduction::Sum),
+        _ => *params,
+    }
+}

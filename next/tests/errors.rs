@@ -358,3 +358,35 @@ fn fused_kernel_where_none_exists_is_a_clear_error() {
         .forward_soft(half(logits.clone()), half(logits));
     assert_eq!(value.into_data().iter::<f32>().next(), Some(0.0));
 }
+
+/// The fused-linear loss defers its target check like the logits loss: no error in forward,
+/// a NaN loss, and `validate` naming the target.
+#[test]
+fn linear_loss_defers_the_target_check() {
+    use burn::nn::LinearConfig;
+    let device = device();
+    let head = LinearConfig::new(4, 6).init(&device);
+    let hidden = Tensor::<2>::ones([3, 4], &device);
+    let loss = DistillLossConfig::new()
+        .with_validation(Validation::Deferred)
+        .init();
+    let out = loss
+        .try_forward_linear_parts(
+            hidden.clone(),
+            &head,
+            hidden,
+            &head,
+            Some(ints(&[0, 6, 1], &device)),
+        )
+        .unwrap();
+    assert!(out.loss.clone().into_scalar::<f32>().is_nan());
+    assert!(matches!(
+        out.validate(),
+        Err(DistillError::TargetOutOfRange {
+            row: 1,
+            value: 6,
+            classes: 6,
+            ..
+        })
+    ));
+}

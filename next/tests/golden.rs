@@ -18,6 +18,8 @@ fn golden_files_are_complete() {
             .count(),
         3
     );
+    // tests/golden/onpolicy.json: sampled-token and cross-tokenizer cases.
+    assert_eq!(burn_distill::testing::onpolicy::case_counts(), (14, 10));
 }
 
 #[cfg(feature = "flex")]

@@ -103,7 +103,7 @@ fn pad_neg_inf_adds_no_probability_mass() {
 
 /// Reverse KL against a teacher padded with `−∞` is `+∞` on every row (the student's softmax
 /// is positive on the padded columns): refused with an error naming the policy, both
-/// vocabularies and the divergence, in every form (logits, sequences; fused-linear: todo).
+/// vocabularies and the divergence, in every form (logits, sequences, fused-linear).
 #[test]
 fn pad_neg_inf_refuses_reverse_kl_against_a_padded_teacher() {
     let device = flex_autodiff();
@@ -133,7 +133,21 @@ fn pad_neg_inf_refuses_reverse_kl_against_a_padded_teacher() {
             err.contains("vocab_mismatch") && err.contains("PadNegInf"),
             "{err}"
         );
-        // (0.1 also refused the fused-linear form, `try_forward_linear_parts`: todo.)
+        // The fused-linear form: a student head of 8 columns, a teacher head of 6.
+        let hs = tensor2(&logits(2, 3, 0.2), [2, 3], &device);
+        let head = |v: usize| burn::nn::Linear {
+            weight: burn::module::Param::from_tensor(tensor2(&logits(3, v, 0.5), [3, v], &device)),
+            bias: None,
+        };
+        let err = loss
+            .try_forward_linear_parts(hs.clone(), &head(8), hs, &head(6), None)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("vocab_mismatch") && err.contains("PadNegInf"),
+            "{err}"
+        );
         // The student padded instead: reverse KL is finite.
         let value = loss.forward_soft(
             tensor2(&logits(2, 6, 0.3), [2, 6], &device),

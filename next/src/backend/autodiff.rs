@@ -3,7 +3,7 @@
 //! the upstream gradient ([`DistillOps::distill_scale_grad`]), in place on Flex.
 
 use burn::backend::{
-    AutodiffBackend, Backend,
+    AutodiffBackend, Backend, TensorMetadata,
     autodiff::{
         Autodiff,
         checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
@@ -28,6 +28,32 @@ impl<B: Backend + DistillOps> Backward<B, 2> for FusedBackward {
         let upstream = grads.consume::<B>(&ops.node);
         if let [Some(student), _] = ops.parents {
             grads.register::<B>(student.id, B::distill_scale_grad(ops.state, upstream));
+        }
+    }
+}
+
+/// The backward node of [`DistillOps::distill_attach`]: each present input gets its gradient
+/// from the forward pass times the `[1]` upstream gradient.
+#[derive(Debug)]
+struct AttachBackward {
+    present: [bool; 3],
+}
+
+impl<B: Backend + DistillOps> Backward<B, 3> for AttachBackward {
+    /// The inputs' gradients for an upstream gradient of 1.
+    type State = [FloatTensor<B>; 3];
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let upstream = grads.consume::<B>(&ops.node);
+        for ((parent, grad), present) in ops.parents.into_iter().zip(ops.state).zip(self.present) {
+            if let (Some(parent), true) = (parent, present) {
+                // As one row of all its elements: the scale of `[1]` upstream (in place on
+                // Flex, where the gradient is the loss's own).
+                let shape = grad.shape();
+                let flat = B::float_reshape(grad, [1, shape.num_elements()].into());
+                let scaled = B::distill_scale_grad(flat, upstream.clone());
+                grads.register::<B>(parent.id, B::float_reshape(scaled, shape));
+            }
         }
     }
 }
@@ -99,6 +125,31 @@ impl<B: Backend + DistillOps, C: CheckpointStrategy> DistillOps for Autodiff<B, 
         tracked(student, log_probs, settings, |s, lp, settings| {
             B::distill_sparse(s, indices, lp, targets, scale, settings, setup)
         })
+    }
+
+    fn distill_attach(
+        value: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        ga: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        gb: FloatTensor<Self>,
+        c: FloatTensor<Self>,
+        gc: FloatTensor<Self>,
+        present: [bool; 3],
+    ) -> FloatTensor<Self> {
+        let nodes = [a, b, c].map(|t| t.into_parts().1);
+        let value = Self::inner(value);
+        let prep = AttachBackward { present }
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful();
+        match prep {
+            OpsKind::Tracked(prep) => {
+                let state = [Self::inner(ga), Self::inner(gb), Self::inner(gc)];
+                prep.finish(state, value)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(value),
+        }
     }
 
     fn distill_scale_grad(

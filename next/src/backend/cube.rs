@@ -271,6 +271,19 @@ impl DistillOps for CubeBackend {
         rows.reduce(&settings, scale)
     }
 
+    fn distill_attach(
+        value: CubeTensor,
+        _a: CubeTensor,
+        _ga: CubeTensor,
+        _b: CubeTensor,
+        _gb: CubeTensor,
+        _c: CubeTensor,
+        _gc: CubeTensor,
+        _present: [bool; 3],
+    ) -> CubeTensor {
+        value
+    }
+
     fn distill_scale_grad(grad: CubeTensor, upstream: CubeTensor) -> CubeTensor {
         let n = upstream.meta.shape()[0];
         let upstream = Self::float_reshape(upstream, Shape::new([n, 1]));

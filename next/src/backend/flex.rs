@@ -48,6 +48,19 @@ impl DistillOps for Flex {
         }
     }
 
+    fn distill_attach(
+        value: FlexTensor,
+        _a: FlexTensor,
+        _ga: FlexTensor,
+        _b: FlexTensor,
+        _gb: FlexTensor,
+        _c: FlexTensor,
+        _gc: FlexTensor,
+        _present: [bool; 3],
+    ) -> FlexTensor {
+        value
+    }
+
     fn distill_scale_grad(mut grad: FlexTensor, upstream: FlexTensor) -> FlexTensor {
         let scale = host_f64(&upstream);
         let v = grad.layout().shape()[1];

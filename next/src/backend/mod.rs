@@ -6,7 +6,7 @@
 //! it. One home per backend family: `flex.rs` (the CPU kernels on Flex's host memory), and
 //! `autodiff.rs` (the backward node of every fused loss).
 
-use burn::backend::{Dispatch, DispatchDevice};
+use burn::backend::{Dispatch, DispatchDevice, DispatchTensor};
 use burn::tensor::{DType, Device, Int, Tensor};
 
 use crate::{
@@ -20,7 +20,12 @@ mod autodiff;
 mod cube;
 #[cfg(feature = "flex")]
 mod flex;
+#[cfg(feature = "flex")]
+mod flex_linear;
 mod ops;
+
+#[cfg(feature = "flex")]
+pub(crate) use flex_linear::{HostLinearPlan, HostLinearSide, HostLinearTeacher};
 
 pub use ops::{DenseSettings, DistillOps, FusedRows, SparseSetup};
 
@@ -118,6 +123,133 @@ fn fused_loss(
     call.settings.parts(out)
 }
 
+/// The default memory budget of a fused-linear loss's chunks on `device`: 64 MiB on the CPU
+/// (Flex), 512 MiB on CubeCL (wgpu, CUDA), where every chunk also pays an `[H, V]`
+/// weight-gradient product and a launch of every op, so that chunks of a few dozen rows at a
+/// 128k vocabulary would spend more time there than in the loss.
+pub fn linear_chunk_bytes(device: &Device) -> usize {
+    if is_cube(device.as_dispatch()) {
+        512 << 20
+    } else {
+        64 << 20
+    }
+}
+
+/// The fused-linear loss by the device's host loop (Flex: in-place GEMMs around the CPU row
+/// kernels, buffers allocated once per call) on tensors without autodiff; `None` on another
+/// device or dtype, or for `Reduction::PerRow` with a gradient (the loss then runs its chunks
+/// as tensor code).
+#[cfg(feature = "flex")]
+pub(crate) fn linear_host(
+    student: &HostLinearSide,
+    teacher: &HostLinearTeacher,
+    targets: Option<&Tensor<1, Int>>,
+    plan: &HostLinearPlan,
+) -> Option<(DistillParts, Option<flex_linear::HostLinearGrads>)> {
+    match student.0.device().as_dispatch() {
+        DispatchDevice::Flex(_) if plan.kernel != Kernel::Reference => {
+            flex_linear::linear_host(student, teacher, targets, plan)
+        }
+        _ => None,
+    }
+}
+
+/// One chunk of a fused-linear loss: the dense loss of `[c, V]` logits (tensors without
+/// autodiff) by the device's fused kernel, with its `[c, V]` gradient when `with_grad`; by the
+/// reference without one (`Kernel::Reference`, or a device without a kernel); `None` where a
+/// gradient is asked and only the reference could run (the caller materialises the logits).
+pub(crate) fn dense_chunk(
+    student: Tensor<2>,
+    teacher: Tensor<2>,
+    targets: Option<Tensor<1, Int>>,
+    params: &DistillParams,
+    kernel: Kernel,
+    with_grad: bool,
+) -> Option<(DistillParts, Option<Tensor<2>>)> {
+    let (device, dtype) = (student.device(), student.dtype());
+    let fused = kernel != Kernel::Reference
+        && has_fused_kernel(&device, dtype)
+        && teacher.dtype() == dtype
+        && fits(&device, student.dims());
+    if !fused {
+        return (!with_grad).then(|| (reference_loss(student, teacher, targets, params), None));
+    }
+    let mut call = KernelInputs::new(&student, targets, params);
+    call.settings.with_grad = with_grad;
+    let out = <Dispatch as DistillOps>::distill_dense(
+        student.into_dispatch(),
+        teacher.into_dispatch(),
+        call.targets.into_dispatch(),
+        call.scale.into_dispatch(),
+        call.settings,
+    );
+    let grad = with_grad.then(|| Tensor::from_dispatch(out.grad.clone()));
+    Some((call.settings.parts(out), grad))
+}
+
+/// One chunk of a sparse fused-linear loss, as [`dense_chunk`] against a sparse teacher's rows;
+/// `None` where no fused kernel runs it (the caller materialises the logits, or runs the
+/// composed sparse path).
+pub(crate) fn sparse_chunk(
+    student: Tensor<2>,
+    (indices, log_probs): (Tensor<2, Int>, Tensor<2>),
+    targets: Option<Tensor<1, Int>>,
+    params: &DistillParams,
+    setup: SparseSetup,
+    with_grad: bool,
+) -> Option<(DistillParts, Option<Tensor<2>>)> {
+    let (device, dtype, k) = (student.device(), student.dtype(), indices.dims()[1]);
+    if !(has_sparse_fused_kernel(&device, dtype, k) && fits(&device, student.dims())) {
+        return None;
+    }
+    let mut call = KernelInputs::new(&student, targets, params);
+    call.settings.with_grad = with_grad;
+    let out = <Dispatch as DistillOps>::distill_sparse(
+        student.into_dispatch(),
+        indices.into_dispatch(),
+        log_probs.into_dispatch(),
+        call.targets.into_dispatch(),
+        call.scale.into_dispatch(),
+        call.settings,
+        setup,
+    );
+    let grad = with_grad.then(|| Tensor::from_dispatch(out.grad.clone()));
+    Some((call.settings.parts(out), grad))
+}
+
+/// A `[1]` loss computed without autodiff (`value`, on the inner device) as the output of one
+/// backward node over the tracked inputs, each with the gradient the forward pass formed (for
+/// an upstream gradient of 1; `None`: that input gets none). Without autodiff, `value`.
+pub(crate) fn attach(
+    value: Tensor<1>,
+    hidden: (Tensor<2>, Option<Tensor<2>>),
+    weight: (Tensor<2>, Option<Tensor<2>>),
+    bias: Option<(Tensor<1>, Option<Tensor<1>>)>,
+) -> Tensor<1> {
+    let device = value.device();
+    let dummy = || Tensor::<1>::zeros([1], &device).into_dispatch();
+    let grad = |g: Option<DispatchTensor>| g.unwrap_or_else(dummy);
+    let present = [
+        hidden.1.is_some(),
+        weight.1.is_some(),
+        bias.as_ref().is_some_and(|b| b.1.is_some()),
+    ];
+    let (c, gc) = match bias {
+        Some((b, gb)) => (b.into_dispatch(), grad(gb.map(Tensor::into_dispatch))),
+        None => (dummy(), dummy()),
+    };
+    Tensor::from_dispatch(<Dispatch as DistillOps>::distill_attach(
+        value.into_dispatch(),
+        hidden.0.into_dispatch(),
+        grad(hidden.1.map(Tensor::into_dispatch)),
+        weight.0.into_dispatch(),
+        grad(weight.1.map(Tensor::into_dispatch)),
+        c,
+        gc,
+        present,
+    ))
+}
+
 /// What every fused kernel takes besides its logits: the targets (`[0]` without labels), the
 /// reduction's `[1]` factor counted on the device (no read-back, f32), and the settings.
 struct KernelInputs {
@@ -178,18 +310,19 @@ fn is_cube(device: &DispatchDevice) -> bool {
     }
 }
 
-/// The sparse-teacher loss of `[N, V]` rows by the device's fused kernel, where `kernel`
-/// allows and the device has one; `None` where the loss runs its composed path
+/// The sparse-teacher loss of `[N, V]` rows against `[N, k]` indices and log-probabilities (as
+/// the kernels take them: `SparseTeacher::kernel_log_probs`) by the device's fused kernel,
+/// where `kernel` allows and the device has one; `None` where the loss runs its composed path
 /// (`Kernel::Reference`, or `Auto` without a kernel); an error for `Kernel::Fused` without one.
 pub(crate) fn sparse(
     student: Tensor<2>,
-    teacher: &crate::SparseTeacher<2>,
+    (indices, log_probs): (Tensor<2, Int>, Tensor<2>),
     targets: Option<Tensor<1, Int>>,
     params: &DistillParams,
     setup: SparseSetup,
     kernel: Kernel,
 ) -> Result<Option<DistillParts>, DistillError> {
-    let (device, dtype, k) = (student.device(), student.dtype(), teacher.dims()[1]);
+    let (device, dtype, k) = (student.device(), student.dtype(), indices.dims()[1]);
     let fused = has_sparse_fused_kernel(&device, dtype, k) && fits(&device, student.dims());
     match kernel {
         Kernel::Reference => return Ok(None),
@@ -206,21 +339,10 @@ pub(crate) fn sparse(
         }
         _ => {}
     }
-    // The mask folded in: a `false` entry as `−∞` (one float input instead of two); a NaN as
-    // `+∞`, which the kernels' "above 0" test makes a NaN row (a comparison with NaN is false,
-    // and the entry would pass for missing).
-    let log_probs = teacher.log_probs.clone().detach();
-    let log_probs = log_probs
-        .clone()
-        .mask_fill(log_probs.is_nan(), f64::INFINITY);
-    let log_probs = match &teacher.mask {
-        Some(mask) => log_probs.mask_fill(mask.clone().bool_not(), f64::NEG_INFINITY),
-        None => log_probs,
-    };
     let call = KernelInputs::new(&student, targets, params);
     let out = <Dispatch as DistillOps>::distill_sparse(
         student.into_dispatch(),
-        teacher.indices.clone().into_dispatch(),
+        indices.into_dispatch(),
         log_probs.into_dispatch(),
         call.targets.into_dispatch(),
         call.scale.into_dispatch(),

@@ -109,6 +109,24 @@ pub trait DistillOps: Backend {
         setup: SparseSetup,
     ) -> FusedRows<Self>;
 
+    /// `value` (a `[1]` loss computed without autodiff) as the output of a node whose inputs
+    /// are `a`, `b` and `c` and whose gradients, formed in the forward pass, are `ga`, `gb` and
+    /// `gc` (for an upstream gradient of 1; `present[i]` false: input `i` gets none): the
+    /// fused-linear losses, which form `∂h`, `∂W` and `∂b` chunk by chunk. Without autodiff,
+    /// `value` itself.
+    #[fusion(dtype = value, shape = value)]
+    #[allow(clippy::too_many_arguments)]
+    fn distill_attach(
+        value: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        ga: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        gb: FloatTensor<Self>,
+        c: FloatTensor<Self>,
+        gc: FloatTensor<Self>,
+        present: [bool; 3],
+    ) -> FloatTensor<Self>;
+
     /// `grad · upstream`, the upstream gradient (`[1]`, or `[N]` for a `PerRow` loss)
     /// broadcast over each row of the `[N, V]` gradient: the backward of the fused losses.
     #[fusion(dtype = grad, shape = grad)]

@@ -8,6 +8,9 @@
 //! - `cube`: the fused CubeCL kernel (vector loads, one or several rows per cube, shared-memory
 //!   reductions), used by the CubeCL backends (wgpu, CUDA) for f32, f16 and bf16 logits
 //!   (accumulating in f32); `cube_row` holds the `#[cube]` pieces of a row.
+//! - `linear_cpu`: the fused-linear loss on the host (the LM heads by in-place GEMMs around
+//!   the `cpu` row kernel against a dense teacher or the `sparse_cpu` one against a sparse
+//!   teacher, chunk by chunk of rows), Flex.
 //! - `sparse_cpu`, `sparse_cube`: the fused sparse-teacher kernels (the student row beside the
 //!   `k` teacher entries), Flex and CubeCL.
 
@@ -19,6 +22,8 @@ pub(crate) mod cpu;
 pub(crate) mod cube;
 #[cfg(feature = "cube")]
 pub(crate) mod cube_row;
+#[cfg(feature = "flex")]
+pub(crate) mod linear_cpu;
 #[cfg(feature = "flex")]
 pub(crate) mod real;
 pub(crate) mod reference;
@@ -40,11 +45,4 @@ pub enum Kernel {
     Reference,
     /// Always the fused kernel; a clear error where the backend has none.
     Fused,
-}
-
-/// Hooks for this crate's own tests and benchmarks; not part of the API (no semver promise).
-#[doc(hidden)]
-#[cfg(feature = "flex")]
-pub mod internals {
-    pub use super::cpu::{Isa, force_isa, zeroed_grad};
 }

@@ -350,7 +350,7 @@ impl SparseDistillLoss {
         let ignored = ignored_rows(targets.as_ref(), self.dense.params.ignore_index);
         let fused = backend::sparse(
             student_logits.clone(),
-            &teacher,
+            teacher.kernel_inputs(),
             targets.clone(),
             &self.dense.params,
             self.setup(),

@@ -157,8 +157,23 @@ impl SparseTeacher<2> {
         Ok(Self::new(indices, log_probs))
     }
 
+    /// The indices, and the log-probabilities as the fused kernels take them (detached): the
+    /// mask folded in, a `false` entry as `−∞` (one float input instead of two); a NaN as `+∞`,
+    /// which the kernels' "above 0" test makes a NaN row (a comparison with NaN is false, and
+    /// the entry would pass for missing).
+    pub(crate) fn kernel_inputs(&self) -> (Tensor<2, Int>, Tensor<2>) {
+        let log_probs = self.log_probs.clone().detach();
+        let log_probs = log_probs
+            .clone()
+            .mask_fill(log_probs.is_nan(), f64::INFINITY);
+        let log_probs = match &self.mask {
+            Some(mask) => log_probs.mask_fill(mask.clone().bool_not(), f64::NEG_INFINITY),
+            None => log_probs,
+        };
+        (self.indices.clone(), log_probs)
+    }
+
     /// Indices and log-probabilities on the host, row-major.
-    #[allow(dead_code)] // the teacher store's (the next step of the port)
     pub(crate) fn to_host(&self) -> (Vec<i64>, Vec<f32>) {
         (
             self.indices.to_data().iter::<i64>().collect(),
@@ -167,7 +182,6 @@ impl SparseTeacher<2> {
     }
 
     /// The mask on the host, row-major, if any.
-    #[allow(dead_code)] // the teacher store's (the next step of the port)
     pub(crate) fn mask_on_host(&self) -> Option<Vec<bool>> {
         self.mask
             .as_ref()

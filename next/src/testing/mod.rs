@@ -21,8 +21,10 @@ use serde_json::Value;
 
 use crate::{DistillLoss, DistillLossConfig, Divergence, Kernel, Reduction};
 
+pub mod onpolicy;
 pub mod parity;
 pub mod sparse;
+pub mod validation;
 
 #[derive(Deserialize)]
 struct GoldenFile<C> {
@@ -331,6 +333,12 @@ macro_rules! conformance_tests {
                     $crate::testing::LOSS_TOL,
                     $crate::testing::GRAD_TOL
                 ];
+                validation_dense: validation::assert_dense[];
+                validation_sparse: validation::assert_sparse[];
+                sampled_token_golden_auto: onpolicy::assert_sampled_golden[$crate::Kernel::Auto];
+                sampled_token_golden_reference:
+                    onpolicy::assert_sampled_golden[$crate::Kernel::Reference];
+                cross_tokenizer_golden: onpolicy::assert_cross_golden[];
             );
         }
     };
@@ -347,6 +355,12 @@ macro_rules! conformance_tests {
                     $crate::testing::LOSS_TOL,
                     $crate::testing::GRAD_TOL
                 ];
+                validation_dense: validation::assert_dense[];
+                validation_sparse: validation::assert_sparse[];
+                sampled_token_golden_auto: onpolicy::assert_sampled_golden[$crate::Kernel::Auto];
+                sampled_token_golden_reference:
+                    onpolicy::assert_sampled_golden[$crate::Kernel::Reference];
+                cross_tokenizer_golden: onpolicy::assert_cross_golden[];
                 fused_matches_reference: parity::sweep[&[1, 2, 3, 17, 1024, 1031]];
             );
         }

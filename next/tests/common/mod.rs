@@ -42,3 +42,9 @@ pub fn values_f64<const D: usize>(t: Tensor<D>) -> Vec<f64> {
     );
     values(t)
 }
+
+
+/// The sparse-teacher golden cases and their runner (`burn_distill::testing::sparse`).
+pub mod sparse {
+    pub use burn_distill::testing::sparse::*;
+}

@@ -47,12 +47,17 @@ impl<B: Backend + DistillOps> Backward<B, 3> for AttachBackward {
         let upstream = grads.consume::<B>(&ops.node);
         for ((parent, grad), present) in ops.parents.into_iter().zip(ops.state).zip(self.present) {
             if let (Some(parent), true) = (parent, present) {
-                // As one row of all its elements: the scale of `[1]` upstream (in place on
-                // Flex, where the gradient is the loss's own).
                 let shape = grad.shape();
-                let flat = B::float_reshape(grad, [1, shape.num_elements()].into());
-                let scaled = B::distill_scale_grad(flat, upstream.clone());
-                grads.register::<B>(parent.id, B::float_reshape(scaled, shape));
+                let scaled = if upstream.shape().num_elements() == 1 {
+                    // As one row of all its elements: the scale of a `[1]` upstream (in place
+                    // on Flex, where the gradient is the loss's own).
+                    let flat = B::float_reshape(grad, [1, shape.num_elements()].into());
+                    B::float_reshape(B::distill_scale_grad(flat, upstream.clone()), shape)
+                } else {
+                    // A `PerRow` loss's `[N]` upstream over an `[N, …]` gradient's rows.
+                    B::distill_scale_grad(grad, upstream.clone())
+                };
+                grads.register::<B>(parent.id, scaled);
             }
         }
     }

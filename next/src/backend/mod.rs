@@ -217,9 +217,10 @@ pub(crate) fn sparse_chunk(
     Some((call.settings.parts(out), grad))
 }
 
-/// A `[1]` loss computed without autodiff (`value`, on the inner device) as the output of one
-/// backward node over the tracked inputs, each with the gradient the forward pass formed (for
-/// an upstream gradient of 1; `None`: that input gets none). Without autodiff, `value`.
+/// A loss computed without autodiff (`value`, on the inner device: `[1]`, or `[N]` row losses)
+/// as the output of one backward node over the tracked inputs, each with the gradient the
+/// forward pass formed (for an upstream gradient of 1; `None`: that input gets none). Without
+/// autodiff, `value`.
 pub(crate) fn attach(
     value: Tensor<1>,
     hidden: (Tensor<2>, Option<Tensor<2>>),
@@ -248,6 +249,15 @@ pub(crate) fn attach(
         gc,
         present,
     ))
+}
+
+/// [`attach`] for one input: `value` (`[1]`, or `[N]` row losses) as the output of a node over
+/// `x` whose gradient `gx` the forward pass formed (`[N, …]` rows for row losses).
+#[allow(dead_code)] // the vocabulary-parallel loss's (the next step of the port)
+pub(crate) fn attach_one(value: Tensor<1>, x: Tensor<2>, gx: Tensor<2>) -> Tensor<1> {
+    let device = value.device();
+    let dummy = Tensor::<2>::zeros([1, 1], &device);
+    attach(value, (x, Some(gx)), (dummy, None), None)
 }
 
 /// What every fused kernel takes besides its logits: the targets (`[0]` without labels), the

@@ -109,11 +109,12 @@ pub trait DistillOps: Backend {
         setup: SparseSetup,
     ) -> FusedRows<Self>;
 
-    /// `value` (a `[1]` loss computed without autodiff) as the output of a node whose inputs
-    /// are `a`, `b` and `c` and whose gradients, formed in the forward pass, are `ga`, `gb` and
-    /// `gc` (for an upstream gradient of 1; `present[i]` false: input `i` gets none): the
-    /// fused-linear losses, which form `∂h`, `∂W` and `∂b` chunk by chunk. Without autodiff,
-    /// `value` itself.
+    /// `value` (a loss computed without autodiff: `[1]`, or `[N]` row losses) as the output of
+    /// a node whose inputs are `a`, `b` and `c` and whose gradients, formed in the forward pass,
+    /// are `ga`, `gb` and `gc` (for an upstream gradient of 1; `present[i]` false: input `i`
+    /// gets none; with `[N]` row losses each gradient is `[N, …]`, row `i` that of loss `i`):
+    /// the fused-linear losses, which form `∂h`, `∂W` and `∂b` chunk by chunk, and the
+    /// vocabulary-parallel loss. Without autodiff, `value` itself.
     #[fusion(dtype = value, shape = value)]
     #[allow(clippy::too_many_arguments)]
     fn distill_attach(

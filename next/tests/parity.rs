@@ -2,11 +2,10 @@
 //! `−inf` padding, huge logits, ignored rows, every divergence and reduction (f32).
 //!
 //! 0.1 ran these on NdArray, Flex and wgpu (and CUDA); NdArray is gone in 0.2: its tests run on
-//! Flex. Still todo: 0.1's f16 tests on wgpu (`wgpu_half_precision_logits`,
-//! `wgpu_f16_reduction_past_the_f16_range`, `wgpu_f16_gradient_under_a_loss_scale`): the
-//! lavapipe here compiles no f16 shader ("the `f16` extension is not supported in the current
-//! environment"); and the CUDA tests (`cuda_fused_matches_reference`,
-//! `cuda_half_precision_logits`), which need the `cuda` feature and an NVIDIA GPU.
+//! Flex. f16 runs on wgpu (lavapipe has the f16 extension; WGSL has no bf16). Not here: the
+//! CUDA tests (`cuda_fused_matches_reference`, `cuda_half_precision_logits`), which need an
+//! NVIDIA GPU and the LLVM that burn 0.22's CUDA backend downloads at build time
+//! (`docs/bench/run_vulkan.sh` runs the kernels on an NVIDIA GPU through Vulkan instead).
 
 mod common;
 
@@ -281,4 +280,163 @@ fn wgpu_checks_see_every_row_of_a_long_batch() {
         ),
         "{error}"
     );
+}
+
+/// f16 logits on wgpu (WGSL has no bf16): the fused CubeCL kernel against the reference on
+/// the same f16-rounded values in f32; an odd vocabulary (scalar loads) and one of 8·129
+/// (vector loads).
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_half_precision_logits() {
+    use burn::tensor::{DType, Tensor};
+    let device = burn_distill::testing::wgpu_device();
+    let loss = DistillLossConfig::new()
+        .with_temperature(2.0)
+        .with_alpha(0.7);
+    for v in [1031, 1032] {
+        let p = problem(6, v, 4.0, 3, 42);
+        let half = |x: &[f64]| tensor2(x, p.shape, &device).cast(DType::F16);
+        let back = |t: Tensor<2>| t.cast(DType::F32);
+        let (s, t) = (half(&p.student), half(&p.teacher));
+        let targets = ints(&p.targets, &device);
+        let fused = loss.clone().with_kernel(Kernel::Fused).init().forward(
+            s.clone(),
+            t.clone(),
+            targets.clone(),
+        );
+        let reference =
+            loss.clone()
+                .with_kernel(Kernel::Reference)
+                .init()
+                .forward(back(s), back(t), targets);
+        let (f, r) = (values(fused.cast(DType::F32))[0], values(reference)[0]);
+        // Both sides read the same (rounded) values and accumulate in f32: f32 rounding of
+        // the row sums (V ≤ 1032 terms), not the inputs' f16 rounding.
+        assert!(
+            (f - r).abs() <= 1e-5 * r.abs(),
+            "V = {v}: fused {f} vs reference {r}"
+        );
+    }
+}
+
+/// A `Mean` and a `Sum` of f16 logits over 65,537 rows (past f16's 65,504: a count or a sum
+/// in f16 would overflow): the fused loss is f32, within f32 rounding of the reference on the
+/// same f16-rounded values, and its gradient is the f32 one rounded once to f16.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_f16_reduction_past_the_f16_range() {
+    use burn::tensor::{DType, Tensor};
+    use burn_distill::Reduction;
+    use burn_distill::testing::mismatches;
+    let device = burn_distill::testing::wgpu_device().autodiff();
+    let p = problem(65_537, 5, 4.0, 0, 11);
+    for reduction in [Reduction::Mean, Reduction::Sum] {
+        let config = DistillLossConfig::new()
+            .with_temperature(1.0)
+            .with_alpha(0.5)
+            .with_reduction(reduction);
+        // Both runs see the same f16-rounded logits (the reference in f32).
+        let run_on = |dtype: DType, kernel: Kernel| {
+            let rounded = |x: &[f64]| tensor2(x, p.shape, &device).cast(DType::F16).cast(dtype);
+            let student = rounded(&p.student).require_grad();
+            let teacher = rounded(&p.teacher);
+            let loss = config.clone().with_kernel(kernel).init().forward(
+                student.clone(),
+                teacher,
+                ints(&p.targets, &device),
+            );
+            let grad: Tensor<2> = student.grad(&loss.backward()).unwrap();
+            assert_eq!(grad.dtype(), dtype, "the gradient has the logits' dtype");
+            (
+                loss.dtype(),
+                values(loss.cast(DType::F32))[0],
+                values(grad.cast(DType::F32)),
+            )
+        };
+        let (dtype, f, fg) = run_on(DType::F16, Kernel::Fused);
+        let (_, r, rg) = run_on(DType::F32, Kernel::Reference);
+        assert_eq!(dtype, DType::F32, "the fused loss of f16 logits is f32");
+        // The same f16-rounded values on both sides, accumulated in f32 (pairwise over rows).
+        assert!(
+            f.is_finite() && (f - r).abs() <= 1e-5 * r.abs(),
+            "{reduction:?}: {f} vs {r}"
+        );
+        // One rounding of the f32 gradient to f16, entry by entry: half an ulp (2^-11
+        // relative; 2^-25 among the subnormals, 2^-24 apart, where Mean's entries all lie at
+        // 1/65,537), and for Sum the f32 cancellation in `q − p` (≈ 1e-7 absolute for entries
+        // near 0.1). A flushed or doubly rounded entry fails.
+        let abs = if reduction == Reduction::Mean {
+            2f64.powi(-25) * 1.01
+        } else {
+            2e-7
+        };
+        let failures = mismatches("grad", &fg, &rg, abs, 2f64.powi(-11) * 1.01);
+        assert!(
+            failures.is_empty(),
+            "{reduction:?}:\n{}",
+            failures.join("\n")
+        );
+        assert!(fg.iter().any(|g| *g != 0.0), "{reduction:?}: zero gradient");
+    }
+}
+
+/// f16 logits under a loss scale of 65,536 (mixed-precision training): softmax entries down to
+/// ~1e-12, far below f16's smallest subnormal, must survive until the scale meets them (the
+/// kernel's gradient is f32 for f16 logits, rounded once in the backward), so the f16
+/// gradient is the f32 one of the same kernel on the same values, rounded once.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_f16_gradient_under_a_loss_scale() {
+    use burn::tensor::{DType, Tensor};
+    use burn_distill::Reduction;
+    use burn_distill::testing::mismatches;
+    let device = burn_distill::testing::wgpu_device().autodiff();
+    // Logits in ±16: softmax entries down to ~1e-12, far below f16's smallest subnormal.
+    let p = problem(64, 1031, 16.0, 0, 13);
+    const SCALE: f64 = 65_536.0;
+    for (reduction, divergence) in [
+        (Reduction::Mean, Divergence::ForwardKl),
+        (Reduction::Sum, Divergence::Jsd { beta: 0.5 }),
+        (Reduction::PerRow, Divergence::ReverseKl),
+    ] {
+        let config = DistillLossConfig::new()
+            .with_temperature(1.5)
+            .with_alpha(0.7)
+            .with_divergence(divergence)
+            .with_reduction(reduction);
+        let run = |dtype: DType, kernel: Kernel| {
+            let rounded = |x: &[f64]| tensor2(x, p.shape, &device).cast(DType::F16).cast(dtype);
+            let student = rounded(&p.student).require_grad();
+            let loss = config.clone().with_kernel(kernel).init().forward(
+                student.clone(),
+                rounded(&p.teacher),
+                ints(&p.targets, &device),
+            );
+            let scaled = loss.sum().mul_scalar(SCALE);
+            let grad: Tensor<2> = student.grad(&scaled.backward()).unwrap();
+            assert_eq!(grad.dtype(), dtype, "the gradient has the logits' dtype");
+            values(grad.cast(DType::F32))
+        };
+        let fused = run(DType::F16, Kernel::Fused);
+        // The same kernel on the same (f16-rounded) logits in f32: identical f32 arithmetic,
+        // and the scale is a power of two, so the f16 gradient must be this one rounded once.
+        let reference = run(DType::F32, Kernel::Fused);
+        let tiny = reference
+            .iter()
+            .filter(|g| g.abs() * 1.0 / SCALE < 2f64.powi(-25) && **g != 0.0)
+            .count();
+        assert!(
+            tiny > 1000,
+            "{reduction:?}: the case must have entries below f16's range ({tiny})"
+        );
+        // Half an f16 ulp: 2^-11 relative, 2^-25 in the subnormal range.
+        let failures = mismatches("grad", &fused, &reference, 2f64.powi(-25), 2f64.powi(-11));
+        assert!(
+            failures.is_empty(),
+            "{reduction:?} {divergence:?}: {} of {} entries off, e.g.\n{}",
+            failures.len(),
+            fused.len(),
+            failures[..failures.len().min(10)].join("\n")
+        );
+    }
 }

@@ -13,12 +13,18 @@ use burn::backend::{
     tensor::{FloatTensor, IntTensor},
 };
 
+use burn::tensor::DType;
+
 use super::ops::{DenseSettings, DistillOps, FusedRows, SparseSetup};
 
-/// The backward node of a fused loss: `∂student = grad · upstream`; the teacher (detached by
-/// contract) gets nothing.
+/// The backward node of a fused loss: `∂student = grad · upstream`, in the student's dtype;
+/// the teacher (detached by contract) gets nothing.
 #[derive(Debug)]
-struct FusedBackward;
+struct FusedBackward {
+    /// The student's dtype: the kernels' gradient may be wider (f32 for f16 logits on CubeCL,
+    /// so that a loss scale meets it unrounded); it is rounded once, after the scale.
+    dtype: DType,
+}
 
 impl<B: Backend + DistillOps> Backward<B, 2> for FusedBackward {
     /// The `[N, V]` gradient of the reduced loss for an upstream gradient of 1.
@@ -27,8 +33,18 @@ impl<B: Backend + DistillOps> Backward<B, 2> for FusedBackward {
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let upstream = grads.consume::<B>(&ops.node);
         if let [Some(student), _] = ops.parents {
-            grads.register::<B>(student.id, B::distill_scale_grad(ops.state, upstream));
+            let grad = in_dtype::<B>(B::distill_scale_grad(ops.state, upstream), self.dtype);
+            grads.register::<B>(student.id, grad);
         }
+    }
+}
+
+/// `t` in `dtype` (cast only where it differs).
+fn in_dtype<B: Backend>(t: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
+    if t.dtype() == dtype {
+        t
+    } else {
+        B::float_cast(t, dtype.into())
     }
 }
 
@@ -37,6 +53,8 @@ impl<B: Backend + DistillOps> Backward<B, 2> for FusedBackward {
 #[derive(Debug)]
 struct AttachBackward {
     present: [bool; 3],
+    /// The inputs' dtypes (each gradient is rounded to its input's once, after the scale).
+    dtypes: [DType; 3],
 }
 
 impl<B: Backend + DistillOps> Backward<B, 3> for AttachBackward {
@@ -45,7 +63,10 @@ impl<B: Backend + DistillOps> Backward<B, 3> for AttachBackward {
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
         let upstream = grads.consume::<B>(&ops.node);
-        for ((parent, grad), present) in ops.parents.into_iter().zip(ops.state).zip(self.present) {
+        let inputs = ops.parents.into_iter().zip(ops.state);
+        for ((parent, grad), (present, dtype)) in
+            inputs.zip(self.present.into_iter().zip(self.dtypes))
+        {
             if let (Some(parent), true) = (parent, present) {
                 let shape = grad.shape();
                 let scaled = if upstream.shape().num_elements() == 1 {
@@ -57,7 +78,7 @@ impl<B: Backend + DistillOps> Backward<B, 3> for AttachBackward {
                     // A `PerRow` loss's `[N]` upstream over an `[N, …]` gradient's rows.
                     B::distill_scale_grad(grad, upstream.clone())
                 };
-                grads.register::<B>(parent.id, scaled);
+                grads.register::<B>(parent.id, in_dtype::<B>(scaled, dtype));
             }
         }
     }
@@ -74,7 +95,8 @@ fn tracked<B: Backend + DistillOps, C: CheckpointStrategy>(
 ) -> FusedRows<Autodiff<B, C>> {
     let (student, student_node) = student.into_parts();
     let (other, other_node) = other.into_parts();
-    let prep = FusedBackward
+    let dtype = student.dtype();
+    let prep = FusedBackward { dtype }
         .prepare::<C>([student_node, other_node])
         .compute_bound()
         .stateful();
@@ -142,9 +164,10 @@ impl<B: Backend + DistillOps, C: CheckpointStrategy> DistillOps for Autodiff<B, 
         gc: FloatTensor<Self>,
         present: [bool; 3],
     ) -> FloatTensor<Self> {
+        let dtypes = [a.dtype(), b.dtype(), c.dtype()];
         let nodes = [a, b, c].map(|t| t.into_parts().1);
         let value = Self::inner(value);
-        let prep = AttachBackward { present }
+        let prep = AttachBackward { present, dtypes }
             .prepare::<C>(nodes)
             .compute_bound()
             .stateful();

@@ -3,7 +3,7 @@
 //! `cargo run --release --example custom_loop [--features wgpu]`
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig, Relu};
-use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::{Device, Distribution, Tensor};
 use burn_distill::DistillLossConfig;
 
@@ -47,7 +47,11 @@ fn run(device: Device) {
     for step in 0..=300 {
         let x = Tensor::<2>::random([batch, inputs], Distribution::Normal(0.0, 1.0), &tracked);
         let teacher_logits = teacher.forward(x.clone().inner()).mul_scalar(10.0);
-        let targets = teacher_logits.clone().argmax(1).squeeze_dim::<1>(1).autodiff();
+        let targets = teacher_logits
+            .clone()
+            .argmax(1)
+            .squeeze_dim::<1>(1)
+            .autodiff();
         let student_logits = student.forward(x);
         let agree = student_logits
             .clone()

@@ -440,7 +440,6 @@ pub(crate) fn chunked(
     if with_grad && per_row {
         return None;
     }
-    CHUNKED_CALLS.with(|calls| calls.set(calls.get() + 1));
     let Side {
         hidden: hs,
         weight: ws,
@@ -488,10 +487,14 @@ pub(crate) fn chunked(
         }
     }
     let parts = sums.finish(&kept, has_hard, loss_dtype, &device);
+    // Counted once the chunks gave the loss (not where a chunk sent the caller to the
+    // materialised logits).
+    CHUNKED_CALLS.with(|calls| calls.set(calls.get() + 1));
     Some((parts, with_grad.then(|| grads.finish(&kept))))
 }
 
 thread_local! {
-    /// Runs of the chunk loop on this thread (for the tests: that the fused path ran).
+    /// Runs of the chunk loop that gave the loss, on this thread (for the tests: that the
+    /// fused path ran).
     pub(crate) static CHUNKED_CALLS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }

@@ -43,6 +43,8 @@ pub fn values_f64<const D: usize>(t: Tensor<D>) -> Vec<f64> {
     values(t)
 }
 
+/// The fused-linear checks (0.1's tests/common/linear.rs).
+pub mod linear;
 
 /// The sparse-teacher golden cases and their runner (`burn_distill::testing::sparse`).
 pub mod sparse {

@@ -100,27 +100,29 @@ fn tracked<B: Backend + DistillOps, C: CheckpointStrategy>(
         .prepare::<C>([student_node, other_node])
         .compute_bound()
         .stateful();
-    let (out, loss) = match prep {
+    let (loss, soft, hard, grad) = match prep {
         OpsKind::Tracked(prep) => {
             let settings = DenseSettings {
                 with_grad: true,
                 ..settings
             };
             let out = kernel(student, other, settings);
-            let loss = prep.finish(out.grad.clone(), out.loss.clone());
-            (out, loss)
+            // The node's state is the only holder of the gradient (the output's `grad` is a
+            // placeholder), so that the backward scales it in place on Flex.
+            let placeholder = out.hard.clone();
+            let loss = prep.finish(out.grad, out.loss);
+            (loss, out.soft, out.hard, placeholder)
         }
         OpsKind::UnTracked(prep) => {
             let out = kernel(student, other, settings);
-            let loss = prep.finish(out.loss.clone());
-            (out, loss)
+            (prep.finish(out.loss), out.soft, out.hard, out.grad)
         }
     };
     FusedRows {
         loss,
-        soft: Autodiff::<B, C>::from_inner(out.soft),
-        hard: Autodiff::<B, C>::from_inner(out.hard),
-        grad: Autodiff::<B, C>::from_inner(out.grad),
+        soft: Autodiff::<B, C>::from_inner(soft),
+        hard: Autodiff::<B, C>::from_inner(hard),
+        grad: Autodiff::<B, C>::from_inner(grad),
     }
 }
 

@@ -43,6 +43,7 @@ mod kernel;
 mod linear;
 mod loss;
 pub mod onpolicy;
+mod parallel;
 mod params;
 mod rank;
 mod reduction;
@@ -59,6 +60,7 @@ pub use error::DistillError;
 pub use hidden::{HiddenLossKind, HiddenStateLoss, HiddenStateLossConfig};
 pub use kernel::Kernel;
 pub use loss::{DistillLoss, DistillLossConfig, DistillOutput};
+pub use parallel::{LocalExchange, RowExchange, VocabShard};
 pub use params::DistillParams;
 pub use reduction::Reduction;
 pub use softmax::{
@@ -92,3 +94,8 @@ pub mod internals {
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+
+/// docs/parallel.md's examples, compiled and run as doc tests.
+#[doc = include_str!("../docs/parallel.md")]
+#[cfg(doctest)]
+pub struct ParallelDoctests;

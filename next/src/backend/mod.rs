@@ -253,7 +253,6 @@ pub(crate) fn attach(
 
 /// [`attach`] for one input: `value` (`[1]`, or `[N]` row losses) as the output of a node over
 /// `x` whose gradient `gx` the forward pass formed (`[N, …]` rows for row losses).
-#[allow(dead_code)] // the vocabulary-parallel loss's (the next step of the port)
 pub(crate) fn attach_one(value: Tensor<1>, x: Tensor<2>, gx: Tensor<2>) -> Tensor<1> {
     let device = value.device();
     let dummy = Tensor::<2>::zeros([1, 1], &device);
@@ -308,6 +307,17 @@ pub fn has_sparse_fused_kernel(device: &Device, dtype: DType, k: usize) -> bool 
 /// The most teacher entries per row of the CubeCL sparse kernel (its shared memory: 24 bytes
 /// each).
 pub const MAX_SPARSE_K: usize = 512;
+
+/// The dtype of the row losses the device's fused kernels return for logits of `dtype`: f32
+/// on CubeCL (an f16 sum of row losses overflows at 65,504), the logits' own elsewhere; the
+/// losses computed as tensor code beside them (the vocabulary-parallel shards) follow it.
+pub(crate) fn fused_loss_dtype(device: &Device, dtype: DType) -> DType {
+    if is_cube(device.as_dispatch()) {
+        DType::F32
+    } else {
+        dtype
+    }
+}
 
 /// Is this a CubeCL device (with or without autodiff)?
 fn is_cube(device: &DispatchDevice) -> bool {

@@ -95,7 +95,30 @@ pub mod internals {
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 
-/// docs/parallel.md's examples, compiled and run as doc tests.
-#[doc = include_str!("../docs/parallel.md")]
+/// The guide's examples (`docs/guide/*.md`), compiled and run as doc tests: one item per
+/// chapter.
 #[cfg(doctest)]
-pub struct ParallelDoctests;
+pub mod guide {
+    #[doc = include_str!("../docs/guide/losses.md")]
+    pub struct Losses;
+    #[doc = include_str!("../docs/guide/language-models.md")]
+    pub struct LanguageModels;
+    #[doc = include_str!("../docs/guide/on-policy.md")]
+    pub struct OnPolicy;
+    #[doc = include_str!("../docs/guide/cross-tokenizer.md")]
+    pub struct CrossTokenizer;
+    #[doc = include_str!("../docs/guide/coming-from-pytorch.md")]
+    pub struct ComingFromPytorch;
+    #[doc = include_str!("../docs/guide/bad-input.md")]
+    pub struct BadInput;
+    #[doc = include_str!("../docs/guide/backends-and-kernels.md")]
+    pub struct BackendsAndKernels;
+    #[doc = include_str!("../docs/guide/benchmarks.md")]
+    pub struct Benchmarks;
+    #[doc = include_str!("../docs/guide/experiments.md")]
+    pub struct Experiments;
+    #[doc = include_str!("../docs/guide/multi-device.md")]
+    pub struct MultiDevice;
+    #[doc = include_str!("../docs/guide/architecture.md")]
+    pub struct Architecture;
+}

@@ -21,7 +21,7 @@ use crate::DistillError;
 ///
 /// Implement it over your collective: [`LocalExchange`] for threads of one process; burn's
 /// `burn::tensor::distributed::all_reduce` on CUDA (burn 0.22) or `Tensor::all_reduce` (burn
-/// 0.23, every backend); NCCL, MPI or a socket of your own (see `docs/parallel.md`).
+/// 0.23, every backend); NCCL, MPI or a socket of your own (see `docs/guide/multi-device.md`).
 ///
 /// ```
 /// use burn::tensor::{Device, Tensor};

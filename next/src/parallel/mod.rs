@@ -2,7 +2,7 @@
 //! across peers (tensor-parallel LM heads), each peer getting the gradient of its own shard.
 //! The peers exchange per-row statistics through a [`RowExchange`], which the user implements
 //! over their collective ([`LocalExchange`]: threads of one process). See
-//! `docs/parallel.md` for the design.
+//! `docs/guide/multi-device.md` for the design.
 //!
 //! # What is exchanged
 //!

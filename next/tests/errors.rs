@@ -68,6 +68,14 @@ fn logit_softcap_must_be_finite_and_positive() {
     DistillLossConfig::new()
         .with_logit_softcap(Some(30.0))
         .init();
+    // The sparse-teacher loss checks the cap the same way.
+    let sparse = burn_distill::SparseDistillLossConfig::new(
+        DistillLossConfig::new().with_logit_softcap(Some(-1.0)),
+    )
+    .try_init()
+    .unwrap_err()
+    .to_string();
+    assert_mentions(&sparse, &["logit_softcap", "-1", "finite and > 0"]);
 }
 
 #[test]
@@ -119,6 +127,19 @@ fn jsd_endpoints_are_trl_forward_and_reverse_kl() {
             .init();
         assert_eq!(loss.params().divergence(), same, "beta = {beta}");
     }
+    // The sparse loss sees the resolved divergence: DistillKit's full-vocabulary convention
+    // (forward KL only) accepts `Jsd { beta: 0 }`, and refuses `Jsd { beta: 1 }` (reverse KL).
+    use burn_distill::{SparseDistillLossConfig, StudentSupport, TailPolicy};
+    let full_vocab = |beta| {
+        SparseDistillLossConfig::new(
+            DistillLossConfig::new().with_divergence(Divergence::Jsd { beta }),
+        )
+        .with_tail(TailPolicy::Renormalize {
+            student: StudentSupport::FullVocab,
+        })
+    };
+    assert!(full_vocab(0.0).try_init().is_ok());
+    assert!(full_vocab(1.0).try_init().is_err());
 }
 
 #[test]

@@ -149,11 +149,14 @@ fn wgpu_more_rows_than_one_dispatch_dimension() {
 /// Logits masked with `f32::MIN` (PyTorch's `torch.finfo(dtype).min` idiom) are padding by the
 /// one rule of `MASKED_LOGIT`, exactly as `−∞` is: with label smoothing (where padding is left
 /// out of the mean over classes) the dense loss and its gradient are the same for both
-/// maskings, on each of `kernels`. (0.1 also checked the sparse loss here: todo with
-/// `SparseDistillLoss`.)
+/// maskings, on each of `kernels`; and the sparse loss (tail bucket and full-vocabulary
+/// renormalisation) over `f32::MIN`-masked students equals its reference over `−∞`.
 #[cfg(any(feature = "flex", feature = "wgpu"))]
 fn masked_logits_are_padding(device: &Device, kernels: &[Kernel]) {
-    use burn_distill::Reduction;
+    use burn::tensor::{Int, Tensor, TensorData};
+    use burn_distill::{
+        Reduction, SparseDistillLossConfig, SparseTeacher, StudentSupport, TailPolicy,
+    };
     let device = &device.clone().autodiff();
     let p = problem(5, 11, 3.0, 3, 21);
     let masked = |x: &[f64]| -> Vec<f64> {
@@ -182,6 +185,19 @@ fn masked_logits_are_padding(device: &Device, kernels: &[Kernel]) {
         let grad = s.grad(&rows.clone().sum().backward()).unwrap();
         (values(rows), values(grad))
     };
+    let sparse = |student: &[f64], kernel: Kernel, tail: TailPolicy| {
+        let s = tensor2(student, p.shape, device).require_grad();
+        let teacher = SparseTeacher::new(
+            Tensor::<2, Int>::from_data(TensorData::new([0i64, 4].repeat(5), [5, 2]), device),
+            tensor2(&[-0.4, -1.7].repeat(5), [5, 2], device),
+        );
+        let rows = SparseDistillLossConfig::new(config.clone().with_kernel(kernel))
+            .with_tail(tail)
+            .init()
+            .forward(s.clone(), teacher, ints(&p.targets, device));
+        let grad = s.grad(&rows.clone().sum().backward()).unwrap();
+        (values(rows), values(grad))
+    };
     let (ms, mt) = (masked(&p.student), masked(&p.teacher));
     let expected = dense(&p.student, &p.teacher, Kernel::Reference);
     assert!(expected.0.iter().all(|x| x.is_finite()));
@@ -192,6 +208,21 @@ fn masked_logits_are_padding(device: &Device, kernels: &[Kernel]) {
             ("f32::MIN", dense(&ms, &mt, kernel)),
         ] {
             let label = format!("dense {kernel:?} {what}");
+            failures.extend(common::mismatches(&label, &got.0, &expected.0, 1e-5, 1e-5));
+            failures.extend(common::mismatches(&label, &got.1, &expected.1, 1e-6, 1e-4));
+        }
+    }
+    for tail in [
+        TailPolicy::TailBucket,
+        TailPolicy::Renormalize {
+            student: StudentSupport::FullVocab,
+        },
+    ] {
+        let expected = sparse(&p.student, Kernel::Reference, tail);
+        assert!(expected.0.iter().all(|x| x.is_finite()));
+        for &kernel in kernels {
+            let got = sparse(&ms, kernel, tail);
+            let label = format!("sparse {tail:?} {kernel:?} f32::MIN");
             failures.extend(common::mismatches(&label, &got.0, &expected.0, 1e-5, 1e-5));
             failures.extend(common::mismatches(&label, &got.1, &expected.1, 1e-6, 1e-4));
         }
@@ -217,39 +248,61 @@ fn masked_logits_are_padding_wgpu() {
 /// A mean over 300,001 rows on wgpu: the f32 row losses and the count of kept rows are reduced
 /// pairwise, so that `Mean` and `Sum` stay within a few f32 roundings of the float64 sum of the
 /// same row values (the `PerRow` output). burn 0.21's own `sum` on wgpu dropped elements past
-/// about 65,532, so a count through it failed here. Both kernels (0.1 also ran the sparse loss
-/// here: todo with `SparseDistillLoss`).
+/// about 65,532, so a count through it failed here. Both kernels, the dense loss at 300,001
+/// rows and the sparse loss at 70,001 (past the same 65,532: the sparse CubeCL kernel runs one
+/// 256-unit cube per row, which lavapipe takes ~0.3 ms each to run at this V = 6, so 300,001
+/// rows would cost CI minutes per call).
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_mean_over_many_rows_is_accurate() {
-    use burn_distill::Reduction;
+    use burn::tensor::{Int, Tensor, TensorData};
+    use burn_distill::{Reduction, SparseDistillLossConfig, SparseTeacher};
     let device = burn_distill::testing::wgpu_device();
-    let n = 300_001;
-    let p = problem(n, 6, 3.0, 0, 31);
-    let (s, t) = (
-        tensor2(&p.student, p.shape, &device),
-        tensor2(&p.teacher, p.shape, &device),
-    );
-    let y = ints(&p.targets, &device);
-    for kernel in [Kernel::Fused, Kernel::Reference] {
-        let run = |reduction: Reduction| {
-            let config = DistillLossConfig::new()
-                .with_alpha(0.5)
-                .with_reduction(reduction)
-                .with_kernel(kernel);
-            values(config.init().forward(s.clone(), t.clone(), y.clone()))
+    for (n, sparse) in [(300_001, false), (70_001, true)] {
+        let p = problem(n, 6, 3.0, 0, 31);
+        let (s, t) = (
+            tensor2(&p.student, p.shape, &device),
+            tensor2(&p.teacher, p.shape, &device),
+        );
+        let y = ints(&p.targets, &device);
+        let indices: Vec<i64> = (0..n)
+            .flat_map(|i| [(i % 6) as i64, ((i + 2) % 6) as i64])
+            .collect();
+        let log_probs: Vec<f32> = (0..n).flat_map(|_| [-0.7f32, -1.9]).collect();
+        let teacher = || {
+            SparseTeacher::new(
+                Tensor::<2, Int>::from_data(TensorData::new(indices.clone(), [n, 2]), &device),
+                Tensor::<2>::from_data(TensorData::new(log_probs.clone(), [n, 2]), &device),
+            )
         };
-        let rows = run(Reduction::PerRow);
-        let kept = p.targets.iter().filter(|&&y| y != -100).count() as f64;
-        let sum: f64 = rows.iter().sum();
-        for (reduction, expected) in [(Reduction::Sum, sum), (Reduction::Mean, sum / kept)] {
-            let got = run(reduction)[0];
-            let rel = (got - expected).abs() / expected.abs();
-            // log₂ N f32 roundings at most (2^-24 each), not the 1.2e-4 of a sequential sum.
-            assert!(
-                rel <= 16.0 * 2f64.powi(-24),
-                "{kernel:?} {reduction:?}: {got} vs {expected} ({rel:e})"
-            );
+        for kernel in [Kernel::Fused, Kernel::Reference] {
+            let run = |reduction: Reduction| {
+                let config = DistillLossConfig::new()
+                    .with_alpha(0.5)
+                    .with_reduction(reduction)
+                    .with_kernel(kernel);
+                values(if sparse {
+                    SparseDistillLossConfig::new(config).init().forward(
+                        s.clone(),
+                        teacher(),
+                        y.clone(),
+                    )
+                } else {
+                    config.init().forward(s.clone(), t.clone(), y.clone())
+                })
+            };
+            let rows = run(Reduction::PerRow);
+            let kept = p.targets.iter().filter(|&&y| y != -100).count() as f64;
+            let sum: f64 = rows.iter().sum();
+            for (reduction, expected) in [(Reduction::Sum, sum), (Reduction::Mean, sum / kept)] {
+                let got = run(reduction)[0];
+                let rel = (got - expected).abs() / expected.abs();
+                // log₂ N f32 roundings at most (2^-24 each), not the 1.2e-4 of a sequential sum.
+                assert!(
+                    rel <= 16.0 * 2f64.powi(-24),
+                    "{kernel:?} sparse={sparse} {reduction:?}: {got} vs {expected} ({rel:e})"
+                );
+            }
         }
     }
 }

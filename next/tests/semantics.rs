@@ -236,20 +236,28 @@ fn ignore_index_none_keeps_every_row() {
 #[test]
 fn losses_are_module_fields() {
     use burn::module::Module;
-    use burn_distill::DistillLoss;
+    use burn_distill::{
+        DistillLoss, HiddenStateLoss, HiddenStateLossConfig, SparseDistillLoss,
+        SparseDistillLossConfig,
+    };
 
     #[derive(Module, Debug)]
     struct Student {
         head: burn::nn::Linear,
         distill: DistillLoss,
+        sparse: SparseDistillLoss,
+        hidden: HiddenStateLoss,
     }
 
     let device = flex_autodiff();
     let model = Student {
         head: burn::nn::LinearConfig::new(4, 3).init(&device),
         distill: config().init(),
+        sparse: SparseDistillLossConfig::new(config()).init(),
+        hidden: HiddenStateLossConfig::new(4, 6).init(&device),
     };
-    assert_eq!(model.num_params(), 4 * 3 + 3);
+    // The losses hold no parameters but the hidden-state projection's `[4, 6]` and bias.
+    assert_eq!(model.num_params(), 4 * 3 + 3 + 4 * 6 + 6);
     let (s, t) = (random(2, 3, 1.0), random(2, 3, 2.0));
     let value = model.distill.forward(
         tensor2_f64(&s, [2, 3], &device),

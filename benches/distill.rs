@@ -1,19 +1,19 @@
-//! Criterion benchmarks of the distillation loss on one backend (chosen by cargo feature):
-//! fused vs reference vs burn-nn's `KLDivLoss` composition vs the sparse (top-20) loss, forward
-//! and forward+backward, and a streaming pass over the same bytes, with throughput in bytes.
+//! Criterion benchmarks of the distillation loss on each device the build enables (chosen by
+//! cargo feature): fused vs reference vs burn-nn's `KLDivLoss` composition vs the sparse
+//! (top-20) loss, forward and forward+backward, and a streaming pass over the same bytes, with
+//! throughput in bytes.
 //!
 //! ```sh
-//! cargo bench --bench distill                      # NdArray
-//! cargo bench --bench distill --features flex      # Flex
-//! cargo bench --bench distill --features wgpu      # wgpu
+//! cargo bench --bench distill                      # Flex (the default; 0.1's NdArray is gone)
+//! cargo bench --bench distill --features wgpu      # wgpu (and Flex)
+//! cargo bench --bench distill --features vulkan    # wgpu's Vulkan device (and Flex)
+//! cargo bench --bench distill --features cuda      # CUDA (and Flex)
 //! ```
 //! `BURN_DISTILL_SHAPES=2048x32768,...` overrides the shapes; composed paths (reference, burn-nn,
 //! sparse) are skipped above 2²⁸ elements unless `BURN_DISTILL_ALL=1`.
 use std::time::Duration;
 
-use burn::backend::Autodiff;
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn_distill::DistillBackend;
+use burn::tensor::Device;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 mod workload;
@@ -33,16 +33,14 @@ fn shapes(gpu: bool) -> Vec<[usize; 2]> {
     }
 }
 
-fn bench_backend<B>(c: &mut Criterion, name: &str, gpu: bool)
-where
-    B: AutodiffBackend + DistillBackend,
-    B::InnerBackend: DistillBackend,
-{
-    let device = Default::default();
+/// The benchmarks of one device (`device` without autodiff; the forward+backward runs lift
+/// the inputs to its autodiff form). `gpu`: the GPU shapes and a streaming pass of tensor ops;
+/// otherwise (Flex) the CPU shapes and a streaming pass on raw slices.
+fn bench_device(c: &mut Criterion, name: &str, device: Device, gpu: bool) {
     let all = std::env::var("BURN_DISTILL_ALL").is_ok();
     for [n, v] in shapes(gpu) {
-        let inner = Inputs::<B::InnerBackend>::new([n, v], &device);
-        let tracked: Inputs<B> = inner.lift();
+        let inner = Inputs::new([n, v], &device);
+        let tracked = inner.lift();
         let mut group = c.benchmark_group(format!("{name}/{n}x{v}"));
         group
             .sample_size(10)
@@ -55,13 +53,16 @@ where
             group.bench_function("stream", |b| {
                 b.iter(|| {
                     let out = inner.student.clone() - inner.teacher.clone();
-                    <B::InnerBackend as Backend>::sync(&out.device()).unwrap();
+                    out.device().sync().unwrap();
                 })
             });
         } else {
-            let s: Vec<f32> = inner.student.to_data().to_vec().unwrap();
-            let t: Vec<f32> = inner.teacher.to_data().to_vec().unwrap();
-            group.bench_function("stream", |b| b.iter(|| workload::cpu_stream(&s, &t, v)));
+            #[cfg(feature = "flex")]
+            {
+                let s = inner.student.to_data().try_to_vec::<f32>().unwrap();
+                let t = inner.teacher.to_data().try_to_vec::<f32>().unwrap();
+                group.bench_function("stream", |b| b.iter(|| workload::cpu_stream(&s, &t, v)));
+            }
         }
         for variant in Variant::ALL {
             if variant != Variant::Fused && n * v > 1 << 28 && !all {
@@ -80,13 +81,13 @@ where
 
 fn benches(c: &mut Criterion) {
     #[cfg(feature = "wgpu")]
-    bench_backend::<Autodiff<burn::backend::Wgpu>>(c, "wgpu", true);
+    bench_device(c, "wgpu", Device::wgpu(Default::default()), true);
+    #[cfg(feature = "vulkan")]
+    bench_device(c, "vulkan", Device::vulkan(Default::default()), true);
     #[cfg(feature = "cuda")]
-    bench_backend::<Autodiff<burn::backend::Cuda>>(c, "cuda", true);
+    bench_device(c, "cuda", Device::cuda(0), true);
     #[cfg(feature = "flex")]
-    bench_backend::<Autodiff<burn::backend::Flex>>(c, "flex", false);
-    #[cfg(all(feature = "ndarray", not(feature = "flex")))]
-    bench_backend::<Autodiff<burn::backend::NdArray>>(c, "ndarray", false);
+    bench_device(c, "flex", Device::flex(), false);
 }
 
 criterion_group!(distill, benches);

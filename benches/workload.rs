@@ -3,11 +3,10 @@
 #![allow(dead_code)]
 
 use burn::nn::loss::{CrossEntropyLossConfig, KLDivLossConfig, Reduction as NnReduction};
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Distribution, Int, Tensor, activation};
+use burn::tensor::{Device, Distribution, Int, Tensor, activation};
 use burn_distill::{
-    DistillBackend, DistillLoss, DistillLossConfig, Kernel, SparseDistillLoss,
-    SparseDistillLossConfig, SparseTeacher, TailPolicy,
+    DistillLoss, DistillLossConfig, Kernel, SparseDistillLoss, SparseDistillLossConfig,
+    SparseTeacher, TailPolicy,
 };
 
 /// Entries per row of the sparse (top-k) teacher, as an API returns them: 20, or
@@ -42,17 +41,18 @@ pub fn sparse_loss(kernel: Kernel) -> SparseDistillLoss {
 
 /// Inputs of one shape: f32 student and teacher logits and targets, and the teacher's top-k
 /// (indices and log-probabilities at T = 1) for the sparse loss.
-pub struct Inputs<B: Backend> {
-    pub student: Tensor<B, 2>,
-    pub teacher: Tensor<B, 2>,
-    pub targets: Tensor<B, 1, Int>,
-    pub top_indices: Tensor<B, 2, Int>,
-    pub top_log_probs: Tensor<B, 2>,
+pub struct Inputs {
+    pub student: Tensor<2>,
+    pub teacher: Tensor<2>,
+    pub targets: Tensor<1, Int>,
+    pub top_indices: Tensor<2, Int>,
+    pub top_log_probs: Tensor<2>,
 }
 
-impl<B: Backend> Inputs<B> {
-    pub fn new([n, v]: [usize; 2], device: &B::Device) -> Self {
-        B::seed(device, 7);
+impl Inputs {
+    /// The inputs on `device` (without autodiff: see [`Inputs::lift`]).
+    pub fn new([n, v]: [usize; 2], device: &Device) -> Self {
+        device.seed(7);
         let teacher = Tensor::random([n, v], Distribution::Normal(0.0, 3.0), device);
         let (top_log_probs, top_indices) =
             activation::log_softmax(teacher.clone(), 1).topk_with_indices(top_k().min(v), 1);
@@ -65,19 +65,19 @@ impl<B: Backend> Inputs<B> {
         }
     }
 
-    /// The same inputs on the autodiff backend `A` over `B`.
-    pub fn lift<A: AutodiffBackend<InnerBackend = B>>(&self) -> Inputs<A> {
+    /// The same inputs with autodiff (on the device's `autodiff()` form).
+    pub fn lift(&self) -> Inputs {
         Inputs {
-            student: Tensor::from_inner(self.student.clone()),
-            teacher: Tensor::from_inner(self.teacher.clone()),
-            targets: Tensor::from_inner(self.targets.clone()),
-            top_indices: Tensor::from_inner(self.top_indices.clone()),
-            top_log_probs: Tensor::from_inner(self.top_log_probs.clone()),
+            student: self.student.clone().autodiff(),
+            teacher: self.teacher.clone().autodiff(),
+            targets: self.targets.clone().autodiff(),
+            top_indices: self.top_indices.clone().autodiff(),
+            top_log_probs: self.top_log_probs.clone().autodiff(),
         }
     }
 
     /// The sparse teacher.
-    pub fn sparse_teacher(&self) -> SparseTeacher<B> {
+    pub fn sparse_teacher(&self) -> SparseTeacher {
         SparseTeacher::new(self.top_indices.clone(), self.top_log_probs.clone())
     }
 
@@ -98,7 +98,7 @@ pub enum Variant {
     BurnNn,
     /// `SparseDistillLoss` against the teacher's top-20 (tail bucket), composed burn ops.
     Sparse,
-    /// The same with the fused sparse kernel (`Kernel::Auto`: the reference where the backend
+    /// The same with the fused sparse kernel (`Kernel::Auto`: the reference where the device
     /// has none).
     SparseFused,
 }
@@ -125,7 +125,7 @@ impl Variant {
 }
 
 /// burn-nn's composition of the same loss.
-pub fn burn_nn_loss<B: Backend>(inputs: &Inputs<B>) -> Tensor<B, 1> {
+pub fn burn_nn_loss(inputs: &Inputs) -> Tensor<1> {
     let t = 4.0;
     let log_q = activation::log_softmax(inputs.student.clone().mul_scalar(1.0 / t), 1);
     let p = activation::softmax(inputs.teacher.clone().mul_scalar(1.0 / t), 1);
@@ -139,8 +139,8 @@ pub fn burn_nn_loss<B: Backend>(inputs: &Inputs<B>) -> Tensor<B, 1> {
     soft.mul_scalar(0.9) + hard.mul_scalar(0.1)
 }
 
-/// Forward only, on a backend without autodiff; waits for the result.
-pub fn forward<B: DistillBackend>(variant: Variant, inputs: &Inputs<B>) {
+/// Forward only, on inputs without autodiff; waits for the result.
+pub fn forward(variant: Variant, inputs: &Inputs) {
     let value = match variant {
         Variant::Fused => loss(Kernel::Fused).forward(
             inputs.student.clone(),
@@ -159,11 +159,12 @@ pub fn forward<B: DistillBackend>(variant: Variant, inputs: &Inputs<B>) {
             inputs.targets.clone(),
         ),
     };
-    let _ = value.into_scalar();
+    let _ = value.into_scalar::<f32>();
 }
 
-/// Forward and backward; waits for the student gradient.
-pub fn forward_backward<B: AutodiffBackend + DistillBackend>(variant: Variant, inputs: &Inputs<B>) {
+/// Forward and backward, on inputs with autodiff ([`Inputs::lift`]); waits for the student
+/// gradient.
+pub fn forward_backward(variant: Variant, inputs: &Inputs) {
     let student = inputs.student.clone().require_grad();
     let tracked = Inputs {
         student: student.clone(),
@@ -183,7 +184,7 @@ pub fn forward_backward<B: AutodiffBackend + DistillBackend>(variant: Variant, i
     };
     let grads = value.backward();
     let grad = student.grad(&grads).expect("gradient");
-    B::sync(&grad.device()).expect("sync");
+    grad.device().sync().expect("sync");
     drop(grad);
 }
 
@@ -195,7 +196,7 @@ fn sparse_kernel(variant: Variant) -> Kernel {
     }
 }
 
-fn forward_value<B: DistillBackend>(variant: Variant, inputs: &Inputs<B>) -> Tensor<B, 1> {
+fn forward_value(variant: Variant, inputs: &Inputs) -> Tensor<1> {
     let kernel = if variant == Variant::Fused {
         Kernel::Fused
     } else {
@@ -211,6 +212,7 @@ fn forward_value<B: DistillBackend>(variant: Variant, inputs: &Inputs<B>) -> Ten
 /// The streaming bound on the CPU: read both inputs once, write one fresh `[N, V]` output
 /// (`out = s − t`), with rayon over rows, on raw slices. The output is allocated like the fused
 /// kernel's gradient (zeroed, huge pages advised), so that both pay the same page faults.
+#[cfg(feature = "flex")]
 pub fn cpu_stream(student: &[f32], teacher: &[f32], v: usize) -> Vec<f32> {
     use rayon::prelude::*;
     let mut out = burn_distill::internals::zeroed_grad::<f32>(student.len());

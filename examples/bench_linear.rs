@@ -3,19 +3,21 @@
 //! (hidden states, head weight and bias), median time and peak extra memory.
 //!
 //! ```sh
-//! cargo run --release --example bench_linear -- --backend ndarray
+//! cargo run --release --example bench_linear -- --backend flex
 //! cargo run --release --example bench_linear -- --n 2048 --hs 512 --ht 1024 --v 32768 --reps 3
 //! ```
-//! Options: `--backend ndarray|flex|wgpu|cuda`, `--dtype f32|f16|bf16` (hidden states and
+//! Options: `--backend flex|wgpu|vulkan|cuda` (default `flex`; 0.1's `ndarray` is gone with
+//! burn 0.22's NdArray backend), `--dtype f32|f16|bf16` (hidden states and
 //! heads), `--n`, `--hs`, `--ht`, `--v`, `--reps`, `--chunk-rows` (default: from the 64 MiB
 //! budget), `--jsd` (Liger-Kernel's `LigerFusedLinearJSDLoss` defaults: JSD β = 0.5, T = 1,
 //! hard and soft weights 0.5; otherwise forward KL, T = 2, α = 0.5), `--fused-only`,
 //! `--sparse K` (a top-K sparse teacher instead of a teacher head: `SparseDistillLoss::
 //! forward_linear` against the sparse loss on materialised logits, and a frozen head).
 //!
-//! Memory: on CPU backends the peak heap growth (a counting allocator); on wgpu and CUDA the
-//! growth of the device memory pool that CubeCL reserves over the runs, after freeing its
-//! unused pages (an upper bound of the peak in use: pools grow in pages).
+//! Memory: on Flex (the CPU) the peak heap growth (a counting allocator); on wgpu, Vulkan and
+//! CUDA the growth of the device memory pool that CubeCL reserves over the runs
+//! (`Device::memory_pool_usage`), after freeing its unused pages (an upper bound of the peak in
+//! use: pools grow in pages).
 //!
 //! The H200 run of issue 10 (against `scripts/torch_baseline.py --linear`):
 //! ```sh
@@ -24,10 +26,8 @@
 //! ```
 use burn::module::Param;
 use burn::nn::Linear;
-use burn::tensor::DType;
-use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{Int, Tensor, TensorData};
-use burn_distill::{DistillBackend, DistillLossConfig, Divergence};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn_distill::{DistillLossConfig, Divergence};
 
 #[path = "../benches/measure.rs"]
 mod measure;
@@ -53,7 +53,7 @@ struct Args {
 
 fn args() -> Args {
     let mut a = Args {
-        backend: "ndarray".into(),
+        backend: "flex".into(),
         n: 2048,
         hs: 512,
         ht: 1024,
@@ -95,13 +95,7 @@ fn args() -> Args {
 }
 
 /// A deterministic `[rows, cols]` tensor with entries in about `[-scale, scale]`.
-fn filled<B: burn::tensor::backend::Backend>(
-    rows: usize,
-    cols: usize,
-    scale: f32,
-    seed: u32,
-    device: &B::Device,
-) -> Tensor<B, 2> {
+fn filled(rows: usize, cols: usize, scale: f32, seed: u32, device: &Device) -> Tensor<2> {
     let values: Vec<f32> = (0..rows * cols)
         .map(|i| {
             let x = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed);
@@ -111,44 +105,60 @@ fn filled<B: burn::tensor::backend::Backend>(
     Tensor::from_data(TensorData::new(values, [rows, cols]), device)
 }
 
-fn head<B: AutodiffBackend>(
-    h: usize,
-    v: usize,
-    seed: u32,
-    dtype: DType,
-    device: &B::Device,
-) -> Linear<B> {
+fn head(h: usize, v: usize, seed: u32, dtype: DType, device: &Device) -> Linear {
     let scale = 1.0 / (h as f32).sqrt();
     Linear {
-        weight: Param::from_tensor(filled::<B>(h, v, scale, seed, device).cast(dtype)),
+        weight: Param::from_tensor(filled(h, v, scale, seed, device).cast(dtype)),
         bias: Some(Param::from_tensor(
-            filled::<B>(1, v, scale, seed + 1, device)
+            filled(1, v, scale, seed + 1, device)
                 .reshape([v])
                 .cast(dtype),
         )),
     }
 }
 
-/// Growth of a device's memory pool over `f`, after its unused pages are freed.
-type PoolGrowth<D> = fn(&D, &mut dyn FnMut()) -> u64;
-
-fn run<B: AutodiffBackend + DistillBackend>(
-    name: &str,
-    a: &Args,
-    device: B::Device,
-    pool: Option<PoolGrowth<B::Device>>,
-) {
-    if let Some(k) = a.sparse {
-        return run_sparse::<B>(name, a, k, device);
+/// The device of `--backend NAME` (without autodiff) and its title.
+fn device(name: &str) -> (Device, &'static str) {
+    match name {
+        "flex" => (Device::flex(), "Flex"),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => (Device::wgpu(Default::default()), "wgpu"),
+        #[cfg(feature = "vulkan")]
+        "vulkan" => (Device::vulkan(Default::default()), "Vulkan (wgpu)"),
+        #[cfg(feature = "cuda")]
+        "cuda" => (Device::cuda(0), "CUDA"),
+        other => panic!(
+            "backend {other} is not enabled (flex, or build with --features wgpu/vulkan/cuda)"
+        ),
     }
+}
+
+/// Growth of the device's memory pool (bytes reserved) over `f`, after freeing its unused
+/// pages; `None` on a device that reports no pool (Flex).
+fn pool_growth(device: &Device, f: &mut dyn FnMut()) -> Option<u64> {
+    device.memory_cleanup();
+    let before = device.memory_pool_usage()?.bytes_reserved;
+    f();
+    let after = device.memory_pool_usage()?.bytes_reserved;
+    Some(after.saturating_sub(before))
+}
+
+/// The tables on `device`, the autodiff form of a device (every tensor and head is created
+/// on it, so tracked).
+fn run(name: &str, a: &Args, device: Device) {
+    if let Some(k) = a.sparse {
+        return run_sparse(name, a, k, device);
+    }
+    // Device memory from its pool where it reports one, else host memory.
+    let pool = device.memory_pool_usage().is_some();
     let (sh, th) = (
-        head::<B>(a.hs, a.v, 1, a.dtype, &device),
-        head::<B>(a.ht, a.v, 7, a.dtype, &device),
+        head(a.hs, a.v, 1, a.dtype, &device),
+        head(a.ht, a.v, 7, a.dtype, &device),
     );
-    let hs = filled::<B>(a.n, a.hs, 1.0, 3, &device)
+    let hs = filled(a.n, a.hs, 1.0, 3, &device)
         .cast(a.dtype)
         .require_grad();
-    let ht = filled::<B>(a.n, a.ht, 1.0, 5, &device).cast(a.dtype);
+    let ht = filled(a.n, a.ht, 1.0, 5, &device).cast(a.dtype);
     // One token in ten is ignored (prompt or padding).
     let targets: Vec<i64> = (0..a.n)
         .map(|i| {
@@ -159,7 +169,7 @@ fn run<B: AutodiffBackend + DistillBackend>(
             }
         })
         .collect();
-    let y = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [a.n]), &device);
+    let y = Tensor::<1, Int>::from_data(TensorData::new(targets, [a.n]), &device);
     let config = if a.jsd {
         DistillLossConfig::new()
             .with_divergence(Divergence::Jsd { beta: 0.5 })
@@ -171,7 +181,7 @@ fn run<B: AutodiffBackend + DistillBackend>(
     let loss = config.init();
     // The same loss for a frozen (or tied) head: no weight or bias gradient, no `[H, V]` GEMM.
     let frozen_loss = config.with_linear_head_grad(false).init();
-    let sync = || B::sync(&device).expect("sync");
+    let sync = || device.sync().expect("sync");
 
     let materialised = || {
         let zs = sh.forward(hs.clone());
@@ -195,9 +205,10 @@ fn run<B: AutodiffBackend + DistillBackend>(
     // Time (and host memory), then the device pool's growth where there is one.
     let timed = |f: &dyn Fn()| {
         let (t, host) = measure(a.reps, f);
-        let memory = match pool {
-            Some(growth) => growth(&device, &mut || f()),
-            None => host as u64,
+        let memory = if pool {
+            pool_growth(&device, &mut || f()).expect("memory pool usage")
+        } else {
+            host as u64
         };
         (t, memory as usize)
     };
@@ -213,7 +224,7 @@ fn run<B: AutodiffBackend + DistillBackend>(
     let (tm, pm) = timed(&materialised);
     let (tz, pz) = timed(&frozen);
     // Both values agree (a check that the benchmark measures the same loss).
-    let value = |v: Tensor<B, 1>| v.into_data().iter::<f64>().next().unwrap();
+    let value = |v: Tensor<1>| v.into_data().iter::<f64>().next().unwrap();
     let vm = value(loss.forward(
         sh.forward(hs.clone()),
         th.forward(ht.clone()).detach(),
@@ -242,9 +253,9 @@ fn run<B: AutodiffBackend + DistillBackend>(
         a.hs,
         a.ht,
         a.v,
-        loss.linear_chunk_rows::<B>(a.v),
+        loss.linear_chunk_rows(a.v, &device),
         a.reps,
-        if pool.is_some() {
+        if pool {
             "device pool growth"
         } else {
             "peak heap growth"
@@ -276,56 +287,18 @@ fn run<B: AutodiffBackend + DistillBackend>(
 }
 
 fn main() {
-    type A<B> = burn::backend::Autodiff<B>;
     let a = args();
-    match a.backend.as_str() {
-        #[cfg(feature = "ndarray")]
-        "ndarray" => run::<A<burn::backend::NdArray>>("NdArray", &a, Default::default(), None),
-        #[cfg(feature = "flex")]
-        "flex" => run::<A<burn::backend::Flex>>("Flex", &a, Default::default(), None),
-        #[cfg(feature = "wgpu")]
-        "wgpu" => run::<A<burn::backend::Wgpu>>(
-            "wgpu",
-            &a,
-            Default::default(),
-            Some(pool_growth::<cubecl::wgpu::WgpuRuntime>),
-        ),
-        #[cfg(feature = "cuda")]
-        "cuda" => run::<A<burn::backend::Cuda>>(
-            "CUDA",
-            &a,
-            Default::default(),
-            Some(pool_growth::<cubecl::cuda::CudaRuntime>),
-        ),
-        other => panic!("backend {other} is not enabled (features: ndarray, flex, wgpu, cuda)"),
-    }
-}
-
-/// Growth of the CubeCL memory pool (bytes reserved) over `f`, after freeing unused pages.
-#[cfg(any(feature = "wgpu", feature = "cuda"))]
-fn pool_growth<R: cubecl::Runtime>(device: &R::Device, f: &mut dyn FnMut()) -> u64 {
-    let client = R::client(device);
-    client.memory_cleanup();
-    let reserved = |c: &cubecl::prelude::ComputeClient<R>| {
-        c.memory_usage().expect("memory usage").bytes_reserved
-    };
-    let before = reserved(&client);
-    f();
-    reserved(&client).saturating_sub(before)
+    let (device, name) = device(&a.backend);
+    run(name, &a, device.autodiff());
 }
 
 /// `--sparse K`: the sparse loss from the student's hidden states and head against a top-K
 /// teacher (as from a store), against the same loss on materialised logits, and with a frozen
 /// head; CPU memory from the counting allocator.
-fn run_sparse<B: AutodiffBackend + DistillBackend>(
-    name: &str,
-    a: &Args,
-    k: usize,
-    device: B::Device,
-) {
+fn run_sparse(name: &str, a: &Args, k: usize, device: Device) {
     use burn_distill::{SparseDistillLossConfig, SparseTeacher};
-    let sh = head::<B>(a.hs, a.v, 1, a.dtype, &device);
-    let hs = filled::<B>(a.n, a.hs, 1.0, 3, &device)
+    let sh = head(a.hs, a.v, 1, a.dtype, &device);
+    let hs = filled(a.n, a.hs, 1.0, 3, &device)
         .cast(a.dtype)
         .require_grad();
     let targets: Vec<i64> = (0..a.n)
@@ -337,15 +310,15 @@ fn run_sparse<B: AutodiffBackend + DistillBackend>(
             }
         })
         .collect();
-    let y = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [a.n]), &device);
+    let y = Tensor::<1, Int>::from_data(TensorData::new(targets, [a.n]), &device);
     let indices: Vec<i64> = (0..a.n * k)
         .map(|e| (((e / k) * 131 + (e % k) * 17) % a.v) as i64)
         .collect();
     let log_probs: Vec<f32> = (0..a.n * k).map(|e| -4.5 - 0.05 * (e % k) as f32).collect();
     let teacher = || {
         SparseTeacher::new(
-            Tensor::<B, 2, Int>::from_data(TensorData::new(indices.clone(), [a.n, k]), &device),
-            Tensor::<B, 2>::from_data(TensorData::new(log_probs.clone(), [a.n, k]), &device),
+            Tensor::<2, Int>::from_data(TensorData::new(indices.clone(), [a.n, k]), &device),
+            Tensor::<2>::from_data(TensorData::new(log_probs.clone(), [a.n, k]), &device),
         )
     };
     let config = DistillLossConfig::new()
@@ -354,7 +327,7 @@ fn run_sparse<B: AutodiffBackend + DistillBackend>(
         .with_linear_chunk_rows(a.chunk_rows);
     let loss = SparseDistillLossConfig::new(config.clone()).init();
     let frozen_loss = SparseDistillLossConfig::new(config.with_linear_head_grad(false)).init();
-    let sync = || B::sync(&device).expect("sync");
+    let sync = || device.sync().expect("sync");
     let materialised = || {
         drop(
             loss.forward(sh.forward(hs.clone()), teacher(), y.clone())
@@ -377,7 +350,7 @@ fn run_sparse<B: AutodiffBackend + DistillBackend>(
         );
         sync();
     };
-    let value = |v: Tensor<B, 1>| v.into_data().iter::<f64>().next().unwrap();
+    let value = |v: Tensor<1>| v.into_data().iter::<f64>().next().unwrap();
     let (vm, vf) = (
         value(loss.forward(sh.forward(hs.clone()), teacher(), y.clone())),
         value(loss.forward_linear(hs.clone(), &sh, teacher(), y.clone())),

@@ -1,6 +1,7 @@
 //! The sampled-token (on-policy) loss against the dense fused kernel, side by side in one run:
-//! forward and backward of `[N, V]` student logits on NdArray (f32), median time and peak heap
-//! growth (a counting allocator), the latter also in units of one `[N, V]` f32 tensor.
+//! forward and backward of `[N, V]` student logits on Flex (f32; 0.1 ran on NdArray, gone with
+//! burn 0.22), median time and peak heap growth (a counting allocator), the latter also in units
+//! of one `[N, V]` f32 tensor.
 //!
 //! ```text
 //! cargo run --release --example bench_onpolicy -- [--n 2048] [--v 32768] [--reps 5]
@@ -10,19 +11,16 @@
 //! `α = 0.5` and at `α = 0` (in this crate `α` weighs the soft term: the hard term alone,
 //! which still reads the teacher); the sampled-token rows are `SampledTokenLoss` (k1) with the
 //! fused log-probabilities and with the composed reference, from `[B·T, V]` rows and from
-//! `[B, T, V]` logits (burn 0.21's NdArray copies a tensor it reshapes: one `[N, V]` copy
-//! forward and one backward).
+//! `[B, T, V]` logits (burn 0.21's NdArray copied a tensor it reshaped, one `[N, V]` copy
+//! forward and one backward; Flex's reshape of a contiguous tensor does not copy).
 
-use burn::backend::{Autodiff, NdArray};
-use burn::tensor::{Bool, Distribution, Int, Tensor};
+use burn::tensor::{Bool, Device, Distribution, Int, Tensor};
 use burn_distill::onpolicy::{SampledTokenLossConfig, SampledTokens};
 use burn_distill::{DistillLossConfig, Kernel};
 
 #[path = "../benches/measure.rs"]
 mod measure;
 use measure::measure;
-
-type B = Autodiff<NdArray>;
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
@@ -37,23 +35,19 @@ fn main() {
     let (n, v, reps) = (arg("--n", 2048), arg("--v", 32768), arg("--reps", 5));
     let (b, t) = (8, n / 8);
     assert_eq!(b * t, n, "--n must be a multiple of 8");
-    let device = Default::default();
-    let student = Tensor::<B, 2>::random([n, v], Distribution::Normal(0.0, 2.0), &device);
-    let teacher = Tensor::<B, 2>::random([n, v], Distribution::Normal(0.0, 2.0), &device);
-    let targets = Tensor::<B, 1, Int>::random([n], Distribution::Uniform(0.0, v as f64), &device);
+    let device = Device::flex().autodiff();
+    let student = Tensor::<2>::random([n, v], Distribution::Normal(0.0, 2.0), &device);
+    let teacher = Tensor::<2>::random([n, v], Distribution::Normal(0.0, 2.0), &device);
+    let targets = Tensor::<1, Int>::random([n], Distribution::Uniform(0.0, v as f64), &device);
     let sampled = SampledTokens {
         tokens: targets.clone().reshape([b, t]),
-        teacher_log_probs: Tensor::<B, 2>::random(
-            [b, t],
-            Distribution::Uniform(-8.0, -0.01),
-            &device,
-        ),
-        mask: Tensor::<B, 2, Bool>::ones([b, t], &device),
+        teacher_log_probs: Tensor::<2>::random([b, t], Distribution::Uniform(-8.0, -0.01), &device),
+        mask: Tensor::<2, Bool>::ones([b, t], &device),
         sampler_log_probs: None,
     };
     let nv_bytes = (n * v * 4) as f64;
     println!(
-        "NdArray f32, N = {n}, V = {v}, fwd+bwd of the student logits (median of {reps}; peak heap growth):\n"
+        "Flex f32, N = {n}, V = {v}, fwd+bwd of the student logits (median of {reps}; peak heap growth):\n"
     );
     println!("| loss | fwd+bwd | ÷ dense α = 0.5 | peak extra memory | in [N, V] tensors |");
     println!("|---|---:|---:|---:|---:|");

@@ -1,83 +1,77 @@
-//! The vocabulary-parallel loss on P = 1, 2, 4 local peers (threads of burn-collective on
-//! NdArray) against the unsharded loss, measured in one run: forward + backward wall time
-//! (median of K; the peers' time is from the first peer's start to the last peer's end), and
-//! the floats each peer contributes to the all-reduces per call.
+//! The vocabulary-parallel loss on P = 1, 2, 4 local peers (threads exchanging through
+//! `LocalExchange`, on Flex f32) against the unsharded loss, measured in one run: forward +
+//! backward wall time (median of K; the peers' time is from the first peer's start to the
+//! last peer's end), and the floats each peer contributes to the exchanges per call.
 //!
 //! ```sh
-//! cargo run --release --example bench_parallel --features collective -- --shape 2048x32768 --reps 3
+//! cargo run --release --example bench_parallel -- --shape 2048x32768 --reps 3
 //! ```
+#[cfg(feature = "flex")]
 use std::sync::{Arc, Barrier};
+#[cfg(feature = "flex")]
 use std::time::{Duration, Instant};
 
-use burn::backend::{Autodiff, NdArray};
-use burn::collective::{CollectiveConfig, PeerId, finish_collective, register, reset_collective};
-use burn::tensor::{Distribution, Int, Tensor};
-use burn_distill::{DistillLoss, DistillLossConfig, Divergence, Kernel, VocabShard};
+#[cfg(feature = "flex")]
+use burn::tensor::{Device, Distribution, Int, Tensor};
+#[cfg(feature = "flex")]
+use burn_distill::{DistillLoss, DistillLossConfig, Divergence, Kernel, LocalExchange, VocabShard};
 
-type Inner = NdArray<f32>;
-type B = Autodiff<Inner>;
-
+#[cfg(feature = "flex")]
 fn median(mut times: Vec<Duration>) -> Duration {
     times.sort();
     times[times.len() / 2]
 }
 
 /// Forward + backward of the unsharded loss.
+#[cfg(feature = "flex")]
 fn unsharded(
     loss: &DistillLoss,
-    student: &Tensor<Inner, 2>,
-    teacher: &Tensor<Inner, 2>,
-    y: &Tensor<Inner, 1, Int>,
+    student: &Tensor<2>,
+    teacher: &Tensor<2>,
+    y: &Tensor<1, Int>,
 ) -> Duration {
-    let s = Tensor::<B, 2>::from_inner(student.clone()).require_grad();
+    let s = student.clone().autodiff().require_grad();
     let start = Instant::now();
-    let value = loss.forward(
-        s.clone(),
-        Tensor::from_inner(teacher.clone()),
-        Tensor::from_inner(y.clone()),
-    );
+    let value = loss.forward(s.clone(), teacher.clone().autodiff(), y.clone().autodiff());
     let grad = s.grad(&value.backward()).unwrap();
     let _ = grad.into_data();
     start.elapsed()
 }
 
 /// Forward + backward on `peers` threads, each with its balanced shard.
+#[cfg(feature = "flex")]
 fn sharded(
     loss: &DistillLoss,
-    student: &Tensor<Inner, 2>,
-    teacher: &Tensor<Inner, 2>,
-    y: &Tensor<Inner, 1, Int>,
+    student: &Tensor<2>,
+    teacher: &Tensor<2>,
+    y: &Tensor<1, Int>,
     peers: usize,
 ) -> Duration {
     let [n, v] = student.dims();
-    reset_collective::<Inner>();
-    let config = CollectiveConfig::default().with_num_devices(peers);
     let barrier = Arc::new(Barrier::new(peers));
-    let handles: Vec<_> = (0..peers)
-        .map(|rank| {
+    let handles: Vec<_> = LocalExchange::group(peers)
+        .into_iter()
+        .enumerate()
+        .map(|(rank, exchange)| {
             let cols = VocabShard::balanced_range(v, peers, rank).unwrap();
             let s = student.clone().slice([0..n, cols.clone()]);
             let t = teacher.clone().slice([0..n, cols]);
-            let (loss, y, config, barrier) =
-                (loss.clone(), y.clone(), config.clone(), barrier.clone());
+            let (loss, y, barrier) = (loss.clone(), y.clone(), barrier.clone());
             std::thread::spawn(move || {
-                let peer = PeerId::from(rank as u32);
-                register::<Inner>(peer, Default::default(), config).unwrap();
-                let shard = VocabShard::balanced(peer, rank, peers, v).unwrap();
-                let s = Tensor::<B, 2>::from_inner(s).require_grad();
+                let shard = VocabShard::balanced(rank, peers, v).unwrap();
+                let s = s.autodiff().require_grad();
                 barrier.wait();
                 let start = Instant::now();
                 let value = loss.forward_vocab_parallel(
                     s.clone(),
-                    Tensor::from_inner(t),
-                    Tensor::from_inner(y),
+                    t.autodiff(),
+                    y.autodiff(),
                     &shard,
+                    &exchange,
                 );
                 let grad = s.grad(&value.backward()).unwrap();
                 let _ = grad.into_data();
-                let end = Instant::now();
-                finish_collective::<Inner>(peer).unwrap();
-                (start, end)
+                (start, Instant::now())
             })
         })
         .collect();
@@ -87,6 +81,7 @@ fn sharded(
     end - start
 }
 
+#[cfg(feature = "flex")]
 fn main() {
     let mut shape = [2048, 32768];
     let mut reps = 3;
@@ -103,13 +98,13 @@ fn main() {
         }
     }
     let [n, v] = shape;
-    let device = Default::default();
-    let student = Tensor::<Inner, 2>::random(shape, Distribution::Normal(0.0, 2.0), &device);
-    let teacher = Tensor::<Inner, 2>::random(shape, Distribution::Normal(0.0, 3.0), &device);
-    let y = Tensor::<Inner, 1, Int>::random([n], Distribution::Uniform(0.0, v as f64), &device);
+    let device = Device::flex();
+    let student = Tensor::<2>::random(shape, Distribution::Normal(0.0, 2.0), &device);
+    let teacher = Tensor::<2>::random(shape, Distribution::Normal(0.0, 3.0), &device);
+    let y = Tensor::<1, Int>::random([n], Distribution::Uniform(0.0, v as f64), &device);
 
     println!(
-        "NdArray f32 [{n}, {v}], T = 2, α = 0.5, fwd+bwd, median of {reps}; this machine: {} cores\n",
+        "Flex f32 [{n}, {v}], T = 2, α = 0.5, fwd+bwd, median of {reps}; this machine: {} cores\n",
         std::thread::available_parallelism()
             .map(|p| p.get())
             .unwrap_or(1)
@@ -138,7 +133,7 @@ fn main() {
             .map(|t| median(t).as_secs_f64() * 1e3)
             .collect();
         let floats = |p: usize| {
-            VocabShard::balanced(PeerId::from(0), 0, p, v)
+            VocabShard::balanced(0, p, v)
                 .unwrap()
                 .exchanged_floats(n, divergence)
         };
@@ -156,4 +151,9 @@ fn main() {
             (n * v) as f64 * 4.0 / 1e6
         );
     }
+}
+
+#[cfg(not(feature = "flex"))]
+fn main() {
+    eprintln!("bench_parallel runs on Flex: build with the `flex` feature (a default)");
 }

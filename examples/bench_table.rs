@@ -1,17 +1,19 @@
-//! Prints a markdown table of the distillation loss per backend: fused vs reference vs burn-nn's
-//! `KLDivLoss` composition vs the sparse (top-20) loss, forward and forward+backward, beside a streaming pass over the same
-//! bytes, measured in the same run; with effective bandwidth and (on CPU backends) peak memory.
+//! Prints a markdown table of the distillation loss per device: fused vs reference vs burn-nn's
+//! `KLDivLoss` composition vs the sparse (top-20) loss, forward and forward+backward, beside a
+//! streaming pass over the same bytes, measured in the same run; with effective bandwidth and
+//! (on Flex, the CPU) peak memory.
 //!
 //! ```sh
-//! cargo run --release --example bench_table --features flex -- --backend flex
-//! cargo run --release --example bench_table -- --backend ndarray --shapes 2048x32768 --reps 5
+//! cargo run --release --example bench_table -- --backend flex
+//! cargo run --release --example bench_table -- --shapes 2048x32768 --reps 5
+//! cargo run --release --example bench_table --features wgpu -- --backend wgpu
 //! ```
-//! Options: `--backend ndarray|flex|wgpu|cuda`, `--shapes NxV,...`, `--reps K` (median of K),
-//! `--fused-only` (skip the slow composed paths).
+//! Options: `--backend flex|wgpu|vulkan|cuda` (default `flex`; 0.1's `ndarray` is gone with
+//! burn 0.22's NdArray backend), `--shapes NxV,...`, `--reps K` (median of K), `--fused-only`
+//! (skip the slow composed paths).
 use std::time::Duration;
 
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn_distill::DistillBackend;
+use burn::tensor::Device;
 
 #[path = "../benches/workload.rs"]
 mod workload;
@@ -30,7 +32,7 @@ struct Args {
 
 fn args() -> Args {
     let mut a = Args {
-        backend: "ndarray".into(),
+        backend: "flex".into(),
         shapes: vec![[512, 32000], [2048, 32768], [4096, 50257]],
         reps: 5,
         fused_only: false,
@@ -58,34 +60,48 @@ fn args() -> Args {
     a
 }
 
+/// The device of `--backend NAME` (without autodiff), its title, and whether it is the CPU.
+fn device(name: &str) -> (Device, &'static str, bool) {
+    match name {
+        "flex" => (Device::flex(), "Flex (CPU)", true),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => (Device::wgpu(Default::default()), "wgpu", false),
+        #[cfg(feature = "vulkan")]
+        "vulkan" => (Device::vulkan(Default::default()), "Vulkan (wgpu)", false),
+        #[cfg(feature = "cuda")]
+        "cuda" => (Device::cuda(0), "CUDA", false),
+        other => panic!(
+            "backend {other} is not enabled (flex, or build with --features wgpu/vulkan/cuda)"
+        ),
+    }
+}
+
 fn gbps(bytes: usize, t: Duration) -> f64 {
     bytes as f64 / t.as_secs_f64() / 1e9
 }
 
-fn run<B>(name: &str, args: &Args, device: B::Device, cpu: bool)
-where
-    B: AutodiffBackend + DistillBackend,
-    B::InnerBackend: DistillBackend,
-{
+/// The table of one device: `device` without autodiff (the forward rows), the forward+backward
+/// rows on the inputs lifted to its autodiff form.
+fn run(name: &str, args: &Args, device: Device, cpu: bool) {
     println!("\n### {name}\n");
     println!(
         "| shape | variant | forward | fwd+bwd | fwd+bwd GB/s | fwd+bwd ÷ stream | peak extra memory |"
     );
     println!("|---|---|---:|---:|---:|---:|---:|");
     for &[n, v] in &args.shapes {
-        let inner = Inputs::<B::InnerBackend>::new([n, v], &device);
-        let tracked: Inputs<B> = inner.lift();
+        let inner = Inputs::new([n, v], &device);
+        let tracked = inner.lift();
         let bytes = inner.input_bytes();
         let (stream, _) = if cpu {
-            let s: Vec<f32> = inner.student.to_data().to_vec().unwrap();
-            let t: Vec<f32> = inner.teacher.to_data().to_vec().unwrap();
+            let s = inner.student.to_data().try_to_vec::<f32>().unwrap();
+            let t = inner.teacher.to_data().try_to_vec::<f32>().unwrap();
             measure(args.reps, || {
                 std::hint::black_box(workload::cpu_stream(&s, &t, v));
             })
         } else {
             measure(args.reps, || {
                 let out = inner.student.clone() - inner.teacher.clone();
-                B::InnerBackend::sync(&out.device()).unwrap();
+                out.device().sync().unwrap();
             })
         };
         let io = bytes * 3 / 2;
@@ -122,24 +138,7 @@ where
 }
 
 fn main() {
-    use burn::backend::Autodiff;
     let args = args();
-    match args.backend.as_str() {
-        #[cfg(feature = "ndarray")]
-        "ndarray" => run::<Autodiff<burn::backend::NdArray>>(
-            "NdArray (CPU)",
-            &args,
-            Default::default(),
-            true,
-        ),
-        #[cfg(feature = "flex")]
-        "flex" => {
-            run::<Autodiff<burn::backend::Flex>>("Flex (CPU)", &args, Default::default(), true)
-        }
-        #[cfg(feature = "wgpu")]
-        "wgpu" => run::<Autodiff<burn::backend::Wgpu>>("wgpu", &args, Default::default(), false),
-        #[cfg(feature = "cuda")]
-        "cuda" => run::<Autodiff<burn::backend::Cuda>>("CUDA", &args, Default::default(), false),
-        other => panic!("backend {other} is not enabled (build with --features {other})"),
-    }
+    let (device, name, cpu) = device(&args.backend);
+    run(name, &args, device, cpu);
 }

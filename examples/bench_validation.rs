@@ -6,18 +6,16 @@
 //!
 //! ```sh
 //! cargo run --release --example bench_validation --features wgpu -- --backend wgpu
-//! cargo run --release --example bench_validation -- --backend ndarray --shapes 2048x32768
+//! cargo run --release --example bench_validation -- --backend flex --shapes 2048x32768
 //! ```
-//! Options: `--backend ndarray|flex|wgpu|cuda`, `--shapes NxV,...`, `--steps K`, `--top-k k`.
+//! Options: `--backend flex|wgpu|vulkan|cuda` (default `flex`; 0.1's `ndarray` is gone with
+//! burn 0.22's NdArray backend), `--shapes NxV,...`, `--steps K`, `--top-k k`.
 use std::time::{Duration, Instant};
 
-use burn::tensor::{
-    Distribution, Int, Tensor, activation,
-    backend::{AutodiffBackend, Backend},
-};
+use burn::tensor::{Device, Distribution, Int, Tensor, activation};
 use burn_distill::{
-    DistillBackend, DistillLossConfig, DistillOutput, SparseDistillLossConfig, SparseTeacher,
-    TailPolicy, Validation,
+    DistillLossConfig, DistillOutput, SparseDistillLossConfig, SparseTeacher, TailPolicy,
+    Validation,
 };
 
 struct Args {
@@ -29,7 +27,7 @@ struct Args {
 
 fn args() -> Args {
     let mut a = Args {
-        backend: "ndarray".into(),
+        backend: "flex".into(),
         shapes: vec![[8, 1024], [512, 32000]],
         steps: 20,
         top_k: 64,
@@ -60,10 +58,10 @@ const MODES: [Validation; 3] = [Validation::Eager, Validation::Deferred, Validat
 
 /// Time per step of `steps` queued steps (after one warm-up run of the same loop), the
 /// deferred checks validated after the last.
-fn per_step<B: AutodiffBackend>(
+fn per_step(
     steps: usize,
-    student: &Tensor<B, 2>,
-    mut step: impl FnMut(Tensor<B, 2>) -> DistillOutput<B>,
+    student: &Tensor<2>,
+    mut step: impl FnMut(Tensor<2>) -> DistillOutput,
 ) -> Duration {
     let mut run = || {
         let start = Instant::now();
@@ -76,7 +74,7 @@ fn per_step<B: AutodiffBackend>(
             last = tracked.grad(&grads);
             outputs.push(out);
         }
-        B::InnerBackend::sync(&student.device()).expect("sync");
+        student.device().sync().expect("sync");
         drop(last);
         for out in &outputs {
             out.validate().expect("valid inputs");
@@ -87,20 +85,17 @@ fn per_step<B: AutodiffBackend>(
     run()
 }
 
-fn bench<B>(name: &str, args: &Args, device: B::Device)
-where
-    B: AutodiffBackend + DistillBackend,
-{
+/// The table on `device`, the autodiff form of a device.
+fn bench(name: &str, args: &Args, device: Device) {
     println!("\n### {name}, {} queued steps\n", args.steps);
     println!("| shape | loss | Eager | Deferred | Off | Eager − Off | Deferred − Off |");
     println!("|---|---|---:|---:|---:|---:|---:|");
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     for &[n, v] in &args.shapes {
-        B::seed(&device, 3);
-        let student = Tensor::<B, 2>::random([n, v], Distribution::Normal(0.0, 3.0), &device);
-        let teacher = Tensor::<B, 2>::random([n, v], Distribution::Normal(0.0, 3.0), &device);
-        let targets =
-            Tensor::<B, 1, Int>::random([n], Distribution::Uniform(0.0, v as f64), &device);
+        device.seed(3);
+        let student = Tensor::<2>::random([n, v], Distribution::Normal(0.0, 3.0), &device);
+        let teacher = Tensor::<2>::random([n, v], Distribution::Normal(0.0, 3.0), &device);
+        let targets = Tensor::<1, Int>::random([n], Distribution::Uniform(0.0, v as f64), &device);
         let k = args.top_k.min(v);
         let (top_lp, top_idx) = activation::log_softmax(teacher.clone(), 1).topk_with_indices(k, 1);
         let row = |label: &str, times: Vec<Duration>| {
@@ -150,20 +145,24 @@ where
     }
 }
 
-fn main() {
-    use burn::backend::Autodiff;
-    let args = args();
-    match args.backend.as_str() {
-        #[cfg(feature = "ndarray")]
-        "ndarray" => {
-            bench::<Autodiff<burn::backend::NdArray>>("NdArray", &args, Default::default())
-        }
-        #[cfg(feature = "flex")]
-        "flex" => bench::<Autodiff<burn::backend::Flex>>("Flex", &args, Default::default()),
+/// The device of `--backend NAME` (without autodiff) and its title.
+fn device(name: &str) -> (Device, &'static str) {
+    match name {
+        "flex" => (Device::flex(), "Flex"),
         #[cfg(feature = "wgpu")]
-        "wgpu" => bench::<Autodiff<burn::backend::Wgpu>>("wgpu", &args, Default::default()),
+        "wgpu" => (Device::wgpu(Default::default()), "wgpu"),
+        #[cfg(feature = "vulkan")]
+        "vulkan" => (Device::vulkan(Default::default()), "Vulkan (wgpu)"),
         #[cfg(feature = "cuda")]
-        "cuda" => bench::<Autodiff<burn::backend::Cuda>>("CUDA", &args, Default::default()),
-        other => panic!("backend {other} is not enabled (build with --features {other})"),
+        "cuda" => (Device::cuda(0), "CUDA"),
+        other => panic!(
+            "backend {other} is not enabled (flex, or build with --features wgpu/vulkan/cuda)"
+        ),
     }
+}
+
+fn main() {
+    let args = args();
+    let (device, name) = device(&args.backend);
+    bench(name, &args, device.autodiff());
 }

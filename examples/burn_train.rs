@@ -6,42 +6,45 @@
 //!
 //! With `DEVICES > 1`, burn-train trains data-parallel (`ExecutionStrategy::multi`: each device
 //! a replica of teacher and student and a share of every batch, gradients gathered on the main
-//! device), with `DistillLoss` unchanged; on the CPU backends the devices are copies of the one
-//! CPU device. burn-train's DDP strategy (`ExecutionStrategy::ddp`, gradients all-reduced
-//! through burn-collective) needs burn's `distributed` feature, which burn 0.21 only grants to
-//! the CubeCL backends: build with `--features wgpu,distributed` (or `cuda,distributed`) and
-//! pass `ddp` as a third argument (see docs/parallel.md).
+//! device), with `DistillLoss` unchanged; on Flex (the default) and on wgpu
+//! (`--features wgpu`) the devices are copies of the one device. burn-train's DDP strategy
+//! (`ExecutionStrategy::ddp`, gradients all-reduced between the devices) is in every build of
+//! burn 0.22, but only CUDA implements its all-reduce (NCCL): on Flex it panics ("Distributed
+//! operations are not supported"), on wgpu in CubeCL's all-reduce. So `ddp` as a third argument
+//! needs `--features cuda` (which downloads LLVM at build time) and trains on CUDA devices
+//! `0..DEVICES`; burn 0.21 ran it on wgpu with its `distributed` feature, which 0.22 no longer
+//! has.
 use burn::data::dataloader::{DataLoaderBuilder, batcher::Batcher};
 use burn::data::dataset::InMemDataset;
-use burn::module::{AutodiffModule, Module};
+use burn::module::Module;
 use burn::optim::AdamConfig;
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn::train::metric::{AccuracyMetric, LossMetric};
 use burn::train::{
     ClassificationOutput, ExecutionStrategy, InferenceStep, Learner, MultiDeviceOptim,
     SupervisedTraining, TrainOutput, TrainStep,
 };
-use burn_distill::{DistillBackend, DistillLoss, DistillLossConfig};
+use burn_distill::{DistillLoss, DistillLossConfig};
 
 #[path = "mnist/experiment.rs"]
 mod experiment;
 use experiment::{Digits, Mlp, Settings};
 
 /// The trained module: a frozen teacher beside the student. Only the student is optimised
-/// (the teacher's parameters are marked `no_grad`, and it runs on the inner backend).
+/// (the teacher's parameters are marked `no_grad`, and it runs on the device without
+/// autodiff).
 #[derive(Module, Debug)]
-struct Distiller<B: Backend> {
-    teacher: Mlp<B>,
-    student: Mlp<B>,
+struct Distiller {
+    teacher: Mlp,
+    student: Mlp,
     #[module(skip)]
     loss: DistillLoss,
 }
 
 #[derive(Clone, Debug)]
-struct Batch<B: Backend> {
-    images: Tensor<B, 2>,
-    labels: Tensor<B, 1, Int>,
+struct Batch {
+    images: Tensor<2>,
+    labels: Tensor<1, Int>,
 }
 
 #[derive(Clone, Debug)]
@@ -53,8 +56,8 @@ struct Digit {
 #[derive(Clone, Default)]
 struct DigitBatcher;
 
-impl<B: Backend> Batcher<B, Digit, Batch<B>> for DigitBatcher {
-    fn batch(&self, items: Vec<Digit>, device: &B::Device) -> Batch<B> {
+impl Batcher<Digit, Batch> for DigitBatcher {
+    fn batch(&self, items: Vec<Digit>, device: &Device) -> Batch {
         let n = items.len();
         let pixels: Vec<f32> = items
             .iter()
@@ -68,17 +71,17 @@ impl<B: Backend> Batcher<B, Digit, Batch<B>> for DigitBatcher {
     }
 }
 
-impl<B: AutodiffBackend + DistillBackend> TrainStep for Distiller<B> {
-    type Input = Batch<B>;
-    type Output = ClassificationOutput<B>;
+impl TrainStep for Distiller {
+    type Input = Batch;
+    type Output = ClassificationOutput;
 
-    fn step(&self, batch: Batch<B>) -> TrainOutput<ClassificationOutput<B>> {
-        // The frozen teacher: forward on the inner backend, no graph.
+    fn step(&self, batch: Batch) -> TrainOutput<ClassificationOutput> {
+        // The frozen teacher: forward without autodiff, no graph.
         let teacher_logits = self.teacher.valid().forward(batch.images.clone().inner());
         let logits = self.student.forward(batch.images);
         let loss = self.loss.forward(
             logits.clone(),
-            Tensor::from_inner(teacher_logits),
+            teacher_logits.autodiff(),
             batch.labels.clone(),
         );
         let output = ClassificationOutput {
@@ -90,11 +93,11 @@ impl<B: AutodiffBackend + DistillBackend> TrainStep for Distiller<B> {
     }
 }
 
-impl<B: Backend + DistillBackend> InferenceStep for Distiller<B> {
-    type Input = Batch<B>;
-    type Output = ClassificationOutput<B>;
+impl InferenceStep for Distiller {
+    type Input = Batch;
+    type Output = ClassificationOutput;
 
-    fn step(&self, batch: Batch<B>) -> ClassificationOutput<B> {
+    fn step(&self, batch: Batch) -> ClassificationOutput {
         let teacher_logits = self.teacher.forward(batch.images.clone());
         let logits = self.student.forward(batch.images);
         let loss = self
@@ -120,7 +123,7 @@ fn dataset(d: &Digits) -> InMemDataset<Digit> {
 }
 
 /// How burn-train spreads the training over `devices` copies of `device`.
-fn strategy<B: AutodiffBackend>(device: &B::Device, devices: usize) -> ExecutionStrategy<B> {
+fn strategy(device: &Device, devices: usize) -> ExecutionStrategy {
     if devices > 1 {
         ExecutionStrategy::multi(
             vec![device.clone(); devices],
@@ -131,21 +134,17 @@ fn strategy<B: AutodiffBackend>(device: &B::Device, devices: usize) -> Execution
     }
 }
 
-fn run<B: AutodiffBackend + DistillBackend>(
-    device: B::Device,
-    epochs: usize,
-    strategy: impl FnOnce(&B::Device) -> ExecutionStrategy<B>,
-) where
-    B::InnerBackend: DistillBackend,
-{
+/// Trains on `device` (its autodiff form) with the strategy that `strategy` makes of it.
+fn run(device: Device, epochs: usize, strategy: impl FnOnce(&Device) -> ExecutionStrategy) {
+    let device = device.autodiff();
     let (train, valid) = experiment::load(&experiment::default_data_dir()).expect("bundled MNIST");
-    B::seed(&device, 0);
+    device.seed(0);
     println!("training the teacher (784-1200-1200-10, 5 epochs)…");
     let settings = Settings {
         progress: true,
         ..Settings::default()
     };
-    let teacher = Mlp::<B>::new(&[1200, 1200], 0.2, 0.5, &device);
+    let teacher = Mlp::new(&[1200, 1200], 0.2, 0.5, &device);
     let teacher = experiment::train_hard(teacher, &train, 5, 0, &settings).no_grad();
 
     let model = Distiller {
@@ -174,6 +173,14 @@ fn run<B: AutodiffBackend + DistillBackend>(
     println!("done; burn-train's logs are in {}", artifacts.display());
 }
 
+/// The device of this build: wgpu with `--features wgpu`, else Flex.
+fn device() -> Device {
+    #[cfg(feature = "wgpu")]
+    return Device::wgpu(Default::default());
+    #[cfg(not(feature = "wgpu"))]
+    return Device::flex();
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let epochs = args.next().and_then(|e| e.parse().ok()).unwrap_or(5);
@@ -183,25 +190,22 @@ fn main() {
         "{epochs} epochs on {devices} device(s){}",
         if ddp { ", DDP" } else { "" }
     );
-    use burn::backend::Autodiff;
-    #[cfg(all(feature = "wgpu", feature = "distributed"))]
+    #[cfg(feature = "cuda")]
     if ddp {
-        use burn::tensor::backend::distributed::{DistributedConfig, ReduceOperation};
-        type B = Autodiff<burn::backend::Wgpu>;
-        return run::<B>(Default::default(), epochs, |device| {
+        use burn::tensor::distributed::{DistributedConfig, ReduceOperation};
+        let all = (0..devices).map(Device::cuda).collect::<Vec<_>>();
+        return run(all[0].clone(), epochs, |_| {
             ExecutionStrategy::ddp(
-                vec![device.clone(); devices],
+                all,
                 DistributedConfig {
                     all_reduce_op: ReduceOperation::Mean,
                 },
             )
         });
     }
-    assert!(!ddp, "the DDP strategy needs --features wgpu,distributed");
-    #[cfg(feature = "wgpu")]
-    run::<Autodiff<burn::backend::Wgpu>>(Default::default(), epochs, |d| strategy(d, devices));
-    #[cfg(all(feature = "flex", not(feature = "wgpu")))]
-    run::<Autodiff<burn::backend::Flex>>(Default::default(), epochs, |d| strategy(d, devices));
-    #[cfg(all(feature = "ndarray", not(any(feature = "flex", feature = "wgpu"))))]
-    run::<Autodiff<burn::backend::NdArray>>(Default::default(), epochs, |d| strategy(d, devices));
+    assert!(
+        !ddp,
+        "burn 0.22's DDP strategy runs on CUDA only: build with --features cuda"
+    );
+    run(device(), epochs, |d| strategy(d, devices));
 }

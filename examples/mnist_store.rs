@@ -5,13 +5,15 @@
 //! all from the same initialisation and data order.
 //!
 //! ```sh
-//! cargo run --release --example mnist_store --features ndarray
-//! cargo run --release --example mnist_store --features ndarray -- --k 5 --temperature 4 --seeds 3
+//! cargo run --release --example mnist_store [--features wgpu]
+//! cargo run --release --example mnist_store -- --k 5 --temperature 4 --seeds 3
 //! ```
+//!
+//! burn 0.22: no backend generic. The models train on the device's autodiff form; the teacher's
+//! logits, written to the store, and the test set live on the device without autodiff.
 use std::path::PathBuf;
 
-use burn::backend::Autodiff;
-use burn::tensor::Tensor;
+use burn::tensor::{Device, Tensor};
 use burn_distill::store::{TeacherStore, TeacherStoreConfig, TeacherStoreWriter};
 use burn_distill::{DistillLossConfig, SparseDistillLossConfig, TailPolicy};
 use clap::Parser;
@@ -19,8 +21,6 @@ use clap::Parser;
 #[path = "mnist/experiment.rs"]
 mod experiment;
 use experiment::{Settings, Teacher, mean_std};
-
-type B = Autodiff<burn::backend::NdArray>;
 
 #[derive(Parser, Debug)]
 #[command(about = "MNIST: distil a student from an offline top-k teacher store")]
@@ -65,20 +65,23 @@ fn main() {
         progress: !args.quiet,
         ..Settings::default()
     };
-    let device = Default::default();
+    #[cfg(feature = "wgpu")]
+    let device = Device::wgpu(Default::default());
+    #[cfg(not(feature = "wgpu"))]
+    let device = Device::flex();
     let dense_loss = DistillLossConfig::new()
         .with_temperature(args.temperature)
         .with_alpha(args.alpha);
     let mut rows = Vec::new();
     for seed in 0..args.seeds as u64 {
         let (teacher_errors, logits) =
-            experiment::teacher_logits::<B>(&train, &test, seed, &settings, &device);
+            experiment::teacher_logits(&train, &test, seed, &settings, &device);
         let t0 = std::time::Instant::now();
         let config = TeacherStoreConfig::new(10, args.k).with_chunk_rows(4096);
         let mut writer = TeacherStoreWriter::create(&args.store, config).expect("a store");
         let n = logits.dims()[0];
         for start in (0..n).step_by(1000) {
-            let batch: Tensor<_, 2> = logits.clone().narrow(0, start, 1000.min(n - start));
+            let batch: Tensor<2> = logits.clone().narrow(0, start, 1000.min(n - start));
             writer.append_logits(batch).expect("teacher rows");
         }
         let info = writer.finish().expect("the store");
@@ -91,7 +94,7 @@ fn main() {
             .with_tail(TailPolicy::TailBucket)
             .with_generation_temperature(store.info().generation_temperature)
             .init();
-        let hard = experiment::student_errors::<B>(
+        let hard = experiment::student_errors(
             &train,
             &test,
             Teacher::HardLabels,
@@ -99,7 +102,7 @@ fn main() {
             &settings,
             &device,
         );
-        let dense = experiment::student_errors::<B>(
+        let dense = experiment::student_errors(
             &train,
             &test,
             Teacher::Dense(dense_loss.init(), &logits),
@@ -108,7 +111,7 @@ fn main() {
             &device,
         );
         drop(logits); // from here on the teacher exists only on disk
-        let stored = experiment::student_errors::<B>(
+        let stored = experiment::student_errors(
             &train,
             &test,
             Teacher::Store(sparse_loss.clone(), &store),

@@ -23,25 +23,28 @@
 //! 4. Exact-match answer accuracy on held-out problems, decoded greedily.
 //!
 //! ```sh
-//! cargo run --release --example step_by_step
+//! cargo run --release --example step_by_step [--features wgpu]
 //! cargo run --release --example step_by_step -- --digits 5 --json target/step_by_step.json
 //! ```
+//!
+//! burn 0.22: no backend generic. [`run`] takes a [`Device`]; the models train on its autodiff
+//! form (`device.autodiff()`), the frozen teacher (`model.valid()`) runs on the device without
+//! autodiff (`device.inner()`), so its logits build no graph.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::module::{AutodiffModule, Module};
+use burn::module::Module;
 use burn::nn::attention::generate_autoregressive_mask;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::transformer::{
     TransformerEncoder, TransformerEncoderConfig, TransformerEncoderInput,
 };
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
-use burn::optim::{AdamConfig, GradientsParams, Optimizer};
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use burn_distill::{DistillBackend, DistillLossConfig};
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn_distill::DistillLossConfig;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -231,15 +234,15 @@ pub fn stated_answer(continuation: &[i64], d: usize, traced: bool) -> Option<u64
 
 /// A small causal transformer over tokens.
 #[derive(Module, Debug)]
-pub struct Seq<B: Backend> {
-    tokens: Embedding<B>,
-    positions: Embedding<B>,
-    encoder: TransformerEncoder<B>,
-    head: Linear<B>,
+pub struct Seq {
+    tokens: Embedding,
+    positions: Embedding,
+    encoder: TransformerEncoder,
+    head: Linear,
 }
 
-impl<B: Backend> Seq<B> {
-    pub fn new(width: usize, layers: usize, max_len: usize, device: &B::Device) -> Self {
+impl Seq {
+    pub fn new(width: usize, layers: usize, max_len: usize, device: &Device) -> Self {
         Self {
             tokens: EmbeddingConfig::new(VOCAB, width).init(device),
             positions: EmbeddingConfig::new(max_len, width).init(device),
@@ -252,14 +255,14 @@ impl<B: Backend> Seq<B> {
     }
 
     /// `[B, L]` tokens → `[B, L, VOCAB]` next-token logits.
-    pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+    pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
         let [batch, len] = tokens.dims();
         let device = tokens.device();
-        let positions = Tensor::<B, 1, Int>::arange(0..len as i64, &device)
+        let positions = Tensor::<1, Int>::arange(0..len as i64, &device)
             .unsqueeze_dim::<2>(0)
             .expand([batch, len]);
         let x = self.tokens.forward(tokens) + self.positions.forward(positions);
-        let mask = generate_autoregressive_mask::<B>(batch, len, &device);
+        let mask = generate_autoregressive_mask(batch, len, &device);
         let h = self
             .encoder
             .forward(TransformerEncoderInput::new(x).mask_attn(mask));
@@ -268,18 +271,18 @@ impl<B: Backend> Seq<B> {
 }
 
 /// Greedy continuations of the prompts, `steps` tokens each.
-pub fn generate<B: Backend>(model: &Seq<B>, prompts: &[Vec<i64>], steps: usize) -> Vec<Vec<i64>> {
+pub fn generate(model: &Seq, prompts: &[Vec<i64>], steps: usize) -> Vec<Vec<i64>> {
     let device = model.devices()[0].clone();
     let (n, p) = (prompts.len(), prompts[0].len());
     let mut tokens =
-        Tensor::<B, 2, Int>::from_data(TensorData::new(prompts.concat(), [n, p]), &device);
+        Tensor::<2, Int>::from_data(TensorData::new(prompts.concat(), [n, p]), &device);
     for _ in 0..steps {
         let len = tokens.dims()[1];
         let last = model.forward(tokens.clone()).narrow(1, len - 1, 1);
         let next = last.argmax(2).reshape([n, 1]);
         tokens = Tensor::cat(vec![tokens, next], 1);
     }
-    let all: Vec<i64> = tokens.into_data().convert::<i64>().to_vec().unwrap();
+    let all: Vec<i64> = tokens.into_data().try_into_vec_as::<i64>().unwrap();
     all.chunks(p + steps).map(|row| row[p..].to_vec()).collect()
 }
 
@@ -318,11 +321,11 @@ impl Examples {
     }
 
     /// Inputs `[B, L]`, targets `[B, L]` and the flat indices of the trained positions.
-    fn batch<B: Backend>(
+    fn batch(
         &self,
         rows: &[usize],
-        device: &B::Device,
-    ) -> (Tensor<B, 2, Int>, Tensor<B, 2, Int>, Tensor<B, 1, Int>) {
+        device: &Device,
+    ) -> (Tensor<2, Int>, Tensor<2, Int>, Tensor<1, Int>) {
         let len = self.inputs[0].len();
         let gather =
             |v: &[Vec<i64>]| -> Vec<i64> { rows.iter().flat_map(|&r| v[r].clone()).collect() };
@@ -340,12 +343,13 @@ impl Examples {
 }
 
 /// How a model is trained.
-pub enum Objective<'a, B: AutodiffBackend> {
+pub enum Objective<'a> {
     /// Cross-entropy on the targets.
     Hard,
-    /// `DistillLoss::forward_seq` against the teacher's logits on the same sequences.
+    /// `DistillLoss::forward_seq` against the teacher's logits on the same sequences (the
+    /// teacher on the device without autodiff: no graph).
     Distill {
-        teacher: &'a Seq<B::InnerBackend>,
+        teacher: &'a Seq,
         temperature: f64,
         alpha: f64,
     },
@@ -363,24 +367,25 @@ fn bar(quiet: bool, len: u64, label: &str) -> ProgressBar {
     bar
 }
 
-/// Trains `model` for `steps` batches; `next_rows` picks each batch's rows of `data`.
-pub fn train<B: AutodiffBackend + DistillBackend>(
-    mut model: Seq<B>,
+/// Trains `model` (on the device with autodiff) for `steps` batches; `next_rows` picks each
+/// batch's rows of `data`.
+pub fn train(
+    mut model: Seq,
     data: &Examples,
-    objective: Objective<B>,
+    objective: Objective<'_>,
     (steps, settings): (usize, &Settings),
     mut next_rows: impl FnMut(usize) -> Vec<usize>,
     label: &str,
-) -> (Seq<B>, LossCurve) {
+) -> (Seq, LossCurve) {
     let device = model.devices()[0].clone();
     let mut curve = LossCurve {
         label: label.to_string(),
         every: 50,
         values: Vec::new(),
     };
-    let mut optim = AdamConfig::new().init::<B, Seq<B>>();
+    let mut optim = AdamConfig::new().init();
     let bar = bar(settings.quiet, steps as u64, label);
-    let ce = CrossEntropyLossConfig::new().init::<B>(&device);
+    let ce = CrossEntropyLossConfig::new().init(&device);
     let distill = match objective {
         Objective::Distill {
             teacher,
@@ -397,12 +402,12 @@ pub fn train<B: AutodiffBackend + DistillBackend>(
         Objective::Hard => None,
     };
     for step in 0..steps {
-        let (inputs, targets, kept) = data.batch::<B>(&next_rows(step), &device);
+        let (inputs, targets, kept) = data.batch(&next_rows(step), &device);
         let logits = model.forward(inputs.clone());
         let loss = match &distill {
             // Token-level distillation: the prompt positions carry the ignore index.
             Some((teacher, distill)) => {
-                let teacher_logits = Tensor::from_inner(teacher.forward(inputs.inner()));
+                let teacher_logits = teacher.forward(inputs.inner()).autodiff();
                 distill.forward_seq(logits, teacher_logits, targets)
             }
             // Cross-entropy on the trained positions only.
@@ -415,7 +420,7 @@ pub fn train<B: AutodiffBackend + DistillBackend>(
             }
         };
         if step % curve.every == 0 || step + 1 == steps {
-            let value = loss.clone().into_scalar().elem::<f64>();
+            let value = loss.clone().into_scalar::<f64>();
             curve.values.push(value);
             bar.set_prefix(format!("{value:.4}"));
         }
@@ -436,7 +441,7 @@ pub struct LossCurve {
 }
 
 /// Exact-match answer accuracy of `model` on `problems`.
-pub fn accuracy<B: Backend>(model: &Seq<B>, problems: &[Problem], d: usize, traced: bool) -> f64 {
+pub fn accuracy(model: &Seq, problems: &[Problem], d: usize, traced: bool) -> f64 {
     let steps = if traced { 5 * d + 3 } else { d + 2 };
     let mut correct = 0;
     for chunk in problems.chunks(500) {
@@ -467,12 +472,11 @@ pub struct Results {
     pub seconds: f64,
 }
 
-/// The whole experiment.
-pub fn run<B: AutodiffBackend + DistillBackend>(
-    settings: &Settings,
-    device: &B::Device,
-) -> Results {
+/// The whole experiment on `device` (with or without autodiff: the models train on
+/// `device.autodiff()`, the frozen teacher and the evaluation run without).
+pub fn run(settings: &Settings, device: &Device) -> Results {
     let start = Instant::now();
+    let device = &device.clone().autodiff();
     let d = settings.digits;
     let prompt_len = 2 * d + 2;
     let max_len = prompt_len + 5 * d + 3;
@@ -482,7 +486,7 @@ pub fn run<B: AutodiffBackend + DistillBackend>(
     let full = |p: Problem, continuation: Vec<i64>| [prompt(p, d), continuation].concat();
 
     // 1. The teacher, on fresh ground-truth traces every batch (never the held-out problems).
-    B::seed(device, settings.seed);
+    device.seed(settings.seed);
     let batch = settings.batch;
     let fresh = problems(settings.teacher_steps * batch, d, &mut rng, &test, false);
     let teacher_data = Examples::new(
@@ -493,7 +497,7 @@ pub fn run<B: AutodiffBackend + DistillBackend>(
         prompt_len,
     );
     let (teacher, teacher_curve) = train(
-        Seq::<B>::new(
+        Seq::new(
             settings.teacher_width,
             settings.teacher_layers,
             max_len,
@@ -537,8 +541,8 @@ pub fn run<B: AutodiffBackend + DistillBackend>(
     );
 
     // 3. Three students: one initialisation, one data order, one number of steps.
-    B::seed(device, settings.seed + 1);
-    let init = Seq::<B>::new(
+    device.seed(settings.seed + 1);
+    let init = Seq::new(
         settings.student_width,
         settings.student_layers,
         max_len,
@@ -553,7 +557,7 @@ pub fn run<B: AutodiffBackend + DistillBackend>(
                 .collect()
         }
     };
-    let student = |data: &Examples, objective: Objective<B>, label: &str| {
+    let student = |data: &Examples, objective: Objective<'_>, label: &str| {
         train(
             init.clone(),
             data,
@@ -588,9 +592,12 @@ pub fn run<B: AutodiffBackend + DistillBackend>(
 }
 
 fn main() {
-    use burn::backend::{Autodiff, NdArray};
     let settings = Settings::parse();
-    let r = run::<Autodiff<NdArray>>(&settings, &Default::default());
+    #[cfg(feature = "wgpu")]
+    let device = Device::wgpu(Default::default());
+    #[cfg(not(feature = "wgpu"))]
+    let device = Device::flex();
+    let r = run(&settings, &device);
     let d = settings.digits;
     println!(
         "\n{d}-digit addition, answer most-significant digit first; {} training problems, {} \

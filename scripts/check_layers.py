@@ -1,4 +1,4 @@
-"""The crate's layers, imports only downward (docs/architecture.md).
+"""The crate's layers, imports only downward (docs/guide/architecture.md).
 
 Lists every `use crate::…` (and `crate::…` path) in src/ against the declared layer order and
 reports an import of a higher layer. Names the crate root re-exports are resolved to the module
@@ -14,7 +14,7 @@ import pathlib
 import re
 import sys
 
-# `LAYERS_SRC=next/src` checks the 0.2 crate (beside 0.1 until the port is complete).
+# `LAYERS_SRC=DIR` checks another source tree.
 ROOT = pathlib.Path(
     os.environ.get("LAYERS_SRC", pathlib.Path(__file__).resolve().parent.parent / "src")
 ).resolve()

@@ -21,13 +21,18 @@ pub enum DistillError {
     },
     /// A target class index lies outside `[0, V)` and is not the ignore index.
     #[error(
-        "invalid targets: targets[{row}] = {value} is out of range, expected a class index in \
+        "invalid targets: targets[{}] = {value} is out of range, expected a class index in \
          [0, {classes}){}",
+        position(at),
         ignore_index.map(|i| format!(" or the ignore_index {i}")).unwrap_or_default()
     )]
     TargetOutOfRange {
-        /// The (flattened) row of the first offending target.
+        /// The row of the first offending target among the loss's token rows (`b·T + t` for
+        /// position `[b, t]` of a sequence's targets).
         row: usize,
+        /// Its position in the targets tensor the caller passed: `[row]` for rows, `[b, t]`
+        /// for a sequence's `[B, T]` targets.
+        at: Vec<usize>,
         /// The offending target value.
         value: i64,
         /// The vocabulary size `V`.
@@ -35,13 +40,13 @@ pub enum DistillError {
         /// The configured ignore index, if any.
         ignore_index: Option<i64>,
     },
-    /// A collective operation between peers failed (burn-collective's error, with the step of
+    /// A collective operation between peers failed (the exchange's error, with the step of
     /// the loss that issued it).
     #[error("collective {operation} failed: {message}")]
     Collective {
         /// The step of the loss, e.g. `all-reduce of the row statistics`.
         operation: String,
-        /// burn-collective's error.
+        /// The exchange's error.
         message: String,
     },
 }
@@ -59,23 +64,6 @@ impl DistillError {
             expected: expected.into(),
         }
     }
-}
-
-/// `dims` of `[N, V]` logits named `argument` (`columns` names `V`), or an error where a side
-/// is empty.
-pub(crate) fn non_empty(
-    argument: &str,
-    [n, v]: [usize; 2],
-    columns: &str,
-) -> Result<[usize; 2], DistillError> {
-    if n == 0 || v == 0 {
-        return Err(DistillError::invalid(
-            argument,
-            format!("shape [{n}, {v}]"),
-            format!("a non-empty [N, {columns}] tensor (N >= 1 rows, {columns} >= 1 columns)"),
-        ));
-    }
-    Ok([n, v])
 }
 
 /// `dims` of `argument` must equal `expected`, the shape of `reference` (`note` adds why).
@@ -97,39 +85,32 @@ pub(crate) fn same_dims<const D: usize>(
 }
 
 /// Unwraps a result, panicking with the error's message (burn's convention for bad input).
+///
+/// `#[track_caller]` here and on every panicking method of the crate: the panic names the
+/// caller's file and line, not this one.
+#[track_caller]
 pub(crate) fn or_panic<T>(result: Result<T, DistillError>) -> T {
-    result.unwrap_or_else(|e| panic!("burn-distill: {e}"))
+    match result {
+        Ok(value) => value,
+        Err(e) => panic!("burn-distill: {e}"),
+    }
 }
 
-/// The panicking forms of a loss's methods (burn's convention for bad input), each declared
-/// as the fallible call it unwraps: an entry
-///
-/// ```text
-/// /// Docs.
-/// pub fn forward<B: DistillBackend>(&self, x: Tensor<B, 2>) -> Tensor<B, 1> {
-///     self.try_forward_parts(x, None).loss
-/// }
-/// ```
-///
-/// becomes that method with the body `or_panic(self.try_forward_parts(x, None)).loss`: the
-/// error's message is the panic's. The `try_` method holds the logic and the checks. An entry
-/// is a `pub fn` of `&self` with at most one generic parameter of one bound, no `where`
-/// clause, and a body of one `self.` call with at most one field read after it. rustfmt does
-/// not format inside the macro: entries are wrapped by hand at 100 columns.
-macro_rules! panicking {
-    ($(
-        $(#[$attr:meta])*
-        pub fn $name:ident $(<$b:ident: $bound:path>)? (&self $(, $arg:ident: $ty:ty)* $(,)?)
-            -> $ret:ty {
-            self.$try:ident($($call:expr),* $(,)?) $(.$field:ident)?
-        }
-    )*) => {
-        $(
-            $(#[$attr])*
-            pub fn $name $(<$b: $bound>)? (&self $(, $arg: $ty)*) -> $ret {
-                $crate::error::or_panic(self.$try($($call),*)) $(.$field)?
-            }
-        )*
-    };
+/// `[d₀, …]` as `d₀, …`: a position in a tensor, for messages (`targets[1, 5]`).
+pub(crate) fn position(at: &[usize]) -> String {
+    at.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
-pub(crate) use panicking;
+
+/// The position of the `row`-th element (row-major) of a tensor of shape `dims`.
+pub(crate) fn unravel(mut row: usize, dims: &[usize]) -> Vec<usize> {
+    let mut at = vec![0; dims.len()];
+    for (a, &d) in at.iter_mut().zip(dims).rev() {
+        let d = d.max(1);
+        *a = row % d;
+        row /= d;
+    }
+    at
+}

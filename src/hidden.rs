@@ -4,11 +4,11 @@ use burn::{
     config::Config,
     module::Module,
     nn::{Linear, LinearConfig},
-    tensor::{Bool, DType, FloatDType, Tensor, backend::Backend},
+    tensor::{Bool, DType, Device, FloatDType, Tensor},
 };
 use serde::{Deserialize, Serialize};
 
-use crate::{DistillError, error::panicking, reduction::pairwise_sum};
+use crate::{DistillError, error::or_panic, reduction::pairwise_sum};
 
 /// The distance between a student's and a teacher's hidden state, per row.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,18 +25,16 @@ pub enum HiddenLossKind {
 /// Configuration of a [`HiddenStateLoss`].
 ///
 /// ```
-/// use burn::backend::{Autodiff, NdArray};
-/// use burn::tensor::Tensor;
+/// use burn::tensor::{Device, Tensor};
 /// use burn_distill::{HiddenLossKind, HiddenStateLossConfig};
 ///
-/// type B = Autodiff<NdArray>;
-/// let device = Default::default();
+/// let device = Device::default().autodiff();
 /// // Student width 4, teacher width 6: a learned 4 → 6 projection is created.
 /// let loss = HiddenStateLossConfig::new(4, 6)
 ///     .with_kind(HiddenLossKind::Cosine)
-///     .init::<B>(&device);
-/// let student = Tensor::<B, 2>::ones([3, 4], &device).require_grad();
-/// let teacher = Tensor::<B, 2>::ones([3, 6], &device);
+///     .init(&device);
+/// let student = Tensor::<2>::ones([3, 4], &device).require_grad();
+/// let teacher = Tensor::<2>::ones([3, 6], &device);
 /// let value = loss.forward(student.clone(), teacher, None);
 /// let grads = value.backward();
 /// assert!(student.grad(&grads).is_some());
@@ -57,21 +55,26 @@ pub struct HiddenStateLossConfig {
 }
 
 impl HiddenStateLossConfig {
-    panicking! {
-        /// Builds the loss (with its projection, a trainable `Linear`, when needed).
-        ///
-        /// # Panics
-        /// If a width is 0, with the message of [`HiddenStateLossConfig::try_init`].
-        pub fn init<B: Backend>(&self, device: &B::Device) -> HiddenStateLoss<B> {
-            self.try_init(device)
-        }
+    /// Builds the loss (with its projection, a trainable `Linear` on `device`, when needed).
+    ///
+    /// # Panics
+    /// If a width is 0, with the message of [`HiddenStateLossConfig::try_init`], at the
+    /// caller's line.
+    #[track_caller]
+    pub fn init(&self, device: &Device) -> HiddenStateLoss {
+        or_panic(self.try_init(device))
     }
 
     /// [`HiddenStateLossConfig::init`] that returns an error instead of panicking.
-    pub fn try_init<B: Backend>(
-        &self,
-        device: &B::Device,
-    ) -> Result<HiddenStateLoss<B>, DistillError> {
+    ///
+    /// ```
+    /// use burn::tensor::Device;
+    /// use burn_distill::HiddenStateLossConfig;
+    ///
+    /// let err = HiddenStateLossConfig::new(0, 4).try_init(&Device::default()).unwrap_err();
+    /// assert_eq!(err.to_string(), "invalid student_dim: got 0, expected a width >= 1");
+    /// ```
+    pub fn try_init(&self, device: &Device) -> Result<HiddenStateLoss, DistillError> {
         for (name, dim) in [
             ("student_dim", self.student_dim),
             ("teacher_dim", self.teacher_dim),
@@ -96,38 +99,74 @@ impl HiddenStateLossConfig {
 /// (tokens) are kept where `mask` is true (all rows without a mask). `0` when no row is kept.
 /// The teacher gets no gradient; the student and the projection do.
 ///
+/// ```text
+/// h_s′ = P h_s                  (h_s itself without a projection)
+/// Mse:     d_i = mean_j (h_s′ − h_t)_ij²
+/// Cosine:  d_i = 1 − h_s′_i·h_t_i / (‖h_s′_i‖ ‖h_t_i‖)      (1 if either vector is 0)
+/// loss = Σ_i m_i d_i / max(Σ_i m_i, 1)                       (m_i = 1 without a mask)
+/// ```
+///
+/// ```
+/// use burn::tensor::{Bool, Device, Tensor};
+/// use burn_distill::{HiddenLossKind, HiddenStateLossConfig};
+///
+/// let device = Device::default();
+/// let student = Tensor::<2>::from_floats([[1.0, 2.0], [3.0, 4.0]], &device);
+/// let teacher = Tensor::<2>::from_floats([[1.0, 0.0], [0.0, 4.0]], &device);
+/// // Equal widths: no projection. MSE rows (0² + 2²) / 2 = 2 and (3² + 0²) / 2 = 4.5.
+/// let mse = HiddenStateLossConfig::new(2, 2).init(&device);
+/// let value = mse.forward(student.clone(), teacher.clone(), None).into_scalar::<f32>();
+/// assert!((value - 3.25).abs() < 1e-6);
+/// // Cosine, the second row masked out: 1 − 1/√5 (by hand in f64).
+/// let cosine = HiddenStateLossConfig::new(2, 2)
+///     .with_kind(HiddenLossKind::Cosine)
+///     .init(&device);
+/// let mask = Tensor::<1, Bool>::from_bool([true, false], &device);
+/// let value = cosine.forward(student, teacher, Some(mask)).into_scalar::<f32>();
+/// assert!((value - 0.552_786).abs() < 1e-6);
+/// ```
+///
 /// Combine it with [`DistillLoss`](crate::DistillLoss) by a weighted sum of the scalar losses;
 /// DistilBERT used `5 · KD + 2 · MLM + 1 · cosine`:
 /// `kd.mul_scalar(5.0) + mlm.mul_scalar(2.0) + cosine.mul_scalar(1.0)`. Keep the loss (and so
 /// its projection) inside the student's module so that the optimiser trains the projection.
+///
+/// # Shapes
+/// - `student`: `[N, H_s]`, `teacher`: `[N, H_t]`, `mask`: `[N]`
+/// - output: `[1]`
 #[derive(Module, Debug)]
-pub struct HiddenStateLoss<B: Backend> {
-    projection: Option<Linear<B>>,
+pub struct HiddenStateLoss {
+    projection: Option<Linear>,
     #[module(skip)]
     kind: HiddenLossKind,
     student_dim: usize,
     teacher_dim: usize,
 }
 
-impl<B: Backend> HiddenStateLoss<B> {
-    panicking! {
-        /// `[1]` loss of `[N, H_s]` student and `[N, H_t]` teacher hidden states.
-        ///
-        /// # Panics
-        /// On bad shapes, with the message of [`HiddenStateLoss::try_forward`].
-        pub fn forward(&self, student: Tensor<B, 2>, teacher: Tensor<B, 2>,
-            mask: Option<Tensor<B, 1, Bool>>) -> Tensor<B, 1> {
-            self.try_forward(student, teacher, mask)
-        }
+impl HiddenStateLoss {
+    /// `[1]` loss of `[N, H_s]` student and `[N, H_t]` teacher hidden states.
+    ///
+    /// # Panics
+    /// On bad shapes, with the message of [`HiddenStateLoss::try_forward`], at the caller's
+    /// line.
+    #[track_caller]
+    pub fn forward(
+        &self,
+        student: Tensor<2>,
+        teacher: Tensor<2>,
+        mask: Option<Tensor<1, Bool>>,
+    ) -> Tensor<1> {
+        or_panic(self.try_forward(student, teacher, mask))
     }
 
-    /// [`HiddenStateLoss::forward`] that returns an error naming the bad argument.
+    /// [`HiddenStateLoss::forward`] that returns an error naming the bad argument (a shape,
+    /// or student hidden states of another float dtype than the projection's parameters).
     pub fn try_forward(
         &self,
-        student: Tensor<B, 2>,
-        teacher: Tensor<B, 2>,
-        mask: Option<Tensor<B, 1, Bool>>,
-    ) -> Result<Tensor<B, 1>, DistillError> {
+        student: Tensor<2>,
+        teacher: Tensor<2>,
+        mask: Option<Tensor<1, Bool>>,
+    ) -> Result<Tensor<1>, DistillError> {
         let [n, hs] = student.dims();
         if hs != self.student_dim {
             return Err(DistillError::invalid(
@@ -156,11 +195,26 @@ impl<B: Backend> HiddenStateLoss<B> {
             ));
         }
         let student = match &self.projection {
-            Some(projection) => projection.forward(student),
+            Some(projection) => {
+                // The projection's parameters have the float dtype of the device they were
+                // created on; a matmul of two dtypes would panic inside the backend.
+                let weights = projection.weight.val().dtype();
+                if student.dtype() != weights {
+                    return Err(DistillError::invalid(
+                        "student_hidden",
+                        format!("dtype {:?}", student.dtype()),
+                        format!(
+                            "{weights:?}, the dtype of the projection's parameters (the float \
+                             dtype of the device passed to init)"
+                        ),
+                    ));
+                }
+                projection.forward(student)
+            }
             None => student,
         };
         let teacher = teacher.detach();
-        let rows: Tensor<B, 1> = match self.kind {
+        let rows: Tensor<1> = match self.kind {
             HiddenLossKind::Mse => (student - teacher)
                 .powi_scalar(2)
                 .mean_dim(1)
@@ -177,7 +231,8 @@ impl<B: Backend> HiddenStateLoss<B> {
             }
         };
         // The mean in f32 for half-precision rows (an f16 count overflows at 65,504), summed
-        // pairwise (burn 0.21's `sum` on wgpu drops elements past about 65,532).
+        // pairwise (see `pairwise_sum`: a backend's `sum` on wgpu dropped elements past about
+        // 65,532 in burn 0.21).
         let dtype = rows.dtype();
         let rows = match dtype {
             DType::F16 | DType::BF16 => rows.cast(FloatDType::F32),
@@ -194,6 +249,6 @@ impl<B: Backend> HiddenStateLoss<B> {
                 pairwise_sum(rows.mask_fill(dropped, 0.0)) / kept.clamp_min(1.0)
             }
         };
-        Ok(mean.cast(FloatDType::from(dtype)))
+        Ok(mean.cast(dtype))
     }
 }

@@ -3,14 +3,13 @@
 use burn::{
     config::Config,
     module::Module,
-    tensor::{Int, Tensor, TensorMetadata, TensorPrimitive, backend::Backend},
+    tensor::{Int, Tensor},
 };
 
 use crate::{
-    DistillBackend, DistillError, DistillParams, Divergence, Kernel, Reduction, Validation,
-    VocabMismatch,
-    error::{non_empty, panicking, same_dims},
-    rank::{Rank, RankTargets, TokenRank, flatten, flatten_like},
+    DistillError, DistillParams, Divergence, Kernel, Reduction, Validation, VocabMismatch, backend,
+    error::or_panic,
+    rank::{Rank, RankTargets, TokenRank},
     softmax::check_temperature,
     validation::{DeviceCheck, index_check, validate},
 };
@@ -76,8 +75,8 @@ pub struct DistillLossConfig {
     /// Memory budget of the fused-linear losses' chunks when `linear_chunk_rows` is `None`:
     /// rows such that three f32 `[rows, V]` buffers (student and teacher logits, gradient; four
     /// with a `logit_softcap`) fit, at least one. `None` (the default): the backend's
-    /// [`DistillBackend::linear_chunk_bytes`], 64 MiB on the CPU backends and 512 MiB on
-    /// CubeCL (wgpu, CUDA), where every chunk also pays an `[H, V]` weight-gradient pass.
+    /// device's budget, 64 MiB on the CPU (Flex) and 512 MiB on CubeCL (wgpu, CUDA), where
+    /// every chunk also pays an `[H, V]` weight-gradient pass.
     #[config(default = "None")]
     pub linear_chunk_bytes: Option<usize>,
     /// Logit soft-capping `z ↦ c · tanh(z / c)` of both models' logits before anything else
@@ -101,17 +100,23 @@ pub struct DistillLossConfig {
 }
 
 impl DistillLossConfig {
-    panicking! {
-        /// Validates the configuration and builds the loss.
-        ///
-        /// # Panics
-        /// With the message of [`DistillLossConfig::try_init`]'s error.
-        pub fn init(&self) -> DistillLoss {
-            self.try_init()
-        }
+    /// Validates the configuration and builds the loss.
+    ///
+    /// # Panics
+    /// With the message of [`DistillLossConfig::try_init`]'s error, at the caller's line.
+    #[track_caller]
+    pub fn init(&self) -> DistillLoss {
+        or_panic(self.try_init())
     }
 
     /// Validates the configuration and builds the loss, or says which value is wrong.
+    ///
+    /// ```
+    /// use burn_distill::DistillLossConfig;
+    ///
+    /// let err = DistillLossConfig::new().with_alpha(1.5).try_init().unwrap_err();
+    /// assert_eq!(err.to_string(), "invalid alpha: got 1.5, expected a number in [0, 1]");
+    /// ```
     pub fn try_init(&self) -> Result<DistillLoss, DistillError> {
         check_temperature("temperature", self.temperature)?;
         if !(0.0..=1.0).contains(&self.alpha) {
@@ -184,23 +189,24 @@ impl DistillLossConfig {
 /// receives a gradient.
 ///
 /// ```
-/// use burn::backend::{Autodiff, NdArray};
-/// use burn::tensor::{Int, Tensor};
+/// use burn::tensor::{Device, Int, Tensor};
 /// use burn_distill::DistillLossConfig;
 ///
-/// type B = Autodiff<NdArray>;
-/// let device = Default::default();
-/// let student = Tensor::<B, 2>::from_floats([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]], &device)
+/// let device = Device::default().autodiff();
+/// let student = Tensor::<2>::from_floats([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]], &device)
 ///     .require_grad();
-/// let teacher = Tensor::<B, 2>::from_floats([[0.5, 3.0, 0.0], [0.2, -2.0, 4.0]], &device);
-/// let targets = Tensor::<B, 1, Int>::from_ints([1, 2], &device);
+/// let teacher = Tensor::<2>::from_floats([[0.5, 3.0, 0.0], [0.2, -2.0, 4.0]], &device);
+/// let targets = Tensor::<1, Int>::from_ints([1, 2], &device);
 ///
 /// let loss = DistillLossConfig::new().with_temperature(2.0).with_alpha(0.9).init();
 /// let value = loss.forward(student.clone(), teacher, targets);
 /// let grads = value.backward();
 /// // α·T²·KL(p‖q) + (1 − α)·CE, averaged over the two rows (computed by hand in f64).
-/// assert!((value.into_scalar() - 0.206_432).abs() < 1e-5);
-/// assert_eq!(student.grad(&grads).unwrap().dims(), [2, 3]);
+/// assert!((value.into_scalar::<f32>() - 0.206_432).abs() < 1e-5);
+/// let grad = student.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap();
+/// // (α·T·(q − p) + (1 − α)·(softmax(z_s) − onehot(y))) / N, by hand in f64: the target
+/// // logit of row 0 is pulled up.
+/// assert!((grad[1] - -0.181_822).abs() < 1e-5, "{grad:?}");
 /// ```
 ///
 /// It is a (parameter-free) burn [`Module`], so it can sit in a model struct as a field.
@@ -208,8 +214,8 @@ impl DistillLossConfig {
 /// # Shapes
 /// - `student_logits`, `teacher_logits`: `[N, V]` (`forward*`) or `[B, T, V]` (`forward_seq*`)
 /// - `targets`: `[N]` or `[B, T]` class indices (ignored rows: the ignore index)
-/// - output: `[1]` (`Mean`, `Sum`, `Normalized`) or `[N]` / `[B·T]` (`PerRow`)
-#[derive(Module, Clone, Debug)]
+/// - output: `[1]` (`Mean`, `Sum`, `Normalized`) or `[N]` / `[B·T]` row-major (`PerRow`)
+#[derive(Module, Debug)]
 pub struct DistillLoss {
     #[module(skip)]
     pub(crate) params: DistillParams,
@@ -220,9 +226,9 @@ pub struct DistillLoss {
     #[module(skip)]
     pub(crate) vocab_mismatch: VocabMismatch,
     #[module(skip)]
-    linear_chunk_rows: Option<usize>,
+    pub(crate) linear_chunk_rows: Option<usize>,
     #[module(skip)]
-    linear_chunk_bytes: Option<usize>,
+    pub(crate) linear_chunk_bytes: Option<usize>,
     #[module(skip)]
     pub(crate) logit_softcap: Option<f64>,
     #[module(skip)]
@@ -234,35 +240,34 @@ pub struct DistillLoss {
 /// All three are reduced the same way. `loss` carries the gradient; `soft` and `hard` are
 /// detached copies of the two terms (before the `α` weighting) computed in the same pass.
 #[derive(Clone, Debug)]
-pub struct DistillOutput<B: Backend> {
+pub struct DistillOutput {
     /// The loss, `α · soft + (1 − α) · hard` (or `soft` without targets).
-    pub loss: Tensor<B, 1>,
+    pub loss: Tensor<1>,
     /// The soft term (T²-scaled if configured), detached.
-    pub soft: Tensor<B, 1>,
+    pub soft: Tensor<1>,
     /// The hard cross-entropy term, detached; `None` without targets.
-    pub hard: Option<Tensor<B, 1>>,
+    pub hard: Option<Tensor<1>>,
     /// The input checks queued on the device ([`Validation::Deferred`]).
-    pub(crate) checks: Vec<DeviceCheck<B>>,
+    pub(crate) checks: Vec<DeviceCheck>,
 }
 
-impl<B: Backend> DistillOutput<B> {
+impl DistillOutput {
     /// Reads the input checks that a forward with [`Validation::Deferred`] queued on the
     /// device (one read-back) and names the first bad value; `Ok` without any (with
     /// [`Validation::Eager`] the forward has checked already, with [`Validation::Off`] nothing
     /// is checked).
     ///
     /// ```
-    /// use burn::backend::NdArray;
-    /// use burn::tensor::{Int, Tensor};
+    /// use burn::tensor::{Device, Int, Tensor};
     /// use burn_distill::{DistillError, DistillLossConfig, Validation};
     ///
-    /// let device = Default::default();
+    /// let device = Device::default();
     /// let loss = DistillLossConfig::new().with_validation(Validation::Deferred).init();
-    /// let logits = Tensor::<NdArray, 2>::zeros([2, 3], &device);
-    /// let targets = Tensor::<NdArray, 1, Int>::from_ints([1, 7], &device);
+    /// let logits = Tensor::<2>::zeros([2, 3], &device);
+    /// let targets = Tensor::<1, Int>::from_ints([1, 7], &device);
     /// // No read-back here: the bad target makes its row, and the mean, NaN...
-    /// let out = loss.try_forward_parts(logits.clone(), logits, Some(targets)).unwrap();
-    /// assert!(out.loss.clone().into_scalar().is_nan());
+    /// let out = loss.forward_parts(logits.clone(), logits, Some(targets));
+    /// assert!(out.loss.clone().into_scalar::<f32>().is_nan());
     /// // ...and validation names it.
     /// assert!(matches!(
     ///     out.validate(),
@@ -274,20 +279,18 @@ impl<B: Backend> DistillOutput<B> {
     }
 
     /// The output with `check` queued.
-    pub(crate) fn with_check(mut self, check: Option<DeviceCheck<B>>) -> Self {
+    pub(crate) fn with_check(mut self, check: Option<DeviceCheck>) -> Self {
         self.checks.extend(check);
         self
     }
 }
 
-impl<B: Backend> From<crate::DistillParts<B>> for DistillOutput<B> {
-    /// The backend primitives of a loss as tensors.
-    fn from(parts: crate::DistillParts<B>) -> Self {
-        let float = |t| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
+impl From<backend::DistillParts> for DistillOutput {
+    fn from(parts: backend::DistillParts) -> Self {
         Self {
-            loss: float(parts.loss),
-            soft: float(parts.soft),
-            hard: parts.hard.map(float),
+            loss: parts.loss,
+            soft: parts.soft,
+            hard: parts.hard,
             checks: Vec::new(),
         }
     }
@@ -305,37 +308,14 @@ impl DistillLoss {
         self.logit_softcap
     }
 
-    /// Rows per chunk of the fused-linear losses on backend `B` for a vocabulary of `v`
-    /// columns.
-    pub fn linear_chunk_rows<B: DistillBackend>(&self, v: usize) -> usize {
-        let buffers = if self.logit_softcap.is_some() { 4 } else { 3 };
-        self.linear_chunk_rows_with::<B>(v, buffers)
-    }
-
-    /// [`DistillLoss::linear_chunk_rows`] for a loss that keeps `buffers` f32 `[c, V]`
-    /// buffers per chunk.
-    pub(crate) fn linear_chunk_rows_with<B: DistillBackend>(
-        &self,
-        v: usize,
-        buffers: usize,
-    ) -> usize {
-        let budget = self
-            .linear_chunk_bytes
-            .unwrap_or_else(B::linear_chunk_bytes);
-        self.linear_chunk_rows
-            .unwrap_or_else(|| budget / (buffers * 4 * v.max(1)))
-            .max(1)
-    }
-
-    panicking! {
-        /// The same loss with another reduction, e.g. [`Reduction::Normalized`] with this step's
-        /// token count for gradient accumulation (cheap: the loss holds no tensors).
-        ///
-        /// # Panics
-        /// If the reduction is invalid (`Normalized { items: 0 }`).
-        pub fn with_reduction(&self, reduction: Reduction) -> Self {
-            self.try_with_reduction(reduction)
-        }
+    /// The same loss with another reduction, e.g. [`Reduction::Normalized`] with this step's
+    /// token count for gradient accumulation (cheap: the loss holds no tensors).
+    ///
+    /// # Panics
+    /// If the reduction is invalid (`Normalized { items: 0 }`), at the caller's line.
+    #[track_caller]
+    pub fn with_reduction(&self, reduction: Reduction) -> Self {
+        or_panic(self.try_with_reduction(reduction))
     }
 
     /// [`DistillLoss::with_reduction`] that returns an error instead of panicking.
@@ -347,196 +327,239 @@ impl DistillLoss {
         })
     }
 
-    panicking! {
-        /// Full loss (soft and hard terms) of `[N, V]` logits against `[N]` targets.
-        ///
-        /// Returns `[1]` for `Mean`, `Sum` and `Normalized`, `[N]` for `PerRow`.
-        ///
-        /// # Panics
-        /// On bad shapes or out-of-range targets, with the message of [`DistillLoss::try_forward`].
-        pub fn forward<B: DistillBackend>(&self, student_logits: Tensor<B, 2>,
-            teacher_logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
-            self.try_forward(student_logits, teacher_logits, targets)
-        }
+    /// Full loss (soft and hard terms) of `[N, V]` logits against `[N]` targets.
+    ///
+    /// Returns `[1]` for `Mean`, `Sum` and `Normalized`, `[N]` for `PerRow`.
+    ///
+    /// # Panics
+    /// On bad shapes or out-of-range targets, with the message of
+    /// [`DistillLoss::try_forward`], at the caller's line.
+    #[track_caller]
+    pub fn forward(
+        &self,
+        student_logits: Tensor<2>,
+        teacher_logits: Tensor<2>,
+        targets: Tensor<1, Int>,
+    ) -> Tensor<1> {
+        or_panic(self.try_forward(student_logits, teacher_logits, targets))
     }
 
     /// [`DistillLoss::forward`] that returns an error instead of panicking.
-    pub fn try_forward<B: DistillBackend>(
+    pub fn try_forward(
         &self,
-        student_logits: Tensor<B, 2>,
-        teacher_logits: Tensor<B, 2>,
-        targets: Tensor<B, 1, Int>,
-    ) -> Result<Tensor<B, 1>, DistillError> {
-        self.try_forward_parts(student_logits, teacher_logits, Some(targets))
+        student_logits: Tensor<2>,
+        teacher_logits: Tensor<2>,
+        targets: Tensor<1, Int>,
+    ) -> Result<Tensor<1>, DistillError> {
+        self.parts(student_logits, teacher_logits, Some(targets))
             .map(|out| out.loss)
     }
 
-    panicking! {
-        /// Soft term only (no labels) of `[N, V]` logits: every row counts.
-        ///
-        /// # Panics
-        /// If the shapes differ or are empty.
-        pub fn forward_soft<B: DistillBackend>(&self, student_logits: Tensor<B, 2>,
-            teacher_logits: Tensor<B, 2>) -> Tensor<B, 1> {
-            self.try_forward_parts(student_logits, teacher_logits, None).loss
-        }
+    /// Soft term only (no labels) of `[N, V]` logits: every row counts.
+    ///
+    /// # Panics
+    /// If the shapes differ or are empty, at the caller's line.
+    #[track_caller]
+    pub fn forward_soft(&self, student_logits: Tensor<2>, teacher_logits: Tensor<2>) -> Tensor<1> {
+        or_panic(self.try_forward_soft(student_logits, teacher_logits))
+    }
 
-        /// The loss and its soft and hard parts, from one computation.
-        ///
-        /// # Panics
-        /// As [`DistillLoss::forward`].
-        pub fn forward_parts<B: DistillBackend>(&self, student_logits: Tensor<B, 2>,
-            teacher_logits: Tensor<B, 2>, targets: Option<Tensor<B, 1, Int>>) -> DistillOutput<B> {
-            self.try_forward_parts(student_logits, teacher_logits, targets)
-        }
+    /// [`DistillLoss::forward_soft`] that returns an error instead of panicking.
+    pub fn try_forward_soft(
+        &self,
+        student_logits: Tensor<2>,
+        teacher_logits: Tensor<2>,
+    ) -> Result<Tensor<1>, DistillError> {
+        self.parts(student_logits, teacher_logits, None)
+            .map(|out| out.loss)
+    }
 
-        /// Sequence form: `[B, T, V]` logits against `[B, T]` targets (prompt or padding tokens
-        /// set to the ignore index). `Mean` averages over the non-ignored tokens of the whole
-        /// batch; `PerRow` returns the `B·T` token losses flattened row-major (reshape them to
-        /// `[B, T]`).
-        ///
-        /// # Panics
-        /// On bad shapes or out-of-range targets, with the message of
-        /// [`DistillLoss::try_forward_parts`].
-        pub fn forward_seq<B: DistillBackend>(&self, student_logits: Tensor<B, 3>,
-            teacher_logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
-            self.try_forward_parts(student_logits, teacher_logits, Some(targets)).loss
-        }
+    /// The loss and its soft and hard parts of `[N, V]` logits, from one computation;
+    /// `targets` `None` for the soft term alone.
+    ///
+    /// # Panics
+    /// As [`DistillLoss::forward`].
+    #[track_caller]
+    pub fn forward_parts(
+        &self,
+        student_logits: Tensor<2>,
+        teacher_logits: Tensor<2>,
+        targets: Option<Tensor<1, Int>>,
+    ) -> DistillOutput {
+        or_panic(self.try_forward_parts(student_logits, teacher_logits, targets))
+    }
 
-        /// Sequence form of [`DistillLoss::forward_soft`]: `[B, T, V]` logits, every token counts.
-        ///
-        /// # Panics
-        /// If the shapes differ or are empty.
-        pub fn forward_seq_soft<B: DistillBackend>(&self, student_logits: Tensor<B, 3>,
-            teacher_logits: Tensor<B, 3>) -> Tensor<B, 1> {
-            self.try_forward_parts(student_logits, teacher_logits, None).loss
-        }
+    /// [`DistillLoss::forward_parts`] that returns an error instead of panicking.
+    pub fn try_forward_parts(
+        &self,
+        student_logits: Tensor<2>,
+        teacher_logits: Tensor<2>,
+        targets: Option<Tensor<1, Int>>,
+    ) -> Result<DistillOutput, DistillError> {
+        self.parts(student_logits, teacher_logits, targets)
+    }
+
+    /// Sequence form: `[B, T, V]` logits against `[B, T]` targets (prompt or padding tokens
+    /// set to the ignore index). `Mean` averages over the non-ignored tokens of the whole
+    /// batch; `PerRow` returns the `B·T` token losses flattened row-major (reshape them to
+    /// `[B, T]`). Errors name positions and shapes as the caller passed them (`targets[1, 5]`,
+    /// `shape [4, 32, 500]`).
+    ///
+    /// # Panics
+    /// On bad shapes or out-of-range targets, with the message of
+    /// [`DistillLoss::try_forward_seq`], at the caller's line.
+    #[track_caller]
+    pub fn forward_seq(
+        &self,
+        student_logits: Tensor<3>,
+        teacher_logits: Tensor<3>,
+        targets: Tensor<2, Int>,
+    ) -> Tensor<1> {
+        or_panic(self.try_forward_seq(student_logits, teacher_logits, targets))
+    }
+
+    /// [`DistillLoss::forward_seq`] that returns an error instead of panicking.
+    pub fn try_forward_seq(
+        &self,
+        student_logits: Tensor<3>,
+        teacher_logits: Tensor<3>,
+        targets: Tensor<2, Int>,
+    ) -> Result<Tensor<1>, DistillError> {
+        self.parts(student_logits, teacher_logits, Some(targets))
+            .map(|out| out.loss)
+    }
+
+    /// Sequence form of [`DistillLoss::forward_soft`]: `[B, T, V]` logits, every token counts.
+    ///
+    /// # Panics
+    /// If the shapes differ or are empty, at the caller's line.
+    #[track_caller]
+    pub fn forward_seq_soft(
+        &self,
+        student_logits: Tensor<3>,
+        teacher_logits: Tensor<3>,
+    ) -> Tensor<1> {
+        or_panic(self.try_forward_seq_soft(student_logits, teacher_logits))
+    }
+
+    /// [`DistillLoss::forward_seq_soft`] that returns an error instead of panicking.
+    pub fn try_forward_seq_soft(
+        &self,
+        student_logits: Tensor<3>,
+        teacher_logits: Tensor<3>,
+    ) -> Result<Tensor<1>, DistillError> {
+        self.parts(student_logits, teacher_logits, None)
+            .map(|out| out.loss)
+    }
+
+    /// Sequence form of [`DistillLoss::forward_parts`]: `[B, T, V]` logits, optional
+    /// `[B, T]` targets.
+    ///
+    /// # Panics
+    /// As [`DistillLoss::forward_seq`].
+    #[track_caller]
+    pub fn forward_seq_parts(
+        &self,
+        student_logits: Tensor<3>,
+        teacher_logits: Tensor<3>,
+        targets: Option<Tensor<2, Int>>,
+    ) -> DistillOutput {
+        or_panic(self.try_forward_seq_parts(student_logits, teacher_logits, targets))
+    }
+
+    /// [`DistillLoss::forward_seq_parts`] that returns an error instead of panicking.
+    pub fn try_forward_seq_parts(
+        &self,
+        student_logits: Tensor<3>,
+        teacher_logits: Tensor<3>,
+        targets: Option<Tensor<2, Int>>,
+    ) -> Result<DistillOutput, DistillError> {
+        self.parts(student_logits, teacher_logits, targets)
     }
 
     /// `c · tanh(z / c)` with this loss's soft-cap `c`, or `z` without one. Before the
     /// vocabulary alignment, so that `PadNegInf` columns stay `−∞`.
-    pub(crate) fn soft_cap<B: Backend, const D: usize>(&self, z: Tensor<B, D>) -> Tensor<B, D> {
+    pub(crate) fn soft_cap<const D: usize>(&self, z: Tensor<D>) -> Tensor<D> {
         match self.logit_softcap {
-            // `· (1/c)`, not `/ c`: burn-autodiff 0.21 backpropagates `div_scalar` with `1/c`
-            // rounded to f32.
+            // `· (1/c)`, not `/ c`: burn's autodiff backpropagates `div_scalar` with `1/c`
+            // rounded to f32 (0.21).
             Some(c) => z.mul_scalar(c.recip()).tanh().mul_scalar(c),
             None => z,
         }
     }
 
-    /// The loss and its parts, or an error naming the bad argument.
-    ///
-    /// # Shapes
-    /// - rows (`D = 2`): `[N, V]` logits, optional `[N]` targets;
-    /// - sequences (`D = 3`): `[B, T, V]` logits, optional `[B, T]` targets (prompt and
-    ///   padding tokens set to the ignore index), taken as their `B·T` token rows;
-    /// - output: `[1]`, or `[N]` (`[B·T]`, row-major) for `PerRow`.
-    pub fn try_forward_parts<B: DistillBackend, const D: usize>(
+    /// Every form of the loss, at either rank: the shapes are checked as the caller passed
+    /// them, then the tokens are taken as rows.
+    fn parts<const D: usize>(
         &self,
-        student_logits: Tensor<B, D>,
-        teacher_logits: Tensor<B, D>,
-        targets: Option<RankTargets<B, D>>,
-    ) -> Result<DistillOutput<B>, DistillError>
+        student_logits: Tensor<D>,
+        teacher_logits: Tensor<D>,
+        targets: Option<RankTargets<D>>,
+    ) -> Result<DistillOutput, DistillError>
     where
-        Rank<D>: TokenRank<B>,
+        Rank<D>: TokenRank,
     {
-        let student_dims = student_logits.dims();
-        let teacher_logits = flatten_like("teacher_logits", teacher_logits, student_dims)?;
-        let (student_logits, targets) = flatten(student_logits, targets)?;
-        self.rows_parts(
+        crate::rank::same_lead(
+            "teacher_logits",
+            teacher_logits.dims(),
+            student_logits.dims(),
+        )?;
+        let (student_logits, teacher_logits) = self.vocab_mismatch.align(
             self.soft_cap(student_logits),
             self.soft_cap(teacher_logits),
-            targets,
-        )
-    }
-
-    /// [`DistillLoss::try_forward_parts`] of logits already soft-capped.
-    fn rows_parts<B: DistillBackend>(
-        &self,
-        student_logits: Tensor<B, 2>,
-        teacher_logits: Tensor<B, 2>,
-        targets: Option<Tensor<B, 1, Int>>,
-    ) -> Result<DistillOutput<B>, DistillError> {
-        let (student_logits, teacher_logits) =
-            self.vocab_mismatch
-                .align(student_logits, teacher_logits, self.params.divergence)?;
-        let [n, v] = student_logits.dims();
-        non_empty("student_logits", [n, v], "V")?;
-        let teacher_dims = teacher_logits.dims();
-        same_dims("teacher_logits", teacher_dims, "student_logits", [n, v], "")?;
-        let check = self.check_targets(targets.as_ref(), [n, v])?;
-
+            self.params.divergence,
+        )?;
+        let dims = student_logits.dims();
+        crate::rank::non_empty("student_logits", dims)?;
+        crate::rank::same_shape(
+            "teacher_logits",
+            teacher_logits.dims(),
+            "student_logits",
+            dims,
+        )?;
+        let targets = targets
+            .map(|t| <Rank<D> as TokenRank>::flat_targets(t, &dims[..D - 1]))
+            .transpose()?;
+        let v = dims[D - 1];
+        let check = self.check_targets(targets.as_ref(), v, &dims[..D - 1])?;
         let (student, teacher) = (
-            student_logits.into_primitive().tensor(),
-            teacher_logits.into_primitive().tensor(),
+            crate::rank::flat_rows(student_logits),
+            crate::rank::flat_rows(teacher_logits),
         );
-        if self.kernel == Kernel::Fused && !B::has_fused_kernel(&student, &teacher) {
-            return Err(DistillError::invalid(
-                "kernel",
-                "Kernel::Fused",
-                format!(
-                    "Kernel::Auto or Kernel::Reference: backend {} has no fused distillation \
-                     kernel for {:?} logits",
-                    B::name(&B::float_device(&student)),
-                    student.dtype()
-                ),
-            ));
-        }
-        let parts = B::distill_loss(
-            student,
-            teacher,
-            targets.map(Tensor::into_primitive),
-            &self.params,
-            self.kernel,
-        );
-        Ok(DistillOutput::from(parts).with_check(check))
+        let out = backend::dense(student, teacher, targets, &self.params, self.kernel)?;
+        Ok(DistillOutput::from(out).with_check(check))
     }
-}
 
-impl DistillLoss {
-    /// Optional `[N]` targets of `[N, classes]` logits, checked as [`check_row_targets`] with
-    /// this loss's validation mode and ignore index.
-    pub(crate) fn check_targets<B: Backend>(
+    /// Flat `[N]` targets of `[N, classes]` rows (a sequence's `lead = [B, T]` tokens),
+    /// checked as this loss's validation mode says; errors name positions in `lead`.
+    pub(crate) fn check_targets(
         &self,
-        targets: Option<&Tensor<B, 1, Int>>,
-        dims: [usize; 2],
-    ) -> Result<Option<DeviceCheck<B>>, DistillError> {
+        targets: Option<&Tensor<1, Int>>,
+        classes: usize,
+        lead: &[usize],
+    ) -> Result<Option<DeviceCheck>, DistillError> {
         let (validation, ignore) = (self.validation, self.params.ignore_index);
-        targets.map_or(Ok(None), |t| check_row_targets(t, dims, validation, ignore))
+        match targets {
+            Some(t) if validation != Validation::Off => {
+                target_check(t, classes, ignore, lead.to_vec()).apply(validation)
+            }
+            _ => Ok(None),
+        }
     }
-}
-
-/// `[N]` targets of `[N, V]` logits: the shape now, the values as `validation` says (the
-/// returned check is the deferred one).
-pub(crate) fn check_row_targets<B: Backend>(
-    targets: &Tensor<B, 1, Int>,
-    [rows, classes]: [usize; 2],
-    validation: Validation,
-    ignore_index: Option<i64>,
-) -> Result<Option<DeviceCheck<B>>, DistillError> {
-    if targets.dims() != [rows] {
-        return Err(DistillError::invalid(
-            "targets",
-            format!("shape {:?}", targets.dims()),
-            format!("shape [{rows}] (one class index per row of the logits)"),
-        ));
-    }
-    if validation == Validation::Off {
-        return Ok(None);
-    }
-    target_check(targets, classes, ignore_index).apply(validation)
 }
 
 /// The targets' check: `[1]` number of targets outside `[0, classes)` that are not the ignore
 /// index, counted on the device; the host scan for the first one runs only when it is not 0.
-fn target_check<B: Backend>(
-    targets: &Tensor<B, 1, Int>,
+fn target_check(
+    targets: &Tensor<1, Int>,
     classes: usize,
     ignore_index: Option<i64>,
-) -> DeviceCheck<B> {
+    lead: Vec<usize>,
+) -> DeviceCheck {
     index_check(targets, classes, ignore_index, move |row, value| {
         DistillError::TargetOutOfRange {
             row,
+            at: crate::error::unravel(row, &lead),
             value,
             classes,
             ignore_index,

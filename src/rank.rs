@@ -1,114 +1,114 @@
-//! Token rows at either rank: the losses take `[N, …]` rows or `[B, T, …]` sequences through
-//! one method each, and flatten a sequence to its `B·T` rows here, once.
+//! Token rows at either rank: the losses take `[N, …]` rows or `[B, T, …]` sequences, check
+//! their shapes as the caller passed them, and flatten a sequence to its `B·T` rows here, once.
 
-use burn::tensor::{Int, Tensor, backend::Backend};
+use burn::tensor::{Int, Tensor};
 
 use crate::DistillError;
 
 /// The rank `D` of a loss's float inputs: `Rank<2>` for `[N, …]` rows, `Rank<3>` for
 /// `[B, T, …]` sequences. Its [`TokenRank`] implementation names the targets of that rank.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Rank<const D: usize>;
+pub(crate) struct Rank<const D: usize>;
 
 /// What a rank of float inputs implies for the targets: `[N]` class indices for `[N, …]`
-/// rows, `[B, T]` for `[B, T, …]` sequences. Implemented for [`Rank<2>`] and [`Rank<3>`] only
-/// (sealed).
-pub trait TokenRank<B: Backend>: sealed::Sealed {
+/// rows, `[B, T]` for `[B, T, …]` sequences. Implemented for `Rank<2>` and `Rank<3>` only.
+pub(crate) trait TokenRank {
     /// The targets of this rank.
     type Targets;
 
-    /// The targets flattened to `[N]` rows: a sequence's after checking that their shape is
-    /// `lead` (the student's batch and sequence); rows as they are (the loss checks them with
-    /// their values).
-    #[doc(hidden)]
+    /// The targets flattened to `[N]` rows, after checking that their shape is `lead` (the
+    /// student's rows, or its batch and sequence).
+    fn flat_targets(targets: Self::Targets, lead: &[usize])
+    -> Result<Tensor<1, Int>, DistillError>;
+}
+
+/// The targets that go with `D`-rank float inputs: `Tensor<1, Int>` for `D = 2`,
+/// `Tensor<2, Int>` for `D = 3`.
+pub(crate) type RankTargets<const D: usize> = <Rank<D> as TokenRank>::Targets;
+
+impl TokenRank for Rank<2> {
+    type Targets = Tensor<1, Int>;
+
     fn flat_targets(
-        targets: Self::Targets,
+        targets: Tensor<1, Int>,
         lead: &[usize],
-    ) -> Result<Tensor<B, 1, Int>, DistillError>;
-}
-
-mod sealed {
-    /// Only the ranks this crate implements [`super::TokenRank`] for.
-    pub trait Sealed {}
-    impl Sealed for super::Rank<2> {}
-    impl Sealed for super::Rank<3> {}
-}
-
-/// The targets that go with `D`-rank float inputs: `Tensor<B, 1, Int>` for `D = 2`,
-/// `Tensor<B, 2, Int>` for `D = 3`.
-pub type RankTargets<B, const D: usize> = <Rank<D> as TokenRank<B>>::Targets;
-
-/// `Rank<D>` takes `Tensor<B, D − 1, Int>` targets. A sequence's are checked against the
-/// student's batch and sequence here; rows are left to the loss's own target check.
-macro_rules! token_ranks {
-    ($($rank:literal => $targets:literal),*) => {$(
-        impl<B: Backend> TokenRank<B> for Rank<$rank> {
-            type Targets = Tensor<B, $targets, Int>;
-
-            fn flat_targets(
-                targets: Self::Targets,
-                lead: &[usize],
-            ) -> Result<Tensor<B, 1, Int>, DistillError> {
-                if $targets == 1 {
-                    // Already flat (a `reshape` would copy a shared NdArray tensor).
-                    return Ok(Tensor::from_primitive(targets.into_primitive()));
-                }
-                let dims = targets.dims();
-                if dims[..] != *lead {
-                    return Err(DistillError::invalid(
-                        "targets",
-                        format!("shape {dims:?}"),
-                        format!("shape {lead:?} (the batch and sequence of the student's input)"),
-                    ));
-                }
-                Ok(targets.reshape([dims.iter().product::<usize>()]))
-            }
-        }
-    )*};
-}
-
-token_ranks!(2 => 1, 3 => 2);
-
-/// `[d₀, …, d_{D−2}, H]` as `[d₀ ⋯ d_{D−2}, H]` rows. Rows (`D = 2`) pass through untouched:
-/// a `reshape`, even to the same shape, copies a shared NdArray tensor (and so would cost a
-/// copy of the logits and the fused kernel's in-place gradient).
-pub(crate) fn flat_rows<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, 2> {
-    if D == 2 {
-        return Tensor::from_primitive(x.into_primitive());
+    ) -> Result<Tensor<1, Int>, DistillError> {
+        check_lead(
+            &targets.dims(),
+            lead,
+            "one class index per row of the logits",
+        )?;
+        Ok(targets)
     }
+}
+
+impl TokenRank for Rank<3> {
+    type Targets = Tensor<2, Int>;
+
+    fn flat_targets(
+        targets: Tensor<2, Int>,
+        lead: &[usize],
+    ) -> Result<Tensor<1, Int>, DistillError> {
+        let dims = targets.dims();
+        check_lead(&dims, lead, "the batch and sequence of the student's input")?;
+        Ok(targets.reshape([dims[0] * dims[1]]))
+    }
+}
+
+/// The targets' shape `dims` must be the student's leading dimensions `lead` (`why` says
+/// what they are).
+fn check_lead(dims: &[usize], lead: &[usize], why: &str) -> Result<(), DistillError> {
+    if dims == lead {
+        return Ok(());
+    }
+    Err(DistillError::invalid(
+        "targets",
+        format!("shape {dims:?}"),
+        format!("shape {lead:?} ({why})"),
+    ))
+}
+
+/// `[d₀, …, d_{D−2}, H]` as `[d₀ ⋯ d_{D−2}, H]` rows (a view of a contiguous tensor on Flex
+/// and the CubeCL backends). Rows (`D = 2`) pass through untouched.
+pub(crate) fn flat_rows<const D: usize>(x: Tensor<D>) -> Tensor<2> {
     let dims = x.dims();
     x.reshape([dims[..D - 1].iter().product(), dims[D - 1]])
 }
 
-/// `[N, H]` rows and their optional `[N]` targets.
-pub(crate) type Rows<B> = (Tensor<B, 2>, Option<Tensor<B, 1, Int>>);
-
-/// The student's input flattened to rows, with its targets flattened the same way: a
-/// sequence's tokens become rows, rows stay as they are.
-pub(crate) fn flatten<B: Backend, const D: usize>(
-    student: Tensor<B, D>,
-    targets: Option<RankTargets<B, D>>,
-) -> Result<Rows<B>, DistillError>
-where
-    Rank<D>: TokenRank<B>,
-{
-    let dims = student.dims();
-    let targets = targets
-        .map(|y| <Rank<D> as TokenRank<B>>::flat_targets(y, &dims[..D - 1]))
-        .transpose()?;
-    Ok((flat_rows(student), targets))
+/// The named input's shape, if no side is empty.
+pub(crate) fn non_empty<const D: usize>(
+    argument: &str,
+    dims: [usize; D],
+) -> Result<(), DistillError> {
+    if dims.contains(&0) {
+        let layout = if D == 2 { "[N, V]" } else { "[B, T, V]" };
+        return Err(DistillError::invalid(
+            argument,
+            format!("shape {dims:?}"),
+            format!("a non-empty {layout} tensor (no side of length 0)"),
+        ));
+    }
+    Ok(())
 }
 
-/// The teacher's input `argument` (logits or hidden states, whose last dimension may differ
-/// from the student's) flattened to rows, after checking that a sequence's leading dimensions
-/// are the student's `student_dims` (flattening would hide a transposed batch). Rows are
-/// checked by the loss.
-pub(crate) fn flatten_like<B: Backend, const D: usize>(
+/// `dims` of `argument` must equal `expected`, the shape of `reference`.
+pub(crate) fn same_shape<const D: usize>(
     argument: &str,
-    teacher: Tensor<B, D>,
+    dims: [usize; D],
+    reference: &str,
+    expected: [usize; D],
+) -> Result<(), DistillError> {
+    crate::error::same_dims(argument, dims, reference, expected, "")
+}
+
+/// A sequence's teacher input `argument` (logits or hidden states, whose last dimension may
+/// differ from the student's) must have the student's batch and sequence: flattening would
+/// hide a transposed batch. Rows are checked with their whole shape by the loss.
+pub(crate) fn same_lead<const D: usize>(
+    argument: &str,
+    dims: [usize; D],
     student_dims: [usize; D],
-) -> Result<Tensor<B, 2>, DistillError> {
-    let dims = teacher.dims();
+) -> Result<(), DistillError> {
     if D > 2 && dims[..D - 1] != student_dims[..D - 1] {
         return Err(DistillError::invalid(
             argument,
@@ -120,5 +120,5 @@ pub(crate) fn flatten_like<B: Backend, const D: usize>(
             ),
         ));
     }
-    Ok(flat_rows(teacher))
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! How per-row losses are reduced to the value that is returned: the one place that says what
 //! each reduction divides by.
 
-use burn::tensor::{Bool, DType, Element, Int, Numeric, Tensor, backend::Backend};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, kind::Numeric};
 use serde::{Deserialize, Serialize};
 
 use crate::DistillError;
@@ -64,18 +64,18 @@ impl Reduction {
 
     /// [`Reduction::factor`] as a `[1]` tensor of `dtype`, computed on the device from the
     /// ignored-row mask (no host read-back); `None` for [`Reduction::PerRow`].
-    pub(crate) fn factor_tensor<B: Backend>(
+    pub(crate) fn factor_tensor(
         self,
-        ignored: Option<Tensor<B, 1, Bool>>,
+        ignored: Option<Tensor<1, Bool>>,
         rows: usize,
-        device: &B::Device,
+        device: &Device,
         dtype: DType,
-    ) -> Option<Tensor<B, 1>> {
+    ) -> Option<Tensor<1>> {
         match (self, ignored) {
             (Self::Mean, Some(ignored)) => {
                 // Counted in the int dtype, then cast once to `dtype` (never through the
                 // backend's default float, which may be f16): exact in f32 up to 2^24 rows.
-                let kept: Tensor<B, 1> =
+                let kept: Tensor<1> =
                     count(ignored.bool_not()).cast(burn::tensor::FloatDType::from(dtype));
                 Some(kept.clamp_min(1.0).recip())
             }
@@ -88,25 +88,25 @@ impl Reduction {
 }
 
 /// Rows whose target is the ignore index, if there are targets and an ignore index.
-pub(crate) fn ignored_rows<B: Backend>(
-    targets: Option<&Tensor<B, 1, Int>>,
+pub(crate) fn ignored_rows(
+    targets: Option<&Tensor<1, Int>>,
     ignore_index: Option<i64>,
-) -> Option<Tensor<B, 1, Bool>> {
+) -> Option<Tensor<1, Bool>> {
     Some(targets?.clone().equal_elem(ignore_index?))
 }
 
 /// Reduces `[N]` row losses; `ignored` rows (already 0) do not count in the mean.
-pub(crate) fn reduce_rows<B: Backend>(
-    rows: Tensor<B, 1>,
-    ignored: Option<Tensor<B, 1, Bool>>,
+pub(crate) fn reduce_rows(
+    rows: Tensor<1>,
+    ignored: Option<Tensor<1, Bool>>,
     reduction: Reduction,
-) -> Tensor<B, 1> {
+) -> Tensor<1> {
     let n = rows.dims()[0];
     match reduction {
         Reduction::PerRow => rows,
         Reduction::Sum => pairwise_sum(rows),
         _ => {
-            let factor = reduction.factor_tensor::<B>(ignored, n, &rows.device(), rows.dtype());
+            let factor = reduction.factor_tensor(ignored, n, &rows.device(), rows.dtype());
             pairwise_sum(rows) * factor.expect("a reduction to one value has a factor")
         }
     }
@@ -121,10 +121,9 @@ pub(crate) fn reduce_rows<B: Backend>(
 /// past about 65,532 in a full reduction (measured on lavapipe: the sum of 10⁶ ones is 262,132,
 /// and which result comes back depends on the strategy autotuning picked), so that a mean over
 /// a long batch would divide by a wrong count. Only element-wise additions run here.
-pub(crate) fn pairwise_sum<B: Backend, K>(rows: Tensor<B, 1, K>) -> Tensor<B, 1, K>
+pub(crate) fn pairwise_sum<K>(rows: Tensor<1, K>) -> Tensor<1, K>
 where
-    K: Numeric<B>,
-    K::Elem: Element,
+    K: Numeric,
 {
     if rows.dims()[0] <= 2 {
         return rows.sum();
@@ -135,12 +134,9 @@ where
 /// The sum over the first dimension, keeping it (`[N, …]` → `[1, …]`), pairwise as in
 /// [`pairwise_sum`]: a column sum of burn 0.21's reduce kernels on wgpu drops rows past about
 /// 65,532 (measured: `sum_dim(0)` of `[100000, 3]` ones gives 65,532 per column).
-pub(crate) fn pairwise_sum_rows<B: Backend, const D: usize, K>(
-    rows: Tensor<B, D, K>,
-) -> Tensor<B, D, K>
+pub(crate) fn pairwise_sum_rows<const D: usize, K>(rows: Tensor<D, K>) -> Tensor<D, K>
 where
-    K: Numeric<B>,
-    K::Elem: Element,
+    K: Numeric,
 {
     let mut dims = rows.dims();
     let n = dims[0];
@@ -164,6 +160,6 @@ where
 
 /// The number of `true` entries of a mask of any rank, as a `[1]` int tensor on the device
 /// (through [`pairwise_sum`], exact at any size).
-pub(crate) fn count<B: Backend, const D: usize>(mask: Tensor<B, D, Bool>) -> Tensor<B, 1, Int> {
+pub(crate) fn count<const D: usize>(mask: Tensor<D, Bool>) -> Tensor<1, Int> {
     pairwise_sum(mask.int().flatten::<1>(0, D - 1))
 }

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use burn::tensor::{Int, Tensor, backend::Backend};
+use burn::tensor::{Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::DistillError;
@@ -41,25 +41,25 @@ pub enum Validation {
 
 /// One check queued on the device by a forward with [`Validation::Deferred`].
 #[derive(Clone)]
-pub(crate) struct DeviceCheck<B: Backend> {
+pub(crate) struct DeviceCheck {
     /// `[1]`: the number of bad values (0 when the input is valid).
-    bad: Tensor<B, 1, Int>,
+    bad: Tensor<1, Int>,
     /// Reads the input back and names its first bad value (run only when `bad` is not 0);
     /// `None` if the input is valid after all (a count that also sees other causes, such as a
     /// NaN loss from non-finite logits, which is not an input error).
     explain: Arc<dyn Fn(i64) -> Option<DistillError> + Send + Sync>,
 }
 
-impl<B: Backend> std::fmt::Debug for DeviceCheck<B> {
+impl std::fmt::Debug for DeviceCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceCheck").finish_non_exhaustive()
     }
 }
 
-impl<B: Backend> DeviceCheck<B> {
+impl DeviceCheck {
     /// A check from the `[1]` count of bad values and the function that names the first.
     pub(crate) fn new(
-        bad: Tensor<B, 1, Int>,
+        bad: Tensor<1, Int>,
         explain: impl Fn(i64) -> Option<DistillError> + Send + Sync + 'static,
     ) -> Self {
         Self {
@@ -85,7 +85,7 @@ impl<B: Backend> DeviceCheck<B> {
 }
 
 /// Reads the counts of `checks` in one read-back and names the first bad value.
-pub(crate) fn validate<B: Backend>(checks: &[DeviceCheck<B>]) -> Result<(), DistillError> {
+pub(crate) fn validate(checks: &[DeviceCheck]) -> Result<(), DistillError> {
     if checks.is_empty() {
         return Ok(());
     }
@@ -106,12 +106,12 @@ pub(crate) fn validate<B: Backend>(checks: &[DeviceCheck<B>]) -> Result<(), Dist
 /// Class (or token) indices outside `[0, classes)`, other than `ignore`: counted on the device;
 /// the host scan for the first one runs only when the count is not 0, and `error(position,
 /// value)` names it.
-pub(crate) fn index_check<B: Backend>(
-    indices: &Tensor<B, 1, Int>,
+pub(crate) fn index_check(
+    indices: &Tensor<1, Int>,
     classes: usize,
     ignore: Option<i64>,
     error: impl Fn(usize, i64) -> DistillError + Send + Sync + 'static,
-) -> DeviceCheck<B> {
+) -> DeviceCheck {
     let mut bad = indices
         .clone()
         .lower_elem(0)

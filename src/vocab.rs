@@ -1,6 +1,6 @@
 //! What to do when the student's and the teacher's vocabularies differ in size.
 
-use burn::tensor::{Tensor, backend::Backend};
+use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::{DistillError, Divergence};
@@ -75,12 +75,12 @@ impl VocabMismatch {
     }
 
     /// Brings `[N, V_s]` and `[N, V_t]` logits to one vocabulary, or says why not.
-    pub(crate) fn align<B: Backend, const D: usize>(
+    pub(crate) fn align<const D: usize>(
         self,
-        student: Tensor<B, D>,
-        teacher: Tensor<B, D>,
+        student: Tensor<D>,
+        teacher: Tensor<D>,
         divergence: Divergence,
-    ) -> Result<(Tensor<B, D>, Tensor<B, D>), DistillError> {
+    ) -> Result<(Tensor<D>, Tensor<D>), DistillError> {
         let (vs, vt) = (student.dims()[D - 1], teacher.dims()[D - 1]);
         if vs == vt {
             return Ok((student, teacher));
@@ -104,7 +104,7 @@ impl VocabMismatch {
                 Ok((student.narrow(D - 1, 0, v), teacher.narrow(D - 1, 0, v)))
             }
             VocabMismatch::PadNegInf => {
-                let pad = |t: Tensor<B, D>, to: usize| {
+                let pad = |t: Tensor<D>, to: usize| {
                     let mut dims = t.dims();
                     let extra = to - dims[D - 1];
                     if extra == 0 {

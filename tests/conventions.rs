@@ -1,20 +1,18 @@
 //! "Coming from PyTorch, Liger, TRL, torchtune": each row of the README's table, against that
 //! tool's own formula in float64 (`tests/golden/conventions.json`, written by
 //! `scripts/conventions_golden.py`, which transcribes each tool's source and asserts the
-//! mapping in Python first). Float64 only: this binary runs no f32 NdArray test (burn 0.21
-//! would then compute `NdArray<f64>` in f32).
-#![cfg(feature = "ndarray")]
+//! mapping in Python first). Float64 on Flex (0.1 ran it on `Autodiff<NdArray<f64>>`).
+#![cfg(feature = "flex")]
 
 mod common;
 
-use burn::backend::{Autodiff, NdArray};
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 use burn_distill::{DistillLossConfig, Kernel, Reduction};
-use common::{load_cases, mismatches, numbers, parse_divergence, values};
+use common::{
+    flex_autodiff, load_cases, mismatches, numbers, parse_divergence, values_f64 as values,
+};
 use serde::Deserialize;
 use serde_json::Value;
-
-type B = Autodiff<NdArray<f64>>;
 
 #[derive(Deserialize)]
 struct Case {
@@ -95,21 +93,21 @@ fn mean_teacher_entropy(teacher: &[f64], v: usize, labels: Option<&[i64]>) -> f6
 }
 
 fn run(case: &Case, kernel: Kernel) -> Vec<String> {
-    let device = Default::default();
+    let device = flex_autodiff();
     let [b, t, v] = case.shape;
     let cfg = &case.crate_config;
     let loss = cfg.config().with_kernel(kernel).init();
     let student_values = numbers(&case.student);
     let teacher_values = numbers(&case.teacher);
-    let student: Tensor<B, 3> =
-        Tensor::from_data(TensorData::new(student_values, [b, t, v]), &device).require_grad();
-    let teacher: Tensor<B, 3> =
-        Tensor::from_data(TensorData::new(teacher_values.clone(), [b, t, v]), &device);
+    let f64s = (&device, DType::F64);
+    let student: Tensor<3> =
+        Tensor::from_data(TensorData::new(student_values, [b, t, v]), f64s).require_grad();
+    let teacher: Tensor<3> =
+        Tensor::from_data(TensorData::new(teacher_values.clone(), [b, t, v]), f64s);
     let labels = case.labels.clone();
     let value = if cfg.with_labels {
         let labels = labels.clone().expect("labels");
-        let targets: Tensor<B, 2, Int> =
-            Tensor::from_data(TensorData::new(labels, [b, t]), &device);
+        let targets: Tensor<2, Int> = Tensor::from_data(TensorData::new(labels, [b, t]), &device);
         loss.forward_seq(student.clone(), teacher, targets)
     } else {
         loss.forward_seq_soft(student.clone(), teacher)

@@ -1,31 +1,21 @@
-//! Data-parallel distillation with `DistillLoss` unchanged: k workers (threads, peers of
-//! burn-collective on NdArray), each with its own b rows and a replica of the frozen teacher,
-//! all-reduce their gradients (`GradientsParams::all_reduce`, what burn's data-parallel training
-//! does) and take the same optimiser step. After a few steps their loss and parameters equal
-//! those of one worker with the k·b rows.
+//! Data-parallel distillation with `DistillLoss` unchanged: k workers (threads), each with its
+//! own b rows and a replica of the frozen teacher, sum their gradients (an all-reduce, here
+//! through `LocalExchange`, parameter by parameter in one order on every worker) and take the
+//! same optimiser step. After a few steps their loss and parameters equal those of one worker
+//! with the k·b rows.
 //!
 //! The losses use `Reduction::Normalized { items }` with the kept-token count of the whole
 //! global batch (TRL's `num_items_in_batch`), so that ignored rows spread unevenly across the
-//! workers still give the global mean.
-#![cfg(all(feature = "collective", feature = "ndarray"))]
+//! workers still give the global mean. (0.1 all-reduced with burn-collective 0.21's
+//! `GradientsParams::all_reduce` on `NdArray`; burn-collective has no 0.22 release, and burn
+//! 0.22's own all-reduce runs on CUDA only.)
+#![cfg(feature = "flex")]
 
-use std::sync::Mutex;
-
-use burn::backend::{Autodiff, NdArray};
-use burn::collective::{
-    CollectiveConfig, PeerId, ReduceOperation, finish_collective, register, reset_collective,
-};
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig, Relu};
-use burn::optim::{GradientsParams, Optimizer, SgdConfig};
-use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
-use burn_distill::{DistillLossConfig, Reduction};
-
-type Inner = NdArray<f32>;
-type B = Autodiff<Inner>;
-
-static COLLECTIVE: Mutex<()> = Mutex::new(());
+use burn::optim::{GradientsParams, SgdConfig};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn_distill::{DistillLossConfig, LocalExchange, Reduction, RowExchange};
 
 const INPUTS: usize = 6;
 const CLASSES: usize = 9;
@@ -33,14 +23,14 @@ const STEPS: usize = 4;
 const LR: f64 = 0.5;
 
 #[derive(Module, Debug)]
-struct Mlp<B: Backend> {
-    hidden: Linear<B>,
-    out: Linear<B>,
+struct Mlp {
+    hidden: Linear,
+    out: Linear,
     act: Relu,
 }
 
-impl<B: Backend> Mlp<B> {
-    fn new(width: usize, device: &B::Device) -> Self {
+impl Mlp {
+    fn new(width: usize, device: &Device) -> Self {
         Self {
             hidden: LinearConfig::new(INPUTS, width).init(device),
             out: LinearConfig::new(width, CLASSES).init(device),
@@ -56,7 +46,7 @@ impl<B: Backend> Mlp<B> {
         }
         self
     }
-    fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         self.out.forward(self.act.forward(self.hidden.forward(x)))
     }
 }
@@ -79,16 +69,36 @@ fn data(rows: usize) -> (Vec<f32>, Vec<i64>) {
     (x, y)
 }
 
+/// `grads` summed over the workers, one exchange per parameter in the module's order.
+fn all_reduce(grads: &mut GradientsParams, student: &Mlp, exchange: &dyn RowExchange) {
+    fn sum<const D: usize>(
+        grads: &mut GradientsParams,
+        param: &Param<Tensor<D>>,
+        exchange: &dyn RowExchange,
+    ) {
+        let g: Tensor<D> = grads.remove(param.id).expect("a gradient");
+        let shape = g.shape();
+        let flat = g.reshape([shape.num_elements()]);
+        let total = exchange.sum(flat).expect("the sum of the gradients");
+        grads.register::<D>(param.id, total.reshape(shape));
+    }
+    for linear in [&student.hidden, &student.out] {
+        sum(grads, &linear.weight, exchange);
+        sum(grads, linear.bias.as_ref().unwrap(), exchange);
+    }
+}
+
 /// `STEPS` SGD steps of one worker on rows `rows` of the global batch, its gradients summed
-/// with its peers' when `peer` is given; returns the per-step losses and the final parameters.
+/// with its peers' when `exchange` is given; returns the per-step losses and the final
+/// parameters.
 fn train(
-    mut student: Mlp<B>,
-    teacher: &Mlp<Inner>,
+    mut student: Mlp,
+    teacher: &Mlp,
     rows: std::ops::Range<usize>,
     global_rows: usize,
-    peer: Option<PeerId>,
+    exchange: Option<&dyn RowExchange>,
 ) -> (Vec<f32>, Vec<Vec<f32>>) {
-    let device = Default::default();
+    let device = Device::flex().autodiff();
     let (x, y) = data(global_rows);
     let kept = y.iter().filter(|&&t| t != -100).count() as u64;
     let loss_fn = DistillLossConfig::new()
@@ -97,15 +107,19 @@ fn train(
         .with_ignore_index(Some(-100))
         .with_reduction(Reduction::Normalized { items: kept })
         .init();
-    let x = Tensor::<B, 2>::from_data(
+    let x = Tensor::<2>::from_data(
         TensorData::new(
             x[rows.start * INPUTS..rows.end * INPUTS].to_vec(),
             [rows.len(), INPUTS],
         ),
         &device,
     );
-    let targets = Tensor::<B, 1, Int>::from_ints(&y[rows.clone()], &device);
-    let teacher_logits = Tensor::<B, 2>::from_inner(teacher.forward(x.clone().inner()));
+    let targets = Tensor::<1, Int>::from_data(
+        TensorData::new(y[rows.clone()].to_vec(), [rows.len()]),
+        &device,
+    );
+    // The frozen teacher on the device without autodiff.
+    let teacher_logits = teacher.forward(x.clone().inner()).autodiff();
     let mut optim = SgdConfig::new().init();
     let mut losses = Vec::new();
     for _ in 0..STEPS {
@@ -114,65 +128,44 @@ fn train(
             teacher_logits.clone(),
             targets.clone(),
         );
-        losses.push(loss.clone().into_scalar());
+        losses.push(loss.clone().into_scalar::<f32>());
         let mut grads = GradientsParams::from_grads(loss.backward(), &student);
-        if let Some(peer) = peer {
-            grads = grads
-                .all_reduce::<Inner>(peer, ReduceOperation::Sum)
-                .expect("all-reduce of the gradients");
+        if let Some(exchange) = exchange {
+            all_reduce(&mut grads, &student, exchange);
         }
         student = optim.step(LR, student, grads);
     }
-    let params = [student.hidden.weight.val(), student.out.weight.val()]
-        .into_iter()
-        .map(|w| w.into_data().to_vec::<f32>().unwrap())
-        .chain(
-            [&student.hidden.bias, &student.out.bias]
-                .into_iter()
-                .map(|b| {
-                    b.as_ref()
-                        .unwrap()
-                        .val()
-                        .into_data()
-                        .to_vec::<f32>()
-                        .unwrap()
-                }),
-        )
-        .collect();
+    let read = |t: Tensor<2>| t.try_into_vec_as::<f32>().unwrap();
+    let read_1 = |t: Tensor<1>| t.try_into_vec_as::<f32>().unwrap();
+    let params = vec![
+        read(student.hidden.weight.val()),
+        read(student.out.weight.val()),
+        read_1(student.hidden.bias.as_ref().unwrap().val()),
+        read_1(student.out.bias.as_ref().unwrap().val()),
+    ];
     (losses, params)
 }
 
 #[test]
 fn k_workers_with_b_rows_equal_one_worker_with_k_b_rows() {
-    let _lock = COLLECTIVE.lock().unwrap_or_else(|e| e.into_inner());
-    let device = Default::default();
-    Inner::seed(&device, 7);
-    let teacher = Mlp::<Inner>::new(32, &device).initialised();
-    // One student, cloned to every worker: the replicas share their parameter ids, which
-    // `GradientsParams::all_reduce` orders its all-reduces by.
-    let student = Mlp::<B>::new(12, &device).initialised();
+    let device = Device::flex();
+    device.seed(7);
+    let teacher = Mlp::new(32, &device).initialised();
+    // One student, cloned to every worker.
+    let student = Mlp::new(12, &device.clone().autodiff()).initialised();
     let b = 5;
     for k in [2, 4] {
         let global = k * b;
         let (want_losses, want_params) = train(student.clone(), &teacher, 0..global, global, None);
 
-        reset_collective::<Inner>();
-        let config = CollectiveConfig::default().with_num_devices(k);
-        let workers: Vec<_> = (0..k)
-            .map(|rank| {
-                let (student, teacher, config) = (student.clone(), teacher.clone(), config.clone());
+        let workers: Vec<_> = LocalExchange::group(k)
+            .into_iter()
+            .enumerate()
+            .map(|(rank, exchange)| {
+                let (student, teacher) = (student.clone(), teacher.clone());
                 std::thread::spawn(move || {
-                    let peer = PeerId::from(rank as u32);
-                    register::<Inner>(peer, Default::default(), config).expect("register");
-                    let out = train(
-                        student,
-                        &teacher,
-                        rank * b..(rank + 1) * b,
-                        global,
-                        Some(peer),
-                    );
-                    finish_collective::<Inner>(peer).expect("finish");
-                    out
+                    let rows = rank * b..(rank + 1) * b;
+                    train(student, &teacher, rows, global, Some(&exchange))
                 })
             })
             .collect();

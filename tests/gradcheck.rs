@@ -1,13 +1,11 @@
-//! Finite-difference gradient checks (f64) of every divergence and of the full loss.
-#![cfg(feature = "ndarray")]
+//! Finite-difference gradient checks (f64 on Flex; 0.1 ran these on `Autodiff<NdArray<f64>>`)
+//! of every divergence and of the full loss.
+#![cfg(feature = "flex")]
 
 mod common;
 
-use burn::backend::{Autodiff, NdArray};
 use burn_distill::{DistillLossConfig, Divergence, Kernel, Reduction};
-use common::{ints, tensor2, values};
-
-type B = Autodiff<NdArray<f64>>;
+use common::{flex_autodiff, ints, tensor2_f64 as tensor2, values_f64 as values};
 
 fn logits(n: usize, v: usize, seed: f64) -> Vec<f64> {
     (0..n * v)
@@ -24,13 +22,13 @@ fn check(config: DistillLossConfig, targets: Option<&[i64]>) {
 
 fn check_kernel(config: DistillLossConfig, targets: Option<&[i64]>) {
     let (n, v) = (3, 7);
-    let device = Default::default();
+    let device = flex_autodiff();
     let s = logits(n, v, 0.91);
     let t = logits(n, v, 1.37);
     let loss = config.clone().with_reduction(Reduction::Sum).init();
     let eval = |s: &[f64]| -> (f64, Vec<f64>) {
-        let student = tensor2::<B>(s, [n, v], &device).require_grad();
-        let teacher = tensor2::<B>(&t, [n, v], &device);
+        let student = tensor2(s, [n, v], &device).require_grad();
+        let teacher = tensor2(&t, [n, v], &device);
         let value = match targets {
             Some(y) => loss.forward(student.clone(), teacher, ints(y, &device)),
             None => loss.forward_soft(student.clone(), teacher),

@@ -1,27 +1,28 @@
-//! The fused-linear loss (`forward_linear*`) equals `forward` on materialised logits, in f64 on
-//! NdArray (fused and reference kernels): loss and the gradients of the student's hidden
-//! states, head weight and bias; sequence form; bad input. f32 backends: tests/linear_f32.rs.
-#![cfg(feature = "ndarray")]
+//! The fused-linear loss (`forward_linear*`) equals `forward` on materialised logits, in
+//! float64 on Flex (fused and reference kernels; 0.1 ran these on `NdArray<f64>`): loss and
+//! the gradients of the student's hidden states, head weight and bias; sequence form; bad
+//! input. f32 devices: tests/linear_f32.rs.
+#![cfg(feature = "flex")]
 
 mod common;
 
-use burn::backend::{Autodiff, NdArray};
-use burn::tensor::{Int, Tensor, TensorData};
-use burn_distill::{DistillLossConfig, Kernel};
-use common::linear::{LinearCase, assert_linear_golden, check_linear, head, sweep, wave};
-use common::values;
+use burn::tensor::Device;
+use burn_distill::{DistillError, DistillLossConfig, DistillOutput, Kernel};
+use common::linear::{
+    Dev, LinearCase, assert_linear_golden, check_linear, counted, head, sweep, wave,
+};
+use common::{tensor2_f64, tensor3_f64, values_f64};
 
-type B = Autodiff<NdArray<f64>>;
 const TOL: (f64, f64) = (1e-12, 1e-9);
 
 #[test]
 fn equals_the_materialised_loss_in_f64() {
-    sweep::<B>(TOL, &Default::default());
+    sweep(TOL, &Dev::flex_f64());
 }
 
 #[test]
 fn equals_float64_pytorch() {
-    assert_linear_golden::<B>(TOL, &Default::default(), true);
+    assert_linear_golden(TOL, &Dev::flex_f64(), true);
 }
 
 /// The sequence form caps before the vocabulary alignment: `−∞` padding stays `−∞` (a cap
@@ -29,7 +30,8 @@ fn equals_float64_pytorch() {
 #[test]
 fn softcap_in_sequence_form_keeps_the_padding() {
     use burn_distill::VocabMismatch;
-    let device = Default::default();
+    let dev = Dev::flex_f64();
+    let device = &dev.device;
     let (b, t) = (2, 3);
     let s = wave(b * t * 9, 0.31)
         .iter()
@@ -45,9 +47,9 @@ fn softcap_in_sequence_form_keeps_the_padding() {
         .with_vocab_mismatch(VocabMismatch::PadNegInf)
         .init();
     let seq = loss.forward_seq(
-        Tensor::<B, 3>::from_data(TensorData::new(s.clone(), [b, t, 9]), &device),
-        Tensor::<B, 3>::from_data(TensorData::new(te.clone(), [b, t, 7]), &device),
-        Tensor::<B, 2, Int>::from_data(TensorData::new(y.clone(), [b, t]), &device),
+        tensor3_f64(&s, [b, t, 9], device),
+        tensor3_f64(&te, [b, t, 7], device),
+        dev.ints(y.clone(), [b, t]),
     );
     let capped = |v: &[f64]| v.iter().map(|x| 2.0 * (x / 2.0).tanh()).collect::<Vec<_>>();
     let (sc, mut tc) = (capped(&s), Vec::new());
@@ -56,33 +58,28 @@ fn softcap_in_sequence_form_keeps_the_padding() {
         tc.extend_from_slice(&[f64::NEG_INFINITY; 2]);
     }
     let plain = DistillLossConfig::new().init().forward(
-        Tensor::<B, 2>::from_data(TensorData::new(sc, [b * t, 9]), &device),
-        Tensor::<B, 2>::from_data(TensorData::new(tc, [b * t, 9]), &device),
-        Tensor::<B, 1, Int>::from_data(TensorData::new(y, [b * t]), &device),
+        tensor2_f64(&sc, [b * t, 9], device),
+        tensor2_f64(&tc, [b * t, 9], device),
+        dev.ints(y, [b * t]),
     );
-    let (a, e) = (values(seq)[0], values(plain)[0]);
+    let (a, e) = (values_f64(seq)[0], values_f64(plain)[0]);
     assert!((a - e).abs() < 1e-12 && a.is_finite(), "{a} vs {e}");
 }
 
-/// NdArray runs its host loop for the fused kernel (once per call), and the tensor-op chunks
-/// for `Kernel::Reference`; the values agree either way, so only this count tells them apart.
+/// Flex runs its host loop for the fused kernel (once per call; 0.1's NdArray did), and the
+/// materialised logits for `Kernel::Reference` with a gradient; the values agree either way,
+/// so only these counts tell them apart.
 #[test]
-fn ndarray_runs_the_host_loop() {
-    let device = Default::default();
+fn flex_runs_the_host_loop() {
+    let dev = Dev::flex_f64();
     let case = LinearCase::new(7, 5, 8, 13);
     let (sh, th) = (
-        head::<B>(case.hs, case.vs, 0.7, true, &device),
-        head::<B>(case.ht, case.vt, 1.3, true, &device),
+        head(case.hs, case.vs, 0.7, true, &dev),
+        head(case.ht, case.vt, 1.3, true, &dev),
     );
-    let hidden = |h: usize, seed: f64| {
-        Tensor::<B, 2>::from_data(
-            TensorData::new(wave(case.n * h, seed), [case.n, h]),
-            &device,
-        )
-    };
+    let hidden = |h: usize, seed: f64| dev.float(wave(case.n * h, seed), [case.n, h]);
     let targets = case.targets.clone().expect("targets");
-    let y = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [case.n]), &device);
-    let calls = burn_distill::internals::host_linear_calls;
+    let y = dev.ints(targets, [case.n]);
     for (kernel, runs) in [
         (Kernel::Auto, 1),
         (Kernel::Fused, 1),
@@ -92,21 +89,26 @@ fn ndarray_runs_the_host_loop() {
             .with_kernel(kernel)
             .with_linear_chunk_rows(Some(3))
             .init();
-        let before = calls();
-        let value = loss.forward_linear(
-            hidden(case.hs, 0.4).require_grad(),
-            &sh,
-            hidden(case.ht, 0.6),
-            &th,
-            y.clone(),
-        );
-        assert!(values(value)[0].is_finite());
-        assert_eq!(calls() - before, runs, "{kernel:?}");
+        let (value, [host, chunks]) = counted(|| {
+            loss.forward_linear(
+                hidden(case.hs, 0.4).require_grad(),
+                &sh,
+                hidden(case.ht, 0.6),
+                &th,
+                y.clone(),
+            )
+        });
+        assert!(values_f64(value)[0].is_finite());
+        assert_eq!(host, runs, "{kernel:?}");
+        if runs == 1 {
+            assert_eq!(chunks, 0, "{kernel:?}: the host loop, not the chunk loop");
+        }
     }
 }
 
-/// `Kernel::Reference`: the chunks run the reference loss forward-only (the inner-backend
-/// check of `check_linear`), and with gradients the logits are materialised.
+/// `Kernel::Reference`: the chunks run the reference loss forward-only (the check without
+/// autodiff of `check_linear`, which asserts that the chunk loop ran), and with gradients the
+/// logits are materialised.
 #[test]
 fn reference_kernel_chunks_equal_the_materialised_loss() {
     let config = DistillLossConfig::new()
@@ -114,92 +116,80 @@ fn reference_kernel_chunks_equal_the_materialised_loss() {
         .with_alpha(0.6)
         .with_kernel(Kernel::Reference)
         .with_linear_chunk_rows(Some(2));
-    check_linear::<B>(
+    check_linear(
         &config,
         &LinearCase::new(7, 5, 8, 13),
         TOL,
-        &Default::default(),
+        &Dev::flex_f64(),
     );
 }
 
 #[test]
 fn automatic_chunk_rows_come_from_the_memory_budget() {
+    let device = Device::flex();
     let config = DistillLossConfig::new();
     let loss = config.init();
-    // Three f32 [c, V] chunks within 64 MiB by default on NdArray.
+    // Three f32 [c, V] chunks within 64 MiB by default on Flex (0.1: on NdArray).
     assert_eq!(
-        loss.linear_chunk_rows::<B>(128_256),
+        loss.linear_chunk_rows(128_256, &device),
         (64 << 20) / (3 * 4 * 128_256)
     );
-    assert_eq!(loss.linear_chunk_rows::<B>(1 << 30), 1);
+    assert_eq!(loss.linear_chunk_rows(1 << 30, &device), 1);
     let budget = config.clone().with_linear_chunk_bytes(Some(1 << 30)).init();
     assert_eq!(
-        budget.linear_chunk_rows::<B>(128_256),
+        budget.linear_chunk_rows(128_256, &device),
         (1 << 30) / (3 * 4 * 128_256)
     );
     let fixed = config.with_linear_chunk_rows(Some(7)).init();
-    assert_eq!(fixed.linear_chunk_rows::<B>(128_256), 7);
+    assert_eq!(fixed.linear_chunk_rows(128_256, &device), 7);
     // A tiny budget still computes (one row at a time).
     let tiny = DistillLossConfig::new()
         .with_linear_chunk_bytes(Some(1))
         .with_linear_chunk_rows(None);
-    check_linear::<B>(
-        &tiny,
-        &LinearCase::new(5, 4, 6, 11),
-        TOL,
-        &Default::default(),
-    );
+    check_linear(&tiny, &LinearCase::new(5, 4, 6, 11), TOL, &Dev::flex_f64());
 }
 
 #[test]
 fn sequence_form_equals_flattened_rows() {
-    let device = Default::default();
+    let dev = Dev::flex_f64();
     let (b, t, hs, ht, v) = (2, 3, 4, 6, 9);
     let loss = DistillLossConfig::new()
         .with_temperature(2.0)
         .with_linear_chunk_rows(Some(2))
         .init();
-    let (sh, th) = (
-        head::<B>(hs, v, 0.3, true, &device),
-        head::<B>(ht, v, 0.7, true, &device),
-    );
+    let (sh, th) = (head(hs, v, 0.3, true, &dev), head(ht, v, 0.7, true, &dev));
     let hid = |h: usize, seed: f64| wave(b * t * h, seed);
     let (s, te) = (hid(hs, 0.11), hid(ht, 0.23));
     let y = vec![1, -100, 3, 8, 0, -100];
-    let seq = loss.forward_linear_seq(
-        Tensor::<B, 3>::from_data(TensorData::new(s.clone(), [b, t, hs]), &device),
-        &sh,
-        Tensor::<B, 3>::from_data(TensorData::new(te.clone(), [b, t, ht]), &device),
-        &th,
-        Tensor::<B, 2, Int>::from_data(TensorData::new(y.clone(), [b, t]), &device),
-    );
-    let flat = loss.forward_linear(
-        Tensor::<B, 2>::from_data(TensorData::new(s, [b * t, hs]), &device),
-        &sh,
-        Tensor::<B, 2>::from_data(TensorData::new(te, [b * t, ht]), &device),
-        &th,
-        Tensor::<B, 1, Int>::from_data(TensorData::new(y, [b * t]), &device),
-    );
-    assert_eq!(values(seq), values(flat));
+    let ((seq, flat), [host, _]) = counted(|| {
+        let seq = loss.forward_linear_seq(
+            dev.float(s.clone(), [b, t, hs]),
+            &sh,
+            dev.float(te.clone(), [b, t, ht]),
+            &th,
+            dev.ints(y.clone(), [b, t]),
+        );
+        let flat = loss.forward_linear(
+            dev.float(s, [b * t, hs]),
+            &sh,
+            dev.float(te, [b * t, ht]),
+            &th,
+            dev.ints(y, [b * t]),
+        );
+        (seq, flat)
+    });
+    assert_eq!(host, 2, "both forms ran the host loop");
+    assert_eq!(values_f64(seq), values_f64(flat));
 }
 
 #[test]
 fn bad_shapes_and_targets_are_named() {
-    let device = Default::default();
+    let dev = Dev::flex_f64();
     let loss = DistillLossConfig::new().init();
-    let (sh, th) = (
-        head::<B>(4, 9, 0.3, true, &device),
-        head::<B>(6, 9, 0.7, true, &device),
-    );
-    let hidden = |n: usize, h: usize| Tensor::<B, 2>::zeros([n, h], &device);
-    let y = |v: Vec<i64>| {
-        Tensor::<B, 1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), &device)
-    };
-    let err = |r: Result<_, burn_distill::DistillError>| {
-        r.map(|_: burn_distill::DistillOutput<B>| ())
-            .unwrap_err()
-            .to_string()
-    };
+    let (sh, th) = (head(4, 9, 0.3, true, &dev), head(6, 9, 0.7, true, &dev));
+    let hidden = |n: usize, h: usize| dev.float(vec![0.0; n * h], [n, h]);
+    let y = |v: Vec<i64>| dev.ints(v.clone(), [v.len()]);
+    let err = |r: Result<DistillOutput, DistillError>| r.map(|_| ()).unwrap_err().to_string();
     let e = err(loss.try_forward_linear_parts(
         hidden(3, 5),
         &sh,
@@ -224,7 +214,7 @@ fn bad_shapes_and_targets_are_named() {
         Some(y(vec![0, 9, 2])),
     ));
     assert!(e.contains("targets[1] = 9"), "{e}");
-    let other = head::<B>(6, 11, 0.7, true, &device);
+    let other = head(6, 11, 0.7, true, &dev);
     let e = err(loss.try_forward_linear_parts(
         hidden(3, 4),
         &sh,
@@ -233,9 +223,9 @@ fn bad_shapes_and_targets_are_named() {
         Some(y(vec![0, 1, 2])),
     ));
     assert!(e.contains("teacher_head") && e.contains("11"), "{e}");
-    // Sequences: a transposed teacher batch (same B·T rows) and `[B, T]` targets of
-    // another shape are caught before the tokens are flattened.
-    let e = err(loss.try_forward_linear_parts(
+    // Sequences (0.2: `try_forward_linear_seq_parts`): a transposed teacher batch (same B·T
+    // rows) and `[B, T]` targets of another shape are caught before the tokens are flattened.
+    let e = err(loss.try_forward_linear_seq_parts(
         hidden(6, 4).reshape([2, 3, 4]),
         &sh,
         hidden(6, 6).reshape([3, 2, 6]),
@@ -246,8 +236,8 @@ fn bad_shapes_and_targets_are_named() {
         e.contains("teacher_hidden") && e.contains("[3, 2, 6]"),
         "{e}"
     );
-    let targets = Tensor::<B, 2, Int>::from_ints([[0, 1], [2, 0], [1, 2]], &device);
-    let e = err(loss.try_forward_linear_parts(
+    let targets = dev.ints(vec![0, 1, 2, 0, 1, 2], [3, 2]);
+    let e = err(loss.try_forward_linear_seq_parts(
         hidden(6, 4).reshape([2, 3, 4]),
         &sh,
         hidden(6, 6).reshape([2, 3, 6]),

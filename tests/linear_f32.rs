@@ -1,49 +1,45 @@
-//! The fused-linear loss against the materialised path in f32 on every enabled backend
-//! (NdArray, Flex, wgpu through burn's fusion wrapper).
-#![cfg(feature = "ndarray")]
+//! The fused-linear loss against the materialised path in f32 on every enabled device (Flex;
+//! wgpu, through burn's fusion wrapper where the build enables `fusion`). 0.1 also ran it on
+//! NdArray, gone in 0.2: the Flex test is its counterpart.
+#![cfg(any(feature = "flex", feature = "wgpu"))]
 
 mod common;
 
-use burn::backend::Autodiff;
-use common::linear::{assert_linear_golden, check_frozen_head, check_sparse_linear, sweep};
+use burn::tensor::DType;
+use common::linear::{
+    Dev, assert_linear_golden, check_frozen_head, check_sparse_linear, host_calls, sweep,
+};
 
 /// f32: per entry `1e-5 + 1e-3·|x|` (the chunked sums of `∂W = Σ h g` are reordered).
 const TOL: (f64, f64) = (1e-5, 1e-3);
 
-#[test]
-fn ndarray() {
-    sweep::<Autodiff<burn::backend::NdArray>>(TOL, &Default::default());
-    assert_linear_golden::<Autodiff<burn::backend::NdArray>>(TOL, &Default::default(), true);
-    check_frozen_head::<Autodiff<burn::backend::NdArray>>(TOL, &Default::default());
-    let before = burn_distill::internals::host_linear_calls();
-    check_sparse_linear::<Autodiff<burn::backend::NdArray>>(TOL, &Default::default());
-    // The sparse fused-linear loss ran the host loop around the sparse row kernel.
-    assert!(burn_distill::internals::host_linear_calls() > before);
-}
-
 #[cfg(feature = "flex")]
 #[test]
 fn flex() {
-    let before = burn_distill::internals::host_linear_calls();
-    sweep::<Autodiff<burn::backend::Flex>>(TOL, &Default::default());
+    let dev = Dev::new(&burn::tensor::Device::flex(), DType::F32);
+    let before = host_calls();
+    sweep(TOL, &dev);
     // Flex ran its host loop (the sweep's calls with the fused kernel).
-    assert!(burn_distill::internals::host_linear_calls() > before);
-    assert_linear_golden::<Autodiff<burn::backend::Flex>>(TOL, &Default::default(), true);
-    check_frozen_head::<Autodiff<burn::backend::Flex>>(TOL, &Default::default());
-    let before = burn_distill::internals::host_linear_calls();
-    check_sparse_linear::<Autodiff<burn::backend::Flex>>(TOL, &Default::default());
+    assert!(host_calls() > before);
+    assert_linear_golden(TOL, &dev, true);
+    check_frozen_head(TOL, &dev);
+    let before = host_calls();
+    check_sparse_linear(TOL, &dev);
     // The sparse fused-linear loss ran the host loop around the sparse row kernel.
-    assert!(burn_distill::internals::host_linear_calls() > before);
+    assert!(host_calls() > before);
 }
 
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu() {
-    let device = burn_distill::testing::wgpu_device();
-    sweep::<Autodiff<burn::backend::Wgpu>>(TOL, &device);
-    assert_linear_golden::<Autodiff<burn::backend::Wgpu>>(TOL, &device, false);
-    check_frozen_head::<Autodiff<burn::backend::Wgpu>>(TOL, &device);
-    check_sparse_linear::<Autodiff<burn::backend::Wgpu>>(TOL, &device);
+    let dev = Dev::new(&burn_distill::testing::wgpu_device(), DType::F32);
+    let before = burn_distill::internals::chunked_linear_calls();
+    sweep(TOL, &dev);
+    assert_linear_golden(TOL, &dev, false);
+    check_frozen_head(TOL, &dev);
+    check_sparse_linear(TOL, &dev);
+    // wgpu ran the chunk loop (and never a host loop: each call's path is checked too).
+    assert!(burn_distill::internals::chunked_linear_calls() > before);
 }
 
 /// f16 hidden states and heads under a loss scale of 65,536 (wgpu): the fused-linear
@@ -55,36 +51,40 @@ fn wgpu() {
 fn wgpu_f16_fused_linear_under_a_loss_scale() {
     use burn::module::Param;
     use burn::nn::Linear;
-    use burn::tensor::{DType, Int, Tensor, TensorData};
+    use burn::tensor::{Tensor, f16};
     use burn_distill::DistillLossConfig;
-    use common::linear::wave;
-    type W = Autodiff<burn::backend::Wgpu>;
-    let device = burn_distill::testing::wgpu_device();
+    use common::linear::{assert_path, counted, wave};
     let (n, hs, ht, v) = (64, 16, 24, 1031);
-    let t = |len: usize, shape: [usize; 2], seed: f64, scale: f64, dtype: DType| {
-        let x: Vec<f64> = wave(len, seed).iter().map(|x| x * scale).collect();
-        Tensor::<W, 2>::from_data(TensorData::new(x, shape), &device)
-            .cast(DType::F16)
-            .cast(dtype)
-    };
-    let y = Tensor::<W, 1, Int>::from_data(
-        TensorData::new((0..n as i64).map(|i| i * 37 % v as i64).collect(), [n]),
-        &device,
-    );
+    let y: Vec<i64> = (0..n as i64).map(|i| i * 37 % v as i64).collect();
     let run = |dtype: DType| {
+        let dev = Dev::new(&burn_distill::testing::wgpu_device(), dtype);
+        // The values rounded to f16 (0.1: `.cast(F16).cast(dtype)`), created in `dtype`.
+        let t = |len: usize, shape: [usize; 2], seed: f64, scale: f64| -> Tensor<2> {
+            let x = wave(len, seed)
+                .iter()
+                .map(|x| f16::from_f32((x * scale) as f32).to_f64())
+                .collect();
+            dev.float(x, shape)
+        };
         let head = |h: usize, seed: f64| Linear {
-            weight: Param::from_tensor(t(h * v, [h, v], seed, 1.5, dtype)),
+            weight: Param::from_tensor(t(h * v, [h, v], seed, 1.5)),
             bias: None,
         };
         let (sh, th) = (head(hs, 0.71), head(ht, 1.37));
-        let h_s = t(n * hs, [n, hs], 0.53, 3.0, dtype).require_grad();
-        let h_t = t(n * ht, [n, ht], 0.29, 3.0, dtype);
-        let loss = DistillLossConfig::new()
-            .with_linear_chunk_rows(Some(16))
-            .init()
-            .forward_linear(h_s.clone(), &sh, h_t, &th, y.clone());
+        let h_s = t(n * hs, [n, hs], 0.53, 3.0).require_grad();
+        let h_t = t(n * ht, [n, ht], 0.29, 3.0);
+        assert_eq!(h_s.dtype(), dtype);
+        let config = DistillLossConfig::new().with_linear_chunk_rows(Some(16));
+        let (loss, runs) = counted(|| {
+            config
+                .init()
+                .forward_linear(h_s.clone(), &sh, h_t, &th, dev.ints(y.clone(), [n]))
+        });
+        // The chunks ran the fused kernel (the materialised path would round differently).
+        let path = dev.path(config.kernel, config.reduction, true);
+        assert_path(path, runs, &format!("{dtype:?}"));
         let grads = loss.mul_scalar(65_536.0).backward();
-        let f = |g: Tensor<burn::backend::Wgpu, 2>| {
+        let f = |g: Tensor<2>| {
             assert_eq!(g.dtype(), dtype);
             common::values(g.cast(DType::F32))
         };
@@ -114,36 +114,32 @@ fn wgpu_f16_fused_linear_under_a_loss_scale() {
     }
 }
 
-/// The head's gradients from a chunk of 100,000 rows on wgpu, against NdArray's: the bias
-/// gradient as a product `1ᵀ g`, like the weight's `hᵀ g` (burn 0.21's column `sum_dim(0)` on
-/// wgpu drops rows past about 65,532: a third of every bias entry here).
-#[cfg(feature = "wgpu")]
+/// The head's gradients from a chunk of 100,000 rows on wgpu, against Flex's (0.1: NdArray's):
+/// the bias gradient as a product `1ᵀ g`, like the weight's `hᵀ g` (burn 0.21's column
+/// `sum_dim(0)` on wgpu drops rows past about 65,532: a third of every bias entry here).
+#[cfg(all(feature = "wgpu", feature = "flex"))]
 #[test]
 fn wgpu_head_gradients_over_many_rows() {
-    use burn::tensor::{Int, Tensor, TensorData, backend::AutodiffBackend};
+    use burn::tensor::Device;
     use burn_distill::testing::{mismatches, values};
-    use burn_distill::{DistillBackend, DistillLossConfig, Reduction};
-    use common::linear::{head, wave};
+    use burn_distill::{DistillLossConfig, Reduction};
+    use common::linear::{assert_path, counted, head, wave};
 
-    fn head_grads<B>(device: &B::Device) -> (Vec<f64>, Vec<f64>)
-    where
-        B: AutodiffBackend + DistillBackend,
-    {
+    fn head_grads(dev: &Dev) -> (Vec<f64>, Vec<f64>) {
         let (n, h, v) = (100_000, 3, 5);
-        let loss = DistillLossConfig::new()
+        let config = DistillLossConfig::new()
             .with_alpha(0.5)
             .with_reduction(Reduction::Sum)
-            .with_linear_chunk_rows(Some(n))
-            .init();
-        let (sh, th) = (
-            head::<B>(h, v, 0.71, true, device),
-            head::<B>(h, v, 1.37, true, device),
-        );
-        let hidden =
-            |seed| Tensor::<B, 2>::from_data(TensorData::new(wave(n * h, seed), [n, h]), device);
+            .with_linear_chunk_rows(Some(n));
+        let loss = config.init();
+        let (sh, th) = (head(h, v, 0.71, true, dev), head(h, v, 1.37, true, dev));
+        let hidden = |seed| dev.float(wave(n * h, seed), [n, h]);
         let targets: Vec<i64> = (0..n).map(|i| ((i * 7) % v) as i64).collect();
-        let y = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [n]), device);
-        let value = loss.forward_linear(hidden(0.53).require_grad(), &sh, hidden(0.29), &th, y);
+        let y = dev.ints(targets, [n]);
+        let (value, runs) =
+            counted(|| loss.forward_linear(hidden(0.53).require_grad(), &sh, hidden(0.29), &th, y));
+        let path = dev.path(config.kernel, config.reduction, true);
+        assert_path(path, runs, &format!("{:?}", dev.device));
         let grads = value.mul_scalar(0.5).backward();
         let bias = sh.bias.as_ref().expect("a bias");
         let weight = values(sh.weight.val().grad(&grads).expect("weight gradient"));
@@ -152,8 +148,8 @@ fn wgpu_head_gradients_over_many_rows() {
             weight,
         )
     }
-    let cpu = head_grads::<Autodiff<burn::backend::NdArray>>(&Default::default());
-    let gpu = head_grads::<Autodiff<burn::backend::Wgpu>>(&burn_distill::testing::wgpu_device());
+    let cpu = head_grads(&Dev::new(&Device::flex(), DType::F32));
+    let gpu = head_grads(&Dev::new(&burn_distill::testing::wgpu_device(), DType::F32));
     // Sums of 100,000 f32 terms in two orders (measured 6.4e-6 of the largest entry apart); a
     // sum that drops rows is off by about a third.
     for (what, cpu, gpu) in [

@@ -1,6 +1,7 @@
 //! The language-model example (`examples/lm`) on a tiny configuration: every student trains
 //! a few steps and learns (held-out bits per byte well below the uniform distribution's).
-#![cfg(feature = "ndarray")]
+//! On Flex (the default feature; 0.1 ran it on NdArray).
+#![cfg(feature = "flex")]
 
 #[path = "../examples/lm/data.rs"]
 #[allow(dead_code)]
@@ -12,7 +13,8 @@ mod model;
 #[allow(dead_code)]
 mod train;
 
-use burn::module::AutodiffModule;
+use burn::module::Module;
+use burn::tensor::Device;
 use model::LmConfig;
 use train::{STUDENTS, Settings, World};
 
@@ -64,7 +66,8 @@ fn every_student_learns() {
         &tok,
         &stream,
         &corpus.valid,
-        &dir.join("teacher.mpk"),
+        &dir.join("teacher.bpk"),
+        &Device::flex(),
         &progress,
     );
     let prompts: Vec<String> = corpus

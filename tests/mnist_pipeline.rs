@@ -1,11 +1,11 @@
 //! The MNIST experiment end to end on a tiny configuration: loading (bundled digits and the
 //! full-MNIST file layout), teacher, both students, results and JSON. Accuracy asserted only against chance.
-#![cfg(feature = "ndarray")]
+//! The tiny experiment runs on Flex and, with `--features wgpu`, on wgpu (0.1 ran it on NdArray).
 
 #[path = "../examples/mnist/experiment.rs"]
 mod experiment;
 
-use burn::backend::{Autodiff, NdArray};
+use burn::tensor::Device;
 use experiment::{Settings, load, parse_idx};
 
 #[test]
@@ -66,8 +66,20 @@ fn bad_idx_files_are_rejected_with_a_reason() {
     assert!(missing.contains("no MNIST IDX files"), "{missing}");
 }
 
+#[cfg(feature = "flex")]
 #[test]
 fn tiny_experiment_runs_end_to_end() {
+    tiny_experiment(&Device::flex());
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn tiny_experiment_runs_end_to_end_wgpu() {
+    tiny_experiment(&Device::wgpu(Default::default()));
+}
+
+#[allow(dead_code)]
+fn tiny_experiment(device: &Device) {
     let (train, test) = load(&experiment::default_data_dir()).unwrap();
     let (train, test) = (train.take(300), test.take(100));
     let settings = Settings {
@@ -82,7 +94,7 @@ fn tiny_experiment_runs_end_to_end() {
         progress: false,
         ..Settings::default()
     };
-    let r = experiment::run::<Autodiff<NdArray>>(&train, &test, &settings, &Default::default());
+    let r = experiment::run(&train, &test, &settings, device);
     assert_eq!((r.test_size, r.train_size), (100, 300));
     assert_eq!(r.teacher_test_errors.len(), 2);
     assert_eq!(r.student_hard_test_errors.len(), 2);

@@ -2,18 +2,21 @@
 //! the bad value, the student-top-k recipe is the exact reverse KL of the bucketed
 //! distributions (in tests/sparse.rs, a float64 binary), and the sampled-token loss runs
 //! the fused kernel. (The float64 references
-//! run through the conformance suites of tests/golden.rs.)
-#![cfg(feature = "ndarray")]
+//! run through the conformance suites of tests/golden.rs.) 0.1 ran these on NdArray; here on
+//! Flex.
+#![cfg(feature = "flex")]
 
-use burn::backend::{Autodiff, NdArray};
-use burn::tensor::{Bool, DType, Distribution, Int, Tensor, TensorData, activation};
+use burn::tensor::{Bool, DType, Device, Distribution, Int, Tensor, TensorData, activation};
 use burn_distill::cross::{
     CrossTokenizerLossConfig, MergeStrategy, SpanAlignment, TokenRows, VocabMatch, align_spans,
 };
 use burn_distill::onpolicy::{KlEstimator, SampledTokenLossConfig, SampledTokens, token_log_probs};
-use burn_distill::{DistillBackend, Kernel, Validation};
+use burn_distill::{Kernel, Validation, backend::has_sparse_fused_kernel};
 
-type B = Autodiff<NdArray>;
+/// Flex with autodiff (0.1: `Autodiff<NdArray>`).
+fn device() -> Device {
+    Device::flex().autodiff()
+}
 
 fn assert_mentions(message: &str, parts: &[&str]) {
     for part in parts {
@@ -25,14 +28,14 @@ fn assert_mentions(message: &str, parts: &[&str]) {
 }
 
 struct Inputs {
-    logits: Tensor<B, 3>,
-    sampled: SampledTokens<B>,
+    logits: Tensor<3>,
+    sampled: SampledTokens,
 }
 
 /// Two sequences of 3 over V = 4; the last position of the second is padding.
 fn inputs() -> Inputs {
-    let device = Default::default();
-    let logits = Tensor::<B, 3>::random([2, 3, 4], Distribution::Normal(0.0, 1.0), &device);
+    let device = device();
+    let logits = Tensor::<3>::random([2, 3, 4], Distribution::Normal(0.0, 1.0), &device);
     Inputs {
         logits,
         sampled: SampledTokens {
@@ -41,7 +44,7 @@ fn inputs() -> Inputs {
                 [[-0.5, -1.0, -2.0], [-0.1, -3.0, 7.0]],
                 &device,
             ),
-            mask: Tensor::<B, 2, Bool>::from_bool(
+            mask: Tensor::<2, Bool>::from_bool(
                 TensorData::from([[true, true, true], [true, true, false]]),
                 &device,
             ),
@@ -67,13 +70,13 @@ fn valid_inputs_pass_and_padding_is_not_checked() {
         .init()
         .try_forward_parts(i.logits, i.sampled)
         .unwrap();
-    assert!(out.loss.into_scalar().is_finite());
+    assert!(out.loss.into_scalar::<f32>().is_finite());
 }
 
 #[test]
 fn sampled_token_out_of_range_is_named() {
     let msg = sampled_error(
-        |i| i.sampled.tokens = Tensor::from_ints([[0, 1, 4], [3, 2, 99]], &Default::default()),
+        |i| i.sampled.tokens = Tensor::from_ints([[0, 1, 4], [3, 2, 99]], &device()),
         SampledTokenLossConfig::new(),
     );
     assert_mentions(&msg, &["tokens", "tokens[2] = 4", "[0, 4)"]);
@@ -81,7 +84,7 @@ fn sampled_token_out_of_range_is_named() {
 
 #[test]
 fn teacher_log_prob_above_zero_or_nan_is_named() {
-    let device = Default::default();
+    let device = device();
     let msg = sampled_error(
         |i| {
             i.sampled.teacher_log_probs =
@@ -113,24 +116,23 @@ fn teacher_log_prob_above_zero_or_nan_is_named() {
 #[test]
 fn deferred_checks_are_named_by_validate() {
     let mut i = inputs();
-    i.sampled.tokens = Tensor::from_ints([[0, -3, 2], [3, 2, 99]], &Default::default());
+    i.sampled.tokens = Tensor::from_ints([[0, -3, 2], [3, 2, 99]], &device());
     let out = SampledTokenLossConfig::new()
         .with_validation(Validation::Deferred)
         .init()
         .try_forward_parts(i.logits, i.sampled)
         .expect("deferred: no read-back in forward");
-    assert!(out.loss.clone().into_scalar().is_nan());
+    assert!(out.loss.clone().into_scalar::<f32>().is_nan());
     let msg = out.validate().expect_err("validate names it").to_string();
     assert_mentions(&msg, &["tokens[1] = -3"]);
 }
 
 #[test]
 fn shapes_and_configurations_are_checked() {
-    let device = Default::default();
+    let device = device();
     let msg = sampled_error(
         |i| {
-            i.sampled.mask =
-                Tensor::<B, 2, Bool>::from_bool(TensorData::from([[true, true]]), &device)
+            i.sampled.mask = Tensor::<2, Bool>::from_bool(TensorData::from([[true, true]]), &device)
         },
         SampledTokenLossConfig::new(),
     );
@@ -162,12 +164,9 @@ fn shapes_and_configurations_are_checked() {
 
 #[test]
 fn sampled_token_loss_runs_the_fused_kernel_here() {
-    // NdArray has the fused sparse kernel that computes the log-probabilities; Kernel::Fused
+    // Flex has the fused sparse kernel that computes the log-probabilities; Kernel::Fused
     // is an error where there is none.
-    assert!(<NdArray as DistillBackend>::has_sparse_fused_kernel(
-        DType::F32,
-        1
-    ));
+    assert!(has_sparse_fused_kernel(&device(), DType::F32, 1));
     let i = inputs();
     let out = SampledTokenLossConfig::new()
         .with_kernel(Kernel::Fused)
@@ -178,16 +177,16 @@ fn sampled_token_loss_runs_the_fused_kernel_here() {
 
 #[test]
 fn token_log_probs_equal_log_softmax_at_the_tokens() {
-    let device = Default::default();
-    let logits = Tensor::<B, 2>::random([64, 37], Distribution::Normal(0.0, 3.0), &device);
-    let tokens = Tensor::<B, 1, Int>::random([64], Distribution::Uniform(0.0, 37.0), &device);
+    let device = device();
+    let logits = Tensor::<2>::random([64, 37], Distribution::Normal(0.0, 3.0), &device);
+    let tokens = Tensor::<1, Int>::random([64], Distribution::Uniform(0.0, 37.0), &device);
     let fused = token_log_probs(logits.clone(), tokens.clone());
     let dense = activation::log_softmax(logits, 1)
         .gather(1, tokens.reshape([64, 1]))
         .reshape([64]);
     let (a, b): (Vec<f32>, Vec<f32>) = (
-        fused.into_data().to_vec().unwrap(),
-        dense.into_data().to_vec().unwrap(),
+        fused.into_data().try_to_vec().unwrap(),
+        dense.into_data().try_to_vec().unwrap(),
     );
     for (x, y) in a.iter().zip(&b) {
         assert!((x - y).abs() <= 1e-5 + 1e-5 * y.abs(), "{x} vs {y}");
@@ -232,15 +231,15 @@ fn vocabularies_that_cannot_be_matched_are_named() {
 
 #[test]
 fn cross_tokenizer_inputs_are_checked() {
-    let device = Default::default();
+    let device = device();
     let alignment = SpanAlignment::new(
         MergeStrategy::Observed,
         &[(&[(0, 1), (1, 2)][..], &[(0, 2)][..])],
     )
     .unwrap();
     let rows = |n: usize, v: usize, tokens: &[i64]| TokenRows {
-        logits: Tensor::<B, 2>::zeros([n, v], &device),
-        tokens: Tensor::<B, 1, Int>::from_data(TensorData::new(tokens.to_vec(), [n]), &device),
+        logits: Tensor::<2>::zeros([n, v], &device),
+        tokens: Tensor::<1, Int>::from_data(TensorData::new(tokens.to_vec(), [n]), &device),
     };
     let loss = CrossTokenizerLossConfig::new().init();
     let msg = loss
@@ -272,4 +271,21 @@ fn cross_tokenizer_inputs_are_checked() {
             .to_string(),
         &["matched_beta", "2"],
     );
+}
+
+#[test]
+fn sampled_shapes_and_positions_are_named_as_passed() {
+    // New in 0.2: the logits' batch and sequence are checked against the tokens' before
+    // flattening (0.1 compared only B·T, so that transposed logits passed).
+    let msg = sampled_error(
+        |i| i.logits = Tensor::zeros([3, 2, 4], &device()),
+        SampledTokenLossConfig::new(),
+    );
+    assert_mentions(&msg, &["student_logits", "[3, 2, 4]", "[2, 3, V]"]);
+    // A bad token is named at its flattened position and at its position in the [B, T] tokens.
+    let msg = sampled_error(
+        |i| i.sampled.tokens = Tensor::from_ints([[0, 1, 2], [3, 7, 99]], &device()),
+        SampledTokenLossConfig::new(),
+    );
+    assert_mentions(&msg, &["tokens[4] = 7", "tokens[1, 1]", "[0, 4)"]);
 }

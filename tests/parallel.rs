@@ -1,26 +1,23 @@
-//! The vocabulary-parallel loss against the unsharded loss: P = 1, 2, 4 local peers (threads)
-//! of burn-collective on NdArray, every divergence, uneven shards, ignored rows, `−∞` padding
-//! at the end of the last shard (a whole shard of it too), label smoothing, every reduction and
-//! a per-row upstream gradient that is not 1.
-#![cfg(all(feature = "collective", feature = "ndarray"))]
+//! The vocabulary-parallel loss against the unsharded loss: P = 1, 2, 4 local peers (threads
+//! exchanging through `LocalExchange`) on Flex f32, every divergence, uneven shards, ignored
+//! rows, `−∞` padding at the end of the last shard (a whole shard of it too), label smoothing,
+//! every reduction and a per-row upstream gradient that is not 1. (0.1 ran the same checks on
+//! burn-collective's local peers on `NdArray<f32>`.)
+#![cfg(feature = "flex")]
 
 use std::ops::Range;
-use std::sync::Mutex;
 
-use burn::backend::{Autodiff, NdArray};
-use burn::collective::{CollectiveConfig, PeerId, finish_collective, register, reset_collective};
 use burn::module::Param;
 use burn::nn::Linear;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use burn_distill::{
-    DistillError, DistillLoss, DistillLossConfig, Divergence, Reduction, Validation, VocabShard,
+    DistillError, DistillLoss, DistillLossConfig, Divergence, LocalExchange, Reduction,
+    RowExchange, Validation, VocabShard,
 };
 
-type Inner = NdArray<f32>;
-type B = Autodiff<Inner>;
-
-/// burn-collective keeps one local server per backend type: one test at a time.
-static COLLECTIVE: Mutex<()> = Mutex::new(());
+fn device() -> Device {
+    Device::flex().autodiff()
+}
 
 /// A batch: `[N, V]` logits as rows of f32, `[N]` targets, per-row upstream weights.
 #[derive(Clone)]
@@ -92,10 +89,22 @@ fn columns(data: &[f32], rows: usize, vocab: usize, cols: &Range<usize>) -> Vec<
         .collect()
 }
 
+fn ints(values: &[i64], device: &Device) -> Tensor<1, Int> {
+    Tensor::from_data(TensorData::new(values.to_vec(), [values.len()]), device)
+}
+
+fn floats<const D: usize>(values: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+fn read<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.try_into_vec_as::<f32>().expect("f32 values")
+}
+
 /// The loss to backpropagate: `Σ_i w_i row_i` for `PerRow`, the value itself otherwise.
-fn objective(loss: Tensor<B, 1>, weights: &[f32], per_row: bool) -> Tensor<B, 1> {
+fn objective(loss: Tensor<1>, weights: &[f32], per_row: bool) -> Tensor<1> {
     if per_row {
-        let w = Tensor::<B, 1>::from_floats(weights, &loss.device());
+        let w = floats(weights.to_vec(), [weights.len()], &loss.device());
         (loss * w).sum()
     } else {
         loss
@@ -104,24 +113,28 @@ fn objective(loss: Tensor<B, 1>, weights: &[f32], per_row: bool) -> Tensor<B, 1>
 
 /// The unsharded loss value and student gradient.
 fn unsharded(loss: &DistillLoss, b: &Batch, soft_only: bool) -> (Vec<f32>, Vec<f32>) {
-    let device = Default::default();
+    unsharded_on(&device(), loss, b, soft_only)
+}
+
+fn unsharded_on(
+    device: &Device,
+    loss: &DistillLoss,
+    b: &Batch,
+    soft_only: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let device = device.clone();
     let shape = [b.rows, b.vocab];
-    let student = Tensor::<B, 2>::from_data(TensorData::new(b.student.clone(), shape), &device)
-        .require_grad();
-    let teacher = Tensor::<B, 2>::from_data(TensorData::new(b.teacher.clone(), shape), &device);
+    let student = floats(b.student.clone(), shape, &device).require_grad();
+    let teacher = floats(b.teacher.clone(), shape, &device);
     let value = if soft_only {
         loss.forward_soft(student.clone(), teacher)
     } else {
-        let targets = Tensor::<B, 1, Int>::from_ints(b.targets.as_slice(), &device);
-        loss.forward(student.clone(), teacher, targets)
+        loss.forward(student.clone(), teacher, ints(&b.targets, &device))
     };
     let per_row = loss.params().reduction() == Reduction::PerRow;
     let grads = objective(value.clone(), &b.weights, per_row).backward();
     let grad = student.grad(&grads).expect("the student has a gradient");
-    (
-        value.into_data().to_vec().unwrap(),
-        grad.into_data().to_vec().unwrap(),
-    )
+    (read(value), read(grad))
 }
 
 /// The loss on each of `shards.len()` peers (threads), and the peers' gradients put side by
@@ -132,36 +145,47 @@ fn sharded(
     shards: &[Range<usize>],
     soft_only: bool,
 ) -> (Vec<Vec<f32>>, Vec<f32>) {
+    sharded_on(&device(), loss, b, shards, soft_only)
+}
+
+fn sharded_on(
+    device: &Device,
+    loss: &DistillLoss,
+    b: &Batch,
+    shards: &[Range<usize>],
+    soft_only: bool,
+) -> (Vec<Vec<f32>>, Vec<f32>) {
     let peers = shards.len();
-    reset_collective::<Inner>();
-    let config = CollectiveConfig::default().with_num_devices(peers);
     let handles: Vec<_> = shards
         .iter()
         .cloned()
+        .zip(LocalExchange::group(peers))
         .enumerate()
-        .map(|(rank, cols)| {
-            let (loss, b, config) = (loss.clone(), b.clone(), config.clone());
+        .map(|(rank, (cols, exchange))| {
+            let (loss, b, device) = (loss.clone(), b.clone(), device.clone());
             std::thread::spawn(move || {
-                let device = Default::default();
-                let peer = PeerId::from(rank as u32);
-                register::<Inner>(peer, device, config).expect("register");
-                let shard = VocabShard::new(peer, rank, peers, cols.start, b.vocab).unwrap();
+                let shard = VocabShard::new(rank, peers, cols.start, b.vocab).unwrap();
                 let shape = [b.rows, cols.len()];
                 let cut =
-                    |data: &[f32]| TensorData::new(columns(data, b.rows, b.vocab, &cols), shape);
-                let student = Tensor::<B, 2>::from_data(cut(&b.student), &device).require_grad();
-                let teacher = Tensor::<B, 2>::from_data(cut(&b.teacher), &device);
+                    |data: &[f32]| floats(columns(data, b.rows, b.vocab, &cols), shape, &device);
+                let student = cut(&b.student).require_grad();
+                let teacher = cut(&b.teacher);
                 let value = if soft_only {
-                    loss.forward_vocab_parallel_soft(student.clone(), teacher, &shard)
+                    loss.forward_vocab_parallel_soft(student.clone(), teacher, &shard, &exchange)
                 } else {
-                    let targets = Tensor::<B, 1, Int>::from_ints(b.targets.as_slice(), &device);
-                    loss.forward_vocab_parallel(student.clone(), teacher, targets, &shard)
+                    let targets = ints(&b.targets, &device);
+                    loss.forward_vocab_parallel(
+                        student.clone(),
+                        teacher,
+                        targets,
+                        &shard,
+                        &exchange,
+                    )
                 };
                 let per_row = loss.params().reduction() == Reduction::PerRow;
                 let grads = objective(value.clone(), &b.weights, per_row).backward();
-                let grad: Vec<f32> = student.grad(&grads).unwrap().into_data().to_vec().unwrap();
-                finish_collective::<Inner>(peer).expect("finish");
-                (value.into_data().to_vec::<f32>().unwrap(), grad)
+                let grad = read(student.grad(&grads).unwrap());
+                (read(value), grad)
             })
         })
         .collect();
@@ -192,8 +216,19 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], rtol: f32, atol: f32) {
 
 /// Every peer's loss equals the unsharded loss, and the peers' gradients are its gradient.
 fn check(loss: &DistillLoss, b: &Batch, shards: &[Range<usize>], soft_only: bool, what: &str) {
-    let (want_value, want_grad) = unsharded(loss, b, soft_only);
-    let (values, grad) = sharded(loss, b, shards, soft_only);
+    check_on(&device(), loss, b, shards, soft_only, what)
+}
+
+fn check_on(
+    device: &Device,
+    loss: &DistillLoss,
+    b: &Batch,
+    shards: &[Range<usize>],
+    soft_only: bool,
+    what: &str,
+) {
+    let (want_value, want_grad) = unsharded_on(device, loss, b, soft_only);
+    let (values, grad) = sharded_on(device, loss, b, shards, soft_only);
     for (rank, value) in values.iter().enumerate() {
         assert_close(
             &format!("{what}: loss of peer {rank}"),
@@ -231,7 +266,6 @@ fn config() -> DistillLossConfig {
 
 #[test]
 fn every_divergence_on_one_two_and_four_peers_with_uneven_shards() {
-    let _lock = COLLECTIVE.lock().unwrap_or_else(|e| e.into_inner());
     let b = batch(13, 37, 0, 1);
     for divergence in Divergence::ALL {
         let loss = config().with_divergence(divergence).init();
@@ -249,7 +283,6 @@ fn every_divergence_on_one_two_and_four_peers_with_uneven_shards() {
 
 #[test]
 fn padding_at_the_end_of_the_last_shard_and_a_shard_of_padding_only() {
-    let _lock = COLLECTIVE.lock().unwrap_or_else(|e| e.into_inner());
     // V = 16 over 4 peers: the last shard (12..16) is all −∞ padding; over 3 peers (6, 5, 5)
     // the last shard ends in it.
     let b = batch(11, 16, 4, 2);
@@ -274,7 +307,6 @@ fn padding_at_the_end_of_the_last_shard_and_a_shard_of_padding_only() {
 
 #[test]
 fn every_reduction_soft_only_and_alpha_zero_and_one() {
-    let _lock = COLLECTIVE.lock().unwrap_or_else(|e| e.into_inner());
     let b = batch(9, 23, 0, 3);
     let shards = [0..5, 5..17, 17..23];
     for reduction in [
@@ -304,7 +336,6 @@ fn every_reduction_soft_only_and_alpha_zero_and_one() {
 
 #[test]
 fn logit_softcap_is_applied_to_each_shard() {
-    let _lock = COLLECTIVE.lock().unwrap_or_else(|e| e.into_inner());
     let b = batch(6, 20, 0, 4);
     let loss = config().with_logit_softcap(Some(3.0)).init();
     check(&loss, &b, &balanced(20, 2), false, "soft-capped");
@@ -312,11 +343,11 @@ fn logit_softcap_is_applied_to_each_shard() {
 
 #[test]
 fn shard_errors_name_the_argument() {
-    let bad = VocabShard::new(PeerId::from(0), 2, 2, 0, 10);
+    let bad = VocabShard::new(2, 2, 0, 10);
     assert!(
         matches!(bad, Err(DistillError::InvalidArgument { ref argument, .. }) if argument == "rank")
     );
-    let bad = VocabShard::new(PeerId::from(0), 0, 1, 10, 10);
+    let bad = VocabShard::new(0, 1, 10, 10);
     assert!(
         matches!(bad, Err(DistillError::InvalidArgument { ref argument, .. }) if argument == "offset")
     );
@@ -333,28 +364,37 @@ fn shard_errors_name_the_argument() {
         );
     }
 
-    // Checked before any communication: no peer needs to be registered.
-    let device = Default::default();
+    // Checked before any communication: the other peer of the group is gone (its handle
+    // dropped), so a call that reached the exchange would fail with a collective error.
+    let exchange = LocalExchange::group(2).into_iter().nth(1).unwrap();
+    let device = device();
     let loss = config().init();
-    let shard = VocabShard::new(PeerId::from(0), 1, 2, 8, 10).unwrap();
-    let student = Tensor::<B, 2>::zeros([2, 3], &device);
+    let shard = VocabShard::new(1, 2, 8, 10).unwrap();
+    let student = Tensor::<2>::zeros([2, 3], &device);
     let err = loss
-        .try_forward_vocab_parallel_parts(student.clone(), student.clone(), None, &shard)
+        .try_forward_vocab_parallel_parts(student.clone(), student.clone(), None, &shard, &exchange)
         .unwrap_err();
     assert!(err.to_string().contains("student_shard"), "{err}");
-    let teacher = Tensor::<B, 2>::zeros([2, 2], &device);
+    let teacher = Tensor::<2>::zeros([2, 2], &device);
     let err = loss
         .try_forward_vocab_parallel_parts(
             student.slice([0..2, 0..2]),
             teacher.clone().slice([0..1, 0..2]),
             None,
             &shard,
+            &exchange,
         )
         .unwrap_err();
     assert!(err.to_string().contains("teacher_shard"), "{err}");
-    let targets = Tensor::<B, 1, Int>::from_ints([1, 10], &device);
+    let targets = ints(&[1, 10], &device);
     let err = loss
-        .try_forward_vocab_parallel_parts(teacher.clone(), teacher, Some(targets), &shard)
+        .try_forward_vocab_parallel_parts(
+            teacher.clone(),
+            teacher,
+            Some(targets),
+            &shard,
+            &exchange,
+        )
         .unwrap_err();
     assert!(
         matches!(
@@ -372,28 +412,49 @@ fn shard_errors_name_the_argument() {
     // The fused-linear form: heads of different widths; PerRow when the student is trained.
     let (w, b) = (vec![0.5; 3 * 10], vec![0.0; 10]);
     let (h1, h2) = (head(&w, &b, 3, 10, &(8..10)), head(&w, &b, 3, 10, &(7..10)));
-    let x = Tensor::<B, 2>::ones([2, 3], &device).require_grad();
+    let x = Tensor::<2>::ones([2, 3], &device).require_grad();
     let err = loss
-        .try_forward_linear_vocab_parallel_parts(x.clone(), &h1, x.clone(), &h2, None, &shard)
+        .try_forward_linear_vocab_parallel_parts(
+            x.clone(),
+            &h1,
+            x.clone(),
+            &h2,
+            None,
+            &shard,
+            &exchange,
+        )
         .unwrap_err();
     assert!(err.to_string().contains("teacher_head"), "{err}");
     let per_row = config().with_reduction(Reduction::PerRow).init();
     let err = per_row
-        .try_forward_linear_vocab_parallel_parts(x.clone(), &h1, x, &h1, None, &shard)
+        .try_forward_linear_vocab_parallel_parts(x.clone(), &h1, x, &h1, None, &shard, &exchange)
         .unwrap_err();
     assert!(err.to_string().contains("PerRow"), "{err}");
 }
 
 /// A `Linear` layer `[h → cols]` cut from row-major `[h, vocab]` weights and a `[vocab]` bias.
-fn head(weight: &[f32], bias: &[f32], h: usize, vocab: usize, cols: &Range<usize>) -> Linear<B> {
-    let device = Default::default();
+fn head(weight: &[f32], bias: &[f32], h: usize, vocab: usize, cols: &Range<usize>) -> Linear {
+    head_on(&device(), weight, bias, h, vocab, cols)
+}
+
+fn head_on(
+    device: &Device,
+    weight: &[f32],
+    bias: &[f32],
+    h: usize,
+    vocab: usize,
+    cols: &Range<usize>,
+) -> Linear {
+    let device = device.clone();
     Linear {
-        weight: Param::from_tensor(Tensor::from_data(
-            TensorData::new(columns(weight, h, vocab, cols), [h, cols.len()]),
+        weight: Param::from_tensor(floats(
+            columns(weight, h, vocab, cols),
+            [h, cols.len()],
             &device,
         )),
-        bias: Some(Param::from_tensor(Tensor::from_data(
-            TensorData::new(bias[cols.clone()].to_vec(), [cols.len()]),
+        bias: Some(Param::from_tensor(floats(
+            bias[cols.clone()].to_vec(),
+            [cols.len()],
             &device,
         ))),
     }
@@ -404,7 +465,16 @@ fn head(weight: &[f32], bias: &[f32], h: usize, vocab: usize, cols: &Range<usize
 /// the weight and bias gradients.
 #[test]
 fn fused_linear_with_vocabulary_parallel_heads() {
-    let _lock = COLLECTIVE.lock().unwrap_or_else(|e| e.into_inner());
+    let cases = [
+        (Divergence::ForwardKl, None),
+        (Divergence::Jsd { beta: 0.5 }, None),
+        (Divergence::ReverseKl, Some(3.0)),
+        (Divergence::Tvd, Some(3.0)),
+    ];
+    fused_linear_on(&device(), &cases, &[2, 3]);
+}
+
+fn fused_linear_on(device: &Device, cases: &[(Divergence, Option<f64>)], peer_counts: &[usize]) {
     let (n, hs, ht, vocab) = (11, 5, 7, 29);
     let values = |len: usize, seed: u64, spread: f32| {
         batch(1, len, 0, seed)
@@ -417,59 +487,46 @@ fn fused_linear_with_vocabulary_parallel_heads() {
     let (w_s, w_t) = (values(hs * vocab, 7, 1.5), values(ht * vocab, 8, 2.5));
     let (b_s, b_t) = (values(vocab, 9, 1.0), values(vocab, 10, 1.0));
     let targets = batch(n, vocab, 0, 11).targets;
-    let device = Default::default();
-    for (divergence, softcap) in [
-        (Divergence::ForwardKl, None),
-        (Divergence::Jsd { beta: 0.5 }, None),
-        (Divergence::ReverseKl, Some(3.0)),
-        (Divergence::Tvd, Some(3.0)),
-    ] {
+    let head = |weight: &[f32], bias: &[f32], h: usize, vocab: usize, cols: &Range<usize>| {
+        head_on(device, weight, bias, h, vocab, cols)
+    };
+    for &(divergence, softcap) in cases {
         // Chunks of 4 rows: several per call, the last one short.
         let loss = config()
             .with_divergence(divergence)
             .with_logit_softcap(softcap)
             .with_linear_chunk_rows(Some(4))
             .init();
-        let hidden = |data: &[f32], width: usize| {
-            Tensor::<B, 2>::from_data(TensorData::new(data.to_vec(), [n, width]), &device)
-        };
+        let hidden = |data: &[f32], width: usize| floats(data.to_vec(), [n, width], device);
         let whole = 0..vocab;
         let (student_head, teacher_head) = (
             head(&w_s, &b_s, hs, vocab, &whole),
             head(&w_t, &b_t, ht, vocab, &whole),
         );
         let x = hidden(&h_s, hs).require_grad();
-        let y = Tensor::<B, 1, Int>::from_ints(targets.as_slice(), &device);
+        let y = ints(&targets, device);
         let want =
             loss.forward_linear(x.clone(), &student_head, hidden(&h_t, ht), &teacher_head, y);
         let grads = want.backward();
-        let want = want.into_scalar();
-        let want_x: Vec<f32> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
-        let want_w: Vec<f32> = student_head
-            .weight
-            .val()
-            .grad(&grads)
-            .unwrap()
-            .into_data()
-            .to_vec()
-            .unwrap();
-        let want_b: Vec<f32> = student_head
-            .bias
-            .as_ref()
-            .unwrap()
-            .val()
-            .grad(&grads)
-            .unwrap()
-            .into_data()
-            .to_vec()
-            .unwrap();
+        let want = want.into_scalar::<f32>();
+        let want_x = read(x.grad(&grads).unwrap());
+        let want_w = read(student_head.weight.val().grad(&grads).unwrap());
+        let want_b = read(
+            student_head
+                .bias
+                .as_ref()
+                .unwrap()
+                .val()
+                .grad(&grads)
+                .unwrap(),
+        );
 
-        for peers in [2, 3] {
-            reset_collective::<Inner>();
-            let config = CollectiveConfig::default().with_num_devices(peers);
-            let handles: Vec<_> = (0..peers)
-                .map(|rank| {
-                    let (loss, config, targets) = (loss.clone(), config.clone(), targets.clone());
+        for &peers in peer_counts {
+            let handles: Vec<_> = LocalExchange::group(peers)
+                .into_iter()
+                .enumerate()
+                .map(|(rank, exchange)| {
+                    let (loss, targets, device) = (loss.clone(), targets.clone(), device.clone());
                     let (h_s, h_t, w_s, w_t, b_s, b_t) = (
                         h_s.clone(),
                         h_t.clone(),
@@ -479,19 +536,15 @@ fn fused_linear_with_vocabulary_parallel_heads() {
                         b_t.clone(),
                     );
                     std::thread::spawn(move || {
-                        let device = Default::default();
-                        let peer = PeerId::from(rank as u32);
-                        register::<Inner>(peer, device, config).expect("register");
                         let cols = VocabShard::balanced_range(vocab, peers, rank).unwrap();
-                        let shard = VocabShard::balanced(peer, rank, peers, vocab).unwrap();
+                        let shard = VocabShard::balanced(rank, peers, vocab).unwrap();
                         let (student_head, teacher_head) = (
-                            head(&w_s, &b_s, hs, vocab, &cols),
-                            head(&w_t, &b_t, ht, vocab, &cols),
+                            head_on(&device, &w_s, &b_s, hs, vocab, &cols),
+                            head_on(&device, &w_t, &b_t, ht, vocab, &cols),
                         );
-                        let x = Tensor::<B, 2>::from_data(TensorData::new(h_s, [n, hs]), &device)
-                            .require_grad();
-                        let t = Tensor::<B, 2>::from_data(TensorData::new(h_t, [n, ht]), &device);
-                        let y = Tensor::<B, 1, Int>::from_ints(targets.as_slice(), &device);
+                        let x = floats(h_s, [n, hs], &device).require_grad();
+                        let t = floats(h_t, [n, ht], &device);
+                        let y = ints(&targets, &device);
                         let value = loss.forward_linear_vocab_parallel(
                             x.clone(),
                             &student_head,
@@ -499,29 +552,21 @@ fn fused_linear_with_vocabulary_parallel_heads() {
                             &teacher_head,
                             y,
                             &shard,
+                            &exchange,
                         );
                         let grads = value.backward();
-                        let gx: Vec<f32> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
-                        let gw: Vec<f32> = student_head
-                            .weight
-                            .val()
-                            .grad(&grads)
-                            .unwrap()
-                            .into_data()
-                            .to_vec()
-                            .unwrap();
-                        let gb: Vec<f32> = student_head
-                            .bias
-                            .as_ref()
-                            .unwrap()
-                            .val()
-                            .grad(&grads)
-                            .unwrap()
-                            .into_data()
-                            .to_vec()
-                            .unwrap();
-                        finish_collective::<Inner>(peer).expect("finish");
-                        (cols, value.into_scalar(), gx, gw, gb)
+                        let gx = read(x.grad(&grads).unwrap());
+                        let gw = read(student_head.weight.val().grad(&grads).unwrap());
+                        let gb = read(
+                            student_head
+                                .bias
+                                .as_ref()
+                                .unwrap()
+                                .val()
+                                .grad(&grads)
+                                .unwrap(),
+                        );
+                        (cols, value.into_scalar::<f32>(), gx, gw, gb)
                     })
                 })
                 .collect();
@@ -561,7 +606,6 @@ fn fused_linear_with_vocabulary_parallel_heads() {
 /// out-of-range targets (NaN rows with zero gradient, as the unsharded loss).
 #[test]
 fn shifted_teacher_teacher_only_padding_and_unchecked_bad_targets() {
-    let _lock = COLLECTIVE.lock().unwrap_or_else(|e| e.into_inner());
     let mut b = batch(9, 31, 0, 12);
     b.teacher.iter_mut().for_each(|x| *x += 200.0);
     for divergence in Divergence::ALL {
@@ -619,35 +663,37 @@ fn shifted_teacher_teacher_only_padding_and_unchecked_bad_targets() {
 }
 
 /// Shards that overlap or leave a gap: every peer fails with the same error (none is left
-/// waiting in an all-reduce), naming the shards.
+/// waiting in an exchange), naming the shards.
 #[test]
 fn shards_that_do_not_tile_the_vocabulary_fail_on_every_peer() {
-    let _lock = COLLECTIVE.lock().unwrap_or_else(|e| e.into_inner());
     let b = batch(4, 20, 0, 15);
     for shards in [vec![0..12, 10..20], vec![0..9, 10..20], vec![0..10, 10..19]] {
-        reset_collective::<Inner>();
-        let config = CollectiveConfig::default().with_num_devices(2);
         let handles: Vec<_> = shards
             .iter()
             .cloned()
+            .zip(LocalExchange::group(2))
             .enumerate()
-            .map(|(rank, cols)| {
-                let (b, config) = (b.clone(), config.clone());
+            .map(|(rank, (cols, exchange))| {
+                let b = b.clone();
                 std::thread::spawn(move || {
-                    let device = Default::default();
-                    let peer = PeerId::from(rank as u32);
-                    register::<Inner>(peer, device, config).expect("register");
-                    let shard = VocabShard::new(peer, rank, 2, cols.start, 20).unwrap();
+                    let device = device();
+                    let shard = VocabShard::new(rank, 2, cols.start, 20).unwrap();
                     let cut = |data: &[f32]| {
-                        TensorData::new(columns(data, b.rows, 20, &cols), [b.rows, cols.len()])
+                        floats(
+                            columns(data, b.rows, 20, &cols),
+                            [b.rows, cols.len()],
+                            &device,
+                        )
                     };
-                    let student = Tensor::<B, 2>::from_data(cut(&b.student), &device);
-                    let teacher = Tensor::<B, 2>::from_data(cut(&b.teacher), &device);
-                    let out = self::config()
-                        .init()
-                        .try_forward_vocab_parallel_parts(student, teacher, None, &shard);
-                    finish_collective::<Inner>(peer).expect("finish");
-                    out.map(|o| o.loss.into_scalar()).map_err(|e| e.to_string())
+                    let out = self::config().init().try_forward_vocab_parallel_parts(
+                        cut(&b.student),
+                        cut(&b.teacher),
+                        None,
+                        &shard,
+                        &exchange,
+                    );
+                    out.map(|o| o.loss.into_scalar::<f32>())
+                        .map_err(|e| e.to_string())
                 })
             })
             .collect();
@@ -659,4 +705,196 @@ fn shards_that_do_not_tile_the_vocabulary_fail_on_every_peer() {
             );
         }
     }
+}
+
+// New in 0.2: the exchange itself.
+
+/// `LocalExchange` over many rounds: every peer gets the same sum (added in rank order, in
+/// f64), in its input's dtype; different lengths fail on every peer alike; a peer whose handle
+/// is gone fails the others' calls instead of leaving them waiting.
+#[test]
+fn local_exchange_sums_every_round_and_fails_alike() {
+    for peers in [1, 2, 4] {
+        let handles: Vec<_> = LocalExchange::group(peers)
+            .into_iter()
+            .map(|exchange| {
+                std::thread::spawn(move || {
+                    let device = Device::flex();
+                    let r = exchange.rank() as f32;
+                    assert_eq!(exchange.peers(), peers);
+                    (0..50)
+                        .map(|round| {
+                            let values = floats(vec![1.0, r, round as f32 * r], [3], &device);
+                            read(exchange.sum(values).unwrap())
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let ranks = (0..peers).map(|r| r as f32).sum::<f32>();
+        for handle in handles {
+            for (round, sum) in handle.join().unwrap().into_iter().enumerate() {
+                assert_eq!(
+                    sum,
+                    [peers as f32, ranks, round as f32 * ranks],
+                    "P = {peers}"
+                );
+            }
+        }
+    }
+
+    // f64 stays f64: 1 + 2⁻⁴⁰ survives the sum.
+    let exchange = LocalExchange::group(1).pop().unwrap();
+    let x = Tensor::<1>::from_data(
+        TensorData::new(vec![1.0f64 + 2f64.powi(-40)], [1]),
+        (&Device::flex(), burn::tensor::DType::F64),
+    );
+    let sum = exchange.sum(x).unwrap();
+    assert_eq!(sum.dtype(), burn::tensor::DType::F64);
+    assert_eq!(
+        sum.try_into_vec_as::<f64>().unwrap(),
+        [1.0 + 2f64.powi(-40)]
+    );
+
+    let handles: Vec<_> = LocalExchange::group(2)
+        .into_iter()
+        .map(|exchange| {
+            std::thread::spawn(move || {
+                let len = 2 + exchange.rank();
+                let values = Tensor::<1>::zeros([len], &Device::flex());
+                exchange.sum(values).unwrap_err().to_string()
+            })
+        })
+        .collect();
+    for handle in handles {
+        let err = handle.join().unwrap();
+        assert!(err.contains("different lengths (by rank: [2, 3])"), "{err}");
+    }
+
+    let mut group = LocalExchange::group(3);
+    let last = group.pop().unwrap();
+    let waiting: Vec<_> = group
+        .into_iter()
+        .map(|exchange| {
+            std::thread::spawn(move || {
+                let values = Tensor::<1>::ones([2], &Device::flex());
+                exchange.sum(values).unwrap_err().to_string()
+            })
+        })
+        .collect();
+    drop(last);
+    for handle in waiting {
+        let err = handle.join().unwrap();
+        assert!(err.contains("peer 2 of the local group left"), "{err}");
+    }
+}
+
+/// An exchange that fails: the loss returns `DistillError::Collective` naming its step and the
+/// exchange's own operation.
+#[test]
+fn a_failing_exchange_is_a_collective_error_naming_the_step() {
+    struct Broken;
+    impl RowExchange for Broken {
+        fn sum(&self, _: Tensor<1>) -> Result<Tensor<1>, DistillError> {
+            Err(DistillError::Collective {
+                operation: "ring all-reduce".into(),
+                message: "connection reset".into(),
+            })
+        }
+    }
+    let device = device();
+    let b = batch(3, 8, 0, 16);
+    let shard = VocabShard::balanced(0, 2, 8).unwrap();
+    let cut = |data: &[f32]| floats(columns(data, 3, 8, &(0..4)), [3, 4], &device);
+    let err = config()
+        .init()
+        .try_forward_vocab_parallel(
+            cut(&b.student),
+            cut(&b.teacher),
+            ints(&b.targets, &device),
+            &shard,
+            &Broken,
+        )
+        .unwrap_err();
+    assert_eq!(
+        err,
+        DistillError::Collective {
+            operation: "all-gather of the row statistics (ring all-reduce)".into(),
+            message: "connection reset".into(),
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        "collective all-gather of the row statistics (ring all-reduce) failed: connection reset"
+    );
+}
+
+/// Without autodiff (a device without it, or logits that are not tracked), the loss is the
+/// same value and nothing is attached; soft and hard parts mix to the loss.
+#[test]
+fn untracked_logits_and_parts() {
+    let b = batch(7, 19, 0, 17);
+    let loss = config().with_divergence(Divergence::Tvd).init();
+    let (want, _) = unsharded(&loss, &b, false);
+    for device in [Device::flex(), device()] {
+        let handles: Vec<_> = LocalExchange::group(2)
+            .into_iter()
+            .enumerate()
+            .map(|(rank, exchange)| {
+                let (b, loss, device) = (b.clone(), loss.clone(), device.clone());
+                std::thread::spawn(move || {
+                    let cols = VocabShard::balanced_range(19, 2, rank).unwrap();
+                    let shard = VocabShard::balanced(rank, 2, 19).unwrap();
+                    let cut = |data: &[f32]| {
+                        floats(columns(data, 7, 19, &cols), [7, cols.len()], &device)
+                    };
+                    let out = loss.forward_vocab_parallel_parts(
+                        cut(&b.student),
+                        cut(&b.teacher),
+                        Some(ints(&b.targets, &device)),
+                        &shard,
+                        &exchange,
+                    );
+                    assert!(!out.loss.is_tracked());
+                    assert_eq!(out.loss.is_autodiff(), device.is_autodiff());
+                    let (soft, hard) = (read(out.soft), read(out.hard.unwrap()));
+                    (read(out.loss), soft, hard)
+                })
+            })
+            .collect();
+        for handle in handles {
+            let (value, soft, hard) = handle.join().unwrap();
+            assert_close("untracked loss", &value, &want, 2e-5, 1e-6);
+            let mixed = 0.7 * soft[0] + 0.3 * hard[0];
+            assert_close("parts mix to the loss", &[mixed], &value, 2e-6, 1e-7);
+        }
+    }
+}
+
+/// The same on wgpu (the shard math as CubeCL tensor ops; the unsharded loss by wgpu's fused
+/// kernel): every divergence on 2 peers, with label smoothing and a `PerRow` upstream.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_peers_equal_the_unsharded_loss() {
+    let device = burn_distill::testing::wgpu_device().autodiff();
+    let b = batch(13, 37, 0, 18);
+    for divergence in Divergence::ALL {
+        let loss = config()
+            .with_divergence(divergence)
+            .with_label_smoothing(0.1)
+            .init();
+        let what = format!("wgpu, {divergence:?}, P = 2");
+        check_on(&device, &loss, &b, &balanced(37, 2), false, &what);
+    }
+    let loss = config().with_reduction(Reduction::PerRow).init();
+    check_on(
+        &device,
+        &loss,
+        &b,
+        &balanced(37, 3),
+        false,
+        "wgpu, PerRow, P = 3",
+    );
+    // The fused-linear form, against wgpu's own fused-linear loss.
+    fused_linear_on(&device, &[(Divergence::Jsd { beta: 0.5 }, Some(3.0))], &[2]);
 }

@@ -1,14 +1,13 @@
-//! Mathematical properties of the divergences, checked on random logits (f64).
-#![cfg(feature = "ndarray")]
+//! Mathematical properties of the divergences, checked on random logits (f64 on Flex; 0.1
+//! ran these on `NdArray<f64>`).
+#![cfg(feature = "flex")]
 
 mod common;
 
-use burn::backend::NdArray;
+use burn::tensor::Device;
 use burn_distill::{DistillLossConfig, Divergence, Kernel, Reduction};
-use common::{tensor2, values};
+use common::{tensor2_f64, values_f64 as values};
 use proptest::prelude::*;
-
-type B = NdArray<f64>;
 
 /// Per-row divergence (no T² factor) of teacher `t` against student `s`, at temperature `temp`.
 /// Both kernels are run and must agree to 1e-12; the reference's values are returned.
@@ -32,7 +31,7 @@ fn rows_with(
     shape: [usize; 2],
     temp: f64,
 ) -> Vec<f64> {
-    let device = Default::default();
+    let device = Device::flex();
     let loss = DistillLossConfig::new()
         .with_kernel(kernel)
         .with_divergence(divergence)
@@ -41,8 +40,8 @@ fn rows_with(
         .with_reduction(Reduction::PerRow)
         .init();
     values(loss.forward_soft(
-        tensor2::<B>(s, shape, &device),
-        tensor2::<B>(t, shape, &device),
+        tensor2_f64(s, shape, &device),
+        tensor2_f64(t, shape, &device),
     ))
 }
 

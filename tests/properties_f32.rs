@@ -1,24 +1,24 @@
-//! The divergences' mathematical properties in f32, as training runs them, on NdArray and
-//! Flex, fused and reference (the f64 versions with tight tolerances are in properties.rs,
-//! a separate binary: burn 0.21 computes `NdArray<f64>` in f32 once f32 tests ran).
-#![cfg(feature = "ndarray")]
+//! The divergences' mathematical properties in f32, as training runs them, on Flex, fused and
+//! reference (the f64 versions with tight tolerances are in properties.rs). 0.1 ran these on
+//! NdArray and Flex; NdArray is gone in 0.2.
+#![cfg(feature = "flex")]
 
 mod common;
 
-use burn::tensor::backend::Backend;
-use burn_distill::{DistillBackend, DistillLossConfig, Divergence, Kernel, Reduction};
+use burn::tensor::{DType, Device};
+use burn_distill::{DistillLossConfig, Divergence, Kernel, Reduction};
 use common::{close, tensor2, values};
 use proptest::prelude::*;
 
-/// Per-row divergence (no T²) on backend `B`; fused and reference must agree to f32 accuracy.
-fn rows_on<B: Backend + DistillBackend>(
+/// Per-row divergence (no T²) on `device`; fused and reference must agree to f32 accuracy.
+fn rows_on(
+    device: &Device,
     divergence: Divergence,
     s: &[f64],
     t: &[f64],
     shape: [usize; 2],
     temp: f64,
 ) -> Vec<f64> {
-    let device = Default::default();
     let run = |kernel| {
         let loss = DistillLossConfig::new()
             .with_kernel(kernel)
@@ -27,10 +27,14 @@ fn rows_on<B: Backend + DistillBackend>(
             .with_scale_by_t2(false)
             .with_reduction(Reduction::PerRow)
             .init();
-        values(loss.forward_soft(
-            tensor2::<B>(s, shape, &device),
-            tensor2::<B>(t, shape, &device),
-        ))
+        let rows = loss.forward_soft(tensor2(s, shape, device), tensor2(t, shape, device));
+        assert_eq!(
+            rows.dtype(),
+            DType::F32,
+            "an f32 test computed in {:?}",
+            rows.dtype()
+        );
+        values(rows)
     };
     let (reference, fused) = (run(Kernel::Reference), run(Kernel::Fused));
     for (r, f) in reference.iter().zip(&fused) {
@@ -51,7 +55,7 @@ fn f32_rounding(temp: f64, v: usize) -> f64 {
     4.0 * f64::from(f32::EPSILON) * (22.0 / temp + (v as f64).ln())
 }
 
-/// The f32 rows on every enabled CPU backend (NdArray, and Flex when enabled).
+/// The f32 rows on every CPU device (Flex; 0.1 also ran NdArray).
 fn rows(
     divergence: Divergence,
     s: &[f64],
@@ -59,15 +63,7 @@ fn rows(
     shape: [usize; 2],
     temp: f64,
 ) -> Vec<Vec<f64>> {
-    #[allow(unused_mut)]
-    let mut out = vec![rows_on::<burn::backend::NdArray>(
-        divergence, s, t, shape, temp,
-    )];
-    #[cfg(feature = "flex")]
-    out.push(rows_on::<burn::backend::Flex>(
-        divergence, s, t, shape, temp,
-    ));
-    out
+    vec![rows_on(&Device::flex(), divergence, s, t, shape, temp)]
 }
 
 /// f32-representable logits of `[n, v]` rows.

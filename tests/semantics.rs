@@ -1,14 +1,12 @@
-//! Reductions, masking, sequence form, parts, and the teacher's lack of gradient.
-#![cfg(feature = "ndarray")]
+//! Reductions, masking, sequence form, parts, and the teacher's lack of gradient (float64 on
+//! Flex; 0.1 ran these on `Autodiff<NdArray<f64>>`).
+#![cfg(feature = "flex")]
 
 mod common;
 
-use burn::backend::{Autodiff, NdArray};
-use burn::tensor::Tensor;
+use burn::tensor::Device;
 use burn_distill::{DistillLossConfig, Divergence, Kernel, Reduction};
-use common::{close, ints, tensor2, values};
-
-type B = Autodiff<NdArray<f64>>;
+use common::{close, flex_autodiff, ints, tensor2_f64, values_f64 as values};
 
 fn random(n: usize, v: usize, seed: f64) -> Vec<f64> {
     (0..n * v)
@@ -37,7 +35,7 @@ fn normalized_micro_batches_equal_full_batch_mean() {
 }
 
 fn micro_batches_equal_full_batch_mean(kernel: Kernel, normalized: bool) {
-    let device = Default::default();
+    let device = flex_autodiff();
     let (n, v) = (8, 13);
     let s = random(n, v, 1.0);
     let t = random(n, v, 2.0);
@@ -48,10 +46,10 @@ fn micro_batches_equal_full_batch_mean(kernel: Kernel, normalized: bool) {
         .with_reduction(Reduction::Mean)
         .with_kernel(kernel)
         .init();
-    let student = tensor2::<B>(&s, [n, v], &device).require_grad();
+    let student = tensor2_f64(&s, [n, v], &device).require_grad();
     let full = mean_loss.forward(
         student.clone(),
-        tensor2(&t, [n, v], &device),
+        tensor2_f64(&t, [n, v], &device),
         ints(&targets, &device),
     );
     let full_grad = values(student.grad(&full.backward()).unwrap());
@@ -71,11 +69,11 @@ fn micro_batches_equal_full_batch_mean(kernel: Kernel, normalized: bool) {
         let len = rows.len();
         let s_part = &s[rows.start * v..rows.end * v];
         let t_part = &t[rows.start * v..rows.end * v];
-        let student = tensor2::<B>(s_part, [len, v], &device).require_grad();
+        let student = tensor2_f64(s_part, [len, v], &device).require_grad();
         let part = part_loss
             .forward(
                 student.clone(),
-                tensor2(t_part, [len, v], &device),
+                tensor2_f64(t_part, [len, v], &device),
                 ints(&targets[rows], &device),
             )
             .mul_scalar(factor);
@@ -97,21 +95,21 @@ fn micro_batches_equal_full_batch_mean(kernel: Kernel, normalized: bool) {
 
 #[test]
 fn none_reduction_rows_average_to_mean() {
-    let device = Default::default();
+    let device = flex_autodiff();
     let (n, v) = (5, 6);
     let (s, t) = (random(n, v, 3.0), random(n, v, 4.0));
     let targets = [1, -100, 5, 0, 2];
     let rows = config().with_reduction(Reduction::PerRow).init().forward(
-        tensor2::<B>(&s, [n, v], &device),
-        tensor2(&t, [n, v], &device),
+        tensor2_f64(&s, [n, v], &device),
+        tensor2_f64(&t, [n, v], &device),
         ints(&targets, &device),
     );
     let rows = values(rows);
     assert_eq!(rows.len(), n);
     assert_eq!(rows[1], 0.0, "ignored row is 0");
     let mean = values(config().init().forward(
-        tensor2::<B>(&s, [n, v], &device),
-        tensor2(&t, [n, v], &device),
+        tensor2_f64(&s, [n, v], &device),
+        tensor2_f64(&t, [n, v], &device),
         ints(&targets, &device),
     ))[0];
     assert!(close(rows.iter().sum::<f64>() / 4.0, mean, 1e-12, 1e-12));
@@ -119,11 +117,11 @@ fn none_reduction_rows_average_to_mean() {
 
 #[test]
 fn all_ignored_batch_gives_zero_and_zero_gradient() {
-    let device = Default::default();
-    let student = tensor2::<B>(&random(3, 4, 5.0), [3, 4], &device).require_grad();
+    let device = flex_autodiff();
+    let student = tensor2_f64(&random(3, 4, 5.0), [3, 4], &device).require_grad();
     let loss = config().init().forward(
         student.clone(),
-        tensor2(&random(3, 4, 6.0), [3, 4], &device),
+        tensor2_f64(&random(3, 4, 6.0), [3, 4], &device),
         ints(&[-100, -100, -100], &device),
     );
     let grad = values(student.grad(&loss.backward()).unwrap());
@@ -133,11 +131,11 @@ fn all_ignored_batch_gives_zero_and_zero_gradient() {
 
 #[test]
 fn parts_mix_to_the_loss() {
-    let device = Default::default();
+    let device = flex_autodiff();
     let (n, v) = (6, 9);
     let out = config().init().forward_parts(
-        tensor2::<B>(&random(n, v, 7.0), [n, v], &device),
-        tensor2(&random(n, v, 8.0), [n, v], &device),
+        tensor2_f64(&random(n, v, 7.0), [n, v], &device),
+        tensor2_f64(&random(n, v, 8.0), [n, v], &device),
         Some(ints(&[0, 8, -100, 4, 4, 2], &device)),
     );
     let (loss, soft, hard) = (
@@ -151,38 +149,38 @@ fn parts_mix_to_the_loss() {
 
 #[test]
 fn sequence_form_equals_flattened_rows() {
-    let device = Default::default();
+    let device = flex_autodiff();
     let (b, t, v) = (2, 3, 7);
     let (s, te) = (random(b * t, v, 9.0), random(b * t, v, 10.0));
     let targets = [1, 2, -100, 6, 0, -100];
     let loss = config().init();
     let flat = values(loss.forward(
-        tensor2::<B>(&s, [b * t, v], &device),
-        tensor2(&te, [b * t, v], &device),
+        tensor2_f64(&s, [b * t, v], &device),
+        tensor2_f64(&te, [b * t, v], &device),
         ints(&targets, &device),
     ));
     let seq = values(loss.forward_seq(
-        tensor2::<B>(&s, [b * t, v], &device).reshape([b, t, v]),
-        tensor2::<B>(&te, [b * t, v], &device).reshape([b, t, v]),
-        ints::<B>(&targets, &device).reshape([b, t]),
+        tensor2_f64(&s, [b * t, v], &device).reshape([b, t, v]),
+        tensor2_f64(&te, [b * t, v], &device).reshape([b, t, v]),
+        ints(&targets, &device).reshape([b, t]),
     ));
     assert_eq!(flat, seq);
     let soft_seq = values(loss.forward_seq_soft(
-        tensor2::<B>(&s, [b * t, v], &device).reshape([b, t, v]),
-        tensor2::<B>(&te, [b * t, v], &device).reshape([b, t, v]),
+        tensor2_f64(&s, [b * t, v], &device).reshape([b, t, v]),
+        tensor2_f64(&te, [b * t, v], &device).reshape([b, t, v]),
     ));
     let soft_flat = values(loss.forward_soft(
-        tensor2::<B>(&s, [b * t, v], &device),
-        tensor2(&te, [b * t, v], &device),
+        tensor2_f64(&s, [b * t, v], &device),
+        tensor2_f64(&te, [b * t, v], &device),
     ));
     assert_eq!(soft_seq, soft_flat);
 }
 
 #[test]
 fn teacher_gets_no_gradient() {
-    let device = Default::default();
-    let student = tensor2::<B>(&random(2, 5, 1.5), [2, 5], &device).require_grad();
-    let teacher = tensor2::<B>(&random(2, 5, 2.5), [2, 5], &device).require_grad();
+    let device = flex_autodiff();
+    let student = tensor2_f64(&random(2, 5, 1.5), [2, 5], &device).require_grad();
+    let teacher = tensor2_f64(&random(2, 5, 2.5), [2, 5], &device).require_grad();
     let loss = config()
         .init()
         .forward(student.clone(), teacher.clone(), ints(&[1, 3], &device));
@@ -196,15 +194,15 @@ fn teacher_gets_no_gradient() {
 
 #[test]
 fn ignore_index_none_keeps_every_row() {
-    let device = Default::default();
+    let device = flex_autodiff();
     let (n, v) = (3, 4);
     let (s, t) = (random(n, v, 11.0), random(n, v, 12.0));
     // Class 3 is a real class without an ignore index, an ignored row with `Some(3)`.
     let targets = [0, 3, 2];
     let forward = |config: DistillLossConfig| {
         values(config.init().forward(
-            tensor2::<B>(&s, [n, v], &device),
-            tensor2(&t, [n, v], &device),
+            tensor2_f64(&s, [n, v], &device),
+            tensor2_f64(&t, [n, v], &device),
             ints(&targets, &device),
         ))
     };
@@ -232,8 +230,9 @@ fn ignore_index_none_keeps_every_row() {
     );
 }
 
-/// `DistillLoss` (and the sparse and hidden-state losses) sit in a burn `Module` as plain
-/// fields, like burn-nn's losses.
+/// `DistillLoss` sits in a burn `Module` as a plain field, like burn-nn's losses. (0.1 also
+/// put the sparse and hidden-state losses there: todo with `SparseDistillLoss` and
+/// `HiddenStateLoss`.)
 #[test]
 fn losses_are_module_fields() {
     use burn::module::Module;
@@ -243,25 +242,26 @@ fn losses_are_module_fields() {
     };
 
     #[derive(Module, Debug)]
-    struct Student<B: burn::tensor::backend::Backend> {
-        head: burn::nn::Linear<B>,
+    struct Student {
+        head: burn::nn::Linear,
         distill: DistillLoss,
         sparse: SparseDistillLoss,
-        hidden: HiddenStateLoss<B>,
+        hidden: HiddenStateLoss,
     }
 
-    let device = Default::default();
-    let model = Student::<B> {
+    let device = flex_autodiff();
+    let model = Student {
         head: burn::nn::LinearConfig::new(4, 3).init(&device),
         distill: config().init(),
         sparse: SparseDistillLossConfig::new(config()).init(),
         hidden: HiddenStateLossConfig::new(4, 6).init(&device),
     };
+    // The losses hold no parameters but the hidden-state projection's `[4, 6]` and bias.
     assert_eq!(model.num_params(), 4 * 3 + 3 + 4 * 6 + 6);
     let (s, t) = (random(2, 3, 1.0), random(2, 3, 2.0));
     let value = model.distill.forward(
-        tensor2::<B>(&s, [2, 3], &device),
-        tensor2(&t, [2, 3], &device),
+        tensor2_f64(&s, [2, 3], &device),
+        tensor2_f64(&t, [2, 3], &device),
         ints(&[0, 2], &device),
     );
     assert!(values(value)[0] > 0.0);
@@ -269,7 +269,7 @@ fn losses_are_module_fields() {
 
 #[test]
 fn padding_with_label_smoothing_stays_finite() {
-    let device = Default::default();
+    let device = flex_autodiff();
     let mut s = random(2, 6, 13.0);
     let mut t = random(2, 6, 14.0);
     for row in 0..2 {
@@ -279,10 +279,10 @@ fn padding_with_label_smoothing_stays_finite() {
         }
     }
     for divergence in Divergence::ALL {
-        let student = tensor2::<B>(&s, [2, 6], &device).require_grad();
+        let student = tensor2_f64(&s, [2, 6], &device).require_grad();
         let loss = config().with_divergence(divergence).init().forward(
             student.clone(),
-            tensor2(&t, [2, 6], &device),
+            tensor2_f64(&t, [2, 6], &device),
             ints(&[0, 3], &device),
         );
         let grad = values(student.grad(&loss.backward()).unwrap());
@@ -301,13 +301,13 @@ fn padding_with_label_smoothing_stays_finite() {
         // Padding changes nothing: same as the unpadded 4-column problem.
         let cut = |x: &[f64]| -> Vec<f64> { x.chunks(6).flat_map(|r| r[..4].to_vec()).collect() };
         let small = config().with_divergence(divergence).init().forward(
-            tensor2::<B>(&cut(&s), [2, 4], &device),
-            tensor2(&cut(&t), [2, 4], &device),
+            tensor2_f64(&cut(&s), [2, 4], &device),
+            tensor2_f64(&cut(&t), [2, 4], &device),
             ints(&[0, 3], &device),
         );
         let padded = config().with_divergence(divergence).init().forward(
-            tensor2::<B>(&s, [2, 6], &device),
-            tensor2(&t, [2, 6], &device),
+            tensor2_f64(&s, [2, 6], &device),
+            tensor2_f64(&t, [2, 6], &device),
             ints(&[0, 3], &device),
         );
         assert!(close(values(small)[0], values(padded)[0], 1e-12, 1e-12));
@@ -316,8 +316,8 @@ fn padding_with_label_smoothing_stays_finite() {
 
 #[test]
 fn temperature_softmax_matches_definition() {
-    let device = Default::default();
-    let x = Tensor::<NdArray<f64>, 2>::from_floats([[1.0, 2.0, 4.0]], &device);
+    let device = Device::flex();
+    let x = tensor2_f64(&[1.0, 2.0, 4.0], [1, 3], &device);
     let p = values(burn_distill::temperature_softmax(x.clone(), 2.0, 1));
     let e: Vec<f64> = [0.5f64, 1.0, 2.0].iter().map(|z| z.exp()).collect();
     let z: f64 = e.iter().sum();

@@ -1,23 +1,17 @@
 //! The sparse-teacher (top-k) losses in float64: PyTorch golden values to rounding, the
 //! reduction to the dense loss when k = V, the generation-temperature correction, masking,
-//! and every bad input.
+//! and every bad input. Float64 on Flex (0.1 ran these on `Autodiff<NdArray<f64>>`).
+#![cfg(feature = "flex")]
 
 mod common;
 
-use burn::backend::{Autodiff, NdArray};
-use burn::tensor::{Bool, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use burn_distill::{
-    DistillLossConfig, Divergence, Kernel, Reduction, SparseDistillLossConfig, SparseTeacher,
-    StudentSupport, TailPolicy, Validation,
+    DistillError, DistillLossConfig, Divergence, Kernel, Reduction, SparseDistillLossConfig,
+    SparseTeacher, StudentSupport, TailPolicy, Validation, backend::has_sparse_fused_kernel,
 };
-use common::sparse::{assert_sparse_golden, sparse_cases};
-use common::{ints, tensor2, values};
-
-// Float64 throughout: burn 0.21's NdArray keeps one default float dtype per device and
-// process, so f32 and f64 NdArray tests must live in different test binaries (the f32 golden
-// runs are in tests/golden.rs).
-type B = Autodiff<NdArray<f64>>;
-type B64 = B;
+use common::sparse::{SparseCase, sparse_cases};
+use common::{flex_autodiff, ints, mismatches, tensor2_f64, tensor3_f64, values_f64 as values};
 
 const FULL_VOCAB: TailPolicy = TailPolicy::Renormalize {
     student: StudentSupport::FullVocab,
@@ -25,6 +19,16 @@ const FULL_VOCAB: TailPolicy = TailPolicy::Renormalize {
 const TOP_K: TailPolicy = TailPolicy::Renormalize {
     student: StudentSupport::TopK,
 };
+
+/// Flex with autodiff: every tensor of these tests is float64 (created with `DType::F64`).
+fn device() -> Device {
+    flex_autodiff()
+}
+
+/// `[N, k]` int tensor from row-major values.
+fn ints2(values: &[i64], shape: [usize; 2], device: &Device) -> Tensor<2, Int> {
+    Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
+}
 
 #[test]
 fn golden_file_covers_every_policy_and_divergence() {
@@ -52,11 +56,71 @@ fn golden_file_covers_every_policy_and_divergence() {
     );
 }
 
-/// In float64 the crate's tensor formulation must agree with the row-by-row PyTorch reference
-/// to rounding.
+/// A golden case in float64 with `loss` on an autodiff `device`: (loss values, student
+/// gradient). (`SparseCase::run` creates its tensors in the device's default float dtype, f32.)
+fn run_f64(
+    case: &SparseCase,
+    loss: &burn_distill::SparseDistillLoss,
+    device: &Device,
+) -> [Vec<f64>; 2] {
+    let [n, v] = case.shape;
+    let k = case.k;
+    let teacher = SparseTeacher::new(
+        ints2(&case.indices, [n, k], device),
+        tensor2_f64(&case.log_probs, [n, k], device),
+    );
+    let teacher = match &case.mask {
+        Some(mask) => teacher.with_mask(Tensor::<2, Bool>::from_data(
+            TensorData::new(mask.clone(), [n, k]),
+            device,
+        )),
+        None => teacher,
+    };
+    let targets = case.targets.as_ref().map(|t| ints(t, device));
+    let student = tensor2_f64(&case.student, [n, v], device).require_grad();
+    let value = loss
+        .try_forward_parts(student.clone(), teacher, targets)
+        .unwrap_or_else(|e| panic!("{}: {e}", case.name))
+        .loss;
+    let grads = value.clone().sum().backward();
+    let grad = student.grad(&grads).expect("student gradient");
+    [values(value), values(grad)]
+}
+
+/// In float64 the crate's tensor formulation (and Flex's fused sparse kernel, which has an f64
+/// path) must agree with the row-by-row PyTorch reference to rounding. (0.1:
+/// `golden_ndarray_f64`, the composed path on `NdArray<f64>`.)
 #[test]
-fn golden_ndarray_f64() {
-    assert_sparse_golden::<B64>(&Default::default(), (1e-12, 1e-10), (1e-12, 1e-10));
+fn golden_flex_f64() {
+    let device = device();
+    let cases = sparse_cases();
+    assert_eq!(cases.len(), 24, "the full sparse golden set");
+    let mut failures = Vec::new();
+    for case in &cases {
+        // `Auto` must be the fused kernel here, or the two runs would be the same.
+        assert!(has_sparse_fused_kernel(&device, DType::F64, case.k));
+        for kernel in [Kernel::Reference, Kernel::Auto] {
+            let mut config = case.config.clone();
+            config.loss = config.loss.with_kernel(kernel);
+            let [value, grad] = run_f64(case, &config.init(), &device);
+            let name = format!("{} ({kernel:?})", case.name);
+            assert!(
+                grad.iter().all(|g| g.is_finite()),
+                "{name}: non-finite gradient"
+            );
+            failures.extend(
+                mismatches("loss", &value, &case.loss, 1e-12, 1e-10)
+                    .into_iter()
+                    .chain(mismatches("grad", &grad, &case.grad, 1e-12, 1e-10))
+                    .map(|m| format!("{name}: {m}")),
+            );
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "sparse golden mismatches:\n{}",
+        failures.join("\n")
+    );
 }
 
 fn dense_and_sparse(
@@ -66,7 +130,7 @@ fn dense_and_sparse(
     temperature: f64,
     generation_temperature: f64,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
-    let device = Default::default();
+    let device = device();
     let (n, v) = (5, 12);
     let student: Vec<f64> = (0..n * v)
         .map(|i| ((i * 37 % 23) as f64 - 11.0) / 4.0)
@@ -83,13 +147,13 @@ fn dense_and_sparse(
         .with_generation_temperature(generation_temperature)
         .init();
 
-    let s = tensor2::<B64>(&student, [n, v], &device).require_grad();
-    let dense_value = dense.forward_soft(s.clone(), tensor2::<B64>(&teacher, [n, v], &device));
+    let s = tensor2_f64(&student, [n, v], &device).require_grad();
+    let dense_value = dense.forward_soft(s.clone(), tensor2_f64(&teacher, [n, v], &device));
     let dense_grad = values(s.grad(&dense_value.backward()).unwrap());
 
-    let s = tensor2::<B64>(&student, [n, v], &device).require_grad();
+    let s = tensor2_f64(&student, [n, v], &device).require_grad();
     let top = SparseTeacher::from_logits(
-        tensor2::<B64>(&teacher, [n, v], &device),
+        tensor2_f64(&teacher, [n, v], &device),
         k,
         generation_temperature,
     );
@@ -140,9 +204,9 @@ fn generation_temperature_is_corrected() {
     }
     // Without the correction (T_gen taken as T) the loss would differ.
     let (dv, _, sv, _) = dense_and_sparse(Divergence::ForwardKl, TOP_K, 12, 3.0, 3.0);
-    let (_, _, wrong, _) = {
+    let wrong = {
         // log-probs at T_gen = 1, but told T_gen = 3
-        let device = Default::default();
+        let device = device();
         let teacher: Vec<f64> = (0..60)
             .map(|i| ((i * 53 % 29) as f64 - 14.0) / 3.0)
             .collect();
@@ -153,9 +217,8 @@ fn generation_temperature_is_corrected() {
             .with_tail(TOP_K)
             .with_generation_temperature(3.0)
             .init();
-        let top = SparseTeacher::from_logits(tensor2::<B64>(&teacher, [5, 12], &device), 12, 1.0);
-        let v = loss.forward_soft(tensor2::<B64>(&student, [5, 12], &device), top);
-        (0, 0, values(v), 0)
+        let top = SparseTeacher::from_logits(tensor2_f64(&teacher, [5, 12], &device), 12, 1.0);
+        values(loss.forward_soft(tensor2_f64(&student, [5, 12], &device), top))
     };
     assert_all_close(&sv, &dv, 1e-10, "T_gen = T");
     assert!(
@@ -168,8 +231,8 @@ fn generation_temperature_is_corrected() {
 /// indices are never read.
 #[test]
 fn missing_entries_equal_a_shorter_top_k() {
-    let device = Default::default();
-    let student = tensor2::<B64>(
+    let device = device();
+    let student = tensor2_f64(
         &[0.5, -1.0, 2.0, 0.0, 1.0, -0.5, 0.3, 1.2, -2.0, 0.8],
         [2, 5],
         &device,
@@ -179,20 +242,19 @@ fn missing_entries_equal_a_shorter_top_k() {
             .with_tail(tail)
             .init();
         let short = SparseTeacher::new(
-            Tensor::<B64, 2, Int>::from_ints([[2, 4], [1, 0]], &device),
-            Tensor::<B64, 2>::from_floats([[-0.3, -1.9], [-0.7, -1.1]], &device),
+            Tensor::<2, Int>::from_ints([[2, 4], [1, 0]], &device),
+            tensor2_f64(&[-0.3, -1.9, -0.7, -1.1], [2, 2], &device),
         );
+        let ninf = f64::NEG_INFINITY;
         let padded = SparseTeacher::new(
-            Tensor::<B64, 2, Int>::from_ints([[2, 4, 0, -5], [1, 0, 99, 3]], &device),
-            Tensor::<B64, 2>::from_floats(
-                [
-                    [-0.3, -1.9, f64::NEG_INFINITY, 7.0],
-                    [-0.7, -1.1, f64::NEG_INFINITY, 9.0],
-                ],
+            Tensor::<2, Int>::from_ints([[2, 4, 0, -5], [1, 0, 99, 3]], &device),
+            tensor2_f64(
+                &[-0.3, -1.9, ninf, 7.0, -0.7, -1.1, ninf, 9.0],
+                [2, 4],
                 &device,
             ),
         )
-        .with_mask(Tensor::<B64, 2, Bool>::from_bool(
+        .with_mask(Tensor::<2, Bool>::from_bool(
             TensorData::from([[true, true, true, false], [true, true, true, false]]),
             &device,
         ));
@@ -206,21 +268,21 @@ fn missing_entries_equal_a_shorter_top_k() {
 /// valid entry: finite values and gradients.
 #[test]
 fn empty_tail_and_empty_ignored_rows_stay_finite() {
-    let device = Default::default();
-    let student = tensor2::<B>(&[0.5, -1.0, 2.0, 0.0, 1.0, -0.5], [2, 3], &device).require_grad();
+    let device = device();
+    let student = tensor2_f64(&[0.5, -1.0, 2.0, 0.0, 1.0, -0.5], [2, 3], &device).require_grad();
     let teacher = SparseTeacher::from_logits(
-        Tensor::<B, 2>::from_floats([[1.0, 0.0, -1.0], [0.0, 0.0, 0.0]], &device),
+        tensor2_f64(&[1.0, 0.0, -1.0, 0.0, 0.0, 0.0], [2, 3], &device),
         3,
         1.0,
     );
-    let neg_inf = f32::NEG_INFINITY;
+    let neg_inf = f64::NEG_INFINITY;
     let no_entries = SparseTeacher::new(
-        Tensor::<B, 2, Int>::from_ints([[0, 1], [0, 1]], &device),
-        Tensor::<B, 2>::from_floats([[-0.5, -1.0], [neg_inf, neg_inf]], &device),
+        Tensor::<2, Int>::from_ints([[0, 1], [0, 1]], &device),
+        tensor2_f64(&[-0.5, -1.0, neg_inf, neg_inf], [2, 2], &device),
     );
     let loss = SparseDistillLossConfig::new(DistillLossConfig::new().with_alpha(0.5)).init();
     for (teacher, targets) in [(teacher, [0, 2]), (no_entries, [1, -100])] {
-        let value = loss.forward(student.clone(), teacher, ints::<B>(&targets, &device));
+        let value = loss.forward(student.clone(), teacher, ints(&targets, &device));
         let grads = value.backward();
         let v = values(value);
         let g = values(student.grad(&grads).unwrap());
@@ -233,55 +295,60 @@ fn empty_tail_and_empty_ignored_rows_stay_finite() {
 /// Unchecked, a row without any valid teacher entry makes the loss NaN, never a plausible value.
 #[test]
 fn unchecked_empty_row_is_nan() {
-    let device = Default::default();
+    let device = device();
     let loss =
         SparseDistillLossConfig::new(DistillLossConfig::new().with_validation(Validation::Off))
             .init();
     let teacher = SparseTeacher::new(
-        Tensor::<B, 2, Int>::from_ints([[0, 1], [0, 1]], &device),
-        Tensor::<B, 2>::from_floats(
-            [[-0.5, -1.0], [f32::NEG_INFINITY, f32::NEG_INFINITY]],
+        Tensor::<2, Int>::from_ints([[0, 1], [0, 1]], &device),
+        tensor2_f64(
+            &[-0.5, -1.0, f64::NEG_INFINITY, f64::NEG_INFINITY],
+            [2, 2],
             &device,
         ),
     );
-    let student = tensor2::<B>(&[0.5, -1.0, 2.0, 0.0, 1.0, -0.5], [2, 3], &device);
-    let value = loss.forward(student, teacher, ints::<B>(&[0, 1], &device));
+    let student = tensor2_f64(&[0.5, -1.0, 2.0, 0.0, 1.0, -0.5], [2, 3], &device);
+    let value = loss.forward(student, teacher, ints(&[0, 1], &device));
     assert!(values(value)[0].is_nan());
 }
 
 /// The sequence form is the flattened row form; ignored (prompt) tokens drop out of the mean.
+/// (0.1 built the sequence teacher with `SparseTeacher::from_seq`, which flattened it; 0.2's
+/// `SparseTeacher::new` takes the `[B, T, k]` tensors as they are.)
 #[test]
 fn forward_seq_equals_flattened_rows() {
-    let device = Default::default();
+    let device = device();
     let (b, t, v, k) = (2, 3, 6, 2);
     let logits: Vec<f64> = (0..b * t * v)
         .map(|i| ((i * 7 % 11) as f64 - 5.0) / 2.0)
         .collect();
-    let student = Tensor::<B64, 3>::from_data(TensorData::new(logits.clone(), [b, t, v]), &device);
+    let student = tensor3_f64(&logits, [b, t, v], &device);
     // Distinct indices within each row.
     let idx: Vec<i64> = (0..b * t)
         .flat_map(|row| [(row * 5 % v) as i64, ((row * 5 + 1) % v) as i64])
         .collect();
     let lp: Vec<f64> = (0..b * t * k).map(|i| -0.5 - (i % 3) as f64).collect();
-    let indices3 =
-        Tensor::<B64, 3, Int>::from_data(TensorData::new(idx.clone(), [b, t, k]), &device);
-    let lp3 = Tensor::<B64, 3>::from_data(TensorData::new(lp.clone(), [b, t, k]), &device);
+    let indices3 = Tensor::<3, Int>::from_data(TensorData::new(idx.clone(), [b, t, k]), &device);
+    let lp3 = tensor3_f64(&lp, [b, t, k], &device);
     let targets = [1i64, -100, 2, -100, -100, 5];
     let loss = SparseDistillLossConfig::new(DistillLossConfig::new().with_alpha(0.7))
         .with_tail(TailPolicy::TailBucket)
         .init();
     let seq = loss.forward_seq(
         student,
-        SparseTeacher::from_seq(indices3, lp3),
-        Tensor::<B64, 2, Int>::from_data(TensorData::new(targets.to_vec(), [b, t]), &device),
+        SparseTeacher::new(indices3, lp3),
+        Tensor::<2, Int>::from_data(TensorData::new(targets.to_vec(), [b, t]), &device),
     );
-    let flat = loss.forward(
-        tensor2::<B64>(&logits, [b * t, v], &device),
+    let flat_teacher = || {
         SparseTeacher::new(
-            Tensor::<B64, 2, Int>::from_data(TensorData::new(idx.clone(), [b * t, k]), &device),
-            tensor2::<B64>(&lp, [b * t, k], &device),
-        ),
-        ints::<B64>(&targets, &device),
+            ints2(&idx, [b * t, k], &device),
+            tensor2_f64(&lp, [b * t, k], &device),
+        )
+    };
+    let flat = loss.forward(
+        tensor2_f64(&logits, [b * t, v], &device),
+        flat_teacher(),
+        ints(&targets, &device),
     );
     let rows = SparseDistillLossConfig::new(
         DistillLossConfig::new()
@@ -291,12 +358,9 @@ fn forward_seq_equals_flattened_rows() {
     .with_tail(TailPolicy::TailBucket)
     .init()
     .forward(
-        tensor2::<B64>(&logits, [b * t, v], &device),
-        SparseTeacher::new(
-            Tensor::<B64, 2, Int>::from_data(TensorData::new(idx.clone(), [b * t, k]), &device),
-            tensor2::<B64>(&lp, [b * t, k], &device),
-        ),
-        ints::<B64>(&targets, &device),
+        tensor2_f64(&logits, [b * t, v], &device),
+        flat_teacher(),
+        ints(&targets, &device),
     );
     let rows = values(rows);
     let kept: Vec<f64> = rows
@@ -314,25 +378,26 @@ fn forward_seq_equals_flattened_rows() {
 mod errors {
     use super::*;
 
-    fn message(result: Result<impl std::fmt::Debug, burn_distill::DistillError>) -> String {
+    fn message(result: Result<impl std::fmt::Debug, DistillError>) -> String {
         result.expect_err("expected an error").to_string()
     }
 
-    fn teacher(idx: [[i64; 2]; 2], lp: [[f32; 2]; 2]) -> SparseTeacher<B> {
-        let device = Default::default();
+    fn teacher(idx: [[i64; 2]; 2], lp: [[f32; 2]; 2]) -> SparseTeacher {
+        let device = device();
+        let lp: Vec<f64> = lp.iter().flatten().map(|&x| x as f64).collect();
         SparseTeacher::new(
-            Tensor::<B, 2, Int>::from_ints(idx, &device),
-            Tensor::<B, 2>::from_floats(lp, &device),
+            Tensor::<2, Int>::from_ints(idx, &device),
+            tensor2_f64(&lp, [2, 2], &device),
         )
     }
 
-    fn run(tail: TailPolicy, t: SparseTeacher<B>) -> String {
-        let device = Default::default();
-        let student = tensor2::<B>(&[0.0; 8], [2, 4], &device);
+    fn run(tail: TailPolicy, t: SparseTeacher) -> String {
+        let device = device();
+        let student = tensor2_f64(&[0.0; 8], [2, 4], &device);
         let loss = SparseDistillLossConfig::new(DistillLossConfig::new())
             .with_tail(tail)
             .init();
-        message(loss.try_forward_parts(student, t, Some(ints::<B>(&[0, 1], &device))))
+        message(loss.try_forward_parts(student, t, Some(ints(&[0, 1], &device))))
     }
 
     #[test]
@@ -391,15 +456,15 @@ mod errors {
         let m = run(TailPolicy::TailBucket, teacher([[0, 1], [2, 3]], bad));
         assert!(m.contains("row 0 with total probability 1.7"), "{m}");
         // Renormalising policies accept any top-k scale.
-        let device = Default::default();
+        let device = device();
         let loss = SparseDistillLossConfig::new(DistillLossConfig::new())
             .with_tail(TOP_K)
             .init();
-        let student = tensor2::<B>(&[0.0; 8], [2, 4], &device);
+        let student = tensor2_f64(&[0.0; 8], [2, 4], &device);
         let v = loss.forward(
             student,
             teacher([[0, 1], [2, 3]], bad),
-            ints::<B>(&[0, 1], &device),
+            ints(&[0, 1], &device),
         );
         assert!(values(v)[0].is_finite());
     }
@@ -416,9 +481,9 @@ mod errors {
 
     #[test]
     fn shapes() {
-        let device = Default::default();
+        let device = device();
         let loss = SparseDistillLossConfig::new(DistillLossConfig::new()).init();
-        let student = tensor2::<B>(&[0.0; 12], [3, 4], &device);
+        let student = tensor2_f64(&[0.0; 12], [3, 4], &device);
         let t = teacher([[0, 1], [2, 3]], [[-1.0, -2.0], [-1.0, -2.0]]);
         let m = message(loss.try_forward_parts(student.clone(), t, None));
         assert!(
@@ -428,8 +493,8 @@ mod errors {
         assert!(m.contains("[3, k]"), "{m}");
 
         let t = SparseTeacher::new(
-            Tensor::<B, 2, Int>::from_ints([[0, 1], [2, 3], [1, 2]], &device),
-            Tensor::<B, 2>::from_floats([[-1.0], [-1.0], [-1.0]], &device),
+            Tensor::<2, Int>::from_ints([[0, 1], [2, 3], [1, 2]], &device),
+            tensor2_f64(&[-1.0, -1.0, -1.0], [3, 1], &device),
         );
         let m = message(loss.try_forward_parts(student.clone(), t.clone(), None));
         assert!(
@@ -438,10 +503,10 @@ mod errors {
         );
 
         let t = SparseTeacher::new(
-            Tensor::<B, 2, Int>::from_ints([[0, 1], [2, 3], [1, 2]], &device),
-            Tensor::<B, 2>::from_floats([[-1.0, -2.0], [-1.0, -2.0], [-1.0, -2.0]], &device),
+            Tensor::<2, Int>::from_ints([[0, 1], [2, 3], [1, 2]], &device),
+            tensor2_f64(&[-1.0, -2.0, -1.0, -2.0, -1.0, -2.0], [3, 2], &device),
         );
-        let masked = t.clone().with_mask(Tensor::<B, 2, Bool>::from_bool(
+        let masked = t.clone().with_mask(Tensor::<2, Bool>::from_bool(
             TensorData::from([[true], [true], [false]]),
             &device,
         ));
@@ -454,14 +519,19 @@ mod errors {
         let m = message(loss.try_forward_parts(
             student.clone(),
             t.clone(),
-            Some(ints::<B>(&[0, 1], &device)),
+            Some(ints(&[0, 1], &device)),
         ));
         assert!(m.contains("targets") && m.contains("shape [2]"), "{m}");
 
         // A sequence's `[B, T]` targets are checked against the student's batch and sequence.
+        // (0.1 passed the `[N, k]` teacher; 0.2's sequence form takes a `[B, T, k]` one.)
         let seq = student.reshape([1, 3, 4]);
-        let targets = Tensor::<B, 2, Int>::from_ints([[0], [1], [2]], &device);
-        let m = message(loss.try_forward_parts(seq, t, Some(targets)));
+        let t = SparseTeacher::new(
+            t.indices().clone().reshape([1, 3, 2]),
+            t.log_probs().clone().reshape([1, 3, 2]),
+        );
+        let targets = Tensor::<2, Int>::from_ints([[0], [1], [2]], &device);
+        let m = message(loss.try_forward_seq_parts(seq, t, Some(targets)));
         assert!(
             m.contains("targets") && m.contains("[3, 1]") && m.contains("[1, 3]"),
             "{m}"
@@ -470,12 +540,117 @@ mod errors {
 
     #[test]
     fn target_out_of_range() {
-        let device = Default::default();
+        let device = device();
         let loss = SparseDistillLossConfig::new(DistillLossConfig::new()).init();
-        let student = tensor2::<B>(&[0.0; 8], [2, 4], &device);
+        let student = tensor2_f64(&[0.0; 8], [2, 4], &device);
         let t = teacher([[0, 1], [2, 3]], [[-1.0, -2.0], [-1.0, -2.0]]);
-        let m = message(loss.try_forward_parts(student, t, Some(ints::<B>(&[0, 9], &device))));
+        let err = loss
+            .try_forward_parts(student, t, Some(ints(&[0, 9], &device)))
+            .unwrap_err();
+        let m = err.to_string();
         assert!(m.contains("targets[1] = 9"), "{m}");
+        assert_eq!(
+            err,
+            DistillError::TargetOutOfRange {
+                row: 1,
+                at: vec![1],
+                value: 9,
+                classes: 4,
+                ignore_index: Some(-100)
+            }
+        );
+    }
+
+    /// New in 0.2: a sequence teacher's bad entries and a sequence's bad target are named at
+    /// their positions in the caller's `[B, T, k]` and `[B, T]` tensors (0.1 named the
+    /// flattened rows).
+    #[test]
+    fn seq_errors_are_named_at_their_positions() {
+        let device = device();
+        let (b, t, v, k) = (2, 3, 4, 2);
+        let student = tensor3_f64(&[0.0; 24], [b, t, v], &device);
+        let good_idx: Vec<i64> = (0..b * t)
+            .flat_map(|r| [(r % v) as i64, ((r + 1) % v) as i64])
+            .collect();
+        let good_lp: Vec<f64> = (0..b * t).flat_map(|_| [-1.0, -2.0]).collect();
+        // Entry `[bi, ti, j]` is `(bi · T + ti) · k + j` in row-major order.
+        let at = |bi: usize, ti: usize, j: usize| (bi * t + ti) * k + j;
+        // Edits `(entry, new index, new log-probability)` of the valid teacher.
+        type Edits = [(usize, Option<i64>, Option<f64>)];
+        let run = |tail: TailPolicy, edits: &Edits, y: &[i64]| {
+            let (mut idx, mut lp) = (good_idx.clone(), good_lp.clone());
+            for &(entry, index, log_prob) in edits {
+                if let Some(index) = index {
+                    idx[entry] = index;
+                }
+                if let Some(log_prob) = log_prob {
+                    lp[entry] = log_prob;
+                }
+            }
+            let teacher = SparseTeacher::new(
+                Tensor::<3, Int>::from_data(TensorData::new(idx, [b, t, k]), &device),
+                tensor3_f64(&lp, [b, t, k], &device),
+            );
+            let targets = Tensor::<2, Int>::from_data(TensorData::new(y.to_vec(), [b, t]), &device);
+            SparseDistillLossConfig::new(DistillLossConfig::new())
+                .with_tail(tail)
+                .init()
+                .try_forward_seq_parts(student.clone(), teacher, Some(targets))
+        };
+        let y = [0, 1, 2, 3, 0, 1];
+        assert!(run(TOP_K, &[], &y).is_ok());
+        let ninf = f64::NEG_INFINITY;
+        // Token [1, 0] holds indices [3, 0]: its second entry made a 3 is a duplicate.
+        assert_eq!(good_idx[at(1, 0, 0)], 3);
+        let cases: [(TailPolicy, &Edits, &str); 5] = [
+            (
+                TOP_K,
+                &[(at(1, 2, 1), None, Some(0.5))],
+                "log_probs[1, 2, 1] = 0.5",
+            ),
+            (
+                TOP_K,
+                &[
+                    (at(1, 2, 0), None, Some(ninf)),
+                    (at(1, 2, 1), None, Some(ninf)),
+                ],
+                "token [1, 2] with no valid entry",
+            ),
+            (
+                TOP_K,
+                &[(at(0, 1, 0), Some(4), None)],
+                "indices[0, 1, 0] = 4",
+            ),
+            (
+                TOP_K,
+                &[(at(1, 0, 1), Some(3), None)],
+                "indices[1, 0, 1] = 3, already at [1, 0, 0]",
+            ),
+            (
+                TailPolicy::TailBucket,
+                &[
+                    (at(0, 2, 0), None, Some(-0.1)),
+                    (at(0, 2, 1), None, Some(-0.2)),
+                ],
+                "token [0, 2] with total probability 1.7",
+            ),
+        ];
+        for (tail, edits, expected) in cases {
+            let m = message(run(tail, edits, &y));
+            assert!(m.contains(expected), "{expected}: {m}");
+        }
+        let err = run(TOP_K, &[], &[0, 1, 2, 3, 0, 9]).unwrap_err();
+        assert!(err.to_string().contains("targets[1, 2] = 9"), "{err}");
+        assert_eq!(
+            err,
+            DistillError::TargetOutOfRange {
+                row: 5,
+                at: vec![1, 2],
+                value: 9,
+                classes: 4,
+                ignore_index: Some(-100)
+            }
+        );
     }
 
     #[test]
@@ -496,7 +671,7 @@ mod errors {
                 .try_init(),
         );
         assert!(m.contains("ReverseKl") && m.contains("FullVocab"), "{m}");
-        // The fused sparse kernel exists (NdArray, Flex): `Kernel::Fused` is a valid choice.
+        // The fused sparse kernel exists (Flex): `Kernel::Fused` is a valid choice.
         assert!(
             SparseDistillLossConfig::new(dense.clone().with_kernel(Kernel::Fused))
                 .try_init()
@@ -509,23 +684,29 @@ mod errors {
     #[test]
     #[should_panic(expected = "invalid k: got 5, expected a number of tokens in [1, 4]")]
     fn from_logits_k_too_large() {
-        let device = Default::default();
-        SparseTeacher::from_logits(tensor2::<B>(&[0.0; 8], [2, 4], &device), 5, 1.0);
+        let device = device();
+        SparseTeacher::from_logits(tensor2_f64(&[0.0; 8], [2, 4], &device), 5, 1.0);
     }
 }
 
 /// The student-top-k recipe: the sparse loss with the student's support, `TailBucket` and
 /// reverse KL is the reverse KL of the two distributions bucketed on that support (float64
-/// by hand here), and with `k = V` the dense reverse KL.
+/// by hand here), and with `k = V` the dense reverse KL. (0.1: on `NdArray<f64>` without
+/// autodiff; here on Flex in float64, without autodiff.)
 #[test]
 fn student_top_k_recipe_is_the_exact_bucketed_reverse_kl() {
-    type F = NdArray<f64>;
     use burn::tensor::{Distribution, activation};
     use burn_distill::onpolicy::{student_top_k, try_student_top_k};
-    let device = Default::default();
+    let device = Device::flex();
     let (n, v) = (5, 9);
-    let student = Tensor::<F, 2>::random([n, v], Distribution::Normal(0.0, 2.0), &device);
-    let teacher = Tensor::<F, 2>::random([n, v], Distribution::Normal(0.0, 2.0), &device);
+    let normal = || {
+        Tensor::<2>::random(
+            [n, v],
+            Distribution::Normal(0.0, 2.0),
+            (&device, DType::F64),
+        )
+    };
+    let (student, teacher) = (normal(), normal());
     let teacher_lp = activation::log_softmax(teacher.clone(), 1);
     let loss = SparseDistillLossConfig::new(
         DistillLossConfig::new()
@@ -538,20 +719,11 @@ fn student_top_k_recipe_is_the_exact_bucketed_reverse_kl() {
     for k in [3, v] {
         let idx = student_top_k(student.clone(), k);
         let lp = teacher_lp.clone().gather(1, idx.clone());
-        let value = loss
-            .forward_soft(student.clone(), SparseTeacher::new(idx.clone(), lp))
-            .into_scalar();
-        let s = activation::softmax(student.clone(), 1)
-            .into_data()
-            .to_vec::<f64>()
-            .unwrap();
-        let t = teacher_lp
-            .clone()
-            .exp()
-            .into_data()
-            .to_vec::<f64>()
-            .unwrap();
-        let idx = idx.into_data().to_vec::<i64>().unwrap();
+        let value =
+            values(loss.forward_soft(student.clone(), SparseTeacher::new(idx.clone(), lp)))[0];
+        let s = values(activation::softmax(student.clone(), 1));
+        let t = values(teacher_lp.clone().exp());
+        let idx: Vec<i64> = idx.into_data().iter::<i64>().collect();
         let mut expected = 0.0;
         for r in 0..n {
             let row = &idx[r * k..(r + 1) * k];

@@ -1,11 +1,15 @@
-//! The fused sparse-teacher kernel against the composed reference in f32 (its own binary:
-//! burn 0.21's NdArray keeps one float dtype per process, and tests/sparse.rs is f64).
-#![cfg(feature = "ndarray")]
+//! The fused sparse-teacher kernels against the composed reference in f32, on Flex (the CPU
+//! kernel) and wgpu (the CubeCL kernel; lavapipe on CI). 0.1 also ran them on NdArray, gone in
+//! 0.2: the Flex tests are their counterparts.
+//!
+//! 0.1's `fused_matches_reference_wgpu` ran on burn's fusion wrapper (`Wgpu`) and on the bare
+//! `CubeBackend`; in 0.2 the wrapper is chosen at build time (the `fusion` feature), so one
+//! build runs one of them.
+#![cfg(any(feature = "flex", feature = "wgpu"))]
 
 mod common;
 
-use burn::backend::{Autodiff, NdArray};
-use burn::tensor::{Bool, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use burn_distill::{
     DistillLossConfig, Divergence, Kernel, SparseDistillLossConfig, SparseTeacher, StudentSupport,
     TailPolicy,
@@ -19,16 +23,29 @@ const TOP_K: TailPolicy = TailPolicy::Renormalize {
     student: StudentSupport::TopK,
 };
 
-/// The fused sparse kernel (NdArray, Flex) against the composed reference in f32: every
+/// `[N, k]` (or `[N, V]`) f32 tensor on `device` (its default float dtype).
+fn floats(values: &[f32], shape: [usize; 2], device: &Device) -> Tensor<2> {
+    Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
+}
+
+/// `[N, k]` int tensor.
+fn ints2(values: &[i64], shape: [usize; 2], device: &Device) -> Tensor<2, Int> {
+    Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
+}
+
+/// `[N]` int tensor.
+fn ints1(values: &[i64], device: &Device) -> Tensor<1, Int> {
+    Tensor::from_data(TensorData::new(values.to_vec(), [values.len()]), device)
+}
+
+/// The fused sparse kernel (Flex, wgpu) against the composed reference in f32: every
 /// divergence with every tail policy that defines it, `k` = 1, 3 and `V`, missing and masked
 /// entries, ignored rows, `T ≠ T_gen`, label smoothing, every reduction, per-row upstream
-/// weights, vocabularies up to 4099.
-fn sparse_fused_matches_reference<P>(device: &P::Device, vocabularies: &[usize])
-where
-    P: burn::tensor::backend::AutodiffBackend + burn_distill::DistillBackend,
-{
+/// weights, vocabularies up to 4099. On `device` with autodiff.
+fn sparse_fused_matches_reference(device: &Device, vocabularies: &[usize]) {
     use burn_distill::Reduction;
     use burn_distill::testing::mismatches;
+    let device = &device.clone().autodiff();
     let n = 9;
     let mut checked = 0;
     for &v in vocabularies {
@@ -43,22 +60,10 @@ where
             };
             let student = wave(0.73);
             let teacher_logits =
-                Tensor::<P, 2>::from_data(TensorData::new(wave(0.31), [n, v]), device);
+                Tensor::<2>::from_data(TensorData::new(wave(0.31), [n, v]), device);
             let top = SparseTeacher::from_logits(teacher_logits, k, 1.3);
-            let mut indices: Vec<i64> = top
-                .indices()
-                .clone()
-                .into_data()
-                .convert::<i64>()
-                .to_vec()
-                .unwrap();
-            let mut log_probs: Vec<f32> = top
-                .log_probs()
-                .clone()
-                .into_data()
-                .convert::<f32>()
-                .to_vec()
-                .unwrap();
+            let mut indices: Vec<i64> = top.indices().to_data().iter::<i64>().collect();
+            let mut log_probs: Vec<f32> = top.log_probs().to_data().iter::<f32>().collect();
             let mut mask = vec![true; n * k];
             if k > 1 {
                 log_probs[k] = f32::NEG_INFINITY; // row 1 misses its first entry
@@ -90,37 +95,27 @@ where
                             .with_tail(tail)
                             .with_generation_temperature(1.3)
                             .init();
-                        let s = Tensor::<P, 2>::from_data(
+                        let s = Tensor::<2>::from_data(
                             TensorData::new(student.clone(), [n, v]),
                             device,
                         )
                         .require_grad();
                         let teacher = SparseTeacher::new(
-                            Tensor::<P, 2, Int>::from_data(
-                                TensorData::new(indices.clone(), [n, k]),
-                                device,
-                            ),
-                            Tensor::<P, 2>::from_data(
-                                TensorData::new(log_probs.clone(), [n, k]),
-                                device,
-                            ),
+                            ints2(&indices, [n, k], device),
+                            floats(&log_probs, [n, k], device),
                         )
-                        .with_mask(Tensor::<P, 2, Bool>::from_data(
+                        .with_mask(Tensor::<2, Bool>::from_data(
                             TensorData::new(mask.clone(), [n, k]),
                             device,
                         ));
                         let value = if labels {
-                            let y = Tensor::<P, 1, Int>::from_data(
-                                TensorData::new(targets.clone(), [n]),
-                                device,
-                            );
-                            loss.forward(s.clone(), teacher, y)
+                            loss.forward(s.clone(), teacher, ints1(&targets, device))
                         } else {
                             loss.forward_soft(s.clone(), teacher)
                         };
                         let rows = value.dims()[0];
                         let w: Vec<f64> = (0..rows).map(|i| 0.5 + 0.25 * (i % 3) as f64).collect();
-                        let w = Tensor::<P, 1>::from_data(TensorData::new(w, [rows]), device);
+                        let w = Tensor::<1>::from_data(TensorData::new(w, [rows]), device);
                         let grad = s.grad(&(value.clone() * w).sum().backward()).unwrap();
                         (values(value), values(grad))
                     };
@@ -150,49 +145,35 @@ where
     assert!(checked > 100, "{checked} comparisons");
 }
 
-#[test]
-fn fused_matches_reference_ndarray_f32() {
-    sparse_fused_matches_reference::<Autodiff<NdArray>>(&Default::default(), &[3, 17, 4099]);
-}
-
 #[cfg(feature = "flex")]
 #[test]
 fn fused_matches_reference_flex_f32() {
-    sparse_fused_matches_reference::<Autodiff<burn::backend::Flex>>(
-        &Default::default(),
-        &[3, 17, 4099],
-    );
+    sparse_fused_matches_reference(&Device::flex(), &[3, 17, 4099]);
 }
 
-/// The CubeCL sparse kernel on wgpu (lavapipe in CI), through burn's fusion wrapper (`Wgpu`)
-/// and on the bare `CubeBackend`.
+/// The CubeCL sparse kernel on wgpu (lavapipe in CI), through burn's fusion wrapper where the
+/// build has the `fusion` feature (0.1 also ran the bare `CubeBackend` with vocabularies 3, 16,
+/// 17, 1024 and 4099: the same set).
 #[cfg(feature = "wgpu")]
 #[test]
 fn fused_matches_reference_wgpu() {
     // Odd vocabularies load scalars; 16 and 1024 vectors of 4 (16 with k = V: no tail). V = 16
-    // and 1024 on `Wgpu` also hold the composed path (the oracle) to the work-around of a
+    // and 1024 under fusion also hold the composed path (the oracle) to the work-around of a
     // burn-fusion 0.21 bug (its `gather` after a row reduction: V = 16, k = 1 gave 1.0896 for
     // 0.6423); see `soft_rows` in src/sparse/composed.rs.
-    sparse_fused_matches_reference::<Autodiff<burn::backend::Wgpu>>(
+    sparse_fused_matches_reference(
         &burn_distill::testing::wgpu_device(),
         &[16, 1024, 3, 17, 4099],
-    );
-    type Cube = burn::backend::wgpu::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
-    sparse_fused_matches_reference::<Autodiff<Cube>>(
-        &burn_distill::testing::wgpu_device(),
-        &[3, 16, 17, 1024, 4099],
     );
 }
 
 /// Rows that stress the fused sparse kernel against the composed path: a confident student
 /// (tail mass ~1e-8), one so confident that its tail underflows f32 at `T = 1` (logits ±60),
 /// `−inf` padding with label smoothing, `α` = 0 and 1, integer and fractional `T`, every tail
-/// policy.
-fn sparse_edge_cases<P>(device: &P::Device)
-where
-    P: burn::tensor::backend::AutodiffBackend + burn_distill::DistillBackend,
-{
+/// policy. On `device` with autodiff.
+fn sparse_edge_cases(device: &Device) {
     use burn_distill::testing::mismatches;
+    let device = &device.clone().autodiff();
     let (n, v, k) = (4, 1000, 3);
     let mut student = Vec::with_capacity(n * v);
     for r in 0..n {
@@ -249,18 +230,15 @@ where
             )
             .with_tail(tail)
             .init();
-            let s = Tensor::<P, 2>::from_data(TensorData::new(student.clone(), [n, v]), device)
+            let s = Tensor::<2>::from_data(TensorData::new(student.clone(), [n, v]), device)
                 .require_grad();
             let teacher = SparseTeacher::new(
-                Tensor::<P, 2, Int>::from_data(TensorData::new(indices.clone(), [n, k]), device),
-                Tensor::<P, 2>::from_data(TensorData::new(log_probs.clone(), [n, k]), device),
+                ints2(&indices, [n, k], device),
+                floats(&log_probs, [n, k], device),
             );
-            let y = Tensor::<P, 1, Int>::from_data(TensorData::new(targets.clone(), [n]), device);
-            let value = loss.forward(s.clone(), teacher, y);
-            let w = Tensor::<P, 1>::from_data(
-                TensorData::new(vec![1.0f32, 0.5, 0.75, 1.0], [n]),
-                device,
-            );
+            let value = loss.forward(s.clone(), teacher, ints1(&targets, device));
+            let w =
+                Tensor::<1>::from_data(TensorData::new(vec![1.0f32, 0.5, 0.75, 1.0], [n]), device);
             let grad = s.grad(&(value.clone() * w).sum().backward()).unwrap();
             (values(value), values(grad))
         };
@@ -274,32 +252,26 @@ where
     }
 }
 
-#[test]
-fn fused_edge_cases_ndarray_f32() {
-    sparse_edge_cases::<Autodiff<NdArray>>(&Default::default());
-}
-
 #[cfg(feature = "flex")]
 #[test]
 fn fused_edge_cases_flex_f32() {
-    sparse_edge_cases::<Autodiff<burn::backend::Flex>>(&Default::default());
+    sparse_edge_cases(&Device::flex());
 }
 
 #[cfg(feature = "wgpu")]
 #[test]
 fn fused_edge_cases_wgpu() {
-    sparse_edge_cases::<Autodiff<burn::backend::Wgpu>>(&burn_distill::testing::wgpu_device());
+    sparse_edge_cases(&burn_distill::testing::wgpu_device());
 }
 
 /// A teacher whose top-k holds all of its mass (an entry of log-probability exactly 0, as APIs
 /// return for a near-certain token) keeps a tail of `TAIL_FLOOR`: reverse KL is finite there,
 /// equal to the float64 value of the floored bucket, with a finite gradient, on both kernels;
-/// the other row is untouched, and a `Mean` over both rows is finite.
-fn empty_tail_bucket<P>(device: &P::Device)
-where
-    P: burn::tensor::backend::AutodiffBackend + burn_distill::DistillBackend,
-{
+/// the other row is untouched, and a `Mean` over both rows is finite. On `device` with
+/// autodiff.
+fn empty_tail_bucket(device: &Device) {
     use burn_distill::{Reduction, TAIL_FLOOR};
+    let device = &device.clone().autodiff();
     let (n, v, k) = (2, 7, 2);
     let student: Vec<f32> = (0..n * v).map(|i| (i as f32 * 0.61).sin()).collect();
     let indices: Vec<i64> = vec![1, 3, 1, 3];
@@ -328,11 +300,10 @@ where
             .with_tail(TailPolicy::TailBucket)
             .init();
             let teacher = SparseTeacher::new(
-                Tensor::<P, 2, Int>::from_data(TensorData::new(indices.clone(), [n, k]), device),
-                Tensor::<P, 2>::from_data(TensorData::new(log_probs.clone(), [n, k]), device),
+                ints2(&indices, [n, k], device),
+                floats(&log_probs, [n, k], device),
             );
-            let s = Tensor::<P, 2>::from_data(TensorData::new(student.clone(), [n, v]), device)
-                .require_grad();
+            let s = floats(&student, [n, v], device).require_grad();
             let value = loss.forward_soft(s.clone(), teacher);
             let grad = s.grad(&value.clone().sum().backward()).unwrap();
             (values(value), values(grad))
@@ -371,25 +342,21 @@ where
     }
 }
 
-#[test]
-fn empty_tail_bucket_ndarray() {
-    empty_tail_bucket::<Autodiff<NdArray>>(&Default::default());
-}
-
 #[cfg(feature = "flex")]
 #[test]
 fn empty_tail_bucket_flex() {
-    empty_tail_bucket::<Autodiff<burn::backend::Flex>>(&Default::default());
+    empty_tail_bucket(&Device::flex());
 }
 
 #[cfg(feature = "wgpu")]
 #[test]
 fn empty_tail_bucket_wgpu() {
-    empty_tail_bucket::<Autodiff<burn::backend::Wgpu>>(&burn_distill::testing::wgpu_device());
+    empty_tail_bucket(&burn_distill::testing::wgpu_device());
 }
 
 /// Every instruction set the CPU kernels are compiled for gives the composed path's values on
-/// the edge rows (the sparse kernel dispatches as the dense one).
+/// the edge rows (the sparse kernel dispatches as the dense one). On Flex (0.1: NdArray).
+#[cfg(feature = "flex")]
 #[test]
 fn fused_edge_cases_on_every_cpu_instruction_set() {
     use burn_distill::internals::{Isa, force_isa};
@@ -397,7 +364,7 @@ fn fused_edge_cases_on_every_cpu_instruction_set() {
     assert!(isas.contains(&Isa::Baseline));
     for isa in isas {
         force_isa(Some(isa));
-        sparse_edge_cases::<Autodiff<NdArray>>(&Default::default());
+        sparse_edge_cases(&Device::flex());
     }
     force_isa(None);
 }
@@ -405,12 +372,10 @@ fn fused_edge_cases_on_every_cpu_instruction_set() {
 /// Unchecked (`Validation::Off`), a row with an index seen twice or outside the vocabulary, a
 /// log-probability above 0 or a tail-bucket mass above 1 is NaN (loss, soft and hard, for any
 /// `α`) with a zero gradient, on both kernels alike (row by row), and the other rows keep
-/// their values.
-fn bad_rows_are_nan<P>(device: &P::Device)
-where
-    P: burn::tensor::backend::AutodiffBackend + burn_distill::DistillBackend,
-{
+/// their values. On `device` with autodiff.
+fn bad_rows_are_nan(device: &Device) {
     use burn_distill::{Reduction, Validation};
+    let device = &device.clone().autodiff();
     let (n, v, k) = (5, 5, 2);
     let student: Vec<f32> = (0..n * v)
         .map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0)
@@ -424,21 +389,17 @@ where
                 .with_kernel(kernel),
         )
         .init();
-        let s = Tensor::<P, 2>::from_data(TensorData::new(student.clone(), [n, v]), device)
-            .require_grad();
+        let s = floats(&student, [n, v], device).require_grad();
         // Row 3: a log-probability above 0; row 4: a top-k mass of 1.72.
         let teacher = SparseTeacher::new(
-            Tensor::<P, 2, Int>::from_data(TensorData::new(indices, [n, k]), device),
-            Tensor::<P, 2>::from_data(
-                TensorData::new(
-                    vec![-0.4f32, -1.5, -0.4, -1.5, -0.4, -1.5, 0.5, -1.5, -0.1, -0.2],
-                    [n, k],
-                ),
+            ints2(&indices, [n, k], device),
+            floats(
+                &[-0.4f32, -1.5, -0.4, -1.5, -0.4, -1.5, 0.5, -1.5, -0.1, -0.2],
+                [n, k],
                 device,
             ),
         );
-        let targets =
-            Tensor::<P, 1, Int>::from_data(TensorData::new(vec![1i64, 2, 3, 0, 4], [n]), device);
+        let targets = ints1(&[1, 2, 3, 0, 4], device);
         let out = loss
             .try_forward_parts(s.clone(), teacher, Some(targets))
             .unwrap();
@@ -490,26 +451,21 @@ where
     }
 }
 
-#[test]
-fn bad_rows_are_nan_ndarray() {
-    bad_rows_are_nan::<Autodiff<NdArray>>(&Default::default());
-}
-
 #[cfg(feature = "flex")]
 #[test]
 fn bad_rows_are_nan_flex() {
-    bad_rows_are_nan::<Autodiff<burn::backend::Flex>>(&Default::default());
+    bad_rows_are_nan(&Device::flex());
 }
 
 #[cfg(feature = "wgpu")]
 #[test]
 fn bad_rows_are_nan_wgpu() {
-    bad_rows_are_nan::<Autodiff<burn::backend::Wgpu>>(&burn_distill::testing::wgpu_device());
+    bad_rows_are_nan(&burn_distill::testing::wgpu_device());
 }
 
 /// The sparse kernel runs one row per cube: 65,537 rows need more cubes than one wgpu dispatch
-/// dimension holds (65,535). Loss and gradient against the reference on NdArray.
-#[cfg(feature = "wgpu")]
+/// dimension holds (65,535). Loss and gradient against the reference on Flex (0.1: NdArray).
+#[cfg(all(feature = "wgpu", feature = "flex"))]
 #[test]
 fn wgpu_more_rows_than_one_dispatch_dimension() {
     use burn_distill::testing::mismatches;
@@ -524,12 +480,8 @@ fn wgpu_more_rows_than_one_dispatch_dimension() {
         .flat_map(|r| [-0.3 - (r % 5) as f32 * 0.1, -2.0])
         .collect();
     let targets: Vec<i64> = (0..n).map(|r| ((r * 5) % v) as i64).collect();
-    fn run<P: burn::tensor::backend::AutodiffBackend + burn_distill::DistillBackend>(
-        device: &P::Device,
-        kernel: Kernel,
-        [n, v, k]: [usize; 3],
-        data: (&[f32], &[i64], &[f32], &[i64]),
-    ) -> (Vec<f64>, Vec<f64>) {
+    let run = |device: &Device, kernel: Kernel| {
+        let device = &device.clone().autodiff();
         let loss = SparseDistillLossConfig::new(
             DistillLossConfig::new()
                 .with_temperature(2.0)
@@ -537,26 +489,17 @@ fn wgpu_more_rows_than_one_dispatch_dimension() {
                 .with_kernel(kernel),
         )
         .init();
-        let s = Tensor::<P, 2>::from_data(TensorData::new(data.0.to_vec(), [n, v]), device)
-            .require_grad();
+        let s = floats(&student, [n, v], device).require_grad();
         let teacher = SparseTeacher::new(
-            Tensor::<P, 2, Int>::from_data(TensorData::new(data.1.to_vec(), [n, k]), device),
-            Tensor::<P, 2>::from_data(TensorData::new(data.2.to_vec(), [n, k]), device),
+            ints2(&indices, [n, k], device),
+            floats(&log_probs, [n, k], device),
         );
-        let y = Tensor::<P, 1, Int>::from_data(TensorData::new(data.3.to_vec(), [n]), device);
-        let value = loss.forward(s.clone(), teacher, y);
+        let value = loss.forward(s.clone(), teacher, ints1(&targets, device));
         let grad = s.grad(&value.backward()).unwrap();
         (values(value), values(grad))
-    }
-    let data = (&student[..], &indices[..], &log_probs[..], &targets[..]);
-    let (fl, fg) = run::<Autodiff<burn::backend::Wgpu>>(
-        &burn_distill::testing::wgpu_device(),
-        Kernel::Fused,
-        [n, v, k],
-        data,
-    );
-    let (rl, rg) =
-        run::<Autodiff<NdArray>>(&Default::default(), Kernel::Reference, [n, v, k], data);
+    };
+    let (fl, fg) = run(&burn_distill::testing::wgpu_device(), Kernel::Fused);
+    let (rl, rg) = run(&Device::flex(), Kernel::Reference);
     let mut failures = mismatches("loss", &fl, &rl, 1e-6, 1e-4);
     failures.extend(mismatches("grad", &fg, &rg, 1e-10, 1e-3));
     assert!(fg.iter().any(|g| *g != 0.0));
@@ -564,14 +507,17 @@ fn wgpu_more_rows_than_one_dispatch_dimension() {
 }
 
 /// k = 300 entries per row (more than the 256 units of the GPU kernel's cube: each unit ranks
-/// several) against the composed path; k = 513, past the kernel's shared memory, runs the
-/// composed path under `Kernel::Auto` and is refused by name under `Kernel::Fused`.
+/// several) against the composed path; k = 513, past the kernel's shared memory
+/// (`MAX_SPARSE_K`), runs the composed path under `Kernel::Auto` and is refused by name under
+/// `Kernel::Fused`.
 #[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_many_entries_per_row() {
+    use burn::tensor::DType;
+    use burn_distill::backend::{MAX_SPARSE_K, has_sparse_fused_kernel};
     use burn_distill::testing::mismatches;
-    type P = Autodiff<burn::backend::Wgpu>;
-    let device = burn_distill::testing::wgpu_device();
+    let device = burn_distill::testing::wgpu_device().autodiff();
+    assert_eq!(MAX_SPARSE_K, 512);
     let (n, v) = (5, 700);
     let student: Vec<f32> = (0..n * v)
         .map(|i| (((i as f64 + 1.0) * 0.37).sin() * 4.0) as f32)
@@ -580,11 +526,11 @@ fn wgpu_many_entries_per_row() {
         .map(|i| (((i as f64 + 1.0) * 0.11).sin() * 4.0) as f32)
         .collect();
     for k in [300, 513] {
-        let top = SparseTeacher::from_logits(
-            Tensor::<P, 2>::from_data(TensorData::new(teacher_logits.clone(), [n, v]), &device),
-            k,
-            1.0,
+        assert_eq!(
+            has_sparse_fused_kernel(&device, DType::F32, k),
+            k <= MAX_SPARSE_K
         );
+        let top = SparseTeacher::from_logits(floats(&teacher_logits, [n, v], &device), k, 1.0);
         let run = |kernel: Kernel| {
             let loss = SparseDistillLossConfig::new(
                 DistillLossConfig::new()
@@ -594,12 +540,8 @@ fn wgpu_many_entries_per_row() {
                     .with_kernel(kernel),
             )
             .init();
-            let s = Tensor::<P, 2>::from_data(TensorData::new(student.clone(), [n, v]), &device)
-                .require_grad();
-            let y = Tensor::<P, 1, Int>::from_data(
-                TensorData::new(vec![3i64, 9, 0, 699, 5], [n]),
-                &device,
-            );
+            let s = floats(&student, [n, v], &device).require_grad();
+            let y = ints1(&[3, 9, 0, 699, 5], &device);
             loss.try_forward_parts(s.clone(), top.clone(), Some(y))
                 .map(|out| {
                     let grad = s.grad(&out.loss.backward()).unwrap();

@@ -1,11 +1,10 @@
 //! The step-by-step distillation example: its task encoding (prompt, trace, answer, masking)
-//! and a tiny end-to-end run in which the distilled student's loss must fall.
-#![cfg(feature = "ndarray")]
+//! and a tiny end-to-end run in which the distilled student's loss must fall (on Flex).
 
 #[path = "../examples/step_by_step.rs"]
 mod step_by_step;
 
-use burn::backend::{Autodiff, NdArray};
+use burn::tensor::Device;
 use clap::Parser;
 use step_by_step::{
     EOS, Examples, IGNORE, PLUS, Problem, Rng, Settings, THEN, answer, problems, prompt,
@@ -97,7 +96,7 @@ fn tiny_experiment_runs_and_learns() {
         "1",
         "--quiet",
     ]);
-    let r = step_by_step::run::<Autodiff<NdArray>>(&settings, &Default::default());
+    let r = step_by_step::run(&settings, &Device::flex());
     for acc in [
         r.teacher,
         r.teacher_trace_accuracy,

@@ -1,19 +1,21 @@
 //! The offline teacher store: round trips (indices bit-exact, values within f16/bf16 rounding,
 //! several chunks, random access), the loss from stored values, atomic writing, and every
-//! corruption and mismatch case as a clear error.
-#![cfg(feature = "ndarray")]
+//! corruption and mismatch case as a clear error; rows and `[B, T, k]` sequences. On Flex
+//! (0.1 ran these on NdArray).
+#![cfg(feature = "flex")]
 
 use std::path::{Path, PathBuf};
 
-use burn::backend::NdArray;
-use burn::tensor::{Bool, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use burn_distill::store::{
     StoreError, StoreValues, TeacherStore, TeacherStoreConfig, TeacherStoreWriter,
 };
 use burn_distill::{DistillLossConfig, SparseDistillLossConfig, SparseTeacher};
 use half::{bf16, f16};
 
-type B = NdArray;
+fn device() -> Device {
+    Device::flex()
+}
 
 fn temp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("burn-distill-store-{}", std::process::id()));
@@ -115,7 +117,7 @@ fn round_trip_is_bit_exact_for_indices_and_rounds_values_once() {
             assert_eq!(v, log_probs[range.start * k..range.end * k]);
         }
         // Random access and batches as SparseTeacher: the same values as `read_rows`.
-        let g = store.gather::<B>(&[22, 0, 9], &Default::default()).unwrap();
+        let g = store.gather(&[22, 0, 9], &device()).unwrap();
         let (mut want_i, mut want_v) = (Vec::new(), Vec::new());
         for r in [22, 0, 9] {
             want_i.extend_from_slice(&indices[r * k..(r + 1) * k]);
@@ -124,7 +126,7 @@ fn round_trip_is_bit_exact_for_indices_and_rounds_values_once() {
         assert_eq!(values_i(g.indices().clone()), want_i);
         assert_eq!(values_f(g.log_probs().clone()), want_v);
         let (mut all_i, mut sizes) = (Vec::new(), Vec::new());
-        for t in store.batches::<B>(10, &Default::default()) {
+        for t in store.batches(10, &device()) {
             let t = t.unwrap();
             sizes.push(t.dims()[0]);
             all_i.extend(values_i(t.indices().clone()));
@@ -139,17 +141,15 @@ fn round_trip_is_bit_exact_for_indices_and_rounds_values_once() {
 
 #[test]
 fn the_loss_from_stored_values_is_the_loss_of_the_rounded_teacher() {
-    let device = Default::default();
+    let device = device();
     let (n, v, k) = (6, 40, 8);
     let logit = |i: usize, s: f64| (((i as f64 + 1.0) * s).sin() * 4.0) as f32;
     let teacher: Vec<f32> = (0..n * v).map(|i| logit(i, 0.37)).collect();
     let student: Vec<f32> = (0..n * v).map(|i| logit(i, 0.91)).collect();
-    let teacher = Tensor::<B, 2>::from_data(TensorData::new(teacher, [n, v]), &device);
-    let student = Tensor::<B, 2>::from_data(TensorData::new(student, [n, v]), &device);
-    let targets = Tensor::<B, 1, Int>::from_data(
-        TensorData::new(vec![1i64, 5, -100, 39, 0, 7], [n]),
-        &device,
-    );
+    let teacher = Tensor::<2>::from_data(TensorData::new(teacher, [n, v]), &device);
+    let student = Tensor::<2>::from_data(TensorData::new(student, [n, v]), &device);
+    let targets =
+        Tensor::<1, Int>::from_data(TensorData::new(vec![1i64, 5, -100, 39, 0, 7], [n]), &device);
     let path = temp("loss.safetensors");
     let mut w = TeacherStoreWriter::create(&path, TeacherStoreConfig::new(v, k).with_chunk_rows(4))
         .unwrap();
@@ -157,7 +157,7 @@ fn the_loss_from_stored_values_is_the_loss_of_the_rounded_teacher() {
     w.finish().unwrap();
     let store = TeacherStore::open(&path).unwrap();
     store.check(v, k).unwrap();
-    let stored = store.batch::<B>(0..n, &device).unwrap();
+    let stored = store.batch(0..n, &device).unwrap();
     let direct = SparseTeacher::from_logits(teacher, k, 1.0);
     // The same teacher with its log-probabilities rounded to f16 (toward −∞) by hand.
     let (di, dv) = {
@@ -177,13 +177,13 @@ fn the_loss_from_stored_values_is_the_loss_of_the_rounded_teacher() {
         (i, v)
     };
     let rounded = SparseTeacher::new(
-        Tensor::<B, 2, Int>::from_data(TensorData::new(di, [n, k]), &device),
-        Tensor::<B, 2>::from_data(TensorData::new(dv, [n, k]), &device),
+        Tensor::<2, Int>::from_data(TensorData::new(di, [n, k]), &device),
+        Tensor::<2>::from_data(TensorData::new(dv, [n, k]), &device),
     );
     let loss = SparseDistillLossConfig::new(DistillLossConfig::new().with_temperature(2.0)).init();
-    let value = |t: SparseTeacher<B>| {
+    let value = |t: SparseTeacher| {
         loss.forward(student.clone(), t, targets.clone())
-            .into_scalar()
+            .into_scalar::<f32>()
     };
     let (from_store, from_rounded, exact) = (value(stored), value(rounded), value(direct));
     assert_eq!(from_store, from_rounded);
@@ -195,25 +195,26 @@ fn the_loss_from_stored_values_is_the_loss_of_the_rounded_teacher() {
     std::fs::remove_file(&path).unwrap();
 }
 
-fn values_i(t: Tensor<B, 2, Int>) -> Vec<i64> {
-    t.into_data().convert::<i64>().to_vec().unwrap()
+/// Int tensors are i32 on Flex: read back as i64.
+fn values_i<const D: usize>(t: Tensor<D, Int>) -> Vec<i64> {
+    t.into_data().iter::<i64>().collect()
 }
-fn values_f(t: Tensor<B, 2>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec().unwrap()
+fn values_f<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().iter::<f32>().collect()
 }
 
 #[test]
 fn masked_entries_are_stored_as_missing() {
-    let device = Default::default();
+    let device = device();
     let path = temp("mask.safetensors");
-    let teacher = SparseTeacher::<B>::new(
+    let teacher = SparseTeacher::new(
         Tensor::from_data(TensorData::new(vec![3i64, 99, 1, 2], [2, 2]), &device),
         Tensor::from_data(
             TensorData::new(vec![-0.1f32, 5.0, -1.0, -2.0], [2, 2]),
             &device,
         ),
     )
-    .with_mask(Tensor::<B, 2, Bool>::from_data(
+    .with_mask(Tensor::<2, Bool>::from_data(
         TensorData::new(vec![true, false, true, true], [2, 2]),
         &device,
     ));
@@ -251,7 +252,7 @@ fn bad_rows_and_settings_are_named() {
     // Nothing of the bad calls was appended.
     assert_eq!(w.rows(), 2);
     let e = err(w
-        .append_logits(Tensor::<B, 2>::zeros([1, 11], &Default::default()))
+        .append_logits(Tensor::<2>::zeros([1, 11], &device()))
         .unwrap_err());
     assert!(e.contains("[1, 11]") && e.contains("[N, 10]"), "{e}");
     drop(w);
@@ -633,15 +634,31 @@ fn gathered_and_read_ahead_batches_equal_read_rows() {
     std::fs::remove_file(&path).unwrap();
 }
 
+/// The message of a panic of `f`.
+#[cfg(feature = "dataset")]
+fn panic_message<T>(f: impl FnOnce() -> T) -> String {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(_) => panic!("no panic"),
+        Err(payload) => payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default(),
+    }
+}
+
 /// The store as a burn `Dataset` of sequences aligned with a token dataset, batched into one
-/// `SparseTeacher` by burn's data loader, equal to the stored rows.
+/// `SparseTeacher` by burn's data loader, equal to the stored rows; in 0.2 also into `[B, T, k]`
+/// sequences (`TeacherSeqBatcher`), and a damaged chunk is the loader's error.
 #[cfg(feature = "dataset")]
 #[test]
 fn dataset_and_batcher_feed_a_data_loader() {
     use burn::data::dataloader::DataLoaderBuilder;
     use burn::data::dataloader::batcher::Batcher;
     use burn::data::dataset::{Dataset, InMemDataset};
-    use burn_distill::store::{AlignedDataset, HostTeacher, TeacherBatcher, TeacherStoreDataset};
+    use burn_distill::store::{
+        AlignedDataset, HostTeacher, TeacherBatcher, TeacherSeqBatcher, TeacherStoreDataset,
+    };
     let path = temp("dataset.safetensors");
     let (k, t, items) = (3, 8, 12);
     write(
@@ -656,19 +673,25 @@ fn dataset_and_batcher_feed_a_data_loader() {
     let item = teacher.get(5).unwrap();
     let (i, v) = store.read_rows(5 * t..6 * t).unwrap();
     assert_eq!((item.indices, item.log_probs.len()), (i, v.len()));
-    assert!(teacher.get(items).is_none());
+    // 0.1's `get(items)` was `None`; burn 0.22's `Dataset::get` panics past the end (its
+    // contract, as a slice's indexing), naming the item and the count.
+    let e = panic_message(|| teacher.get(items));
+    assert!(
+        e.contains("item 12 is out of range") && e.contains("12 items of 8 rows"),
+        "{e}"
+    );
     // Token items: the sequence number.
-    let tokens = InMemDataset::new((0..items).collect::<Vec<usize>>());
+    let tokens = || InMemDataset::new((0..items).collect::<Vec<usize>>());
     assert!(AlignedDataset::new(InMemDataset::new(vec![0usize; 3]), teacher.clone()).is_err());
-    let aligned = AlignedDataset::new(tokens, teacher).unwrap();
+    let aligned = AlignedDataset::new(tokens(), teacher.clone()).unwrap();
     #[derive(Clone)]
     struct Pairs;
-    impl Batcher<B, (usize, HostTeacher), (Vec<usize>, SparseTeacher<B>)> for Pairs {
+    impl Batcher<(usize, HostTeacher), (Vec<usize>, SparseTeacher)> for Pairs {
         fn batch(
             &self,
             items: Vec<(usize, HostTeacher)>,
-            device: &burn::tensor::Device<B>,
-        ) -> (Vec<usize>, SparseTeacher<B>) {
+            device: &Device,
+        ) -> (Vec<usize>, SparseTeacher) {
             let (seqs, teachers): (Vec<_>, Vec<_>) = items.into_iter().unzip();
             (seqs, TeacherBatcher.batch(teachers, device))
         }
@@ -677,12 +700,14 @@ fn dataset_and_batcher_feed_a_data_loader() {
         .batch_size(5)
         .shuffle(3)
         .num_workers(2)
+        .set_device(device())
         .build(aligned);
     let mut seen = 0;
-    for (seqs, teacher) in loader.iter() {
+    for batch in loader.iter() {
+        let (seqs, teacher) = batch.unwrap();
         assert_eq!(teacher.dims(), [seqs.len() * t, k]);
         let rows: Vec<usize> = seqs.iter().flat_map(|s| s * t..(s + 1) * t).collect();
-        let want = store.gather::<B>(&rows, &Default::default()).unwrap();
+        let want = store.gather(&rows, &device()).unwrap();
         assert_eq!(
             values_i(teacher.indices().clone()),
             values_i(want.indices().clone())
@@ -690,5 +715,433 @@ fn dataset_and_batcher_feed_a_data_loader() {
         seen += seqs.len();
     }
     assert_eq!(seen, items);
+    // The same items as `[B, T, k]` sequences.
+    #[derive(Clone)]
+    struct Sequences;
+    impl Batcher<(usize, HostTeacher), (Vec<usize>, SparseTeacher<3>)> for Sequences {
+        fn batch(
+            &self,
+            items: Vec<(usize, HostTeacher)>,
+            device: &Device,
+        ) -> (Vec<usize>, SparseTeacher<3>) {
+            let (seqs, teachers): (Vec<_>, Vec<_>) = items.into_iter().unzip();
+            (seqs, TeacherSeqBatcher.batch(teachers, device))
+        }
+    }
+    let loader = DataLoaderBuilder::new(Sequences)
+        .batch_size(5)
+        .shuffle(4)
+        .num_workers(2)
+        .set_device(device())
+        .build(AlignedDataset::new(tokens(), teacher.clone()).unwrap());
+    let mut seen = 0;
+    for batch in loader.iter() {
+        let (seqs, teacher) = batch.unwrap();
+        assert_eq!(teacher.dims(), [seqs.len(), t, k]);
+        let want = store.gather_seq(&seqs, t, &device()).unwrap();
+        assert_eq!(
+            values_i(teacher.indices().clone()),
+            values_i(want.indices().clone())
+        );
+        let same = values_f(teacher.log_probs().clone())
+            .iter()
+            .zip(&values_f(want.log_probs().clone()))
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "sequences {seqs:?}");
+        seen += seqs.len();
+    }
+    assert_eq!(seen, items);
+    let item_of = |rows: usize| HostTeacher {
+        rows,
+        k,
+        indices: vec![0; rows * k],
+        log_probs: vec![-1.0; rows * k],
+    };
+    let e = panic_message(|| TeacherSeqBatcher.batch(vec![item_of(2), item_of(3)], &device()));
+    assert!(e.contains("2 and 3 rows"), "{e}");
+    // A damaged chunk (the last: rows 80..96 of chunks of 20) is an error, not a panic: the
+    // `Dataset`'s `DatasetError` holds the `StoreError`, and a loader yields it.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x10;
+    let damaged = temp("dataset-damaged.safetensors");
+    std::fs::write(&damaged, &bytes).unwrap();
+    let store = std::sync::Arc::new(TeacherStore::open(&damaged).unwrap());
+    let teacher = TeacherStoreDataset::new(store, t).unwrap();
+    assert!(teacher.get(0).is_ok());
+    let e = teacher.get(items - 1).unwrap_err();
+    let source = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<StoreError>())
+        .expect("a StoreError");
+    assert!(matches!(source, StoreError::Corrupt { .. }), "{source}");
+    assert!(
+        e.to_string().contains("checksum mismatch in chunk 4"),
+        "{e}"
+    );
+    let loader = DataLoaderBuilder::new(Pairs)
+        .batch_size(5)
+        .num_workers(2)
+        .set_device(device())
+        .build(AlignedDataset::new(tokens(), teacher).unwrap());
+    let errors: Vec<String> = loader
+        .iter()
+        .filter_map(|batch| batch.err().map(|e| e.to_string()))
+        .collect();
+    assert!(!errors.is_empty(), "the loader hid the damaged chunk");
+    assert!(
+        errors
+            .iter()
+            .all(|e| e.contains("checksum mismatch in chunk 4")),
+        "{errors:?}"
+    );
     std::fs::remove_file(&path).unwrap();
+    std::fs::remove_file(&damaged).unwrap();
+}
+
+/// 0.2: the writer takes `[B, T, k]` teachers and `[B, T, V]` logits (their tokens row-major:
+/// the same store as their flattened rows), the reader hands back `[B, T, k]` sequences
+/// (`batch_seq`, `gather_seq`, `HostTeacher::to_teacher_seq`) equal to the stored rows, and
+/// bad entries and shapes are named as the caller passed them.
+#[test]
+fn sequences_are_written_and_read_in_the_callers_shape() {
+    let device = device();
+    let (b, t, k, vocab) = (3, 5, 4, 300);
+    let (i, v) = rows(b * t, k, vocab, 21);
+    // Every 5th entry masked, with an index and a value behind it that would be errors.
+    let (mut i_bad, mut v_bad, mut mask) = (i.clone(), v.clone(), vec![true; b * t * k]);
+    for e in (3..b * t * k).step_by(5) {
+        (i_bad[e], v_bad[e], mask[e]) = (9999, 7.0, false);
+    }
+    let seq = SparseTeacher::new(
+        Tensor::<3, Int>::from_data(TensorData::new(i_bad.clone(), [b, t, k]), &device),
+        Tensor::<3>::from_data(TensorData::new(v_bad.clone(), [b, t, k]), &device),
+    )
+    .with_mask(Tensor::<3, Bool>::from_data(
+        TensorData::new(mask.clone(), [b, t, k]),
+        &device,
+    ));
+    let flat = SparseTeacher::new(
+        Tensor::<2, Int>::from_data(TensorData::new(i_bad, [b * t, k]), &device),
+        Tensor::<2>::from_data(TensorData::new(v_bad, [b * t, k]), &device),
+    )
+    .with_mask(Tensor::<2, Bool>::from_data(
+        TensorData::new(mask, [b * t, k]),
+        &device,
+    ));
+    let config = TeacherStoreConfig::new(vocab, k).with_chunk_rows(4);
+    let (p_seq, p_rows) = (temp("seq.safetensors"), temp("seq-rows.safetensors"));
+    let mut w = TeacherStoreWriter::create(&p_seq, config.clone()).unwrap();
+    w.append_seq(&seq).unwrap();
+    w.append_seq(&seq).unwrap();
+    assert_eq!(w.finish().unwrap().rows, 2 * b * t);
+    let mut w = TeacherStoreWriter::create(&p_rows, config.clone()).unwrap();
+    w.append(&flat).unwrap();
+    w.append(&flat).unwrap();
+    w.finish().unwrap();
+    let store = TeacherStore::open(&p_seq).unwrap();
+    let (all_i, all_v) = store.read_rows(0..2 * b * t).unwrap();
+    assert_eq!(
+        (all_i.clone(), all_v.clone()),
+        TeacherStore::open(&p_rows)
+            .unwrap()
+            .read_rows(0..2 * b * t)
+            .unwrap()
+    );
+    assert_eq!(all_v[3], f32::NEG_INFINITY);
+    assert_eq!(all_i[..3], i[..3]);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    // Sequences 2..5 of the 2·B sequences of T tokens: rows 2T..5T.
+    let s = store.batch_seq(2..5, t, &device).unwrap();
+    assert_eq!(s.dims(), [3, t, k]);
+    assert_eq!(values_i(s.indices().clone()), all_i[2 * t * k..5 * t * k]);
+    assert_eq!(
+        bits(&values_f(s.log_probs().clone())),
+        bits(&all_v[2 * t * k..5 * t * k])
+    );
+    assert_eq!(store.batch_seq(6..6, t, &device).unwrap().dims(), [0, t, k]);
+    // A shuffled batch of sequences, repeated and across chunks.
+    let order = [4, 0, 4, 1];
+    let rows_of: Vec<usize> = order.iter().flat_map(|s| s * t..(s + 1) * t).collect();
+    let g = store.gather_seq(&order, t, &device).unwrap();
+    assert_eq!(g.dims(), [4, t, k]);
+    let want = store.gather(&rows_of, &device).unwrap();
+    assert_eq!(
+        values_i(g.indices().clone()),
+        values_i(want.indices().clone())
+    );
+    assert_eq!(
+        bits(&values_f(g.log_probs().clone())),
+        bits(&values_f(want.log_probs().clone()))
+    );
+    let host = store.gather_host(&rows_of).unwrap();
+    let h = host.clone().to_teacher_seq([4, t], &device).unwrap();
+    assert_eq!(h.dims(), [4, t, k]);
+    assert_eq!(values_i(h.indices().clone()), values_i(g.indices().clone()));
+    let e = host
+        .to_teacher_seq([3, t], &device)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("[3, 5]") && e.contains("B·T = 20"), "{e}");
+    // Sequence lengths that do not divide the rows, sequences outside the store.
+    for seq_len in [0, 7] {
+        let e = store
+            .batch_seq(0..1, seq_len, &device)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("invalid seq_len: got {seq_len},")) && e.contains("30 rows"),
+            "{e}"
+        );
+        let e = store
+            .gather_seq(&[0], seq_len, &device)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("seq_len"), "{e}");
+    }
+    let e = store.batch_seq(5..7, t, &device).unwrap_err().to_string();
+    assert!(
+        e.contains("5..7") && e.contains("within 0..6 (of 5 rows each)"),
+        "{e}"
+    );
+    let e = store
+        .gather_seq(&[1, 6], t, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sequence 6") && e.contains("0..6"), "{e}");
+    // `[B, T, V]` logits: the top-k of their tokens, as of the flattened rows.
+    let logits: Vec<f32> = (0..2 * 3 * vocab)
+        .map(|x| ((x as f32 + 1.0) * 0.37).sin() * 4.0)
+        .collect();
+    let logits = Tensor::<3>::from_data(TensorData::new(logits, [2, 3, vocab]), &device);
+    let (p_lseq, p_lrows) = (
+        temp("seq-logits.safetensors"),
+        temp("seq-logits-rows.safetensors"),
+    );
+    let mut w = TeacherStoreWriter::create(&p_lseq, config.clone()).unwrap();
+    w.append_logits_seq(logits.clone()).unwrap();
+    w.finish().unwrap();
+    let mut w = TeacherStoreWriter::create(&p_lrows, config.clone()).unwrap();
+    w.append_logits(logits.clone().reshape([6, vocab])).unwrap();
+    w.finish().unwrap();
+    let (li, lv) = TeacherStore::open(&p_lseq)
+        .unwrap()
+        .read_rows(0..6)
+        .unwrap();
+    assert_eq!((li, bits(&lv)), {
+        let (i, v) = TeacherStore::open(&p_lrows)
+            .unwrap()
+            .read_rows(0..6)
+            .unwrap();
+        (i, bits(&v))
+    });
+    // Bad sequences: named at the token `[b, t]`, the entry and the row of the store.
+    let mut w = TeacherStoreWriter::create(temp("seq-bad.safetensors"), config).unwrap();
+    w.append_rows(&i[..2 * k], &v[..2 * k]).unwrap();
+    let with = |at: usize, index: i64, lp: f32| {
+        let (mut i, mut v) = (i.clone(), v.clone());
+        (i[at], v[at]) = (index, lp);
+        SparseTeacher::new(
+            Tensor::<3, Int>::from_data(TensorData::new(i, [b, t, k]), &device),
+            Tensor::<3>::from_data(TensorData::new(v, [b, t, k]), &device),
+        )
+    };
+    // Token [1, 2] is row 1·T + 2 = 7 of the call, 9 of the store.
+    let e = w
+        .append_seq(&with((t + 2) * k + 3, 300, -1.0))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("indices (token [1, 2], entry 3; row 9 of the store)")
+            && e.contains("got 300,")
+            && e.contains("[0, 300)"),
+        "{e}"
+    );
+    let e = w
+        .append_seq(&with((2 * t + 4) * k, 5, 0.5))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("log_probs (token [2, 4], entry 0; row 16 of the store)") && e.contains("0.5"),
+        "{e}"
+    );
+    let e = w
+        .append_seq(&SparseTeacher::new(
+            Tensor::<3, Int>::zeros([1, 2, 3], &device),
+            Tensor::<3>::zeros([1, 2, 3], &device),
+        ))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("shape [1, 2, 3] (k = 3)") && e.contains("[B, T, 4]"),
+        "{e}"
+    );
+    let e = w
+        .append(&SparseTeacher::new(
+            Tensor::<2, Int>::zeros([2, 3], &device),
+            Tensor::<2>::zeros([2, 3], &device),
+        ))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("shape [2, 3] (k = 3)") && e.contains("[N, 4]"),
+        "{e}"
+    );
+    let e = w
+        .append_logits_seq(Tensor::<3>::zeros([2, 3, 301], &device))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("[2, 3, 301]") && e.contains("[B, T, 300]"),
+        "{e}"
+    );
+    // Nothing of the bad calls was appended.
+    assert_eq!(w.rows(), 2);
+    drop(w);
+    for path in [p_seq, p_rows, p_lseq, p_lrows] {
+        std::fs::remove_file(path).unwrap();
+    }
+}
+
+/// The rows of the 0.1 fixtures (`tests/fixtures/store-0.1-*.safetensors`): distinct indices per
+/// row, the largest index, a log-probability of exactly 0 and one in `(0, 1e-3]` (stored as 0),
+/// and every 4th entry missing (`−∞`).
+fn fixture_rows(rows: usize, k: usize, vocab: usize) -> (Vec<i64>, Vec<f32>) {
+    let (mut indices, mut values) = (Vec::new(), Vec::new());
+    for r in 0..rows {
+        for j in 0..k {
+            let e = r * k + j;
+            indices.push(((r * 7919 + j * 104_729) % vocab) as i64);
+            values.push(if e % 4 == 3 {
+                f32::NEG_INFINITY
+            } else {
+                -(e as f32) * 0.37
+            });
+        }
+    }
+    indices[0] = vocab as i64 - 1;
+    values[0] = 0.0;
+    values[6] = 0.0005;
+    (indices, values)
+}
+
+/// Stores written by 0.1's own writer (burn-distill 0.1.0's `src/store/`, unchanged, on burn
+/// 0.21: `append_rows` of `fixture_rows` in two calls, the second starting inside a chunk, and
+/// the metadata `teacher` and `written-by`): f16 with 16-bit indices in chunks of 3 rows (the
+/// last of one row), and bf16 with 130 one-bit indices (two bit-packed blocks, the last
+/// partial). 0.2 reads them to the bit, and writes the same store from the same calls: the same
+/// header entries and the same tensor bytes, byte for byte (only the order of the header's keys
+/// may differ: safetensors writes a hash map, in 0.1 as in 0.2).
+#[test]
+fn stores_written_by_0_1_read_to_the_bit_and_0_2_writes_the_same_bytes() {
+    use safetensors::SafeTensors;
+    for (name, vocab, k, values, chunk_rows, rows, t_gen, bits) in [
+        (
+            "store-0.1-f16.safetensors",
+            50_000,
+            5,
+            StoreValues::F16,
+            3,
+            7,
+            0.7,
+            16,
+        ),
+        (
+            "store-0.1-bf16.safetensors",
+            2,
+            1,
+            StoreValues::Bf16,
+            1000,
+            130,
+            1.0,
+            1,
+        ),
+    ] {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name);
+        let store = TeacherStore::open(&fixture).unwrap();
+        let info = store.info().clone();
+        assert_eq!(
+            (
+                info.version,
+                info.vocab,
+                info.k,
+                info.index_bits,
+                info.values
+            ),
+            (1, vocab, k, bits, values),
+            "{name}"
+        );
+        assert_eq!((info.rows, info.chunk_rows), (rows, chunk_rows), "{name}");
+        assert_eq!(info.generation_temperature, t_gen, "{name}");
+        assert_eq!(info.metadata["teacher"], "fixture-teacher", "{name}");
+        assert_eq!(info.metadata["written-by"], "burn-distill 0.1.0", "{name}");
+        store.check_metadata("teacher", "fixture-teacher").unwrap();
+        let (want_i, want_v) = fixture_rows(rows, k, vocab);
+        let (got_i, got_v) = store.read_rows(0..rows).unwrap();
+        for (p, ((gi, gv), (wi, wv))) in got_i
+            .iter()
+            .zip(&got_v)
+            .zip(want_i.iter().zip(&want_v))
+            .enumerate()
+        {
+            assert_eq!(
+                gv.to_bits(),
+                values.quantize(*wv).to_bits(),
+                "{name}: value {p}"
+            );
+            let index = if *wv == f32::NEG_INFINITY { 0 } else { *wi };
+            assert_eq!(*gi, index, "{name}: index {p}");
+        }
+        assert_eq!(got_v[6], 0.0);
+        let teacher = store.batch(0..rows, &device()).unwrap();
+        assert_eq!(values_i(teacher.indices().clone()), got_i, "{name}");
+        // The same calls through 0.2's writer.
+        let path = temp(&format!("0.2-{name}"));
+        let config = TeacherStoreConfig::new(vocab, k)
+            .with_values(values)
+            .with_chunk_rows(chunk_rows)
+            .with_generation_temperature(t_gen);
+        let mut w = TeacherStoreWriter::create(&path, config).unwrap();
+        w.set_metadata("teacher", "fixture-teacher").unwrap();
+        w.set_metadata("written-by", "burn-distill 0.1.0").unwrap();
+        let split = (rows / 2) * k;
+        w.append_rows(&want_i[..split], &want_v[..split]).unwrap();
+        w.append_rows(&want_i[split..], &want_v[split..]).unwrap();
+        assert_eq!(w.finish().unwrap(), info, "{name}");
+        let (old, new) = (
+            std::fs::read(&fixture).unwrap(),
+            std::fs::read(&path).unwrap(),
+        );
+        let (old_len, old_meta) = SafeTensors::read_metadata(&old).unwrap();
+        let (new_len, new_meta) = SafeTensors::read_metadata(&new).unwrap();
+        assert_eq!(
+            old_meta.metadata(),
+            new_meta.metadata(),
+            "{name}: header entries"
+        );
+        assert_eq!((old_len, old.len()), (new_len, new.len()), "{name}: sizes");
+        assert!(
+            old[8 + old_len..] == new[8 + new_len..],
+            "{name}: tensor bytes"
+        );
+        let (old_t, new_t) = (
+            SafeTensors::deserialize(&old).unwrap(),
+            SafeTensors::deserialize(&new).unwrap(),
+        );
+        let mut names = old_t.names();
+        names.sort();
+        let mut new_names = new_t.names();
+        new_names.sort();
+        assert_eq!(names, new_names, "{name}");
+        for tensor in names {
+            let (a, b) = (old_t.tensor(tensor).unwrap(), new_t.tensor(tensor).unwrap());
+            assert_eq!(
+                (a.dtype(), a.shape(), a.data()),
+                (b.dtype(), b.shape(), b.data()),
+                "{name}: {tensor}"
+            );
+        }
+        std::fs::remove_file(&path).unwrap();
+    }
 }

@@ -20,11 +20,15 @@
 //! ```text
 //! cargo run --release --example lm -- --quick            # ≤ 10 minutes on 2 cores
 //! cargo run --release --example lm -- --seeds 3 --json target/lm.json --plot target/lm.svg
+//! cargo run --release --features wgpu --example lm -- --quick --device wgpu
 //! ```
 //!
 //! Metrics: held-out bits per byte on the test split (tokenizer-independent), teacher-scored
 //! bits per byte of each student's samples after test prompts, wall time, and the loss step's
-//! peak memory (`forward_linear` against materialised logits).
+//! peak memory (`forward_linear` against materialised logits; host heap, so meaningful on the
+//! CPU device only).
+//!
+//! burn 0.22: on Flex by default (0.1: NdArray), on wgpu with `--features wgpu --device wgpu`.
 
 mod data;
 mod model;
@@ -36,14 +40,43 @@ mod measure;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use burn::module::AutodiffModule;
 use burn::prelude::*;
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
 use model::LmConfig;
-use train::{B, I, STUDENTS, Settings, World};
+use train::{STUDENTS, Settings, World};
+
+/// Where the models train.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DeviceChoice {
+    /// burn's Flex CPU backend.
+    Flex,
+    /// wgpu (needs `--features wgpu`).
+    Wgpu,
+}
+
+impl DeviceChoice {
+    fn device(self) -> Device {
+        match self {
+            #[cfg(feature = "flex")]
+            DeviceChoice::Flex => Device::flex(),
+            #[cfg(not(feature = "flex"))]
+            DeviceChoice::Flex => {
+                eprintln!("--device flex needs a build with the `flex` feature (the default)");
+                std::process::exit(2)
+            }
+            #[cfg(feature = "wgpu")]
+            DeviceChoice::Wgpu => Device::wgpu(Default::default()),
+            #[cfg(not(feature = "wgpu"))]
+            DeviceChoice::Wgpu => {
+                eprintln!("--device wgpu needs a build with `--features wgpu`");
+                std::process::exit(2)
+            }
+        }
+    }
+}
 
 #[derive(Parser, Debug)]
 #[command(about = "Distil a language model on real text with every recipe of burn-distill")]
@@ -95,6 +128,9 @@ struct Args {
     /// Where the teacher is cached (keyed by its configuration).
     #[arg(long, default_value = "target/lm_cache")]
     cache: PathBuf,
+    /// The device the models train on.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Flex)]
+    device: DeviceChoice,
 }
 
 fn mean_std(v: &[f64]) -> (f64, f64) {
@@ -160,6 +196,7 @@ fn main() {
         );
     }
 
+    let device = args.device.device();
     let started = std::time::Instant::now();
     let corpus = data::corpus(args.data.as_deref()).expect("read the text");
     println!(
@@ -188,7 +225,7 @@ fn main() {
     );
     let data_key = train_text.len() ^ stream.len() << 20;
     let cache = args.cache.join(format!(
-        "teacher_{}x{}_v{}_c{}_s{}_{data_key:x}.mpk",
+        "teacher_{}x{}_v{}_c{}_s{}_{data_key:x}.bpk",
         s.teacher.d_model,
         s.teacher.layers,
         tok.vocab(),
@@ -197,7 +234,7 @@ fn main() {
     ));
     progress.set_message("teacher");
     let (teacher, teacher_curve) =
-        train::teacher(&s, &tok, &stream, &corpus.valid, &cache, &progress);
+        train::teacher(&s, &tok, &stream, &corpus.valid, &cache, &device, &progress);
     let teacher_i = teacher.valid();
     let teacher_test =
         train::bits_per_byte(&teacher_i, &tok, &corpus.test, s.test_bytes, s.context);
@@ -326,18 +363,18 @@ fn main() {
 
 /// Peak heap growth of one dense loss step (both models' forward, the student's backward) with
 /// `forward_linear` (the automatic chunk size, and 128-row chunks) and with materialised logits.
-fn loss_step_memory(s: &Settings, teacher: &model::Lm<B>, stream: &[u32]) -> (usize, usize, usize) {
-    let device = Default::default();
-    let student: model::Lm<B> = LmConfig {
+fn loss_step_memory(s: &Settings, teacher: &model::Lm, stream: &[u32]) -> (usize, usize, usize) {
+    let device = teacher.device().autodiff();
+    let student = LmConfig {
         vocab: teacher.head.weight.dims()[1],
         ..s.student.clone()
     }
     .init(&device);
     let teacher = teacher.clone().no_grad();
     let (inputs, targets) = train::split(&train::Windows::new(stream, s.context, 1).next(s.batch));
-    let x = train::ints2::<B>(&inputs, &device);
+    let x = train::ints2(&inputs, &device);
     let n = s.batch * s.context;
-    let y = Tensor::<B, 1, Int>::from_data(TensorData::new(targets.concat(), [n]), &device);
+    let y = Tensor::<1, Int>::from_data(TensorData::new(targets.concat(), [n]), &device);
     let config = burn_distill::DistillLossConfig::new();
     let mut peaks = Vec::new();
     for rows in [None, Some(128)] {
@@ -365,7 +402,6 @@ fn loss_step_memory(s: &Settings, teacher: &model::Lm<B>, stream: &[u32]) -> (us
         );
         let _ = v.backward();
     });
-    let _ = I::name(&device);
     (peaks[0], peaks[1], materialised)
 }
 

@@ -1,6 +1,9 @@
 //! A decoder-only transformer: token and position embeddings, pre-norm causal self-attention
 //! and MLP blocks (burn's `TransformerEncoder` with an autoregressive mask), a final norm and a
 //! linear head.
+//!
+//! burn 0.22: no backend generic; the model lives on the device it was initialised on (with
+//! autodiff for training, `model.valid()` without).
 
 use burn::module::Module;
 use burn::nn::attention::generate_autoregressive_mask;
@@ -20,16 +23,16 @@ pub struct LmConfig {
 }
 
 #[derive(Module, Debug)]
-pub struct Lm<B: Backend> {
-    tokens: Embedding<B>,
-    positions: Embedding<B>,
-    blocks: TransformerEncoder<B>,
-    norm: LayerNorm<B>,
-    pub head: Linear<B>,
+pub struct Lm {
+    tokens: Embedding,
+    positions: Embedding,
+    blocks: TransformerEncoder,
+    norm: LayerNorm,
+    pub head: Linear,
 }
 
 impl LmConfig {
-    pub fn init<B: Backend>(&self, device: &B::Device) -> Lm<B> {
+    pub fn init(&self, device: &Device) -> Lm {
         Lm {
             tokens: EmbeddingConfig::new(self.vocab, self.d_model).init(device),
             positions: EmbeddingConfig::new(self.context, self.d_model).init(device),
@@ -54,16 +57,21 @@ impl LmConfig {
     }
 }
 
-impl<B: Backend> Lm<B> {
+impl Lm {
+    /// The device of the model's parameters.
+    pub fn device(&self) -> Device {
+        self.head.weight.val().device()
+    }
+
     /// `[B, T]` tokens → `[B·T, D]` final hidden states (row `b·T + t` predicts token `t + 1`).
-    pub fn hidden(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+    pub fn hidden(&self, tokens: Tensor<2, Int>) -> Tensor<2> {
         let [b, t] = tokens.dims();
         let device = tokens.device();
-        let positions = Tensor::<B, 1, Int>::arange(0..t as i64, &device)
+        let positions = Tensor::<1, Int>::arange(0..t as i64, &device)
             .reshape([1, t])
             .repeat_dim(0, b);
         let x = self.tokens.forward(tokens) + self.positions.forward(positions);
-        let mask = generate_autoregressive_mask::<B>(b, t, &device);
+        let mask = generate_autoregressive_mask(b, t, &device);
         let x = self
             .blocks
             .forward(TransformerEncoderInput::new(x).mask_attn(mask));
@@ -72,7 +80,7 @@ impl<B: Backend> Lm<B> {
     }
 
     /// `[B, T]` tokens → `[B·T, V]` logits.
-    pub fn logits(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+    pub fn logits(&self, tokens: Tensor<2, Int>) -> Tensor<2> {
         self.head.forward(self.hidden(tokens))
     }
 }

@@ -1,11 +1,15 @@
 //! Training the teacher and the students, and measuring them.
+//!
+//! burn 0.22: no backend generic. The teacher and the students train on a device with autodiff
+//! (the one the caller initialised the teacher on); evaluation, sampling, the store's teacher
+//! and the API teacher of `sampled_token` run on `model.valid()`, on that device without
+//! autodiff.
 
 use std::time::Instant;
 
-use burn::backend::{Autodiff, NdArray};
-use burn::module::{AutodiffModule, Module};
+use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamConfig, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::activation;
 use burn_distill::cross::{
@@ -18,8 +22,6 @@ use burn_distill::{DistillLossConfig, Divergence, SparseDistillLossConfig};
 use crate::data::Tok;
 use crate::model::{Lm, LmConfig};
 
-pub type B = Autodiff<NdArray>;
-pub type I = NdArray;
 const IGNORE: i64 = -100;
 
 /// SplitMix64: the example's only randomness (data order, sampling), seeded.
@@ -94,7 +96,7 @@ impl<'a> Windows<'a> {
     }
 }
 
-pub fn ints2<Be: Backend>(rows: &[Vec<i64>], device: &Be::Device) -> Tensor<Be, 2, Int> {
+pub fn ints2(rows: &[Vec<i64>], device: &Device) -> Tensor<2, Int> {
     let (b, t) = (rows.len(), rows[0].len());
     let flat: Vec<i64> = rows.iter().flatten().copied().collect();
     Tensor::from_data(TensorData::new(flat, [b, t]), device)
@@ -124,17 +126,18 @@ fn lr_at(step: usize, steps: usize, lr: f64) -> f64 {
     lr * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()))
 }
 
-/// Adam over `steps` steps of `loss(model, step)`; validation bits per byte every
-/// `eval_every` steps (and at the end) through `eval`.
+/// Adam over `steps` steps of `loss(model, step)` (`model` on a device with autodiff);
+/// validation bits per byte every `eval_every` steps (and at the end) through `eval`, given
+/// `model.valid()`.
 pub fn fit(
-    mut model: Lm<B>,
+    mut model: Lm,
     steps: usize,
     lr: f64,
     eval_every: usize,
-    mut loss: impl FnMut(&Lm<B>, usize) -> Tensor<B, 1>,
-    mut eval: impl FnMut(&Lm<I>) -> f64,
+    mut loss: impl FnMut(&Lm, usize) -> Tensor<1>,
+    mut eval: impl FnMut(&Lm) -> f64,
     progress: &indicatif::ProgressBar,
-) -> (Lm<B>, Vec<(usize, f64)>) {
+) -> (Lm, Vec<(usize, f64)>) {
     let mut optim = AdamConfig::new().init();
     let mut curve = Vec::new();
     for step in 0..steps {
@@ -152,20 +155,15 @@ pub fn fit(
 
 /// Held-out bits per byte of `text` (its first `max_bytes` bytes, cut at a char boundary):
 /// windows of `context + 1` tokens overlapping by one, every token after the first predicted
-/// once; `−Σ log₂ p(token) / Σ bytes(token)` over the predicted tokens.
-pub fn bits_per_byte(
-    model: &Lm<I>,
-    tok: &Tok,
-    text: &str,
-    max_bytes: usize,
-    context: usize,
-) -> f64 {
+/// once; `−Σ log₂ p(token) / Σ bytes(token)` over the predicted tokens. `model`: without
+/// autodiff (`model.valid()`).
+pub fn bits_per_byte(model: &Lm, tok: &Tok, text: &str, max_bytes: usize, context: usize) -> f64 {
     let mut end = max_bytes.min(text.len());
     while !text.is_char_boundary(end) {
         end -= 1;
     }
     let ids = tok.encode(&text[..end]);
-    let device = Default::default();
+    let device = model.device();
     let (mut nats, mut bytes) = (0.0, 0usize);
     let windows: Vec<Vec<u32>> = ids
         .windows(context + 1)
@@ -174,28 +172,29 @@ pub fn bits_per_byte(
         .collect();
     for chunk in windows.chunks(16) {
         let (inputs, targets) = split(chunk);
-        let logits = model.logits(ints2::<I>(&inputs, &device));
+        let logits = model.logits(ints2(&inputs, &device));
         let n = chunk.len() * context;
         let flat: Vec<i64> = targets.iter().flatten().copied().collect();
         let lp = token_log_probs(
             logits,
             Tensor::from_data(TensorData::new(flat.clone(), [n]), &device),
         );
-        nats -= lp.sum().into_scalar() as f64;
+        nats -= lp.sum().into_scalar::<f64>();
         bytes += flat.iter().map(|&t| tok.bytes(t as u32)).sum::<usize>();
     }
     nats / std::f64::consts::LN_2 / bytes.max(1) as f64
 }
 
-/// `new` tokens sampled at temperature 1 after each prompt (`[b, p]`), on the inner backend.
+/// `new` tokens sampled at temperature 1 after each prompt (`[b, p]`), by `model` without
+/// autodiff (`model.valid()`).
 pub fn sample(
-    model: &Lm<I>,
+    model: &Lm,
     prompts: &[Vec<u32>],
     new: usize,
     context: usize,
     rng: &mut Rng,
 ) -> Vec<Vec<u32>> {
-    let device = Default::default();
+    let device = model.device();
     let mut seqs: Vec<Vec<u32>> = prompts.to_vec();
     for _ in 0..new {
         let rows: Vec<Vec<i64>> = seqs
@@ -208,13 +207,16 @@ pub fn sample(
             })
             .collect();
         let t = rows[0].len();
-        let logits = model.logits(ints2::<I>(&rows, &device));
+        let logits = model.logits(ints2(&rows, &device));
         let v = logits.dims()[1];
         let last = logits
             .reshape([rows.len(), t, v])
             .slice([0..rows.len(), t - 1..t, 0..v])
             .reshape([rows.len(), v]);
-        let p: Vec<f32> = activation::softmax(last, 1).into_data().to_vec().unwrap();
+        let p: Vec<f32> = activation::softmax(last, 1)
+            .into_data()
+            .try_into_vec_as::<f32>()
+            .unwrap();
         for (i, s) in seqs.iter_mut().enumerate() {
             let row = &p[i * v..(i + 1) * v];
             let mut u = rng.unit() as f32;
@@ -234,9 +236,9 @@ pub fn sample(
 
 /// Teacher-scored bits per byte of continuations (text) after prompts (text): the teacher
 /// reads `prompt ++ continuation` (tokenized piece by piece), and only the continuation's
-/// tokens count.
-pub fn teacher_bpb(teacher: &Lm<I>, tok: &Tok, pairs: &[(String, String)], context: usize) -> f64 {
-    let device = Default::default();
+/// tokens count. `teacher`: without autodiff (`teacher.valid()`).
+pub fn teacher_bpb(teacher: &Lm, tok: &Tok, pairs: &[(String, String)], context: usize) -> f64 {
+    let device = teacher.device();
     let (mut nats, mut bytes) = (0.0, 0usize);
     for (prompt, cont) in pairs {
         let (c, u) = (tok.encode(prompt), tok.encode(cont));
@@ -248,14 +250,14 @@ pub fn teacher_bpb(teacher: &Lm<I>, tok: &Tok, pairs: &[(String, String)], conte
         seq.drain(..seq.len() - keep);
         let counted = u.len().min(keep - 1);
         let (inputs, targets) = split(&[seq]);
-        let logits = teacher.logits(ints2::<I>(&inputs, &device));
+        let logits = teacher.logits(ints2(&inputs, &device));
         let n = targets[0].len();
         let mut t = targets[0].clone();
         for x in t.iter_mut().take(n - counted) {
             *x = IGNORE;
         }
         let lp = token_log_probs(logits, Tensor::from_data(TensorData::new(t, [n]), &device));
-        nats -= lp.sum().into_scalar() as f64;
+        nats -= lp.sum().into_scalar::<f64>();
         bytes += u[u.len() - counted..]
             .iter()
             .map(|&x| tok.bytes(x))
@@ -286,7 +288,8 @@ pub struct StudentRun {
 
 pub struct World<'a> {
     pub s: &'a Settings,
-    pub teacher: &'a Lm<B>,
+    /// The trained teacher, on the device with autodiff that the students train on.
+    pub teacher: &'a Lm,
     pub tok: &'a Tok,
     pub tok_small: &'a Tok,
     pub stream: &'a [u32],
@@ -297,10 +300,12 @@ pub struct World<'a> {
     pub store_path: std::path::PathBuf,
 }
 
-/// Trains student `name` from the seed's initialisation on the seed's data order.
+/// Trains student `name` from the seed's initialisation on the seed's data order, on the
+/// teacher's device (with autodiff).
 pub fn student(w: &World, name: &str, seed: u64, progress: &indicatif::ProgressBar) -> StudentRun {
     let s = w.s;
-    let device = Default::default();
+    let device = w.teacher.device().autodiff();
+    let plain = device.clone().inner();
     let cross = name.starts_with("cross");
     let tok = if cross { w.tok_small } else { w.tok };
     let stream = if cross { w.stream_small } else { w.stream };
@@ -308,8 +313,8 @@ pub fn student(w: &World, name: &str, seed: u64, progress: &indicatif::ProgressB
         vocab: tok.vocab(),
         ..s.student.clone()
     };
-    B::seed(&device, seed);
-    let model: Lm<B> = config.init(&device);
+    device.seed(seed);
+    let model = config.init(&device);
     let teacher = w.teacher.clone().no_grad();
     let teacher_i = w.teacher.valid();
     let mut windows = Windows::new(stream, s.context, seed);
@@ -317,7 +322,7 @@ pub fn student(w: &World, name: &str, seed: u64, progress: &indicatif::ProgressB
     let ce = CrossEntropyLossConfig::new().init(&device);
     let flat = |rows: &[Vec<i64>]| {
         let n = rows.len() * rows[0].len();
-        Tensor::<B, 1, Int>::from_data(
+        Tensor::<1, Int>::from_data(
             TensorData::new(rows.iter().flatten().copied().collect::<Vec<_>>(), [n]),
             &device,
         )
@@ -348,10 +353,10 @@ pub fn student(w: &World, name: &str, seed: u64, progress: &indicatif::ProgressB
     let start = Instant::now();
     // On-policy students: every other step on the student's own samples (GKD's λ = 0.5).
     let on_policy_step = |step: usize| step % 2 == 1;
-    let loss = |model: &Lm<B>, step: usize| -> Tensor<B, 1> {
+    let loss = |model: &Lm, step: usize| -> Tensor<1> {
         let batch = windows.next(s.batch);
         let (inputs, targets) = split(&batch);
-        let x = ints2::<B>(&inputs, &device);
+        let x = ints2(&inputs, &device);
         let y = flat(&targets);
         match name {
             "hard" | "cross_tokenizer_hard" => ce.forward(model.logits(x), y),
@@ -366,7 +371,7 @@ pub fn student(w: &World, name: &str, seed: u64, progress: &indicatif::ProgressB
             "store" => {
                 let st = store.as_ref().unwrap();
                 let t = st
-                    .batch::<B>(step * batch_rows..(step + 1) * batch_rows, &device)
+                    .batch(step * batch_rows..(step + 1) * batch_rows, &device)
                     .expect("store rows");
                 sparse.forward(model.logits(x), t, y)
             }
@@ -381,7 +386,7 @@ pub fn student(w: &World, name: &str, seed: u64, progress: &indicatif::ProgressB
                     .iter()
                     .map(|r| (0..r.len()).map(|t| t + 1 >= s.prompt).collect())
                     .collect();
-                let x = ints2::<B>(&inp, &device);
+                let x = ints2(&inp, &device);
                 if name == "on_policy" {
                     for (r, m) in tgt.iter_mut().zip(&completion) {
                         for (t, keep) in r.iter_mut().zip(m) {
@@ -393,15 +398,15 @@ pub fn student(w: &World, name: &str, seed: u64, progress: &indicatif::ProgressB
                     gkd.forward(model.logits(x.clone()), teacher.logits(x), flat(&tgt))
                 } else {
                     // The API teacher: one log-probability per sampled token.
-                    let xi = ints2::<I>(&inp, &device);
+                    let xi = ints2(&inp, &plain);
                     let n = tgt.len() * tgt[0].len();
                     let ti: Vec<i64> = tgt.iter().flatten().copied().collect();
                     let lp_t = token_log_probs(
                         teacher_i.logits(xi),
-                        Tensor::from_data(TensorData::new(ti, [n]), &device),
+                        Tensor::from_data(TensorData::new(ti, [n]), &plain),
                     );
                     let [b, t] = [tgt.len(), tgt[0].len()];
-                    let mask = Tensor::<B, 2, Bool>::from_data(
+                    let mask = Tensor::<2, Bool>::from_data(
                         TensorData::new(
                             completion.into_iter().flatten().collect::<Vec<bool>>(),
                             [b, t],
@@ -409,8 +414,8 @@ pub fn student(w: &World, name: &str, seed: u64, progress: &indicatif::ProgressB
                         &device,
                     );
                     let sampled = SampledTokens {
-                        tokens: ints2::<B>(&tgt, &device),
-                        teacher_log_probs: Tensor::from_inner(lp_t.reshape([b, t])),
+                        tokens: ints2(&tgt, &device),
+                        teacher_log_probs: lp_t.reshape([b, t]).autodiff(),
                         mask,
                         sampler_log_probs: None,
                     };
@@ -434,7 +439,7 @@ pub fn student(w: &World, name: &str, seed: u64, progress: &indicatif::ProgressB
             other => panic!("unknown student {other}"),
         }
     };
-    let eval = |m: &Lm<I>| bits_per_byte(m, tok, w.valid, s.valid_bytes, s.context);
+    let eval = |m: &Lm| bits_per_byte(m, tok, w.valid, s.valid_bytes, s.context);
     let (model, curve) = fit(
         model,
         s.student_steps,
@@ -458,8 +463,8 @@ pub fn student(w: &World, name: &str, seed: u64, progress: &indicatif::ProgressB
 }
 
 /// Teacher-scored bits per byte of the model's continuations of the test prompts, and the
-/// first continuation.
-pub fn sample_score(w: &World, model: &Lm<I>, tok: &Tok, seed: u64) -> (f64, String) {
+/// first continuation. `model`: without autodiff (`model.valid()`).
+pub fn sample_score(w: &World, model: &Lm, tok: &Tok, seed: u64) -> (f64, String) {
     let s = w.s;
     let mut rng = Rng::new(seed + 99);
     let prompts: Vec<Vec<u32>> = w.prompts.iter().map(|p| tok.encode(p)).collect();
@@ -485,16 +490,16 @@ pub fn sample_score(w: &World, model: &Lm<I>, tok: &Tok, seed: u64) -> (f64, Str
 /// cross-entropy.
 fn cross_step(
     w: &World,
-    model: &Lm<B>,
-    teacher: &Lm<B>,
+    model: &Lm,
+    teacher: &Lm,
     batch: &[Vec<u32>],
     loss: &burn_distill::cross::CrossTokenizerLoss,
     vocab: &VocabMatch,
-    device: &burn::backend::ndarray::NdArrayDevice,
-) -> Tensor<B, 1> {
+    device: &Device,
+) -> Tensor<1> {
     let (inputs, targets) = split(batch);
     let t = inputs[0].len();
-    let student_logits = model.logits(ints2::<B>(&inputs, device));
+    let student_logits = model.logits(ints2(&inputs, device));
     // Teacher tokens per window: context c (from the first student token) and continuation u.
     let mut t_inputs = Vec::new();
     let mut pieces = Vec::new();
@@ -523,7 +528,7 @@ fn cross_step(
                 .collect()
         })
         .collect();
-    let teacher_logits = teacher.logits(ints2::<B>(&padded, device));
+    let teacher_logits = teacher.logits(ints2(&padded, device));
     let (mut rows, mut t_tokens, mut spans) = (Vec::new(), Vec::new(), Vec::new());
     let (mut s_rows, mut s_tokens) = (Vec::new(), Vec::new());
     for (i, ((p, u, rest), tgt)) in pieces.iter().zip(&targets).enumerate() {
@@ -558,8 +563,10 @@ fn cross_step(
         .collect();
     let alignment =
         SpanAlignment::new(MergeStrategy::Observed, &seqs).expect("spans tile the text");
-    let idx =
-        |v: Vec<i64>| Tensor::<B, 1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), device);
+    let idx = |v: Vec<i64>| {
+        let n = v.len();
+        Tensor::<1, Int>::from_data(TensorData::new(v, [n]), device)
+    };
     let student = TokenRows {
         logits: student_logits.select(0, idx(s_rows)),
         tokens: idx(s_tokens),
@@ -581,7 +588,7 @@ fn write_store(w: &World, seed: u64) -> TeacherStore {
         .store_path
         .join(format!("teacher_top{}_seed{seed}.bdts", s.top_k));
     let teacher = w.teacher.valid();
-    let device = Default::default();
+    let device = teacher.device();
     let mut windows = Windows::new(w.stream, s.context, seed);
     let mut writer =
         TeacherStoreWriter::create(&path, TeacherStoreConfig::new(w.tok.vocab(), s.top_k))
@@ -589,48 +596,47 @@ fn write_store(w: &World, seed: u64) -> TeacherStore {
     for _ in 0..s.student_steps {
         let (inputs, _) = split(&windows.next(s.batch));
         writer
-            .append_logits(teacher.logits(ints2::<I>(&inputs, &device)))
+            .append_logits(teacher.logits(ints2(&inputs, &device)))
             .expect("append");
     }
     writer.finish().expect("finish");
     TeacherStore::open(&path).expect("open store")
 }
 
-/// Trains (or loads from `cache`) the teacher.
+/// Trains (or loads from `cache`, a burnpack file) the teacher on `device` with autodiff.
 pub fn teacher(
     s: &Settings,
     tok: &Tok,
     stream: &[u32],
     valid: &str,
     cache: &std::path::Path,
+    device: &Device,
     progress: &indicatif::ProgressBar,
-) -> (Lm<B>, Vec<(usize, f64)>) {
-    use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
-    let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
-    let device = Default::default();
+) -> (Lm, Vec<(usize, f64)>) {
+    let device = device.clone().autodiff();
     let config = LmConfig {
         vocab: tok.vocab(),
         ..s.teacher.clone()
     };
-    let model: Lm<B> = config.init(&device);
-    if let Ok(model) = model.clone().load_file(cache, &recorder, &device) {
+    let model = config.init(&device);
+    if let Ok(model) = model.clone().try_load_file(cache) {
         progress.inc(s.teacher_steps as u64);
         return (model, Vec::new());
     }
-    B::seed(&device, 7);
-    let model: Lm<B> = config.init(&device);
+    device.seed(7);
+    let model = config.init(&device);
     let mut windows = Windows::new(stream, s.context, 7);
     let ce = CrossEntropyLossConfig::new().init(&device);
-    let loss = |m: &Lm<B>, _| {
+    let loss = |m: &Lm, _| {
         let (inputs, targets) = split(&windows.next(s.batch));
         let n = targets.len() * targets[0].len();
         let y = Tensor::from_data(
             TensorData::new(targets.into_iter().flatten().collect::<Vec<_>>(), [n]),
             &device,
         );
-        ce.forward(m.logits(ints2::<B>(&inputs, &device)), y)
+        ce.forward(m.logits(ints2(&inputs, &device)), y)
     };
-    let eval = |m: &Lm<I>| bits_per_byte(m, tok, valid, s.valid_bytes, s.context);
+    let eval = |m: &Lm| bits_per_byte(m, tok, valid, s.valid_bytes, s.context);
     let (model, curve) = fit(
         model,
         s.teacher_steps,
@@ -643,9 +649,6 @@ pub fn teacher(
     if let Some(dir) = cache.parent() {
         std::fs::create_dir_all(dir).ok();
     }
-    model
-        .clone()
-        .save_file(cache.to_path_buf(), &recorder)
-        .expect("save the teacher");
+    model.clone().save_file(cache).expect("save the teacher");
     (model, curve)
 }

@@ -1,18 +1,21 @@
 //! Hinton et al.'s MNIST distillation experiment, as a library for `examples/mnist/main.rs` and
 //! its pipeline test: a teacher MLP with dropout, then the same student trained twice from the
 //! same initialisation, data order and optimiser: on hard labels, and with `DistillLoss`.
+//!
+//! burn 0.22: no backend generic. Every function takes a [`Device`]; the models train on its
+//! autodiff form (`device.autodiff()`), the frozen teacher's logits and the test set live on the
+//! device without autodiff (`device.inner()`), so they build no graph.
 #![allow(dead_code)]
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use burn::module::{AutodiffModule, Module};
+use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig, Relu};
-use burn::optim::{AdamConfig, GradientsParams, Optimizer};
-use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use burn_distill::{DistillBackend, DistillLossConfig};
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn_distill::DistillLossConfig;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
@@ -130,15 +133,15 @@ pub fn load(dir: &Path) -> Result<(Digits, Digits), String> {
 
 /// An MLP: `784 → hidden… → 10`, ReLU, dropout on the input and after each hidden layer.
 #[derive(Module, Debug)]
-pub struct Mlp<B: Backend> {
-    layers: Vec<Linear<B>>,
+pub struct Mlp {
+    layers: Vec<Linear>,
     input_dropout: Dropout,
     dropout: Dropout,
     act: Relu,
 }
 
-impl<B: Backend> Mlp<B> {
-    pub fn new(hidden: &[usize], input_dropout: f64, dropout: f64, device: &B::Device) -> Self {
+impl Mlp {
+    pub fn new(hidden: &[usize], input_dropout: f64, dropout: f64, device: &Device) -> Self {
         let widths: Vec<usize> = std::iter::once(784)
             .chain(hidden.iter().copied())
             .chain([10])
@@ -154,7 +157,7 @@ impl<B: Backend> Mlp<B> {
         }
     }
 
-    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         let mut x = self.input_dropout.forward(x);
         let last = self.layers.len() - 1;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -244,15 +247,15 @@ fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<i64> {
     order
 }
 
-/// The data on the device.
-struct DeviceData<B: Backend> {
-    images: Tensor<B, 2>,
-    labels: Tensor<B, 1, Int>,
+/// The data on a device.
+struct DeviceData {
+    images: Tensor<2>,
+    labels: Tensor<1, Int>,
     len: usize,
 }
 
-impl<B: Backend> DeviceData<B> {
-    fn new(d: &Digits, device: &B::Device) -> Self {
+impl DeviceData {
+    fn new(d: &Digits, device: &Device) -> Self {
         Self {
             images: Tensor::from_data(TensorData::new(d.images.clone(), [d.len(), 784]), device),
             labels: Tensor::from_data(
@@ -268,13 +271,14 @@ impl<B: Backend> DeviceData<B> {
 }
 
 /// What a training run minimises.
-enum Objective<'a, B: AutodiffBackend> {
+enum Objective<'a> {
     /// Cross-entropy on the hard labels.
     Hard,
-    /// `DistillLoss` against precomputed teacher logits (on the inner backend: no graph).
+    /// `DistillLoss` against precomputed teacher logits (on the device without autodiff: no
+    /// graph).
     Distill {
         loss: burn_distill::DistillLoss,
-        teacher_logits: &'a Tensor<B::InnerBackend, 2>,
+        teacher_logits: &'a Tensor<2>,
     },
     /// `SparseDistillLoss` against the top-k teacher of an offline store, read by row.
     Store {
@@ -297,15 +301,16 @@ fn bar(settings: &Settings, len: u64, label: String) -> ProgressBar {
     bar
 }
 
-fn train<B: AutodiffBackend + DistillBackend>(
-    mut model: Mlp<B>,
-    data: &DeviceData<B>,
-    objective: Objective<'_, B>,
+/// Trains `model` on `data` (both on the device with autodiff).
+fn train(
+    mut model: Mlp,
+    data: &DeviceData,
+    objective: Objective<'_>,
     epochs: usize,
     seed: u64,
     settings: &Settings,
     label: String,
-) -> Mlp<B> {
+) -> Mlp {
     let device = data.images.device();
     let mut optim = AdamConfig::new().init();
     let batches = data.len.div_ceil(settings.batch_size);
@@ -314,7 +319,7 @@ fn train<B: AutodiffBackend + DistillBackend>(
     for epoch in 0..epochs {
         let order = permutation(data.len, seed, epoch as u64);
         for chunk in order.chunks(settings.batch_size) {
-            let idx = Tensor::<B, 1, Int>::from_data(
+            let idx = Tensor::<1, Int>::from_data(
                 TensorData::new(chunk.to_vec(), [chunk.len()]),
                 &device,
             );
@@ -328,16 +333,16 @@ fn train<B: AutodiffBackend + DistillBackend>(
                     teacher_logits,
                 } => {
                     let teacher = (*teacher_logits).clone().select(0, idx.clone().inner());
-                    loss.forward(logits, Tensor::from_inner(teacher), y)
+                    loss.forward(logits, teacher.autodiff(), y)
                 }
                 Objective::Store { loss, store } => {
                     let rows: Vec<usize> = chunk.iter().map(|&r| r as usize).collect();
-                    let teacher = store.gather::<B>(&rows, &device).expect("the store's rows");
+                    let teacher = store.gather(&rows, &device).expect("the store's rows");
                     loss.forward(logits, teacher, y)
                 }
             };
             if progress.position().is_multiple_of(20) {
-                progress.set_prefix(format!("{:.4}", loss.clone().into_scalar().elem::<f64>()));
+                progress.set_prefix(format!("{:.4}", loss.clone().into_scalar::<f64>()));
             }
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optim.step(settings.learning_rate, model, grads);
@@ -348,33 +353,31 @@ fn train<B: AutodiffBackend + DistillBackend>(
     model
 }
 
-/// Logits of a frozen model on the inner backend, in batches.
-fn logits<B: Backend>(model: &Mlp<B>, images: &Tensor<B, 2>) -> Tensor<B, 2> {
+/// Logits of a frozen model (`model.valid()`, on the device without autodiff), in batches.
+fn logits(model: &Mlp, images: &Tensor<2>) -> Tensor<2> {
     let n = images.dims()[0];
-    let parts: Vec<Tensor<B, 2>> = (0..n)
+    let parts: Vec<Tensor<2>> = (0..n)
         .step_by(1000)
         .map(|start| model.forward(images.clone().narrow(0, start, 1000.min(n - start))))
         .collect();
     Tensor::cat(parts, 0)
 }
 
-fn test_errors<B: AutodiffBackend>(model: &Mlp<B>, test: &DeviceData<B::InnerBackend>) -> usize {
+/// Test errors of a trained model; `test` is on the device without autodiff.
+fn test_errors(model: &Mlp, test: &DeviceData) -> usize {
     let predictions = logits(&model.valid(), &test.images)
         .argmax(1)
         .squeeze_dim::<1>(1);
     let wrong = predictions.not_equal(test.labels.clone()).int().sum();
-    wrong.into_scalar().elem::<i64>() as usize
+    wrong.into_scalar::<i64>() as usize
 }
 
-/// Runs the experiment on `B`.
-pub fn run<B: AutodiffBackend + DistillBackend>(
-    train_set: &Digits,
-    test_set: &Digits,
-    settings: &Settings,
-    device: &B::Device,
-) -> Results {
-    let data = DeviceData::<B>::new(train_set, device);
-    let test = DeviceData::<B::InnerBackend>::new(test_set, device);
+/// Runs the experiment on `device` (with or without autodiff: the models train on
+/// `device.autodiff()`).
+pub fn run(train_set: &Digits, test_set: &Digits, settings: &Settings, device: &Device) -> Results {
+    let (plain, device) = (device.clone().inner(), &device.clone().autodiff());
+    let data = DeviceData::new(train_set, device);
+    let test = DeviceData::new(test_set, &plain);
     let mut temperatures = vec![settings.temperature];
     temperatures.extend(
         settings
@@ -401,8 +404,8 @@ pub fn run<B: AutodiffBackend + DistillBackend>(
             .collect(),
     };
     for seed in 0..settings.seeds as u64 {
-        B::seed(device, 1000 + seed);
-        let teacher = Mlp::<B>::new(&settings.teacher_hidden, 0.2, 0.5, device);
+        device.seed(1000 + seed);
+        let teacher = Mlp::new(&settings.teacher_hidden, 0.2, 0.5, device);
         let teacher = train(
             teacher,
             &data,
@@ -418,8 +421,8 @@ pub fn run<B: AutodiffBackend + DistillBackend>(
         // The frozen teacher's logits on the training set, computed once without a graph.
         let teacher_logits = logits(&teacher.valid(), &data.images.clone().inner());
 
-        B::seed(device, 2000 + seed);
-        let init = Mlp::<B>::new(&settings.student_hidden, 0.0, 0.0, device);
+        device.seed(2000 + seed);
+        let init = Mlp::new(&settings.student_hidden, 0.0, 0.0, device);
         let hard = train(
             init.clone(),
             &data,
@@ -468,15 +471,18 @@ pub fn mean_std(values: &[usize]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-/// Trains a model on hard labels (cross-entropy), e.g. a teacher.
-pub fn train_hard<B: AutodiffBackend + DistillBackend>(
-    model: Mlp<B>,
+/// Trains a model on hard labels (cross-entropy), e.g. a teacher, on the device of its
+/// parameters (with autodiff).
+pub fn train_hard(
+    model: Mlp,
     digits: &Digits,
     epochs: usize,
     seed: u64,
     settings: &Settings,
-) -> Mlp<B> {
-    let data = DeviceData::<B>::new(digits, &model.devices()[0]);
+) -> Mlp {
+    let device = model.devices()[0].clone().autodiff();
+    let model = model.fork(&device);
+    let data = DeviceData::new(digits, &device);
     train(
         model,
         &data,
@@ -488,19 +494,20 @@ pub fn train_hard<B: AutodiffBackend + DistillBackend>(
     )
 }
 
-/// A teacher trained on hard labels, its test errors, and its logits on `digits` (inner
-/// backend, no graph), for writing an offline store.
-pub fn teacher_logits<B: AutodiffBackend + DistillBackend>(
+/// A teacher trained on hard labels, its test errors, and its logits on `digits` (on the
+/// device without autodiff, no graph), for writing an offline store.
+pub fn teacher_logits(
     digits: &Digits,
     test_set: &Digits,
     seed: u64,
     settings: &Settings,
-    device: &B::Device,
-) -> (usize, Tensor<B::InnerBackend, 2>) {
-    let data = DeviceData::<B>::new(digits, device);
-    let test = DeviceData::<B::InnerBackend>::new(test_set, device);
-    B::seed(device, 1000 + seed);
-    let teacher = Mlp::<B>::new(&settings.teacher_hidden, 0.2, 0.5, device);
+    device: &Device,
+) -> (usize, Tensor<2>) {
+    let (plain, device) = (device.clone().inner(), &device.clone().autodiff());
+    let data = DeviceData::new(digits, device);
+    let test = DeviceData::new(test_set, &plain);
+    device.seed(1000 + seed);
+    let teacher = Mlp::new(&settings.teacher_hidden, 0.2, 0.5, device);
     let teacher = train(
         teacher,
         &data,
@@ -518,11 +525,11 @@ pub fn teacher_logits<B: AutodiffBackend + DistillBackend>(
 }
 
 /// What a student is trained against in [`student_errors`].
-pub enum Teacher<'a, B: AutodiffBackend> {
+pub enum Teacher<'a> {
     /// Hard labels only.
     HardLabels,
-    /// The dense teacher's logits.
-    Dense(burn_distill::DistillLoss, &'a Tensor<B::InnerBackend, 2>),
+    /// The dense teacher's logits (on the device without autodiff).
+    Dense(burn_distill::DistillLoss, &'a Tensor<2>),
     /// The offline store alone.
     Store(
         burn_distill::SparseDistillLoss,
@@ -532,18 +539,19 @@ pub enum Teacher<'a, B: AutodiffBackend> {
 
 /// Test errors of a student trained from the same initialisation and data order (per `seed`)
 /// against `teacher`.
-pub fn student_errors<B: AutodiffBackend + DistillBackend>(
+pub fn student_errors(
     digits: &Digits,
     test_set: &Digits,
-    teacher: Teacher<'_, B>,
+    teacher: Teacher<'_>,
     seed: u64,
     settings: &Settings,
-    device: &B::Device,
+    device: &Device,
 ) -> usize {
-    let data = DeviceData::<B>::new(digits, device);
-    let test = DeviceData::<B::InnerBackend>::new(test_set, device);
-    B::seed(device, 2000 + seed);
-    let init = Mlp::<B>::new(&settings.student_hidden, 0.0, 0.0, device);
+    let (plain, device) = (device.clone().inner(), &device.clone().autodiff());
+    let data = DeviceData::new(digits, device);
+    let test = DeviceData::new(test_set, &plain);
+    device.seed(2000 + seed);
+    let init = Mlp::new(&settings.student_hidden, 0.0, 0.0, device);
     let (objective, label) = match teacher {
         Teacher::HardLabels => (Objective::Hard, "student, hard"),
         Teacher::Dense(loss, teacher_logits) => (

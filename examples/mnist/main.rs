@@ -9,7 +9,10 @@
 //! cargo run --release --example mnist                           # the bundled 10,000 digits
 //! cargo run --release --example mnist -- --temperatures 1,2,4,8,16 --plot mnist.svg
 //! cargo run --release --example mnist -- --data-dir ~/mnist     # the full 60k/10k MNIST
+//! cargo run --release --example mnist -- --seeds 1              # one seed: about a minute
 //! ```
+//!
+//! On Flex (the default) or, with `--features wgpu`, on wgpu.
 use std::path::PathBuf;
 
 use clap::Parser;
@@ -225,27 +228,11 @@ fn main() {
     }
 }
 
+/// The experiment on wgpu (`--features wgpu`), else on Flex (the default).
 fn run(train: &experiment::Digits, test: &experiment::Digits, settings: &Settings) -> Results {
-    use burn::backend::Autodiff;
     #[cfg(feature = "wgpu")]
-    return experiment::run::<Autodiff<burn::backend::Wgpu>>(
-        train,
-        test,
-        settings,
-        &Default::default(),
-    );
-    #[cfg(all(feature = "flex", not(feature = "wgpu")))]
-    return experiment::run::<Autodiff<burn::backend::Flex>>(
-        train,
-        test,
-        settings,
-        &Default::default(),
-    );
-    #[cfg(all(feature = "ndarray", not(any(feature = "flex", feature = "wgpu"))))]
-    return experiment::run::<Autodiff<burn::backend::NdArray>>(
-        train,
-        test,
-        settings,
-        &Default::default(),
-    );
+    let device = burn::tensor::Device::wgpu(Default::default());
+    #[cfg(not(feature = "wgpu"))]
+    let device = burn::tensor::Device::flex();
+    experiment::run(train, test, settings, &device)
 }

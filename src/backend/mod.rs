@@ -1,324 +1,394 @@
-//! The backend extension trait that the loss dispatches through, and one home per backend
-//! family for its implementation (in the style of `burn-vision`):
+//! What a backend implementer needs: the extension trait of the fused kernels
+//! ([`DistillOps`]), its inputs and outputs, and the choice between a backend's kernel and the
+//! composed reference path.
 //!
-//! - [`autodiff`](self): `Autodiff<B>` (the fused kernel of `B` wrapped in one generic backward
-//!   node, `FusedBackward`, for any number of differentiable inputs);
-//! - `fusion`: burn's `Fusion<B>` wrapper (one custom operation of the fusion stream);
-//! - `ndarray`, `flex`: the CPU kernel of [`crate::kernel`] on host slices (shared glue in
-//!   `cpu`);
-//! - `cube`: the CubeCL kernel on wgpu and CUDA.
-//!
-//! The math lives in [`crate::kernel`]; this module only moves tensors in and out.
+//! A training loop never calls anything here: the losses of the crate root dispatch through
+//! it. One home per backend family: `flex.rs` (the CPU kernels on Flex's host memory), and
+//! `autodiff.rs` (the backward node of every fused loss).
 
-use burn::tensor::{
-    DType, Int, Tensor, TensorMetadata, TensorPrimitive,
-    backend::Backend,
-    ops::{FloatTensor, IntTensor},
-};
+use burn::backend::{Dispatch, DispatchDevice, DispatchTensor};
+use burn::tensor::{DType, Device, Int, Tensor};
 
 use crate::{
-    DistillError, Kernel,
+    DistillError, DistillParams, Kernel,
     kernel::reference,
     reduction::{ignored_rows, reduce_rows},
 };
 
-pub use crate::params::DistillParams;
-pub use call::{
-    DenseCall, KernelCall, LinearCall, SparseCall, SparseInputs, SparseLinearCall, SparseSetup,
-};
-pub use linear_io::{LinearGrads, LinearOutput, LinearSetup, LinearSide};
+mod autodiff;
+#[cfg(feature = "cube")]
+mod cube;
+#[cfg(feature = "flex")]
+mod flex;
+#[cfg(feature = "flex")]
+mod flex_linear;
+mod ops;
 
-/// The reduced loss and its parts, as backend primitives: `[1]` for `Mean`, `Sum` and
-/// `Normalized`, `[N]` for `PerRow` (row values: `0` for ignored rows, NaN for rows whose target is
-/// out of range).
+#[cfg(feature = "flex")]
+pub(crate) use flex_linear::{HostLinearPlan, HostLinearSide, HostLinearTeacher};
+
+pub use ops::{DenseSettings, DistillOps, FusedRows, SparseSetup};
+
+/// A loss reduced as its parameters say, with its soft and hard parts: `[1]` for `Mean`,
+/// `Sum` and `Normalized`, `[N]` for `PerRow` (row values: `0` for ignored rows, NaN for rows
+/// whose target is out of range).
 #[derive(Debug, Clone)]
-pub struct DistillParts<B: Backend> {
+pub struct DistillParts {
     /// `α·soft + (1 − α)·hard` (`soft` without targets), differentiable with respect to the
-    /// student's inputs only (its logits; for the fused-linear loss its hidden states and head).
-    pub loss: FloatTensor<B>,
+    /// student's inputs only.
+    pub loss: Tensor<1>,
     /// The soft term (T²-scaled if configured), detached.
-    pub soft: FloatTensor<B>,
+    pub soft: Tensor<1>,
     /// The hard term, detached; `None` without targets.
-    pub hard: Option<FloatTensor<B>>,
+    pub hard: Option<Tensor<1>>,
 }
 
-/// Output of a fused kernel: the reduced loss and parts and, if asked, the gradient.
-#[derive(Debug, Clone)]
-pub struct FusedOutput<B: Backend> {
-    /// The loss and its parts, as in [`DistillParts`].
-    pub parts: DistillParts<B>,
-    /// `[N, V]` gradient of `loss` with respect to the student logits (for `Reduction::PerRow`,
-    /// row `i` holds the gradient of row loss `i`); zero on ignored and bad rows. Its dtype is
-    /// [`DistillBackend::fused_grad_dtype`] of the logits'.
-    pub grad: Option<FloatTensor<B>>,
+/// Does the device have a fused dense kernel for logits of `dtype`? Flex: f32 and f64; the
+/// CubeCL backends (wgpu, CUDA): f32, f16 and bf16 (with or without autodiff).
+pub fn has_fused_kernel(device: &Device, dtype: DType) -> bool {
+    fused_dtypes(device.as_dispatch()).contains(&dtype)
 }
 
-/// A fused-linear loss run on the backend that holds the values, producing the gradients of
-/// the student's differentiable inputs in its forward pass. The losses implement it (the
-/// kernel where the backend has one, the composed chunk loop otherwise); the backend's tracked
-/// methods run it, on `B` itself or on the inner backend of `Autodiff<B>`, which wraps the
-/// result in one backward op. The backend layer thus never imports a loss.
-pub trait LinearRun {
-    /// The loss parts and, with `with_grad`, the student's gradients; `Ok(None)` where this
-    /// run cannot produce them (`Reduction::PerRow` with a gradient, no fused kernel for a
-    /// gradient): the caller then materialises the logits, or reports why not.
-    fn run<B: DistillBackend>(
-        &self,
-        call: LinearCall<B>,
-    ) -> Result<Option<LinearOutput<B>>, DistillError>;
+/// The logit dtypes of a device's fused dense kernel (none on a backend without one).
+fn fused_dtypes(device: &DispatchDevice) -> &'static [DType] {
+    match device {
+        #[cfg(feature = "flex")]
+        DispatchDevice::Flex(_) => flex::CPU_DTYPES,
+        #[cfg(feature = "cube")]
+        DispatchDevice::Cube(_) => cube::CUBE_DTYPES,
+        DispatchDevice::Autodiff(device) => fused_dtypes(&device.clone().inner()),
+        #[allow(unreachable_patterns)]
+        _ => &[],
+    }
 }
 
-/// [`LinearRun`] against a sparse teacher.
-pub trait SparseLinearRun {
-    /// As [`LinearRun::run`]; `None` where no fused sparse kernel applies.
-    fn run<B: DistillBackend>(&self, call: SparseLinearCall<B>) -> Option<LinearOutput<B>>;
+/// The dense loss of `[N, V]` rows by the kernel `kernel` asks for: the device's fused kernel
+/// (`Auto` where it has one, `Fused` always, an error where it has none) or the reference.
+pub(crate) fn dense(
+    student: Tensor<2>,
+    teacher: Tensor<2>,
+    targets: Option<Tensor<1, Int>>,
+    params: &DistillParams,
+    kernel: Kernel,
+) -> Result<DistillParts, DistillError> {
+    let (device, dtype) = (student.device(), student.dtype());
+    let fused = has_fused_kernel(&device, dtype)
+        && teacher.dtype() == dtype
+        && fits(&device, student.dims());
+    match kernel {
+        Kernel::Reference => Ok(reference_loss(student, teacher, targets, params)),
+        Kernel::Auto if !fused => Ok(reference_loss(student, teacher, targets, params)),
+        Kernel::Fused if !fused => Err(DistillError::invalid(
+            "kernel",
+            "Kernel::Fused",
+            format!(
+                "Kernel::Auto or Kernel::Reference: device {device:?} has no fused \
+                 distillation kernel for {dtype:?} student and {:?} teacher logits",
+                teacher.dtype()
+            ),
+        )),
+        _ => Ok(fused_loss(student, teacher, targets, params)),
+    }
 }
 
-/// A loss of `[N, V]` logits run on the backend that holds the values, producing the gradient
-/// of the student's logits in its forward pass (as [`LinearRun`]: the vocabulary-parallel loss).
-pub trait LogitsRun {
-    /// The reduced loss and parts and, with `with_grad`, the gradient.
-    fn run<B: DistillBackend>(&self, call: DenseCall<B>) -> Result<FusedOutput<B>, DistillError>;
+/// Can the fused kernel take `[N, V]` logits on this device? The CubeCL kernel addresses with
+/// 32-bit offsets here (`N·V ≤ u32::MAX` elements; beyond, the reference runs); the CPU
+/// kernel takes any size.
+fn fits(device: &Device, [n, v]: [usize; 2]) -> bool {
+    match device.as_dispatch() {
+        #[cfg(feature = "cube")]
+        DispatchDevice::Cube(_) => n.saturating_mul(v) <= u32::MAX as usize,
+        DispatchDevice::Autodiff(inner) => fits(&Device::new(inner.clone().inner()), [n, v]),
+        #[allow(unreachable_patterns)]
+        _ => true,
+    }
 }
 
-/// A backend that can compute distillation losses.
-///
-/// This is the extension point of the crate (in the style of `burn-vision`'s `VisionBackend`):
-/// [`DistillLoss`](crate::DistillLoss) validates its inputs and calls
-/// [`DistillBackend::distill_loss`]. Every method has a default body, so any backend can opt
-/// in with an empty `impl` and gets the reference implementation
-/// built from burn tensor ops. Backends with a fused kernel override
-/// [`DistillBackend::has_fused_kernel`] and [`DistillBackend::distill_fused`]; `Autodiff<B>`
-/// then wraps the fused kernel of `B` in a custom backward node. Implemented for NdArray, Flex,
-/// the CubeCL backends (wgpu, CUDA), burn's `Fusion` wrapper and `Autodiff<B>`.
-pub trait DistillBackend: Backend {
-    /// The logit dtypes this backend's fused kernel accepts (none by default).
-    fn fused_kernel_dtypes() -> &'static [DType] {
-        &[]
-    }
+/// The dense loss by the device's fused kernel (one pass over the rows; under autodiff the
+/// gradient is formed in that pass).
+fn fused_loss(
+    student: Tensor<2>,
+    teacher: Tensor<2>,
+    targets: Option<Tensor<1, Int>>,
+    params: &DistillParams,
+) -> DistillParts {
+    let call = KernelInputs::new(&student, targets, params);
+    let out = <Dispatch as DistillOps>::distill_dense(
+        student.into_dispatch(),
+        teacher.detach().into_dispatch(),
+        call.targets.into_dispatch(),
+        call.scale.into_dispatch(),
+        call.settings,
+    );
+    call.settings.parts(out)
+}
 
-    /// Does this backend have a fused kernel for these `[N, V]` logits? (Both of one dtype
-    /// among [`DistillBackend::fused_kernel_dtypes`].)
-    fn has_fused_kernel(student: &FloatTensor<Self>, teacher: &FloatTensor<Self>) -> bool {
-        student.dtype() == teacher.dtype() && Self::fused_kernel_dtypes().contains(&student.dtype())
-    }
-
-    /// The dtype of the losses the fused kernel returns for logits of dtype `logits` (the
-    /// logits' own by default; f32 on the CubeCL backends). The gradient has
-    /// [`DistillBackend::fused_grad_dtype`].
-    fn fused_loss_dtype(logits: DType) -> DType {
-        logits
-    }
-
-    /// The dtype of the gradient the fused kernels return for logits of dtype `logits` (the
-    /// logits' own by default; f32 for f16 logits on the CubeCL backends, so that a loss scale
-    /// applied in the backward pass meets the unrounded gradient). The backward pass casts the
-    /// scaled gradient to the logits' dtype.
-    fn fused_grad_dtype(logits: DType) -> DType {
-        logits
-    }
-
-    /// Can the fused kernels run on `[N, V]` logits on `device`? (True by default; the CubeCL
-    /// backends need 64-bit addresses past `u32::MAX` elements.) Where not, the composed
-    /// reference runs.
-    fn fused_kernel_fits(_dims: [usize; 2], _device: &Self::Device) -> bool {
-        true
-    }
-
-    /// The fused kernel: the reduced loss of `[N, V]` logits and, when `with_grad`, its
-    /// `[N, V]` gradient with respect to the student logits; `None` where this backend has no
-    /// fused kernel for these inputs (the default).
-    fn distill_fused(_call: DenseCall<Self>) -> Option<FusedOutput<Self>> {
-        None
-    }
-
-    /// Does this backend have a fused sparse-teacher kernel for student logits of dtype
-    /// `dtype` and `k` teacher entries per row? (None by default.)
-    fn has_sparse_fused_kernel(_dtype: DType, _k: usize) -> bool {
-        false
-    }
-
-    /// The fused sparse-teacher kernel (see [`SparseDistillLoss`](crate::SparseDistillLoss)):
-    /// the reduced loss of `[N, V]` student logits against a top-k teacher and, when
-    /// `with_grad`, its `[N, V]` gradient; `None` where
-    /// [`DistillBackend::has_sparse_fused_kernel`] is false (the default: the composed
-    /// reference runs).
-    fn distill_sparse_fused(_call: SparseCall<Self>) -> Option<FusedOutput<Self>> {
-        None
-    }
-
-    /// Runs `run`, a loss of `[N, V]` logits that produces its own gradient (the
-    /// vocabulary-parallel loss), as one tracked op of the student's logits: on this backend
-    /// by default; `Autodiff<B>` runs it on `B` and scales the gradient in the backward pass.
-    fn distill_logits_tracked<R: LogitsRun>(
-        run: &R,
-        call: DenseCall<Self>,
-    ) -> Result<FusedOutput<Self>, DistillError> {
-        run.run::<Self>(call)
-    }
-
-    /// The backward step of the fused kernel: `grad · upstream`, where `upstream` is the
-    /// gradient of the loss output (`[1]` for the reductions to one value, `[N]` for `PerRow`),
-    /// computed in the gradient's dtype (f32 for f16 logits on CubeCL: the upstream, e.g. a
-    /// loss scale of 65,536, is never rounded to f16); the caller casts the result to the
-    /// logits' dtype.
-    fn distill_scale_grad(
-        grad: FloatTensor<Self>,
-        upstream: FloatTensor<Self>,
-    ) -> FloatTensor<Self> {
-        let n = upstream.shape()[0];
-        let upstream = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(upstream))
-            .cast(grad.dtype())
-            .reshape([n, 1]);
-        Self::float_mul(grad, upstream.into_primitive().tensor())
-    }
-
-    /// Runs `run`, a fused-linear loss (see
-    /// [`DistillLoss::forward_linear`](crate::DistillLoss::forward_linear)), as one tracked op
-    /// of the student's hidden states and (where trained) head weight and bias: on this backend
-    /// without gradients by default; `Autodiff<B>` runs it on `B` with the gradients computed
-    /// chunk by chunk in the forward pass. `Ok(None)` where `run` gives none (the loss then
-    /// materialises the logits, or says why it cannot: the vocabulary-parallel loss with
-    /// `Reduction::PerRow` and a gradient).
-    fn distill_linear_tracked<R: LinearRun>(
-        run: &R,
-        call: LinearCall<Self>,
-    ) -> Result<Option<DistillParts<Self>>, DistillError> {
-        Ok(run
-            .run::<Self>(call.with_grad(false))?
-            .map(|(parts, _)| parts))
-    }
-
-    /// [`DistillBackend::distill_linear_tracked`] against a sparse teacher (see
-    /// [`SparseDistillLoss::forward_linear`](crate::SparseDistillLoss::forward_linear)); `None`
-    /// where no fused sparse kernel applies (the loss then materialises the logits).
-    fn distill_sparse_linear_tracked<R: SparseLinearRun>(
-        run: &R,
-        call: SparseLinearCall<Self>,
-    ) -> Option<DistillParts<Self>> {
-        run.run::<Self>(call.with_grad(false))
-            .map(|(parts, _)| parts)
-    }
-
-    /// The fused-linear sparse kernel: the loss parts and, with `call.with_grad`, the student's
-    /// gradients, computed `call.settings.chunk_rows()` kept rows at a time against the
-    /// teacher's rows;
-    /// `None` where this backend has no such kernel for these inputs (the default: the loss
-    /// then runs its composed chunk loop around [`DistillBackend::distill_sparse_fused`]).
-    /// NdArray and Flex run the host loop of the dense fused-linear loss around their sparse
-    /// row kernel.
-    fn distill_sparse_linear_chunked(_call: SparseLinearCall<Self>) -> Option<LinearOutput<Self>> {
-        None
-    }
-
-    /// The default memory budget of the fused-linear losses' chunks (see
-    /// [`DistillLossConfig::linear_chunk_bytes`](crate::DistillLossConfig::linear_chunk_bytes)):
-    /// 64 MiB, overridden by the CubeCL backends (512 MiB).
-    fn linear_chunk_bytes() -> usize {
+/// The default memory budget of a fused-linear loss's chunks on `device`: 64 MiB on the CPU
+/// (Flex), 512 MiB on CubeCL (wgpu, CUDA), where every chunk also pays an `[H, V]`
+/// weight-gradient product and a launch of every op, so that chunks of a few dozen rows at a
+/// 128k vocabulary would spend more time there than in the loss.
+pub fn linear_chunk_bytes(device: &Device) -> usize {
+    if is_cube(device.as_dispatch()) {
+        512 << 20
+    } else {
         64 << 20
     }
+}
 
-    /// The fused-linear kernel: the loss parts and, with `call.with_grad`, the student's
-    /// gradients (hidden states, head weight and bias), computed `call.settings.chunk_rows()`
-    /// kept rows at a time; `None` where this backend has no such kernel for these inputs (the default: the
-    /// loss then runs its composed chunk loop around [`DistillBackend::distill_fused`]).
-    /// NdArray and Flex run one host loop with buffers allocated once and GEMMs that
-    /// accumulate in place.
-    fn distill_linear_chunked(_call: LinearCall<Self>) -> Option<LinearOutput<Self>> {
-        None
-    }
-
-    /// The reduced loss and its parts of `[N, V]` student and teacher logits against optional
-    /// `[N]` targets. Shapes and parameters have already been validated by the caller.
-    fn distill_loss(
-        student: FloatTensor<Self>,
-        teacher: FloatTensor<Self>,
-        targets: Option<IntTensor<Self>>,
-        params: &DistillParams,
-        kernel: Kernel,
-    ) -> DistillParts<Self> {
-        if kernel != Kernel::Reference
-            && Self::has_fused_kernel(&student, &teacher)
-            && let Some(out) = Self::distill_fused(DenseCall::new(
-                student.clone(),
-                teacher.clone(),
-                targets.clone(),
-                *params,
-            ))
-        {
-            return out.parts;
+/// The fused-linear loss by the device's host loop (Flex: in-place GEMMs around the CPU row
+/// kernels, buffers allocated once per call) on tensors without autodiff; `None` on another
+/// device or dtype, or for `Reduction::PerRow` with a gradient (the loss then runs its chunks
+/// as tensor code).
+#[cfg(feature = "flex")]
+pub(crate) fn linear_host(
+    student: &HostLinearSide,
+    teacher: &HostLinearTeacher,
+    targets: Option<&Tensor<1, Int>>,
+    plan: &HostLinearPlan,
+) -> Option<(DistillParts, Option<flex_linear::HostLinearGrads>)> {
+    match student.0.device().as_dispatch() {
+        DispatchDevice::Flex(_) if plan.kernel != Kernel::Reference => {
+            flex_linear::linear_host(student, teacher, targets, plan)
         }
-        reference_loss::<Self>(student, teacher, targets, params)
+        _ => None,
     }
 }
 
-/// [`DistillBackend::distill_loss`] by the reference implementation.
-pub fn reference_loss<B: Backend>(
-    student: FloatTensor<B>,
-    teacher: FloatTensor<B>,
-    targets: Option<IntTensor<B>>,
+/// One chunk of a fused-linear loss: the dense loss of `[c, V]` logits (tensors without
+/// autodiff) by the device's fused kernel, with its `[c, V]` gradient when `with_grad`; by the
+/// reference without one (`Kernel::Reference`, or a device without a kernel); `None` where a
+/// gradient is asked and only the reference could run (the caller materialises the logits).
+pub(crate) fn dense_chunk(
+    student: Tensor<2>,
+    teacher: Tensor<2>,
+    targets: Option<Tensor<1, Int>>,
     params: &DistillParams,
-) -> DistillParts<B> {
-    let targets = targets.map(Tensor::<B, 1, Int>::from_primitive);
+    kernel: Kernel,
+    with_grad: bool,
+) -> Option<(DistillParts, Option<Tensor<2>>)> {
+    let (device, dtype) = (student.device(), student.dtype());
+    let fused = kernel != Kernel::Reference
+        && has_fused_kernel(&device, dtype)
+        && teacher.dtype() == dtype
+        && fits(&device, student.dims());
+    if !fused {
+        return (!with_grad).then(|| (reference_loss(student, teacher, targets, params), None));
+    }
+    let mut call = KernelInputs::new(&student, targets, params);
+    call.settings.with_grad = with_grad;
+    let out = <Dispatch as DistillOps>::distill_dense(
+        student.into_dispatch(),
+        teacher.into_dispatch(),
+        call.targets.into_dispatch(),
+        call.scale.into_dispatch(),
+        call.settings,
+    );
+    let grad = with_grad.then(|| Tensor::from_dispatch(out.grad.clone()));
+    Some((call.settings.parts(out), grad))
+}
+
+/// One chunk of a sparse fused-linear loss, as [`dense_chunk`] against a sparse teacher's rows;
+/// `None` where no fused kernel runs it (the caller materialises the logits, or runs the
+/// composed sparse path).
+pub(crate) fn sparse_chunk(
+    student: Tensor<2>,
+    (indices, log_probs): (Tensor<2, Int>, Tensor<2>),
+    targets: Option<Tensor<1, Int>>,
+    params: &DistillParams,
+    setup: SparseSetup,
+    with_grad: bool,
+) -> Option<(DistillParts, Option<Tensor<2>>)> {
+    let (device, dtype, k) = (student.device(), student.dtype(), indices.dims()[1]);
+    if !(has_sparse_fused_kernel(&device, dtype, k) && fits(&device, student.dims())) {
+        return None;
+    }
+    let mut call = KernelInputs::new(&student, targets, params);
+    call.settings.with_grad = with_grad;
+    let out = <Dispatch as DistillOps>::distill_sparse(
+        student.into_dispatch(),
+        indices.into_dispatch(),
+        log_probs.into_dispatch(),
+        call.targets.into_dispatch(),
+        call.scale.into_dispatch(),
+        call.settings,
+        setup,
+    );
+    let grad = with_grad.then(|| Tensor::from_dispatch(out.grad.clone()));
+    Some((call.settings.parts(out), grad))
+}
+
+/// A loss computed without autodiff (`value`, on the inner device: `[1]`, or `[N]` row losses)
+/// as the output of one backward node over the tracked inputs, each with the gradient the
+/// forward pass formed (for an upstream gradient of 1; `None`: that input gets none). Without
+/// autodiff, `value`.
+pub(crate) fn attach(
+    value: Tensor<1>,
+    hidden: (Tensor<2>, Option<Tensor<2>>),
+    weight: (Tensor<2>, Option<Tensor<2>>),
+    bias: Option<(Tensor<1>, Option<Tensor<1>>)>,
+) -> Tensor<1> {
+    let device = value.device();
+    let dummy = || Tensor::<1>::zeros([1], &device).into_dispatch();
+    let grad = |g: Option<DispatchTensor>| g.unwrap_or_else(dummy);
+    let present = [
+        hidden.1.is_some(),
+        weight.1.is_some(),
+        bias.as_ref().is_some_and(|b| b.1.is_some()),
+    ];
+    let (c, gc) = match bias {
+        Some((b, gb)) => (b.into_dispatch(), grad(gb.map(Tensor::into_dispatch))),
+        None => (dummy(), dummy()),
+    };
+    Tensor::from_dispatch(<Dispatch as DistillOps>::distill_attach(
+        value.into_dispatch(),
+        hidden.0.into_dispatch(),
+        grad(hidden.1.map(Tensor::into_dispatch)),
+        weight.0.into_dispatch(),
+        grad(weight.1.map(Tensor::into_dispatch)),
+        c,
+        gc,
+        present,
+    ))
+}
+
+/// [`attach`] for one input: `value` (`[1]`, or `[N]` row losses) as the output of a node over
+/// `x` whose gradient `gx` the forward pass formed (`[N, …]` rows for row losses).
+pub(crate) fn attach_one(value: Tensor<1>, x: Tensor<2>, gx: Tensor<2>) -> Tensor<1> {
+    let device = value.device();
+    let dummy = Tensor::<2>::zeros([1, 1], &device);
+    attach(value, (x, Some(gx)), (dummy, None), None)
+}
+
+/// What every fused kernel takes besides its logits: the targets (`[0]` without labels), the
+/// reduction's `[1]` factor counted on the device (no read-back, f32), and the settings.
+struct KernelInputs {
+    targets: Tensor<1, Int>,
+    scale: Tensor<1>,
+    settings: DenseSettings,
+}
+
+impl KernelInputs {
+    fn new(student: &Tensor<2>, targets: Option<Tensor<1, Int>>, params: &DistillParams) -> Self {
+        let (device, [n, _]) = (student.device(), student.dims());
+        let ignored = ignored_rows(targets.as_ref(), params.ignore_index);
+        let scale = params
+            .reduction
+            .factor_tensor(ignored, n, &device, DType::F32)
+            .unwrap_or_else(|| Tensor::ones([1], (&device, DType::F32)));
+        Self {
+            settings: DenseSettings {
+                params: *params,
+                labels: targets.is_some(),
+                with_grad: false,
+            },
+            targets: targets.unwrap_or_else(|| Tensor::<1, Int>::empty([0], &device)),
+            scale,
+        }
+    }
+}
+
+impl DenseSettings {
+    /// A kernel's outputs as the loss and its parts.
+    fn parts(&self, out: FusedRows<Dispatch>) -> DistillParts {
+        DistillParts {
+            loss: Tensor::from_dispatch(out.loss),
+            soft: Tensor::from_dispatch(out.soft),
+            hard: self.labels.then(|| Tensor::from_dispatch(out.hard)),
+        }
+    }
+}
+
+/// Does the device have a fused sparse-teacher kernel for logits of `dtype` and `k` entries
+/// per row? (The CubeCL kernel keeps a row's entries in shared memory: `k ≤ 512`.)
+pub fn has_sparse_fused_kernel(device: &Device, dtype: DType, k: usize) -> bool {
+    has_fused_kernel(device, dtype) && (k <= MAX_SPARSE_K || !is_cube(device.as_dispatch()))
+}
+
+/// The most teacher entries per row of the CubeCL sparse kernel (its shared memory: 24 bytes
+/// each).
+pub const MAX_SPARSE_K: usize = 512;
+
+/// The dtype of the row losses the device's fused kernels return for logits of `dtype`: f32
+/// on CubeCL (an f16 sum of row losses overflows at 65,504), the logits' own elsewhere; the
+/// losses computed as tensor code beside them (the vocabulary-parallel shards) follow it.
+pub(crate) fn fused_loss_dtype(device: &Device, dtype: DType) -> DType {
+    if is_cube(device.as_dispatch()) {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
+/// Is this a CubeCL device (with or without autodiff)?
+fn is_cube(device: &DispatchDevice) -> bool {
+    match device {
+        #[cfg(feature = "cube")]
+        DispatchDevice::Cube(_) => true,
+        DispatchDevice::Autodiff(device) => is_cube(&device.clone().inner()),
+        #[allow(unreachable_patterns)]
+        _ => false,
+    }
+}
+
+/// The sparse-teacher loss of `[N, V]` rows against `[N, k]` indices and log-probabilities (as
+/// the kernels take them: `SparseTeacher::kernel_log_probs`) by the device's fused kernel,
+/// where `kernel` allows and the device has one; `None` where the loss runs its composed path
+/// (`Kernel::Reference`, or `Auto` without a kernel); an error for `Kernel::Fused` without one.
+pub(crate) fn sparse(
+    student: Tensor<2>,
+    (indices, log_probs): (Tensor<2, Int>, Tensor<2>),
+    targets: Option<Tensor<1, Int>>,
+    params: &DistillParams,
+    setup: SparseSetup,
+    kernel: Kernel,
+) -> Result<Option<DistillParts>, DistillError> {
+    let (device, dtype, k) = (student.device(), student.dtype(), indices.dims()[1]);
+    let fused = has_sparse_fused_kernel(&device, dtype, k) && fits(&device, student.dims());
+    match kernel {
+        Kernel::Reference => return Ok(None),
+        Kernel::Auto if !fused => return Ok(None),
+        Kernel::Fused if !fused => {
+            return Err(DistillError::invalid(
+                "kernel",
+                "Kernel::Fused",
+                format!(
+                    "Kernel::Auto or Kernel::Reference: device {device:?} has no fused \
+                     sparse-teacher kernel for {dtype:?} logits and k = {k}"
+                ),
+            ));
+        }
+        _ => {}
+    }
+    let call = KernelInputs::new(&student, targets, params);
+    let out = <Dispatch as DistillOps>::distill_sparse(
+        student.into_dispatch(),
+        indices.into_dispatch(),
+        log_probs.into_dispatch(),
+        call.targets.into_dispatch(),
+        call.scale.into_dispatch(),
+        call.settings,
+        setup,
+    );
+    Ok(Some(call.settings.parts(out)))
+}
+
+/// The dense loss by the reference implementation (composed tensor ops, differentiable on
+/// every backend through burn's autodiff).
+pub fn reference_loss(
+    student: Tensor<2>,
+    teacher: Tensor<2>,
+    targets: Option<Tensor<1, Int>>,
+    params: &DistillParams,
+) -> DistillParts {
     let ignored = ignored_rows(targets.as_ref(), params.ignore_index);
-    let student = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(student));
-    let teacher = Tensor::from_primitive(TensorPrimitive::Float(teacher));
     let soft = reference::soft_rows(student.clone(), teacher, params);
     // Ignored rows 0, rows with an out-of-range target NaN: an unchecked bad target never
     // gives a plausible-looking loss.
     let rows = reference::mix_rows(soft, student, targets, params);
-    let reduce = |t: Tensor<B, 1>| {
-        reduce_rows(t, ignored.clone(), params.reduction)
-            .into_primitive()
-            .tensor()
-    };
+    let reduce = |t: Tensor<1>| reduce_rows(t, ignored.clone(), params.reduction);
     DistillParts {
         loss: reduce(rows.loss),
         soft: reduce(rows.soft),
         hard: rows.hard.map(reduce),
     }
 }
-
-/// The capability methods of a wrapper backend (`Autodiff<B>`, `Fusion<B>`): those of the
-/// inner backend `$inner`.
-macro_rules! inner_capabilities {
-    ($inner:ident) => {
-        fn fused_kernel_dtypes() -> &'static [burn::tensor::DType] {
-            $inner::fused_kernel_dtypes()
-        }
-
-        fn fused_loss_dtype(logits: burn::tensor::DType) -> burn::tensor::DType {
-            $inner::fused_loss_dtype(logits)
-        }
-
-        fn fused_grad_dtype(logits: burn::tensor::DType) -> burn::tensor::DType {
-            $inner::fused_grad_dtype(logits)
-        }
-
-        fn fused_kernel_fits(dims: [usize; 2], device: &Self::Device) -> bool {
-            $inner::fused_kernel_fits(dims, device)
-        }
-
-        fn has_sparse_fused_kernel(dtype: burn::tensor::DType, k: usize) -> bool {
-            $inner::has_sparse_fused_kernel(dtype, k)
-        }
-
-        fn linear_chunk_bytes() -> usize {
-            $inner::linear_chunk_bytes()
-        }
-    };
-}
-
-mod autodiff;
-mod call;
-#[cfg(any(feature = "ndarray", feature = "flex"))]
-mod cpu;
-#[cfg(any(feature = "wgpu", feature = "cuda"))]
-mod cube;
-#[cfg(feature = "flex")]
-mod flex;
-#[cfg(any(feature = "wgpu", feature = "cuda"))]
-mod fusion;
-mod linear_io;
-#[cfg(feature = "ndarray")]
-mod ndarray;

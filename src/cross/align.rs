@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::{DistillError, kernel::reference::gather_columns};
@@ -136,15 +136,11 @@ impl MergePlan {
     /// The `[G, V]` merged rows of `[rows, V]` probabilities `p` with tokens `[rows]`.
     ///
     /// The products are sums of logarithms gathered through a `[G, width]` index matrix (no
-    /// scatter: burn-fusion 0.21 (`Wgpu`) miscomputes a `select_assign` into fresh zeros here).
-    pub(crate) fn merge<B: Backend>(
-        &self,
-        p: Tensor<B, 2>,
-        tokens: Tensor<B, 1, Int>,
-    ) -> Tensor<B, 2> {
+    /// scatter: burn-fusion 0.21 (`Wgpu`) miscomputed a `select_assign` into fresh zeros here).
+    pub(crate) fn merge(&self, p: Tensor<2>, tokens: Tensor<1, Int>) -> Tensor<2> {
         let device = p.device();
         let groups = self.base.len();
-        let base = p.clone().select(0, ints::<B>(&self.base, &device));
+        let base = p.clone().select(0, ints(&self.base, &device));
         let width = self.extra.iter().map(Vec::len).max().unwrap_or(0);
         if width == 0 {
             return base;
@@ -159,14 +155,14 @@ impl MergePlan {
         let logs = token_p.clamp_min(MERGE_FLOOR).log();
         let logs = Tensor::cat(vec![logs.clone(), logs.zeros_like().slice(0..1)], 0);
         let sums = logs
-            .select(0, ints::<B>(&index, &device))
+            .select(0, ints(&index, &device))
             .reshape([groups, width])
             .sum_dim(1);
         base * sums.exp()
     }
 }
 
-fn ints<B: Backend>(values: &[i64], device: &B::Device) -> Tensor<B, 1, Int> {
+fn ints(values: &[i64], device: &Device) -> Tensor<1, Int> {
     Tensor::from_data(TensorData::new(values.to_vec(), [values.len()]), device)
 }
 

@@ -3,13 +3,13 @@
 use burn::{
     config::Config,
     module::Module,
-    tensor::{Int, Tensor, TensorData, activation, backend::Backend},
+    tensor::{Int, Tensor, TensorData, activation},
 };
 
 use super::{MergePlan, SpanAlignment, VocabMatch, align::MERGE_FLOOR};
 use crate::{
     DistillError, Reduction, Validation,
-    error::panicking,
+    error::or_panic,
     kernel::reference::gather_columns,
     reduction::pairwise_sum,
     softmax::check_temperature,
@@ -61,14 +61,14 @@ pub struct CrossTokenizerLossConfig {
 }
 
 impl CrossTokenizerLossConfig {
-    panicking! {
-        /// Validates the configuration and builds the loss.
-        ///
-        /// # Panics
-        /// With the message of [`CrossTokenizerLossConfig::try_init`]'s error.
-        pub fn init(&self) -> CrossTokenizerLoss {
-            self.try_init()
-        }
+    /// Validates the configuration and builds the loss.
+    ///
+    /// # Panics
+    /// With the message of [`CrossTokenizerLossConfig::try_init`]'s error, at the caller's
+    /// line.
+    #[track_caller]
+    pub fn init(&self) -> CrossTokenizerLoss {
+        or_panic(self.try_init())
     }
 
     /// Validates the configuration and builds the loss, or says which value is wrong.
@@ -110,27 +110,27 @@ impl CrossTokenizerLossConfig {
 /// token `tokens[r]` (the logits that predict it: shift by one from the model's output), and
 /// those `[N]` tokens.
 #[derive(Clone, Debug)]
-pub struct TokenRows<B: Backend> {
+pub struct TokenRows {
     /// `[N, V]` logits, row `r` predicting `tokens[r]`.
-    pub logits: Tensor<B, 2>,
+    pub logits: Tensor<2>,
     /// `[N]` the tokens, in `[0, V)`.
-    pub tokens: Tensor<B, 1, Int>,
+    pub tokens: Tensor<1, Int>,
 }
 
 /// The loss, with its two terms for logging.
 #[derive(Clone, Debug)]
-pub struct CrossTokenizerOutput<B: Backend> {
+pub struct CrossTokenizerOutput {
     /// `distillation_weight · distillation + crossentropy_weight · crossentropy`
     /// (differentiable).
-    pub loss: Tensor<B, 1>,
+    pub loss: Tensor<1>,
     /// The distillation term, reduced (detached).
-    pub distillation: Tensor<B, 1>,
+    pub distillation: Tensor<1>,
     /// The student's cross-entropy on its tokens (detached; `0` when its weight is 0).
-    pub crossentropy: Tensor<B, 1>,
-    checks: Vec<DeviceCheck<B>>,
+    pub crossentropy: Tensor<1>,
+    checks: Vec<DeviceCheck>,
 }
 
-impl<B: Backend> CrossTokenizerOutput<B> {
+impl CrossTokenizerOutput {
     /// Reads the checks that a forward with [`Validation::Deferred`] queued (one read-back)
     /// and names the first bad value.
     pub fn validate(&self) -> Result<(), DistillError> {
@@ -158,24 +158,22 @@ impl<B: Backend> CrossTokenizerOutput<B> {
 /// gradient. `Mean` is GOLD's reduction: the mean over sequences of the mean over their spans.
 ///
 /// ```
-/// use burn::backend::{Autodiff, NdArray};
-/// use burn::tensor::{Int, Tensor};
+/// use burn::tensor::{Device, Int, Tensor};
 /// use burn_distill::cross::{CrossTokenizerLossConfig, MergeStrategy, SpanAlignment, TokenRows};
 ///
-/// type B = Autodiff<NdArray>;
-/// let device = Default::default();
+/// let device = Device::default().autodiff();
 /// // The same one-byte text, one token on each side; vocabularies of 2 and 3.
 /// let alignment = SpanAlignment::new(MergeStrategy::Observed, &[(&[(0, 1)][..], &[(0, 1)][..])]).unwrap();
 /// let student = TokenRows {
-///     logits: Tensor::<B, 2>::from_floats([[0.0, 0.0]], &device).require_grad(),
-///     tokens: Tensor::<B, 1, Int>::from_ints([0], &device),
+///     logits: Tensor::<2>::from_floats([[0.0, 0.0]], &device).require_grad(),
+///     tokens: Tensor::<1, Int>::from_ints([0], &device),
 /// };
 /// let teacher = TokenRows {
-///     logits: Tensor::<B, 2>::from_floats([[0.0, 0.0, 0.0]], &device),
-///     tokens: Tensor::<B, 1, Int>::from_ints([2], &device),
+///     logits: Tensor::<2>::from_floats([[0.0, 0.0, 0.0]], &device),
+///     tokens: Tensor::<1, Int>::from_ints([2], &device),
 /// };
 /// let loss = CrossTokenizerLossConfig::new().init();
-/// let value = loss.forward(student, teacher, &alignment).into_scalar();
+/// let value = loss.forward(student, teacher, &alignment).into_scalar::<f32>();
 /// // sorted: (½, ½, 0) against (⅓, ⅓, ⅓): |⅙| + |⅙| + |⅓| = ⅔
 /// assert!((value - 2.0 / 3.0).abs() < 1e-6);
 /// ```
@@ -184,7 +182,7 @@ impl<B: Backend> CrossTokenizerOutput<B> {
 /// - `student.logits`: `[N_s, V_s]`, `student.tokens`: `[N_s]` (`N_s` = the alignment's
 ///   student rows); the teacher's likewise with `N_t`, `V_t`
 /// - output: `[1]`, or `[G]` with [`Reduction::PerRow`]
-#[derive(Module, Clone, Debug)]
+#[derive(Module, Debug)]
 pub struct CrossTokenizerLoss {
     #[module(skip)]
     config: CrossTokenizerLossConfig,
@@ -196,35 +194,69 @@ impl CrossTokenizerLoss {
         &self.config
     }
 
-    panicking! {
-        /// The ULD loss (sorted L1).
-        ///
-        /// # Panics
-        /// On bad input, with the message of [`CrossTokenizerLoss::try_forward_parts`].
-        pub fn forward<B: Backend>(&self, student: TokenRows<B>, teacher: TokenRows<B>,
-            alignment: &SpanAlignment) -> Tensor<B, 1> {
-            self.try_forward_parts(student, teacher, alignment, None).loss
-        }
+    /// The ULD loss (sorted L1).
+    ///
+    /// # Panics
+    /// On bad input, with the message of [`CrossTokenizerLoss::try_forward`], at the caller's
+    /// line.
+    #[track_caller]
+    pub fn forward(
+        &self,
+        student: TokenRows,
+        teacher: TokenRows,
+        alignment: &SpanAlignment,
+    ) -> Tensor<1> {
+        or_panic(self.try_forward(student, teacher, alignment))
+    }
 
-        /// GOLD's hybrid loss: the matched vocabulary compared directly, the rest by sorted L1.
-        ///
-        /// # Panics
-        /// As [`CrossTokenizerLoss::forward`].
-        pub fn forward_hybrid<B: Backend>(&self, student: TokenRows<B>, teacher: TokenRows<B>,
-            alignment: &SpanAlignment, vocab: &VocabMatch) -> Tensor<B, 1> {
-            self.try_forward_parts(student, teacher, alignment, Some(vocab)).loss
-        }
+    /// [`CrossTokenizerLoss::forward`] that returns an error naming the bad argument.
+    pub fn try_forward(
+        &self,
+        student: TokenRows,
+        teacher: TokenRows,
+        alignment: &SpanAlignment,
+    ) -> Result<Tensor<1>, DistillError> {
+        self.try_forward_parts(student, teacher, alignment, None)
+            .map(|out| out.loss)
+    }
+
+    /// GOLD's hybrid loss: the matched vocabulary compared directly, the rest by sorted L1.
+    ///
+    /// # Panics
+    /// On bad input, with the message of [`CrossTokenizerLoss::try_forward_hybrid`], at the
+    /// caller's line.
+    #[track_caller]
+    pub fn forward_hybrid(
+        &self,
+        student: TokenRows,
+        teacher: TokenRows,
+        alignment: &SpanAlignment,
+        vocab: &VocabMatch,
+    ) -> Tensor<1> {
+        or_panic(self.try_forward_hybrid(student, teacher, alignment, vocab))
+    }
+
+    /// [`CrossTokenizerLoss::forward_hybrid`] that returns an error naming the bad argument.
+    pub fn try_forward_hybrid(
+        &self,
+        student: TokenRows,
+        teacher: TokenRows,
+        alignment: &SpanAlignment,
+        vocab: &VocabMatch,
+    ) -> Result<Tensor<1>, DistillError> {
+        self.try_forward_parts(student, teacher, alignment, Some(vocab))
+            .map(|out| out.loss)
     }
 
     /// The loss (hybrid with a `vocab` match, ULD without), its terms and queued checks, or an
     /// error naming the bad argument.
-    pub fn try_forward_parts<B: Backend>(
+    pub fn try_forward_parts(
         &self,
-        student: TokenRows<B>,
-        teacher: TokenRows<B>,
+        student: TokenRows,
+        teacher: TokenRows,
         alignment: &SpanAlignment,
         vocab: Option<&VocabMatch>,
-    ) -> Result<CrossTokenizerOutput<B>, DistillError> {
+    ) -> Result<CrossTokenizerOutput, DistillError> {
         let c = &self.config;
         let vs = check_side("student", &student, &alignment.student)?;
         let vt = check_side("teacher", &teacher, &alignment.teacher)?;
@@ -234,7 +266,8 @@ impl CrossTokenizerLoss {
                 ("student.tokens", &student, vs),
                 ("teacher.tokens", &teacher, vt),
             ] {
-                let check = crate::onpolicy::token_check(name, &side.tokens, v, None);
+                let lead = side.tokens.dims();
+                let check = crate::onpolicy::token_check(name, &side.tokens, v, None, &lead);
                 checks.extend(check.apply(c.validation)?);
             }
         }
@@ -267,13 +300,13 @@ impl CrossTokenizerLoss {
     }
 
     /// The hybrid loss's `[G]` rows.
-    fn hybrid_rows<B: Backend>(
+    fn hybrid_rows(
         &self,
-        merged_s: Tensor<B, 2>,
-        merged_t: Tensor<B, 2>,
+        merged_s: Tensor<2>,
+        merged_t: Tensor<2>,
         vocab: &VocabMatch,
         [vs, vt]: [usize; 2],
-    ) -> Result<Tensor<B, 1>, DistillError> {
+    ) -> Result<Tensor<1>, DistillError> {
         let (s_len, t_len) = vocab.vocab_sizes();
         for (name, len, width) in [("student", s_len, vs), ("teacher", t_len, vt)] {
             if len > width {
@@ -286,7 +319,7 @@ impl CrossTokenizerLoss {
         }
         let device = merged_s.device();
         let ids = |v: Vec<i64>| {
-            Tensor::<B, 1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), &device)
+            Tensor::<1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), &device)
         };
         let m_s: Vec<i64> = vocab.pairs().iter().map(|&(s, _)| s as i64).collect();
         let m_t: Vec<i64> = vocab.pairs().iter().map(|&(_, t)| t as i64).collect();
@@ -310,7 +343,7 @@ impl CrossTokenizerLoss {
     }
 
     /// `[G]` span terms → the configured reduction.
-    fn reduce<B: Backend>(&self, rows: Tensor<B, 1>, alignment: &SpanAlignment) -> Tensor<B, 1> {
+    fn reduce(&self, rows: Tensor<1>, alignment: &SpanAlignment) -> Tensor<1> {
         let device = rows.device();
         match self.config.reduction {
             Reduction::PerRow => rows,
@@ -318,7 +351,7 @@ impl CrossTokenizerLoss {
             Reduction::Normalized { items } => pairwise_sum(rows) / items as f64,
             Reduction::Mean => {
                 let w = &alignment.mean_weights;
-                let weights = Tensor::<B, 1>::from_data(
+                let weights = Tensor::<1>::from_data(
                     TensorData::new(w.clone(), [w.len()]),
                     (&device, rows.dtype()),
                 );
@@ -329,9 +362,9 @@ impl CrossTokenizerLoss {
 }
 
 /// The logits' width, after checking that the side has the rows the alignment expects.
-fn check_side<B: Backend>(
+fn check_side(
     name: &'static str,
-    side: &TokenRows<B>,
+    side: &TokenRows,
     plan: &MergePlan,
 ) -> Result<usize, DistillError> {
     let [n, v] = side.logits.dims();
@@ -356,10 +389,10 @@ fn check_side<B: Backend>(
 }
 
 /// `Σ_i |sort↓(a)_i − sort↓(b)_i|` per row, the narrower side zero-padded: `[G]`.
-fn sorted_l1<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 1> {
+fn sorted_l1(a: Tensor<2>, b: Tensor<2>) -> Tensor<1> {
     let [g, va] = a.dims();
     let [_, vb] = b.dims();
-    let pad = |x: Tensor<B, 2>, v: usize| {
+    let pad = |x: Tensor<2>, v: usize| {
         let x = x.sort_descending(1);
         if v < va.max(vb) {
             let zeros = Tensor::zeros([g, va.max(vb) - v], (&x.device(), x.dtype()));
@@ -372,12 +405,12 @@ fn sorted_l1<B: Backend>(a: Tensor<B, 2>, b: Tensor<B, 2>) -> Tensor<B, 1> {
 }
 
 /// GOLD's generalized JSD of probabilities (`logits_are_probs`), summed per row: `[G]`.
-fn generalized_jsd<B: Backend>(s: Tensor<B, 2>, t: Tensor<B, 2>, beta: f64) -> Tensor<B, 1> {
+fn generalized_jsd(s: Tensor<2>, t: Tensor<2>, beta: f64) -> Tensor<1> {
     let [g, _] = s.dims();
     let ls = s.clamp_min(MERGE_FLOOR).log();
     let lt = t.clamp_min(MERGE_FLOOR).log();
     // KL(a ‖ b) per entry from log a and log b, as `F.kl_div(log b, log a, log_target=True)`.
-    let kl = |la: Tensor<B, 2>, lb: Tensor<B, 2>| la.clone().exp() * (la - lb);
+    let kl = |la: Tensor<2>, lb: Tensor<2>| la.clone().exp() * (la - lb);
     let per_entry = if beta == 0.0 {
         kl(lt, ls)
     } else if beta == 1.0 {

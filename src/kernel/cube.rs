@@ -37,7 +37,8 @@ pub(crate) const BLOCK: u32 = 256;
 /// target run their loops zero times and write nothing (or zeros, NaN) instead of returning.
 /// Specialised at compile time for the divergence, the presence of targets and of an ignore
 /// index, the gradient and the vector width.
-// `x - x` and `0 / 0` below build 0 and NaN from runtime values (WGSL has no NaN literal);
+// `x - x` below builds 0 from a runtime value; NaN comes in as `params.nan` (WGSL has no NaN
+// literal, and CubeCL 0.11 folds a run-time `0 / 0` into one);
 // `if comptime { if runtime {} }` stays nested so that the outer test is resolved at compile time.
 #[allow(clippy::eq_op, clippy::collapsible_if)]
 #[cube(launch, address_type = "dynamic")]
@@ -50,7 +51,7 @@ pub(crate) fn distill_kernel<F: Float, I: Numeric, G: Float, N: Size>(
     out: &mut RowOut<Vector<G, N>>,
     params: RowParams,
     #[comptime] spec: RowSpec,
-    #[define(F, I, G)] _dtypes: [StorageType; 3],
+    #[define(F, I, G)] _dtypes: [ElemType; 3],
 ) {
     let kind = comptime!(spec.kind);
     let labeled = comptime!(spec.labeled);
@@ -70,7 +71,7 @@ pub(crate) fn distill_kernel<F: Float, I: Numeric, G: Float, N: Size>(
     let t_base = safe_row * (teacher.stride(0) / width);
     let g_base = safe_row * (out.grad.stride(0) / width);
     let inv_t = params.inv_t;
-    let mut smem = SharedMemory::<f32>::new(256usize);
+    let mut smem = Shared::<[f32]>::new_slice(256usize);
 
     let target = row_target(
         targets,
@@ -101,9 +102,10 @@ pub(crate) fn distill_kernel<F: Float, I: Numeric, G: Float, N: Size>(
 
     // The row's loss, and the gradient of the reduced loss (zeros on ignored and bad rows).
     let safe_class = select(live, target.class as usize, 0);
-    // 0 for ignored rows, NaN for out-of-range targets (WGSL has no NaN literal).
+    // 0 for ignored rows, NaN for out-of-range targets (a kernel argument: WGSL has no NaN
+    // literal).
     let zero = inv_t - inv_t;
-    let fallback = select(target.bad, zero / zero, zero);
+    let fallback = select(target.bad, params.nan, zero);
     let (first, soft_value, soft_scale, factor) = (
         in_range && unit == 0,
         params.t2 * div,
@@ -139,7 +141,7 @@ fn online_pass<F: Float, N: Size>(
     t_base: usize,
     len: usize,
     inv_t: f32,
-    smem: &mut SharedMemory<f32>,
+    smem: &mut Shared<[f32]>,
     div: &mut f32,
     #[comptime] fkl: bool,
 ) -> RowStats {
@@ -154,8 +156,8 @@ fn online_pass<F: Float, N: Size>(
         let tv = teacher[t_base + jv];
         #[unroll]
         for l in 0..width {
-            let s = f32::cast_from(sv[l]);
-            let t = f32::cast_from(tv[l]);
+            let s = f32::cast_from(sv.extract(l));
+            let t = f32::cast_from(tv.extract(l));
             online.add(s, inv_t);
             if t > mt {
                 let r = ((mt - t) * inv_t).exp();
@@ -198,7 +200,7 @@ fn divergence_pass<F: Float, N: Size>(
     stats: &RowStats,
     inv_t: f32,
     mix: f32,
-    smem: &mut SharedMemory<f32>,
+    smem: &mut Shared<[f32]>,
     sqg: &mut f32,
     #[comptime] kind: DivKind,
 ) -> f32 {
@@ -211,8 +213,8 @@ fn divergence_pass<F: Float, N: Size>(
         let tv = teacher[t_base + jv];
         #[unroll]
         for l in 0..width {
-            let lq = (f32::cast_from(sv[l]) - stats.ms) * inv_t - stats.lse_s;
-            let lp = (f32::cast_from(tv[l]) - stats.mt) * inv_t - stats.lse_t;
+            let lq = (f32::cast_from(sv.extract(l)) - stats.ms) * inv_t - stats.lse_s;
+            let lp = (f32::cast_from(tv.extract(l)) - stats.mt) * inv_t - stats.lse_t;
             let q = lq.exp();
             let p = lp.exp();
             div += column_term(q, p, lq, lp, mix, kind);
@@ -253,15 +255,15 @@ fn gradient_pass<F: Float, G: Float, N: Size>(
             let tv = teacher[t_base + jv];
             #[unroll]
             for l in 0..width {
-                let s = f32::cast_from(sv[l]);
+                let s = f32::cast_from(sv.extract(l));
                 let lq = (s - stats.ms) * inv_t - stats.lse_s;
-                let lp = (f32::cast_from(tv[l]) - stats.mt) * inv_t - stats.lse_t;
+                let lp = (f32::cast_from(tv.extract(l)) - stats.mt) * inv_t - stats.lse_t;
                 let q = lq.exp();
                 let p = lp.exp();
                 let soft = soft_logit_grad(q, p, lq, lp, weights.div, weights.sqg, mix, kind);
                 let at_class = jv * width + l == class;
                 let value = logit_grad(weights, s, stats.ms, stats.lse_1, soft, at_class);
-                vector[l] = G::cast_from(value);
+                vector.insert(l, G::cast_from(value));
             }
         }
         out.grad[g_base + jv] = vector;

@@ -38,15 +38,16 @@ impl DivKind {
 /// gradient as vectors `G` (a `[1, V]` placeholder when the kernel writes none).
 #[derive(CubeLaunch, CubeType)]
 pub(crate) struct RowOut<G: CubePrimitive> {
-    pub loss: Tensor<f32>,
-    pub soft: Tensor<f32>,
-    pub hard: Tensor<f32>,
-    pub grad: Tensor<G>,
+    pub loss: OwnedTensor<f32>,
+    pub soft: OwnedTensor<f32>,
+    pub hard: OwnedTensor<f32>,
+    pub grad: OwnedTensor<G>,
 }
 
 /// The loss settings both kernels read at run time: `1/T`, the soft term's factor (`T²` or 1),
 /// `α`, label smoothing `ε`, the divergence's mixture weight (`β`, `λ` or 0) and the ignore
-/// index (any value without one).
+/// index (any value without one), and NaN and `−∞` (the kernel cannot build them: WGSL has no
+/// NaN or infinity literal, and CubeCL folds a run-time `0 / 0` or `−1 / 0` into one).
 #[derive(CubeLaunch, CubeType, Clone, Copy)]
 pub(crate) struct RowParams {
     pub inv_t: f32,
@@ -55,6 +56,8 @@ pub(crate) struct RowParams {
     pub eps: f32,
     pub mix: f32,
     pub ignore: i32,
+    pub nan: f32,
+    pub neg_inf: f32,
 }
 
 /// What both kernels are specialised for at compile time: the divergence, the presence of
@@ -70,20 +73,20 @@ pub(crate) struct RowSpec {
 /// Sum of `value` over the `CUBE_DIM_X` units of this unit's row (every unit of the row gets
 /// the result). Every unit of the cube must call it.
 #[cube]
-pub(crate) fn row_sum(smem: &mut SharedMemory<f32>, value: f32) -> f32 {
+pub(crate) fn row_sum(smem: &mut Shared<[f32]>, value: f32) -> f32 {
     row_reduce(smem, value, false)
 }
 
 /// Maximum of `value` over the units of this unit's row (as [`row_sum`]).
 #[cube]
-pub(crate) fn row_max(smem: &mut SharedMemory<f32>, value: f32) -> f32 {
+pub(crate) fn row_max(smem: &mut Shared<[f32]>, value: f32) -> f32 {
     row_reduce(smem, value, true)
 }
 
 /// The sum, or with `max` the maximum, of `value` over the units of this unit's row: a
 /// shared-memory tree in the row's segment.
 #[cube]
-fn row_reduce(smem: &mut SharedMemory<f32>, value: f32, #[comptime] max: bool) -> f32 {
+fn row_reduce(smem: &mut Shared<[f32]>, value: f32, #[comptime] max: bool) -> f32 {
     let unit = UNIT_POS_X as usize;
     let base = UNIT_POS_Y as usize * CUBE_DIM_X as usize;
     smem[base + unit] = value;
@@ -98,7 +101,7 @@ fn row_reduce(smem: &mut SharedMemory<f32>, value: f32, #[comptime] max: bool) -
                     smem[base + unit] = other;
                 }
             } else {
-                smem[base + unit] = smem[base + unit] + other;
+                smem[base + unit] += other;
             }
         }
         sync_cube();
@@ -161,9 +164,9 @@ pub(crate) fn column_term(
         DivKind::Tvd => {
             let diff = q - p;
             if diff > 0.0 {
-                d = diff * 0.5;
+                d = diff * 0.5f32;
             } else {
-                d = -diff * 0.5;
+                d = -diff * 0.5f32;
             }
         }
     }
@@ -197,9 +200,9 @@ pub(crate) fn column_grad(q: f32, p: f32, lq: f32, mix: f32, #[comptime] kind: D
         DivKind::Tvd => {
             let diff = q - p;
             if diff > 0.0 {
-                g = 0.5;
+                g = 0.5f32;
             } else if diff < 0.0 {
-                g = -0.5;
+                g = -0.5f32;
             }
         }
         DivKind::ForwardKl | DivKind::ReverseKl => {}
@@ -314,7 +317,7 @@ impl Online {
     /// The row's values from every unit's: the row maximum, each sum rescaled to it and summed
     /// over the row's units, and the finite logits' total relative to the maximum. Every unit
     /// of the cube must call it.
-    pub(crate) fn row(&self, smem: &mut SharedMemory<f32>, inv_t: f32) -> Online {
+    pub(crate) fn row(&self, smem: &mut Shared<[f32]>, inv_t: f32) -> Online {
         let ms = row_max(smem, self.ms);
         let finite = row_sum(smem, self.finite);
         Online {
@@ -354,7 +357,7 @@ pub(crate) fn hard_term<F: Float, N: Size>(
     eps: f32,
 ) -> f32 {
     let width = student.vector_size();
-    let s_y = f32::cast_from(student[s_base + class / width][class % width]);
+    let s_y = f32::cast_from(student[s_base + class / width].extract_dynamic(class % width));
     let nll = stats.lse_1 - (s_y - stats.ms);
     (1.0 - eps) * nll - eps * (stats.total / stats.finite - stats.lse_1)
 }
@@ -410,7 +413,7 @@ pub(crate) fn zero_vector<G: Float, N: Size>(#[comptime] width: usize) -> Vector
     let mut out = Vector::<G, N>::empty();
     #[unroll]
     for l in 0..width {
-        out[l] = G::cast_from(0.0f32);
+        out.insert(l, G::cast_from(0.0f32));
     }
     out
 }

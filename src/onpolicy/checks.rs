@@ -2,7 +2,7 @@
 //! are finite and `≤ 0`, each as a [`DeviceCheck`] (a `[1]` count on the device, the host scan
 //! only when it is not 0).
 
-use burn::tensor::{Bool, Int, Tensor, backend::Backend};
+use burn::tensor::{Bool, Int, Tensor};
 
 use crate::{
     DistillError,
@@ -11,28 +11,39 @@ use crate::{
 };
 
 /// Tokens outside `[0, classes)` among the positions that count (tokens equal to `ignore`, if
-/// any, do not).
-pub(crate) fn token_check<B: Backend>(
+/// any, do not). `tokens` are the caller's flattened row-major: `lead` is their shape as the
+/// caller passed them, which the message names too when it has more than one dimension.
+pub(crate) fn token_check(
     argument: &'static str,
-    tokens: &Tensor<B, 1, Int>,
+    tokens: &Tensor<1, Int>,
     classes: usize,
     ignore: Option<i64>,
-) -> DeviceCheck<B> {
+    lead: &[usize],
+) -> DeviceCheck {
+    let lead = lead.to_vec();
     index_check(tokens, classes, ignore, move |row, value| {
+        let at = if lead.len() > 1 {
+            format!(
+                "; {argument}[{}] of the {lead:?} tokens",
+                crate::error::position(&crate::error::unravel(row, &lead))
+            )
+        } else {
+            String::new()
+        };
         DistillError::invalid(
             argument,
-            format!("{argument}[{row}] = {value} (flattened position)"),
+            format!("{argument}[{row}] = {value} (flattened position{at})"),
             format!("a token index in [0, {classes}) at every position that counts"),
         )
     })
 }
 
 /// Log-probabilities that are NaN, infinite or above 0 at the positions where `kept` is true.
-pub(crate) fn log_prob_check<B: Backend>(
+pub(crate) fn log_prob_check(
     argument: &'static str,
-    log_probs: &Tensor<B, 2>,
-    kept: &Tensor<B, 2, Bool>,
-) -> DeviceCheck<B> {
+    log_probs: &Tensor<2>,
+    kept: &Tensor<2, Bool>,
+) -> DeviceCheck {
     let [_, t] = log_probs.dims();
     // `!(x ≤ 0)` is true for NaN and positive values; −∞ is caught separately.
     let bad = log_probs

@@ -7,8 +7,8 @@ use burn::tensor::{Int, Tensor};
 
 use super::checks::token_check;
 use crate::{
-    DistillBackend, DistillError, DistillLossConfig, Kernel, Reduction, SparseDistillLossConfig,
-    SparseTeacher, Validation, error::or_panic, validation::DeviceCheck,
+    DistillError, DistillLossConfig, Kernel, Reduction, SparseDistillLossConfig, SparseTeacher,
+    Validation, error::or_panic, validation::DeviceCheck,
 };
 
 /// The token value that marks a position that does not count (its log-probability is 0).
@@ -18,9 +18,9 @@ pub const IGNORE_TOKEN: i64 = -100;
 /// `selective_log_softmax`): `[N]`, `0` (with no gradient) where the token is
 /// [`IGNORE_TOKEN`].
 ///
-/// Differentiable, fused where the backend has the sparse kernel (NdArray, Flex, wgpu, CUDA):
-/// the logits are read once and the gradient `∂/∂z_i = g_i · (onehot(y_i) − softmax(z_i))` is
-/// formed in the same pass, so no `[N, V]` tensor is kept but that gradient.
+/// Differentiable, fused where the device has the sparse kernel (Flex, wgpu, CUDA): the logits
+/// are read once and the gradient `∂/∂z_i = g_i · (onehot(y_i) − softmax(z_i))` is formed in
+/// the same pass, so no `[N, V]` tensor is kept but that gradient.
 ///
 /// # Shapes
 /// - `logits`: `[N, V]`
@@ -28,43 +28,47 @@ pub const IGNORE_TOKEN: i64 = -100;
 /// - output: `[N]`
 ///
 /// ```
-/// use burn::backend::NdArray;
-/// use burn::tensor::{Int, Tensor};
+/// use burn::tensor::{Device, Int, Tensor};
 /// use burn_distill::onpolicy::token_log_probs;
 ///
-/// let device = Default::default();
-/// let logits = Tensor::<NdArray, 2>::from_floats([[0.0, 0.0], [2.0, 0.0]], &device);
-/// let tokens = Tensor::<NdArray, 1, Int>::from_ints([1, -100], &device);
+/// let device = Device::default();
+/// let logits = Tensor::<2>::from_floats([[0.0, 0.0], [2.0, 0.0]], &device);
+/// let tokens = Tensor::<1, Int>::from_ints([1, -100], &device);
 /// let lp = token_log_probs(logits, tokens).into_data().to_vec::<f32>().unwrap();
 /// assert!((lp[0] - 0.5f32.ln()).abs() < 1e-6 && lp[1] == 0.0);
 /// ```
 ///
 /// # Panics
-/// On a token out of range, or logits of no row or no column.
-pub fn token_log_probs<B: DistillBackend>(
-    logits: Tensor<B, 2>,
-    tokens: Tensor<B, 1, Int>,
-) -> Tensor<B, 1> {
-    let (lp, check) = or_panic(log_probs_parts(
-        logits,
-        tokens,
-        Kernel::Auto,
-        Validation::Eager,
-    ));
+/// On a token out of range, or logits of no row or no column, with the message of
+/// [`try_token_log_probs`], at the caller's line.
+#[track_caller]
+pub fn token_log_probs(logits: Tensor<2>, tokens: Tensor<1, Int>) -> Tensor<1> {
+    or_panic(try_token_log_probs(logits, tokens))
+}
+
+/// [`token_log_probs`] that returns an error instead of panicking.
+pub fn try_token_log_probs(
+    logits: Tensor<2>,
+    tokens: Tensor<1, Int>,
+) -> Result<Tensor<1>, DistillError> {
+    let lead = [logits.dims()[0]];
+    let (lp, check) = log_probs_parts(logits, tokens, Kernel::Auto, Validation::Eager, &lead)?;
     debug_assert!(check.is_none());
-    lp
+    Ok(lp)
 }
 
 /// [`token_log_probs`] with a kernel and a validation mode; the check of the tokens is
-/// returned with [`Validation::Deferred`].
-pub(crate) fn log_probs_parts<B: DistillBackend>(
-    logits: Tensor<B, 2>,
-    tokens: Tensor<B, 1, Int>,
+/// returned with [`Validation::Deferred`]. `lead` is the tokens' shape as the caller passed
+/// them (`[N]`, or the `[B, T]` of flattened samples), for the messages.
+pub(crate) fn log_probs_parts(
+    logits: Tensor<2>,
+    tokens: Tensor<1, Int>,
     kernel: Kernel,
     validation: Validation,
-) -> Result<(Tensor<B, 1>, Option<DeviceCheck<B>>), DistillError> {
+    lead: &[usize],
+) -> Result<(Tensor<1>, Option<DeviceCheck>), DistillError> {
     let [n, v] = logits.dims();
-    crate::error::non_empty("student_logits", [n, v], "V")?;
+    crate::rank::non_empty("student_logits", [n, v])?;
     if tokens.dims() != [n] {
         return Err(DistillError::invalid(
             "tokens",
@@ -74,7 +78,7 @@ pub(crate) fn log_probs_parts<B: DistillBackend>(
     }
     let check = match validation {
         Validation::Off => None,
-        mode => token_check("tokens", &tokens, v, Some(IGNORE_TOKEN)).apply(mode)?,
+        mode => token_check("tokens", &tokens, v, Some(IGNORE_TOKEN), lead).apply(mode)?,
     };
     // The sparse loss with α = 0 is the hard term alone, −log softmax(z)[y], per row; its
     // one-entry teacher (index 0, probability 1) is read but weighs nothing.

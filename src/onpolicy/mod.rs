@@ -35,9 +35,9 @@ mod checks;
 mod logprob;
 mod sampled;
 
-use burn::tensor::{Int, Tensor, backend::Backend};
+use burn::tensor::{Int, Tensor};
 
-pub use logprob::{IGNORE_TOKEN, token_log_probs};
+pub use logprob::{IGNORE_TOKEN, token_log_probs, try_token_log_probs};
 pub use sampled::{
     KlEstimator, SampledTokenLoss, SampledTokenLossConfig, SampledTokenOutput, SampledTokens,
 };
@@ -49,26 +49,23 @@ pub(crate) use checks::token_check;
 /// indices, likeliest first, for the teacher to score. Detached (no gradient).
 ///
 /// ```
-/// use burn::backend::NdArray;
-/// use burn::tensor::Tensor;
+/// use burn::tensor::{Device, Tensor};
 /// use burn_distill::onpolicy::student_top_k;
 ///
-/// let logits = Tensor::<NdArray, 2>::from_floats([[0.1, 3.0, -1.0, 2.0]], &Default::default());
-/// let top = student_top_k(logits, 2).into_data().to_vec::<i64>().unwrap();
+/// let logits = Tensor::<2>::from_floats([[0.1, 3.0, -1.0, 2.0]], &Device::default());
+/// let top: Vec<i64> = student_top_k(logits, 2).into_data().iter::<i64>().collect();
 /// assert_eq!(top, vec![1, 3]);
 /// ```
 ///
 /// # Panics
-/// If `k` is 0 or above `V`.
-pub fn student_top_k<B: Backend>(logits: Tensor<B, 2>, k: usize) -> Tensor<B, 2, Int> {
+/// If `k` is 0 or above `V`, with the message of [`try_student_top_k`], at the caller's line.
+#[track_caller]
+pub fn student_top_k(logits: Tensor<2>, k: usize) -> Tensor<2, Int> {
     or_panic(try_student_top_k(logits, k))
 }
 
 /// [`student_top_k`] that returns an error instead of panicking.
-pub fn try_student_top_k<B: Backend>(
-    logits: Tensor<B, 2>,
-    k: usize,
-) -> Result<Tensor<B, 2, Int>, DistillError> {
+pub fn try_student_top_k(logits: Tensor<2>, k: usize) -> Result<Tensor<2, Int>, DistillError> {
     let [n, v] = logits.dims();
     if k == 0 || k > v {
         return Err(DistillError::invalid(

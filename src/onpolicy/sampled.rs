@@ -13,8 +13,8 @@ use super::{
     logprob::{IGNORE_TOKEN, log_probs_parts},
 };
 use crate::{
-    DistillBackend, DistillError, Kernel, Reduction, Validation,
-    error::{or_panic, panicking},
+    DistillError, Kernel, Reduction, Validation,
+    error::or_panic,
     reduction::reduce_rows,
     validation::{DeviceCheck, validate},
 };
@@ -81,14 +81,13 @@ pub struct SampledTokenLossConfig {
 }
 
 impl SampledTokenLossConfig {
-    panicking! {
-        /// Validates the configuration and builds the loss.
-        ///
-        /// # Panics
-        /// With the message of [`SampledTokenLossConfig::try_init`]'s error.
-        pub fn init(&self) -> SampledTokenLoss {
-            self.try_init()
-        }
+    /// Validates the configuration and builds the loss.
+    ///
+    /// # Panics
+    /// With the message of [`SampledTokenLossConfig::try_init`]'s error, at the caller's line.
+    #[track_caller]
+    pub fn init(&self) -> SampledTokenLoss {
+        or_panic(self.try_init())
     }
 
     /// Validates the configuration and builds the loss, or says which value is wrong.
@@ -152,25 +151,30 @@ impl SampledTokenLossConfig {
 /// cross-entropy at the sampled tokens, formed in one pass over `[B, T, V]`.
 ///
 /// ```
-/// use burn::backend::{Autodiff, NdArray};
-/// use burn::tensor::{Bool, Int, Tensor};
+/// use burn::tensor::{Bool, Device, Int, Tensor};
 /// use burn_distill::onpolicy::SampledTokenLossConfig;
 ///
-/// type B = Autodiff<NdArray>;
-/// let device = Default::default();
+/// let device = Device::default().autodiff();
 /// // One sequence of two positions over a vocabulary of 2; uniform student.
-/// let logits = Tensor::<B, 3>::zeros([1, 2, 2], &device).require_grad();
-/// let tokens = Tensor::<B, 2, Int>::from_ints([[0, 1]], &device);
-/// let teacher = Tensor::<B, 2>::from_floats([[-0.1, -2.0]], &device);
-/// let mask = Tensor::<B, 2, Bool>::from_bool([[true, true]].into(), &device);
+/// let logits = Tensor::<3>::zeros([1, 2, 2], &device).require_grad();
+/// let tokens = Tensor::<2, Int>::from_ints([[0, 1]], &device);
+/// let teacher = Tensor::<2>::from_floats([[-0.1, -2.0]], &device);
+/// let mask = Tensor::<2, Bool>::from_bool([[true, true]], &device);
 ///
 /// let loss = SampledTokenLossConfig::new().init();
 /// let value = loss.forward(logits.clone(), tokens, teacher, mask);
 /// // k1: the mean of log π_s − log π_t = ((ln ½ + 0.1) + (ln ½ + 2.0)) / 2
 /// let expected = 0.5f32.ln() + 1.05;
-/// assert!((value.clone().into_scalar() - expected).abs() < 1e-6);
+/// assert!((value.clone().into_scalar::<f32>() - expected).abs() < 1e-6);
 /// let grad = logits.grad(&value.backward()).unwrap();
-/// assert_eq!(grad.dims(), [1, 2, 2]);
+/// // −A_t ∇ log π_s with A = (−0.1 − ln ½, −2 − ln ½), divided by the 2 tokens:
+/// // ∂/∂z[t, j] = A_t (softmax_j − onehot_j) / 2 (by hand in f64).
+/// let grad: Vec<f32> = grad.into_data().try_to_vec().unwrap();
+/// let a = [-0.1 - 0.5f32.ln(), -2.0 - 0.5f32.ln()];
+/// let expected = [-a[0] / 4.0, a[0] / 4.0, a[1] / 4.0, -a[1] / 4.0];
+/// for (g, e) in grad.iter().zip(expected) {
+///     assert!((g - e).abs() < 1e-6, "{grad:?}");
+/// }
 /// ```
 ///
 /// # Shapes
@@ -180,7 +184,7 @@ impl SampledTokenLossConfig {
 ///   true
 /// - `mask`: `[B, T]`, true for the generated tokens that count (not the prompt, not padding)
 /// - output: `[1]`, or `[B·T]` with [`Reduction::PerRow`]
-#[derive(Module, Clone, Debug)]
+#[derive(Module, Debug)]
 pub struct SampledTokenLoss {
     #[module(skip)]
     estimator: KlEstimator,
@@ -198,34 +202,34 @@ pub struct SampledTokenLoss {
 
 /// The sampled tokens and what was measured of them: the input of [`SampledTokenLoss`].
 #[derive(Clone, Debug)]
-pub struct SampledTokens<B: DistillBackend> {
+pub struct SampledTokens {
     /// `[B, T]` the sampled tokens.
-    pub tokens: Tensor<B, 2, Int>,
+    pub tokens: Tensor<2, Int>,
     /// `[B, T]` the teacher's log-probability of each sampled token.
-    pub teacher_log_probs: Tensor<B, 2>,
+    pub teacher_log_probs: Tensor<2>,
     /// `[B, T]` true where the token counts.
-    pub mask: Tensor<B, 2, Bool>,
+    pub mask: Tensor<2, Bool>,
     /// `[B, T]` the sampler's log-probability of each token, when sampling ran on another copy
     /// of the student (an older one, or another engine): the importance ratio. `None`: the
     /// student itself sampled.
-    pub sampler_log_probs: Option<Tensor<B, 2>>,
+    pub sampler_log_probs: Option<Tensor<2>>,
 }
 
 /// The loss, with what an on-policy run logs.
 #[derive(Clone, Debug)]
-pub struct SampledTokenOutput<B: DistillBackend> {
+pub struct SampledTokenOutput {
     /// The loss (differentiable), reduced as configured.
-    pub loss: Tensor<B, 1>,
+    pub loss: Tensor<1>,
     /// `[1]` the k1 estimate of the reverse KL, `mean_t (log π_s − log π_t)` over the positions
     /// that count (detached; `0` when none counts).
-    pub reverse_kl: Tensor<B, 1>,
+    pub reverse_kl: Tensor<1>,
     /// `[B, T]` the student's log-probabilities of the sampled tokens (detached; `0` where the
     /// mask is false).
-    pub student_log_probs: Tensor<B, 2>,
-    checks: Vec<DeviceCheck<B>>,
+    pub student_log_probs: Tensor<2>,
+    checks: Vec<DeviceCheck>,
 }
 
-impl<B: DistillBackend> SampledTokenOutput<B> {
+impl SampledTokenOutput {
     /// Reads the checks that a forward with [`Validation::Deferred`] queued (one read-back)
     /// and names the first bad value.
     pub fn validate(&self) -> Result<(), DistillError> {
@@ -247,43 +251,68 @@ impl SampledTokenLoss {
     /// The loss of tokens the student itself sampled.
     ///
     /// # Panics
-    /// On bad input, with the message of [`SampledTokenLoss::try_forward_parts`].
-    pub fn forward<B: DistillBackend>(
+    /// On bad input, with the message of [`SampledTokenLoss::try_forward`], at the caller's
+    /// line.
+    #[track_caller]
+    pub fn forward(
         &self,
-        student_logits: Tensor<B, 3>,
-        tokens: Tensor<B, 2, Int>,
-        teacher_log_probs: Tensor<B, 2>,
-        mask: Tensor<B, 2, Bool>,
-    ) -> Tensor<B, 1> {
+        student_logits: Tensor<3>,
+        tokens: Tensor<2, Int>,
+        teacher_log_probs: Tensor<2>,
+        mask: Tensor<2, Bool>,
+    ) -> Tensor<1> {
+        or_panic(self.try_forward(student_logits, tokens, teacher_log_probs, mask))
+    }
+
+    /// [`SampledTokenLoss::forward`] that returns an error naming the bad argument.
+    pub fn try_forward(
+        &self,
+        student_logits: Tensor<3>,
+        tokens: Tensor<2, Int>,
+        teacher_log_probs: Tensor<2>,
+        mask: Tensor<2, Bool>,
+    ) -> Result<Tensor<1>, DistillError> {
         let sampled = SampledTokens {
             tokens,
             teacher_log_probs,
             mask,
             sampler_log_probs: None,
         };
-        or_panic(self.try_forward_parts(student_logits, sampled)).loss
+        self.try_forward_parts(student_logits, sampled)
+            .map(|out| out.loss)
     }
 
-    /// The loss, its logs and the queued checks, or an error naming the bad argument.
-    pub fn try_forward_parts<B: DistillBackend>(
+    /// The loss, its logs and the queued checks of `[B, T, V]` logits, or an error naming the
+    /// bad argument (shapes as the caller passed them).
+    pub fn try_forward_parts(
         &self,
-        student_logits: Tensor<B, 3>,
-        sampled: SampledTokens<B>,
-    ) -> Result<SampledTokenOutput<B>, DistillError> {
-        let [b, t, v] = student_logits.dims();
-        self.try_forward_rows(student_logits.reshape([b * t, v]), sampled)
+        student_logits: Tensor<3>,
+        sampled: SampledTokens,
+    ) -> Result<SampledTokenOutput, DistillError> {
+        let dims = student_logits.dims();
+        crate::rank::non_empty("student_logits", dims)?;
+        let [b, t, _] = dims;
+        if sampled.tokens.dims() != [b, t] {
+            let [tb, tt] = sampled.tokens.dims();
+            return Err(DistillError::invalid(
+                "student_logits",
+                format!("shape {dims:?}"),
+                format!(
+                    "shape [{tb}, {tt}, V] (the batch and sequence of the [{tb}, {tt}] sampled tokens)"
+                ),
+            ));
+        }
+        self.rows(crate::rank::flat_rows(student_logits), sampled)
     }
 
     /// [`SampledTokenLoss::try_forward_parts`] with the logits already flattened to
     /// `[B·T, V]` (row `b·T + t`), as a language model's head computes them from `[B·T, H]`
-    /// hidden states. On NdArray prefer this form: burn 0.21's NdArray copies a tensor it
-    /// reshapes, so flattening `[B, T, V]` logits costs one `[B·T, V]` copy forward and one
-    /// backward.
-    pub fn try_forward_rows<B: DistillBackend>(
+    /// hidden states.
+    pub fn try_forward_rows(
         &self,
-        student_logits: Tensor<B, 2>,
-        sampled: SampledTokens<B>,
-    ) -> Result<SampledTokenOutput<B>, DistillError> {
+        student_logits: Tensor<2>,
+        sampled: SampledTokens,
+    ) -> Result<SampledTokenOutput, DistillError> {
         let [b, t] = sampled.tokens.dims();
         let [n, v] = student_logits.dims();
         if n != b * t {
@@ -296,6 +325,18 @@ impl SampledTokenLoss {
                 ),
             ));
         }
+        crate::rank::non_empty("student_logits", [n, v])?;
+        self.rows(student_logits, sampled)
+    }
+
+    /// The loss of `[B·T, V]` rows whose count has been checked against the `[B, T]` tokens.
+    fn rows(
+        &self,
+        student_logits: Tensor<2>,
+        sampled: SampledTokens,
+    ) -> Result<SampledTokenOutput, DistillError> {
+        let [b, t] = sampled.tokens.dims();
+        let n = b * t;
         let SampledTokens {
             tokens,
             teacher_log_probs,
@@ -329,7 +370,7 @@ impl SampledTokenLoss {
         }
         let mut checks = Vec::new();
         if self.validation != Validation::Off {
-            let mut queue = |check: DeviceCheck<B>| -> Result<(), DistillError> {
+            let mut queue = |check: DeviceCheck| -> Result<(), DistillError> {
                 checks.extend(check.apply(self.validation)?);
                 Ok(())
             };
@@ -342,13 +383,15 @@ impl SampledTokenLoss {
                 queue(log_prob_check("sampler_log_probs", sampler, &mask))?;
             }
         }
-        let kept = mask.clone().float().detach();
+        // In the logits' dtype (a mask's `float()` is the device's default float dtype).
+        let kept = mask.clone().float().cast(student_logits.dtype()).detach();
         let tokens = tokens.mask_fill(mask.clone().bool_not(), IGNORE_TOKEN);
         let (lp, token_check) = log_probs_parts(
             student_logits,
             tokens.reshape([n]),
             self.kernel,
             self.validation,
+            &[b, t],
         )?;
         checks.extend(token_check);
         let lp = lp.reshape([b, t]);
@@ -395,7 +438,7 @@ impl SampledTokenLoss {
 /// `A_t = Σ_{t' ≥ t} γ^{t'−t} x_t'` along each row of `[B, T]`: a log₂ T-step scan of shifted
 /// additions (`A ← A + γ^s · shift_s(A)`, `s = 1, 2, 4, …`), on the device, exact up to
 /// rounding for any `γ ∈ [0, 1]` (no `γ^{−t}` rescaling that would overflow).
-pub(crate) fn discounted_sum<B: DistillBackend>(x: Tensor<B, 2>, gamma: f64) -> Tensor<B, 2> {
+pub(crate) fn discounted_sum(x: Tensor<2>, gamma: f64) -> Tensor<2> {
     let [b, t] = x.dims();
     if gamma == 0.0 || t < 2 {
         return x;

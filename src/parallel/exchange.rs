@@ -1,548 +1,268 @@
-//! The exchange and the closed-form loss and gradient of one peer's shard: row statistics
-//! all-gathered and merged (online softmax across peers), the row sums of the mixture
-//! divergences, the shard's gradient.
+//! The exchange of per-row statistics between the peers: the [`RowExchange`] trait a user
+//! implements over their collective, and [`LocalExchange`], peers that are threads of one
+//! process.
 
-use super::*;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-/// Sums `tensor` across the peers.
-pub(super) fn sum_across<B: Backend, const D: usize>(
-    peer: PeerId,
-    tensor: Tensor<B, D>,
+use burn::tensor::{Tensor, TensorData};
+
+use crate::DistillError;
+
+/// The one collective operation the vocabulary-parallel loss needs: an element-wise sum over
+/// the peers of a `[L]` float tensor (an all-reduce with `Sum`).
+///
+/// Every peer calls [`RowExchange::sum`] the same number of times, in the same order, with
+/// the same length `L`; each call returns, on every peer, the element-wise sum of the peers'
+/// tensors, on the caller's device and in the dtype of its input. The loss calls it one to
+/// three times per call (see [`VocabShard::exchanged_floats`](crate::VocabShard::exchanged_floats)),
+/// always with tensors without autodiff. For the loss to be equal on every peer bit for bit,
+/// every peer must receive the same sum (an all-reduce does; so does [`LocalExchange`], which
+/// adds in rank order).
+///
+/// Implement it over your collective: [`LocalExchange`] for threads of one process; burn's
+/// `burn::tensor::distributed::all_reduce` on CUDA (burn 0.22) or `Tensor::all_reduce` (burn
+/// 0.23, every backend); NCCL, MPI or a socket of your own (see `docs/guide/multi-device.md`).
+///
+/// ```
+/// use burn::tensor::{Device, Tensor};
+/// use burn_distill::{DistillError, RowExchange};
+///
+/// /// A single peer: the sum over one peer is its own tensor.
+/// struct Alone;
+///
+/// impl RowExchange for Alone {
+///     fn sum(&self, values: Tensor<1>) -> Result<Tensor<1>, DistillError> {
+///         Ok(values)
+///     }
+/// }
+///
+/// let device = Device::flex();
+/// let sum = Alone.sum(Tensor::from_floats([1.0, 2.0], &device)).unwrap();
+/// assert_eq!(sum.try_into_vec_as::<f32>().unwrap(), [1.0, 2.0]);
+/// ```
+pub trait RowExchange: Send + Sync {
+    /// The element-wise sum over every peer of `values` (`[L]`, the same `L` on every peer).
+    ///
+    /// # Errors
+    /// When the collective fails: [`DistillError::Collective`] with `operation` naming what
+    /// failed and `message` the collective's error (the loss adds its own step to
+    /// `operation`). Every peer should fail alike where it can: a peer that fails alone
+    /// leaves the others waiting in their next call, as with any collective.
+    fn sum(&self, values: Tensor<1>) -> Result<Tensor<1>, DistillError>;
+}
+
+/// Sums `tensor` across the peers, flat (the trait takes `[L]` tensors), naming the loss's
+/// `step` in the error.
+pub(super) fn sum_across<const D: usize>(
+    exchange: &dyn RowExchange,
+    tensor: Tensor<D>,
     step: &str,
-) -> Result<Tensor<B, D>, DistillError> {
-    // Flat: burn-collective 0.21's global (multi-node) all-reduce hangs on tensors of more
-    // than one dimension.
+) -> Result<Tensor<D>, DistillError> {
     let shape = tensor.shape();
     let flat = tensor.reshape([shape.num_elements()]);
-    all_reduce::<B>(peer, flat.into_primitive().tensor(), ReduceOperation::Sum)
-        .map(|t| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t)).reshape(shape))
-        .map_err(|e| DistillError::Collective {
-            operation: step.to_string(),
-            message: format!("{e:?}"),
-        })
-}
-
-/// `x` where finite, `0` elsewhere (a shard whose row is all `−∞` padding has no maximum to
-/// shift by; its sums are `0` whatever the shift).
-fn finite_or_zero<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    let infinite = x.clone().is_finite().bool_not();
-    x.mask_fill(infinite, 0.0)
-}
-
-/// Merges `[P, N, 1]` per-peer maxima `m_p` and sums `S_p = Σ_{j∈p} e^{(x_j − m_p)/T}`
-/// (`m = max_p m_p`, `S = Σ_p S_p e^{(m_p − m)/T}`).
-struct Merged<B: Backend> {
-    /// `[N, 1]` log-normaliser `m/T + log S`.
-    lse: Tensor<B, 2>,
-    /// `[N, 1]` `log S`.
-    log_sum: Tensor<B, 2>,
-    /// `[N, 1]` global maximum `m` (`0` where every logit of the row is `−∞`).
-    max: Tensor<B, 2>,
-    /// `[P, N, 1]` `e^{(m_p − m)/T} / S`: turns a per-peer sum weighted by `e^{(x_j − m_p)/T}`
-    /// into its share of the global softmax expectation.
-    share: Tensor<B, 3>,
-}
-
-fn merge<B: Backend>(maxima: Tensor<B, 3>, sums: Tensor<B, 3>, t: f64) -> Merged<B> {
-    let n = maxima.dims()[1];
-    let m = finite_or_zero(maxima.clone().max_dim(0));
-    let rescale = (maxima - m.clone()).mul_scalar(t.recip()).exp();
-    let total = (sums * rescale.clone()).sum_dim(0);
-    let log_sum = total.clone().log().reshape([n, 1]);
-    Merged {
-        lse: log_sum.clone() + m.clone().reshape([n, 1]).mul_scalar(t.recip()),
-        log_sum,
-        max: m.clone().reshape([n, 1]),
-        share: rescale / total,
-    }
-}
-
-/// `h_j = q_j ∂φ/∂q_j` for each column of the divergence `D = Σ_j φ(p_j, q_j)` (see
-/// [`Divergence`]), with `0` where `q_j = 0`: the student gradient is then
-/// `(h_j − q_j Σ_k h_k) / T`.
-///
-/// ```text
-/// forward KL         h = −p
-/// reverse KL         h = q (log q − log p + 1)
-/// JSD(β)             h = (1 − β) q (log q − log m),          m = β p + (1 − β) q
-/// skew KL(λ)         h = −(1 − λ) p q / m,                    m = λ p + (1 − λ) q
-/// skew reverse KL(λ) h = q (log q − log m + 1 − λ q / m),     m = (1 − λ) p + λ q
-/// TVD                h = ½ q sign(q − p)
-/// ```
-fn sensitivity<B: Backend>(divergence: Divergence, probs: Probs<B>) -> Tensor<B, 2> {
-    let Probs { log_p, log_q, p, q } = probs;
-    let absent = q.clone().lower_equal_elem(0.0);
-    // `log m` and `1/m` where the mixture `m > 0` (wherever `q > 0`).
-    let mixture = |m: Tensor<B, 2>| {
-        let zero = m.clone().lower_equal_elem(0.0);
-        let m = m.mask_fill(zero, 1.0);
-        (m.clone().log(), m.recip())
-    };
-    let h = match divergence {
-        Divergence::ForwardKl => return p.neg(),
-        Divergence::ReverseKl => q.clone() * (log_q - log_p).add_scalar(1.0),
-        Divergence::Jsd { beta } => {
-            let (log_m, _) = mixture(p.mul_scalar(beta) + q.clone().mul_scalar(1.0 - beta));
-            (q * (log_q - log_m)).mul_scalar(1.0 - beta)
-        }
-        Divergence::SkewKl { lambda } => {
-            let (_, inv_m) =
-                mixture(p.clone().mul_scalar(lambda) + q.clone().mul_scalar(1.0 - lambda));
-            return (p * q * inv_m).mul_scalar(lambda - 1.0);
-        }
-        Divergence::SkewReverseKl { lambda } => {
-            let (log_m, inv_m) = mixture(p.mul_scalar(1.0 - lambda) + q.clone().mul_scalar(lambda));
-            let ratio = q.clone() * inv_m;
-            q * (log_q - log_m + ratio.mul_scalar(-lambda)).add_scalar(1.0)
-        }
-        Divergence::Tvd => return (q.clone() - p).sign().mul(q).mul_scalar(0.5),
-    };
-    h.mask_fill(absent, 0.0)
-}
-
-/// The vocabulary-parallel loss on one peer's shard (see the module documentation): the
-/// reduced loss and parts (equal on every peer) and, when `with_grad`, the gradient of the
-/// loss with respect to this shard's student logits. With `check`, the shards' layout is
-/// verified after the first exchange (one read of `5·P` numbers back to the host): every
-/// peer then fails alike when the shards overlap, leave a gap or disagree on the vocabulary,
-/// the peer count or the rows.
-///
-/// Run by the backend as a tracked op ([`DistillBackend::distill_logits_tracked`]); runs on any
-/// backend with burn tensor ops, exchanging through burn-collective on `B`.
-pub fn vocab_parallel<B: DistillBackend>(
-    call: DenseCall<B>,
-    shard: &VocabShard,
-    check: bool,
-) -> Result<FusedOutput<B>, DistillError> {
-    let (params, with_grad) = (&call.settings, call.with_grad);
-    let rows = ShardRows::<B>::new(call.student, call.teacher, call.targets, params, shard);
-    // 1. This shard's online-softmax statistics, gathered from every peer.
-    let stats = rows.statistics(params);
-    let all = rows.gather(stats, shard, check)?;
-    // 2. The soft term, 3. the hard term, 4. the α-mix, masks and reduction.
-    let soft = rows.soft_term(&all, params, shard, with_grad)?;
-    let hard = rows.hard_term(&all, params, with_grad);
-    Ok(rows.finish(soft, hard, params, shard))
-}
-
-/// One peer's shard, prepared: the logits in the compute dtype (f32 for half precision: sums
-/// over a shard overflow f16), which rows' targets this shard holds and where, and the padding
-/// mask (the rule of `MASKED_LOGIT`, only needed for label smoothing).
-struct ShardRows<B: Backend> {
-    z: Tensor<B, 2>,
-    u: Tensor<B, 2>,
-    logits_dtype: DType,
-    targets: Option<Tensor<B, 1, Int>>,
-    owned_target: Option<(Tensor<B, 2, Bool>, Tensor<B, 2, Int>)>,
-    padding: Option<Tensor<B, 2, Bool>>,
-}
-
-/// The gathered `[P, N + 1, STATS]` statistics of every peer.
-struct Gathered<B: Backend> {
-    all: Tensor<B, 3>,
-    peers: usize,
-    n: usize,
-}
-
-impl<B: Backend> Gathered<B> {
-    /// `[P, N, 1]`: column `c` of every peer's statistics.
-    fn column(&self, c: usize) -> Tensor<B, 3> {
-        self.all.clone().slice([0..self.peers, 0..self.n, c..c + 1])
-    }
-}
-
-/// A term's `[N, 1]` row values and, if asked, its `[N, V_p]` gradient.
-type Term<B> = (Tensor<B, 2>, Option<Tensor<B, 2>>);
-
-impl<B: DistillBackend> ShardRows<B> {
-    fn new(
-        student: FloatTensor<B>,
-        teacher: FloatTensor<B>,
-        targets: Option<IntTensor<B>>,
-        params: &DistillParams,
-        shard: &VocabShard,
-    ) -> Self {
-        let z = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(student));
-        let u = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(teacher));
-        let logits_dtype = z.dtype();
-        let compute = match logits_dtype {
-            DType::F16 | DType::BF16 => DType::F32,
-            dtype => dtype,
-        };
-        let (z, u) = (z.cast(compute), u.cast(compute).detach());
-        let v = z.dims()[1];
-        let targets = targets.map(Tensor::<B, 1, Int>::from_primitive);
-        let owned_target = targets.as_ref().map(|y| {
-            let local = y.clone().sub_scalar(shard.offset as i64);
-            let owned = local
-                .clone()
-                .greater_equal_elem(0)
-                .bool_and(local.clone().lower_elem(v as i64))
-                .unsqueeze_dim::<2>(1);
-            (owned, local.clamp(0, v as i64 - 1).unsqueeze_dim::<2>(1))
-        });
-        let padding = (targets.is_some() && params.label_smoothing > 0.0).then(|| {
-            z.clone()
-                .greater_elem(crate::vocab::MASKED_LOGIT)
-                .bool_not()
-        });
-        Self {
-            z,
-            u,
-            logits_dtype,
-            targets,
-            owned_target,
-            padding,
-        }
-    }
-
-    fn zeros(&self) -> Tensor<B, 2> {
-        let n = self.z.dims()[0];
-        Tensor::zeros([n, 1], (&self.z.device(), self.z.dtype()))
-    }
-
-    /// The `[N, STATS]` statistics of this shard: maxima and sums of the tempered
-    /// exponentials of both models (and the student's at T = 1 for the hard term), the target
-    /// logit where this shard holds it, the finite logits' sum and count, and the KLs' gap.
-    fn statistics(&self, params: &DistillParams) -> Tensor<B, 2> {
-        let (z, u) = (&self.z, &self.u);
-        let inv_t = params.temperature.recip();
-        let z_max = z.clone().max_dim(1);
-        let z_shift = z.clone() - finite_or_zero(z_max.clone());
-        let u_max = u.clone().max_dim(1);
-        let u_shift = u.clone() - finite_or_zero(u_max.clone());
-        let z_exp = z_shift.clone().mul_scalar(inv_t).exp();
-        let u_exp = u_shift.clone().mul_scalar(inv_t).exp();
-        // Forward and reverse KL need no second exchange: the shard's
-        // `Σ_j e^{(u_j − m^u_p)/T} ((u_j − m^u_p) − (z_j − m^z_p))/T` (forward KL; the
-        // student's weights and `z − u` for reverse KL), corrected by the shard's maxima and
-        // rescaled after the merge, is its part of `Σ_j p_j ((u_j − m^u) − (z_j − m^z))/T`,
-        // and then `KL(p‖q) = that − log S_t + log S_s` (max-shifted throughout, as the
-        // unsharded loss).
-        let weighted_gap = |weight: Tensor<B, 2>, a: Tensor<B, 2>, b: Tensor<B, 2>| {
-            let zero = weight.clone().lower_equal_elem(0.0);
-            (weight * (a - b).mul_scalar(inv_t).mask_fill(zero, 0.0)).sum_dim(1)
-        };
-        let gap = match params.divergence {
-            Divergence::ForwardKl => weighted_gap(u_exp.clone(), u_shift, z_shift.clone()),
-            Divergence::ReverseKl => weighted_gap(z_exp.clone(), z_shift.clone(), u_shift),
-            _ => self.zeros(),
-        };
-        let target_logit = match &self.owned_target {
-            Some((owned, index)) => z
-                .clone()
-                .gather(1, index.clone())
-                .mask_fill(owned.clone().bool_not(), 0.0),
-            None => self.zeros(),
-        };
-        let (finite_sum, finite_count) = match &self.padding {
-            Some(padding) => (
-                z.clone().mask_fill(padding.clone(), 0.0).sum_dim(1),
-                z.ones_like().mask_fill(padding.clone(), 0.0).sum_dim(1),
-            ),
-            None => (self.zeros(), self.zeros()),
-        };
-        let sum_1 = match self.targets {
-            Some(_) => z_shift.exp().sum_dim(1),
-            None => self.zeros(),
-        };
-        Tensor::cat(
-            vec![
-                z_max,
-                z_exp.sum_dim(1),
-                sum_1,
-                u_max,
-                u_exp.sum_dim(1),
-                target_logit,
-                finite_sum,
-                finite_count,
-                gap,
-            ],
-            1,
-        )
-    }
-
-    /// Every peer's statistics, with one more row per peer: its layout, checked by every peer
-    /// after the exchange when `check`.
-    fn gather(
-        &self,
-        stats: Tensor<B, 2>,
-        shard: &VocabShard,
-        check: bool,
-    ) -> Result<Gathered<B>, DistillError> {
-        let [n, v] = self.z.dims();
-        let (device, compute) = (self.z.device(), self.z.dtype());
-        let mut layout = [0.0; STATS];
-        layout[..5].copy_from_slice(&[
-            shard.offset as f64,
-            v as f64,
-            shard.vocab as f64,
-            shard.peers as f64,
-            n as f64,
-        ]);
-        let layout = Tensor::<B, 1>::from_floats(layout, &device)
-            .cast(compute)
-            .reshape([1, STATS]);
-        let slots = Tensor::<B, 3>::zeros([shard.peers, n + 1, STATS], (&device, compute))
-            .slice_assign(
-                [shard.rank..shard.rank + 1, 0..n + 1, 0..STATS],
-                Tensor::cat(vec![stats, layout], 0).unsqueeze_dim(0),
-            );
-        let all = sum_across(shard.peer, slots, "all-gather of the row statistics")?;
-        if check {
-            check_layout(
-                all.clone().slice([0..shard.peers, n..n + 1, 0..5]),
-                shard,
-                n,
-            )?;
-        }
-        Ok(Gathered {
-            all,
-            peers: shard.peers,
-            n,
-        })
-    }
-
-    /// The soft term (`T²`-scaled if configured) per row and its gradient: the divergence `D`
-    /// and `H = Σ_k h_k` over the whole vocabulary from the statistics for the KLs, otherwise
-    /// from a second exchange of this shard's part of both row sums.
-    fn soft_term(
-        &self,
-        all: &Gathered<B>,
-        params: &DistillParams,
-        shard: &VocabShard,
-        with_grad: bool,
-    ) -> Result<Term<B>, DistillError> {
-        let [n, _] = self.z.dims();
-        let (t, inv_t) = (params.temperature, params.temperature.recip());
-        let student_t = merge(all.column(0), all.column(1), t);
-        let teacher_t = merge(all.column(3), all.column(4), t);
-        let log_q = self.z.clone().mul_scalar(inv_t) - student_t.lse.clone();
-        let log_p = self.u.clone().mul_scalar(inv_t) - teacher_t.lse.clone();
-        // `Σ_p (gap_p + ((m^w_p − m^w) − (m^o_p − m^o))/T · S^w_p) · share^w_p` for the
-        // weighting model `w` (the teacher for forward KL) and the other `o`; a shard of `−∞`
-        // only has `S_p = 0` and contributes nothing.
-        let kl_part =
-            |weights: &Merged<B>, w_max: usize, w_sum: usize, other: &Merged<B>, o_max: usize| {
-                let local = |c: usize, global: &Tensor<B, 2>| {
-                    let maxima = all.column(c);
-                    let finite = maxima.clone().is_finite();
-                    (maxima - global.clone().unsqueeze_dim::<3>(0))
-                        .mask_fill(finite.bool_not(), 0.0)
-                };
-                let shift =
-                    (local(w_max, &weights.max) - local(o_max, &other.max)).mul_scalar(inv_t);
-                ((all.column(8) + shift * all.column(w_sum)) * weights.share.clone())
-                    .sum_dim(0)
-                    .reshape([n, 1])
-            };
-        let probs = || Probs::new(log_p.clone(), log_q.clone());
-        let h = || sensitivity(params.divergence, probs());
-        let (divergence, h_total, h) = match params.divergence {
-            Divergence::ForwardKl => (
-                kl_part(&teacher_t, 3, 4, &student_t, 0) - teacher_t.log_sum.clone()
-                    + student_t.log_sum.clone(),
-                Tensor::full([n, 1], -1.0, (&self.z.device(), self.z.dtype())),
-                with_grad.then(h),
-            ),
-            Divergence::ReverseKl => {
-                let kl = kl_part(&student_t, 0, 1, &teacher_t, 3) - student_t.log_sum.clone()
-                    + teacher_t.log_sum.clone();
-                (kl.clone(), kl.add_scalar(1.0), with_grad.then(h))
-            }
-            _ => {
-                // One pair of exponentials for the divergence and its sensitivity.
-                let probs = probs();
-                let h = sensitivity(params.divergence, probs.clone());
-                let partial = Tensor::cat(
-                    vec![
-                        divergence_rows(params.divergence, probs).unsqueeze_dim(1),
-                        h.clone().sum_dim(1),
-                    ],
-                    1,
-                );
-                let sums = sum_across(shard.peer, partial, "all-reduce of the row sums")?;
-                let (d, total) = (sums.clone().slice([0..n, 0..1]), sums.slice([0..n, 1..2]));
-                (d, total, with_grad.then_some(h))
-            }
-        };
-        let factor = params.soft_factor();
-        let soft_grad = h.map(|h| (h - log_q.exp() * h_total).mul_scalar(factor / t));
-        Ok((divergence.mul_scalar(factor), soft_grad))
-    }
-
-    /// The hard term per row from the merged statistics at temperature 1, and its gradient
-    /// where it is asked and weighs (`α < 1`); `None` without targets.
-    fn hard_term(
-        &self,
-        all: &Gathered<B>,
-        params: &DistillParams,
-        with_grad: bool,
-    ) -> Option<Term<B>> {
-        let (owned, index) = self.owned_target.clone()?;
-        let [n, _] = self.z.dims();
-        let smoothing = params.label_smoothing;
-        let lse_one = merge(all.column(0), all.column(2), 1.0).lse;
-        let target_logit = all.column(5).sum_dim(0).reshape([n, 1]);
-        let mut hard = lse_one.clone() - target_logit.mul_scalar(1.0 - smoothing);
-        let count = || all.column(7).sum_dim(0).reshape([n, 1]);
-        if smoothing > 0.0 {
-            let mean = all.column(6).sum_dim(0).reshape([n, 1]) / count();
-            hard = hard - mean.mul_scalar(smoothing);
-        }
-        let hard_grad = (with_grad && params.alpha < 1.0).then(|| {
-            let weight =
-                Tensor::<B, 2>::full([n, 1], smoothing - 1.0, (&self.z.device(), self.z.dtype()))
-                    .mask_fill(owned.bool_not(), 0.0);
-            let mut g =
-                (self.z.clone() - lse_one)
-                    .exp()
-                    .scatter(1, index, weight, IndexingUpdateOp::Add);
-            if let Some(padding) = self.padding.clone() {
-                let uniform = self.z.ones_like().mask_fill(padding, 0.0) / count();
-                g = g - uniform.mul_scalar(smoothing);
-            }
-            g
-        });
-        Some((hard, hard_grad))
-    }
-
-    /// The α-mix (a term of weight 0 is skipped, so that an infinite term cannot give NaN),
-    /// the ignored rows (0) and the rows whose target is outside the vocabulary (NaN), the
-    /// reduction, in the dtype of the backend's fused losses for these logits (f32 for half
-    /// precision on the CubeCL backends, as `forward`).
-    fn finish(
-        self,
-        (soft, soft_grad): Term<B>,
-        hard: Option<Term<B>>,
-        params: &DistillParams,
-        shard: &VocabShard,
-    ) -> FusedOutput<B> {
-        let [n, v] = self.z.dims();
-        let loss_dtype = B::fused_loss_dtype(self.logits_dtype);
-        let reduce = |rows: Tensor<B, 2>, ignored: Option<Tensor<B, 1, Bool>>| {
-            reduce_rows(rows.reshape([n]), ignored, params.reduction)
-                .cast(loss_dtype)
-                .into_primitive()
-                .tensor()
-        };
-        let (Some(targets), Some((hard, hard_grad))) = (self.targets, hard) else {
-            let grad = soft_grad.map(|g| scale_rows(g, None, params, n, self.logits_dtype));
-            return FusedOutput {
-                parts: DistillParts {
-                    loss: reduce(soft.clone(), None),
-                    soft: reduce(soft, None),
-                    hard: None,
-                },
-                grad,
-            };
-        };
-        let alpha = params.alpha;
-        let mix = |s: Tensor<B, 2>, h: Tensor<B, 2>| match alpha {
-            1.0 => s,
-            0.0 => h,
-            _ => s.mul_scalar(alpha) + h.mul_scalar(1.0 - alpha),
-        };
-        let ignored = ignored_rows(Some(&targets), params.ignore_index);
-        let out_of_range = targets
-            .clone()
-            .lower_elem(0)
-            .bool_or(targets.greater_equal_elem(shard.vocab as i64));
-        let bad = match ignored.clone() {
-            Some(ignored) => out_of_range.bool_and(ignored.bool_not()),
-            None => out_of_range,
-        };
-        let skipped = match ignored.clone() {
-            Some(ignored) => ignored.bool_or(bad.clone()),
-            None => bad.clone(),
-        }
-        .unsqueeze_dim::<2>(1);
-        let mask = |rows: Tensor<B, 2>| {
-            let rows = match ignored.clone() {
-                Some(ignored) => rows.mask_fill(ignored.unsqueeze_dim(1), 0.0),
-                None => rows,
-            };
-            rows.mask_fill(bad.clone().unsqueeze_dim(1), f64::NAN)
-        };
-        let loss = mask(mix(soft.clone(), hard.clone()));
-        let grad = soft_grad.map(|sg| {
-            let g = match hard_grad {
-                Some(hg) => mix(sg, hg),
-                None => sg,
-            };
-            let g = g.mask_fill(skipped.expand([n, v]), 0.0);
-            scale_rows(g, ignored.clone(), params, n, self.logits_dtype)
-        });
-        FusedOutput {
-            parts: DistillParts {
-                loss: reduce(loss, ignored.clone()),
-                soft: reduce(mask(soft), ignored.clone()),
-                hard: Some(reduce(mask(hard), ignored)),
+    let sum = exchange.sum(flat).map_err(|e| match e {
+        DistillError::Collective { operation, message } => DistillError::Collective {
+            operation: if operation.is_empty() {
+                step.to_string()
+            } else {
+                format!("{step} ({operation})")
             },
-            grad,
+            message,
+        },
+        other => other,
+    })?;
+    if sum.dims() != [shape.num_elements()] {
+        return Err(DistillError::Collective {
+            operation: step.to_string(),
+            message: format!(
+                "the exchange returned shape {:?} for [{}] values",
+                sum.dims(),
+                shape.num_elements()
+            ),
+        });
+    }
+    Ok(sum.reshape(shape))
+}
+
+/// Peers that are threads of one process: [`LocalExchange::group`] gives one handle per peer,
+/// each moved to its thread. A call to [`RowExchange::sum`] waits until every peer of the
+/// group has made its call of the same round, then returns on every peer the sum of the
+/// peers' values, added on the host in f64 in rank order (the same bits on every peer,
+/// whatever order the threads arrive in), in the input's dtype and on its device.
+///
+/// Reusable for any number of calls. If a handle is dropped (its thread returned or
+/// panicked) while the others still exchange, their pending and later calls fail with
+/// [`DistillError::Collective`] instead of waiting forever; peers that pass different
+/// lengths all fail alike.
+///
+/// ```
+/// use burn::tensor::{Device, Tensor};
+/// use burn_distill::{LocalExchange, RowExchange};
+///
+/// let peers = LocalExchange::group(3);
+/// let threads: Vec<_> = peers
+///     .into_iter()
+///     .map(|peer| {
+///         std::thread::spawn(move || {
+///             let device = Device::flex();
+///             let rank = peer.rank() as f32;
+///             let sum = peer.sum(Tensor::from_floats([1.0, rank], &device)).unwrap();
+///             sum.try_into_vec_as::<f32>().unwrap()
+///         })
+///     })
+///     .collect();
+/// for thread in threads {
+///     // 1 + 1 + 1 and 0 + 1 + 2 on every peer.
+///     assert_eq!(thread.join().unwrap(), [3.0, 3.0]);
+/// }
+/// ```
+#[derive(Debug)]
+pub struct LocalExchange {
+    rank: usize,
+    group: Arc<Group>,
+}
+
+#[derive(Debug)]
+struct Group {
+    peers: usize,
+    state: Mutex<Round>,
+    done: Condvar,
+}
+
+/// The round in progress and the result of the last one.
+#[derive(Debug)]
+struct Round {
+    /// The values each peer brought to this round (by rank).
+    slots: Vec<Option<Vec<f64>>>,
+    arrived: usize,
+    /// Rounds completed so far.
+    completed: u64,
+    /// The last completed round's sum (or why it failed); it stays until every peer has read
+    /// it, since the next round cannot complete without each of them.
+    result: Arc<Result<Vec<f64>, String>>,
+    /// The rank of a handle that was dropped, if any.
+    left: Option<usize>,
+}
+
+impl LocalExchange {
+    /// One handle per peer of a new group of `peers` threads, in rank order (`0..peers`).
+    pub fn group(peers: usize) -> Vec<LocalExchange> {
+        let group = Arc::new(Group {
+            peers,
+            state: Mutex::new(Round {
+                slots: vec![None; peers],
+                arrived: 0,
+                completed: 0,
+                result: Arc::new(Ok(Vec::new())),
+                left: None,
+            }),
+            done: Condvar::new(),
+        });
+        (0..peers)
+            .map(|rank| LocalExchange {
+                rank,
+                group: group.clone(),
+            })
+            .collect()
+    }
+
+    /// This handle's rank, in `0..peers`.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The number of peers of the group.
+    pub fn peers(&self) -> usize {
+        self.group.peers
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Round> {
+        // A peer that panicked while holding the lock left the state consistent (it only
+        // panics outside it): go on.
+        self.group
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// This peer's part of one round: the sum of every peer's `values`, or why there is none.
+    fn exchange(&self, values: Vec<f64>) -> Result<Vec<f64>, String> {
+        let group = &self.group;
+        let mut round = self.lock();
+        if let Some(left) = round.left {
+            return Err(left_message(left));
+        }
+        round.slots[self.rank] = Some(values);
+        round.arrived += 1;
+        let ticket = round.completed;
+        if round.arrived == group.peers {
+            let slots: Vec<Vec<f64>> = round.slots.iter_mut().filter_map(Option::take).collect();
+            round.result = Arc::new(add_in_rank_order(&slots));
+            round.arrived = 0;
+            round.completed += 1;
+            group.done.notify_all();
+        } else {
+            while round.completed == ticket {
+                if let Some(left) = round.left {
+                    return Err(left_message(left));
+                }
+                round = group
+                    .done
+                    .wait(round)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+            }
+        }
+        round.result.as_ref().clone()
+    }
+}
+
+fn left_message(rank: usize) -> String {
+    format!("peer {rank} of the local group left (its handle was dropped) before this exchange")
+}
+
+/// The element-wise sum of every peer's values, rank 0 first; an error naming the lengths if
+/// they differ.
+fn add_in_rank_order(slots: &[Vec<f64>]) -> Result<Vec<f64>, String> {
+    let len = slots.first().map_or(0, Vec::len);
+    if slots.iter().any(|s| s.len() != len) {
+        let lengths: Vec<usize> = slots.iter().map(Vec::len).collect();
+        return Err(format!(
+            "the peers passed different lengths (by rank: {lengths:?}); every peer must \
+             exchange the same rows in the same order"
+        ));
+    }
+    let mut sum = vec![0.0; len];
+    for slot in slots {
+        for (s, v) in sum.iter_mut().zip(slot) {
+            *s += v;
         }
     }
+    Ok(sum)
 }
 
-/// Every peer's `[offset, width, vocab, peers, rows]` (a `[P, 1, 5]` slice of the gathered
-/// statistics, read back to the host) agrees with this peer's and tiles `[0, vocab)` in rank
-/// order; computed identically on every peer, so all fail alike.
-fn check_layout<B: Backend>(
-    layout: Tensor<B, 3>,
-    shard: &VocabShard,
-    rows: usize,
-) -> Result<(), DistillError> {
-    let values: Vec<f64> =
-        layout
-            .into_data()
-            .convert::<f64>()
-            .to_vec()
-            .map_err(|e| DistillError::Collective {
-                operation: "read of the shard layout".into(),
-                message: format!("{e:?}"),
-            })?;
-    let mut next = 0.0;
-    let mut described = Vec::new();
-    let mut consistent = true;
-    for (rank, peer) in values.chunks_exact(5).enumerate() {
-        let (offset, width, vocab, peers, n) = (peer[0], peer[1], peer[2], peer[3], peer[4]);
-        described.push(format!("rank {rank}: columns {offset}..{}", offset + width));
-        consistent &= offset == next
-            && vocab == shard.vocab as f64
-            && peers == shard.peers as f64
-            && n == rows as f64;
-        next = offset + width;
+impl Drop for LocalExchange {
+    fn drop(&mut self) {
+        let mut round = self.lock();
+        round.left.get_or_insert(self.rank);
+        self.group.done.notify_all();
     }
-    if consistent && next == shard.vocab as f64 {
-        return Ok(());
-    }
-    Err(DistillError::invalid(
-        "vocabulary shards",
-        format!(
-            "{} (vocab {}, {} peers, {rows} rows here)",
-            described.join(", "),
-            shard.vocab,
-            shard.peers
-        ),
-        "shards that tile [0, vocab) in rank order, with one vocab, peer count and row count on every peer",
-    ))
 }
 
-/// The per-row gradients times the reduction's factor, in the logits' dtype.
-fn scale_rows<B: Backend>(
-    grad: Tensor<B, 2>,
-    ignored: Option<Tensor<B, 1, Bool>>,
-    params: &DistillParams,
-    rows: usize,
-    dtype: DType,
-) -> FloatTensor<B> {
-    let device = grad.device();
-    let grad = match params
-        .reduction
-        .factor_tensor::<B>(ignored, rows, &device, grad.dtype())
-    {
-        Some(factor) => grad * factor.reshape([1, 1]),
-        None => grad,
-    };
-    grad.cast(dtype).into_primitive().tensor()
+impl RowExchange for LocalExchange {
+    fn sum(&self, values: Tensor<1>) -> Result<Tensor<1>, DistillError> {
+        let failed = |message: String| DistillError::Collective {
+            operation: "LocalExchange::sum".into(),
+            message,
+        };
+        let (device, dtype, len) = (values.device(), values.dtype(), values.dims()[0]);
+        let host = values
+            .try_into_vec_as::<f64>()
+            .map_err(|e| failed(format!("reading the values to the host: {e:?}")))?;
+        let sum = self.exchange(host).map_err(failed)?;
+        debug_assert_eq!(sum.len(), len);
+        Ok(Tensor::from_data(
+            TensorData::new(sum, [len]),
+            (&device, dtype),
+        ))
+    }
 }

@@ -1,24 +1,26 @@
-//! Vocabulary-parallel distillation on burn-collective: the exact loss of logits sharded along
-//! the vocabulary across peers (tensor-parallel LM heads), each peer getting the gradient of
-//! its own shard. See `docs/parallel.md` for the design.
+//! Vocabulary-parallel distillation: the exact loss of logits sharded along the vocabulary
+//! across peers (tensor-parallel LM heads), each peer getting the gradient of its own shard.
+//! The peers exchange per-row statistics through a [`RowExchange`], which the user implements
+//! over their collective ([`LocalExchange`]: threads of one process). See
+//! `docs/guide/multi-device.md` for the design.
 //!
 //! # What is exchanged
 //!
-//! One or two all-reduces per call, both `O(N)` (never `O(N·V)`), issued by every peer in the
-//! same order:
+//! One or two sums across the peers per call, both `O(N)` (never `O(N·V)`), issued by every
+//! peer in the same order:
 //!
 //! 1. **Row statistics**, `P·(N + 1)·9` floats (the extra row: each peer's layout, offset,
-//!    width, vocabulary, peer count and rows, checked on every peer): each peer's online-softmax state of its shard — the
-//!    student's row maximum and its sums of exponentials at `T` and at 1, the teacher's maximum
-//!    and sum at `T`, the target logit if it owns the target, (for label smoothing) the sum and
-//!    count of its finite logits, and for the KLs the shard's softmax-weighted logit gap
-//!    `Σ_{j∈p} e^{(u_j − m_p)/T}(u_j − z_j)/T` (forward; student-weighted `z − u` for reverse).
-//!    burn-collective 0.21 reduces by `Sum` and `Mean` only (no `Max`), so each peer writes its
-//!    statistics into its own slot of a `[P, N, 9]` tensor of zeros and the sum is an
-//!    all-gather (adding zeros is exact). Every peer then merges the `P` states itself —
-//!    `m = max_p m_p`, `S = Σ_p S_p · e^{(m_p − m)/T}` — and holds the global log-normalisers of
-//!    both models, bit-identical across peers. For forward and reverse KL that is all:
-//!    `KL(p‖q) = Σ_p gap_p e^{(m_p − m)/T} / S − LSE_t + LSE_s`.
+//!    width, vocabulary, peer count and rows, checked on every peer): each peer's
+//!    online-softmax state of its shard — the student's row maximum and its sums of
+//!    exponentials at `T` and at 1, the teacher's maximum and sum at `T`, the target logit if
+//!    it owns the target, (for label smoothing) the sum and count of its finite logits, and for
+//!    the KLs the shard's softmax-weighted logit gap `Σ_{j∈p} e^{(u_j − m_p)/T}(u_j − z_j)/T`
+//!    (forward; student-weighted `z − u` for reverse). A sum is all the exchange offers (no
+//!    `Max`), so each peer writes its statistics into its own slot of a `[P, N, 9]` tensor of
+//!    zeros and the sum is an all-gather (adding zeros is exact). Every peer then merges the
+//!    `P` states itself — `m = max_p m_p`, `S = Σ_p S_p · e^{(m_p − m)/T}` — and holds the
+//!    global log-normalisers of both models, bit-identical across peers. For forward and
+//!    reverse KL that is all: `KL(p‖q) = Σ_p gap_p e^{(m_p − m)/T} / S − LSE_t + LSE_s`.
 //! 2. Only for JSD, the skew KLs and TVD, **row sums**, `N·2` floats: the shard's part of the
 //!    divergence `Σ_{j∈shard} φ(p_j, q_j)` and of its sensitivity `Σ_{j∈shard} h_j` with
 //!    `h_j = q_j ∂φ/∂q_j`, summed across peers. Their `φ` depends on the mixture
@@ -28,44 +30,40 @@
 //! Then each peer has the exact row losses and writes its shard's gradient in closed form,
 //! `∂D/∂z_j = (h_j − q_j Σ_k h_k) / T` (the softmax Jacobian applied to `h`; `Σ_k h_k` is `−1`
 //! for forward KL and `KL + 1` for reverse KL), and for the hard term
-//! `softmax(z)_j − (1 − ε)[j = y] − ε [z_j finite] / n_finite`. The backward pass then only
-//! scales it by the upstream gradient: no communication in the backward.
+//! `softmax(z)_j − (1 − ε)[j = y] − ε [z_j finite] / n_finite`. All of it runs on tensors
+//! without autodiff; the gradient is attached to the tracked student logits as one backward
+//! node, and the backward pass only scales it by the upstream gradient: no communication in
+//! the backward.
 
+use std::cell::{Cell, RefCell};
 use std::ops::Range;
 
-use burn::collective::{PeerId, ReduceOperation, all_reduce};
-use burn::tensor::{
-    Bool, DType, IndexingUpdateOp, Int, Tensor, TensorPrimitive,
-    backend::Backend,
-    ops::{FloatTensor, IntTensor},
-};
-
 use burn::nn::Linear;
+use burn::tensor::{Int, Tensor};
 
-use crate::linear::{self, LinearGrads, LinearOutput, linear_sides};
 use crate::{
-    DenseCall, DistillBackend, DistillError, DistillLoss, DistillOutput, DistillParams,
-    DistillParts, Divergence, FusedOutput, LinearCall, Validation,
-    error::{non_empty, panicking, same_dims},
-    kernel::reference::{Probs, divergence_rows},
-    reduction::{ignored_rows, reduce_rows},
+    DistillError, DistillLoss, DistillOutput, DistillParams, Divergence, Validation,
+    backend::{self, DistillParts},
+    error::{or_panic, same_dims},
+    linear::{self, ChunkTeacher, Side},
     validation::DeviceCheck,
 };
 
 mod exchange;
-use exchange::sum_across;
-pub use exchange::vocab_parallel;
+mod shard;
 
-/// Where this peer's slice of the vocabulary lies, and who its peers are.
+use exchange::sum_across;
+pub use exchange::{LocalExchange, RowExchange};
+use shard::{ShardRun, vocab_parallel};
+
+/// Where this peer's slice of the vocabulary lies, and how many peers share it.
 ///
 /// Every peer holds the logits of columns `offset .. offset + V_p` of a vocabulary of `vocab`
 /// columns; together the `peers` shards partition it (uneven widths are fine; the last shard
-/// may end in `−∞` padding columns). `rank` (in `0..peers`) orders the peers and `peer` is the
-/// id this peer registered with burn-collective (`burn::collective::register`, on the inner
-/// backend for `Autodiff<B>`).
+/// may end in `−∞` padding columns). `rank` (in `0..peers`) orders the peers: the position of
+/// this peer's shard, and of its statistics in the exchange.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VocabShard {
-    peer: PeerId,
     rank: usize,
     peers: usize,
     offset: usize,
@@ -92,9 +90,17 @@ const STATS: usize = 9;
 
 impl VocabShard {
     /// A shard starting at column `offset` of a `vocab`-column vocabulary, held by the peer of
-    /// rank `rank` (of `peers`) registered as `peer`.
+    /// rank `rank` (of `peers`).
+    ///
+    /// ```
+    /// use burn_distill::VocabShard;
+    ///
+    /// let shard = VocabShard::new(1, 2, 5, 10).unwrap();
+    /// assert_eq!((shard.rank(), shard.peers(), shard.offset(), shard.vocab()), (1, 2, 5, 10));
+    /// let err = VocabShard::new(2, 2, 0, 10).unwrap_err();
+    /// assert_eq!(err.to_string(), "invalid rank: got 2, expected a rank in [0, 2) (peers = 2)");
+    /// ```
     pub fn new(
-        peer: PeerId,
         rank: usize,
         peers: usize,
         offset: usize,
@@ -109,7 +115,6 @@ impl VocabShard {
             ));
         }
         Ok(Self {
-            peer,
             rank,
             peers,
             offset,
@@ -118,18 +123,20 @@ impl VocabShard {
     }
 
     /// The shard of rank `rank` in [`VocabShard::balanced_range`]'s split.
-    pub fn balanced(
-        peer: PeerId,
-        rank: usize,
-        peers: usize,
-        vocab: usize,
-    ) -> Result<Self, DistillError> {
+    pub fn balanced(rank: usize, peers: usize, vocab: usize) -> Result<Self, DistillError> {
         let columns = Self::balanced_range(vocab, peers, rank)?;
-        Self::new(peer, rank, peers, columns.start, vocab)
+        Self::new(rank, peers, columns.start, vocab)
     }
 
     /// The columns of rank `rank` when `vocab` columns are split over `peers`: widths differ by
     /// at most one, the first `vocab % peers` shards being the wider.
+    ///
+    /// ```
+    /// use burn_distill::VocabShard;
+    ///
+    /// let split: Vec<_> = (0..4).map(|rank| VocabShard::balanced_range(10, 4, rank).unwrap()).collect();
+    /// assert_eq!(split, [0..3, 3..6, 6..8, 8..10]);
+    /// ```
     pub fn balanced_range(
         vocab: usize,
         peers: usize,
@@ -148,10 +155,6 @@ impl VocabShard {
         Ok(start..start + base + usize::from(rank < extra))
     }
 
-    /// The id this peer registered with burn-collective.
-    pub fn peer(&self) -> PeerId {
-        self.peer
-    }
     /// This peer's rank, in `0..peers`.
     pub fn rank(&self) -> usize {
         self.rank
@@ -169,11 +172,19 @@ impl VocabShard {
         self.vocab
     }
 
-    /// The floats each peer contributes to the all-reduces of one call over `rows` rows:
+    /// The floats each peer contributes to the exchanges of one call over `rows` rows:
     /// `P·(rows + 1)·9` for the row statistics (and one row of layout per peer), plus `rows·2` for
     /// the row sums of the divergences that need a second exchange (JSD, skew KLs, TVD): `O(N)`,
     /// independent of the vocabulary. Multiply by the size of the dtype (4 for f32, 8 for f64) for
     /// bytes; a ring all-reduce moves about twice that per peer.
+    ///
+    /// ```
+    /// use burn_distill::{Divergence, VocabShard};
+    ///
+    /// let shard = VocabShard::balanced(0, 4, 32768).unwrap();
+    /// assert_eq!(shard.exchanged_floats(2048, Divergence::ForwardKl), 4 * 2049 * 9);
+    /// assert_eq!(shard.exchanged_floats(2048, Divergence::Tvd), 4 * 2049 * 9 + 2 * 2048);
+    /// ```
     pub fn exchanged_floats(&self, rows: usize, divergence: Divergence) -> usize {
         let second = match divergence {
             Divergence::ForwardKl | Divergence::ReverseKl => 0,
@@ -184,93 +195,196 @@ impl VocabShard {
 }
 
 impl DistillLoss {
-    panicking! {
-        /// The full loss (soft and hard terms) of logits sharded along the vocabulary: this peer's
-        /// `[N, V_p]` student and teacher columns `shard.offset() .. shard.offset() + V_p`, and the
-        /// `[N]` targets (global class indices, the same on every peer).
-        ///
-        /// Every peer calls it with its own shard and gets the loss of the whole vocabulary (equal
-        /// on every peer, and to [`DistillLoss::forward`] on the unsharded logits within float
-        /// rounding); `backward` gives each peer the gradient of its own shard, without
-        /// communicating. Settings as for `forward`, except the vocabulary alignment (the shards
-        /// have one width) and [`Kernel`](crate::Kernel) (composed tensor ops on each shard).
-        ///
-        /// Peers must have registered with `burn::collective::register` (the inner backend for
-        /// `Autodiff<B>`) and call this in the same order, with the same targets, configuration
-        /// and number of rows.
-        ///
-        /// # Errors
-        /// Checks of this peer's own inputs (shapes, targets) fail before anything is exchanged;
-        /// as with any collective, a peer that fails alone leaves the others waiting in the
-        /// all-reduce, so validate the setup before the training loop. With [`Validation::Eager`]
-        /// (the default), the shards' layout is checked after the first exchange on every peer
-        /// alike (shards that overlap, leave a gap, or disagree on the vocabulary or the peer count
-        /// fail on every peer, naming the shards): one read of `5·P` numbers back to the host.
-        ///
-        /// ```
-        /// use burn::backend::{Autodiff, NdArray};
-        /// use burn::collective::{CollectiveConfig, PeerId, finish_collective, register};
-        /// use burn::tensor::{Int, Tensor};
-        /// use burn_distill::{DistillLossConfig, VocabShard};
-        ///
-        /// type B = Autodiff<NdArray>;
-        /// let device = Default::default();
-        /// // One peer holding the whole vocabulary (every peer of a real run does the same with
-        /// // its own shard, after registering with `with_num_devices(P)`).
-        /// let peer = PeerId::from(0);
-        /// register::<NdArray>(peer, device, CollectiveConfig::default().with_num_devices(1))
-        ///     .unwrap();
-        /// let shard = VocabShard::balanced(peer, 0, 1, 3).unwrap();
-        /// let student = Tensor::<B, 2>::from_floats([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]], &device)
-        ///     .require_grad();
-        /// let teacher = Tensor::<B, 2>::from_floats([[0.5, 3.0, 0.0], [0.2, -2.0, 4.0]], &device);
-        /// let targets = Tensor::<B, 1, Int>::from_ints([1, 2], &device);
-        ///
-        /// let loss = DistillLossConfig::new().with_temperature(2.0).with_alpha(0.9).init();
-        /// let value = loss.forward_vocab_parallel(student.clone(), teacher, targets, &shard);
-        /// let grads = value.backward();
-        /// finish_collective::<NdArray>(peer).unwrap();
-        /// // α·T²·KL(p‖q) + (1 − α)·CE averaged over the rows, as `forward` (computed in f64).
-        /// assert!((value.into_scalar() - 0.206_432).abs() < 1e-5);
-        /// assert_eq!(student.grad(&grads).unwrap().dims(), [2, 3]);
-        /// ```
-        ///
-        /// # Shapes
-        /// - `student_shard`, `teacher_shard`: `[N, V_p]`
-        /// - `targets`: `[N]` class indices in `[0, vocab)` or the ignore index
-        /// - output: `[1]` (`Mean`, `Sum`, `Normalized`) or `[N]` (`PerRow`)
-        ///
-        /// # Panics
-        /// On bad shapes, out-of-range targets or a failed collective operation, with the message
-        /// of [`DistillLoss::try_forward_vocab_parallel_parts`].
-        pub fn forward_vocab_parallel<B: DistillBackend>(&self, student_shard: Tensor<B, 2>,
-            teacher_shard: Tensor<B, 2>, targets: Tensor<B, 1, Int>, shard: &VocabShard
-        ) -> Tensor<B, 1> {
-            self.try_forward_vocab_parallel_parts(student_shard, teacher_shard, Some(targets), shard
-            ).loss
-        }
+    /// The full loss (soft and hard terms) of logits sharded along the vocabulary: this peer's
+    /// `[N, V_p]` student and teacher columns `shard.offset() .. shard.offset() + V_p`, and the
+    /// `[N]` targets (global class indices, the same on every peer), the peers' statistics
+    /// summed through `exchange`.
+    ///
+    /// Every peer calls it with its own shard and gets the loss of the whole vocabulary (equal
+    /// on every peer, and to [`DistillLoss::forward`] on the unsharded logits within float
+    /// rounding); `backward` gives each peer the gradient of its own shard, without
+    /// communicating. Settings as for `forward`, except the vocabulary alignment (the shards
+    /// have one width) and [`Kernel`](crate::Kernel) (composed tensor ops on each shard).
+    ///
+    /// Peers call this in the same order, with the same targets, configuration and number of
+    /// rows; `exchange` is this peer's handle of their collective (one or two
+    /// [`RowExchange::sum`] calls per call).
+    ///
+    /// # Errors
+    /// Checks of this peer's own inputs (shapes, targets) fail before anything is exchanged;
+    /// as with any collective, a peer that fails alone leaves the others waiting in the
+    /// exchange (a [`LocalExchange`] peer's error once the failed peer's handle is dropped),
+    /// so validate the setup before the training loop. With [`Validation::Eager`] (the
+    /// default), the shards' layout is checked after the first exchange on every peer alike
+    /// (shards that overlap, leave a gap, or disagree on the vocabulary or the peer count fail
+    /// on every peer, naming the shards): one read of `5·P` numbers back to the host.
+    ///
+    /// ```
+    /// use burn::tensor::{Device, Int, Tensor};
+    /// use burn_distill::{DistillLossConfig, LocalExchange, VocabShard};
+    ///
+    /// let student = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]];
+    /// let teacher = [[0.5, 3.0, 0.0], [0.2, -2.0, 4.0]];
+    /// // Two peers (threads): columns 0..2 and 2..3 of the three.
+    /// let peers: Vec<_> = LocalExchange::group(2)
+    ///     .into_iter()
+    ///     .map(|exchange| {
+    ///         std::thread::spawn(move || {
+    ///             let device = Device::flex().autodiff();
+    ///             let rank = exchange.rank();
+    ///             let shard = VocabShard::balanced(rank, 2, 3).unwrap();
+    ///             let cols = VocabShard::balanced_range(3, 2, rank).unwrap();
+    ///             let cut = |rows: [[f32; 3]; 2]| {
+    ///                 let t = Tensor::<2>::from_floats(rows, &device);
+    ///                 t.slice([0..2, cols.clone()])
+    ///             };
+    ///             let s = cut(student).require_grad();
+    ///             let targets = Tensor::<1, Int>::from_ints([1, 2], &device);
+    ///
+    ///             let loss = DistillLossConfig::new().with_temperature(2.0).with_alpha(0.9).init();
+    ///             let value =
+    ///                 loss.forward_vocab_parallel(s.clone(), cut(teacher), targets, &shard, &exchange);
+    ///             let grad = s.grad(&value.backward()).unwrap();
+    ///             (value.into_scalar::<f32>(), grad.try_into_vec_as::<f32>().unwrap())
+    ///         })
+    ///     })
+    ///     .collect();
+    /// let out: Vec<_> = peers.into_iter().map(|p| p.join().unwrap()).collect();
+    /// // On both peers α·T²·KL(p‖q) + (1 − α)·CE averaged over the rows, as `forward` (by
+    /// // hand in f64),
+    /// assert!(out.iter().all(|(loss, _)| (loss - 0.206_432).abs() < 1e-5));
+    /// // and each peer's columns of the gradient (by hand in f64): row 0's target logit
+    /// // (column 1, peer 0's) is pulled up.
+    /// let close = |g: &[f32], want: &[f32]| g.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-5);
+    /// assert!(close(&out[0].1, &[0.103_336, -0.181_822, 0.037_920, 0.053_158]), "{out:?}");
+    /// assert!(close(&out[1].1, &[0.078_486, -0.091_079]), "{out:?}");
+    /// ```
+    ///
+    /// # Shapes
+    /// - `student_shard`, `teacher_shard`: `[N, V_p]`
+    /// - `targets`: `[N]` class indices in `[0, vocab)` or the ignore index
+    /// - output: `[1]` (`Mean`, `Sum`, `Normalized`) or `[N]` (`PerRow`)
+    ///
+    /// # Panics
+    /// On bad shapes, out-of-range targets or a failed exchange, with the message of
+    /// [`DistillLoss::try_forward_vocab_parallel`], at the caller's line.
+    #[track_caller]
+    pub fn forward_vocab_parallel(
+        &self,
+        student_shard: Tensor<2>,
+        teacher_shard: Tensor<2>,
+        targets: Tensor<1, Int>,
+        shard: &VocabShard,
+        exchange: &dyn RowExchange,
+    ) -> Tensor<1> {
+        or_panic(self.try_forward_vocab_parallel(
+            student_shard,
+            teacher_shard,
+            targets,
+            shard,
+            exchange,
+        ))
+    }
 
-        /// [`DistillLoss::forward_vocab_parallel`] without labels: the soft term only.
-        ///
-        /// # Panics
-        /// As [`DistillLoss::forward_vocab_parallel`].
-        pub fn forward_vocab_parallel_soft<B: DistillBackend>(&self, student_shard: Tensor<B, 2>,
-            teacher_shard: Tensor<B, 2>, shard: &VocabShard) -> Tensor<B, 1> {
-            self.try_forward_vocab_parallel_parts(student_shard, teacher_shard, None, shard).loss
-        }
+    /// [`DistillLoss::forward_vocab_parallel`] that returns an error instead of panicking.
+    pub fn try_forward_vocab_parallel(
+        &self,
+        student_shard: Tensor<2>,
+        teacher_shard: Tensor<2>,
+        targets: Tensor<1, Int>,
+        shard: &VocabShard,
+        exchange: &dyn RowExchange,
+    ) -> Result<Tensor<1>, DistillError> {
+        self.vocab_parallel_parts(student_shard, teacher_shard, Some(targets), shard, exchange)
+            .map(|out| out.loss)
+    }
+
+    /// [`DistillLoss::forward_vocab_parallel`] without labels: the soft term only.
+    ///
+    /// # Panics
+    /// As [`DistillLoss::forward_vocab_parallel`].
+    #[track_caller]
+    pub fn forward_vocab_parallel_soft(
+        &self,
+        student_shard: Tensor<2>,
+        teacher_shard: Tensor<2>,
+        shard: &VocabShard,
+        exchange: &dyn RowExchange,
+    ) -> Tensor<1> {
+        or_panic(self.try_forward_vocab_parallel_soft(
+            student_shard,
+            teacher_shard,
+            shard,
+            exchange,
+        ))
+    }
+
+    /// [`DistillLoss::forward_vocab_parallel_soft`] that returns an error instead of panicking.
+    pub fn try_forward_vocab_parallel_soft(
+        &self,
+        student_shard: Tensor<2>,
+        teacher_shard: Tensor<2>,
+        shard: &VocabShard,
+        exchange: &dyn RowExchange,
+    ) -> Result<Tensor<1>, DistillError> {
+        self.vocab_parallel_parts(student_shard, teacher_shard, None, shard, exchange)
+            .map(|out| out.loss)
+    }
+
+    /// The vocabulary-parallel loss and its soft and hard parts; `targets` `None` for the soft
+    /// term alone.
+    ///
+    /// # Panics
+    /// As [`DistillLoss::forward_vocab_parallel`].
+    #[track_caller]
+    pub fn forward_vocab_parallel_parts(
+        &self,
+        student_shard: Tensor<2>,
+        teacher_shard: Tensor<2>,
+        targets: Option<Tensor<1, Int>>,
+        shard: &VocabShard,
+        exchange: &dyn RowExchange,
+    ) -> DistillOutput {
+        or_panic(self.try_forward_vocab_parallel_parts(
+            student_shard,
+            teacher_shard,
+            targets,
+            shard,
+            exchange,
+        ))
     }
 
     /// The vocabulary-parallel loss and its parts, or an error naming the bad argument (or the
-    /// collective step that failed).
-    pub fn try_forward_vocab_parallel_parts<B: DistillBackend>(
+    /// exchange step that failed).
+    pub fn try_forward_vocab_parallel_parts(
         &self,
-        student_shard: Tensor<B, 2>,
-        teacher_shard: Tensor<B, 2>,
-        targets: Option<Tensor<B, 1, Int>>,
+        student_shard: Tensor<2>,
+        teacher_shard: Tensor<2>,
+        targets: Option<Tensor<1, Int>>,
         shard: &VocabShard,
-    ) -> Result<DistillOutput<B>, DistillError> {
+        exchange: &dyn RowExchange,
+    ) -> Result<DistillOutput, DistillError> {
+        self.vocab_parallel_parts(student_shard, teacher_shard, targets, shard, exchange)
+    }
+
+    /// Every dense form: the checks, then the shard's loss on tensors without autodiff, its
+    /// gradient attached to the (soft-capped) tracked student logits.
+    fn vocab_parallel_parts(
+        &self,
+        student_shard: Tensor<2>,
+        teacher_shard: Tensor<2>,
+        targets: Option<Tensor<1, Int>>,
+        shard: &VocabShard,
+        exchange: &dyn RowExchange,
+    ) -> Result<DistillOutput, DistillError> {
         let [n, v] = student_shard.dims();
-        non_empty("student_shard", [n, v], "V_p")?;
+        if n == 0 || v == 0 {
+            return Err(DistillError::invalid(
+                "student_shard",
+                format!("shape [{n}, {v}]"),
+                "a non-empty [N, V_p] tensor (N >= 1 rows, V_p >= 1 columns)",
+            ));
+        }
         let note = " (both models sharded alike)";
         same_dims(
             "teacher_shard",
@@ -279,71 +393,169 @@ impl DistillLoss {
             [n, v],
             note,
         )?;
+        let targets = targets.map(Tensor::inner);
         let check = self.check_shard("student_shard", v, n, targets.as_ref(), shard)?;
-        let run = VocabParallel {
+        // The cap through autodiff: the shard's gradient is attached to the capped logits.
+        let student = self.soft_cap(student_shard);
+        let teacher = self.soft_cap(teacher_shard.inner());
+        let autodiff = student.is_autodiff();
+        let run = ShardRun {
             shard,
+            exchange,
             check: self.validation == Validation::Eager,
+            with_grad: student.is_tracked(),
         };
-        let call = DenseCall::new(
-            self.soft_cap(student_shard).into_primitive().tensor(),
-            self.soft_cap(teacher_shard).into_primitive().tensor(),
-            targets.map(Tensor::into_primitive),
-            self.params,
-        );
-        let out = B::distill_logits_tracked(&run, call)?;
-        Ok(DistillOutput::from(out.parts).with_check(check))
+        let (parts, grad) = vocab_parallel(
+            student.clone().inner(),
+            teacher,
+            targets,
+            &self.params,
+            &run,
+        )?;
+        let lift = |t: Tensor<1>| if autodiff { t.autodiff() } else { t };
+        let loss = match grad {
+            Some(grad) => backend::attach_one(parts.loss, student, grad),
+            None => lift(parts.loss),
+        };
+        let parts = DistillParts {
+            loss,
+            soft: lift(parts.soft),
+            hard: parts.hard.map(lift),
+        };
+        Ok(DistillOutput::from(parts).with_check(check))
     }
 }
 
 impl DistillLoss {
-    panicking! {
-        /// The fused-linear loss of a vocabulary-parallel LM head: this peer's slice of both heads
-        /// (`Linear` layers `H → V_p` for columns `shard.offset() .. + V_p`), the `[N, H]` hidden
-        /// states (the same on every peer) and `[N]` targets; the loss of the whole vocabulary, as
-        /// [`DistillLoss::forward_linear`] on the unsharded heads, with logits computed
-        /// `chunk_rows × V_p` at a time (never `[N, V]`; the chunk size comes from
-        /// `linear_chunk_rows` or from `linear_chunk_bytes` for the widest shard, counting the
-        /// dozen `[c, V_p]` buffers of the composed shard loss). The chunks follow the kept rows,
-        /// so the targets must be the same on every peer, and every peer must agree on whether the
-        /// student is trained (that adds the hidden-state all-reduce). The loss runs as composed
-        /// burn ops on each shard whatever the [`Kernel`](crate::Kernel) setting.
-        ///
-        /// Gradients: the student head's weight and bias get their columns' gradient; the student's
-        /// hidden states get the full `∂loss/∂h`, summed over the peers' head slices by one more
-        /// all-reduce of `N·H` floats (what Megatron's column-parallel input operator does in its
-        /// backward), so a trunk replicated on every peer receives the exact gradient.
-        ///
-        /// # Shapes
-        /// - `student_hidden`: `[N, H_s]`, `student_head`: `Linear` `H_s → V_p`
-        /// - `teacher_hidden`: `[N, H_t]`, `teacher_head`: `Linear` `H_t → V_p`
-        /// - `targets`: `[N]` global class indices; output as [`DistillLoss::forward`]
-        ///
-        /// # Panics
-        /// As [`DistillLoss::forward_vocab_parallel`]; also for `Reduction::PerRow` when the
-        /// student is trained.
-        pub fn forward_linear_vocab_parallel<B: DistillBackend>(&self, student_hidden: Tensor<B, 2>,
-            student_head: &Linear<B>, teacher_hidden: Tensor<B, 2>, teacher_head: &Linear<B>,
-            targets: Tensor<B, 1, Int>, shard: &VocabShard) -> Tensor<B, 1> {
-            self.try_forward_linear_vocab_parallel_parts(student_hidden, student_head,
-                teacher_hidden, teacher_head, Some(targets), shard).loss
-        }
+    /// The fused-linear loss of a vocabulary-parallel LM head: this peer's slice of both heads
+    /// (`Linear` layers `H → V_p` for columns `shard.offset() .. + V_p`), the `[N, H]` hidden
+    /// states (the same on every peer) and `[N]` targets; the loss of the whole vocabulary, as
+    /// [`DistillLoss::forward_linear`] on the unsharded heads, with logits computed
+    /// `chunk_rows × V_p` at a time (never `[N, V]`; the chunk size comes from
+    /// `linear_chunk_rows` or from `linear_chunk_bytes` for the widest shard, counting the
+    /// dozen `[c, V_p]` buffers of the composed shard loss). The chunks follow the kept rows,
+    /// so the targets must be the same on every peer, and every peer must agree on whether the
+    /// student is trained (that adds the hidden-state exchange). The loss runs as composed
+    /// burn ops on each shard whatever the [`Kernel`](crate::Kernel) setting.
+    ///
+    /// Gradients: the student head's weight and bias get their columns' gradient; the student's
+    /// hidden states get the full `∂loss/∂h`, summed over the peers' head slices by one more
+    /// exchange of `N·H` floats (what Megatron's column-parallel input operator does in its
+    /// backward), so a trunk replicated on every peer receives the exact gradient.
+    ///
+    /// # Shapes
+    /// - `student_hidden`: `[N, H_s]`, `student_head`: `Linear` `H_s → V_p`
+    /// - `teacher_hidden`: `[N, H_t]`, `teacher_head`: `Linear` `H_t → V_p`
+    /// - `targets`: `[N]` global class indices; output as [`DistillLoss::forward`]
+    ///
+    /// # Panics
+    /// As [`DistillLoss::forward_vocab_parallel`]; also for `Reduction::PerRow` when the
+    /// student is trained, at the caller's line.
+    #[track_caller]
+    #[allow(clippy::too_many_arguments)] // 0.1's six arguments and the exchange
+    pub fn forward_linear_vocab_parallel(
+        &self,
+        student_hidden: Tensor<2>,
+        student_head: &Linear,
+        teacher_hidden: Tensor<2>,
+        teacher_head: &Linear,
+        targets: Tensor<1, Int>,
+        shard: &VocabShard,
+        exchange: &dyn RowExchange,
+    ) -> Tensor<1> {
+        let heads = (student_head, teacher_head);
+        let peer = (shard, exchange);
+        or_panic(self.linear_vocab_parallel(
+            student_hidden,
+            teacher_hidden,
+            heads,
+            Some(targets),
+            peer,
+        ))
+        .loss
+    }
+
+    /// [`DistillLoss::forward_linear_vocab_parallel`] that returns an error instead of
+    /// panicking.
+    #[allow(clippy::too_many_arguments)] // 0.1's six arguments and the exchange
+    pub fn try_forward_linear_vocab_parallel(
+        &self,
+        student_hidden: Tensor<2>,
+        student_head: &Linear,
+        teacher_hidden: Tensor<2>,
+        teacher_head: &Linear,
+        targets: Tensor<1, Int>,
+        shard: &VocabShard,
+        exchange: &dyn RowExchange,
+    ) -> Result<Tensor<1>, DistillError> {
+        let heads = (student_head, teacher_head);
+        let peer = (shard, exchange);
+        self.linear_vocab_parallel(student_hidden, teacher_hidden, heads, Some(targets), peer)
+            .map(|out| out.loss)
     }
 
     /// [`DistillLoss::forward_linear_vocab_parallel`]'s loss and parts (soft only without
-    /// targets), or an error naming the bad argument or the collective step that failed.
-    pub fn try_forward_linear_vocab_parallel_parts<B: DistillBackend>(
+    /// targets).
+    ///
+    /// # Panics
+    /// As [`DistillLoss::forward_linear_vocab_parallel`].
+    #[track_caller]
+    #[allow(clippy::too_many_arguments)] // 0.1's six arguments and the exchange
+    pub fn forward_linear_vocab_parallel_parts(
         &self,
-        student_hidden: Tensor<B, 2>,
-        student_head: &Linear<B>,
-        teacher_hidden: Tensor<B, 2>,
-        teacher_head: &Linear<B>,
-        targets: Option<Tensor<B, 1, Int>>,
+        student_hidden: Tensor<2>,
+        student_head: &Linear,
+        teacher_hidden: Tensor<2>,
+        teacher_head: &Linear,
+        targets: Option<Tensor<1, Int>>,
         shard: &VocabShard,
-    ) -> Result<DistillOutput<B>, DistillError> {
+        exchange: &dyn RowExchange,
+    ) -> DistillOutput {
+        let heads = (student_head, teacher_head);
+        let peer = (shard, exchange);
+        or_panic(self.linear_vocab_parallel(student_hidden, teacher_hidden, heads, targets, peer))
+    }
+
+    /// [`DistillLoss::forward_linear_vocab_parallel_parts`] that returns an error naming the
+    /// bad argument or the exchange step that failed, instead of panicking.
+    #[allow(clippy::too_many_arguments)] // 0.1's six arguments and the exchange
+    pub fn try_forward_linear_vocab_parallel_parts(
+        &self,
+        student_hidden: Tensor<2>,
+        student_head: &Linear,
+        teacher_hidden: Tensor<2>,
+        teacher_head: &Linear,
+        targets: Option<Tensor<1, Int>>,
+        shard: &VocabShard,
+        exchange: &dyn RowExchange,
+    ) -> Result<DistillOutput, DistillError> {
+        let heads = (student_head, teacher_head);
+        let peer = (shard, exchange);
+        self.linear_vocab_parallel(student_hidden, teacher_hidden, heads, targets, peer)
+    }
+
+    /// Every fused-linear form: the checks, the chunks (each through the shard loss, on
+    /// tensors without autodiff), the hidden-state gradient summed across the peers, the
+    /// student's gradients attached as one backward node.
+    fn linear_vocab_parallel(
+        &self,
+        student_hidden: Tensor<2>,
+        teacher_hidden: Tensor<2>,
+        (student_head, teacher_head): (&Linear, &Linear),
+        targets: Option<Tensor<1, Int>>,
+        (shard, exchange): (&VocabShard, &dyn RowExchange),
+    ) -> Result<DistillOutput, DistillError> {
         let n = student_hidden.dims()[0];
-        let (student, teacher) =
-            linear_sides(student_hidden, student_head, teacher_hidden, teacher_head)?;
-        let (vs, vt) = (student_head.weight.dims()[1], teacher_head.weight.dims()[1]);
+        if teacher_hidden.dims()[0] != n {
+            return Err(DistillError::invalid(
+                "teacher_hidden",
+                format!("shape {:?}", teacher_hidden.dims()),
+                format!("{n} rows, as student_hidden"),
+            ));
+        }
+        let student = Side::new(student_hidden, student_head, "student")?;
+        let teacher = Side::new(teacher_hidden, teacher_head, "teacher")?.detach();
+        let (vs, vt) = (student.weight.dims()[1], teacher.weight.dims()[1]);
         if vt != vs {
             return Err(DistillError::invalid(
                 "teacher_head",
@@ -351,101 +563,74 @@ impl DistillLoss {
                 format!("the student head's {vs} (both heads sliced alike)"),
             ));
         }
+        let targets = targets.map(Tensor::inner);
         let check = self.check_shard("student_head", vs, n, targets.as_ref(), shard)?;
-        let rows = self.linear_chunk_rows_with::<B>(shard.vocab.div_ceil(shard.peers), 12);
-        let run = LinearVocabParallel {
+        let device = student.hidden.device();
+        let rows = self.linear_chunk_rows_with(shard.vocab.div_ceil(shard.peers), 12, &device);
+        let setup = self.linear_setup(rows);
+        let with_grad = student.is_tracked();
+        let autodiff = student.hidden.is_autodiff();
+        // The shards' layout is checked with the first chunk; a chunk's error is kept here
+        // (the chunk loop only knows "no gradient from this chunk").
+        let (first, failed) = (
+            Cell::new(self.validation == Validation::Eager),
+            RefCell::new(None),
+        );
+        let chunks = ParallelChunks {
+            side: teacher.inner(),
+            cap: self.logit_softcap,
             shard,
-            check: self.validation == Validation::Eager,
+            exchange,
+            first: &first,
+            failed: &failed,
         };
-        let targets = targets.map(Tensor::into_primitive);
-        let call = LinearCall::new(student, teacher, targets, self.linear_setup(rows));
-        let parts = B::distill_linear_tracked(&run, call)?.ok_or_else(|| {
-            DistillError::invalid(
+        let out = linear::chunked(student.inner(), chunks, targets, &setup, with_grad);
+        if let Some(error) = failed.take() {
+            return Err(error);
+        }
+        let Some((parts, grads)) = out else {
+            return Err(DistillError::invalid(
                 "reduction",
                 "PerRow",
                 "Mean, Sum or Normalized for a trained vocabulary-parallel fused-linear \
-                     loss (per-row upstream weights are only known in the backward pass)",
-            )
-        })?;
+                 loss (per-row upstream weights are only known in the backward pass)",
+            ));
+        };
+        let lift = |t: Tensor<1>| if autodiff { t.autodiff() } else { t };
+        let loss = match grads {
+            Some(g) => {
+                let hidden = sum_across(
+                    exchange,
+                    g.hidden,
+                    "all-reduce of the hidden-state gradient",
+                )?;
+                backend::attach(
+                    parts.loss,
+                    (student.hidden.clone(), Some(hidden)),
+                    (student.weight.clone(), g.weight),
+                    student.bias.clone().map(|b| (b, g.bias)),
+                )
+            }
+            None => lift(parts.loss),
+        };
+        let parts = DistillParts {
+            loss,
+            soft: lift(parts.soft),
+            hard: parts.hard.map(lift),
+        };
         Ok(DistillOutput::from(parts).with_check(check))
     }
-}
 
-/// The vocabulary-parallel loss of one peer's shards, run by the backend as a tracked op.
-struct VocabParallel<'a> {
-    shard: &'a VocabShard,
-    check: bool,
-}
-
-impl crate::LogitsRun for VocabParallel<'_> {
-    fn run<B: DistillBackend>(&self, call: DenseCall<B>) -> Result<FusedOutput<B>, DistillError> {
-        vocab_parallel::<B>(call, self.shard, self.check)
-    }
-}
-
-/// The vocabulary-parallel fused-linear loss of one peer's head slices, run by the backend as
-/// a tracked op.
-struct LinearVocabParallel<'a> {
-    shard: &'a VocabShard,
-    check: bool,
-}
-
-impl crate::LinearRun for LinearVocabParallel<'_> {
-    fn run<B: DistillBackend>(
-        &self,
-        call: LinearCall<B>,
-    ) -> Result<Option<LinearOutput<B>>, DistillError> {
-        linear_vocab_parallel::<B>(call, self.shard, self.check)
-    }
-}
-
-/// The vocabulary-parallel fused-linear loss on `B`: chunks of rows through
-/// [`vocab_parallel`], then the hidden-state gradient summed across the peers. `Ok(None)` as
-/// for the fused-linear chunks (a gradient with `Reduction::PerRow`).
-pub(crate) fn linear_vocab_parallel<B: DistillBackend>(
-    call: LinearCall<B>,
-    shard: &VocabShard,
-    check: bool,
-) -> Result<Option<LinearOutput<B>>, DistillError> {
-    // The shards' layout is checked with the first chunk.
-    let mut check = check;
-    let setup = call.settings;
-    let call = call.map(|s, t, y| (s, linear::DenseChunks::new(t, &setup), y));
-    let out = linear::chunked_with(call, |chunk| {
-        let first = std::mem::replace(&mut check, false);
-        vocab_parallel::<B>(chunk, shard, first).map(Some)
-    })?;
-    let Some((parts, grads)) = out else {
-        return Ok(None);
-    };
-    let grads = match grads {
-        Some(g) => {
-            let hidden = sum_across(
-                shard.peer,
-                linear::float::<B, 2>(g.hidden),
-                "all-reduce of the hidden-state gradient",
-            )?;
-            Some(LinearGrads {
-                hidden: hidden.into_primitive().tensor(),
-                ..g
-            })
-        }
-        None => None,
-    };
-    Ok(Some((parts, grads)))
-}
-
-impl DistillLoss {
     /// `width` columns from the shard's offset lie inside the vocabulary, and the `[rows]`
     /// targets are global class indices (or the ignore index).
-    fn check_shard<B: Backend>(
+    fn check_shard(
         &self,
         argument: &str,
         width: usize,
         rows: usize,
-        targets: Option<&Tensor<B, 1, Int>>,
+        targets: Option<&Tensor<1, Int>>,
         shard: &VocabShard,
-    ) -> Result<Option<DeviceCheck<B>>, DistillError> {
+    ) -> Result<Option<DeviceCheck>, DistillError> {
         if shard.offset + width > shard.vocab {
             return Err(DistillError::invalid(
                 argument,
@@ -453,6 +638,70 @@ impl DistillLoss {
                 format!("columns inside the vocabulary of {} columns", shard.vocab),
             ));
         }
-        self.check_targets(targets, [rows, shard.vocab])
+        self.check_targets(targets, shard.vocab, &[rows])
+    }
+}
+
+/// The teacher's head slice of a vocabulary-parallel fused-linear loss, cut in chunks like the
+/// student's: each chunk's `[c, V_p]` logits of both models through the shard loss.
+struct ParallelChunks<'a> {
+    side: Side,
+    cap: Option<f64>,
+    shard: &'a VocabShard,
+    exchange: &'a dyn RowExchange,
+    /// Is the next chunk the first (whose exchange checks the shards' layout)?
+    first: &'a Cell<bool>,
+    /// The error of the chunk that failed.
+    failed: &'a RefCell<Option<DistillError>>,
+}
+
+impl ChunkTeacher for ParallelChunks<'_> {
+    #[cfg(feature = "flex")]
+    fn host(&self) -> backend::HostLinearTeacher {
+        unreachable!("the vocabulary-parallel chunks never run the host loop")
+    }
+
+    fn aligned(&self, vs: usize) -> usize {
+        vs
+    }
+
+    fn keep(self, index: &Tensor<1, Int>) -> Self {
+        Self {
+            side: Side {
+                hidden: self.side.hidden.select(0, index.clone()),
+                ..self.side
+            },
+            ..self
+        }
+    }
+
+    fn loss(
+        &self,
+        rows: Range<usize>,
+        zs: Tensor<2>,
+        targets: Option<Tensor<1, Int>>,
+        params: &DistillParams,
+        with_grad: bool,
+    ) -> Option<(DistillParts, Option<Tensor<2>>)> {
+        let side = &self.side;
+        let zt = linear::logits(side.hidden.clone().slice(rows), &side.weight, &side.bias);
+        let zt = match self.cap {
+            // `· (1/c)`, as `DistillLoss::soft_cap`.
+            Some(c) => zt.mul_scalar(c.recip()).tanh().mul_scalar(c),
+            None => zt,
+        };
+        let run = ShardRun {
+            shard: self.shard,
+            exchange: self.exchange,
+            check: self.first.replace(false),
+            with_grad,
+        };
+        match vocab_parallel(zs, zt, targets, params, &run) {
+            Ok(out) => Some(out),
+            Err(error) => {
+                self.failed.replace(Some(error));
+                None
+            }
+        }
     }
 }

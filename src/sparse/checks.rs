@@ -9,19 +9,19 @@ impl SparseDistillLoss {
     /// (beyond rounding) or NaN, an index outside `[0, V)`, an index seen twice in a row, a
     /// row without a valid entry and, with the tail bucket, a top-k mass above 1 (beyond
     /// rounding).
-    pub(super) fn bad_entries<B: Backend>(
+    pub(super) fn bad_entries(
         &self,
-        teacher: &SparseTeacher<B>,
-        ignored: Option<Tensor<B, 1, Bool>>,
+        teacher: &SparseTeacher,
+        ignored: Option<Tensor<1, Bool>>,
         classes: usize,
-    ) -> Tensor<B, 1, Int> {
+    ) -> Tensor<1, Int> {
         let [n, k] = teacher.dims();
         let log_probs = teacher.log_probs.clone().detach();
         let indices = teacher.indices.clone();
         let device = log_probs.device();
         let keep = match &ignored {
             Some(ignored) => ignored.clone().bool_not().unsqueeze_dim::<2>(1),
-            None => Tensor::<B, 2, Bool>::full([n, 1], true, &device),
+            None => Tensor::<2, Bool>::full([n, 1], true, &device),
         };
         let mut valid = log_probs
             .clone()
@@ -65,13 +65,22 @@ impl SparseDistillLoss {
 
 /// Reads the teacher back and names its first bad entry among the rows that are not ignored
 /// (the host side of [`SparseDistillLoss::teacher_check`]).
-pub(crate) fn first_bad_entry<B: Backend>(
-    teacher: &SparseTeacher<B>,
-    ignored: Option<Tensor<B, 1, Bool>>,
+///
+/// `lead` is the caller's shape of the rows (`[N]`, or a sequence's `[B, T]`): the messages
+/// name entries by their position in the caller's tensors (`indices[1, 5, 3]`).
+pub(crate) fn first_bad_entry(
+    teacher: &SparseTeacher,
+    ignored: Option<Tensor<1, Bool>>,
     classes: usize,
     tail: TailPolicy,
+    lead: &[usize],
 ) -> Option<DistillError> {
     let [n, k] = teacher.dims();
+    let pos = |row: usize| crate::error::position(&crate::error::unravel(row, lead));
+    let row_name = |row: usize| match lead.len() {
+        1 => format!("row {row}"),
+        _ => format!("token [{}]", pos(row)),
+    };
     let indices = teacher.indices.to_data().convert::<i64>();
     let log_probs = teacher.log_probs.to_data().convert::<f64>();
     let mask = teacher.mask.as_ref().map(Tensor::to_data);
@@ -96,7 +105,7 @@ pub(crate) fn first_bad_entry<B: Backend>(
             if lp.is_nan() || lp > ROUNDING {
                 return Some(DistillError::invalid(
                     "teacher log_probs",
-                    format!("log_probs[{row}, {col}] = {lp}"),
+                    format!("log_probs[{}, {col}] = {lp}", pos(row)),
                     "a log-probability <= 0 (or -inf / a false mask entry for a missing \
                      token); pass log_softmax(logits / T_gen), not logits",
                 ));
@@ -105,14 +114,18 @@ pub(crate) fn first_bad_entry<B: Backend>(
             if index < 0 || index >= classes as i64 {
                 return Some(DistillError::invalid(
                     "teacher indices",
-                    format!("indices[{row}, {col}] = {index}"),
+                    format!("indices[{}, {col}] = {index}", pos(row)),
                     format!("a token index in [0, {classes}) (the student's vocabulary)"),
                 ));
             }
             if let Some(&(first, _)) = seen.iter().find(|&&(_, i)| i == index) {
                 return Some(DistillError::invalid(
                     "teacher indices",
-                    format!("indices[{row}, {col}] = {index}, already at [{row}, {first}]"),
+                    format!(
+                        "indices[{}, {col}] = {index}, already at [{}, {first}]",
+                        pos(row),
+                        pos(row)
+                    ),
                     "distinct token indices within a row",
                 ));
             }
@@ -122,7 +135,7 @@ pub(crate) fn first_bad_entry<B: Backend>(
         if seen.is_empty() {
             return Some(DistillError::invalid(
                 "teacher log_probs",
-                format!("row {row} with no valid entry"),
+                format!("{} with no valid entry", row_name(row)),
                 "at least one finite log-probability in every row whose target is not the \
                  ignore index",
             ));
@@ -130,7 +143,7 @@ pub(crate) fn first_bad_entry<B: Backend>(
         if tail == TailPolicy::TailBucket && mass > 1.0 + ROUNDING {
             return Some(DistillError::invalid(
                 "teacher log_probs",
-                format!("row {row} with total probability {mass}"),
+                format!("{} with total probability {mass}", row_name(row)),
                 "at most 1 with TailPolicy::TailBucket (log-probabilities of the teacher's \
                  full distribution)",
             ));
@@ -141,13 +154,10 @@ pub(crate) fn first_bad_entry<B: Backend>(
 
 /// `[N]`: per row, the pairs `j < j'` of valid entries with the same index, compared on the
 /// device in chunks of rows (at most 2²² comparisons each).
-pub(super) fn duplicate_pairs<B: Backend>(
-    indices: &Tensor<B, 2, Int>,
-    valid: &Tensor<B, 2, Bool>,
-) -> Tensor<B, 1, Int> {
+pub(super) fn duplicate_pairs(indices: &Tensor<2, Int>, valid: &Tensor<2, Bool>) -> Tensor<1, Int> {
     let [n, k] = indices.dims();
     let device = indices.device();
-    let columns = Tensor::<B, 1, Int>::arange(0..k as i64, &device);
+    let columns = Tensor::<1, Int>::arange(0..k as i64, &device);
     let before = columns
         .clone()
         .reshape([1, k, 1])
@@ -156,7 +166,7 @@ pub(super) fn duplicate_pairs<B: Backend>(
     let mut per_row = Vec::new();
     for start in (0..n).step_by(rows) {
         let c = rows.min(n - start);
-        let pairs = |t: Tensor<B, 2, Int>| {
+        let pairs = |t: Tensor<2, Int>| {
             (
                 t.clone().unsqueeze_dim::<3>(2).expand([c, k, k]),
                 t.unsqueeze_dim::<3>(1).expand([c, k, k]),

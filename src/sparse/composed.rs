@@ -7,11 +7,11 @@ impl SparseDistillLoss {
     /// The `[N]` soft rows, `T²`-scaled, NaN for a row without any valid teacher entry; and the
     /// `[N]` rows whose teacher is not a distribution (an index outside the vocabulary or seen
     /// twice, a log-probability above 0 or NaN, a tail-bucket mass above 1), NaN too.
-    pub(super) fn soft_rows<B: Backend>(
+    pub(super) fn soft_rows(
         &self,
-        student: Tensor<B, 2>,
-        teacher: SparseTeacher<B>,
-    ) -> (Tensor<B, 1>, Tensor<B, 1, Bool>) {
+        student: Tensor<2>,
+        teacher: SparseTeacher,
+    ) -> (Tensor<1>, Tensor<1, Bool>) {
         let neg_inf = f64::NEG_INFINITY;
         let t = self.dense.params.temperature;
         let [n, k] = teacher.dims();
@@ -57,7 +57,7 @@ impl SparseDistillLoss {
         // is NaN, in the value or the gradient) and a NaN soft term at the end.
         let count = valid.clone().int().sum_dim(1);
         let empty = count.clone().equal_elem(0);
-        let first = Tensor::<B, 1, Int>::arange(0..k as i64, &log_probs.device())
+        let first = Tensor::<1, Int>::arange(0..k as i64, &log_probs.device())
             .equal_elem(0)
             .unsqueeze_dim::<2>(0)
             .expand([n, k]);
@@ -123,13 +123,13 @@ impl SparseDistillLoss {
 
 /// `[N, 1]` rows of `log Σ_j exp(x_j)`, stable; `−inf` for a row of `−inf`, whose gradient is
 /// then blocked by the mask that produced it.
-fn log_sum_exp<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+fn log_sum_exp(x: Tensor<2>) -> Tensor<2> {
     let max = x.clone().detach().max_dim(1);
     let max = max.clone().mask_fill(max.is_inf(), 0.0);
     (x - max.clone()).exp().sum_dim(1).log() + max
 }
 
 /// Log-probabilities of the distribution `∝ exp(x)` over each row.
-fn normalize<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
+fn normalize(x: Tensor<2>) -> Tensor<2> {
     x.clone() - log_sum_exp(x)
 }

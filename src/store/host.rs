@@ -19,9 +19,56 @@ pub struct HostTeacher {
 }
 
 impl HostTeacher {
-    /// The rows as a [`SparseTeacher`] on `device`.
-    pub fn to_teacher<B: Backend>(self, device: &B::Device) -> SparseTeacher<B> {
+    /// The rows as an `[N, k]` [`SparseTeacher`] on `device`.
+    pub fn to_teacher(self, device: &Device) -> SparseTeacher {
         teacher_of(self.indices, self.log_probs, self.rows, self.k, device)
+    }
+
+    /// The rows as a `[B, T, k]` [`SparseTeacher`] of `B` sequences of `T` tokens on `device`
+    /// (`shape = [B, T]`, with `B·T` the rows: the tokens of a sequence one after the other).
+    ///
+    /// ```
+    /// use burn::tensor::Device;
+    /// use burn_distill::store::HostTeacher;
+    ///
+    /// let host = HostTeacher {
+    ///     rows: 4,
+    ///     k: 1,
+    ///     indices: vec![3, 1, 4, 1],
+    ///     log_probs: vec![-0.5, -1.0, -1.5, -2.0],
+    /// };
+    /// let err = host.clone().to_teacher_seq([3, 2], &Device::default()).unwrap_err();
+    /// assert_eq!(
+    ///     err.to_string(),
+    ///     "invalid shape: got [3, 2], expected [B, T] with B·T = 4 (the rows of the host teacher)"
+    /// );
+    /// let teacher = host.to_teacher_seq([2, 2], &Device::default()).unwrap();
+    /// assert_eq!(teacher.dims(), [2, 2, 1]);
+    /// ```
+    pub fn to_teacher_seq(
+        self,
+        shape: [usize; 2],
+        device: &Device,
+    ) -> Result<SparseTeacher<3>, StoreError> {
+        let [b, t] = shape;
+        if b.checked_mul(t) != Some(self.rows) {
+            return Err(DistillError::invalid(
+                "shape",
+                format!("{shape:?}"),
+                format!(
+                    "[B, T] with B·T = {} (the rows of the host teacher)",
+                    self.rows
+                ),
+            )
+            .into());
+        }
+        Ok(teacher_seq_of(
+            self.indices,
+            self.log_probs,
+            shape,
+            self.k,
+            device,
+        ))
     }
 
     /// The rows of `parts`, one after the other (a batch of items); `None` for no parts or
@@ -85,24 +132,39 @@ impl Drop for ReadAhead {
 
 /// `−∞` log-probabilities mark missing entries (their index, 0, is valid and contributes
 /// nothing), as [`SparseTeacher`] documents.
-pub(super) fn teacher_of<B: Backend>(
+pub(super) fn teacher_of(
     indices: Vec<i64>,
     log_probs: Vec<f32>,
     rows: usize,
     k: usize,
-    device: &B::Device,
-) -> SparseTeacher<B> {
+    device: &Device,
+) -> SparseTeacher {
     SparseTeacher::new(
-        Tensor::<B, 2, Int>::from_data(TensorData::new(indices, [rows, k]), device),
-        Tensor::<B, 2>::from_data(TensorData::new(log_probs, [rows, k]), device),
+        Tensor::<2, Int>::from_data(TensorData::new(indices, [rows, k]), device),
+        Tensor::<2>::from_data(TensorData::new(log_probs, [rows, k]), device),
+    )
+}
+
+/// [`teacher_of`] for `[B, T]` tokens: a `[B, T, k]` teacher.
+pub(super) fn teacher_seq_of(
+    indices: Vec<i64>,
+    log_probs: Vec<f32>,
+    [b, t]: [usize; 2],
+    k: usize,
+    device: &Device,
+) -> SparseTeacher<3> {
+    SparseTeacher::new(
+        Tensor::<3, Int>::from_data(TensorData::new(indices, [b, t, k]), device),
+        Tensor::<3>::from_data(TensorData::new(log_probs, [b, t, k]), device),
     )
 }
 
 /// A store as a burn `Dataset`: item `i` holds rows `[i·T, (i+1)·T)` (the teacher of the
 /// `i`-th sequence of `T` tokens of the token dataset it was written from, in that order),
 /// decoded as one range (chunk by chunk, not row by row). Pair it with the token dataset by
-/// [`AlignedDataset`] and batch the teacher with [`TeacherBatcher`]; burn's data loaders then
-/// decode on their worker threads, beside the training step.
+/// [`AlignedDataset`] and batch the teacher with [`TeacherBatcher`] (`[B·T, k]` rows) or
+/// [`TeacherSeqBatcher`] (`[B, T, k]` sequences); burn's data loaders then decode on their
+/// worker threads, beside the training step.
 #[cfg(feature = "dataset")]
 #[derive(Clone, Debug)]
 pub struct TeacherStoreDataset {
@@ -138,15 +200,24 @@ impl TeacherStoreDataset {
 
 #[cfg(feature = "dataset")]
 impl burn::data::dataset::Dataset<HostTeacher> for TeacherStoreDataset {
+    /// # Errors
+    /// On a damaged chunk: a `DatasetError` whose
+    /// [`source`](std::error::Error::source) is the [`StoreError`] (downcast it to match).
+    ///
     /// # Panics
-    /// On a damaged chunk, with the [`StoreError`] (a burn `Dataset` cannot return an error,
-    /// and a shorter dataset would be a silent wrong value).
-    fn get(&self, index: usize) -> Option<HostTeacher> {
-        let start = index.checked_mul(self.rows_per_item)?;
-        if start >= self.store.rows() {
-            return None;
-        }
+    /// If `index >= len()` (burn's `Dataset` contract, as a slice's indexing), at the
+    /// caller's line.
+    #[track_caller]
+    fn get(&self, index: usize) -> Result<HostTeacher, burn::data::dataset::DatasetError> {
         let (k, t) = (self.store.info().k, self.rows_per_item);
+        let len = self.len();
+        if index >= len {
+            panic!(
+                "burn-distill: teacher store item {index} is out of range: the store holds \
+                 {len} items of {t} rows"
+            );
+        }
+        let start = index * t;
         let mut out = HostTeacher {
             rows: t,
             k,
@@ -155,8 +226,8 @@ impl burn::data::dataset::Dataset<HostTeacher> for TeacherStoreDataset {
         };
         self.store
             .read_into(start..start + t, &mut out.indices, &mut out.log_probs)
-            .unwrap_or_else(|e| panic!("burn-distill: {e}"));
-        Some(out)
+            .map_err(burn::data::dataset::DatasetError::new)?;
+        Ok(out)
     }
 
     fn len(&self) -> usize {
@@ -198,8 +269,14 @@ impl<D, I> burn::data::dataset::Dataset<(I, HostTeacher)> for AlignedDataset<D>
 where
     D: burn::data::dataset::Dataset<I>,
 {
-    fn get(&self, index: usize) -> Option<(I, HostTeacher)> {
-        Some((self.tokens.get(index)?, self.teacher.get(index)?))
+    /// # Errors
+    /// The token dataset's error, or the teacher's (see [`TeacherStoreDataset`]).
+    ///
+    /// # Panics
+    /// If `index >= len()` (burn's `Dataset` contract).
+    #[track_caller]
+    fn get(&self, index: usize) -> Result<(I, HostTeacher), burn::data::dataset::DatasetError> {
+        Ok((self.tokens.get(index)?, self.teacher.get(index)?))
     }
 
     fn len(&self) -> usize {
@@ -207,21 +284,50 @@ where
     }
 }
 
-/// Batches [`HostTeacher`] items into one [`SparseTeacher`] (their rows one after the other,
-/// as the token batcher stacks the sequences).
+/// Batches [`HostTeacher`] items into one `[N, k]` [`SparseTeacher`] (their rows one after the
+/// other, as the token batcher stacks the sequences: `N = B·T`).
 #[cfg(feature = "dataset")]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TeacherBatcher;
 
 #[cfg(feature = "dataset")]
-impl<B: Backend> burn::data::dataloader::batcher::Batcher<B, HostTeacher, SparseTeacher<B>>
-    for TeacherBatcher
-{
+impl burn::data::dataloader::batcher::Batcher<HostTeacher, SparseTeacher> for TeacherBatcher {
     /// # Panics
     /// On no items, or items of different `k` (one store gives one `k`).
-    fn batch(&self, items: Vec<HostTeacher>, device: &B::Device) -> SparseTeacher<B> {
+    fn batch(&self, items: Vec<HostTeacher>, device: &Device) -> SparseTeacher {
         HostTeacher::concat(items)
             .expect("burn-distill: a teacher batch of items of one store (at least one, one k)")
             .to_teacher(device)
+    }
+}
+
+/// Batches [`HostTeacher`] items of `T` rows each (the sequences of a [`TeacherStoreDataset`])
+/// into one `[B, T, k]` [`SparseTeacher`], for the sequence forms of the losses
+/// ([`SparseDistillLoss::forward_seq`](crate::SparseDistillLoss::forward_seq)).
+#[cfg(feature = "dataset")]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TeacherSeqBatcher;
+
+#[cfg(feature = "dataset")]
+impl burn::data::dataloader::batcher::Batcher<HostTeacher, SparseTeacher<3>> for TeacherSeqBatcher {
+    /// # Panics
+    /// On no items, or items of different `k` or rows (one store gives one `k`, a
+    /// [`TeacherStoreDataset`] one length).
+    fn batch(&self, items: Vec<HostTeacher>, device: &Device) -> SparseTeacher<3> {
+        let (b, t) = (items.len(), items.first().map_or(0, |item| item.rows));
+        let ragged = items
+            .iter()
+            .find(|item| item.rows != t)
+            .map(|item| item.rows);
+        if let Some(rows) = ragged {
+            panic!(
+                "burn-distill: a teacher batch of sequences of one length, got items of {t} and \
+                 {rows} rows"
+            );
+        }
+        HostTeacher::concat(items)
+            .expect("burn-distill: a teacher batch of items of one store (at least one, one k)")
+            .to_teacher_seq([b, t], device)
+            .expect("B items of T rows are B·T rows")
     }
 }

@@ -1,6 +1,7 @@
 //! An offline store of sparse teachers: the top-`k` token indices and log-probabilities of a
-//! teacher, computed once, written batch by batch, and read back as [`SparseTeacher`] batches
-//! in dataset order or by row.
+//! teacher, computed once, written batch by batch (`[N, k]` rows or `[B, T, k]` sequences), and
+//! read back as [`SparseTeacher`] batches in dataset order or by row: `[N, k]` rows, or
+//! `[B, T, k]` sequences of a store written from sequences of `T` tokens.
 //!
 //! # Format
 //! One [safetensors](https://huggingface.co/docs/safetensors) file, memory-mapped when read.
@@ -29,7 +30,7 @@ use std::{
 use bitpacking::{BitPacker, BitPacker4x};
 use burn::{
     config::Config,
-    tensor::{Int, Tensor, TensorData, backend::Backend},
+    tensor::{Device, Int, Tensor, TensorData},
 };
 use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors, View};
@@ -42,7 +43,7 @@ mod reader;
 mod writer;
 
 #[cfg(feature = "dataset")]
-pub use host::{AlignedDataset, TeacherBatcher, TeacherStoreDataset};
+pub use host::{AlignedDataset, TeacherBatcher, TeacherSeqBatcher, TeacherStoreDataset};
 pub use host::{HostTeacher, ReadAhead};
 pub use reader::TeacherStore;
 pub use writer::TeacherStoreWriter;
@@ -216,7 +217,8 @@ pub enum StoreError {
         /// The caller's value.
         expected: String,
     },
-    /// A bad configuration or bad rows given to the writer, or a bad row range to the reader.
+    /// A bad configuration or bad rows given to the writer, or a bad row range, sequence
+    /// length or shape to the reader.
     #[error(transparent)]
     Invalid(#[from] DistillError),
     /// An earlier write of this writer failed; the store cannot be completed.

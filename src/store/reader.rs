@@ -1,7 +1,7 @@
 //! Reading a store: opened and checked, memory-mapped, chunks decoded and verified on first
 //! read, batches gathered.
 
-use super::host::teacher_of;
+use super::host::{teacher_of, teacher_seq_of};
 use super::*;
 
 /// A chunk of an open store: first row, rows, and byte ranges in the mapped file.
@@ -318,12 +318,8 @@ impl TeacherStore {
         Ok(())
     }
 
-    /// Rows `range` as a [`SparseTeacher`] on `device`.
-    pub fn batch<B: Backend>(
-        &self,
-        range: Range<usize>,
-        device: &B::Device,
-    ) -> Result<SparseTeacher<B>, StoreError> {
+    /// Rows `range` as an `[N, k]` [`SparseTeacher`] on `device`.
+    pub fn batch(&self, range: Range<usize>, device: &Device) -> Result<SparseTeacher, StoreError> {
         let (indices, log_probs) = self.read_rows(range.clone())?;
         Ok(teacher_of(
             indices,
@@ -334,27 +330,122 @@ impl TeacherStore {
         ))
     }
 
-    /// The given rows, in that order (a shuffled data loader's batch), as a [`SparseTeacher`]
-    /// (decoded as [`TeacherStore::gather_host`] does).
-    pub fn gather<B: Backend>(
+    /// Sequences `sequences` of a store written from sequences of `seq_len = T` tokens
+    /// (sequence `s`: rows `s·T..(s+1)·T`, as `TeacherStoreDataset` numbers its items) as a
+    /// `[B, T, k]` [`SparseTeacher`] on `device`, `B = sequences.len()`. `T` must divide the
+    /// store's rows.
+    ///
+    /// ```
+    /// # use burn::tensor::Device;
+    /// # use burn_distill::store::{TeacherStore, TeacherStoreConfig, TeacherStoreWriter};
+    /// # let path = std::env::temp_dir().join(format!("doc-batch-seq-{}.safetensors", std::process::id()));
+    /// # let mut writer = TeacherStoreWriter::create(&path, TeacherStoreConfig::new(8, 2)).unwrap();
+    /// # writer.append_rows(&[0, 1, 2, 3, 4, 5, 6, 7], &[-0.5; 8]).unwrap();
+    /// # writer.finish().unwrap();
+    /// let store = TeacherStore::open(&path).unwrap();
+    /// // Four rows: two sequences of two tokens.
+    /// let teacher = store.batch_seq(1..2, 2, &Device::default()).unwrap();
+    /// assert_eq!(teacher.dims(), [1, 2, 2]);
+    /// let indices: Vec<i64> = teacher.indices().to_data().iter::<i64>().collect();
+    /// assert_eq!(indices, [4, 5, 6, 7]);
+    /// let err = store.batch_seq(0..1, 3, &Device::default()).unwrap_err();
+    /// assert_eq!(
+    ///     err.to_string(),
+    ///     "invalid seq_len: got 3, expected a divisor >= 1 of the store's 4 rows (tokens per \
+    ///      sequence)"
+    /// );
+    /// # std::fs::remove_file(&path).unwrap();
+    /// ```
+    pub fn batch_seq(
         &self,
-        rows: &[usize],
-        device: &B::Device,
-    ) -> Result<SparseTeacher<B>, StoreError> {
+        sequences: Range<usize>,
+        seq_len: usize,
+        device: &Device,
+    ) -> Result<SparseTeacher<3>, StoreError> {
+        let count = self.sequences(seq_len)?;
+        if sequences.start > sequences.end || sequences.end > count {
+            return Err(DistillError::invalid(
+                "sequences",
+                format!("{sequences:?}"),
+                format!("sequences within 0..{count} (of {seq_len} rows each)"),
+            )
+            .into());
+        }
+        let (start, end) = (sequences.start * seq_len, sequences.end * seq_len);
+        let (indices, log_probs) = self.read_rows(start..end)?;
+        Ok(teacher_seq_of(
+            indices,
+            log_probs,
+            [sequences.len(), seq_len],
+            self.info.k,
+            device,
+        ))
+    }
+
+    /// The given rows, in that order (a shuffled data loader's batch), as an `[N, k]`
+    /// [`SparseTeacher`] (decoded as [`TeacherStore::gather_host`] does).
+    pub fn gather(&self, rows: &[usize], device: &Device) -> Result<SparseTeacher, StoreError> {
         Ok(self.gather_host(rows)?.to_teacher(device))
     }
 
+    /// The given sequences of `seq_len` tokens, in that order (a shuffled data loader's batch
+    /// of sequences), as a `[B, T, k]` [`SparseTeacher`] (sequences numbered as
+    /// [`TeacherStore::batch_seq`] numbers them; decoded as [`TeacherStore::gather_host`]
+    /// does).
+    pub fn gather_seq(
+        &self,
+        sequences: &[usize],
+        seq_len: usize,
+        device: &Device,
+    ) -> Result<SparseTeacher<3>, StoreError> {
+        let count = self.sequences(seq_len)?;
+        if let Some(&bad) = sequences.iter().find(|&&s| s >= count) {
+            return Err(DistillError::invalid(
+                "sequences",
+                format!("sequence {bad}"),
+                format!("sequences within 0..{count} (of {seq_len} rows each)"),
+            )
+            .into());
+        }
+        let rows: Vec<usize> = sequences
+            .iter()
+            .flat_map(|&s| s * seq_len..(s + 1) * seq_len)
+            .collect();
+        let host = self.gather_host(&rows)?;
+        Ok(teacher_seq_of(
+            host.indices,
+            host.log_probs,
+            [sequences.len(), seq_len],
+            self.info.k,
+            device,
+        ))
+    }
+
     /// Consecutive batches of `batch_rows` rows (at least 1; the last batch shorter), in
-    /// stored order.
-    pub fn batches<'a, B: Backend>(
+    /// stored order, as `[N, k]` [`SparseTeacher`]s.
+    pub fn batches<'a>(
         &'a self,
         batch_rows: usize,
-        device: &'a B::Device,
-    ) -> impl Iterator<Item = Result<SparseTeacher<B>, StoreError>> + 'a {
+        device: &'a Device,
+    ) -> impl Iterator<Item = Result<SparseTeacher, StoreError>> + 'a {
         let step = batch_rows.max(1);
         (0..self.info.rows)
             .step_by(step)
             .map(move |r| self.batch(r..r.saturating_add(step).min(self.info.rows), device))
+    }
+
+    /// The number of sequences of `seq_len` rows in the store, if `seq_len` divides its rows.
+    pub(super) fn sequences(&self, seq_len: usize) -> Result<usize, StoreError> {
+        let rows = self.info.rows;
+        if seq_len == 0 || !rows.is_multiple_of(seq_len) {
+            return Err(DistillError::invalid(
+                "seq_len",
+                seq_len,
+                format!("a divisor >= 1 of the store's {rows} rows (tokens per sequence)"),
+            )
+            .into());
+        }
+        Ok(rows / seq_len)
     }
 }
 

@@ -17,15 +17,14 @@ struct WrittenChunk {
 /// written twice: to a side file while appending, then into the safetensors file by `finish`.
 ///
 /// ```
-/// use burn::backend::NdArray;
-/// use burn::tensor::Tensor;
+/// use burn::tensor::{Device, Tensor};
 /// use burn_distill::store::{TeacherStore, TeacherStoreConfig, TeacherStoreWriter};
 ///
 /// let path = std::env::temp_dir().join(format!("doc-store-{}.safetensors", std::process::id()));
-/// let device = Default::default();
+/// let device = Device::default();
 /// let mut writer = TeacherStoreWriter::create(&path, TeacherStoreConfig::new(5, 2)).unwrap();
 /// // Teacher logits of two tokens: their top-2 log-probabilities at T_gen = 1 are stored.
-/// let logits = Tensor::<NdArray, 2>::from_floats([[2.0, 0.0, 1.0, -1.0, 0.5], [0.0; 5]], &device);
+/// let logits = Tensor::<2>::from_floats([[2.0, 0.0, 1.0, -1.0, 0.5], [0.0; 5]], &device);
 /// writer.append_logits(logits).unwrap();
 /// let info = writer.finish().unwrap();
 /// assert_eq!((info.rows, info.index_bits), (2, 3));
@@ -124,6 +123,127 @@ impl TeacherStoreWriter {
     /// rounding, as the sparse loss accepts) or `−∞` (a missing entry); otherwise nothing is
     /// appended and the error names the row (counted from the start of the store) and the value.
     pub fn append_rows(&mut self, indices: &[i64], log_probs: &[f32]) -> Result<(), StoreError> {
+        self.append_entries(indices, log_probs, None)
+    }
+
+    /// Appends a sparse teacher's `[N, k]` rows (read back from the device; masked entries are
+    /// stored as missing). A bad entry is named as [`TeacherStoreWriter::append_rows`] names it.
+    pub fn append(&mut self, teacher: &SparseTeacher) -> Result<(), StoreError> {
+        self.append_teacher(teacher.clone(), "N")
+    }
+
+    /// Appends a sparse teacher's `[B, T, k]` sequences: their `B·T` tokens, row-major (the
+    /// rows of a sequence one after the other, as [`TeacherStore::batch_seq`] reads them
+    /// back). Masked entries are stored as missing; a bad entry is named at its token
+    /// `[b, t]` and its row of the store.
+    ///
+    /// ```
+    /// use burn::tensor::{Device, Int, Tensor};
+    /// use burn_distill::SparseTeacher;
+    /// use burn_distill::store::{TeacherStore, TeacherStoreConfig, TeacherStoreWriter};
+    ///
+    /// let path = std::env::temp_dir().join(format!("doc-seq-{}.safetensors", std::process::id()));
+    /// let device = Device::default();
+    /// // Two sequences of two tokens, the teacher's top-1 at each.
+    /// let teacher = SparseTeacher::new(
+    ///     Tensor::<3, Int>::from_ints([[[4], [1]], [[0], [3]]], &device),
+    ///     Tensor::<3>::from_floats([[[-0.5], [-0.25]], [[-1.0], [-2.0]]], &device),
+    /// );
+    /// let mut writer = TeacherStoreWriter::create(&path, TeacherStoreConfig::new(5, 1)).unwrap();
+    /// writer.append_seq(&teacher).unwrap();
+    /// assert_eq!(writer.finish().unwrap().rows, 4);
+    ///
+    /// let store = TeacherStore::open(&path).unwrap();
+    /// // Token [1, 0] is the third row of the store.
+    /// assert_eq!(store.read_rows(2..3).unwrap(), (vec![0], vec![-1.0]));
+    /// let back = store.batch_seq(0..2, 2, &device).unwrap();
+    /// assert_eq!(back.dims(), [2, 2, 1]);
+    /// let indices: Vec<i64> = back.indices().to_data().iter::<i64>().collect();
+    /// assert_eq!(indices, [4, 1, 0, 3]);
+    /// std::fs::remove_file(&path).unwrap();
+    /// ```
+    pub fn append_seq(&mut self, teacher: &SparseTeacher<3>) -> Result<(), StoreError> {
+        self.append_teacher(teacher.clone(), "B, T")
+    }
+
+    /// Appends the top-`k` of `[N, V]` teacher logits at the store's generation temperature
+    /// (see [`SparseTeacher::from_logits`]).
+    pub fn append_logits(&mut self, logits: Tensor<2>) -> Result<(), StoreError> {
+        self.append_logits_of(logits, "N")
+    }
+
+    /// Appends the top-`k` of `[B, T, V]` teacher logits at the store's generation temperature:
+    /// their `B·T` tokens, row-major, as [`TeacherStoreWriter::append_seq`] does.
+    pub fn append_logits_seq(&mut self, logits: Tensor<3>) -> Result<(), StoreError> {
+        self.append_logits_of(logits, "B, T")
+    }
+
+    /// The logits' vocabulary checked against the store's (`lead` names the leading dimensions
+    /// in the message: `N`, or `B, T`), their top-`k` appended.
+    fn append_logits_of<const D: usize>(
+        &mut self,
+        logits: Tensor<D>,
+        lead: &str,
+    ) -> Result<(), StoreError> {
+        let dims = logits.dims();
+        if dims[D - 1] != self.config.vocab {
+            return Err(DistillError::invalid(
+                "logits",
+                format!("shape {dims:?}"),
+                format!("[{lead}, {}] (the store's vocabulary)", self.config.vocab),
+            )
+            .into());
+        }
+        let rows = crate::rank::flat_rows(logits);
+        let teacher = SparseTeacher::try_from_logits(
+            rows,
+            self.config.k,
+            self.config.generation_temperature,
+        )?;
+        let seq_len = (D == 3).then(|| dims[1]);
+        let (indices, log_probs) = teacher.to_host();
+        self.append_entries(&indices, &log_probs, seq_len)
+    }
+
+    /// A teacher of either rank: its `k` checked against the store's (`lead` names the leading
+    /// dimensions in the message: `N`, or `B, T`), read back with its mask folded in as missing
+    /// entries.
+    fn append_teacher<const D: usize>(
+        &mut self,
+        teacher: SparseTeacher<D>,
+        lead: &str,
+    ) -> Result<(), StoreError> {
+        let dims = teacher.dims();
+        let k = dims[D - 1];
+        if k != self.config.k {
+            return Err(DistillError::invalid(
+                "teacher",
+                format!("shape {dims:?} (k = {k})"),
+                format!("[{lead}, {k}] (k = {k}, the store's)", k = self.config.k),
+            )
+            .into());
+        }
+        let seq_len = (D == 3).then(|| dims[1]);
+        let teacher = teacher.rows();
+        let (indices, mut log_probs) = teacher.to_host();
+        if let Some(mask) = teacher.mask_on_host() {
+            for (lp, keep) in log_probs.iter_mut().zip(mask) {
+                if !keep {
+                    *lp = f32::NEG_INFINITY;
+                }
+            }
+        }
+        self.append_entries(&indices, &log_probs, seq_len)
+    }
+
+    /// Checks and appends `k` entries per row. `seq_len`: the rows are the tokens of
+    /// sequences of that length (the errors name a bad entry's token `[b, t]` too).
+    fn append_entries(
+        &mut self,
+        indices: &[i64],
+        log_probs: &[f32],
+        seq_len: Option<usize>,
+    ) -> Result<(), StoreError> {
         self.check_poisoned()?;
         let k = self.config.k;
         if indices.len() != log_probs.len() || !indices.len().is_multiple_of(k) {
@@ -134,14 +254,25 @@ impl TeacherStoreWriter {
             )
             .into());
         }
+        let name = |what: &str, i: usize| {
+            let (local, entry) = (i / k, i % k);
+            let row = self.rows + local;
+            match seq_len {
+                Some(t) => format!(
+                    "{what} (token [{}, {}], entry {entry}; row {row} of the store)",
+                    local / t,
+                    local % t
+                ),
+                None => format!("{what} (row {row}, entry {entry})"),
+            }
+        };
         for (i, (&index, &lp)) in indices.iter().zip(log_probs).enumerate() {
-            let row = self.rows + i / k;
             if lp == f32::NEG_INFINITY {
                 continue; // missing entry: its index is not read
             }
             if index < 0 || index as usize >= self.config.vocab {
                 return Err(DistillError::invalid(
-                    format!("indices (row {row}, entry {})", i % k),
+                    name("indices", i),
                     index,
                     format!("a token index in [0, {})", self.config.vocab),
                 )
@@ -149,7 +280,7 @@ impl TeacherStoreWriter {
             }
             if lp.is_nan() || lp as f64 > crate::tail::ROUNDING {
                 return Err(DistillError::invalid(
-                    format!("log_probs (row {row}, entry {})", i % k),
+                    name("log_probs", i),
                     lp,
                     "a log-probability <= 0, or -inf for a missing entry",
                 )
@@ -168,49 +299,6 @@ impl TeacherStoreWriter {
         }
         self.rows += indices.len() / k;
         Ok(())
-    }
-
-    /// Appends a sparse teacher's rows (read back from the device; masked entries are stored
-    /// as missing).
-    pub fn append<B: Backend>(&mut self, teacher: &SparseTeacher<B>) -> Result<(), StoreError> {
-        let [_, k] = teacher.dims();
-        if k != self.config.k {
-            return Err(DistillError::invalid(
-                "teacher",
-                format!("k = {k}"),
-                format!("k = {} (the store's)", self.config.k),
-            )
-            .into());
-        }
-        let (indices, mut log_probs) = teacher.to_host();
-        if let Some(mask) = teacher.mask_on_host() {
-            for (lp, keep) in log_probs.iter_mut().zip(mask) {
-                if !keep {
-                    *lp = f32::NEG_INFINITY;
-                }
-            }
-        }
-        self.append_rows(&indices, &log_probs)
-    }
-
-    /// Appends the top-`k` of `[N, V]` teacher logits at the store's generation temperature
-    /// (see [`SparseTeacher::from_logits`]).
-    pub fn append_logits<B: Backend>(&mut self, logits: Tensor<B, 2>) -> Result<(), StoreError> {
-        let v = logits.dims()[1];
-        if v != self.config.vocab {
-            return Err(DistillError::invalid(
-                "logits",
-                format!("shape {:?}", logits.dims()),
-                format!("[N, {}] (the store's vocabulary)", self.config.vocab),
-            )
-            .into());
-        }
-        let teacher = SparseTeacher::try_from_logits(
-            logits,
-            self.config.k,
-            self.config.generation_temperature,
-        )?;
-        self.append(&teacher)
     }
 
     fn io<T>(&mut self, r: std::io::Result<T>) -> Result<T, StoreError> {

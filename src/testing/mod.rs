@@ -1,6 +1,6 @@
-//! Conformance suites for [`DistillBackend`] implementations, exported so that any backend —
-//! the crate's own, one added later, or a user's — is tested by one line of
-//! [`conformance_tests!`](crate::conformance_tests):
+//! Conformance suites for devices, exported so that any backend the crate runs on — Flex,
+//! wgpu, CUDA, one added later or a user's — is tested by one line of
+//! [`conformance_tests!`](crate::conformance_tests) naming a device:
 //!
 //! - golden: every case of the float64 PyTorch references (dense losses and sparse teachers),
 //!   loss and student gradient, at f32 tolerances (per entry, absolute plus relative);
@@ -15,11 +15,11 @@
 //! is embedded in the crate. Not part of the loss API: these functions panic with a report of
 //! every mismatch, as tests do.
 
-use burn::tensor::{Int, Tensor, TensorData, backend::AutodiffBackend, backend::Backend};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::{DistillBackend, DistillLoss, DistillLossConfig, Divergence, Kernel, Reduction};
+use crate::{DistillLoss, DistillLossConfig, Divergence, Kernel, Reduction};
 
 pub mod onpolicy;
 pub mod parity;
@@ -40,11 +40,6 @@ fn golden_text(name: &str) -> &'static str {
         "conventions.json" => include_str!("../../tests/golden/conventions.json"),
         other => panic!("no golden file {other} (losses.json, topk.json, conventions.json)"),
     }
-}
-
-/// The text of `tests/golden/onpolicy.json`.
-fn golden_text_onpolicy() -> &'static str {
-    include_str!("../../tests/golden/onpolicy.json")
 }
 
 /// The raw cases of a golden file of `tests/golden/` (embedded in the crate).
@@ -181,37 +176,34 @@ pub fn golden_cases() -> Vec<Case> {
         .collect()
 }
 
-/// `[N, V]` float tensor from row-major values.
-pub fn tensor2<B: Backend>(values: &[f64], shape: [usize; 2], device: &B::Device) -> Tensor<B, 2> {
+/// `[N, V]` float tensor from row-major values, in the device's float dtype.
+pub fn tensor2(values: &[f64], shape: [usize; 2], device: &Device) -> Tensor<2> {
     Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
 }
 
 /// `[N]` int tensor.
-pub fn ints<B: Backend>(values: &[i64], device: &B::Device) -> Tensor<B, 1, Int> {
+pub fn ints(values: &[i64], device: &Device) -> Tensor<1, Int> {
     Tensor::from_data(TensorData::new(values.to_vec(), [values.len()]), device)
 }
 
 /// Float values of a tensor, as f64.
-pub fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
+pub fn values<const D: usize>(t: Tensor<D>) -> Vec<f64> {
     t.into_data().iter::<f64>().collect()
 }
 
-/// Runs the loss of a case; returns (loss values, student gradient).
-pub fn run_case<B: AutodiffBackend + DistillBackend>(
-    loss: &DistillLoss,
-    case: &Case,
-    device: &B::Device,
-) -> (Vec<f64>, Vec<f64>) {
-    let teacher = tensor2::<B>(&case.teacher, case.shape, device);
-    let targets = case.targets.as_ref().map(|t| ints::<B>(t, device));
-    let student = tensor2::<B>(&case.student, case.shape, device);
+/// Runs the loss of a case on an autodiff `device`; returns (loss values, student gradient).
+pub fn run_case(loss: &DistillLoss, case: &Case, device: &Device) -> (Vec<f64>, Vec<f64>) {
+    let teacher = tensor2(&case.teacher, case.shape, device);
+    let targets = case.targets.as_ref().map(|t| ints(t, device));
+    let student = tensor2(&case.student, case.shape, device);
     loss_and_grad(student, |s| loss.forward_parts(s, teacher, targets).loss)
 }
 
-/// The values of `loss(student)` and the student's gradient (of their sum).
-pub fn loss_and_grad<B: AutodiffBackend>(
-    student: Tensor<B, 2>,
-    loss: impl FnOnce(Tensor<B, 2>) -> Tensor<B, 1>,
+/// The values of `loss(student)` and the student's gradient (of their sum), on an autodiff
+/// device.
+pub fn loss_and_grad(
+    student: Tensor<2>,
+    loss: impl FnOnce(Tensor<2>) -> Tensor<1>,
 ) -> (Vec<f64>, Vec<f64>) {
     let student = student.require_grad();
     let value = loss(student.clone());
@@ -270,31 +262,28 @@ pub const LOSS_TOL: (f64, f64) = (1e-5, 2e-4);
 /// Gradient tolerance of the golden README (f32).
 pub const GRAD_TOL: (f64, f64) = (1e-5, 2e-3);
 
-/// Every golden case, forward and gradient, on backend `B` (and forward on its inner backend),
-/// with the given kernel.
-pub fn assert_golden<B>(device: &B::Device, kernel: Kernel)
-where
-    B: AutodiffBackend + DistillBackend,
-    B::InnerBackend: DistillBackend,
-{
+/// Every golden case, forward and gradient, on `device` with autodiff (and forward on the
+/// device itself, without autodiff), with the given kernel.
+pub fn assert_golden(device: &Device, kernel: Kernel) {
     let cases = golden_cases();
     assert_eq!(cases.len(), 38, "the full golden set");
+    let tracked = device.clone().autodiff();
+    let plain = device.clone().inner();
     let mut failures = Vec::new();
     for case in &cases {
         let loss = case.config.clone().with_kernel(kernel).init();
-        let (value, grad) = run_case::<B>(&loss, case, device);
+        let (value, grad) = run_case(&loss, case, &tracked);
         failures.extend(compare(
             &case.name,
             [(&value, &case.loss), (&grad, &case.grad)],
             [LOSS_TOL, GRAD_TOL],
         ));
 
-        // Forward only, on the inner backend (no autodiff).
-        let inner_device = device.clone();
-        let student = tensor2::<B::InnerBackend>(&case.student, case.shape, &inner_device);
-        let teacher = tensor2::<B::InnerBackend>(&case.teacher, case.shape, &inner_device);
+        // Forward only, without autodiff.
+        let student = tensor2(&case.student, case.shape, &plain);
+        let teacher = tensor2(&case.teacher, case.shape, &plain);
         let value = match &case.targets {
-            Some(t) => loss.forward(student, teacher, ints::<B::InnerBackend>(t, &inner_device)),
+            Some(t) => loss.forward(student, teacher, ints(t, &plain)),
             None => loss.forward_soft(student, teacher),
         };
         failures.extend(
@@ -316,28 +305,52 @@ where
     );
 }
 
-/// The conformance suites of [`crate::testing`] as `#[test]` functions for one backend, in a
+/// The conformance suites of [`crate::testing`] as `#[test]` functions for one device, in a
 /// module of the given name: golden (dense, with `Kernel::Auto` and `Kernel::Reference`),
-/// sparse golden, validation, and fused-against-reference parity (vocabularies 1 to 1031, each
-/// vector width).
+/// sparse golden (reference and `Auto`).
+/// With `fused` after the device, also golden with `Kernel::Fused` and fused-against-reference
+/// parity (vocabularies 1 to 1031), for a device that has a fused kernel.
 ///
-/// `$backend` is an `AutodiffBackend + DistillBackend` whose inner backend is a
-/// `DistillBackend`; `$device` an expression giving its device.
+/// `$device` is an expression giving the device (without autodiff: the suites add it where
+/// they need gradients).
 ///
 /// ```ignore
-/// use burn::backend::{Autodiff, NdArray};
-/// burn_distill::conformance_tests!(ndarray, Autodiff<NdArray>, Default::default());
+/// use burn::tensor::Device;
+/// burn_distill::conformance_tests!(flex, Device::flex(), fused);
+/// burn_distill::conformance_tests!(remote, my_device());
 /// ```
 #[macro_export]
 macro_rules! conformance_tests {
-    ($name:ident, $backend:ty, $device:expr) => {
+    ($name:ident, $device:expr) => {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
 
-            $crate::conformance_tests!(@tests $backend, $device;
+            $crate::conformance_tests!(@tests $device;
                 golden_auto: assert_golden[$crate::Kernel::Auto];
                 golden_reference: assert_golden[$crate::Kernel::Reference];
+                sparse_golden: sparse::assert_sparse_golden[
+                    $crate::testing::LOSS_TOL,
+                    $crate::testing::GRAD_TOL
+                ];
+                validation_dense: validation::assert_dense[];
+                validation_sparse: validation::assert_sparse[];
+                sampled_token_golden_auto: onpolicy::assert_sampled_golden[$crate::Kernel::Auto];
+                sampled_token_golden_reference:
+                    onpolicy::assert_sampled_golden[$crate::Kernel::Reference];
+                cross_tokenizer_golden: onpolicy::assert_cross_golden[];
+            );
+        }
+    };
+    ($name:ident, $device:expr, fused) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            $crate::conformance_tests!(@tests $device;
+                golden_auto: assert_golden[$crate::Kernel::Auto];
+                golden_reference: assert_golden[$crate::Kernel::Reference];
+                golden_fused: assert_golden[$crate::Kernel::Fused];
                 sparse_golden: sparse::assert_sparse_golden[
                     $crate::testing::LOSS_TOL,
                     $crate::testing::GRAD_TOL
@@ -353,12 +366,12 @@ macro_rules! conformance_tests {
         }
     };
     // One `#[test]` a line: `name: function in crate::testing[further arguments];`, each
-    // called as `function::<$backend>(&$device, arguments…)`.
-    (@tests $backend:ty, $device:expr; $($test:ident: $($f:ident)::+ [$($arg:expr),*];)*) => {
+    // called as `function(&$device, arguments…)`.
+    (@tests $device:expr; $($test:ident: $($f:ident)::+ [$($arg:expr),*];)*) => {
         $(
             #[test]
             fn $test() {
-                $crate::testing::$($f)::+::<$backend>(&$device $(, $arg)*);
+                $crate::testing::$($f)::+(&$device $(, $arg)*);
             }
         )*
     };
@@ -368,15 +381,15 @@ macro_rules! conformance_tests {
 /// machine with no GPU and no software Vulkan driver) this panics with one line saying how to
 /// get one, instead of a panic deep inside cubecl.
 #[cfg(feature = "wgpu")]
-pub fn wgpu_device() -> burn::backend::wgpu::WgpuDevice {
+pub fn wgpu_device() -> Device {
     use std::sync::OnceLock;
     static PROBE: OnceLock<Result<(), ()>> = OnceLock::new();
     let probe = PROBE.get_or_init(|| {
         let hook = std::panic::take_hook();
         std::panic::set_hook(Box::new(|_| {}));
         let result = std::panic::catch_unwind(|| {
-            let device = burn::backend::wgpu::WgpuDevice::default();
-            Tensor::<burn::backend::Wgpu, 1>::zeros([1], &device).into_data();
+            let device = Device::wgpu(Default::default());
+            Tensor::<1>::zeros([1], &device).into_data();
         });
         std::panic::set_hook(hook);
         result.map_err(|_| ())
@@ -386,8 +399,8 @@ pub fn wgpu_device() -> burn::backend::wgpu::WgpuDevice {
             "burn-distill: no wgpu adapter on this machine (creating the default wgpu device \
              failed); install a Vulkan driver (Debian/Ubuntu: `apt-get install \
              mesa-vulkan-drivers` gives a software one) or run the tests without wgpu: \
-             `cargo test --features ndarray,flex`"
+             `cargo test` (Flex only)"
         );
     }
-    burn::backend::wgpu::WgpuDevice::default()
+    Device::wgpu(Default::default())
 }

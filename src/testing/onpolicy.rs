@@ -2,12 +2,12 @@
 //! `tests/golden/onpolicy.json` (float64 PyTorch references written by
 //! `scripts/onpolicy_golden.py`), loss and student gradient under an upstream that is not 1.
 
-use burn::tensor::{Bool, Int, Tensor, TensorData, backend::AutodiffBackend};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use serde::Deserialize;
 
-use super::{GRAD_TOL, LOSS_TOL, compare, golden_text_onpolicy, values};
+use super::{GRAD_TOL, LOSS_TOL, compare, values};
 use crate::{
-    DistillBackend, Kernel, Reduction,
+    Kernel, Reduction,
     cross::{CrossTokenizerLossConfig, MergeStrategy, SpanAlignment, TokenRows, VocabMatch},
     onpolicy::{KlEstimator, SampledTokenLossConfig, SampledTokens},
 };
@@ -27,11 +27,11 @@ struct Expected {
 
 impl Expected {
     /// The loss and the logits' gradient under `upstream` against these values.
-    fn compare<B: AutodiffBackend, const D: usize>(
+    fn compare<const D: usize>(
         &self,
         name: &str,
-        loss: Tensor<B, 1>,
-        logits: &Tensor<B, D>,
+        loss: Tensor<1>,
+        logits: &Tensor<D>,
         upstream: f64,
     ) -> Vec<String> {
         let grads = (loss.clone().sum() * upstream).backward();
@@ -97,6 +97,11 @@ struct CrossCase {
     expected: Expected,
 }
 
+/// The text of `tests/golden/onpolicy.json`.
+fn golden_text_onpolicy() -> &'static str {
+    include_str!("../../tests/golden/onpolicy.json")
+}
+
 fn file() -> File {
     let file: File = serde_json::from_str(golden_text_onpolicy())
         .unwrap_or_else(|e| panic!("golden file tests/golden/onpolicy.json is not valid: {e}"));
@@ -122,28 +127,18 @@ fn reduction(name: &str, items: Option<u64>) -> Reduction {
     }
 }
 
-fn float<B: burn::tensor::backend::Backend, const D: usize>(
-    v: &[f64],
-    shape: [usize; D],
-    device: &B::Device,
-) -> Tensor<B, D> {
+fn float<const D: usize>(v: &[f64], shape: [usize; D], device: &Device) -> Tensor<D> {
     Tensor::from_data(TensorData::new(v.to_vec(), shape), device)
 }
 
-fn int<B: burn::tensor::backend::Backend, const D: usize>(
-    v: &[i64],
-    shape: [usize; D],
-    device: &B::Device,
-) -> Tensor<B, D, Int> {
+fn int<const D: usize>(v: &[i64], shape: [usize; D], device: &Device) -> Tensor<D, Int> {
     Tensor::from_data(TensorData::new(v.to_vec(), shape), device)
 }
 
 /// Every sampled-token case (k1, k3, discount, importance ratio and clip, each reduction) with
-/// `kernel`, on backend `B`.
-pub fn assert_sampled_golden<B>(device: &B::Device, kernel: Kernel)
-where
-    B: AutodiffBackend + DistillBackend,
-{
+/// `kernel`, on `device` with autodiff.
+pub fn assert_sampled_golden(device: &Device, kernel: Kernel) {
+    let device = &device.clone().autodiff();
     let what = format!("sampled-token ({kernel:?})");
     assert_all(&what, &file().sampled, |case| {
         let c = &case.config;
@@ -159,18 +154,12 @@ where
             .with_kernel(kernel)
             .init();
         let [b, t, v] = case.shape;
-        let logits = float::<B, 3>(&case.logits, [b, t, v], device).require_grad();
+        let logits = float::<3>(&case.logits, [b, t, v], device).require_grad();
         let sampled = SampledTokens {
-            tokens: int::<B, 2>(&case.tokens, [b, t], device),
-            teacher_log_probs: float::<B, 2>(&case.teacher, [b, t], device),
-            mask: Tensor::<B, 2, Bool>::from_data(
-                TensorData::new(case.mask.clone(), [b, t]),
-                device,
-            ),
-            sampler_log_probs: case
-                .sampler
-                .as_ref()
-                .map(|s| float::<B, 2>(s, [b, t], device)),
+            tokens: int::<2>(&case.tokens, [b, t], device),
+            teacher_log_probs: float::<2>(&case.teacher, [b, t], device),
+            mask: Tensor::<2, Bool>::from_data(TensorData::new(case.mask.clone(), [b, t]), device),
+            sampler_log_probs: case.sampler.as_ref().map(|s| float::<2>(s, [b, t], device)),
         };
         let out = loss
             .try_forward_parts(logits.clone(), sampled)
@@ -190,11 +179,9 @@ fn assert_all<C>(what: &str, cases: &[C], check: impl Fn(&C) -> Vec<String>) {
 }
 
 /// Every cross-tokenizer case (ULD, GOLD's hybrid, both merge strategies, span alignment,
-/// temperatures, the cross-entropy term, each reduction) on backend `B`.
-pub fn assert_cross_golden<B>(device: &B::Device)
-where
-    B: AutodiffBackend,
-{
+/// temperatures, the cross-entropy term, each reduction) on `device` with autodiff.
+pub fn assert_cross_golden(device: &Device) {
+    let device = &device.clone().autodiff();
     assert_all("cross-tokenizer", &file().cross, |case| {
         let c = &case.config;
         let loss = CrossTokenizerLossConfig::new()
@@ -218,14 +205,14 @@ where
             .collect();
         let alignment = SpanAlignment::new(strategy, &sequences)
             .unwrap_or_else(|e| panic!("{}: {e}", case.name));
-        let logits = float::<B, 2>(&case.student, case.student_shape, device).require_grad();
+        let logits = float::<2>(&case.student, case.student_shape, device).require_grad();
         let student = TokenRows {
             logits: logits.clone(),
-            tokens: int::<B, 1>(&case.student_tokens, [case.student_shape[0]], device),
+            tokens: int::<1>(&case.student_tokens, [case.student_shape[0]], device),
         };
         let teacher = TokenRows {
-            logits: float::<B, 2>(&case.teacher, case.teacher_shape, device),
-            tokens: int::<B, 1>(&case.teacher_tokens, [case.teacher_shape[0]], device),
+            logits: float::<2>(&case.teacher, case.teacher_shape, device),
+            tokens: int::<1>(&case.teacher_tokens, [case.teacher_shape[0]], device),
         };
         let vocab = case.vocab.as_ref().map(|pairs| {
             // Token strings that match exactly on the given (student, teacher) pairs.

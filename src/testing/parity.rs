@@ -2,10 +2,10 @@
 //! vocabularies, one row and several, `−inf` padding, ignored rows, every divergence and
 //! reduction, with and without labels (f32 tolerances, per entry).
 
-use burn::tensor::{DType, backend::AutodiffBackend};
+use burn::tensor::{DType, Device};
 
 use super::{ints, mismatches, tensor2, values};
-use crate::{DistillBackend, DistillLossConfig, Divergence, Kernel, Reduction};
+use crate::{DistillLossConfig, Divergence, Kernel, Reduction, backend::has_fused_kernel};
 
 /// A deterministic pseudo-random stream (SplitMix64) in [-1, 1).
 struct Stream(u64);
@@ -62,16 +62,16 @@ pub fn problem(n: usize, v: usize, scale: f64, pad: usize, seed: u64) -> Problem
 
 /// The loss values and the student gradient of `problem`, backpropagating `Σ_i w_i · loss_i`
 /// with per-row upstream weights `w_i = 0.5 + 0.25 · (i mod 3)` (not 1, and not the same for
-/// every row of a `PerRow` loss).
-pub fn run<B: AutodiffBackend + DistillBackend>(
+/// every row of a `PerRow` loss), on an autodiff `device`.
+pub fn run(
     config: &DistillLossConfig,
     p: &Problem,
     labels: bool,
-    device: &B::Device,
+    device: &Device,
 ) -> (Vec<f64>, Vec<f64>) {
     let loss = config.init();
-    let student = tensor2::<B>(&p.student, p.shape, device).require_grad();
-    let teacher = tensor2::<B>(&p.teacher, p.shape, device);
+    let student = tensor2(&p.student, p.shape, device).require_grad();
+    let teacher = tensor2(&p.teacher, p.shape, device);
     let value = if labels {
         loss.forward(student.clone(), teacher, ints(&p.targets, device))
     } else {
@@ -80,31 +80,26 @@ pub fn run<B: AutodiffBackend + DistillBackend>(
     let rows = value.dims()[0];
     let w: Vec<f64> = (0..rows).map(|i| 0.5 + 0.25 * (i % 3) as f64).collect();
     // In the loss's dtype (f32 from the fused CubeCL kernel even for half-precision logits).
-    let w =
-        burn::tensor::Tensor::<B, 1>::from_data(burn::tensor::TensorData::new(w, [rows]), device)
-            .cast(value.dtype());
+    let w = burn::tensor::Tensor::<1>::from_data(burn::tensor::TensorData::new(w, [rows]), device)
+        .cast(value.dtype());
     let grad = student
         .grad(&(value.clone() * w).sum().backward())
         .expect("student gradient");
     (values(value), values(grad))
 }
 
-/// The fused kernel == `Kernel::Reference`, loss and gradient, on backend `B`.
+/// The fused kernel == `Kernel::Reference`, loss and gradient, on `device` (with autodiff).
 ///
 /// # Panics
-/// If `B` has no fused kernel for f32 logits (a suite that compared the reference with itself
-/// would prove nothing), or on a mismatch.
-pub fn assert_parity<B: AutodiffBackend + DistillBackend>(
-    p: &Problem,
-    config: DistillLossConfig,
-    labels: bool,
-    device: &B::Device,
-) {
-    assert_claims_fused_kernel::<B>();
+/// If the device has no fused kernel for f32 logits (a suite that compared the reference with
+/// itself would prove nothing), or on a mismatch.
+pub fn assert_parity(p: &Problem, config: DistillLossConfig, labels: bool, device: &Device) {
+    assert_claims_fused_kernel(device);
+    let device = &device.clone().autodiff();
     let reference = config.clone().with_kernel(Kernel::Reference);
-    let (rl, rg) = run::<B>(&reference, p, labels, device);
+    let (rl, rg) = run(&reference, p, labels, device);
     let fused = config.clone().with_kernel(Kernel::Fused);
-    let (fl, fg) = run::<B>(&fused, p, labels, device);
+    let (fl, fg) = run(&fused, p, labels, device);
     let mut failures = mismatches("loss", &fl, &rl, 1e-5, 2e-4);
     failures.extend(mismatches("grad", &fg, &rg, 1e-6, 2e-3));
     assert!(
@@ -121,20 +116,19 @@ pub fn assert_parity<B: AutodiffBackend + DistillBackend>(
 
 /// A backend run through the parity suite must have a fused kernel for f32 logits: otherwise
 /// both sides would be the reference and the suite would pass without testing anything.
-fn assert_claims_fused_kernel<B: DistillBackend>() {
+fn assert_claims_fused_kernel(device: &Device) {
     assert!(
-        B::fused_kernel_dtypes().contains(&DType::F32),
-        "burn-distill conformance: {} has no fused kernel for f32 logits; the parity suite \
-         needs one (it would compare the reference with itself)",
-        core::any::type_name::<B>()
+        has_fused_kernel(device, DType::F32),
+        "burn-distill conformance: {device:?} has no fused kernel for f32 logits; the parity \
+         suite needs one (it would compare the reference with itself)"
     );
 }
 
 /// [`assert_parity`] over `vocabularies` (with 3 padding columns from `V = 8`), 1 and 7 rows,
 /// every divergence of [`Divergence::ALL`], rotating reductions, temperatures and label
 /// smoothing, with and without labels.
-pub fn sweep<B: AutodiffBackend + DistillBackend>(device: &B::Device, vocabularies: &[usize]) {
-    assert_claims_fused_kernel::<B>();
+pub fn sweep(device: &Device, vocabularies: &[usize]) {
+    assert_claims_fused_kernel(device);
     for &v in vocabularies {
         for n in [1, 7] {
             let pad = if v >= 8 { 3 } else { 0 };
@@ -153,8 +147,8 @@ pub fn sweep<B: AutodiffBackend + DistillBackend>(device: &B::Device, vocabulari
                     .with_alpha(0.7)
                     .with_label_smoothing(if k % 2 == 0 { 0.1 } else { 0.0 })
                     .with_reduction(reduction);
-                assert_parity::<B>(&p, config.clone(), true, device);
-                assert_parity::<B>(&p, config, false, device);
+                assert_parity(&p, config.clone(), true, device);
+                assert_parity(&p, config, false, device);
             }
         }
     }

@@ -1,15 +1,14 @@
 //! The golden cases of the sparse-teacher losses (`tests/golden/topk.json`, written by
 //! `scripts/topk_golden.py` in float64 with PyTorch) and their runner.
 
-use burn::tensor::{Bool, Int, Tensor, TensorData, backend::AutodiffBackend, backend::Backend};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::{compare, ints, loss_and_grad, numbers, tensor2};
 use crate::error::or_panic;
 use crate::{
-    DistillBackend, Kernel, SparseDistillLoss, SparseDistillLossConfig, SparseTeacher,
-    StudentSupport, TailPolicy,
+    Kernel, SparseDistillLoss, SparseDistillLossConfig, SparseTeacher, StudentSupport, TailPolicy,
 };
 
 #[derive(Deserialize)]
@@ -57,13 +56,13 @@ pub struct SparseCase {
 
 impl SparseCase {
     /// The case's teacher on `device`.
-    pub fn teacher<B: Backend>(&self, device: &B::Device) -> SparseTeacher<B> {
+    pub fn teacher(&self, device: &Device) -> SparseTeacher {
         let [n, k] = [self.shape[0], self.k];
         let indices =
-            Tensor::<B, 2, Int>::from_data(TensorData::new(self.indices.clone(), [n, k]), device);
-        let teacher = SparseTeacher::new(indices, tensor2::<B>(&self.log_probs, [n, k], device));
+            Tensor::<2, Int>::from_data(TensorData::new(self.indices.clone(), [n, k]), device);
+        let teacher = SparseTeacher::new(indices, tensor2(&self.log_probs, [n, k], device));
         match &self.mask {
-            Some(mask) => teacher.with_mask(Tensor::<B, 2, Bool>::from_data(
+            Some(mask) => teacher.with_mask(Tensor::<2, Bool>::from_data(
                 TensorData::new(mask.clone(), [n, k]),
                 device,
             )),
@@ -71,16 +70,13 @@ impl SparseCase {
         }
     }
 
-    /// Runs the case with `loss` on `B`; returns (loss values, student gradient).
-    pub fn run<B: AutodiffBackend + DistillBackend>(
-        &self,
-        loss: &SparseDistillLoss,
-        device: &B::Device,
-    ) -> (Vec<f64>, Vec<f64>) {
-        let teacher = self.teacher::<B>(device);
-        let targets = self.targets.as_ref().map(|t| ints::<B>(t, device));
+    /// Runs the case with `loss` on an autodiff `device`; returns (loss values, student
+    /// gradient).
+    pub fn run(&self, loss: &SparseDistillLoss, device: &Device) -> (Vec<f64>, Vec<f64>) {
+        let teacher = self.teacher(device);
+        let targets = self.targets.as_ref().map(|t| ints(t, device));
         let forward = |s| or_panic(loss.try_forward_parts(s, teacher, targets)).loss;
-        loss_and_grad(tensor2::<B>(&self.student, self.shape, device), forward)
+        loss_and_grad(tensor2(&self.student, self.shape, device), forward)
     }
 }
 
@@ -119,13 +115,11 @@ pub fn sparse_cases() -> Vec<SparseCase> {
         .collect()
 }
 
-/// Every sparse golden case, loss and gradient, on `B` at tolerances `(abs, rel)` for the
-/// loss and the gradient, with the reference and (where `B` has one) the fused kernel.
-pub fn assert_sparse_golden<B: AutodiffBackend + DistillBackend>(
-    device: &B::Device,
-    loss_tol: (f64, f64),
-    grad_tol: (f64, f64),
-) {
+/// Every sparse golden case, loss and gradient, on `device` (with autodiff) at tolerances
+/// `(abs, rel)` for the loss and the gradient, with the reference and (where the device has
+/// one) the fused kernel.
+pub fn assert_sparse_golden(device: &Device, loss_tol: (f64, f64), grad_tol: (f64, f64)) {
+    let device = &device.clone().autodiff();
     let cases = sparse_cases();
     assert_eq!(cases.len(), 24, "the full sparse golden set");
     let mut failures = Vec::new();
@@ -133,7 +127,7 @@ pub fn assert_sparse_golden<B: AutodiffBackend + DistillBackend>(
         for kernel in [Kernel::Reference, Kernel::Auto] {
             let mut config = case.config.clone();
             config.loss = config.loss.with_kernel(kernel);
-            let (value, grad) = case.run::<B>(&config.init(), device);
+            let (value, grad) = case.run(&config.init(), device);
             failures.extend(compare(
                 &format!("{} ({kernel:?})", case.name),
                 [(&value, &case.loss), (&grad, &case.grad)],

@@ -1,11 +1,16 @@
 //! The fused-linear loss against `forward` on materialised logits (`hidden · W + b`): loss and
 //! the gradients of the student's hidden states, head weight and bias.
+//!
+//! 0.1 took a backend type `B` (`Autodiff<NdArray<f64>>`, …), which fixed the float type too;
+//! here a [`Dev`] names the device and the dtype every float tensor is created in. Where a
+//! test compares the fused-linear path with the materialised one, the hooks of
+//! `burn_distill::internals` say which path ran ([`Dev::path`]): the values agree either way.
 
-use burn::module::{AutodiffModule, Param};
+use burn::module::{Module, Param};
 use burn::nn::Linear;
-use burn::tensor::{Int, Tensor, TensorData, backend::AutodiffBackend};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use burn_distill::testing::{mismatches, values};
-use burn_distill::{DistillBackend, DistillLossConfig, Reduction};
+use burn_distill::{DistillLossConfig, Kernel, Reduction};
 
 /// Deterministic values in about [-1, 1].
 pub fn wave(len: usize, seed: f64) -> Vec<f64> {
@@ -15,21 +20,116 @@ pub fn wave(len: usize, seed: f64) -> Vec<f64> {
         .collect()
 }
 
+/// Where a test runs: a device with autodiff, and the float dtype of every tensor it creates.
+#[derive(Clone, Debug)]
+pub struct Dev {
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// The path a fused-linear call took, as the hooks of `burn_distill::internals` count it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// Flex's host loop (`kernel/linear_cpu.rs`), f32 and f64.
+    Host,
+    /// The chunk loop as tensor code (fused kernels per chunk, or the reference kernel per
+    /// chunk without a gradient).
+    Chunks,
+    /// The logits materialised, through autodiff (`Kernel::Reference` or `Reduction::PerRow`
+    /// with a gradient).
+    Materialised,
+}
+
+impl Dev {
+    /// `device` (with autodiff) creating its float tensors in `dtype`.
+    pub fn new(device: &Device, dtype: DType) -> Self {
+        Self {
+            device: device.clone().autodiff(),
+            dtype,
+        }
+    }
+
+    /// Float64 on Flex (0.1's `Autodiff<NdArray<f64>>`).
+    #[cfg(feature = "flex")]
+    pub fn flex_f64() -> Self {
+        Self::new(&Device::flex(), DType::F64)
+    }
+
+    /// `[D]`-rank float tensor of row-major values, in this dtype.
+    pub fn float<const D: usize>(&self, values: Vec<f64>, shape: [usize; D]) -> Tensor<D> {
+        Tensor::from_data(TensorData::new(values, shape), (&self.device, self.dtype))
+    }
+
+    /// `[D]`-rank int tensor.
+    pub fn ints<const D: usize>(&self, values: Vec<i64>, shape: [usize; D]) -> Tensor<D, Int> {
+        Tensor::from_data(TensorData::new(values, shape), &self.device)
+    }
+
+    /// Does a fused-linear loss run Flex's host loop here (Flex, f32 or f64)?
+    pub fn host_loop(&self) -> bool {
+        cfg!(feature = "flex")
+            && matches!(self.dtype, DType::F32 | DType::F64)
+            && is_flex(&self.device)
+    }
+
+    /// The path a fused-linear loss with `kernel` and `reduction` takes here, with a gradient
+    /// (a tracked student) or without.
+    pub fn path(&self, kernel: Kernel, reduction: Reduction, with_grad: bool) -> Path {
+        if with_grad && (reduction == Reduction::PerRow || kernel == Kernel::Reference) {
+            Path::Materialised
+        } else if kernel != Kernel::Reference && self.host_loop() {
+            Path::Host
+        } else {
+            Path::Chunks
+        }
+    }
+}
+
+#[cfg(feature = "flex")]
+fn is_flex(device: &Device) -> bool {
+    device.clone().inner() == Device::flex()
+}
+
+#[cfg(not(feature = "flex"))]
+fn is_flex(_: &Device) -> bool {
+    false
+}
+
+/// Runs of Flex's host loop on this thread so far (none without Flex).
+pub fn host_calls() -> usize {
+    #[cfg(feature = "flex")]
+    {
+        burn_distill::internals::host_linear_calls()
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        0
+    }
+}
+
+/// `f()`, and the runs of `[host loop, chunk loop]` it made.
+pub fn counted<T>(f: impl FnOnce() -> T) -> (T, [usize; 2]) {
+    let chunks = burn_distill::internals::chunked_linear_calls;
+    let before = [host_calls(), chunks()];
+    let out = f();
+    (out, [host_calls() - before[0], chunks() - before[1]])
+}
+
+/// Asserts that one fused-linear call made the runs `runs` of `path`. A materialised call
+/// runs no host loop (the chunk loop's hook may count one start: it counts a run when the loop
+/// begins, and `Kernel::Reference` with a gradient leaves it at its first chunk).
+pub fn assert_path(path: Path, runs: [usize; 2], what: &str) {
+    match path {
+        Path::Host => assert_eq!(runs, [1, 0], "{what}: the host loop ran once"),
+        Path::Chunks => assert_eq!(runs, [0, 1], "{what}: the chunk loop ran once"),
+        Path::Materialised => assert_eq!(runs[0], 0, "{what}: no host loop"),
+    }
+}
+
 /// A linear head `h → v` with the given weight and optional bias values.
-pub fn head<B: AutodiffBackend>(
-    h: usize,
-    v: usize,
-    seed: f64,
-    bias: bool,
-    device: &B::Device,
-) -> Linear<B> {
-    let weight = Tensor::<B, 2>::from_data(TensorData::new(wave(h * v, seed), [h, v]), device);
-    let bias = bias.then(|| {
-        Param::from_tensor(Tensor::<B, 1>::from_data(
-            TensorData::new(wave(v, seed + 0.5), [v]),
-            device,
-        ))
-    });
+pub fn head(h: usize, v: usize, seed: f64, bias: bool, dev: &Dev) -> Linear {
+    let weight = dev.float(wave(h * v, seed), [h, v]);
+    let bias = bias.then(|| Param::from_tensor(dev.float(wave(v, seed + 0.5), [v])));
     Linear {
         weight: Param::from_tensor(weight),
         bias,
@@ -80,23 +180,21 @@ impl LinearCase {
 }
 
 /// Loss values and gradients (hidden, weight, bias) of the fused-linear path and of the
-/// materialised path; asserts they agree to `(abs, rel)` per entry.
-pub fn check_linear<B>(
+/// materialised path; asserts they agree to `(abs, rel)` per entry, and that the fused-linear
+/// calls took the path [`Dev::path`] names (with the gradient, and forward only).
+pub fn check_linear(
     config: &DistillLossConfig,
     case: &LinearCase,
     (abs, rel): (f64, f64),
-    device: &B::Device,
-) where
-    B: AutodiffBackend + DistillBackend,
-    B::InnerBackend: DistillBackend,
-{
+    dev: &Dev,
+) {
     let loss = config.init();
-    let mut sh = head::<B>(case.hs, case.vs, 0.71, case.bias, device);
+    let mut sh = head(case.hs, case.vs, 0.71, case.bias, dev);
     if case.transposed {
-        let embedding = Tensor::<B, 2>::from_data(sh.weight.val().transpose().into_data(), device);
+        let embedding = dev.float(values(sh.weight.val().transpose()), [case.vs, case.hs]);
         sh.weight = Param::from_tensor(embedding.transpose());
     }
-    let th = head::<B>(case.ht, case.vt, 1.37, case.bias, device);
+    let th = head(case.ht, case.vt, 1.37, case.bias, dev);
     let hidden = |h: usize, seed: f64| {
         let v: Vec<f64> = wave(case.n * h, seed)
             .iter()
@@ -107,9 +205,9 @@ pub fn check_linear<B>(
             let t: Vec<f64> = (0..h * case.n)
                 .map(|i| v[i % case.n * h + i / case.n])
                 .collect();
-            Tensor::<B, 2>::from_data(TensorData::new(t, [h, case.n]), device).transpose()
+            dev.float(t, [h, case.n]).transpose()
         } else {
-            Tensor::<B, 2>::from_data(TensorData::new(v, [case.n, h]), device)
+            dev.float(v, [case.n, h])
         }
     };
     let hs = hidden(case.hs, 0.53).require_grad();
@@ -117,27 +215,32 @@ pub fn check_linear<B>(
     let targets = case
         .targets
         .as_ref()
-        .map(|t| Tensor::<B, 1, Int>::from_data(TensorData::new(t.clone(), [t.len()]), device));
+        .map(|t| dev.ints(t.clone(), [t.len()]));
 
-    let fused = match &targets {
+    let (fused, runs) = counted(|| match &targets {
         Some(y) => loss.forward_linear(hs.clone(), &sh, ht.clone(), &th, y.clone()),
         None => loss.forward_linear_soft(hs.clone(), &sh, ht.clone(), &th),
-    };
+    });
+    let what = format!("{case:?} {config:?}");
+    assert_path(dev.path(config.kernel, config.reduction, true), runs, &what);
+    assert_eq!(fused.dtype(), dev.dtype, "{what}: the loss's dtype");
     let (zs, zt) = (sh.forward(hs.clone()), th.forward(ht.clone()).detach());
     let dense = match &targets {
         Some(y) => loss.forward(zs, zt, y.clone()),
         None => loss.forward_soft(zs, zt),
     };
-    // Forward only on the inner backend (no autodiff: the chunked path without gradients,
-    // including `PerRow`, the reference kernel per chunk and the ignored-row scatter).
+    // Forward only without autodiff (the chunked path without gradients, including `PerRow`,
+    // the reference kernel per chunk and the ignored-row scatter).
     let inner = {
         let (sv, tv) = (sh.valid(), th.valid());
         let (hs_i, ht_i) = (hs.clone().inner(), ht.clone().inner());
         let y_i = targets.clone().map(|y| y.inner());
-        let fused = match &y_i {
+        let (fused, runs) = counted(|| match &y_i {
             Some(y) => loss.forward_linear(hs_i.clone(), &sv, ht_i.clone(), &tv, y.clone()),
             None => loss.forward_linear_soft(hs_i.clone(), &sv, ht_i.clone(), &tv),
-        };
+        });
+        let path = dev.path(config.kernel, config.reduction, false);
+        assert_path(path, runs, &format!("{what} (no autodiff)"));
         let (zs, zt) = (sv.forward(hs_i), tv.forward(ht_i));
         let dense = match &y_i {
             Some(y) => loss.forward(zs, zt, y.clone()),
@@ -146,7 +249,7 @@ pub fn check_linear<B>(
         mismatches("inner loss", &values(fused), &values(dense), abs, rel)
     };
     // An upstream gradient that is not 1 (the loss enters the objective with weight 0.5).
-    let grads_of = |value: Tensor<B, 1>| {
+    let grads_of = |value: Tensor<1>| {
         let grads = value.sum().mul_scalar(0.5).backward();
         let g_h = values(hs.grad(&grads).expect("hidden gradient"));
         let g_w = values(sh.weight.val().grad(&grads).expect("weight gradient"));
@@ -165,11 +268,7 @@ pub fn check_linear<B>(
     failures.extend(mismatches("grad hidden", &fh, &dh, abs, rel));
     failures.extend(mismatches("grad weight", &fw, &dw, abs, rel));
     failures.extend(mismatches("grad bias", &fb, &db, abs, rel));
-    assert!(
-        failures.is_empty(),
-        "{case:?} {config:?}:\n{}",
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{what}:\n{}", failures.join("\n"));
     // The comparison must see a real gradient (unless every row is ignored).
     let kept = case
         .targets
@@ -182,15 +281,11 @@ pub fn check_linear<B>(
     );
 }
 
-/// The sweep every backend runs: every divergence (each with one of the four reductions, so
+/// The sweep every device runs: every divergence (each with one of the four reductions, so
 /// every reduction is met), chunks of 1, 3 and more rows
 /// than `N` (V not a multiple of anything), no bias, no labels, all rows ignored, vocabulary
 /// mismatch both ways.
-pub fn sweep<B>(tol: (f64, f64), device: &B::Device)
-where
-    B: AutodiffBackend + DistillBackend,
-    B::InnerBackend: DistillBackend,
-{
+pub fn sweep(tol: (f64, f64), dev: &Dev) {
     use burn_distill::{Divergence, VocabMismatch};
     let base = LinearCase::new(9, 6, 10, 37);
     for (k, d) in Divergence::ALL.into_iter().enumerate() {
@@ -208,7 +303,7 @@ where
                 .with_label_smoothing(0.1)
                 .with_reduction(reduction)
                 .with_linear_chunk_rows(Some(chunk));
-            check_linear::<B>(&config, &base, tol, device);
+            check_linear(&config, &base, tol, dev);
         }
     }
     let config = DistillLossConfig::new()
@@ -217,13 +312,13 @@ where
         .with_linear_chunk_rows(Some(4));
     let mut no_bias = base.clone();
     no_bias.bias = false;
-    check_linear::<B>(&config, &no_bias, tol, device);
+    check_linear(&config, &no_bias, tol, dev);
     let mut soft = base.clone();
     soft.targets = None;
-    check_linear::<B>(&config, &soft, tol, device);
+    check_linear(&config, &soft, tol, dev);
     let mut ignored = base.clone();
     ignored.targets = Some(vec![-100; base.n]);
-    check_linear::<B>(&config, &ignored, tol, device);
+    check_linear(&config, &ignored, tol, dev);
     // Teacher wider (truncated to the student's 37; or the student padded to 41, so the
     // gradient is narrowed back: reverse KL stays finite there) and teacher narrower (padded).
     for (policy, vt, d) in [
@@ -237,7 +332,7 @@ where
             .clone()
             .with_vocab_mismatch(policy)
             .with_divergence(d);
-        check_linear::<B>(&config, &mismatch, tol, device);
+        check_linear(&config, &mismatch, tol, dev);
     }
     // Logit soft-capping (the cap bites: the logits reach about ±3), with both vocabulary
     // policies, so that `−∞` padding is applied after the cap (and the student wider than
@@ -260,23 +355,23 @@ where
             .with_vocab_mismatch(policy)
             .with_divergence(d)
             .with_linear_chunk_rows(Some(3));
-        check_linear::<B>(&config, &capped, tol, device);
+        check_linear(&config, &capped, tol, dev);
     }
     // Strided hidden states, and more rows than a chunk with ignored rows scattered through
     // them (V = 1031, chunks of 100 rows and the automatic size).
     let mut strided = base.clone();
     strided.transposed = true;
-    check_linear::<B>(&config, &strided, tol, device);
+    check_linear(&config, &strided, tol, dev);
     let large = LinearCase::new(257, 32, 48, 1031);
     for chunk in [Some(100), None] {
         let config = config.clone().with_linear_chunk_rows(chunk);
-        check_linear::<B>(&config, &large, tol, device);
+        check_linear(&config, &large, tol, dev);
     }
     let mut wide = base.clone();
     wide.vt = 33;
     wide.targets = Some((0..base.n as i64).map(|i| i % 30).collect());
     let config = config.with_vocab_mismatch(VocabMismatch::Truncate);
-    check_linear::<B>(&config, &wide, tol, device);
+    check_linear(&config, &wide, tol, dev);
 }
 
 /// One case of `tests/golden/linear.json` (scripts/linear_golden.py, float64 PyTorch).
@@ -327,16 +422,14 @@ struct GoldenGrads {
 /// the student's hidden states, weight and bias against float64 PyTorch to `(abs, rel)`.
 /// With `all_paths` false, only `forward_linear` with the fused kernel (on lavapipe every new
 /// graph of burn's fusion backend compiles and tunes its shaders: seconds each).
-pub fn assert_linear_golden<B>((abs, rel): (f64, f64), device: &B::Device, all_paths: bool)
-where
-    B: AutodiffBackend + DistillBackend,
-{
-    use burn_distill::{Kernel, VocabMismatch};
+pub fn assert_linear_golden((abs, rel): (f64, f64), dev: &Dev, all_paths: bool) {
+    use burn_distill::VocabMismatch;
     #[derive(serde::Deserialize)]
     struct File {
         format: u32,
         cases: Vec<GoldenLinear>,
     }
+    // The 0.1 crate's file (the root's tests/golden/), read where it is.
     let file: File = serde_json::from_str(include_str!("../golden/linear.json"))
         .expect("tests/golden/linear.json");
     assert_eq!(file.format, 1);
@@ -344,11 +437,8 @@ where
     let mut failures = Vec::new();
     for c in file.cases {
         let d = &c.dims;
-        let t2 = |v: &[f64], s: [usize; 2]| {
-            Tensor::<B, 2>::from_data(TensorData::new(v.to_vec(), s), device)
-        };
-        let t1 =
-            |v: &[f64]| Tensor::<B, 1>::from_data(TensorData::new(v.to_vec(), [v.len()]), device);
+        let t2 = |v: &[f64], s: [usize; 2]| dev.float(v.to_vec(), s);
+        let t1 = |v: &[f64]| dev.float(v.to_vec(), [v.len()]);
         let linear = |w: &[f64], b: &Option<Vec<f64>>, h: usize, v: usize| Linear {
             weight: Param::from_tensor(t2(w, [h, v])),
             bias: b.as_ref().map(|b| Param::from_tensor(t1(b))),
@@ -365,30 +455,20 @@ where
                 if !(all_paths || fused_only) {
                     continue;
                 }
-                let loss = c
+                let config = c
                     .config
                     .loss
                     .dense()
                     .with_logit_softcap(c.config.softcap)
                     .with_vocab_mismatch(policy)
                     .with_kernel(kernel)
-                    .with_linear_chunk_rows(Some(2))
-                    .init();
+                    .with_linear_chunk_rows(Some(2));
+                let loss = config.init();
                 let sh = linear(&c.student_weight, &c.student_bias, d.hs, d.vs);
                 let th = linear(&c.teacher_weight, &c.teacher_bias, d.ht, d.vt);
                 let hs = t2(&c.student_hidden, [d.n, d.hs]).require_grad();
                 let ht = t2(&c.teacher_hidden, [d.n, d.ht]);
-                let y = c.targets.as_ref().map(|t| {
-                    Tensor::<B, 1, Int>::from_data(TensorData::new(t.clone(), [t.len()]), device)
-                });
-                let value = match (&y, fused_linear) {
-                    (Some(y), true) => loss.forward_linear(hs.clone(), &sh, ht, &th, y.clone()),
-                    (None, true) => loss.forward_linear_soft(hs.clone(), &sh, ht, &th),
-                    (Some(y), false) => {
-                        loss.forward(sh.forward(hs.clone()), th.forward(ht), y.clone())
-                    }
-                    (None, false) => loss.forward_soft(sh.forward(hs.clone()), th.forward(ht)),
-                };
+                let y = c.targets.as_ref().map(|t| dev.ints(t.clone(), [t.len()]));
                 let what = format!(
                     "{} ({kernel:?}, {})",
                     c.name,
@@ -398,6 +478,20 @@ where
                         "forward"
                     }
                 );
+                let (value, runs) = counted(|| match (&y, fused_linear) {
+                    (Some(y), true) => loss.forward_linear(hs.clone(), &sh, ht, &th, y.clone()),
+                    (None, true) => loss.forward_linear_soft(hs.clone(), &sh, ht, &th),
+                    (Some(y), false) => {
+                        loss.forward(sh.forward(hs.clone()), th.forward(ht), y.clone())
+                    }
+                    (None, false) => loss.forward_soft(sh.forward(hs.clone()), th.forward(ht)),
+                });
+                if fused_linear {
+                    assert_path(dev.path(kernel, config.reduction, true), runs, &what);
+                } else {
+                    assert_eq!(runs, [0, 0], "{what}: no fused-linear loop");
+                }
+                assert_eq!(value.dtype(), dev.dtype, "{what}: the loss's dtype");
                 failures.extend(mismatches(
                     &format!("{what} loss"),
                     &values(value.clone()),
@@ -443,20 +537,15 @@ where
 /// A frozen or tied head: with `linear_head_grad(false)`, or with a head whose weight and bias
 /// do not require a gradient, the loss and the hidden-state gradient equal the trained-head
 /// run's (and the materialised path's), and the head gets no gradient from the loss.
-pub fn check_frozen_head<B>((abs, rel): (f64, f64), device: &B::Device)
-where
-    B: AutodiffBackend + DistillBackend,
-    B::InnerBackend: DistillBackend,
-{
+pub fn check_frozen_head((abs, rel): (f64, f64), dev: &Dev) {
     let case = LinearCase::new(23, 6, 9, 37);
     let hidden = |h: usize, seed: f64| {
         let v: Vec<f64> = wave(case.n * h, seed).iter().map(|x| x * 3.0).collect();
-        Tensor::<B, 2>::from_data(TensorData::new(v, [case.n, h]), device)
+        dev.float(v, [case.n, h])
     };
     let targets = case.targets.clone().unwrap();
-    let y =
-        Tensor::<B, 1, Int>::from_data(TensorData::new(targets.clone(), [targets.len()]), device);
-    let th = head::<B>(case.ht, case.vt, 1.37, true, device);
+    let y = dev.ints(targets.clone(), [targets.len()]);
+    let th = head(case.ht, case.vt, 1.37, true, dev);
     let ht = hidden(case.ht, 0.29);
     let config = DistillLossConfig::new()
         .with_temperature(2.0)
@@ -464,15 +553,19 @@ where
         .with_linear_chunk_rows(Some(5));
     // (loss, hidden gradient, did the head get a gradient?)
     let run = |config: DistillLossConfig, frozen_params: bool| {
-        let mut sh = head::<B>(case.hs, case.vs, 0.71, true, device);
+        let mut sh = head(case.hs, case.vs, 0.71, true, dev);
         if frozen_params {
             sh.weight = sh.weight.set_require_grad(false);
             sh.bias = sh.bias.map(|b| b.set_require_grad(false));
         }
         let hs = hidden(case.hs, 0.53).require_grad();
-        let value = config
-            .init()
-            .forward_linear(hs.clone(), &sh, ht.clone(), &th, y.clone());
+        let (value, runs) = counted(|| {
+            config
+                .init()
+                .forward_linear(hs.clone(), &sh, ht.clone(), &th, y.clone())
+        });
+        let path = dev.path(config.kernel, config.reduction, true);
+        assert_path(path, runs, &format!("frozen head {config:?}"));
         let grads = value.clone().sum().mul_scalar(0.5).backward();
         let head_grad = sh.weight.val().grad(&grads).is_some()
             || sh
@@ -486,7 +579,7 @@ where
     for base in [
         config.clone(),
         config.clone().with_reduction(Reduction::PerRow),
-        config.clone().with_kernel(burn_distill::Kernel::Reference),
+        config.clone().with_kernel(Kernel::Reference),
     ] {
         let (lt, gt, trained) = run(base.clone(), false);
         assert!(trained, "the trained head gets a gradient");
@@ -515,18 +608,14 @@ where
 /// gradients of the hidden states, head weight and bias (upstream 0.5), for every tail policy,
 /// several divergences and reductions, chunks of 1, 4 and more rows than `N`, no bias, no
 /// labels, ignored rows, missing teacher entries, `T ≠ T_gen`; a frozen head gets no gradient.
-pub fn check_sparse_linear<B>((abs, rel): (f64, f64), device: &B::Device)
-where
-    B: AutodiffBackend + DistillBackend,
-    B::InnerBackend: DistillBackend,
-{
+pub fn check_sparse_linear((abs, rel): (f64, f64), dev: &Dev) {
     use burn_distill::{
         Divergence, SparseDistillLossConfig, SparseTeacher, StudentSupport, TailPolicy,
     };
     let (n, h, v, k) = (19, 7, 41, 4);
     let hidden = || {
         let x: Vec<f64> = wave(n * h, 0.53).iter().map(|x| x * 2.5).collect();
-        Tensor::<B, 2>::from_data(TensorData::new(x, [n, h]), device).require_grad()
+        dev.float(x, [n, h]).require_grad()
     };
     // Distinct indices per row; every fifth entry missing; mass below 1.
     let indices: Vec<i64> = (0..n * k)
@@ -543,8 +632,8 @@ where
         .collect();
     let teacher = || {
         SparseTeacher::new(
-            Tensor::<B, 2, Int>::from_data(TensorData::new(indices.clone(), [n, k]), device),
-            Tensor::<B, 2>::from_data(TensorData::new(log_probs.clone(), [n, k]), device),
+            dev.ints(indices.clone(), [n, k]),
+            dev.float(log_probs.clone(), [n, k]),
         )
     };
     let targets: Vec<i64> = (0..n)
@@ -556,7 +645,7 @@ where
             }
         })
         .collect();
-    let y = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [n]), device);
+    let y = dev.ints(targets, [n]);
     let cases = [
         (
             TailPolicy::TailBucket,
@@ -634,7 +723,7 @@ where
         .with_tail(tail)
         .with_generation_temperature(1.5);
         let loss = config.init();
-        let sh = head::<B>(h, v, 0.71, bias, device);
+        let sh = head(h, v, 0.71, bias, dev);
         if let Some(cap) = cap {
             let top = values(sh.forward(hidden()).abs().max());
             assert!(
@@ -645,12 +734,18 @@ where
         }
         let run = |fused: bool| {
             let hs = hidden();
-            let value = match (fused, labels) {
+            let (value, runs) = counted(|| match (fused, labels) {
                 (true, true) => loss.forward_linear(hs.clone(), &sh, teacher(), y.clone()),
                 (true, false) => loss.forward_linear_soft(hs.clone(), &sh, teacher()),
                 (false, true) => loss.forward(sh.forward(hs.clone()), teacher(), y.clone()),
                 (false, false) => loss.forward_soft(sh.forward(hs.clone()), teacher()),
-            };
+            });
+            let what = format!("{tail:?} {divergence:?} {reduction:?} fused-linear {fused}");
+            if fused {
+                assert_path(dev.path(Kernel::Auto, reduction, true), runs, &what);
+            } else {
+                assert_eq!(runs, [0, 0], "{what}: no fused-linear loop");
+            }
             let grads = value.clone().sum().mul_scalar(0.5).backward();
             let g_w = values(sh.weight.val().grad(&grads).expect("weight gradient"));
             let g_b = sh
@@ -681,12 +776,16 @@ where
             .with_alpha(0.5)
             .with_linear_chunk_rows(Some(6)),
     );
-    let sh = head::<B>(h, v, 0.71, true, device);
+    let sh = head(h, v, 0.71, true, dev);
     let run = |config: &SparseDistillLossConfig| {
         let hs = hidden();
-        let value = config
-            .init()
-            .forward_linear(hs.clone(), &sh, teacher(), y.clone());
+        let (value, runs) = counted(|| {
+            config
+                .init()
+                .forward_linear(hs.clone(), &sh, teacher(), y.clone())
+        });
+        let path = dev.path(Kernel::Auto, Reduction::Mean, true);
+        assert_path(path, runs, "sparse, frozen head");
         let grads = value.clone().backward();
         let head_grad = sh.weight.val().grad(&grads).is_some();
         (values(value), values(hs.grad(&grads).unwrap()), head_grad)

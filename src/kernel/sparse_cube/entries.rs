@@ -10,15 +10,17 @@ use crate::kernel::cube_row::row_sum;
 /// whether it is `column`. A unit visits its columns in increasing order, so its cursor moves
 /// at most `count` times over a whole pass: a merge, not a search per column.
 #[cube]
-pub(super) fn member(sorted: &SharedMemory<u32>, count: u32, at: &mut u32, column: u32) -> bool {
-    while *at < count && sorted[*at as usize] < column {
-        *at += 1;
+pub(super) fn member(sorted: &Shared<[u32]>, count: u32, at: u32, column: u32) -> (bool, u32) {
+    // The cursor comes back (a `&mut` argument cannot be advanced in a loop in CubeCL 0.11).
+    let mut at = at;
+    while at < count && sorted[at as usize] < column {
+        at += 1;
     }
     let mut found = false;
-    if *at < count {
-        found = sorted[*at as usize] == column;
+    if at < count {
+        found = sorted[at as usize] == column;
     }
-    found
+    (found, at)
 }
 
 /// A missing entry's index: `2³¹ − 1`, above any column.
@@ -32,24 +34,24 @@ pub(super) fn no_entry() -> u32 {
 /// indices `sorted`, with the entry each came from.
 #[derive(CubeType)]
 pub(super) struct Entries {
-    pub index: SharedMemory<u32>,
-    pub w: SharedMemory<f32>,
-    pub u: SharedMemory<f32>,
-    pub g: SharedMemory<f32>,
-    pub sorted: SharedMemory<u32>,
-    pub sorted_entry: SharedMemory<u32>,
+    pub index: Shared<[u32]>,
+    pub w: Shared<[f32]>,
+    pub u: Shared<[f32]>,
+    pub g: Shared<[f32]>,
+    pub sorted: Shared<[u32]>,
+    pub sorted_entry: Shared<[u32]>,
 }
 
 #[cube]
 impl Entries {
     pub(super) fn new(#[comptime] k: usize) -> Entries {
         Entries {
-            index: SharedMemory::<u32>::new(k),
-            w: SharedMemory::<f32>::new(k + 1),
-            u: SharedMemory::<f32>::new(k + 1),
-            g: SharedMemory::<f32>::new(k + 1),
-            sorted: SharedMemory::<u32>::new(k),
-            sorted_entry: SharedMemory::<u32>::new(k),
+            index: Shared::<[u32]>::new_slice(k),
+            w: Shared::<[f32]>::new_slice(k + 1),
+            u: Shared::<[f32]>::new_slice(k + 1),
+            g: Shared::<[f32]>::new_slice(k + 1),
+            sorted: Shared::<[u32]>::new_slice(k),
+            sorted_entry: Shared::<[u32]>::new_slice(k),
         }
     }
 }
@@ -70,7 +72,7 @@ pub(super) fn check_entries<I: Numeric>(
     ratio: f32,
     v: usize,
     entries: &mut Entries,
-    smem: &mut SharedMemory<f32>,
+    smem: &mut Shared<[f32]>,
     mass: &mut f32,
     bad: &mut bool,
     #[comptime] tail: TailKind,
@@ -120,7 +122,7 @@ pub(super) fn check_entries<I: Numeric>(
 fn rank_entries(
     entries: &mut Entries,
     count: u32,
-    smem: &mut SharedMemory<f32>,
+    smem: &mut Shared<[f32]>,
     #[comptime] k: usize,
 ) -> f32 {
     let none = no_entry();

@@ -74,9 +74,9 @@ fn online_pass<F: Float, N: Size>(
     s_base: usize,
     len: usize,
     inv_t: f32,
-    sorted: &SharedMemory<u32>,
+    sorted: &Shared<[u32]>,
     count: u32,
-    smem: &mut SharedMemory<f32>,
+    smem: &mut Shared<[f32]>,
     #[comptime] bucket: bool,
 ) -> RowStats {
     let width = student.vector_size();
@@ -89,10 +89,12 @@ fn online_pass<F: Float, N: Size>(
         let sv = student[s_base + jv];
         #[unroll]
         for l in 0..width {
-            let s = f32::cast_from(sv[l]);
+            let s = f32::cast_from(sv.extract(l));
             online.add(s, inv_t);
             if bucket {
-                if !member(sorted, count, &mut cursor, (jv * width + l) as u32) {
+                let (found, at) = member(sorted, count, cursor, (jv * width + l) as u32);
+                cursor = at;
+                if !found {
                     if s > mtail {
                         sum_tail *= ((mtail - s) * inv_t).exp();
                         mtail = s;
@@ -141,7 +143,7 @@ fn virtual_row<F: Float, N: Size>(
             let index = entries.index[e];
             if index != no_entry() && live {
                 let at = index as usize;
-                let s = f32::cast_from(student[s_base + at / width][at % width]);
+                let s = f32::cast_from(student[s_base + at / width].extract_dynamic(at % width));
                 u = (s - stats.ms) * inv_t;
                 if comptime!(tail != TailKind::TopK) {
                     u -= stats.lse_s;
@@ -178,10 +180,10 @@ fn virtual_probs(
     // A teacher bucket without mass has `ln p = −∞` (reverse KL is then +∞, not finite).
     let lp = select(w > -3.0e38f32, w - lse_w, neg_inf);
     let mut out = Vector::<f32, Const<4>>::empty();
-    out[0] = lq;
-    out[1] = select(u > -3.0e38f32, lq.exp(), 0.0);
-    out[2] = lp;
-    out[3] = select(w > -3.0e38f32, lp.exp(), 0.0);
+    out.insert(0usize, lq);
+    out.insert(1usize, select(u > -3.0e38f32, lq.exp(), 0.0));
+    out.insert(2usize, lp);
+    out.insert(3usize, select(w > -3.0e38f32, lp.exp(), 0.0));
     out
 }
 
@@ -192,7 +194,7 @@ fn virtual_probs(
 #[allow(clippy::too_many_arguments)]
 fn virtual_soft(
     entries: &mut Entries,
-    smem: &mut SharedMemory<f32>,
+    smem: &mut Shared<[f32]>,
     mix: f32,
     neg_inf: f32,
     #[comptime] kind: DivKind,
@@ -232,9 +234,23 @@ fn virtual_soft(
         let (u, w) = (entries.u[e], entries.w[e]);
         if u > -3.0e38f32 || w > -3.0e38f32 {
             let x = virtual_probs(u, w, lse_u, lse_w, neg_inf, full_vocab);
-            div += column_term(x[1], x[3], x[0], x[2], mix, kind);
+            div += column_term(
+                x.extract(1usize),
+                x.extract(3usize),
+                x.extract(0usize),
+                x.extract(2usize),
+                mix,
+                kind,
+            );
             if comptime!(kind != DivKind::ForwardKl && kind != DivKind::ReverseKl) {
-                sqg += x[1] * column_grad(x[1], x[3], x[0], mix, kind);
+                sqg += x.extract(1usize)
+                    * column_grad(
+                        x.extract(1usize),
+                        x.extract(3usize),
+                        x.extract(0usize),
+                        mix,
+                        kind,
+                    );
             }
         }
         e += step;
@@ -249,9 +265,18 @@ fn virtual_soft(
             // (`g` is taken against the renormalised `q` here, as the CPU kernel does.)
             let x = virtual_probs(u, w, lse_u, lse_w, neg_inf, false);
             if full_vocab {
-                g = -x[3];
+                g = -x.extract(3usize);
             } else {
-                g = soft_logit_grad(x[1], x[3], x[0], x[2], div, sqg, mix, kind);
+                g = soft_logit_grad(
+                    x.extract(1usize),
+                    x.extract(3usize),
+                    x.extract(0usize),
+                    x.extract(2usize),
+                    div,
+                    sqg,
+                    mix,
+                    kind,
+                );
             }
         }
         entries.g[e] = g;
@@ -294,8 +319,9 @@ fn gradient_pass<F: Float, G: Float, N: Size>(
             #[unroll]
             for l in 0..width {
                 let j = jv * width + l;
-                let s = f32::cast_from(sv[l]);
-                let in_k = member(&entries.sorted, count, &mut cursor, j as u32);
+                let s = f32::cast_from(sv.extract(l));
+                let (in_k, at) = member(&entries.sorted, count, cursor, j as u32);
+                cursor = at;
                 let mut soft_grad = f32::new(0.0);
                 if in_k {
                     soft_grad = entries.g[entries.sorted_entry[cursor as usize] as usize];
@@ -310,7 +336,7 @@ fn gradient_pass<F: Float, G: Float, N: Size>(
                     soft_grad += ((s - stats.ms) * inv_t - stats.lse_s).exp();
                 }
                 let value = logit_grad(weights, s, stats.ms, stats.lse_1, soft_grad, j == class);
-                vector[l] = G::cast_from(value);
+                vector.insert(l, G::cast_from(value));
             }
         }
         out.grad[g_base + jv] = vector;
@@ -338,7 +364,7 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric, G: Float, N: Size>(
     #[comptime] spec: RowSpec,
     #[comptime] tail: TailKind,
     #[comptime] k: usize,
-    #[define(F, I, G)] _dtypes: [StorageType; 3],
+    #[define(F, I, G)] _dtypes: [ElemType; 3],
 ) {
     let labeled = comptime!(spec.labeled);
     let row = CUBE_POS;
@@ -351,9 +377,9 @@ pub(crate) fn sparse_kernel<F: Float, I: Numeric, G: Float, N: Size>(
     let g_base = row * (out.grad.stride(0) / width);
     let inv_t = params.inv_t;
     let zero = inv_t - inv_t;
-    let nan = zero / zero;
-    let neg_inf = (zero - 1.0) / zero;
-    let mut smem = SharedMemory::<f32>::new(256usize);
+    let nan = params.nan;
+    let neg_inf = params.neg_inf;
+    let mut smem = Shared::<[f32]>::new_slice(256usize);
     let mut entries = Entries::new(k);
 
     let target = row_target(

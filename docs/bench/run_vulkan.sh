@@ -5,7 +5,7 @@
 # (`vulkaninfo` lists the GPU). One run, bounded by a timeout; the tables go to stdout and to
 # docs/bench/vulkan-<date>.md.
 #
-#   bash docs/bench/run_vulkan.sh            # from next/ (build here or on the GPU machine)
+#   bash docs/bench/run_vulkan.sh            # from the repository root (build here or on the GPU machine)
 #   TIMEOUT=500 REPS=10 bash docs/bench/run_vulkan.sh
 #
 # Shapes: the bars' [2048, 32768] and an LLM-sized [8192, 128256] batch (f32 logits: 4.2 GB

@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{DistillError, SparseTeacher};
 
+mod header;
 mod host;
 mod reader;
 mod writer;

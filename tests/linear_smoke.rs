@@ -173,6 +173,7 @@ fn flex_f32() {
     check(&Device::flex(), DType::F32, 1e-5);
 }
 
+#[cfg(feature = "wgpu")]
 #[test]
 fn wgpu_f32() {
     check(&burn_distill::testing::wgpu_device(), DType::F32, 1e-5);

@@ -1,5 +1,6 @@
 //! A counting allocator and a timer shared by the benchmark examples: median time of `reps`
-//! runs and the peak heap growth over them (memory beyond what existed before, CPU backends).
+//! runs and the peak heap growth over them (memory beyond what existed before, CPU backends);
+//! and the device of a `--backend NAME` option.
 #![allow(dead_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -51,4 +52,22 @@ pub fn measure(reps: usize, mut f: impl FnMut()) -> (Duration, usize) {
         .collect();
     times.sort();
     (times[reps / 2], PEAK.load(Ordering::Relaxed) - base)
+}
+
+/// The device of `--backend NAME` (`flex`, or `wgpu`, `vulkan`, `cuda` where the build enables
+/// them), without autodiff, with its title and whether it is the CPU.
+pub fn backend_device(name: &str) -> (burn::tensor::Device, &'static str, bool) {
+    use burn::tensor::Device;
+    match name {
+        "flex" => (Device::flex(), "Flex (CPU)", true),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => (Device::wgpu(Default::default()), "wgpu", false),
+        #[cfg(feature = "vulkan")]
+        "vulkan" => (Device::vulkan(Default::default()), "Vulkan (wgpu)", false),
+        #[cfg(feature = "cuda")]
+        "cuda" => (Device::cuda(0), "CUDA", false),
+        other => panic!(
+            "backend {other} is not enabled (flex, or build with --features wgpu/vulkan/cuda)"
+        ),
+    }
 }

@@ -57,19 +57,6 @@ fn args() -> Args {
     a
 }
 
-fn device(name: &str) -> Device {
-    match name {
-        "flex" => Device::flex(),
-        #[cfg(feature = "wgpu")]
-        "wgpu" => Device::wgpu(Default::default()),
-        #[cfg(feature = "vulkan")]
-        "vulkan" => Device::vulkan(Default::default()),
-        other => {
-            panic!("device {other} is not enabled (flex, or build with --features wgpu/vulkan)")
-        }
-    }
-}
-
 fn ms(t: Duration) -> f64 {
     t.as_secs_f64() * 1e3
 }
@@ -91,7 +78,7 @@ fn head(h: usize, v: usize, device: &Device) -> Linear {
 
 fn main() {
     let a = args();
-    let inner = device(&a.device);
+    let inner = measure::backend_device(&a.device).0;
     let tracked = inner.clone().autodiff();
     let (n, v, reps) = (a.n, a.v, a.reps);
     println!(

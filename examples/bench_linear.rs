@@ -117,22 +117,6 @@ fn head(h: usize, v: usize, seed: u32, dtype: DType, device: &Device) -> Linear 
     }
 }
 
-/// The device of `--backend NAME` (without autodiff) and its title.
-fn device(name: &str) -> (Device, &'static str) {
-    match name {
-        "flex" => (Device::flex(), "Flex"),
-        #[cfg(feature = "wgpu")]
-        "wgpu" => (Device::wgpu(Default::default()), "wgpu"),
-        #[cfg(feature = "vulkan")]
-        "vulkan" => (Device::vulkan(Default::default()), "Vulkan (wgpu)"),
-        #[cfg(feature = "cuda")]
-        "cuda" => (Device::cuda(0), "CUDA"),
-        other => panic!(
-            "backend {other} is not enabled (flex, or build with --features wgpu/vulkan/cuda)"
-        ),
-    }
-}
-
 /// Growth of the device's memory pool (bytes reserved) over `f`, after freeing its unused
 /// pages; `None` on a device that reports no pool (Flex).
 fn pool_growth(device: &Device, f: &mut dyn FnMut()) -> Option<u64> {
@@ -288,7 +272,7 @@ fn run(name: &str, a: &Args, device: Device) {
 
 fn main() {
     let a = args();
-    let (device, name) = device(&a.backend);
+    let (device, name, _) = measure::backend_device(&a.backend);
     run(name, &a, device.autodiff());
 }
 

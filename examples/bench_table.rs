@@ -60,22 +60,6 @@ fn args() -> Args {
     a
 }
 
-/// The device of `--backend NAME` (without autodiff), its title, and whether it is the CPU.
-fn device(name: &str) -> (Device, &'static str, bool) {
-    match name {
-        "flex" => (Device::flex(), "Flex (CPU)", true),
-        #[cfg(feature = "wgpu")]
-        "wgpu" => (Device::wgpu(Default::default()), "wgpu", false),
-        #[cfg(feature = "vulkan")]
-        "vulkan" => (Device::vulkan(Default::default()), "Vulkan (wgpu)", false),
-        #[cfg(feature = "cuda")]
-        "cuda" => (Device::cuda(0), "CUDA", false),
-        other => panic!(
-            "backend {other} is not enabled (flex, or build with --features wgpu/vulkan/cuda)"
-        ),
-    }
-}
-
 fn gbps(bytes: usize, t: Duration) -> f64 {
     bytes as f64 / t.as_secs_f64() / 1e9
 }
@@ -139,6 +123,6 @@ fn run(name: &str, args: &Args, device: Device, cpu: bool) {
 
 fn main() {
     let args = args();
-    let (device, name, cpu) = device(&args.backend);
+    let (device, name, cpu) = measure::backend_device(&args.backend);
     run(name, &args, device, cpu);
 }

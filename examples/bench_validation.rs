@@ -12,6 +12,9 @@
 //! burn 0.22's NdArray backend), `--shapes NxV,...`, `--steps K`, `--top-k k`.
 use std::time::{Duration, Instant};
 
+#[path = "../benches/measure.rs"]
+mod measure;
+
 use burn::tensor::{Device, Distribution, Int, Tensor, activation};
 use burn_distill::{
     DistillLossConfig, DistillOutput, SparseDistillLossConfig, SparseTeacher, TailPolicy,
@@ -145,24 +148,8 @@ fn bench(name: &str, args: &Args, device: Device) {
     }
 }
 
-/// The device of `--backend NAME` (without autodiff) and its title.
-fn device(name: &str) -> (Device, &'static str) {
-    match name {
-        "flex" => (Device::flex(), "Flex"),
-        #[cfg(feature = "wgpu")]
-        "wgpu" => (Device::wgpu(Default::default()), "wgpu"),
-        #[cfg(feature = "vulkan")]
-        "vulkan" => (Device::vulkan(Default::default()), "Vulkan (wgpu)"),
-        #[cfg(feature = "cuda")]
-        "cuda" => (Device::cuda(0), "CUDA"),
-        other => panic!(
-            "backend {other} is not enabled (flex, or build with --features wgpu/vulkan/cuda)"
-        ),
-    }
-}
-
 fn main() {
     let args = args();
-    let (device, name) = device(&args.backend);
+    let (device, name, _) = measure::backend_device(&args.backend);
     bench(name, &args, device.autodiff());
 }
